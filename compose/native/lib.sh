@@ -57,3 +57,11 @@ maven_copy() {
     || die "maven could not resolve $pom"
   touch "$dest/.complete"
 }
+
+# render_template SRC DEST: copy SRC to DEST replacing ${NAME} with the environment variable NAME
+# (fails on an unset one). Other forms, e.g. Connect's ${env:NAME}, are left alone.
+render_template() {
+  perl -pe 's/\$\{([A-Za-z_][A-Za-z0-9_]*)\}/defined $ENV{$1} ? $ENV{$1} : die "render_template: $1 is not set\n"/ge' \
+    "$1" > "$2.tmp" || { rm -f "$2.tmp"; die "could not render $1"; }
+  mv "$2.tmp" "$2"
+}

@@ -1,0 +1,1 @@
+"""Faust wiring: the app, its topics and tables, one agent per stage. Logic lives in `pipeline`."""

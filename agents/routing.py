@@ -1,0 +1,110 @@
+"""Where records go after a stage: downstream, a retry tier, or the dead-letter topic. Written once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from faust.types import EventT, TopicT
+
+from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers
+from pipeline.metrics import DEAD_LETTERS, RETRIES
+
+from .app import config
+from .topics import dead_letters, retry_tiers
+
+log = logging.getLogger("cdrsync.routing")
+_EXIT_UNDELIVERABLE = 70
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds."""
+    return int(time.time() * 1000)
+
+
+def headers_of(event: EventT) -> list[tuple[str, bytes]]:
+    """The message headers as a list of (name, bytes)."""
+    headers: Any = event.message.headers or []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
+
+
+def origin_of(event: EventT) -> tuple[str, int, int]:
+    """(topic, partition, offset) of the message being processed."""
+    return event.message.topic, event.message.partition, event.message.offset
+
+
+async def deliver(
+    topic: TopicT,
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
+) -> None:
+    """Send and wait for the broker's acknowledgement (acks=all).
+
+    If Kafka cannot take the record, the worker exits at once: the input offset is then never
+    committed and the record is processed again after the restart, instead of being acked and lost.
+    """
+    try:
+        future = await topic.send(key=key, value=value, headers=headers, partition=partition)
+        await future
+    except Exception:
+        log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
+        os._exit(_EXIT_UNDELIVERABLE)
+
+
+async def dead_letter(stage: str, event: EventT, error: BaseException, attempts: int = 1) -> None:
+    """Send the original record, unchanged, to the dead-letter topic with the failure in headers."""
+    info = failure_info(
+        stage,
+        error,
+        attempts=attempts,
+        now_ms=now_ms(),
+        origin=origin_of(event),
+        previous=parse_failure_headers(headers_of(event)),
+    )
+    await _dead_letter_info(event, info)
+
+
+async def _dead_letter_info(event: EventT, info: FailureInfo) -> None:
+    DEAD_LETTERS.labels(info.stage, info.error_class).inc()
+    log.error(
+        "dead letter: stage=%s error_class=%s origin=%s[%d]@%d attempts=%d: %s",
+        info.stage,
+        info.error_class,
+        info.origin_topic,
+        info.origin_partition,
+        info.origin_offset,
+        info.attempts,
+        info.message,
+    )
+    await deliver(dead_letters, event.message.key, event.message.value, failure_headers(info))
+
+
+async def retry_later(stage: str, event: EventT, error: BaseException, attempts: int) -> None:
+    """Move a record to the next retry tier, or to the dead-letter topic after the last one."""
+    previous = parse_failure_headers(headers_of(event))
+    info = failure_info(
+        stage, error, attempts=attempts, now_ms=now_ms(), origin=origin_of(event), previous=previous
+    )
+    tier = previous.tier + 1 if previous else 0
+    tiers = config.topics.retry_tiers
+    if tier >= len(tiers):
+        await _dead_letter_info(event, info)
+        return
+    due = info.last_failure_ms + tiers[tier].delay_seconds * 1000
+    info = FailureInfo(**{**info.__dict__, "tier": tier, "due_ms": due})
+    RETRIES.labels(stage, str(tier), info.error_class).inc()
+    log.warning(
+        "retry tier %d (%s): stage=%s error_class=%s origin=%s[%d]@%d",
+        tier,
+        tiers[tier].name,
+        stage,
+        info.error_class,
+        info.origin_topic,
+        info.origin_partition,
+        info.origin_offset,
+    )
+    await deliver(retry_tiers[tier], event.message.key, event.message.value, failure_headers(info))

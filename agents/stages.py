@@ -1,0 +1,197 @@
+"""One agent per stage. Each is a short loop: decode, call one `pipeline` function, route the result.
+
+Every agent runs with concurrency=1 (tables, and in-order commits) and never lets an exception
+escape: Faust would ack the message that raised, and it would be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from faust.types import EventT, StreamT
+
+from pipeline.deadletter import failure_headers, failure_info, parse_failure_headers
+from pipeline.errors import PermanentError, RetryableError
+from pipeline.fhirclient import FhirClient
+from pipeline.identity import route_resource
+from pipeline.metrics import END_TO_END_LATENCY, LAST_SUCCESS, NORMALIZED, PARKED, WRITES
+from pipeline.normalize import Filtered, SourcePosition, normalize_change
+from pipeline.ordering import OrderState, expire_parked, order_record
+from pipeline.records import NormalizedResource, RoutedResource, decode, encode
+from pipeline.sink import RetryPolicy, write_with_retries
+
+from .app import app, config, settings
+from .routing import dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
+from .topics import (
+    dead_letters,
+    identified,
+    normalized,
+    parked_by_reference,
+    ready,
+    released_by_reference,
+    retry_tiers,
+    source_changes,
+    waiting_by_reference,
+)
+
+log = logging.getLogger("cdrsync.stages")
+TICK_HEADER = "cdrsync-tick"
+_order_state = OrderState(released_by_reference, parked_by_reference, waiting_by_reference)
+_clients: dict[str, FhirClient] = {}
+
+
+@app.agent(source_changes, concurrency=1)
+async def normalize_changes(stream: StreamT) -> None:
+    """Debezium change → validated FHIR resource on the normalized topic."""
+    async for event in stream.events():
+        message = event.message
+        try:
+            site = config.site_of_topic(message.topic)
+            result = normalize_change(site, message.value, SourcePosition(*origin_of(event)))
+        except PermanentError as error:
+            NORMALIZED.labels("unknown", "unknown", "failed").inc()
+            await dead_letter("normalize", event, error)
+            continue
+        except Exception as error:  # a bug must not lose the record either
+            log.exception("normalize failed unexpectedly at %s[%d]@%d", *origin_of(event))
+            await dead_letter("normalize", event, error)
+            continue
+        if result is None:
+            NORMALIZED.labels(site.site, "", "tombstone").inc()
+        elif isinstance(result, Filtered):
+            NORMALIZED.labels(result.site, result.resource_type, "filtered").inc()
+        else:
+            NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
+            key = f"{result.site}/{result.resource_type}/{result.source_id}".encode()
+            await deliver(normalized, key, encode(result))
+
+
+@app.agent(normalized, concurrency=1)
+async def resolve_identity(stream: StreamT) -> None:
+    """Normalized resource → one routed resource per route, keyed by the global patient key."""
+    async for event in stream.events():
+        try:
+            record = decode(event.message.value, NormalizedResource)
+            routed = route_resource(record, config.sites[record.site])
+        except Exception as error:
+            await dead_letter("identity", event, error)
+            continue
+        for item in routed:
+            await deliver(identified, item.patient_key.encode(), encode(item))
+
+
+@app.agent(identified, concurrency=1)
+async def order_resources(stream: StreamT) -> None:
+    """Hold a resource until what it references is released; release in dependency order."""
+    async for event in stream.events():
+        if any(name == TICK_HEADER for name, _ in headers_of(event)):
+            await _expire_parks(event.message.partition)
+            continue
+        try:
+            record = decode(event.message.value, RoutedResource)
+            releasable = order_record(_order_state, record, now_ms(), event.message.partition)
+        except Exception as error:
+            await dead_letter("order", event, error)
+            continue
+        if not releasable:
+            PARKED.labels(record.site, record.resource_type).inc()
+        for item in releasable:
+            await deliver(ready, item.patient_key.encode(), encode(item))
+
+
+async def _expire_parks(partition: int) -> None:
+    limit_ms = settings.park_limit_seconds * 1000
+    for parked in expire_parked(_order_state, now_ms(), limit_ms, partition):
+        error = PermanentError(
+            f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived"
+        )
+        error.error_class = "park_expired"
+        await dead_letter_record("order", parked.record, error)
+
+
+async def dead_letter_record(stage: str, record: RoutedResource, error: PermanentError) -> None:
+    """Dead-letter a record that is not the message being processed (an expired park)."""
+    info = failure_info(
+        stage,
+        error,
+        attempts=0,
+        now_ms=now_ms(),
+        origin=(record.origin_topic, record.origin_partition, record.origin_offset),
+    )
+    await deliver(dead_letters, record.patient_key.encode(), encode(record), failure_headers(info))
+
+
+@app.timer(interval=60.0)
+async def tick_order_partitions() -> None:
+    """Let every order partition check its parks for expiry, even when no record arrives."""
+    for partition in range(config.topics.partitions_of("identified")):
+        await deliver(identified, None, None, [(TICK_HEADER, b"1")], partition=partition)
+
+
+def _client(target: str) -> FhirClient:
+    if target not in _clients:
+        _clients[target] = FhirClient(config.target(target))
+    return _clients[target]
+
+
+async def _write(event_record: RoutedResource, attempts: int) -> None:
+    """Write one record; raise what the target's answer means."""
+    outcome, used = await write_with_retries(
+        _client(event_record.target), event_record, RetryPolicy(attempts)
+    )
+    labels = (event_record.site, event_record.target, event_record.resource_type)
+    WRITES.labels(*labels, "succeeded", "").inc()
+    END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))
+    LAST_SUCCESS.labels(event_record.site, event_record.target).set(time.time())
+    log.info(
+        "wrote %s %s to %s (status %d, version %s, attempts %d)",
+        event_record.op,
+        event_record.target_ref,
+        event_record.target,
+        outcome.status,
+        outcome.version_id,
+        used,
+    )
+
+
+async def _write_or_route(stage: str, event: EventT, attempts: int) -> None:
+    try:
+        record = decode(event.message.value, RoutedResource)
+    except PermanentError as error:
+        await dead_letter(stage, event, error)
+        return
+    try:
+        await _write(record, attempts)
+    except RetryableError as error:
+        WRITES.labels(record.site, record.target, record.resource_type, "failed", error.error_class).inc()
+        await retry_later(stage, event, error, attempts)
+    except PermanentError as error:
+        await dead_letter(stage, event, error, attempts)
+    except Exception as error:
+        log.exception("sink failed unexpectedly at %s[%d]@%d", *origin_of(event))
+        await dead_letter(stage, event, error, attempts)
+
+
+@app.agent(ready, concurrency=1)
+async def write_resources(stream: StreamT) -> None:
+    """Write each ready resource to its target; commit only after the target acknowledged."""
+    async for event in stream.events():
+        await _write_or_route("sink", event, settings.sink_attempts)
+
+
+def _retry_agent(tier_index: int) -> None:
+    async def retry_writes(stream: StreamT) -> None:
+        async for event in stream.events():
+            info = parse_failure_headers(headers_of(event))
+            wait_ms = (info.due_ms if info else 0) - now_ms()
+            if wait_ms > 0:
+                await asyncio.sleep(wait_ms / 1000)
+            await _write_or_route("sink", event, settings.sink_attempts)
+
+    app.agent(retry_tiers[tier_index], name=f"retry_writes_tier{tier_index}", concurrency=1)(retry_writes)
+
+
+for _index in range(len(retry_tiers)):
+    _retry_agent(_index)

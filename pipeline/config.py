@@ -1,0 +1,257 @@
+"""Configuration as data: topics.yaml and sites/*.yaml, validated at start-up with clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+from .resources import SUPPORTED_TYPES
+
+__all__ = [
+    "Config",
+    "RetryTier",
+    "Route",
+    "SiteConfig",
+    "SourceTable",
+    "TargetEndpoint",
+    "TopicSpec",
+    "TopicsConfig",
+    "expand_env",
+    "load_config",
+    "load_sites",
+    "load_topics",
+]
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_SITE_NAME = r"^[a-z][a-z0-9-]{0,39}$"
+
+
+def expand_env(text: str, environ: dict[str, str] | None = None) -> str:
+    """Replace ${VAR} and ${VAR:-default} with values from the environment."""
+    env = os.environ if environ is None else environ
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is None:
+            raise ConfigError(f"environment variable {name} is not set and has no default")
+        return default
+
+    return _ENV_PATTERN.sub(substitute, text)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TopicSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    partitions: int | None = Field(default=None, ge=1)
+    schema_name: str | None = Field(default=None, alias="schema")
+    config: dict[str, str] = Field(default_factory=dict)
+
+
+class RetryTier(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")
+    delay_seconds: int = Field(ge=1)
+    partitions: int | None = Field(default=None, ge=1)
+    config: dict[str, str] = Field(default_factory=dict)
+
+
+class SourceTopics(_Strict):
+    name_template: str
+    partitions: int = Field(default=3, ge=1)
+    config: dict[str, str] = Field(default_factory=dict)
+
+
+class TopicDefaults(_Strict):
+    replication_factor: int = Field(default=1, ge=1)
+    partitions: int = Field(default=6, ge=1)
+
+
+_REQUIRED_TOPICS = ("normalized", "identified", "ready", "dlq", "audit")
+
+
+class TopicsConfig(_Strict):
+    defaults: TopicDefaults = TopicDefaults()
+    source: SourceTopics
+    topics: dict[str, TopicSpec]
+    retry_tiers: list[RetryTier] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _required_and_copartitioned(self) -> TopicsConfig:
+        missing = [key for key in _REQUIRED_TOPICS if key not in self.topics]
+        if missing:
+            raise ValueError(f"topics: missing required entries {missing}")
+        # identity keys records by patient; ready must be partitioned the same way (co-partitioning).
+        if self.partitions_of("identified") != self.partitions_of("ready"):
+            raise ValueError("topics: identified and ready must have the same number of partitions")
+        return self
+
+    def partitions_of(self, key: str) -> int:
+        """Partition count of a declared topic, falling back to the default."""
+        return self.topics[key].partitions or self.defaults.partitions
+
+    def name(self, key: str) -> str:
+        """The Kafka name of a declared topic (e.g. ``name('normalized')``)."""
+        return self.topics[key].name
+
+
+class SourceTable(_Strict):
+    database: str
+    schema_name: str = Field(alias="schema")
+    table: str
+    connector: str
+
+
+class Route(_Strict):
+    target: str
+    trigger: Literal["all", "tumorboard-flag"] = "all"
+    resource_types: list[str] | None = None
+
+
+class TargetEndpoint(_Strict):
+    fhir_base_url: str = Field(pattern=r"^https?://")
+    auth_token: SecretStr | None = None
+    timeout_seconds: float = Field(default=30, gt=0)
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+
+class SiteConfig(_Strict):
+    site: str = Field(pattern=_SITE_NAME)
+    display_name: str = ""
+    adapter: Literal["fhir"]
+    source: SourceTable | None = None
+    resource_types: list[str] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+    target: TargetEndpoint | None = None
+
+    @field_validator("resource_types")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - SUPPORTED_TYPES)
+        if unknown:
+            raise ValueError(f"unsupported resource types {unknown}; supported: {sorted(SUPPORTED_TYPES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _routes_need_a_source(self) -> SiteConfig:
+        if self.routes and self.source is None:
+            raise ValueError("a site with routes needs a 'source' to read from")
+        return self
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything declared as data: the topics and every site."""
+
+    topics: TopicsConfig
+    sites: dict[str, SiteConfig]
+
+    def source_topic(self, site: SiteConfig) -> str:
+        """The Debezium topic of a site's source table."""
+        assert site.source is not None
+        return self.topics.source.name_template.format(
+            site=site.site, schema=site.source.schema_name, table=site.source.table
+        )
+
+    def source_sites(self) -> list[SiteConfig]:
+        """Sites that have a captured source table."""
+        return [s for s in self.sites.values() if s.source is not None]
+
+    def site_of_topic(self, topic: str) -> SiteConfig:
+        """The site whose Debezium topic this is; EnvelopeError-worthy if none."""
+        for site in self.source_sites():
+            if self.source_topic(site) == topic:
+                return site
+        raise KeyError(topic)
+
+    def target(self, name: str) -> TargetEndpoint:
+        """The FHIR endpoint of a target site."""
+        endpoint = self.sites[name].target
+        assert endpoint is not None
+        return endpoint
+
+
+def _format_validation(path: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(file)"
+        lines.append(f"{path}: field '{field}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        return yaml.safe_load(expand_env(text))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load_topics(path: Path) -> TopicsConfig:
+    """Read and validate topics.yaml."""
+    try:
+        return TopicsConfig.model_validate(_read_yaml(path))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(path, exc)) from exc
+
+
+def load_sites(paths: Iterable[Path]) -> dict[str, SiteConfig]:
+    """Read and validate site files; names must be unique and routes must name a target site."""
+    sites: dict[str, SiteConfig] = {}
+    origin: dict[str, Path] = {}
+    for path in sorted(paths):
+        try:
+            site = SiteConfig.model_validate(_read_yaml(path))
+        except ValidationError as exc:
+            raise ConfigError(_format_validation(path, exc)) from exc
+        if site.site in sites:
+            raise ConfigError(
+                f"{path}: field 'site': '{site.site}' is already declared in {origin[site.site]}"
+            )
+        sites[site.site] = site
+        origin[site.site] = path
+    for name, site in sites.items():
+        for index, route in enumerate(site.routes):
+            target = sites.get(route.target)
+            if target is None or target.target is None:
+                raise ConfigError(
+                    f"{origin[name]}: field 'routes.{index}.target': '{route.target}' is not a site with a "
+                    "'target' endpoint"
+                )
+    return sites
+
+
+def load_config(root: Path) -> Config:
+    """Load topics.yaml and sites/*.yaml under a project root."""
+    site_files = list((root / "sites").glob("*.yaml"))
+    if not site_files:
+        raise ConfigError(f"{root / 'sites'}: no site files (*.yaml)")
+    return Config(topics=load_topics(root / "topics.yaml"), sites=load_sites(site_files))

@@ -1,0 +1,87 @@
+"""Headers of dead-letter and retry records: the original record travels unchanged as the value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import CdrsyncError
+
+__all__ = ["FailureInfo", "failure_headers", "failure_info", "parse_failure_headers"]
+
+Headers = list[tuple[str, bytes]]
+_PREFIX = "cdrsync-"
+
+
+@dataclass(frozen=True)
+class FailureInfo:
+    """Why and where a record failed."""
+
+    stage: str
+    error_class: str
+    message: str
+    attempts: int
+    first_failure_ms: int
+    last_failure_ms: int
+    origin_topic: str
+    origin_partition: int
+    origin_offset: int
+    due_ms: int = 0
+    tier: int = 0
+
+
+def failure_info(
+    stage: str,
+    error: BaseException,
+    *,
+    attempts: int,
+    now_ms: int,
+    origin: tuple[str, int, int],
+    previous: FailureInfo | None = None,
+) -> FailureInfo:
+    """Failure details for a record, carrying the first failure time and attempts over from earlier tries."""
+    error_class = error.error_class if isinstance(error, CdrsyncError) else "internal"
+    message = str(error) if isinstance(error, CdrsyncError) else f"{type(error).__name__}: {error}"
+    return FailureInfo(
+        stage=stage,
+        error_class=error_class,
+        message=message[:1000],
+        attempts=attempts + (previous.attempts if previous else 0),
+        first_failure_ms=previous.first_failure_ms if previous else now_ms,
+        last_failure_ms=now_ms,
+        origin_topic=previous.origin_topic if previous else origin[0],
+        origin_partition=previous.origin_partition if previous else origin[1],
+        origin_offset=previous.origin_offset if previous else origin[2],
+        tier=previous.tier if previous else 0,
+    )
+
+
+def failure_headers(info: FailureInfo) -> Headers:
+    """Kafka headers for a failure (all values UTF-8 text)."""
+    return [
+        (f"{_PREFIX}{key.replace('_', '-')}", str(value).encode()) for key, value in info.__dict__.items()
+    ]
+
+
+def parse_failure_headers(
+    headers: Sequence[tuple[str, bytes]] | dict[str, bytes] | None,
+) -> FailureInfo | None:
+    """FailureInfo from Kafka headers, None if the record never failed."""
+    items = headers.items() if isinstance(headers, dict) else (headers or [])
+    values = {
+        k.removeprefix(_PREFIX).replace("-", "_"): v.decode() for k, v in items if k.startswith(_PREFIX)
+    }
+    if "stage" not in values:
+        return None
+    ints = {
+        "attempts",
+        "first_failure_ms",
+        "last_failure_ms",
+        "origin_partition",
+        "origin_offset",
+        "due_ms",
+        "tier",
+    }
+    return FailureInfo(
+        **{k: int(v) if k in ints else v for k, v in values.items() if k in FailureInfo.__annotations__}
+    )

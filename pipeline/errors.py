@@ -1,0 +1,97 @@
+"""The one error hierarchy of cdrsync; the class of an error decides where its record goes.
+
+CdrsyncError
+├── ConfigError                  bad topics.yaml / sites/*.yaml / environment: stop at start-up
+├── RetryableError               try again later: in-process retries, then retry topics
+│   ├── TargetUnavailableError   connection refused, timeout, 408, 429, 5xx
+│   └── ReferenceNotReadyError   the target does not (yet) hold a referenced resource
+└── PermanentError               retrying cannot help: dead-letter topic with the reason
+    ├── EnvelopeError            not a Debezium change event we understand
+    ├── MappingError             source content cannot become a valid FHIR R4 resource
+    ├── SchemaError              an Avro record that does not match its schema
+    └── RejectedByTargetError    the target refused the write (4xx other than the above)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CdrsyncError",
+    "ConfigError",
+    "EnvelopeError",
+    "MappingError",
+    "PermanentError",
+    "ReferenceNotReadyError",
+    "RejectedByTargetError",
+    "RetryableError",
+    "SchemaError",
+    "TargetUnavailableError",
+]
+
+
+class CdrsyncError(Exception):
+    """Base of every error cdrsync raises on purpose."""
+
+    #: short, stable name used in metrics labels, dead-letter headers and audit events
+    error_class = "error"
+
+
+class ConfigError(CdrsyncError):
+    """A configuration file or setting is invalid; the message names the file, field and reason."""
+
+    error_class = "config"
+
+
+class RetryableError(CdrsyncError):
+    """The operation may succeed later."""
+
+    error_class = "retryable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TargetUnavailableError(RetryableError):
+    """The target CDR could not be reached or answered with a transient status."""
+
+    error_class = "target_unavailable"
+
+
+class ReferenceNotReadyError(RetryableError):
+    """The target rejected a write because a resource it references is not there yet."""
+
+    error_class = "reference_not_ready"
+
+
+class PermanentError(CdrsyncError):
+    """Retrying the same input cannot succeed."""
+
+    error_class = "permanent"
+
+
+class EnvelopeError(PermanentError):
+    """The Kafka record is not a Debezium change event of a known source table."""
+
+    error_class = "envelope"
+
+
+class MappingError(PermanentError):
+    """The source content cannot be turned into a valid FHIR R4 resource."""
+
+    error_class = "mapping"
+
+
+class SchemaError(PermanentError):
+    """An Avro-encoded record does not decode with any known schema."""
+
+    error_class = "schema"
+
+
+class RejectedByTargetError(PermanentError):
+    """The target CDR refused the resource (validation failure or other 4xx)."""
+
+    error_class = "rejected_by_target"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status

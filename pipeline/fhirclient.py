@@ -1,0 +1,139 @@
+"""The FHIR REST client: the one place that does HTTP. Classifies every answer into the error hierarchy."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .config import TargetEndpoint
+from .errors import ReferenceNotReadyError, RejectedByTargetError, TargetUnavailableError
+
+__all__ = ["FhirClient", "WriteOutcome", "classify_response"]
+
+_FHIR_JSON = "application/fhir+json"
+# HAPI's codes for "the referenced resource does not exist" (HAPI-1094) and its wording elsewhere.
+_MISSING_REFERENCE_MARKERS = ("HAPI-1094", "HAPI-0825", "not found, specified in path", "Resource not found")
+_DIAGNOSTICS_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class WriteOutcome:
+    """What the target acknowledged."""
+
+    status: int
+    version_id: str | None
+
+
+def _diagnostics(body: bytes) -> str:
+    try:
+        outcome = orjson.loads(body)
+        issues = outcome.get("issue", []) if isinstance(outcome, dict) else []
+        text = "; ".join(str(i.get("diagnostics", i.get("code", ""))) for i in issues if isinstance(i, dict))
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace")
+    return text[:_DIAGNOSTICS_LIMIT]
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - asyncio.get_event_loop().time())
+    except (TypeError, ValueError):
+        return None
+
+
+def classify_response(method: str, status: int, body: bytes, retry_after: str | None = None) -> None:
+    """Raise the error a non-success answer means; return for success."""
+    if 200 <= status < 300 or (method == "DELETE" and status in (404, 410)):
+        return
+    detail = _diagnostics(body)
+    if status in (408, 429) or status >= 500:
+        raise TargetUnavailableError(
+            f"target answered {status}: {detail}", retry_after=_retry_after(retry_after)
+        )
+    if method == "DELETE" and status == 409:
+        raise ReferenceNotReadyError(
+            f"target refuses the delete while other resources reference it: {detail}"
+        )
+    if status in (400, 404, 409, 412, 422) and any(marker in detail for marker in _MISSING_REFERENCE_MARKERS):
+        raise ReferenceNotReadyError(f"target lacks a referenced resource ({status}): {detail}")
+    raise RejectedByTargetError(f"target rejected the {method} ({status}): {detail}", status=status)
+
+
+class FhirClient:
+    """A FHIR R4 endpoint written with PUT (update-as-create) and DELETE, over one pooled session."""
+
+    def __init__(self, endpoint: TargetEndpoint, *, connections: int = 16) -> None:
+        self.base_url = endpoint.fhir_base_url.rstrip("/")
+        headers = {"Accept": _FHIR_JSON, "User-Agent": "cdrsync"}
+        if endpoint.auth_token is not None:
+            headers["Authorization"] = f"Bearer {endpoint.auth_token.get_secret_value()}"
+        self._headers = headers
+        self._timeout = aiohttp.ClientTimeout(total=endpoint.timeout_seconds)
+        self._connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> FhirClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _session_or_new(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers=self._headers,
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=self._connections),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        if self._session is not None:
+            await self._session.close()
+
+    async def _send(self, method: str, path: str, body: bytes | None = None) -> WriteOutcome:
+        headers = {"Content-Type": _FHIR_JSON} if body is not None else {}
+        try:
+            async with self._session_or_new().request(
+                method, f"{self.base_url}/{path}", data=body, headers=headers
+            ) as response:
+                payload = await response.read()
+                classify_response(method, response.status, payload, response.headers.get("Retry-After"))
+                etag = response.headers.get("ETag", "")
+                version = etag.removeprefix("W/").strip('"') or None
+                return WriteOutcome(response.status, version)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TargetUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+
+    async def put(self, resource_type: str, resource_id: str, body: bytes) -> WriteOutcome:
+        """Create or replace a resource at a client-assigned id."""
+        return await self._send("PUT", f"{resource_type}/{resource_id}", body)
+
+    async def delete(self, resource_type: str, resource_id: str) -> WriteOutcome:
+        """Delete a resource; an already absent one counts as deleted."""
+        return await self._send("DELETE", f"{resource_type}/{resource_id}")
+
+    async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        """Read a resource, None if the target does not have it (or it was deleted)."""
+        try:
+            async with self._session_or_new().get(
+                f"{self.base_url}/{resource_type}/{resource_id}"
+            ) as response:
+                payload = await response.read()
+                if response.status in (404, 410):
+                    return None
+                classify_response("GET", response.status, payload)
+                result: dict[str, Any] = orjson.loads(payload)
+                return result
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TargetUnavailableError(f"GET {resource_type}/{resource_id}: {exc}") from None

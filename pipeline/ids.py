@@ -1,0 +1,16 @@
+"""Deterministic target ids: the same source resource always gets the same id at the target."""
+
+from __future__ import annotations
+
+import uuid
+
+__all__ = ["CDRSYNC_NAMESPACE", "target_id"]
+
+# Fixed forever: changing it would give every resource a new id at every target.
+CDRSYNC_NAMESPACE = uuid.UUID("6f1c4e3a-2b7d-5c8e-9a10-cd7e0b5a4f21")
+
+
+def target_id(site: str, resource_type: str, source_id: str) -> str:
+    """uuid5 over site, type and source id: stable across replays, distinct across sites."""
+    # A separator that cannot occur in a site name or a FHIR type keeps ("a", "b|c") ≠ ("a|b", "c").
+    return str(uuid.uuid5(CDRSYNC_NAMESPACE, f"{site}|{resource_type}|{source_id}"))

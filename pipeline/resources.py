@@ -1,0 +1,91 @@
+"""FHIR R4 resource types cdrsync syncs, their validation, and how they point at a patient.
+
+fhir.resources 8.x ships R5 (default) and R4B models but no R4. We validate with R4B: for the
+resource types synced here R4B is wire-compatible with R4 (R4B's changes are in medication
+definition, evidence and subscription resources), so a document valid under R4B is valid R4.
+Validation only checks; the JSON we forward is the source's, never a re-serialised model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from .errors import MappingError
+
+__all__ = [
+    "DEPENDENCY_RANK",
+    "SUPPORTED_TYPES",
+    "patient_reference",
+    "validate_resource",
+]
+
+# The case study's 13 types plus the tumour-board decision flowing back.
+SUPPORTED_TYPES = frozenset(
+    {
+        "Patient",
+        "Encounter",
+        "Coverage",
+        "Flag",
+        "Condition",
+        "Observation",
+        "DiagnosticReport",
+        "Procedure",
+        "MedicationRequest",
+        "AllergyIntolerance",
+        "CarePlan",
+        "ServiceRequest",
+        "DocumentReference",
+        "QuestionnaireResponse",
+    }
+)
+
+# Patient → Encounter → everything else: lower ranks are written first when several are ready.
+DEPENDENCY_RANK = {"Patient": 0, "Encounter": 1, "Coverage": 1}
+
+# Where each type names its patient (FHIR R4 element names).
+_PATIENT_ELEMENTS = {
+    "Encounter": ("subject",),
+    "Coverage": ("beneficiary",),
+    "Flag": ("subject",),
+    "Condition": ("subject",),
+    "Observation": ("subject",),
+    "DiagnosticReport": ("subject",),
+    "Procedure": ("subject",),
+    "MedicationRequest": ("subject",),
+    "AllergyIntolerance": ("patient",),
+    "CarePlan": ("subject",),
+    "ServiceRequest": ("subject",),
+    "DocumentReference": ("subject",),
+    "QuestionnaireResponse": ("subject",),
+}
+
+
+def validate_resource(resource: dict[str, Any]) -> None:
+    """Raise MappingError unless the resource is a valid FHIR R4 resource of a supported type."""
+    resource_type = resource.get("resourceType")
+    if resource_type not in SUPPORTED_TYPES:
+        raise MappingError(f"unsupported resource type {resource_type!r}")
+    try:
+        get_fhir_model_class(resource_type).model_validate(resource)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or resource_type}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        raise MappingError(f"invalid FHIR R4 {resource_type}: {problems}") from None
+
+
+def patient_reference(resource: dict[str, Any]) -> str | None:
+    """The literal reference to the resource's patient ("Patient/<id>"), itself for a Patient."""
+    resource_type = resource.get("resourceType")
+    if resource_type == "Patient":
+        return f"Patient/{resource.get('id')}"
+    for element in _PATIENT_ELEMENTS.get(str(resource_type), ()):
+        value = resource.get(element)
+        reference = value.get("reference") if isinstance(value, dict) else None
+        if isinstance(reference, str) and reference.startswith("Patient/"):
+            return reference
+    return None
