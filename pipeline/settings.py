@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -26,3 +26,13 @@ class Settings(BaseSettings):
     park_limit_seconds: int = Field(
         default=3600, ge=1, description="how long a resource waits for a reference"
     )
+
+    pg_host: str = Field(default="localhost", validation_alias="PG_HOST")
+    pg_port: int = Field(default=55432, validation_alias="PG_PORT")
+    pg_user: str = Field(default="postgres", validation_alias="PG_SUPERUSER")
+    pg_password: SecretStr | None = Field(default=None, validation_alias="PG_PASSWORD")
+
+    @property
+    def pg_password_value(self) -> str | None:
+        """The database password, if one is set (demo and test tooling only)."""
+        return self.pg_password.get_secret_value() if self.pg_password else None

@@ -1,0 +1,220 @@
+"""The `cdrsync` command line: configuration, topics, connectors, the worker, tapping topics, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import orjson
+
+from .config import Config, load_config
+from .errors import CdrsyncError
+from .settings import Settings
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace, Settings, Config], int]
+
+
+def _config_check(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    for site in config.sites.values():
+        routes = ", ".join(f"{r.target} ({r.trigger})" for r in site.routes) or "none"
+        role = "target" if site.target else "source"
+        print(f"ok  {site.site:10} adapter={site.adapter} {role} routes: {routes}")
+    print(
+        f"ok  topics.yaml: {len(config.topics.topics)} topics, {len(config.topics.retry_tiers)} retry tiers"
+    )
+    return 0
+
+
+def _topics_apply(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .kafkaadmin import apply_topics, declared_topics
+
+    changes = apply_topics(settings.kafka_bootstrap, declared_topics(config), dry_run=args.dry_run)
+    print(f"{changes} change(s){' planned (dry run)' if args.dry_run else ' applied'}")
+    return 0
+
+
+def _topics_list(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .kafkaadmin import declared_topics
+
+    for plan in declared_topics(config):
+        print(f"{plan.name:32} partitions={plan.partitions} rf={plan.replication_factor} {plan.config}")
+    return 0
+
+
+def _connectors_apply(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .connect import apply_connectors, load_connectors
+
+    specs = load_connectors(settings.config_root / "connectors" / "debezium", config)
+    for line in apply_connectors(settings.connect_url, specs, dry_run=args.dry_run):
+        print(line)
+    return 0
+
+
+def _connectors_status(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .connect import connector_status, load_connectors
+
+    unhealthy = 0
+    for spec in load_connectors(settings.config_root / "connectors" / "debezium", config):
+        status = connector_status(settings.connect_url, spec.name)
+        tasks = [t.get("state", "?") for t in status.get("tasks", [])]
+        state = status.get("connector", {}).get("state", "?")
+        unhealthy += state != "RUNNING" or not tasks or any(t != "RUNNING" for t in tasks)
+        print(f"{spec.name:20} connector={state} tasks={','.join(tasks) or 'none'}")
+    return 1 if unhealthy else 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    argv = [
+        sys.executable,
+        "-m",
+        "faust",
+        "-A",
+        "agents.worker",
+        "worker",
+        "-l",
+        args.loglevel,
+        "--web-port",
+        str(args.web_port or settings.web_port),
+    ]
+    os.chdir(settings.config_root)
+    os.execv(sys.executable, argv)  # replaces this process: signals reach the worker directly
+
+
+def _tap(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .tap import tap
+
+    name = config.topics.name(args.topic) if args.topic in config.topics.topics else args.topic
+    out = sys.stdout.buffer
+    for item in tap(
+        settings.kafka_bootstrap,
+        name,
+        site=args.site,
+        resource_type=args.type,
+        from_beginning=not args.latest,
+        limit=args.limit,
+        idle_seconds=args.idle,
+    ):
+        out.write(orjson.dumps(item) + b"\n")
+        out.flush()
+    return 0
+
+
+def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, site_dsn, upsert_rows
+
+    for site_name, bundles in DEMO_ASSIGNMENT.items():
+        site = config.sites[site_name]
+        dsn = site_dsn(site, settings.pg_host, settings.pg_port, settings.pg_user, settings.pg_password_value)
+        for bundle in bundles:
+            count = upsert_rows(dsn, bundle_rows(FIXTURES / f"{bundle}.json", site.resource_types))
+            print(f"{site_name}: {bundle:12} {count:3} rows written to {site.source.database}.fhir.resource")  # type: ignore[union-attr]
+    return 0
+
+
+def _demo_wait(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .demo_summary import wait_and_summarize
+
+    return asyncio.run(wait_and_summarize(settings, config, timeout=args.timeout))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdrsync",
+        description="Keep hospital CDRs and the central tumour-board CDR in sync over Kafka. "
+        "Configuration comes from topics.yaml and sites/*.yaml under CDRSYNC_CONFIG_ROOT "
+        "(default: the repository); deployment values (KAFKA_BOOTSTRAP, CONNECT_URL, ...) from the environment.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, handler: Handler | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if handler is not None:
+            sub.set_defaults(handler=handler)
+        return sub
+
+    def group(name: str, help_text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        sub = command(name, help_text)
+        return sub.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+
+    def leaf(
+        parent: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        help_text: str,
+        handler: Handler,
+    ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    cfg = group("config", "check topics.yaml and sites/*.yaml")
+    leaf(
+        cfg,
+        "check",
+        "validate every configuration file; names the file, field and reason on error",
+        _config_check,
+    )
+
+    topics = group("topics", "Kafka topics declared in topics.yaml")
+    apply = leaf(
+        topics, "apply", "create missing topics, grow partitions, align retention/compaction", _topics_apply
+    )
+    apply.add_argument("--dry-run", action="store_true", help="print the changes without making them")
+    leaf(topics, "list", "print every declared topic", _topics_list)
+
+    connectors = group("connectors", "Debezium connectors in connectors/debezium/")
+    apply = leaf(
+        connectors,
+        "apply",
+        "create or update each connector over the Kafka Connect REST API",
+        _connectors_apply,
+    )
+    apply.add_argument("--dry-run", action="store_true", help="print the changes without making them")
+    leaf(connectors, "status", "connector and task states; exits 1 if any is not RUNNING", _connectors_status)
+
+    worker = command("worker", "run a stream worker (all stages) in the foreground", _worker)
+    worker.add_argument("--web-port", type=int, help="port for /metrics (default: CDRSYNC_WEB_PORT or 6066)")
+    worker.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+
+    tap_cmd = command("tap", "print a topic's records as decoded JSON lines (Avro and Debezium JSON)", _tap)
+    tap_cmd.add_argument(
+        "topic", help="a topics.yaml key (normalized, identified, ready, dlq, audit) or a name"
+    )
+    tap_cmd.add_argument("--site", help="only records of this site")
+    tap_cmd.add_argument("--type", help="only records of this FHIR resource type")
+    tap_cmd.add_argument("--limit", type=int, help="stop after this many records")
+    tap_cmd.add_argument(
+        "--idle", type=float, default=5.0, help="stop after this many seconds without a record"
+    )
+    tap_cmd.add_argument("--latest", action="store_true", help="only records arriving from now on")
+
+    demo = group("demo", "demo hospitals: load sample data, wait for it at the central CDR")
+    leaf(demo, "load", "write the sample FHIR resources into site-a's and site-b's databases", _demo_load)
+    wait = leaf(
+        demo, "wait", "wait until every source row is at the central CDR, then print a summary", _demo_wait
+    )
+    wait.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cdrsync` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+        config = load_config(settings.config_root)
+        result: int = args.handler(args, settings, config)
+        return result
+    except CdrsyncError as exc:
+        print(f"cdrsync: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

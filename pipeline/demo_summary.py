@@ -1,0 +1,85 @@
+"""`cdrsync demo wait`: follow the sync until every source row is at the central CDR, then summarize."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import datetime
+
+from .config import Config
+from .demo import expected_targets, percentile, site_dsn, source_rows, type_counts
+from .errors import CdrsyncError
+from .fhirclient import FhirClient
+from .identity import ORIGIN_TAG_SYSTEM
+from .settings import Settings
+
+__all__ = ["wait_and_summarize"]
+
+
+async def _arrived(client: FhirClient, ref: str, committed: float, gate: asyncio.Semaphore) -> float | None:
+    """Seconds from source commit to the target's write of that version, None if not there yet."""
+    resource_type, resource_id = ref.split("/", 1)
+    async with gate:
+        try:
+            resource = await client.read(resource_type, resource_id)
+        except CdrsyncError:
+            return None
+    if resource is None:
+        return None
+    written = datetime.fromisoformat(resource["meta"]["lastUpdated"]).timestamp()
+    return written - committed if written >= committed - 0.001 else None
+
+
+async def _count(client: FhirClient, resource_type: str, site: str) -> int:
+    """Resources of one type and origin site at the target (server-side count)."""
+    from urllib.parse import quote
+
+    tag = quote(f"{ORIGIN_TAG_SYSTEM}|{site}", safe="")
+    path = f"{client.base_url}/{resource_type}?_tag={tag}&_summary=count"
+    async with client._session_or_new().get(path) as response:
+        body = await response.json(content_type=None)
+        return int(body.get("total", 0))
+
+
+async def wait_and_summarize(settings: Settings, config: Config, *, timeout: float) -> int:
+    """Poll the central CDR until all source rows arrived (or timeout); print counts and latency."""
+    expected: dict[str, float] = {}
+    for site in config.source_sites():
+        dsn = site_dsn(site, settings.pg_host, settings.pg_port, settings.pg_user, settings.pg_password_value)
+        expected |= expected_targets(site.site, source_rows(dsn))
+    latencies: dict[str, float] = {}
+    gate = asyncio.Semaphore(16)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with FhirClient(config.target("central")) as client:
+        while True:
+            pending = [ref for ref in expected if ref not in latencies]
+            results = await asyncio.gather(*(_arrived(client, r, expected[r], gate) for r in pending))
+            latencies |= {ref: lat for ref, lat in zip(pending, results, strict=True) if lat is not None}
+            print(f"\rcentral CDR has {len(latencies)}/{len(expected)} source resources", end="", flush=True)
+            if len(latencies) == len(expected) or loop.time() > deadline:
+                break
+            await asyncio.sleep(2)
+        print()
+        missing = type_counts(ref for ref in expected if ref not in latencies)
+        await _print_counts(client, config)
+    if latencies:
+        values = list(latencies.values())
+        print(
+            f"end-to-end latency (source commit -> central write), {len(values)} resources: "
+            f"p50 {percentile(values, 0.5):.2f} s, p95 {percentile(values, 0.95):.2f} s, max {max(values):.2f} s"
+        )
+    if missing:
+        print(f"NOT synced within {timeout:.0f} s: {dict(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _print_counts(client: FhirClient, config: Config) -> None:
+    sites = [s.site for s in config.source_sites()]
+    types = sorted({t for s in config.source_sites() for t in s.resource_types})
+    print(f"{'resource type':24}" + "".join(f"{s:>10}" for s in sites))
+    for resource_type in types:
+        counts = [await _count(client, resource_type, site) for site in sites]
+        if any(counts):
+            print(f"{resource_type:24}" + "".join(f"{c:>10}" for c in counts))

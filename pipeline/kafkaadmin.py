@@ -1,0 +1,102 @@
+"""Topic administration from topics.yaml (confluent-kafka AdminClient)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
+
+from .config import Config
+from .errors import ConfigError, TargetUnavailableError
+
+__all__ = ["TopicPlan", "apply_topics", "declared_topics"]
+
+
+@dataclass(frozen=True)
+class TopicPlan:
+    """A topic as declared: name, partitions, replication, configuration."""
+
+    name: str
+    partitions: int
+    replication_factor: int
+    config: dict[str, str]
+
+
+def declared_topics(config: Config) -> list[TopicPlan]:
+    """Every topic topics.yaml declares, source topics expanded for each site."""
+    t = config.topics
+    rf = t.defaults.replication_factor
+    plans = [
+        TopicPlan(config.source_topic(site), t.source.partitions, rf, dict(t.source.config))
+        for site in config.source_sites()
+    ]
+    plans += [
+        TopicPlan(spec.name, t.partitions_of(key), rf, dict(spec.config)) for key, spec in t.topics.items()
+    ]
+    plans += [
+        TopicPlan(tier.name, tier.partitions or t.defaults.partitions, rf, dict(tier.config))
+        for tier in t.retry_tiers
+    ]
+    return plans
+
+
+def apply_topics(
+    bootstrap: str, plans: list[TopicPlan], *, dry_run: bool = False, report: Callable[[str], None] = print
+) -> int:
+    """Create missing topics, grow partitions, align configs. Returns the number of changes."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        existing = admin.list_topics(timeout=15).topics
+    except KafkaException as exc:
+        raise TargetUnavailableError(f"Kafka at {bootstrap} is not reachable: {exc}") from None
+    changes = 0
+    for plan in plans:
+        current = existing.get(plan.name)
+        if current is None:
+            report(
+                f"create  {plan.name} partitions={plan.partitions} rf={plan.replication_factor} {plan.config}"
+            )
+            changes += 1
+            if not dry_run:
+                new = NewTopic(plan.name, plan.partitions, plan.replication_factor, config=plan.config)
+                _wait(admin.create_topics([new]))
+            continue
+        have = len(current.partitions)
+        if have > plan.partitions:
+            raise ConfigError(
+                f"topics.yaml: {plan.name} declares {plan.partitions} partitions but has {have}; "
+                "partitions cannot shrink"
+            )
+        if have < plan.partitions:
+            report(f"grow    {plan.name} partitions {have} -> {plan.partitions}")
+            changes += 1
+            if not dry_run:
+                _wait(admin.create_partitions([NewPartitions(plan.name, plan.partitions)]))
+        if plan.config:
+            changes += _align_config(admin, plan, dry_run, report)
+    return changes
+
+
+def _align_config(admin: AdminClient, plan: TopicPlan, dry_run: bool, report: Callable[[str], None]) -> int:
+    resource = ConfigResource(ConfigResource.Type.TOPIC, plan.name)
+    described = next(iter(admin.describe_configs([resource]).values())).result(timeout=15)
+    differ = {k: v for k, v in plan.config.items() if k not in described or described[k].value != v}
+    if not differ:
+        return 0
+    report(f"config  {plan.name} {differ}")
+    if not dry_run:
+        for key, value in plan.config.items():
+            resource.set_config(key, value)
+        _wait(admin.alter_configs([resource]))
+    return 1
+
+
+def _wait(futures: dict[object, object]) -> None:
+    for name, future in futures.items():
+        try:
+            future.result(timeout=30)  # type: ignore[attr-defined]
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise TargetUnavailableError(f"Kafka refused the change to {name}: {exc}") from None
