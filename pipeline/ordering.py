@@ -84,7 +84,9 @@ def order_record(
             continue
         released.append(admitted)
         if not admitted.is_delete:
-            queue.extend(_unpark(state, admitted.target_ref))
+            # Depth first: what waited for this record is admitted before anything queued after it, so a
+            # resource re-parked on another reference cannot be overtaken by its own later version.
+            queue.extendleft(reversed(_unpark(state, admitted.target_ref)))
     return released
 
 

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import expand_env, load_config, load_sites, load_topics
+from pipeline.errors import ConfigError
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_configuration_is_valid() -> None:
+    config = load_config(ROOT)
+    assert {"site-a", "site-b", "central"} <= set(config.sites)
+    assert config.source_topic(config.sites["site-a"]) == "cdc.site-a.fhir.resource"
+    assert config.topics.partitions_of("identified") == config.topics.partitions_of("ready")
+
+
+def test_env_values_and_defaults_are_expanded() -> None:
+    assert expand_env("url: ${X:-http://d}", {}) == "url: http://d"
+    assert expand_env("url: ${X:-http://d}", {"X": "http://e"}) == "url: http://e"
+    with pytest.raises(ConfigError, match="NEEDED is not set"):
+        expand_env("token: ${NEEDED}", {})
+
+
+def test_unknown_resource_type_names_file_field_and_reason(tmp_path: Path) -> None:
+    bad = write(tmp_path, "h.yaml", "site: h\nadapter: fhir\nresource_types: [Patient, Organisation]\n")
+    with pytest.raises(ConfigError) as err:
+        load_sites([bad])
+    assert str(bad) in str(err.value) and "resource_types" in str(err.value) and "Organisation" in str(err.value)
+
+
+def test_unknown_field_and_bad_adapter_are_reported(tmp_path: Path) -> None:
+    bad = write(tmp_path, "h.yaml", "site: h\nadapter: csv\nroutez: []\n")
+    with pytest.raises(ConfigError) as err:
+        load_sites([bad])
+    assert "field 'adapter'" in str(err.value) and "field 'routez'" in str(err.value)
+
+
+def test_route_to_a_site_without_target_is_rejected(tmp_path: Path) -> None:
+    text = "site: h\nadapter: fhir\nsource: {database: d, schema: s, table: t, connector: c}\nroutes: [{target: nowhere}]\n"
+    bad = write(tmp_path, "h.yaml", text)
+    with pytest.raises(ConfigError, match=r"field 'routes.0.target': 'nowhere' is not a site"):
+        load_sites([bad])
+
+
+def test_duplicate_site_names_are_rejected(tmp_path: Path) -> None:
+    one = write(tmp_path, "a.yaml", "site: h\nadapter: fhir\n")
+    two = write(tmp_path, "b.yaml", "site: h\nadapter: fhir\n")
+    with pytest.raises(ConfigError, match="already declared"):
+        load_sites([one, two])
+
+
+def test_topics_file_must_declare_the_pipeline_topics(tmp_path: Path) -> None:
+    bad = write(tmp_path, "topics.yaml", "source: {name_template: 'cdc.{site}'}\ntopics: {}\nretry_tiers: []\n")
+    with pytest.raises(ConfigError) as err:
+        load_topics(bad)
+    assert "missing required entries" in str(err.value) or "retry_tiers" in str(err.value)
+
+
+def test_invalid_yaml_is_reported_with_the_file(tmp_path: Path) -> None:
+    bad = write(tmp_path, "h.yaml", "site: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_sites([bad])

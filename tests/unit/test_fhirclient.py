@@ -1,0 +1,49 @@
+import pytest
+
+from pipeline.errors import ReferenceNotReadyError, RejectedByTargetError, TargetUnavailableError
+from pipeline.fhirclient import classify_response
+
+pytestmark = pytest.mark.unit
+MISSING_REF = (
+    b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"processing",'
+    b'"diagnostics":"HAPI-1094: Resource Patient/abc not found, specified in path: Observation.subject"}]}'
+)
+
+
+@pytest.mark.parametrize("status", [200, 201])
+def test_success(status: int) -> None:
+    classify_response("PUT", status, b"{}")
+
+
+@pytest.mark.parametrize("status", [404, 410])
+def test_deleting_an_absent_resource_succeeds(status: int) -> None:
+    classify_response("DELETE", status, b"")
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+def test_transient_statuses(status: int) -> None:
+    with pytest.raises(TargetUnavailableError):
+        classify_response("PUT", status, b"busy", "7")
+
+
+def test_retry_after_seconds_are_kept() -> None:
+    with pytest.raises(TargetUnavailableError) as err:
+        classify_response("PUT", 429, b"", "12")
+    assert err.value.retry_after == 12
+
+
+def test_missing_reference_is_not_yet_not_permanent() -> None:
+    with pytest.raises(ReferenceNotReadyError, match="HAPI-1094"):
+        classify_response("PUT", 400, MISSING_REF)
+
+
+def test_referenced_resource_delete_conflict_is_retryable() -> None:
+    with pytest.raises(ReferenceNotReadyError):
+        classify_response("DELETE", 409, b'{"issue":[{"diagnostics":"HAPI-0550: referenced"}]}')
+
+
+def test_validation_failure_is_permanent_with_the_diagnostics() -> None:
+    body = b'{"resourceType":"OperationOutcome","issue":[{"diagnostics":"HAPI-0450: Failed to parse request body"}]}'
+    with pytest.raises(RejectedByTargetError, match="HAPI-0450") as err:
+        classify_response("PUT", 400, body)
+    assert err.value.status == 400
