@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# A cdrsync stream worker in the background (for the demo): start | stop | status.
+# Its RocksDB tables live in $CDRSYNC_HOME/worker; its log in $STACK_LOGS/worker.log.
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+CDRSYNC_BIN="${CDRSYNC_BIN:-$REPO_ROOT/.venv/bin/cdrsync}"
+export CDRSYNC_STATE_DIR="${CDRSYNC_STATE_DIR:-$CDRSYNC_HOME/worker}"
+export CDRSYNC_WEB_PORT="${CDRSYNC_WEB_PORT:-6066}"
+
+case "${1:-}" in
+  start)
+    start_bg worker "$CDRSYNC_BIN" worker
+    wait_until worker 120 http_ok "http://localhost:$CDRSYNC_WEB_PORT/metrics"
+    ;;
+  stop) stop_bg worker 60 ;;
+  status)
+    if is_running worker && http_ok "http://localhost:$CDRSYNC_WEB_PORT/metrics"; then
+      echo "worker: up (pid $(pid_of worker), metrics http://localhost:$CDRSYNC_WEB_PORT/metrics)"
+    else
+      echo "worker: down"; exit 1
+    fi
+    ;;
+  *) echo "usage: $0 {start|stop|status}" >&2; exit 2 ;;
+esac
