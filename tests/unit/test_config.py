@@ -44,7 +44,10 @@ def test_unknown_field_and_bad_adapter_are_reported(tmp_path: Path) -> None:
 
 
 def test_route_to_a_site_without_target_is_rejected(tmp_path: Path) -> None:
-    text = "site: h\nadapter: fhir\nsource: {database: d, schema: s, table: t, connector: c}\nroutes: [{target: nowhere}]\n"
+    text = (
+        "site: h\nadapter: fhir\nsource: {database: d, schema: s, table: t, connector: c}\n"
+        "routes: [{target: nowhere}]\n"
+    )
     bad = write(tmp_path, "h.yaml", text)
     with pytest.raises(ConfigError, match=r"field 'routes.0.target': 'nowhere' is not a site"):
         load_sites([bad])

@@ -1,0 +1,105 @@
+"""Test cases built from real sample resources, with ids unique to one test run."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pipeline.resources import SUPPORTED_TYPES
+from tests.conftest import bundle_resources
+
+Resource = dict[str, Any]
+
+
+def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(node, list):
+        return [_rewrite(item, mapping) for item in node]
+    if isinstance(node, dict):
+        out = {key: _rewrite(value, mapping) for key, value in node.items()}
+        reference = node.get("reference")
+        if isinstance(reference, str) and reference in mapping:
+            out["reference"] = mapping[reference]
+        return out
+    return node
+
+
+def tumour_case(prefix: str) -> list[Resource]:
+    """One patient with every synced type: ADT-A01's record, MDM-T02's report, RDE-O11's medication order,
+    plus a tumour-board Flag, a CarePlan and a decision QuestionnaireResponse. Bundle order (Patient first)."""
+    adt = [r for r in bundle_resources("ADT-A01-01") if r["resourceType"] in SUPPORTED_TYPES]
+    patient = next(r for r in adt if r["resourceType"] == "Patient")
+    extra: list[Resource] = []
+    mapping: dict[str, str] = {}
+    for bundle in ("MDM-T02-01", "RDE-O11-01"):
+        resources = [r for r in bundle_resources(bundle) if r["resourceType"] in SUPPORTED_TYPES]
+        for r in resources:
+            if r["resourceType"] == "Patient":  # the same person: point at ADT-A01's patient
+                mapping[f"Patient/{r['id']}"] = f"Patient/{patient['id']}"
+            else:
+                extra.append(r)
+    adt_refs = {f"{a['resourceType']}/{a['id']}" for a in adt}
+    resources = adt + [r for r in extra if f"{r['resourceType']}/{r['id']}" not in adt_refs]
+    ids = {f"{r['resourceType']}/{r['id']}": f"{prefix}-{n}" for n, r in enumerate(resources)}
+    patient_ref = "Patient/" + patient["id"]
+    new_patient = "Patient/" + ids[patient_ref]
+    mapping = {**{old: f"{old.split('/')[0]}/{new}" for old, new in ids.items()}, **dict.fromkeys(mapping, new_patient)}
+    case = []
+    for r in resources:
+        copy_ = _rewrite(copy.deepcopy(r), mapping)
+        copy_["id"] = ids[f"{r['resourceType']}/{r['id']}"]
+        case.append(copy_)
+    subject = {"reference": f"Patient/{case[0]['id']}"}
+    encounter_ref = {"reference": f"Encounter/{next(r['id'] for r in case if r['resourceType'] == 'Encounter')}"}
+    case += [
+        {
+            "resourceType": "Flag",
+            "id": f"{prefix}-flag",
+            "status": "active",
+            "subject": subject,
+            "encounter": encounter_ref,
+            "code": {"coding": [{"system": "urn:cdrsync:flag", "code": "tumorboard", "display": "Tumour board"}]},
+        },
+        {
+            "resourceType": "CarePlan",
+            "id": f"{prefix}-plan",
+            "status": "active",
+            "intent": "plan",
+            "subject": subject,
+            "encounter": encounter_ref,
+            "title": "Adjuvant chemotherapy, 4 cycles",
+        },
+        {
+            "resourceType": "QuestionnaireResponse",
+            "id": f"{prefix}-decision",
+            "status": "completed",
+            "subject": subject,
+            "encounter": encounter_ref,
+            "item": [{"linkId": "recommendation", "answer": [{"valueString": "Breast-conserving surgery"}]}],
+        },
+    ]
+    assert case[0]["resourceType"] == "Patient"
+    return case
+
+
+def observation_for(prefix: str, patient_id: str, n: int, value: float) -> Resource:
+    """A body-weight Observation (LOINC 29463-7) of a patient."""
+    return {
+        "resourceType": "Observation",
+        "id": f"{prefix}-obs-{n}",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "29463-7", "display": "Body weight"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "effectiveDateTime": f"2026-11-{1 + n % 28:02d}T08:00:00Z",
+        "valueQuantity": {"value": value, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"},
+    }
+
+
+def patient(prefix: str, n: int = 0) -> Resource:
+    """A minimal Patient."""
+    return {
+        "resourceType": "Patient",
+        "id": f"{prefix}-pat-{n}",
+        "gender": "female",
+        "birthDate": "1968-03-14",
+        "identifier": [{"system": "urn:example:mrn", "value": f"{prefix}-{n}"}],
+    }

@@ -1,0 +1,201 @@
+"""The real stack (make up): PostgreSQL, Kafka, Kafka Connect + Debezium, HAPI FHIR, and a worker.
+
+These tests fail, never skip, when a service is missing. Every test uses ids with its own run
+prefix, so tests need no reset and can run against a stack that already holds data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from pipeline.config import Config
+from pipeline.demo import site_dsn
+from pipeline.ids import target_id
+from pipeline.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = Settings()
+
+
+def wait_for(check: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.5) -> Any:
+    """Poll until check() returns something truthy; fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"gave up after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Central:
+    """The central FHIR server, read with plain HTTP."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+
+    def get(self, path: str) -> tuple[int, dict[str, Any] | None]:
+        request = urllib.request.Request(f"{self.base_url}/{path}", headers={"Accept": "application/fhir+json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, orjson.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        status, body = self.get(f"{resource_type}/{resource_id}")
+        return body if status == 200 else None
+
+    def count_by_identifier(self, resource_type: str, system: str, value: str) -> int:
+        status, body = self.get(f"{resource_type}?identifier={system}|{value}&_summary=count")
+        assert status == 200, f"search failed with {status}"
+        return int((body or {}).get("total", 0))
+
+
+class SiteDatabase:
+    """A site's fhir.resource table, written the way a hospital CDR would."""
+
+    def __init__(self, dsn: str) -> None:
+        self.conn = psycopg.connect(dsn, autocommit=True)
+
+    def upsert(self, resource: dict[str, Any]) -> None:
+        self.upsert_many([resource])
+
+    def upsert_many(self, resources: list[dict[str, Any]]) -> None:
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            for resource in resources:
+                cur.execute(
+                    "INSERT INTO fhir.resource (resource_type, id, version, content) VALUES (%s, %s, 1, %s) "
+                    "ON CONFLICT (resource_type, id) DO UPDATE SET content = EXCLUDED.content, "
+                    "version = fhir.resource.version + 1, updated_at = now()",
+                    (resource["resourceType"], resource["id"], orjson.dumps(resource).decode()),
+                )
+
+    def delete(self, resource_type: str, resource_id: str) -> None:
+        with self.conn.cursor() as cur:
+            cur.execute("DELETE FROM fhir.resource WHERE resource_type = %s AND id = %s", (resource_type, resource_id))
+
+
+class Worker:
+    """A `cdrsync worker` process with its own consumer group and state directory."""
+
+    def __init__(self, app_id: str, state_dir: Path, log_path: Path) -> None:
+        self.app_id, self.state_dir, self.log_path = app_id, state_dir, log_path
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "CDRSYNC_APP_ID": self.app_id,
+            "CDRSYNC_STATE_DIR": str(self.state_dir),
+            "CDRSYNC_WEB_PORT": str(self.port),
+        }
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+        wait_for(self._ready, timeout=120, what=f"worker {self.app_id} to report ready")
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"worker exited with {self.process.returncode}; see {self.log_path}")
+        return b"Worker ready" in self.log_path.read_bytes()[-200_000:]
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, no final commit."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.log_path.open("ab").write(b"\n----- SIGKILL -----\n")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def stack(config: Config) -> Central:
+    """Check every service; fail (not skip) with the one that is missing."""
+    problems = []
+    try:
+        AdminClient({"bootstrap.servers": SETTINGS.kafka_bootstrap}).list_topics(timeout=10)
+    except Exception as exc:
+        problems.append(f"Kafka at {SETTINGS.kafka_bootstrap}: {exc}")
+    for site in config.source_sites():
+        dsn = site_dsn(site, SETTINGS.pg_host, SETTINGS.pg_port, SETTINGS.pg_user, SETTINGS.pg_password_value)
+        try:
+            psycopg.connect(dsn, connect_timeout=5).close()
+        except psycopg.Error as exc:
+            problems.append(f"PostgreSQL for {site.site}: {exc}")
+        try:
+            with urllib.request.urlopen(f"{SETTINGS.connect_url}/connectors/{site.source.connector}/status") as r:
+                state = orjson.loads(r.read())["connector"]["state"]
+                if state != "RUNNING":
+                    problems.append(f"connector {site.source.connector} is {state}")
+        except (urllib.error.URLError, KeyError) as exc:
+            problems.append(f"Kafka Connect connector {site.source.connector}: {exc}")
+    central = Central(config.target("central").fhir_base_url)
+    try:
+        if central.get("metadata")[0] != 200:
+            problems.append("FHIR server metadata did not answer 200")
+    except urllib.error.URLError as exc:
+        problems.append(f"FHIR server at {central.base_url}: {exc}")
+    if problems:
+        pytest.fail("the stack is not running (start it with `make up`):\n  " + "\n  ".join(problems))
+    return central
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="session")
+def worker(stack: Central, run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    base = tmp_path_factory.mktemp("worker")
+    process = Worker(f"cdrsync-it-{run_id}", base / "state", base / "worker.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def site_a(config: Config) -> Iterator[SiteDatabase]:
+    site = config.sites["site-a"]
+    db = SiteDatabase(site_dsn(site, SETTINGS.pg_host, SETTINGS.pg_port, SETTINGS.pg_user, SETTINGS.pg_password_value))
+    yield db
+    db.conn.close()
+
+
+def central_id(resource_type: str, source_id: str, site: str = "site-a") -> str:
+    """The id a site-a resource gets at the central CDR."""
+    return target_id(site, resource_type, source_id)
