@@ -67,7 +67,6 @@ max_wal_senders = 10
 max_replication_slots = 10
 max_connections = 100
 log_line_prefix = '%m [%p] %q%u@%d '
-log_min_messages = warning
 log_connections = off
 EOF
   # Local dev stack only: the superuser is trusted (no password) on the loopback interface so the scripts can
