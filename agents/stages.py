@@ -127,7 +127,7 @@ async def dead_letter_record(stage: str, record: RoutedResource, error: Permanen
 async def tick_order_partitions() -> None:
     """Let every order partition check its parks for expiry, even when no record arrives."""
     for partition in range(config.topics.partitions_of("identified")):
-        await deliver(identified, None, None, [(TICK_HEADER, b"1")], partition=partition)
+        await deliver(identified, TICK_HEADER.encode(), None, [(TICK_HEADER, b"1")], partition=partition)
 
 
 def _client(target: str) -> FhirClient:

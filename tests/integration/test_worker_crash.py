@@ -18,7 +18,7 @@ def _wave(prefix: str, first: int, count: int) -> list[list[dict]]:
     for n in range(first, first + count):
         person = patient(prefix, n)
         observations = [observation_for(f"{prefix}-{n}", person["id"], k, 50 + n + k / 10) for k in range(OBSERVATIONS)]
-        transactions.append(observations[:2] + [person] + observations[2:])
+        transactions.append([*observations[:2], person, *observations[2:]])
     return transactions
 
 
