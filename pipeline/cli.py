@@ -24,9 +24,7 @@ def _config_check(args: argparse.Namespace, settings: Settings, config: Config) 
         routes = ", ".join(f"{r.target} ({r.trigger})" for r in site.routes) or "none"
         role = "target" if site.target else "source"
         print(f"ok  {site.site:10} adapter={site.adapter} {role} routes: {routes}")
-    print(
-        f"ok  topics.yaml: {len(config.topics.topics)} topics, {len(config.topics.retry_tiers)} retry tiers"
-    )
+    print(f"ok  topics.yaml: {len(config.topics.topics)} topics, {len(config.topics.retry_tiers)} retry tiers")
     return 0
 
 
@@ -160,9 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     topics = group("topics", "Kafka topics declared in topics.yaml")
-    apply = leaf(
-        topics, "apply", "create missing topics, grow partitions, align retention/compaction", _topics_apply
-    )
+    apply = leaf(topics, "apply", "create missing topics, grow partitions, align retention/compaction", _topics_apply)
     apply.add_argument("--dry-run", action="store_true", help="print the changes without making them")
     leaf(topics, "list", "print every declared topic", _topics_list)
 
@@ -181,22 +177,16 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
 
     tap_cmd = command("tap", "print a topic's records as decoded JSON lines (Avro and Debezium JSON)", _tap)
-    tap_cmd.add_argument(
-        "topic", help="a topics.yaml key (normalized, identified, ready, dlq, audit) or a name"
-    )
+    tap_cmd.add_argument("topic", help="a topics.yaml key (normalized, identified, ready, dlq, audit) or a name")
     tap_cmd.add_argument("--site", help="only records of this site")
     tap_cmd.add_argument("--type", help="only records of this FHIR resource type")
     tap_cmd.add_argument("--limit", type=int, help="stop after this many records")
-    tap_cmd.add_argument(
-        "--idle", type=float, default=5.0, help="stop after this many seconds without a record"
-    )
+    tap_cmd.add_argument("--idle", type=float, default=5.0, help="stop after this many seconds without a record")
     tap_cmd.add_argument("--latest", action="store_true", help="only records arriving from now on")
 
     demo = group("demo", "demo hospitals: load sample data, wait for it at the central CDR")
     leaf(demo, "load", "write the sample FHIR resources into site-a's and site-b's databases", _demo_load)
-    wait = leaf(
-        demo, "wait", "wait until every source row is at the central CDR, then print a summary", _demo_wait
-    )
+    wait = leaf(demo, "wait", "wait until every source row is at the central CDR, then print a summary", _demo_wait)
     wait.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
     return parser
 

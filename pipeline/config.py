@@ -233,9 +233,7 @@ def load_sites(paths: Iterable[Path]) -> dict[str, SiteConfig]:
         except ValidationError as exc:
             raise ConfigError(_format_validation(path, exc)) from exc
         if site.site in sites:
-            raise ConfigError(
-                f"{path}: field 'site': '{site.site}' is already declared in {origin[site.site]}"
-            )
+            raise ConfigError(f"{path}: field 'site': '{site.site}' is already declared in {origin[site.site]}")
         sites[site.site] = site
         origin[site.site] = path
     for name, site in sites.items():

@@ -35,10 +35,7 @@ def load_connectors(directory: Path, config: Config) -> list[ConnectorSpec]:
         if site is None:
             raise ConfigError(f"{path}: field 'name': no site in sites/ has source.connector '{name}'")
         prefix = body.get("topic.prefix")
-        if (
-            prefix is None
-            or config.source_topic(site) != f"{prefix}.{site.source.schema_name}.{site.source.table}"
-        ):  # type: ignore[union-attr]
+        if prefix is None or config.source_topic(site) != f"{prefix}.{site.source.schema_name}.{site.source.table}":  # type: ignore[union-attr]
             raise ConfigError(
                 f"{path}: field 'config.topic.prefix': '{prefix}' does not give the topic "
                 f"{config.source_topic(site)} that topics.yaml declares for {site.site}"
@@ -49,9 +46,7 @@ def load_connectors(directory: Path, config: Config) -> list[ConnectorSpec]:
 
 def _request(url: str, method: str = "GET", body: Any = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             raw = response.read()

@@ -58,9 +58,7 @@ def failure_info(
 
 def failure_headers(info: FailureInfo) -> Headers:
     """Kafka headers for a failure (all values UTF-8 text)."""
-    return [
-        (f"{_PREFIX}{key.replace('_', '-')}", str(value).encode()) for key, value in info.__dict__.items()
-    ]
+    return [(f"{_PREFIX}{key.replace('_', '-')}", str(value).encode()) for key, value in info.__dict__.items()]
 
 
 def parse_failure_headers(
@@ -68,9 +66,7 @@ def parse_failure_headers(
 ) -> FailureInfo | None:
     """FailureInfo from Kafka headers, None if the record never failed."""
     items = headers.items() if isinstance(headers, dict) else (headers or [])
-    values = {
-        k.removeprefix(_PREFIX).replace("-", "_"): v.decode() for k, v in items if k.startswith(_PREFIX)
-    }
+    values = {k.removeprefix(_PREFIX).replace("-", "_"): v.decode() for k, v in items if k.startswith(_PREFIX)}
     if "stage" not in values:
         return None
     ints = {
@@ -82,6 +78,4 @@ def parse_failure_headers(
         "due_ms",
         "tier",
     }
-    return FailureInfo(
-        **{k: int(v) if k in ints else v for k, v in values.items() if k in FailureInfo.__annotations__}
-    )
+    return FailureInfo(**{k: int(v) if k in ints else v for k, v in values.items() if k in FailureInfo.__annotations__})

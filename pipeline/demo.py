@@ -41,10 +41,12 @@ def bundle_rows(path: Path, types: Iterable[str] = SUPPORTED_TYPES) -> list[Row]
     wanted = set(types)
     bundle = orjson.loads(path.read_bytes())
     rows = []
-    for entry in bundle.get("entry", []):
+    for index, entry in enumerate(bundle.get("entry", [])):
         resource = entry.get("resource", {})
         if resource.get("resourceType") in wanted:
-            rows.append(Row(resource["resourceType"], resource["id"], resource))
+            # A hospital row always has an id; a bundle entry may lack one (VXU-V04-01's DocumentReference).
+            source_id = resource.get("id") or f"{path.stem}-{index}"
+            rows.append(Row(resource["resourceType"], source_id, resource))
     return rows
 
 

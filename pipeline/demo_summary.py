@@ -11,7 +11,9 @@ from .demo import expected_targets, percentile, site_dsn, source_rows, type_coun
 from .errors import CdrsyncError
 from .fhirclient import FhirClient
 from .identity import ORIGIN_TAG_SYSTEM
+from .reconcile import dead_letter_reasons
 from .settings import Settings
+from .tap import tap
 
 __all__ = ["wait_and_summarize"]
 
@@ -53,15 +55,24 @@ async def wait_and_summarize(settings: Settings, config: Config, *, timeout: flo
     deadline = loop.time() + timeout
     async with FhirClient(config.target("central")) as client:
         while True:
+            dead = dead_letter_reasons(config, tap(settings.kafka_bootstrap, config.topics.name("dlq"), idle_seconds=1))
             pending = [ref for ref in expected if ref not in latencies]
             results = await asyncio.gather(*(_arrived(client, r, expected[r], gate) for r in pending))
             latencies |= {ref: lat for ref, lat in zip(pending, results, strict=True) if lat is not None}
-            print(f"\rcentral CDR has {len(latencies)}/{len(expected)} source resources", end="", flush=True)
-            if len(latencies) == len(expected) or loop.time() > deadline:
+            accounted = len(latencies) + sum(ref in dead for ref in expected if ref not in latencies)
+            print(
+                f"\rcentral CDR has {len(latencies)}/{len(expected)} source resources, "
+                f"{accounted - len(latencies)} dead-lettered",
+                end="",
+                flush=True,
+            )
+            if accounted == len(expected) or loop.time() > deadline:
                 break
             await asyncio.sleep(2)
         print()
-        missing = type_counts(ref for ref in expected if ref not in latencies)
+        missing = type_counts(ref for ref in expected if ref not in latencies and ref not in dead)
+        for ref in sorted(ref for ref in expected if ref not in latencies and ref in dead):
+            print(f"dead letter (ops: cdrsync tap dlq): {ref}: {dead[ref]}")
         await _print_counts(client, config)
     if latencies:
         values = list(latencies.values())

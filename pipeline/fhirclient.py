@@ -56,13 +56,9 @@ def classify_response(method: str, status: int, body: bytes, retry_after: str | 
         return
     detail = _diagnostics(body)
     if status in (408, 429) or status >= 500:
-        raise TargetUnavailableError(
-            f"target answered {status}: {detail}", retry_after=_retry_after(retry_after)
-        )
+        raise TargetUnavailableError(f"target answered {status}: {detail}", retry_after=_retry_after(retry_after))
     if method == "DELETE" and status == 409:
-        raise ReferenceNotReadyError(
-            f"target refuses the delete while other resources reference it: {detail}"
-        )
+        raise ReferenceNotReadyError(f"target refuses the delete while other resources reference it: {detail}")
     if status in (400, 404, 409, 412, 422) and any(marker in detail for marker in _MISSING_REFERENCE_MARKERS):
         raise ReferenceNotReadyError(f"target lacks a referenced resource ({status}): {detail}")
     raise RejectedByTargetError(f"target rejected the {method} ({status}): {detail}", status=status)
@@ -126,9 +122,7 @@ class FhirClient:
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Read a resource, None if the target does not have it (or it was deleted)."""
         try:
-            async with self._session_or_new().get(
-                f"{self.base_url}/{resource_type}/{resource_id}"
-            ) as response:
+            async with self._session_or_new().get(f"{self.base_url}/{resource_type}/{resource_id}") as response:
                 payload = await response.read()
                 if response.status in (404, 410):
                     return None

@@ -32,12 +32,9 @@ def declared_topics(config: Config) -> list[TopicPlan]:
         TopicPlan(config.source_topic(site), t.source.partitions, rf, dict(t.source.config))
         for site in config.source_sites()
     ]
+    plans += [TopicPlan(spec.name, t.partitions_of(key), rf, dict(spec.config)) for key, spec in t.topics.items()]
     plans += [
-        TopicPlan(spec.name, t.partitions_of(key), rf, dict(spec.config)) for key, spec in t.topics.items()
-    ]
-    plans += [
-        TopicPlan(tier.name, tier.partitions or t.defaults.partitions, rf, dict(tier.config))
-        for tier in t.retry_tiers
+        TopicPlan(tier.name, tier.partitions or t.defaults.partitions, rf, dict(tier.config)) for tier in t.retry_tiers
     ]
     return plans
 
@@ -55,9 +52,7 @@ def apply_topics(
     for plan in plans:
         current = existing.get(plan.name)
         if current is None:
-            report(
-                f"create  {plan.name} partitions={plan.partitions} rf={plan.replication_factor} {plan.config}"
-            )
+            report(f"create  {plan.name} partitions={plan.partitions} rf={plan.replication_factor} {plan.config}")
             changes += 1
             if not dry_run:
                 new = NewTopic(plan.name, plan.partitions, plan.replication_factor, config=plan.config)

@@ -37,9 +37,7 @@ LAST_SUCCESS = Gauge(
     ["site", "target"],
 )
 RETRIES = Counter("cdrsync_retries_total", "Records sent to a retry tier", ["stage", "tier", "error_class"])
-DEAD_LETTERS = Counter(
-    "cdrsync_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "error_class"]
-)
+DEAD_LETTERS = Counter("cdrsync_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "error_class"])
 PARKED = Counter(
     "cdrsync_parked_total",
     "Resources parked until a referenced resource is released",

@@ -72,9 +72,7 @@ def _unpark(state: OrderState, ref: str) -> list[RoutedResource]:
     return records
 
 
-def order_record(
-    state: OrderState, record: RoutedResource, now_ms: int, partition: int = 0
-) -> list[RoutedResource]:
+def order_record(state: OrderState, record: RoutedResource, now_ms: int, partition: int = 0) -> list[RoutedResource]:
     """Admit one record; return every record now releasable, in the order to write them."""
     released: list[RoutedResource] = []
     queue = deque([record])

@@ -72,8 +72,7 @@ def validate_resource(resource: dict[str, Any]) -> None:
         get_fhir_model_class(resource_type).model_validate(resource)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or resource_type}: {err['msg']}"
-            for err in exc.errors()[:5]
+            f"{'.'.join(str(p) for p in err['loc']) or resource_type}: {err['msg']}" for err in exc.errors()[:5]
         )
         raise MappingError(f"invalid FHIR R4 {resource_type}: {problems}") from None
 

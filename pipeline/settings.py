@@ -23,9 +23,7 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default=_REPO_ROOT / ".stack" / "worker", description="RocksDB tables")
     web_port: int = 6066
     sink_attempts: int = Field(default=5, ge=1, description="in-process write attempts before a retry topic")
-    park_limit_seconds: int = Field(
-        default=3600, ge=1, description="how long a resource waits for a reference"
-    )
+    park_limit_seconds: int = Field(default=3600, ge=1, description="how long a resource waits for a reference")
 
     pg_host: str = Field(default="localhost", validation_alias="PG_HOST")
     pg_port: int = Field(default=55432, validation_alias="PG_PORT")
