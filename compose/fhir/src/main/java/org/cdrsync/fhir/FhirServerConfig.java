@@ -10,6 +10,7 @@ import ca.uhn.fhir.jpa.batch2.JpaBatch2Config;
 import ca.uhn.fhir.jpa.config.HapiJpaConfig;
 import ca.uhn.fhir.jpa.config.r4.JpaR4Config;
 import ca.uhn.fhir.jpa.config.util.HapiEntityManagerFactoryUtil;
+import ca.uhn.fhir.jpa.interceptor.UserRequestRetryVersionConflictsInterceptor;
 import ca.uhn.fhir.jpa.model.config.PartitionSettings;
 import ca.uhn.fhir.jpa.model.config.SubscriptionSettings;
 import ca.uhn.fhir.jpa.model.dialect.HapiFhirH2Dialect;
@@ -22,6 +23,7 @@ import ca.uhn.fhir.rest.api.EncodingEnum;
 import ca.uhn.fhir.rest.server.HardcodedServerAddressStrategy;
 import ca.uhn.fhir.rest.server.IncomingRequestAddressStrategy;
 import ca.uhn.fhir.rest.server.RestfulServer;
+import ca.uhn.fhir.rest.server.interceptor.LoggingInterceptor;
 import ca.uhn.fhir.rest.server.interceptor.ResponseHighlighterInterceptor;
 import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
 import ca.uhn.fhir.rest.server.util.ISearchParamRegistry;
@@ -176,6 +178,19 @@ public class FhirServerConfig {
 		server.setPagingProvider(pagingProvider);
 		server.setDefaultResponseEncoding(EncodingEnum.JSON);
 		server.registerInterceptor(new ResponseHighlighterInterceptor());
+		// Opt-in per request: a client sending "X-Retry-On-Version-Conflict: retry; max-retries=N" has a
+		// concurrent-update version conflict (409, HAPI-0550) retried by the server instead of returned.
+		server.registerInterceptor(new UserRequestRetryVersionConflictsInterceptor());
+		if (flag("fhir.access-log", true)) {
+			// One line per successful request (logger fhir.access); failures are already logged, one line
+			// each, by HAPI's ExceptionHandlingInterceptor.
+			LoggingInterceptor access = new LoggingInterceptor();
+			access.setLoggerName("fhir.access");
+			access.setMessageFormat(
+					"${requestVerb} ${operationType} ${idOrResourceName} ${requestParameters} ${processingTimeMillis}ms");
+			access.setLogExceptions(false);
+			server.registerInterceptor(access);
+		}
 
 		String address = env.getProperty("fhir.server-address", "");
 		server.setServerAddressStrategy(

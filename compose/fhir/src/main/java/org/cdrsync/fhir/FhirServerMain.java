@@ -15,6 +15,7 @@ import java.io.InputStream;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.Properties;
+import java.util.concurrent.atomic.AtomicReference;
 
 /**
  * Entry point of the local FHIR server: loads the settings, builds the HAPI JPA Spring context (schema, DAOs,
@@ -34,11 +35,13 @@ public final class FhirServerMain {
 		AnnotationConfigApplicationContext spring = new AnnotationConfigApplicationContext();
 		spring.getEnvironment().getPropertySources().addFirst(new PropertiesPropertySource("cdrsync-fhir", settings));
 		spring.register(FhirServerConfig.class);
+		// Registered before anything starts, so SIGTERM at any point (even mid start-up) shuts down in order.
+		AtomicReference<Server> jettyRef = new AtomicReference<>();
+		Runtime.getRuntime().addShutdownHook(new Thread(() -> shutdown(jettyRef.get(), spring), "fhir-shutdown"));
 		try {
 			spring.refresh();
 		} catch (RuntimeException e) {
 			LOG.error("FHIR server failed to start", e);
-			spring.close();
 			System.exit(1);
 		}
 
@@ -58,8 +61,7 @@ public final class FhirServerMain {
 		context.addServlet(fhirServlet, basePath + "/*");
 		jetty.setHandler(context);
 		jetty.setStopTimeout(10_000);
-
-		Runtime.getRuntime().addShutdownHook(new Thread(() -> shutdown(jetty, spring), "fhir-shutdown"));
+		jettyRef.set(jetty);
 		try {
 			jetty.start();
 		} catch (Exception e) {
@@ -77,10 +79,12 @@ public final class FhirServerMain {
 
 	private static void shutdown(Server jetty, AnnotationConfigApplicationContext spring) {
 		LOG.info("FHIR server stopping");
-		try {
-			jetty.stop();
-		} catch (Exception e) {
-			LOG.warn("error stopping HTTP server", e);
+		if (jetty != null) {
+			try {
+				jetty.stop();
+			} catch (Exception e) {
+				LOG.warn("error stopping HTTP server", e);
+			}
 		}
 		// Closes Hibernate, the batch/scheduler threads and the connection pool; H2 closes the database file
 		// when its last connection goes (DB_CLOSE_ON_EXIT=FALSE leaves that order to us).
