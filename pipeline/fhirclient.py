@@ -16,8 +16,8 @@ from .errors import ReferenceNotReadyError, RejectedByTargetError, TargetUnavail
 __all__ = ["FhirClient", "WriteOutcome", "classify_response"]
 
 _FHIR_JSON = "application/fhir+json"
-# HAPI's codes for "the referenced resource does not exist" (HAPI-1094) and its wording elsewhere.
-_MISSING_REFERENCE_MARKERS = ("HAPI-1094", "HAPI-0825", "not found, specified in path", "Resource not found")
+# HAPI: a referenced resource does not exist (HAPI-1094) or was deleted (HAPI-1096), both 400.
+_MISSING_REFERENCE_MARKERS = ("HAPI-1094", "HAPI-1096", "not found, specified in path", "is deleted, specified in path")
 _DIAGNOSTICS_LIMIT = 500
 
 
