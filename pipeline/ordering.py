@@ -1,13 +1,22 @@
-"""Stage 3: release a resource only once everything it references has been released before it.
+"""Stage 3: release a resource only once what it references has been released before it.
 
 State is three mappings (Faust tables in the worker, dicts in tests), all for one partition, which
 holds every record of the patients keyed to it:
-  released_by_reference   target ref → content hash of the version released ("" for none yet)
+  released_by_reference   target ref → content hash of the version released
   parked_by_reference     missing target ref → records waiting for it, in arrival order
   waiting_by_reference    target ref of a parked record → the ref it waits for
 The sink writes one partition in order, so "released earlier in this partition" means "written
-earlier at the target". A later version of a parked resource queues behind it: per-resource
-version order is never inverted.
+earlier at the target".
+
+FHIR references can form cycles (Encounter.diagnosis → Condition → Condition.encounter), so a
+resource cannot always wait for everything it references. Two kinds of dependency:
+  hard  a reference to a type of lower rank (Patient < Encounter, Coverage < everything else):
+        acyclic by construction; the resource waits until it is released.
+  soft  any other reference: if it is not released yet, the resource is released at once with that
+        reference made pending (a logical reference naming the target id), and its full version is
+        parked as a *completion* and released again right after the referenced resource.
+A later version of a hard-parked resource queues behind it, so version order is never inverted;
+a later version of a resource whose completion is parked supersedes that completion.
 """
 
 from __future__ import annotations
@@ -15,12 +24,18 @@ from __future__ import annotations
 import base64
 from collections import deque
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from .records import RoutedResource, decode, encode
+import orjson
 
-__all__ = ["OrderState", "Parked", "expire_parked", "order_record"]
+from .records import RoutedResource, canonical_hash, decode, encode
+from .resources import dependency_rank
+
+__all__ = ["PENDING_REFERENCE_SYSTEM", "OrderState", "Parked", "expire_parked", "order_record"]
+
+# Identifier system of a reference written before its target: the value is the target reference.
+PENDING_REFERENCE_SYSTEM = "urn:cdrsync:pending-reference"
 
 
 @dataclass
@@ -41,35 +56,96 @@ class Parked:
     since_ms: int
 
 
-def _park(state: OrderState, record: RoutedResource, missing: str, now_ms: int, partition: int) -> None:
-    entry = {"record": base64.b64encode(encode(record)).decode(), "since_ms": now_ms, "partition": partition}
+def _is_hard(record: RoutedResource, dependency: str) -> bool:
+    return dependency_rank(dependency.split("/", 1)[0]) < dependency_rank(record.resource_type)
+
+
+def _park(
+    state: OrderState, record: RoutedResource, missing: str, now_ms: int, partition: int, *, completion: bool
+) -> None:
+    entry = {
+        "record": base64.b64encode(encode(record)).decode(),
+        "ref": record.target_ref,
+        "since_ms": now_ms,
+        "partition": partition,
+        "completion": completion,
+    }
     state.parked[missing] = [*state.parked.get(missing, []), entry]
     state.waiting[record.target_ref] = missing
 
 
+def _parked_entry(state: OrderState, ref: str) -> dict[str, Any] | None:
+    """The parked entry of a resource (the last one, if several versions wait)."""
+    missing = state.waiting.get(ref)
+    entries = [e for e in state.parked.get(missing, []) if e["ref"] == ref] if missing else []
+    return entries[-1] if entries else None
+
+
+def _drop_completion(state: OrderState, ref: str) -> None:
+    missing = state.waiting.pop(ref)
+    remaining = [e for e in state.parked.get(missing, []) if e["ref"] != ref]
+    if remaining:
+        state.parked[missing] = remaining
+    else:
+        state.parked.pop(missing, None)
+
+
+def _with_pending_references(record: RoutedResource, pending: set[str]) -> RoutedResource:
+    """The record with references to not-yet-written resources made logical (to be completed later)."""
+
+    def visit(node: Any) -> Any:
+        if isinstance(node, list):
+            return [visit(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        reference = node.get("reference")
+        if isinstance(reference, str) and reference in pending:
+            out = {k: visit(v) for k, v in node.items() if k != "reference"}
+            out.setdefault("type", reference.split("/", 1)[0])
+            out["identifier"] = {"system": PENDING_REFERENCE_SYSTEM, "value": reference}
+            return out
+        return {k: visit(v) for k, v in node.items()}
+
+    assert record.resource is not None
+    body = visit(orjson.loads(record.resource))
+    return replace(
+        record,
+        resource=orjson.dumps(body).decode(),
+        content_hash=canonical_hash(body),
+        dependencies=[d for d in record.dependencies if d not in pending],
+    )
+
+
 def _admit(state: OrderState, record: RoutedResource, now_ms: int, partition: int) -> RoutedResource | None:
     ref = record.target_ref
-    if ref in state.waiting:  # an earlier version is parked: keep version order
-        _park(state, record, state.waiting[ref], now_ms, partition)
-        return None
+    if ref in state.waiting:
+        parked = _parked_entry(state, ref)
+        if parked is not None and parked["completion"]:
+            _drop_completion(state, ref)  # this newer version supersedes the parked completion
+        else:  # an earlier version waits for a hard dependency: keep version order
+            _park(state, record, state.waiting[ref], now_ms, partition, completion=False)
+            return None
     if record.is_delete:
         state.released.pop(ref, None)
         return record
-    missing = next((d for d in record.dependencies if d != ref and d not in state.released), None)
-    if missing is not None:
-        _park(state, record, missing, now_ms, partition)
+    unreleased = [d for d in record.dependencies if d != ref and d not in state.released]
+    hard = next((d for d in unreleased if _is_hard(record, d)), None)
+    if hard is not None:
+        _park(state, record, hard, now_ms, partition, completion=False)
         return None
+    if unreleased:
+        _park(state, record, unreleased[0], now_ms, partition, completion=True)
+        record = _with_pending_references(record, set(unreleased))
     state.released[ref] = record.content_hash or ""
     return record
 
 
 def _unpark(state: OrderState, ref: str) -> list[RoutedResource]:
     entries = state.parked.pop(ref, [])
-    records = [decode(base64.b64decode(entry["record"]), RoutedResource) for entry in entries]
-    for record in records:
-        if state.waiting.get(record.target_ref) == ref:
-            del state.waiting[record.target_ref]
-    return records
+    for entry in entries:
+        if state.waiting.get(entry["ref"]) == ref:
+            del state.waiting[entry["ref"]]
+    return [decode(base64.b64decode(entry["record"]), RoutedResource) for entry in entries]
 
 
 def order_record(state: OrderState, record: RoutedResource, now_ms: int, partition: int = 0) -> list[RoutedResource]:
@@ -89,8 +165,9 @@ def order_record(state: OrderState, record: RoutedResource, now_ms: int, partiti
 
 
 def expire_parked(state: OrderState, now_ms: int, limit_ms: int, partition: int = 0) -> list[Parked]:
-    """Remove and return this partition's parked records older than the limit, oldest wait first.
+    """Remove and return this partition's hard-parked records older than the limit, oldest wait first.
 
+    Completions are not expired: their resource is already written, with a pending reference.
     Only the given partition's entries are touched: table changes are written to the changelog
     partition of the record being processed, so another partition's keys must not change here.
     """
@@ -98,10 +175,20 @@ def expire_parked(state: OrderState, now_ms: int, limit_ms: int, partition: int 
     due = [
         missing
         for missing, entries in list(state.parked.items())
-        if entries and entries[0]["partition"] == partition and entries[0]["since_ms"] + limit_ms <= now_ms
+        if entries
+        and entries[0]["partition"] == partition
+        and entries[0]["since_ms"] + limit_ms <= now_ms
+        and not all(entry["completion"] for entry in entries)
     ]
     for missing in due:
-        since = [entry["since_ms"] for entry in state.parked.get(missing, [])]
+        entries = state.parked.get(missing, [])
+        keep = [entry for entry in entries if entry["completion"]]
+        since = [entry["since_ms"] for entry in entries if not entry["completion"]]
+        state.parked[missing] = [entry for entry in entries if not entry["completion"]]
         for record, parked_ms in zip(_unpark(state, missing), since, strict=True):
             expired.append(Parked(record, missing, parked_ms))
+        if keep:
+            state.parked[missing] = keep
+            for entry in keep:
+                state.waiting[entry["ref"]] = missing
     return expired

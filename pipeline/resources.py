@@ -18,6 +18,7 @@ from .errors import MappingError
 __all__ = [
     "DEPENDENCY_RANK",
     "SUPPORTED_TYPES",
+    "dependency_rank",
     "patient_reference",
     "validate_resource",
 ]
@@ -42,8 +43,16 @@ SUPPORTED_TYPES = frozenset(
     }
 )
 
-# Patient → Encounter → everything else: lower ranks are written first when several are ready.
+# Patient → Encounter, Coverage → everything else. A reference to a lower rank is a hard dependency
+# (the resource waits for it); ranks strictly decrease along hard dependencies, so they cannot cycle.
 DEPENDENCY_RANK = {"Patient": 0, "Encounter": 1, "Coverage": 1}
+_OTHER_RANK = 2
+
+
+def dependency_rank(resource_type: str) -> int:
+    """Rank of a type in write order: Patient 0, Encounter and Coverage 1, every other type 2."""
+    return DEPENDENCY_RANK.get(resource_type, _OTHER_RANK)
+
 
 # Where each type names its patient (FHIR R4 element names).
 _PATIENT_ELEMENTS = {
