@@ -86,9 +86,7 @@ async def _dead_letter_info(event: EventT, info: FailureInfo) -> None:
 async def retry_later(stage: str, event: EventT, error: BaseException, attempts: int) -> None:
     """Move a record to the next retry tier, or to the dead-letter topic after the last one."""
     previous = parse_failure_headers(headers_of(event))
-    info = failure_info(
-        stage, error, attempts=attempts, now_ms=now_ms(), origin=origin_of(event), previous=previous
-    )
+    info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=origin_of(event), previous=previous)
     tier = previous.tier + 1 if previous else 0
     tiers = config.topics.retry_tiers
     if tier >= len(tiers):

@@ -30,6 +30,7 @@ from .topics import (
     normalized,
     parked_by_reference,
     ready,
+    referrers_by_reference,
     released_by_reference,
     retry_tiers,
     source_changes,
@@ -38,7 +39,7 @@ from .topics import (
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
-_order_state = OrderState(released_by_reference, parked_by_reference, waiting_by_reference)
+_order_state = OrderState(released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference)
 _clients: dict[str, FhirClient] = {}
 
 
@@ -104,9 +105,7 @@ async def order_resources(stream: StreamT) -> None:
 async def _expire_parks(partition: int) -> None:
     limit_ms = settings.park_limit_seconds * 1000
     for parked in expire_parked(_order_state, now_ms(), limit_ms, partition):
-        error = PermanentError(
-            f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived"
-        )
+        error = PermanentError(f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived")
         error.error_class = "park_expired"
         await dead_letter_record("order", parked.record, error)
 
@@ -138,9 +137,7 @@ def _client(target: str) -> FhirClient:
 
 async def _write(event_record: RoutedResource, attempts: int) -> None:
     """Write one record; raise what the target's answer means."""
-    outcome, used = await write_with_retries(
-        _client(event_record.target), event_record, RetryPolicy(attempts)
-    )
+    outcome, used = await write_with_retries(_client(event_record.target), event_record, RetryPolicy(attempts))
     labels = (event_record.site, event_record.target, event_record.resource_type)
     WRITES.labels(*labels, "succeeded", "").inc()
     END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))

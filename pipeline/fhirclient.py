@@ -100,9 +100,8 @@ class FhirClient:
     async def _send(self, method: str, path: str, body: bytes | None = None) -> WriteOutcome:
         headers = {"Content-Type": _FHIR_JSON} if body is not None else {}
         try:
-            async with self._session_or_new().request(
-                method, f"{self.base_url}/{path}", data=body, headers=headers
-            ) as response:
+            url = f"{self.base_url}/{path}" if path else self.base_url
+            async with self._session_or_new().request(method, url, data=body, headers=headers) as response:
                 payload = await response.read()
                 classify_response(method, response.status, payload, response.headers.get("Retry-After"))
                 etag = response.headers.get("ETag", "")
@@ -118,6 +117,15 @@ class FhirClient:
     async def delete(self, resource_type: str, resource_id: str) -> WriteOutcome:
         """Delete a resource; an already absent one counts as deleted."""
         return await self._send("DELETE", f"{resource_type}/{resource_id}")
+
+    async def delete_all(self, references: list[str]) -> WriteOutcome:
+        """Delete several resources in one transaction (the target checks references at its end)."""
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"request": {"method": "DELETE", "url": ref}} for ref in references],
+        }
+        return await self._send("POST", "", orjson.dumps(bundle))
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Read a resource, None if the target does not have it (or it was deleted)."""

@@ -1,10 +1,13 @@
 """Stage 3: release a resource only once what it references has been released before it.
 
-State is three mappings (Faust tables in the worker, dicts in tests), all for one partition, which
+State is four mappings (Faust tables in the worker, dicts in tests), all for one partition, which
 holds every record of the patients keyed to it:
-  released_by_reference   target ref → content hash of the version released
-  parked_by_reference     missing target ref → records waiting for it, in arrival order
-  waiting_by_reference    target ref of a parked record → the ref it waits for
+  released_by_reference   target ref → {hash, deps} of the version released (deps: what it references)
+  parked_by_reference     park key → records waiting on it, in arrival order
+  waiting_by_reference    target ref of a parked record → the park key it waits on
+  referrers_by_reference  target ref → refs of released resources that referenced it (may be stale)
+A park key is a target ref (waiting for it to be written) or "~" + a target ref (a delete waiting for
+that resource, which still references the deleted one, to be deleted or changed).
 The sink writes one partition in order, so "released earlier in this partition" means "written
 earlier at the target".
 
@@ -17,6 +20,11 @@ resource cannot always wait for everything it references. Two kinds of dependenc
         parked as a *completion* and released again right after the referenced resource.
 A later version of a hard-parked resource queues behind it, so version order is never inverted;
 a later version of a resource whose completion is parked supersedes that completion.
+
+Deletes mirror creates: the target refuses to delete what another resource still references, so a
+delete waits until its referrers are deleted (or no longer reference it). Resources that reference
+each other and are all being deleted are released as one delete (`delete_with`), which the sink
+writes as one transaction.
 """
 
 from __future__ import annotations
@@ -42,9 +50,10 @@ PENDING_REFERENCE_SYSTEM = "urn:cdrsync:pending-reference"
 class OrderState:
     """The three tables the order stage keeps."""
 
-    released: MutableMapping[str, str]
+    released: MutableMapping[str, dict[str, Any]]
     parked: MutableMapping[str, list[dict[str, Any]]]
     waiting: MutableMapping[str, str]
+    referrers: MutableMapping[str, list[str]]
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ def _park(
         "since_ms": now_ms,
         "partition": partition,
         "completion": completion,
+        "delete": record.is_delete,
     }
     state.parked[missing] = [*state.parked.get(missing, []), entry]
     state.waiting[record.target_ref] = missing
@@ -116,18 +126,58 @@ def _with_pending_references(record: RoutedResource, pending: set[str]) -> Route
     )
 
 
+_AWAITING_DELETE = "~"
+
+
+def _live_referrers(state: OrderState, ref: str) -> list[str]:
+    """Released resources whose released version references ref."""
+    return [r for r in state.referrers.get(ref, []) if ref in state.released.get(r, {}).get("deps", ())]
+
+
+def _parked_delete(state: OrderState, ref: str) -> bool:
+    entry = _parked_entry(state, ref)
+    return entry is not None and bool(entry.get("delete")) and state.waiting[ref].startswith(_AWAITING_DELETE)
+
+
+def _delete_group(state: OrderState, ref: str) -> tuple[set[str], str | None]:
+    """Resources to delete together with ref, or the first referrer that is not being deleted."""
+    group, frontier = {ref}, [ref]
+    while frontier:
+        for referrer in _live_referrers(state, frontier.pop()):
+            if referrer in group:
+                continue
+            if not _parked_delete(state, referrer):
+                return group, referrer
+            group.add(referrer)
+            frontier.append(referrer)
+    return group, None
+
+
+def _admit_delete(state: OrderState, record: RoutedResource, now_ms: int, partition: int) -> RoutedResource | None:
+    ref = record.target_ref
+    group, blocker = _delete_group(state, ref)
+    if blocker is not None:
+        _park(state, record, _AWAITING_DELETE + blocker, now_ms, partition, completion=False)
+        return None
+    others = sorted(group - {ref})
+    for other in others:  # their parked deletes are carried by this one
+        _drop_completion(state, other)
+    for member in group:
+        state.released.pop(member, None)
+    return replace(record, delete_with=others) if others else record
+
+
 def _admit(state: OrderState, record: RoutedResource, now_ms: int, partition: int) -> RoutedResource | None:
     ref = record.target_ref
     if ref in state.waiting:
         parked = _parked_entry(state, ref)
-        if parked is not None and parked["completion"]:
-            _drop_completion(state, ref)  # this newer version supersedes the parked completion
+        if parked is not None and (parked["completion"] or _parked_delete(state, ref)):
+            _drop_completion(state, ref)  # this newer version supersedes the parked completion or delete
         else:  # an earlier version waits for a hard dependency: keep version order
             _park(state, record, state.waiting[ref], now_ms, partition, completion=False)
             return None
     if record.is_delete:
-        state.released.pop(ref, None)
-        return record
+        return _admit_delete(state, record, now_ms, partition)
     unreleased = [d for d in record.dependencies if d != ref and d not in state.released]
     hard = next((d for d in unreleased if _is_hard(record, d)), None)
     if hard is not None:
@@ -136,7 +186,11 @@ def _admit(state: OrderState, record: RoutedResource, now_ms: int, partition: in
     if unreleased:
         _park(state, record, unreleased[0], now_ms, partition, completion=True)
         record = _with_pending_references(record, set(unreleased))
-    state.released[ref] = record.content_hash or ""
+    state.released[ref] = {"hash": record.content_hash or "", "deps": record.dependencies}
+    for dependency in record.dependencies:
+        known = state.referrers.get(dependency, [])
+        if ref not in known:
+            state.referrers[dependency] = [*known, ref]
     return record
 
 
@@ -157,10 +211,13 @@ def order_record(state: OrderState, record: RoutedResource, now_ms: int, partiti
         if admitted is None:
             continue
         released.append(admitted)
-        if not admitted.is_delete:
-            # Depth first: what waited for this record is admitted before anything queued after it, so a
-            # resource re-parked on another reference cannot be overtaken by its own later version.
-            queue.extendleft(reversed(_unpark(state, admitted.target_ref)))
+        # Depth first: what waited for this record is admitted before anything queued after it, so a
+        # resource re-parked on another reference cannot be overtaken by its own later version.
+        for ref in [admitted.target_ref, *admitted.delete_with]:
+            # Deletes that waited for this resource to go (or to drop its reference) try again.
+            queue.extendleft(reversed(_unpark(state, _AWAITING_DELETE + ref)))
+            if not admitted.is_delete:
+                queue.extendleft(reversed(_unpark(state, ref)))
     return released
 
 

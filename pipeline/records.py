@@ -89,6 +89,7 @@ class RoutedResource(_Origin):
     resource: str | None = None
     content_hash: str | None = None
     dependencies: list[str] = field(default_factory=list)
+    delete_with: list[str] = field(default_factory=list)
 
     @property
     def is_delete(self) -> bool:

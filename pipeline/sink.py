@@ -22,6 +22,8 @@ class RetryPolicy:
 
 async def write_record(client: FhirClient, record: RoutedResource) -> WriteOutcome:
     """PUT the resource at its deterministic id, or DELETE it."""
+    if record.is_delete and record.delete_with:  # a reference cycle: one transaction deletes all of it
+        return await client.delete_all([record.target_ref, *record.delete_with])
     if record.is_delete:
         return await client.delete(record.resource_type, record.target_id)
     assert record.resource is not None

@@ -33,7 +33,7 @@ def rec(ref: str, deps: tuple[str, ...] = (), op: str = "CREATE", version: int =
 
 
 def state() -> OrderState:
-    return OrderState({}, {}, {})
+    return OrderState({}, {}, {}, {})
 
 
 def test_observation_before_its_patient_waits_and_follows_it() -> None:
@@ -181,3 +181,67 @@ def test_any_arrival_order_writes_references_first_and_ends_at_the_latest_versio
     assert {ref: r.source_version for ref, r in last.items()} == latest
     assert all(sorted(r.dependencies) == sorted(PATIENT_GRAPH[ref]) for ref, r in last.items())
     assert s.parked == {} and s.waiting == {}
+
+
+def test_delete_waits_until_what_references_it_is_deleted() -> None:
+    s = state()
+    order_record(s, rec("Patient/p1"), 0)
+    order_record(s, rec("Observation/o1", ("Patient/p1",)), 0)
+    assert order_record(s, rec("Patient/p1", op="DELETE", version=2), 0) == []
+    released = order_record(s, rec("Observation/o1", op="DELETE", version=2), 0)
+    assert [(r.target_ref, r.op) for r in released] == [("Observation/o1", "DELETE"), ("Patient/p1", "DELETE")]
+    assert s.parked == {} and s.waiting == {} and s.released == {}
+
+
+def test_delete_waits_until_the_referrer_drops_the_reference() -> None:
+    s = state()
+    order_record(s, rec("Patient/p1"), 0)
+    order_record(s, rec("Observation/o1", ("Patient/p1",)), 0)
+    order_record(s, rec("Observation/o2", ("Patient/p1", "Observation/o1")), 0)
+    assert order_record(s, rec("Observation/o1", op="DELETE", version=2), 0) == []
+    released = order_record(s, rec("Observation/o2", ("Patient/p1",), version=2), 0)
+    assert [(r.target_ref, r.op) for r in released] == [("Observation/o2", "CREATE"), ("Observation/o1", "DELETE")]
+
+
+def test_deleting_a_reference_cycle_is_one_delete() -> None:
+    s = state()
+    order_record(s, rec("Patient/p1"), 0)
+    order_record(s, rec("Encounter/e1", ("Patient/p1", "Condition/c1")), 0)
+    order_record(s, rec("Condition/c1", ("Patient/p1", "Encounter/e1")), 0)
+    assert order_record(s, rec("Patient/p1", op="DELETE", version=2), 0) == []
+    assert order_record(s, rec("Encounter/e1", op="DELETE", version=2), 0) == []
+    released = order_record(s, rec("Condition/c1", op="DELETE", version=2), 0)
+    assert [(r.target_ref, r.delete_with) for r in released] == [("Condition/c1", ["Encounter/e1"]), ("Patient/p1", [])]
+    assert s.parked == {} and s.waiting == {} and s.released == {}
+
+
+def test_recreating_a_resource_cancels_its_waiting_delete() -> None:
+    s = state()
+    order_record(s, rec("Patient/p1"), 0)
+    order_record(s, rec("Observation/o1", ("Patient/p1",)), 0)
+    order_record(s, rec("Patient/p1", op="DELETE", version=2), 0)
+    [again] = order_record(s, rec("Patient/p1", version=3), 0)
+    assert (again.op, again.source_version) == ("CREATE", 3)
+    assert s.parked == {} and s.waiting == {}
+
+
+@settings(max_examples=300)
+@given(arrivals(), st.permutations(sorted(PATIENT_GRAPH)))
+def test_deleting_everything_in_any_order_never_deletes_what_is_still_referenced(events, deletions) -> None:
+    s, released = state(), []
+    for ref, version in events:
+        released += order_record(s, rec(ref, PATIENT_GRAPH[ref], version=version), 0)
+    for ref in deletions:
+        released += order_record(s, rec(ref, op="DELETE", version=9), 0)
+    present: dict[str, set[str]] = {}  # what the target holds: ref -> the refs it references
+    for r in released:
+        if r.is_delete:
+            group = {r.target_ref, *r.delete_with}
+            for ref in group:
+                present.pop(ref, None)
+            still = [other for other, deps in present.items() if deps & group]
+            assert not still, f"deleted {sorted(group)} while {still} reference it"
+        else:
+            present[r.target_ref] = set(r.dependencies)
+    assert present == {}
+    assert s.parked == {} and s.waiting == {} and s.released == {}
