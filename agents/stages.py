@@ -18,7 +18,7 @@ from pipeline.fhirclient import FhirClient
 from pipeline.identity import route_resource
 from pipeline.metrics import END_TO_END_LATENCY, LAST_SUCCESS, NORMALIZED, PARKED, WRITES
 from pipeline.normalize import Filtered, SourcePosition, normalize_change
-from pipeline.ordering import OrderState, expire_parked, order_record
+from pipeline.ordering import OrderState, apply_staged, expire_parked, order_record, staged
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, write_with_retries
 
@@ -90,9 +90,10 @@ async def order_resources(stream: StreamT) -> None:
         if any(name == TICK_HEADER for name, _ in headers_of(event)):
             await _expire_parks(event.message.partition)
             continue
+        changes = staged(_order_state)
         try:
             record = decode(event.message.value, RoutedResource)
-            releasable = order_record(_order_state, record, now_ms(), event.message.partition)
+            releasable = order_record(changes, record, now_ms(), event.message.partition)
         except Exception as error:
             await dead_letter("order", event, error)
             continue
@@ -100,14 +101,21 @@ async def order_resources(stream: StreamT) -> None:
             PARKED.labels(record.site, record.resource_type).inc()
         for item in releasable:
             await deliver(ready, item.patient_key.encode(), encode(item))
+        apply_staged(changes)  # only now: the tables never claim a release Kafka has not acknowledged
 
 
 async def _expire_parks(partition: int) -> None:
     limit_ms = settings.park_limit_seconds * 1000
-    for parked in expire_parked(_order_state, now_ms(), limit_ms, partition):
-        error = PermanentError(f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived")
+    changes = staged(_order_state)
+    for parked in expire_parked(changes, now_ms(), limit_ms, partition):
+        if parked.missing.startswith("~"):
+            reason = f"{parked.missing[1:]} still references it at the target after {settings.park_limit_seconds}s"
+        else:
+            reason = f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived"
+        error = PermanentError(reason)
         error.error_class = "park_expired"
         await dead_letter_record("order", parked.record, error)
+    apply_staged(changes)
 
 
 async def dead_letter_record(stage: str, record: RoutedResource, error: PermanentError) -> None:

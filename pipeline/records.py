@@ -4,6 +4,10 @@ Every value is Avro single-object encoded (Avro 1.11 spec, "Single-object encodi
 marker bytes C3 01, the schema's 8-byte CRC-64-AVRO fingerprint (little-endian), then the binary
 datum. A reader finds the writer's schema by that fingerprint among the files in schemas/; no
 schema registry is needed. The fingerprint is also in the `cdrsync-schema` header, in hex.
+
+Superseded versions of a schema stay in schemas/history/<name>.<fingerprint>.avsc: a record written
+before an upgrade is read with its writer schema and resolved to the current one (Avro schema
+resolution), so evolving a schema (only adding fields with defaults) never strands records in topics.
 """
 
 from __future__ import annotations
@@ -109,17 +113,25 @@ _TYPES: dict[str, type[NormalizedResource] | type[RoutedResource]] = {
 }
 
 
-@cache
-def _schema(name: str) -> tuple[Any, bytes]:
-    raw = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text(encoding="utf-8"))
-    parsed = parse_schema(raw)
+def _parse(path: Path) -> tuple[Any, bytes]:
+    parsed = parse_schema(json.loads(path.read_text(encoding="utf-8")))
     digest = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
     return parsed, digest[::-1]  # the spec writes the 64-bit fingerprint little-endian
 
 
 @cache
-def _by_fingerprint() -> dict[bytes, str]:
-    return {_schema(path.stem)[1]: path.stem for path in SCHEMA_DIR.glob("*.avsc")}
+def _schema(name: str) -> tuple[Any, bytes]:
+    return _parse(SCHEMA_DIR / f"{name}.avsc")
+
+
+@cache
+def _by_fingerprint() -> dict[bytes, tuple[str, Any]]:
+    """Fingerprint → (schema name, writer schema), current and historical versions."""
+    known = {}
+    for path in [*SCHEMA_DIR.glob("history/*.avsc"), *SCHEMA_DIR.glob("*.avsc")]:
+        parsed, digest = _parse(path)
+        known[digest] = (path.name.split(".", 1)[0], parsed)
+    return known
 
 
 def schema_fingerprint(name: str) -> str:
@@ -140,11 +152,12 @@ def decode_any(data: bytes) -> tuple[str, dict[str, Any]]:
     """Decode any of our records: (schema name, datum)."""
     if len(data) < 10 or data[:2] != _MAGIC:
         raise SchemaError("not an Avro single-object encoded record (bad marker)")
-    name = _by_fingerprint().get(data[2:10])
-    if name is None:
+    known = _by_fingerprint().get(data[2:10])
+    if known is None:
         raise SchemaError(f"unknown schema fingerprint {data[2:10].hex()}")
+    name, writer = known
     try:
-        datum = fastavro.schemaless_reader(io.BytesIO(data[10:]), _schema(name)[0], None)
+        datum = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, _schema(name)[0])
     except Exception as exc:  # fastavro raises several unrelated types on corrupt input
         raise SchemaError(f"cannot decode {name}: {exc!r}") from None
     return name, datum

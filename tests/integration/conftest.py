@@ -182,7 +182,8 @@ def run_id() -> str:
 @pytest.fixture(scope="session")
 def worker(stack: Central, run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     base = tmp_path_factory.mktemp("worker")
-    process = Worker(f"cdrsync-it-{run_id}", base / "state", base / "worker.log")
+    # One consumer group across runs: a rerun against a kept stack resumes instead of replaying history.
+    process = Worker("cdrsync-it", base / "state", base / "worker.log")
     process.start()
     yield process
     process.stop()

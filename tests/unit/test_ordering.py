@@ -245,3 +245,18 @@ def test_deleting_everything_in_any_order_never_deletes_what_is_still_referenced
             present[r.target_ref] = set(r.dependencies)
     assert present == {}
     assert s.parked == {} and s.waiting == {} and s.released == {}
+
+
+def test_staged_changes_reach_the_tables_only_when_applied() -> None:
+    from pipeline.ordering import apply_staged, staged
+
+    tables = state()
+    order_record(tables, rec("Patient/p1"), 0)
+    changes = staged(tables)
+    order_record(changes, rec("Patient/p1", op="DELETE", version=2), 0)
+    order_record(changes, rec("Observation/o1", ("Patient/p1",)), 0)
+    assert "Patient/p1" in tables.released and tables.parked == {}  # a crash here leaves the tables as they were
+    assert "Patient/p1" not in changes.released and list(changes.parked) == ["Patient/p1"]
+    apply_staged(changes)
+    assert "Patient/p1" not in tables.released and list(tables.parked) == ["Patient/p1"]
+    assert tables.waiting == {"Observation/o1": "Patient/p1"}

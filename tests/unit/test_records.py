@@ -37,3 +37,39 @@ def test_wrong_record_type_and_garbage_are_schema_errors() -> None:
         decode_any(b'{"json": true}')
     with pytest.raises(SchemaError, match="unknown schema fingerprint"):
         decode_any(b"\xc3\x01" + b"\x00" * 8 + b"\x02")
+
+
+def test_records_written_with_a_superseded_schema_still_decode() -> None:
+    import io
+    import json
+    from pathlib import Path
+
+    import fastavro
+
+    from pipeline.records import SCHEMA_DIR
+
+    [old] = sorted(Path(SCHEMA_DIR, "history").glob("routed_resource.*.avsc"))
+    writer = fastavro.parse_schema(json.loads(old.read_text()))
+    datum = {
+        "site": "site-a",
+        "target": "central",
+        "resource_type": "Patient",
+        "source_id": "p1",
+        "target_id": "t1",
+        "patient_key": "t1",
+        "op": "DELETE",
+        "resource": None,
+        "content_hash": None,
+        "dependencies": [],
+        "source_version": 3,
+        "source_lsn": 9,
+        "source_commit_ms": 1,
+        "captured_ms": 2,
+        "origin_topic": "x",
+        "origin_partition": 0,
+        "origin_offset": 4,
+    }
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, writer, datum)
+    record = decode(b"\xc3\x01" + bytes.fromhex(old.name.split(".")[1]) + buffer.getvalue(), RoutedResource)
+    assert record.target_ref == "Patient/t1" and record.delete_with == [] and record.source_version == 3
