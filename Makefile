@@ -64,7 +64,7 @@ demo: up worker-start ## the whole pipeline end to end with two demo hospitals, 
 	@echo "  curl -s 'http://localhost:8080/fhir/Patient?_count=5'"
 	@echo "  make down                                       (stop everything)"
 
-test: install ## every test tier against the real stack: starts it, runs the tests, stops it
+test: install lint ## lint, then every test tier against the real stack: starts it, runs the tests, stops it
 	@set -o pipefail; bash $(NATIVE)/stack.sh up && $(BIN)/cdrsync topics apply && $(BIN)/cdrsync connectors apply; \
 	rc=$$?; \
 	if [ $$rc = 0 ]; then $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; fi; \
@@ -77,7 +77,7 @@ unit: python-deps ## unit tests only (no services)
 integration: ## integration tests against an already running stack (make up)
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
 
-lint: python-deps ## ruff and mypy
+lint: ## ruff and mypy (make install first)
 	$(BIN)/ruff check pipeline agents tests
 	$(BIN)/ruff format --check pipeline agents tests
 	$(BIN)/mypy

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import CdrsyncError
 
@@ -62,11 +63,15 @@ def failure_headers(info: FailureInfo) -> Headers:
 
 
 def parse_failure_headers(
-    headers: Sequence[tuple[str, bytes]] | dict[str, bytes] | None,
+    headers: Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None,
 ) -> FailureInfo | None:
     """FailureInfo from Kafka headers, None if the record never failed."""
-    items = headers.items() if isinstance(headers, dict) else (headers or [])
-    values = {k.removeprefix(_PREFIX).replace("-", "_"): v.decode() for k, v in items if k.startswith(_PREFIX)}
+    items = headers.items() if isinstance(headers, Mapping) else (headers or [])
+    values = {
+        k.removeprefix(_PREFIX).replace("-", "_"): v.decode() if isinstance(v, bytes) else str(v)
+        for k, v in items
+        if k.startswith(_PREFIX) and v is not None
+    }
     if "stage" not in values:
         return None
     ints = {
@@ -78,4 +83,7 @@ def parse_failure_headers(
         "due_ms",
         "tier",
     }
-    return FailureInfo(**{k: int(v) if k in ints else v for k, v in values.items() if k in FailureInfo.__annotations__})
+    fields: dict[str, Any] = {
+        k: int(v) if k in ints else v for k, v in values.items() if k in FailureInfo.__annotations__
+    }
+    return FailureInfo(**fields)

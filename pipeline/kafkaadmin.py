@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
@@ -88,10 +90,10 @@ def _align_config(admin: AdminClient, plan: TopicPlan, dry_run: bool, report: Ca
     return 1
 
 
-def _wait(futures: dict[object, object]) -> None:
+def _wait(futures: Mapping[Any, Future[Any]]) -> None:
     for name, future in futures.items():
         try:
-            future.result(timeout=30)  # type: ignore[attr-defined]
+            future.result(timeout=30)
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise TargetUnavailableError(f"Kafka refused the change to {name}: {exc}") from None

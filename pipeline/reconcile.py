@@ -21,6 +21,8 @@ def dead_letter_ref(config: Config, item: dict[str, Any]) -> str | None:
     if value.get("_schema") == "normalized_resource":
         return f"{value['resource_type']}/{target_id(value['site'], value['resource_type'], value['source_id'])}"
     row = value.get("after") or value.get("before")  # a Debezium envelope that failed to normalize
+    if not isinstance(row, dict):
+        return None
     try:
         site = config.site_of_topic(failure.get("origin_topic") or item["topic"])
         return f"{row['resource_type']}/{target_id(site.site, row['resource_type'], row['id'])}"

@@ -157,7 +157,7 @@ def decode_any(data: bytes) -> tuple[str, dict[str, Any]]:
         raise SchemaError(f"unknown schema fingerprint {data[2:10].hex()}")
     name, writer = known
     try:
-        datum = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, _schema(name)[0])
+        datum: Any = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, _schema(name)[0])
     except Exception as exc:  # fastavro raises several unrelated types on corrupt input
         raise SchemaError(f"cannot decode {name}: {exc!r}") from None
     return name, datum

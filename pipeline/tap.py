@@ -79,9 +79,10 @@ def _records(
         if not batch:
             return
         for message in batch:
-            if message.error() is not None:
-                if message.error().code() != KafkaError._PARTITION_EOF:
-                    raise SchemaError(f"read error: {message.error()}")
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    raise SchemaError(f"read error: {error}")
                 continue
             datum = decode_value(message.value())
             if not _matches(datum, site, resource_type):
