@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
 
 from .errors import EnvelopeError
 
-__all__ = ["UNAVAILABLE_VALUE", "ChangeEvent", "parse_envelope", "resolve_toast"]
+__all__ = ["UNAVAILABLE_VALUE", "ChangeEvent", "decode_temporal", "parse_envelope", "resolve_toast"]
 
 # Debezium's placeholder for a TOASTed column an UPDATE did not change (unavailable.value.placeholder).
 UNAVAILABLE_VALUE = "__debezium_unavailable_value"
@@ -103,3 +104,27 @@ def resolve_toast(event: ChangeEvent, column: str) -> Any:
             "(set REPLICA IDENTITY FULL on the table)"
         )
     return previous
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+TemporalKind = Literal["date", "timestamp", "micro_timestamp", "nano_timestamp", "zoned_timestamp"]
+
+
+def decode_temporal(value: int | str, kind: TemporalKind) -> datetime:
+    """A temporal column as Debezium's PostgreSQL connector encodes it (time.precision.mode=adaptive).
+
+    date → io.debezium.time.Date (days since the epoch); timestamp(0-3) → Timestamp (ms);
+    timestamp(4-6) → MicroTimestamp (µs); NanoTimestamp (ns); timestamptz → ZonedTimestamp (ISO-8601
+    text in UTC). Without schemas in the message the kind cannot be inferred from an int, so callers say it.
+    """
+    try:
+        if kind == "zoned_timestamp":
+            parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        number = int(value)
+    except (TypeError, ValueError):
+        raise EnvelopeError(f"{value!r} is not a Debezium {kind}") from None
+    if kind == "date":
+        return _EPOCH + timedelta(days=number)
+    divisor = {"timestamp": 1_000, "micro_timestamp": 1_000_000, "nano_timestamp": 1_000_000_000}[kind]
+    return _EPOCH + timedelta(seconds=number // divisor, microseconds=(number % divisor) * 1_000_000 // divisor)

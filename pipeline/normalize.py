@@ -8,7 +8,7 @@ import orjson
 
 from .adapters.fhir import row_identity, row_to_resource
 from .config import SiteConfig
-from .envelope import ChangeEvent, parse_envelope
+from .envelope import ChangeEvent, decode_temporal, parse_envelope
 from .errors import EnvelopeError
 from .records import NormalizedResource, canonical_hash
 from .resources import patient_reference, validate_resource
@@ -66,7 +66,7 @@ def normalize_change(
         patient_ref=patient_reference(resource or _deleted_resource(event, resource_type, source_id)),
         source_version=_int_or_none(event.row.get("version")),
         source_lsn=event.lsn,
-        source_commit_ms=event.commit_ts_ms,
+        source_commit_ms=_commit_ms(event),
         captured_ms=event.captured_ts_ms,
         origin_topic=position.topic,
         origin_partition=position.partition,
@@ -89,3 +89,15 @@ def _deleted_resource(event: ChangeEvent, resource_type: str, source_id: str) ->
 
 def _int_or_none(value: object) -> int | None:
     return int(value) if isinstance(value, int | str) and str(value).lstrip("-").isdigit() else None
+
+
+def _commit_ms(event: ChangeEvent) -> int:
+    """When this version was committed at the source.
+
+    For streamed changes that is source.ts_ms. A snapshot read (op r) happens long after the row's
+    last commit, so its time is the row's own updated_at (timestamptz → ZonedTimestamp), when present.
+    """
+    updated_at = event.row.get("updated_at")
+    if event.op != "r" or not isinstance(updated_at, str):
+        return event.commit_ts_ms
+    return int(decode_temporal(updated_at, "zoned_timestamp").timestamp() * 1000)

@@ -70,5 +70,5 @@ def row(resource: dict[str, Any], version: int = 1) -> dict[str, Any]:
         "id": resource["id"],
         "version": version,
         "content": orjson.dumps(resource).decode(),
-        "updated_at": "2026-11-21T04:30:00.123456Z",
+        "updated_at": "2026-11-21T04:30:30.123456Z",
     }

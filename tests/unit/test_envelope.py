@@ -68,3 +68,27 @@ def test_unchanged_toast_value_without_before_image_is_an_error() -> None:
     assert event is not None
     with pytest.raises(EnvelopeError, match="REPLICA IDENTITY FULL"):
         resolve_toast(event, "content")
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "expected"),
+    [
+        (20778, "date", "2026-11-21T00:00:00+00:00"),  # date: days since the epoch
+        (1795235514452, "timestamp", "2026-11-21T04:31:54.452000+00:00"),  # timestamp(3): ms
+        (1795235514452819, "micro_timestamp", "2026-11-21T04:31:54.452819+00:00"),  # timestamp: µs
+        (1795235514452819123, "nano_timestamp", "2026-11-21T04:31:54.452819+00:00"),
+        ("2026-11-21T04:31:54.452203Z", "zoned_timestamp", "2026-11-21T04:31:54.452203+00:00"),  # timestamptz
+        (-1, "date", "1969-12-31T00:00:00+00:00"),
+    ],
+)
+def test_temporal_values_as_debezium_encodes_them(value, kind, expected) -> None:
+    from pipeline.envelope import decode_temporal
+
+    assert decode_temporal(value, kind).isoformat() == expected
+
+
+def test_bad_temporal_value_is_an_envelope_error() -> None:
+    from pipeline.envelope import decode_temporal
+
+    with pytest.raises(EnvelopeError, match="not a Debezium zoned_timestamp"):
+        decode_temporal("yesterday", "zoned_timestamp")

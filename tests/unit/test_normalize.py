@@ -81,3 +81,11 @@ def test_change_of_another_table_is_an_envelope_error(config) -> None:
     value["source"]["table"] = "other"
     with pytest.raises(EnvelopeError, match="not the site's source table"):
         normalize_change(config.sites["site-a"], orjson.dumps(value), POS)
+
+
+def test_snapshot_rows_take_their_commit_time_from_updated_at(config) -> None:
+    patient = first_of("ADT-A01-01", "Patient")
+    snapshot = normalize_change(config.sites["site-a"], debezium_value("r", None, row(patient)), POS)
+    streamed = normalize_change(config.sites["site-a"], debezium_value("c", None, row(patient)), POS)
+    assert snapshot.source_commit_ms == 1795235430123  # row updated_at 2026-11-21T04:30:30.123456Z
+    assert streamed.source_commit_ms == 1700000000000  # source.ts_ms
