@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from .records import RoutedResource, canonical_hash, decode, encode
+from .references import map_references
 from .resources import dependency_rank
 
 __all__ = [
@@ -178,21 +179,16 @@ def _drop_completion(state: OrderState, ref: str) -> None:
 def _with_pending_references(record: RoutedResource, pending: set[str]) -> RoutedResource:
     """The record with references to not-yet-written resources made logical (to be completed later)."""
 
-    def visit(node: Any) -> Any:
-        if isinstance(node, list):
-            return [visit(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        reference = node.get("reference")
-        if isinstance(reference, str) and reference in pending:
-            out = {k: visit(v) for k, v in node.items() if k != "reference"}
-            out.setdefault("type", reference.split("/", 1)[0])
-            out["identifier"] = {"system": PENDING_REFERENCE_SYSTEM, "value": reference}
-            return out
-        return {k: visit(v) for k, v in node.items()}
+    def replace(node: dict[str, Any], reference: str) -> dict[str, Any] | None:
+        if reference not in pending:
+            return None
+        out = {k: v for k, v in node.items() if k != "reference"}
+        out.setdefault("type", reference.split("/", 1)[0])
+        out["identifier"] = {"system": PENDING_REFERENCE_SYSTEM, "value": reference}
+        return out
 
     assert record.resource is not None
-    body = visit(orjson.loads(record.resource))
+    body = map_references(orjson.loads(record.resource), replace)
     return replace(
         record,
         resource=orjson.dumps(body).decode(),

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RewriteResult", "logical_system", "rewrite_references"]
+__all__ = ["RewriteResult", "logical_system", "map_references", "rewrite_references"]
 
 # A relative literal reference: Type/id, optionally with a version (FHIR R4 3.1.1.2, Reference.reference).
 _RELATIVE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
@@ -39,6 +39,22 @@ def _logical(site: str, ref: dict[str, Any], reference: str) -> dict[str, Any]:
     return out
 
 
+def map_references(node: Any, replace: Callable[[dict[str, Any], str], dict[str, Any] | None]) -> Any:
+    """A copy of a FHIR JSON tree in which every Reference (an object with a string `reference`) is
+    passed, already copied, to `replace(node, reference)`; a None answer keeps it as it is."""
+    if isinstance(node, list):
+        return [map_references(item, replace) for item in node]
+    if not isinstance(node, dict):
+        return node
+    copied = {key: map_references(value, replace) for key, value in node.items()}
+    reference = node.get("reference")
+    if isinstance(reference, str):
+        replaced = replace(copied, reference)
+        if replaced is not None:
+            return replaced
+    return copied
+
+
 def rewrite_references(
     resource: dict[str, Any],
     site: str,
@@ -51,20 +67,15 @@ def rewrite_references(
     """
     dependencies: set[str] = set()
 
-    def visit(node: Any) -> Any:
-        if isinstance(node, list):
-            return [visit(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        reference = node.get("reference")
-        if isinstance(reference, str) and not reference.startswith("#"):
-            match = _RELATIVE.match(reference)
-            if match and match.group(1) in carried:
-                rewritten = f"{match.group(1)}/{to_target(match.group(1), match.group(2))}"
-                dependencies.add(rewritten)
-                return {**{k: visit(v) for k, v in node.items() if k != "reference"}, "reference": rewritten}
-            return _logical(site, {k: visit(v) for k, v in node.items()}, reference)
-        return {key: visit(value) for key, value in node.items()}
+    def replace(node: dict[str, Any], reference: str) -> dict[str, Any] | None:
+        if reference.startswith("#"):
+            return None
+        match = _RELATIVE.match(reference)
+        if match and match.group(1) in carried:
+            rewritten = f"{match.group(1)}/{to_target(match.group(1), match.group(2))}"
+            dependencies.add(rewritten)
+            return {**node, "reference": rewritten}
+        return _logical(site, node, reference)
 
-    rewritten = {key: visit(value) for key, value in resource.items()}
+    rewritten = map_references(resource, replace)
     return RewriteResult(rewritten, frozenset(dependencies))
