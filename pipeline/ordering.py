@@ -179,7 +179,7 @@ def _drop_completion(state: OrderState, ref: str) -> None:
 def _with_pending_references(record: RoutedResource, pending: set[str]) -> RoutedResource:
     """The record with references to not-yet-written resources made logical (to be completed later)."""
 
-    def replace(node: dict[str, Any], reference: str) -> dict[str, Any] | None:
+    def make_pending(node: dict[str, Any], reference: str) -> dict[str, Any] | None:
         if reference not in pending:
             return None
         out = {k: v for k, v in node.items() if k != "reference"}
@@ -188,7 +188,7 @@ def _with_pending_references(record: RoutedResource, pending: set[str]) -> Route
         return out
 
     assert record.resource is not None
-    body = map_references(orjson.loads(record.resource), replace)
+    body = map_references(orjson.loads(record.resource), make_pending)
     return replace(
         record,
         resource=orjson.dumps(body).decode(),
