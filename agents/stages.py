@@ -167,14 +167,17 @@ async def _write_or_route(stage: str, event: EventT, attempts: int) -> None:
     except PermanentError as error:
         await dead_letter(stage, event, error)
         return
+    labels = (record.site, record.target, record.resource_type, "failed")
     try:
         await _write(record, attempts)
     except RetryableError as error:
-        WRITES.labels(record.site, record.target, record.resource_type, "failed", error.error_class).inc()
+        WRITES.labels(*labels, error.error_class).inc()
         await retry_later(stage, event, error, attempts)
     except PermanentError as error:
+        WRITES.labels(*labels, error.error_class).inc()
         await dead_letter(stage, event, error, attempts)
     except Exception as error:
+        WRITES.labels(*labels, "internal").inc()
         log.exception("sink failed unexpectedly at %s[%d]@%d", *origin_of(event))
         await dead_letter(stage, event, error, attempts)
 
