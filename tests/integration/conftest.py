@@ -142,6 +142,21 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _connector_problem(name: str) -> str | None:
+    """None when the connector and its task run, else what is wrong."""
+    try:
+        with urllib.request.urlopen(f"{SETTINGS.connect_url}/connectors/{name}/status", timeout=10) as response:
+            status = orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return f"connector {name}: Kafka Connect answered {exc.code}"
+    except urllib.error.URLError as exc:
+        return f"Kafka Connect not reachable for {name}: {exc}"
+    states = [status["connector"]["state"], *(task["state"] for task in status.get("tasks", []))]
+    if len(states) < 2 or any(state != "RUNNING" for state in states):
+        return f"connector {name} is not running: {states}"
+    return None
+
+
 @pytest.fixture(scope="session")
 def stack(config: Config) -> Central:
     """Check every service; fail (not skip) with the one that is missing."""
@@ -156,13 +171,14 @@ def stack(config: Config) -> Central:
             psycopg.connect(dsn, connect_timeout=5).close()
         except psycopg.Error as exc:
             problems.append(f"PostgreSQL for {site.site}: {exc}")
-        try:
-            with urllib.request.urlopen(f"{SETTINGS.connect_url}/connectors/{site.source.connector}/status") as r:
-                state = orjson.loads(r.read())["connector"]["state"]
-                if state != "RUNNING":
-                    problems.append(f"connector {site.source.connector} is {state}")
-        except (urllib.error.URLError, KeyError) as exc:
-            problems.append(f"Kafka Connect connector {site.source.connector}: {exc}")
+        problem = _connector_problem(site.source.connector)  # a just-registered connector needs a moment
+        for _ in range(60):
+            if problem is None or "not reachable" in problem:
+                break
+            time.sleep(1)
+            problem = _connector_problem(site.source.connector)
+        if problem is not None:
+            problems.append(problem)
     central = Central(config.target("central").fhir_base_url)
     try:
         if central.get("metadata")[0] != 200:
