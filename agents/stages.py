@@ -12,23 +12,39 @@ import time
 
 from faust.types import EventT, StreamT
 
+from pipeline import identity
 from pipeline.deadletter import failure_headers, failure_info, parse_failure_headers
 from pipeline.errors import PermanentError, RetryableError
 from pipeline.fhirclient import FhirClient
-from pipeline.identity import route_resource
-from pipeline.metrics import END_TO_END_LATENCY, LAST_SUCCESS, NORMALIZED, PARKED, WRITES
+from pipeline.merge import merge_patient
+from pipeline.metrics import (
+    END_TO_END_LATENCY,
+    HELD,
+    HELD_RELEASED,
+    IDENTITY_REVIEWS,
+    LAST_SUCCESS,
+    NORMALIZED,
+    PARKED,
+    WRITES,
+)
 from pipeline.normalize import Filtered, SourcePosition, normalize_change
 from pipeline.ordering import OrderState, apply_staged, expire_parked, order_record, staged
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, write_with_retries
+from pipeline.staging import Staged
 
 from .app import app, config, settings
 from .routing import dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
     dead_letters,
+    held_by_local_patient,
+    held_records,
     identified,
+    identity_review,
     normalized,
     parked_by_reference,
+    patient_key_by_local_patient,
+    patient_sources_by_patient_key,
     ready,
     referrers_by_reference,
     released_by_reference,
@@ -65,22 +81,37 @@ async def normalize_changes(stream: StreamT) -> None:
             NORMALIZED.labels(result.site, result.resource_type, "filtered").inc()
         else:
             NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
-            key = f"{result.site}/{result.resource_type}/{result.source_id}".encode()
-            await deliver(normalized, key, encode(result))
+            # Keyed by site-local patient, so identity resolution sees one patient's changes in order.
+            key = identity.local_patient(result) or f"{result.site}|{result.resource_type}/{result.source_id}"
+            await deliver(normalized, key.encode(), encode(result))
 
 
 @app.agent(normalized, concurrency=1)
 async def resolve_identity(stream: StreamT) -> None:
-    """Normalized resource → one routed resource per route, keyed by the global patient key."""
+    """Normalized resource → routed resources keyed by the global patient key, or held until it has one."""
     async for event in stream.events():
+        state = identity.IdentityState(Staged(patient_key_by_local_patient), Staged(held_by_local_patient))
         try:
             record = decode(event.message.value, NormalizedResource)
-            routed = route_resource(record, config.sites[record.site])
+            outcome = identity.resolve_identity(state, record, config.sites[record.site])
         except Exception as error:
             await dead_letter("identity", event, error)
             continue
-        for item in routed:
-            await deliver(identified, item.patient_key.encode(), encode(item))
+        for held, reason in outcome.held:
+            HELD.labels(held.site, held.resource_type).inc()
+            log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
+            await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
+        for item, reason in outcome.review:
+            IDENTITY_REVIEWS.labels(item.site).inc()
+            log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
+            await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
+        for routed in outcome.routed:
+            await deliver(identified, routed.patient_key.encode(), encode(routed))
+        if outcome.released:
+            HELD_RELEASED.labels(record.site).inc(outcome.released)
+        for table in (state.keys, state.held):  # only now: outputs are acknowledged
+            assert isinstance(table, Staged)
+            table.apply()
 
 
 @app.agent(identified, concurrency=1)
@@ -91,8 +122,9 @@ async def order_resources(stream: StreamT) -> None:
             await _expire_parks(event.message.partition)
             continue
         changes = staged(_order_state)
+        patients = Staged(patient_sources_by_patient_key)
         try:
-            record = decode(event.message.value, RoutedResource)
+            record = merge_patient(patients, decode(event.message.value, RoutedResource))
             releasable = order_record(changes, record, now_ms(), event.message.partition)
         except Exception as error:
             await dead_letter("order", event, error)
@@ -102,6 +134,7 @@ async def order_resources(stream: StreamT) -> None:
         for item in releasable:
             await deliver(ready, item.patient_key.encode(), encode(item))
         apply_staged(changes)  # only now: the tables never claim a release Kafka has not acknowledged
+        patients.apply()
 
 
 async def _expire_parks(partition: int) -> None:

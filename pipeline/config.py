@@ -25,6 +25,7 @@ from .resources import SUPPORTED_TYPES
 
 __all__ = [
     "Config",
+    "IdentityConfig",
     "RetryTier",
     "Route",
     "SiteConfig",
@@ -138,6 +139,12 @@ class TargetEndpoint(_Strict):
         return None if value in ("", None) else value
 
 
+class IdentityConfig(_Strict):
+    # The identifier every site shares for a person (e.g. the German statutory insurance number
+    # http://fhir.de/sid/gkv/kvid-10): the central Patient's id derives from it (DESIGN.md decision 4).
+    shared_identifier_system: str = Field(min_length=1)
+
+
 class SiteConfig(_Strict):
     site: str = Field(pattern=_SITE_NAME)
     display_name: str = ""
@@ -146,6 +153,7 @@ class SiteConfig(_Strict):
     resource_types: list[str] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     target: TargetEndpoint | None = None
+    identity: IdentityConfig | None = None
 
     @field_validator("resource_types")
     @classmethod
@@ -159,6 +167,8 @@ class SiteConfig(_Strict):
     def _routes_need_a_source(self) -> SiteConfig:
         if self.routes and self.source is None:
             raise ValueError("a site with routes needs a 'source' to read from")
+        if self.routes and self.identity is None:
+            raise ValueError("a site with routes needs 'identity.shared_identifier_system' to match patients")
         return self
 
 

@@ -1,25 +1,147 @@
 """Stage 2: a normalized resource → one RoutedResource per route, in target ids, keyed by patient.
 
-Until the shared-identifier resolution lands (issue 3) the patient key is the target id of the
-site's own Patient, so one patient's records share a partition and nothing races on them.
+A patient is matched across sites by the shared identifier each site declares (DESIGN.md decision 4):
+the global patient key, and so the central Patient's id, is uuid5 over that identifier's system and
+value, so the same person sent by two hospitals is one Patient.
+
+This stage reads fhir.normalized.v1, keyed by site-local patient, and keeps two tables for its
+partition:
+  patient_key_by_local_patient   "site|local id" → {"key": global key}
+  held_by_local_patient          "site|local id" → records waiting for that patient's shared identifier
+A record whose patient has no known shared identifier is held (never written without it, never
+dropped) and released, in arrival order, when the Patient arrives with it. A Patient whose shared
+identifier changes (or disappears) is not applied: it goes to identity review, because moving a
+record from one person to another is a clinical decision, not a sync step. The same holds for an
+HL7 v2 merge (two local ids found to be one person): it is rejected to review, not applied.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from .config import Route, SiteConfig
-from .ids import target_id
-from .records import NormalizedResource, RoutedResource, canonical_hash
+from .ids import CDRSYNC_NAMESPACE, target_id
+from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
 from .references import logical_system, rewrite_references
 
-__all__ = ["ORIGIN_TAG_SYSTEM", "route_resource", "to_target_form"]
+__all__ = [
+    "ORIGIN_TAG_SYSTEM",
+    "IdentityOutcome",
+    "IdentityState",
+    "global_patient_key",
+    "local_patient",
+    "resolve_identity",
+    "route_resource",
+    "shared_identifier",
+    "to_target_form",
+]
 
 # meta.tag naming the site a resource came from: loop prevention and provenance read it.
 ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
 _SERVER_META = ("versionId", "lastUpdated", "source")
+
+
+def global_patient_key(system: str, value: str) -> str:
+    """The global patient key (and central Patient id) of a shared identifier."""
+    return str(uuid.uuid5(CDRSYNC_NAMESPACE, f"patient|{system}|{value.strip()}"))
+
+
+def shared_identifier(resource: dict[str, Any], system: str) -> str | None:
+    """The value of the shared identifier in a Patient, None if it has none (or an empty one)."""
+    for identifier in resource.get("identifier") or []:
+        if isinstance(identifier, dict) and identifier.get("system") == system:
+            value = str(identifier.get("value") or "").strip()
+            if value:
+                return value
+    return None
+
+
+def local_patient(record: NormalizedResource) -> str | None:
+    """ "site|local patient id" of the patient a record belongs to, None if it names no patient."""
+    if not record.patient_ref:
+        return None
+    return f"{record.site}|{record.patient_ref.removeprefix('Patient/')}"
+
+
+PatientKeys = Callable[[str], "str | None"]
+
+
+@dataclass
+class IdentityState:
+    """The identity stage's tables (Faust tables in the worker, dicts in tests)."""
+
+    keys: MutableMapping[str, dict[str, Any]]
+    held: MutableMapping[str, list[str]]
+
+
+@dataclass
+class IdentityOutcome:
+    """What one normalized record led to."""
+
+    routed: list[RoutedResource] = field(default_factory=list)
+    held: list[tuple[NormalizedResource, str]] = field(default_factory=list)  # (record, reason)
+    review: list[tuple[NormalizedResource, str]] = field(default_factory=list)
+    released: int = 0  # held records released by this one
+
+
+def _hold(state: IdentityState, local: str, record: NormalizedResource, reason: str, out: IdentityOutcome) -> None:
+    state.held[local] = [*state.held.get(local, []), encode(record).hex()]
+    out.held.append((record, reason))
+
+
+def resolve_identity(state: IdentityState, record: NormalizedResource, site: SiteConfig) -> IdentityOutcome:
+    """Route a record under its global patient key, or hold it until its patient has one."""
+    out = IdentityOutcome()
+    local = local_patient(record)
+    if local is None:  # not about a patient (e.g. a Flag on a Location): keyed by itself
+        out.routed = route_resource(record, site, lambda _: None)
+        return out
+    known = state.keys.get(local, {}).get("key")
+    if record.resource_type == "Patient" and not record.is_delete:
+        assert site.identity is not None and record.resource is not None
+        value = shared_identifier(orjson.loads(record.resource), site.identity.shared_identifier_system)
+        key = global_patient_key(site.identity.shared_identifier_system, value) if value else None
+        if known is not None and key != known:
+            out.review.append((record, f"shared identifier of {local} changed: patient key {known} -> {key}"))
+            return out
+        if key is None:
+            _hold(state, local, record, f"Patient has no {site.identity.shared_identifier_system} identifier", out)
+            return out
+        state.keys[local] = {"key": key}
+        known = key
+    waiting = local in state.held and record.resource_type != "Patient"
+    if known is None or waiting:  # unknown patient, or its earlier records still wait: keep their order
+        _hold(state, local, record, "patient has no shared identifier yet", out)
+        return out
+    out.routed = route_resource(record, site, _keys_of(state, site.site))
+    if record.resource_type == "Patient":
+        _release_held(state, local, site, out)
+    return out
+
+
+def _keys_of(state: IdentityState, site: str) -> PatientKeys:
+    """Global key of a site's local patient id, None if unknown."""
+
+    def key_of(local_id: str) -> str | None:
+        key: str | None = state.keys.get(f"{site}|{local_id}", {}).get("key")
+        return key
+
+    return key_of
+
+
+def _release_held(state: IdentityState, local: str, site: SiteConfig, out: IdentityOutcome) -> None:
+    waiting = [decode(bytes.fromhex(item), NormalizedResource) for item in state.held.pop(local, [])]
+    keys = _keys_of(state, site.site)
+    for held in waiting:
+        if held.resource_type == "Patient" and not held.is_delete:
+            continue  # an older version of the Patient, superseded by the one that released them
+        out.routed += route_resource(held, site, keys)
+        out.released += 1
 
 
 def _carried(site: SiteConfig, route: Route) -> frozenset[str]:
@@ -46,41 +168,53 @@ def _with_origin_meta(resource: dict[str, Any], site: str) -> dict[str, Any]:
     return {**resource, "meta": meta}
 
 
+def _target_ids(site: str, patient_keys: PatientKeys) -> Callable[[str, str], str | None]:
+    """Target id of a site's reference: Patients by their global key, everything else by site and id."""
+
+    def to_target(resource_type: str, source_id: str) -> str | None:
+        if resource_type == "Patient":
+            return patient_keys(source_id)
+        return target_id(site, resource_type, source_id)
+
+    return to_target
+
+
 def to_target_form(
-    resource: dict[str, Any], site: str, carried: frozenset[str]
+    resource: dict[str, Any], site: str, carried: frozenset[str], patient_keys: PatientKeys
 ) -> tuple[dict[str, Any], frozenset[str]]:
     """The resource as the target stores it, and the target references it depends on."""
     source_id = resource["id"]
-    rewritten = rewrite_references(resource, site, carried, lambda t, i: target_id(site, t, i))
+    to_target = _target_ids(site, patient_keys)
+    rewritten = rewrite_references(resource, site, carried, to_target)
     body = _with_origin_meta(_with_source_identifier(rewritten.resource, site, source_id), site)
-    body["id"] = target_id(site, resource["resourceType"], source_id)
+    own_id = to_target(resource["resourceType"], source_id)
+    assert own_id is not None, "a Patient is routed only once its global key is known"
+    body["id"] = own_id
     return body, rewritten.dependencies
 
 
-def route_resource(record: NormalizedResource, site: SiteConfig) -> list[RoutedResource]:
+def route_resource(record: NormalizedResource, site: SiteConfig, patient_keys: PatientKeys) -> list[RoutedResource]:
     """One RoutedResource per route of the site that carries the record's type."""
     routed = []
+    local_patient_id = (record.patient_ref or "").removeprefix("Patient/")
+    own_id = _target_ids(site.site, patient_keys)(record.resource_type, record.source_id)
+    patient_key = (patient_keys(local_patient_id) if local_patient_id else None) or own_id
+    assert own_id is not None and patient_key is not None
     for route in site.routes:
         carried = _carried(site, route)
         if record.resource_type not in carried:
             continue
         body, dependencies = None, frozenset[str]()
         if record.resource is not None:
-            form, dependencies = to_target_form(orjson.loads(record.resource), site.site, carried)
+            form, dependencies = to_target_form(orjson.loads(record.resource), site.site, carried, patient_keys)
             body = orjson.dumps(form).decode()
-        patient_source = (record.patient_ref or "").removeprefix("Patient/")
-        patient_key = (
-            target_id(site.site, "Patient", patient_source)
-            if patient_source
-            else target_id(site.site, record.resource_type, record.source_id)
-        )
         routed.append(
             RoutedResource(
                 site=site.site,
                 target=route.target,
                 resource_type=record.resource_type,
                 source_id=record.source_id,
-                target_id=target_id(site.site, record.resource_type, record.source_id),
+                target_id=own_id,
                 patient_key=patient_key,
                 op=record.op,
                 resource=body,

@@ -43,3 +43,11 @@ PARKED = Counter(
     "Resources parked until a referenced resource is released",
     ["site", "resource_type"],
 )
+
+HELD = Counter(
+    "cdrsync_held_total", "Records held because their patient has no shared identifier yet", ["site", "resource_type"]
+)
+HELD_RELEASED = Counter("cdrsync_held_released_total", "Held records released when the identifier arrived", ["site"])
+IDENTITY_REVIEWS = Counter(
+    "cdrsync_identity_reviews_total", "Patient identity changes sent to review instead of being applied", ["site"]
+)

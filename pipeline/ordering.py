@@ -40,6 +40,7 @@ import orjson
 from .records import RoutedResource, canonical_hash, decode, encode
 from .references import map_references
 from .resources import dependency_rank
+from .staging import Staged
 
 __all__ = [
     "PENDING_REFERENCE_SYSTEM",
@@ -64,60 +65,6 @@ class OrderState:
     parked: MutableMapping[str, list[dict[str, Any]]]
     waiting: MutableMapping[str, str]
     referrers: MutableMapping[str, list[str]]
-
-
-_ABSENT = object()
-
-
-class Staged(MutableMapping[str, Any]):
-    """Changes to a table held back until `apply()`: the order stage applies them only after every
-    record it released is acknowledged by Kafka. Table state may then lag what was sent (a replay
-    sends it again, and writes are idempotent) but never runs ahead of it, which would let a
-    replayed dependant overtake the resource it references."""
-
-    def __init__(self, base: MutableMapping[str, Any]) -> None:
-        self.base = base
-        self.changes: dict[str, Any] = {}
-
-    def __getitem__(self, key: str) -> Any:
-        value = self.changes.get(key, _ABSENT)
-        if value is _ABSENT:
-            return self.base[key]
-        if value is None:
-            raise KeyError(key)
-        return value
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.changes[key] = value
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self:
-            raise KeyError(key)
-        self.changes[key] = None
-
-    def __contains__(self, key: object) -> bool:
-        value = self.changes.get(key, _ABSENT)  # type: ignore[call-overload]
-        return key in self.base if value is _ABSENT else value is not None
-
-    def __iter__(self) -> Any:
-        seen = set()
-        for key in self.base:
-            seen.add(key)
-            if key in self:
-                yield key
-        yield from (k for k, v in self.changes.items() if v is not None and k not in seen)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-    def apply(self) -> None:
-        """Write the held changes to the table."""
-        for key, value in self.changes.items():
-            if value is None:
-                self.base.pop(key, None)
-            else:
-                self.base[key] = value
-        self.changes.clear()
 
 
 def staged(state: OrderState) -> OrderState:

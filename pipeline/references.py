@@ -59,11 +59,12 @@ def rewrite_references(
     resource: dict[str, Any],
     site: str,
     carried: frozenset[str],
-    to_target: Callable[[str, str], str],
+    to_target: Callable[[str, str], str | None],
 ) -> RewriteResult:
     """Rewrite every Reference: carried types to their target id, others to logical references.
 
-    `to_target(type, source_id)` gives the target id; contained references ("#x") stay as they are.
+    `to_target(type, source_id)` gives the target id, or None when it is not known (a logical reference
+    then); contained references ("#x") stay as they are.
     """
     dependencies: set[str] = set()
 
@@ -71,8 +72,9 @@ def rewrite_references(
         if reference.startswith("#"):
             return None
         match = _RELATIVE.match(reference)
-        if match and match.group(1) in carried:
-            rewritten = f"{match.group(1)}/{to_target(match.group(1), match.group(2))}"
+        target = to_target(match.group(1), match.group(2)) if match and match.group(1) in carried else None
+        if match and target is not None:
+            rewritten = f"{match.group(1)}/{target}"
             dependencies.add(rewritten)
             return {**node, "reference": rewritten}
         return _logical(site, node, reference)

@@ -46,7 +46,7 @@ def test_unknown_field_and_bad_adapter_are_reported(tmp_path: Path) -> None:
 def test_route_to_a_site_without_target_is_rejected(tmp_path: Path) -> None:
     text = (
         "site: h\nadapter: fhir\nsource: {database: d, schema: s, table: t, connector: c}\n"
-        "routes: [{target: nowhere}]\n"
+        "identity: {shared_identifier_system: urn:x}\nroutes: [{target: nowhere}]\n"
     )
     bad = write(tmp_path, "h.yaml", text)
     with pytest.raises(ConfigError, match=r"field 'routes.0.target': 'nowhere' is not a site"):
@@ -70,4 +70,11 @@ def test_topics_file_must_declare_the_pipeline_topics(tmp_path: Path) -> None:
 def test_invalid_yaml_is_reported_with_the_file(tmp_path: Path) -> None:
     bad = write(tmp_path, "h.yaml", "site: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_sites([bad])
+
+
+def test_a_site_with_routes_must_name_its_shared_identifier(tmp_path: Path) -> None:
+    text = "site: h\nadapter: fhir\nsource: {database: d, schema: s, table: t, connector: c}\nroutes: [{target: x}]\n"
+    bad = write(tmp_path, "h.yaml", text)
+    with pytest.raises(ConfigError, match=r"identity\.shared_identifier_system"):
         load_sites([bad])

@@ -1,7 +1,14 @@
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pipeline.identity import ORIGIN_TAG_SYSTEM, route_resource
+from pipeline.identity import (
+    ORIGIN_TAG_SYSTEM,
+    IdentityState,
+    global_patient_key,
+    resolve_identity,
+)
 from pipeline.ids import target_id
 from pipeline.normalize import SourcePosition, normalize_change
 from pipeline.references import logical_system
@@ -9,59 +16,151 @@ from tests.conftest import debezium_value, first_of, row
 
 pytestmark = pytest.mark.unit
 POS = SourcePosition("cdc.site-a.fhir.resource", 0, 7)
+KVNR = "http://fhir.de/sid/gkv/kvid-10"
 
 
-def routed(config, resource, site="site-a", op="c"):
-    before, after = (row(resource), None) if op == "d" else (None, row(resource))
-    record = normalize_change(config.sites[site], debezium_value(op, before, after), POS)
-    [result] = route_resource(record, config.sites[site])
-    return result
+def with_kvnr(patient: dict, value: str | None) -> dict:
+    others = [i for i in patient.get("identifier", []) if i.get("system") != KVNR]
+    return {**patient, "identifier": others + ([{"system": KVNR, "value": value}] if value else [])}
+
+
+def normalized(config, resource, site="site-a", op="c", version=1):
+    before, after = (row(resource, version), None) if op == "d" else (None, row(resource, version))
+    return normalize_change(config.sites[site], debezium_value(op, before, after), POS)
+
+
+def state() -> IdentityState:
+    return IdentityState({}, {})
+
+
+def routed(config, s, resource, site="site-a", op="c"):
+    outcome = resolve_identity(s, normalized(config, resource, site, op), config.sites[site])
+    return outcome.routed
+
+
+PATIENT = with_kvnr(first_of("ADT-A01-01", "Patient"), "A123456789")
+KEY = global_patient_key(KVNR, "A123456789")
+
+
+def test_patient_id_at_central_derives_from_the_shared_identifier(config) -> None:
+    [patient] = routed(config, state(), PATIENT)
+    assert patient.target_id == patient.patient_key == KEY
+    assert orjson.loads(patient.resource)["id"] == KEY
+
+
+def test_same_person_from_two_sites_is_one_patient_and_encounters_stay_apart(config) -> None:
+    s = state()
+    [a] = routed(config, s, PATIENT, "site-a")
+    [b] = routed(config, s, {**PATIENT, "id": "b-local-7"}, "site-b")
+    assert a.target_id == b.target_id == KEY
+    encounter = first_of("ADT-A01-01", "Encounter")
+    [enc_a] = routed(config, s, encounter, "site-a")
+    [enc_b] = routed(config, s, {**encounter, "subject": {"reference": "Patient/b-local-7"}}, "site-b")
+    assert enc_a.target_id != enc_b.target_id and enc_a.patient_key == enc_b.patient_key == KEY
 
 
 def test_observation_references_are_rewritten_to_target_ids(config) -> None:
+    s = state()
     observation = first_of("ORU-R01-01", "Observation")
-    result = routed(config, observation)
+    patient = with_kvnr(first_of("ORU-R01-01", "Patient"), "B987654321")
+    routed(config, s, patient)
+    [result] = routed(config, s, observation)
     body = orjson.loads(result.resource)
-    patient_source = observation["subject"]["reference"].split("/")[1]
+    key = global_patient_key(KVNR, "B987654321")
     assert body["id"] == result.target_id == target_id("site-a", "Observation", observation["id"])
-    assert body["subject"]["reference"] == f"Patient/{target_id('site-a', 'Patient', patient_source)}"
-    assert f"Patient/{target_id('site-a', 'Patient', patient_source)}" in result.dependencies
-    assert result.patient_key == target_id("site-a", "Patient", patient_source)
+    assert body["subject"]["reference"] == f"Patient/{key}"
+    assert f"Patient/{key}" in result.dependencies and result.patient_key == key
 
 
 def test_references_to_types_not_carried_become_logical_references(config) -> None:
+    s = state()
+    routed(config, s, with_kvnr(first_of("ORU-R01-01", "Patient"), "B987654321"))
     observation = first_of("ORU-R01-01", "Observation")
     performers = [p["reference"] for p in observation.get("performer", [])]
     assert performers, "sample should reference practitioners/organizations"
-    body = orjson.loads(routed(config, observation).resource)
-    for original, rewritten in zip(performers, body["performer"], strict=True):
+    [result] = routed(config, s, observation)
+    for original, rewritten in zip(performers, orjson.loads(result.resource)["performer"], strict=True):
         resource_type, source_id = original.split("/")
-        assert "reference" not in rewritten
-        assert rewritten["type"] == resource_type
+        assert "reference" not in rewritten and rewritten["type"] == resource_type
         assert rewritten["identifier"] == {"system": logical_system("site-a", resource_type), "value": source_id}
 
 
-def test_patient_and_its_records_share_the_patient_key(config) -> None:
-    patient = first_of("ADT-A01-01", "Patient")
-    encounter = first_of("ADT-A01-01", "Encounter")
-    assert routed(config, patient).patient_key == routed(config, encounter).patient_key
-
-
 def test_origin_tag_source_identifier_and_no_server_meta(config) -> None:
-    patient = {**first_of("ADT-A01-01", "Patient"), "meta": {"versionId": "7", "lastUpdated": "2020-01-01T00:00:00Z"}}
-    body = orjson.loads(routed(config, patient).resource)
+    patient = {**PATIENT, "meta": {"versionId": "7", "lastUpdated": "2020-01-01T00:00:00Z"}}
+    [result] = routed(config, state(), patient)
+    body = orjson.loads(result.resource)
     assert {"system": ORIGIN_TAG_SYSTEM, "code": "site-a"} in body["meta"]["tag"]
     assert "versionId" not in body["meta"] and "lastUpdated" not in body["meta"]
-    assert {"system": logical_system("site-a", "Patient"), "value": patient["id"]} in body["identifier"]
+    assert {"system": logical_system("site-a", "Patient"), "value": PATIENT["id"]} in body["identifier"]
 
 
-def test_same_resource_from_two_sites_gets_two_target_ids(config) -> None:
-    patient = first_of("ADT-A01-01", "Patient")
-    assert routed(config, patient, "site-a").target_id != routed(config, patient, "site-b").target_id
+def test_patient_without_shared_identifier_is_held_with_its_records_then_released_in_order(config) -> None:
+    s = state()
+    anonymous = with_kvnr(PATIENT, None)
+    encounter = first_of("ADT-A01-01", "Encounter")
+    out = resolve_identity(s, normalized(config, anonymous), config.sites["site-a"])
+    assert out.routed == [] and "kvid-10" in out.held[0][1]
+    out = resolve_identity(s, normalized(config, encounter), config.sites["site-a"])
+    assert out.routed == [] and len(out.held) == 1
+    out = resolve_identity(s, normalized(config, PATIENT, op="u", version=2), config.sites["site-a"])
+    assert [(r.resource_type, r.target_id) for r in out.routed] == [
+        ("Patient", KEY),
+        ("Encounter", target_id("site-a", "Encounter", encounter["id"])),
+    ]
+    assert out.released == 1 and s.held == {}
+
+
+def test_changed_shared_identifier_goes_to_review_and_is_not_applied(config) -> None:
+    s = state()
+    routed(config, s, PATIENT)
+    out = resolve_identity(
+        s, normalized(config, with_kvnr(PATIENT, "Z000000001"), op="u", version=2), config.sites["site-a"]
+    )
+    assert out.routed == [] and "changed" in out.review[0][1]
+    assert s.keys[f"site-a|{PATIENT['id']}"] == {"key": KEY}
 
 
 def test_delete_is_routed_to_the_same_id_without_body(config) -> None:
+    s = state()
+    routed(config, s, PATIENT)
     encounter = first_of("ADT-A01-01", "Encounter")
-    created, deleted = routed(config, encounter), routed(config, encounter, op="d")
+    [created] = routed(config, s, encounter)
+    [deleted] = routed(config, s, encounter, op="d")
     assert deleted.target_id == created.target_id and deleted.patient_key == created.patient_key
     assert deleted.resource is None and deleted.is_delete
+
+
+# Property: whatever the order of a patient's records and of the Patient's versions (with and
+# without the shared identifier), nothing is routed before the Patient has its identifier, nothing
+# is lost, and the records keep their arrival order.
+@settings(max_examples=200)
+@given(st.lists(st.booleans(), min_size=1, max_size=4), st.integers(0, 5), st.randoms(use_true_random=False))
+def test_held_records_are_released_once_in_order(config, patient_versions, observations, rnd) -> None:
+    s = state()
+    events = [("Patient", v, has_id) for v, has_id in enumerate(patient_versions, 1)]
+    events += [("Observation", n, None) for n in range(observations)]
+    rnd.shuffle(events)
+    events.append(("Patient", len(patient_versions) + 1, True))  # the identifier arrives in the end
+    routed_out, keyed = [], False
+    for kind, n, has_id in events:
+        if kind == "Patient":
+            resource = with_kvnr(PATIENT, "A123456789" if has_id else None)
+            record = normalized(config, resource, op="u", version=n)
+        else:
+            resource = {
+                "resourceType": "Observation",
+                "id": f"obs-{n}",
+                "status": "final",
+                "code": {"text": "x"},
+                "subject": {"reference": f"Patient/{PATIENT['id']}"},
+            }
+            record = normalized(config, resource)
+        out = resolve_identity(s, record, config.sites["site-a"])
+        for item in out.routed:
+            keyed = keyed or item.resource_type == "Patient"
+            assert keyed, "a record was routed before its patient had the shared identifier"
+        routed_out += out.routed
+    observed = [r.source_id for r in routed_out if r.resource_type == "Observation"]
+    arrival = [f"obs-{n}" for kind, n, _ in events if kind == "Observation"]
+    assert observed == arrival
+    assert s.held == {}
