@@ -103,14 +103,21 @@ def _tap(args: argparse.Namespace, settings: Settings, config: Config) -> int:
 
 
 def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> int:
-    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, site_dsn, upsert_rows
+    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, shared_person_row, site_dsn, upsert_rows
+
+    def dsn_of(site_name: str) -> str:
+        site = config.sites[site_name]
+        return site_dsn(site, settings.pg_host, settings.pg_port, settings.pg_user, settings.pg_password_value)
 
     for site_name, bundles in DEMO_ASSIGNMENT.items():
         site = config.sites[site_name]
-        dsn = site_dsn(site, settings.pg_host, settings.pg_port, settings.pg_user, settings.pg_password_value)
+        dsn = dsn_of(site_name)
         for bundle in bundles:
             count = upsert_rows(dsn, bundle_rows(FIXTURES / f"{bundle}.json", site.resource_types))
             print(f"{site_name}: {bundle:12} {count:3} rows written to {site.source.database}.fhir.resource")  # type: ignore[union-attr]
+    site_name, row = shared_person_row()
+    upsert_rows(dsn_of(site_name), [row])
+    print(f"{site_name}: the same person as site-a's ADT patient, local id {row.id}: one Patient at central")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -13,6 +14,7 @@ import orjson
 import psycopg
 
 from .config import SiteConfig
+from .identity import global_patient_key, shared_identifier
 from .ids import target_id
 from .resources import SUPPORTED_TYPES
 
@@ -25,6 +27,23 @@ DEMO_ASSIGNMENT = {
     "site-a": ["ADT-A01-01", "ADT-A08-01", "ORM-O01-01", "OML-O21-01", "RDE-O11-01", "VXU-V04-01"],
     "site-b": ["LAB-ORU-1", "MDM-T02-01", "ORU-R01-01", "SIU-S12-01"],
 }
+
+
+DEMO_SHARED_SYSTEM = "http://fhir.de/sid/gkv/kvid-10"
+# site-b also treats site-a's ADT patient: its own local id, its own spelling of the name.
+DEMO_SHARED_PERSON = ("ADT-A01-01", "site-b", "b-20331", "Everywoman-Smith")
+
+
+def demo_kvnr(patient_id: str) -> str:
+    """A deterministic, made-up insurance number (letter + 9 digits) for a demo patient."""
+    digits = int(hashlib.sha256(patient_id.encode()).hexdigest(), 16) % 10**9
+    return f"D{digits:09d}"
+
+
+def with_demo_kvnr(resource: dict[str, Any], kvnr: str) -> dict[str, Any]:
+    """The Patient with the demo's shared identifier."""
+    others = [i for i in resource.get("identifier", []) if i.get("system") != DEMO_SHARED_SYSTEM]
+    return {**resource, "identifier": [*others, {"system": DEMO_SHARED_SYSTEM, "value": kvnr}]}
 
 
 @dataclass(frozen=True)
@@ -46,8 +65,19 @@ def bundle_rows(path: Path, types: Iterable[str] = SUPPORTED_TYPES) -> list[Row]
         if resource.get("resourceType") in wanted:
             # A hospital row always has an id; a bundle entry may lack one (VXU-V04-01's DocumentReference).
             source_id = resource.get("id") or f"{path.stem}-{index}"
+            if resource["resourceType"] == "Patient":
+                resource = with_demo_kvnr(resource, demo_kvnr(source_id))
             rows.append(Row(resource["resourceType"], source_id, resource))
     return rows
+
+
+def shared_person_row() -> tuple[str, Row]:
+    """(site, row): the second hospital's record of the demo's shared person."""
+    bundle, site, local_id, family = DEMO_SHARED_PERSON
+    patient = next(r for r in bundle_rows(FIXTURES / f"{bundle}.json", ["Patient"]))
+    names = [{**name, "family": family} for name in patient.content.get("name", [])]
+    content = {**patient.content, "id": local_id, "name": names}
+    return site, Row("Patient", local_id, content)
 
 
 def site_dsn(site: SiteConfig, host: str, port: int, user: str, password: str | None) -> str:
@@ -72,16 +102,37 @@ def upsert_rows(dsn: str, rows: Iterable[Row], *, table: str = "fhir.resource") 
     return count
 
 
-def source_rows(dsn: str, *, table: str = "fhir.resource") -> list[tuple[str, str, float]]:
-    """(resource_type, id, updated_at epoch seconds) of every row in a site table."""
+SourceRow = tuple[str, str, float, dict[str, Any] | None]
+
+
+def source_rows(dsn: str, *, table: str = "fhir.resource") -> list[SourceRow]:
+    """(resource_type, id, updated_at epoch seconds, content of Patients) of every row in a site table."""
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(f"SELECT resource_type, id, extract(epoch from updated_at) FROM {table}")
-        return [(t, i, float(ts)) for t, i, ts in cur.fetchall()]
+        cur.execute(
+            f"SELECT resource_type, id, extract(epoch from updated_at), "
+            f"CASE WHEN resource_type = 'Patient' THEN content END FROM {table}"
+        )
+        return [(t, i, float(ts), content) for t, i, ts, content in cur.fetchall()]
 
 
-def expected_targets(site: str, rows: Iterable[tuple[str, str, float]]) -> dict[str, float]:
-    """Target reference → source commit time, for the rows a site holds."""
-    return {f"{t}/{target_id(site, t, i)}": ts for t, i, ts in rows}
+def expected_targets(site: SiteConfig, rows: Iterable[SourceRow]) -> tuple[dict[str, float], int]:
+    """Target reference → source commit time for a site's rows, and how many wait for a shared identifier.
+
+    A Patient's central id derives from its shared identifier (one Patient for one person at all sites).
+    """
+    expected: dict[str, float] = {}
+    waiting = 0
+    system = site.identity.shared_identifier_system if site.identity else ""
+    for resource_type, source_id, committed, content in rows:
+        if resource_type != "Patient":
+            ref = f"{resource_type}/{target_id(site.site, resource_type, source_id)}"
+        elif value := shared_identifier(content or {}, system):
+            ref = f"Patient/{global_patient_key(system, value)}"
+        else:
+            waiting += 1
+            continue
+        expected[ref] = max(committed, expected.get(ref, 0.0))
+    return expected, waiting
 
 
 def type_counts(refs: Iterable[str]) -> Counter[str]:

@@ -46,9 +46,18 @@ async def _count(client: FhirClient, resource_type: str, site: str) -> int:
 async def wait_and_summarize(settings: Settings, config: Config, *, timeout: float) -> int:
     """Poll the central CDR until all source rows arrived (or timeout); print counts and latency."""
     expected: dict[str, float] = {}
+    waiting = 0
     for site in config.source_sites():
         dsn = site_dsn(site, settings.pg_host, settings.pg_port, settings.pg_user, settings.pg_password_value)
-        expected |= expected_targets(site.site, source_rows(dsn))
+        rows, no_identifier = expected_targets(site, source_rows(dsn))
+        waiting += no_identifier
+        for ref, committed in rows.items():  # a person at two sites is one central Patient
+            expected[ref] = max(committed, expected.get(ref, 0.0))
+    if waiting:
+        print(
+            f"{waiting} Patient row(s) have no shared identifier: they and their records are held "
+            "(cdrsync tap held) until it is added"
+        )
     latencies: dict[str, float] = {}
     gate = asyncio.Semaphore(16)
     loop = asyncio.get_running_loop()

@@ -45,7 +45,7 @@ def apply_topics(
     bootstrap: str, plans: list[TopicPlan], *, dry_run: bool = False, report: Callable[[str], None] = print
 ) -> int:
     """Create missing topics, grow partitions, align configs. Returns the number of changes."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})  # librdkafka: errors only
     try:
         existing = admin.list_topics(timeout=15).topics
     except KafkaException as exc:

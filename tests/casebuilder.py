@@ -9,6 +9,18 @@ from pipeline.resources import SUPPORTED_TYPES
 from tests.conftest import bundle_resources
 
 Resource = dict[str, Any]
+KVNR_SYSTEM = "http://fhir.de/sid/gkv/kvid-10"  # the shared identifier of sites/site-*.yaml
+
+
+def kvnr_of(patient_id: str) -> str:
+    """The test convention: a patient's insurance number derives from its id."""
+    return f"K-{patient_id}"
+
+
+def with_kvnr(patient: Resource, value: str | None) -> Resource:
+    """A Patient with its shared identifier set (or removed, for None)."""
+    others = [i for i in patient.get("identifier", []) if i.get("system") != KVNR_SYSTEM]
+    return {**patient, "identifier": others + ([{"system": KVNR_SYSTEM, "value": value}] if value else [])}
 
 
 def _rewrite(node: Any, mapping: dict[str, str]) -> Any:
@@ -48,6 +60,7 @@ def tumour_case(prefix: str) -> list[Resource]:
         copy_ = _rewrite(copy.deepcopy(r), mapping)
         copy_["id"] = ids[f"{r['resourceType']}/{r['id']}"]
         case.append(copy_)
+    case[0] = with_kvnr(case[0], kvnr_of(case[0]["id"]))
     subject = {"reference": f"Patient/{case[0]['id']}"}
     encounter_ref = {"reference": f"Encounter/{next(r['id'] for r in case if r['resourceType'] == 'Encounter')}"}
     case += [
@@ -96,10 +109,14 @@ def observation_for(prefix: str, patient_id: str, n: int, value: float) -> Resou
 
 def patient(prefix: str, n: int = 0) -> Resource:
     """A minimal Patient."""
+    patient_id = f"{prefix}-pat-{n}"
     return {
         "resourceType": "Patient",
-        "id": f"{prefix}-pat-{n}",
+        "id": patient_id,
         "gender": "female",
         "birthDate": "1968-03-14",
-        "identifier": [{"system": "urn:example:mrn", "value": f"{prefix}-{n}"}],
+        "identifier": [
+            {"system": "urn:example:mrn", "value": f"{prefix}-{n}"},
+            {"system": KVNR_SYSTEM, "value": kvnr_of(patient_id)},
+        ],
     }

@@ -26,8 +26,10 @@ from confluent_kafka.admin import AdminClient
 
 from pipeline.config import Config
 from pipeline.demo import site_dsn
+from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from pipeline.settings import Settings
+from tests.casebuilder import KVNR_SYSTEM, kvnr_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = Settings()
@@ -213,6 +215,16 @@ def site_a(config: Config) -> Iterator[SiteDatabase]:
     db.conn.close()
 
 
+@pytest.fixture
+def site_b(config: Config) -> Iterator[SiteDatabase]:
+    site = config.sites["site-b"]
+    db = SiteDatabase(site_dsn(site, SETTINGS.pg_host, SETTINGS.pg_port, SETTINGS.pg_user, SETTINGS.pg_password_value))
+    yield db
+    db.conn.close()
+
+
 def central_id(resource_type: str, source_id: str, site: str = "site-a") -> str:
-    """The id a site-a resource gets at the central CDR."""
+    """The id a site resource gets at the central CDR (test patients carry kvnr_of(id) as shared identifier)."""
+    if resource_type == "Patient":
+        return global_patient_key(KVNR_SYSTEM, kvnr_of(source_id))
     return target_id(site, resource_type, source_id)

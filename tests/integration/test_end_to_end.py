@@ -89,20 +89,15 @@ def test_observation_whose_patient_arrives_later_waits_for_it(
     person = patient(prefix)
     observation = observation_for(prefix, person["id"], 1, 71.5)
     site_a.upsert(observation)
-    # The observation is normalized and parked; it must not be at central without its patient.
+    # Its patient is unknown, so the observation is held (visible to ops on the held topic), not written.
     wait_for(
-        lambda: list(
-            tap(
-                SETTINGS.kafka_bootstrap,
-                config.topics.name("identified"),
-                limit=1,
-                idle_seconds=2,
-                site="site-a",
-                resource_type="Observation",
-            )
-        ),
+        lambda: [
+            item
+            for item in tap(SETTINGS.kafka_bootstrap, config.topics.name("held"), idle_seconds=2)
+            if item["value"].get("source_id") == observation["id"]
+        ],
         timeout=60,
-        what="the observation on the identified topic",
+        what="the observation on the held topic",
     )
     assert stack.read("Observation", central_id("Observation", observation["id"])) is None
 

@@ -1,0 +1,108 @@
+"""One person, two hospitals: one central Patient; a patient without the shared number waits for it."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import Config
+from pipeline.identity import global_patient_key
+from pipeline.ids import target_id
+from pipeline.references import logical_system
+from pipeline.tap import tap
+from tests.casebuilder import KVNR_SYSTEM, observation_for, with_kvnr
+from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_same_person_at_two_hospitals_is_one_central_patient_owned_by_the_first(
+    worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str
+) -> None:
+    kvnr = f"X{run_id}"
+    at_a = with_kvnr(
+        {
+            "resourceType": "Patient",
+            "id": f"{run_id}-a-17",
+            "gender": "female",
+            "birthDate": "1966-02-03",
+            "name": [{"family": "Müller", "given": ["Anna"]}],
+            "identifier": [{"system": "urn:hospital-a:mrn", "value": "A-17"}],
+        },
+        kvnr,
+    )
+    at_b = with_kvnr(
+        {
+            "resourceType": "Patient",
+            "id": f"{run_id}-b-4711",
+            "gender": "female",
+            "birthDate": "1966-02-03",
+            "name": [{"family": "Mueller", "given": ["Anna M."]}],
+            "identifier": [{"system": "urn:hospital-b:mrn", "value": "B-4711"}],
+        },
+        kvnr,
+    )
+    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    site_a.upsert(at_a)
+    wait_for(lambda: stack.read("Patient", key), timeout=120, what="site-a's patient at central")
+    site_b.upsert(at_b)
+    encounter_a = {
+        "resourceType": "Encounter",
+        "id": f"{run_id}-enc",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{at_a['id']}"},
+    }
+    encounter_b = {**encounter_a, "subject": {"reference": f"Patient/{at_b['id']}"}}
+    site_a.upsert(encounter_a)
+    site_b.upsert(encounter_b)
+
+    def merged():
+        body = stack.read("Patient", key)
+        values = {(i.get("system"), i.get("value")) for i in (body or {}).get("identifier", [])}
+        return body if ("urn:hospital-b:mrn", "B-4711") in values else None
+
+    body = wait_for(merged, timeout=120, what="site-b's identifiers on the central patient")
+    assert body["name"] == at_a["name"], "site-b must not overwrite site-a's demographics"
+    identifiers = {(i.get("system"), i.get("value")) for i in body["identifier"]}
+    assert {
+        ("urn:hospital-a:mrn", "A-17"),
+        (logical_system("site-a", "Patient"), at_a["id"]),
+        (logical_system("site-b", "Patient"), at_b["id"]),
+        (KVNR_SYSTEM, kvnr),
+    } <= identifiers
+    assert sum(1 for system, _ in identifiers if system == KVNR_SYSTEM) == 1
+    for site in ("site-a", "site-b"):
+        enc = wait_for(
+            lambda s=site: stack.read("Encounter", target_id(s, "Encounter", encounter_a["id"])),
+            timeout=120,
+            what=f"{site}'s encounter",
+        )
+        assert enc["subject"]["reference"] == f"Patient/{key}"
+    status, found = stack.get(f"Patient?identifier={KVNR_SYSTEM}|{kvnr}")
+    assert status == 200 and found["total"] == 1
+
+
+def test_patient_without_the_shared_number_is_held_then_released_when_it_is_added(
+    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, config: Config
+) -> None:
+    person = {"resourceType": "Patient", "id": f"{run_id}-nokvnr", "gender": "male", "birthDate": "1950-07-01"}
+    weight = observation_for(f"{run_id}-nokvnr", person["id"], 1, 80.2)
+    site_a.upsert_many([person, weight])
+
+    def held_ids():
+        items = tap(SETTINGS.kafka_bootstrap, config.topics.name("held"), idle_seconds=2)
+        return {item["value"].get("source_id") for item in items if isinstance(item["value"], dict)}
+
+    wait_for(lambda: {person["id"], weight["id"]} <= held_ids(), timeout=120, what="both records on the held topic")
+    assert stack.read("Observation", target_id("site-a", "Observation", weight["id"])) is None
+
+    kvnr = f"Y{run_id}"
+    site_a.upsert(with_kvnr(person, kvnr))  # the admission desk adds the insurance number
+    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    wait_for(lambda: stack.read("Patient", key), timeout=120, what="the released patient")
+    observation = wait_for(
+        lambda: stack.read("Observation", target_id("site-a", "Observation", weight["id"])),
+        timeout=120,
+        what="the released observation",
+    )
+    assert observation["subject"]["reference"] == f"Patient/{key}"
