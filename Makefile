@@ -8,23 +8,26 @@ NATIVE := compose/native
 PYTEST_ARGS ?=
 
 .PHONY: help install system-deps python-deps stack-install up down status topics connectors \
-        worker-start worker-stop demo test unit integration lint clean
+        worker-start worker-stop monitor-start monitor-stop demo test unit integration lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 install: system-deps python-deps stack-install ## install everything: Debian packages, Python env, Maven jars
 
-system-deps: ## Debian packages the stack needs (PostgreSQL, curl, JDK, Maven) when missing
+system-deps: ## Debian packages the stack needs (PostgreSQL, Prometheus, curl, JDK, Maven) when missing
 	@need=""; \
 	command -v curl >/dev/null || need="$$need curl"; \
 	command -v java >/dev/null || need="$$need openjdk-17-jdk-headless"; \
 	command -v mvn >/dev/null || need="$$need maven"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	command -v promtool >/dev/null || need="$$need prometheus"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing:$$need"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need; \
+	  if [[ "$$need" == *prometheus* ]] && command -v systemctl >/dev/null && systemctl is-active --quiet prometheus; then \
+	    $$SUDO systemctl disable --now prometheus; fi; \
 	fi
 
 $(BIN)/python:
@@ -37,18 +40,21 @@ python-deps: $(BIN)/python ## the Python environment in .venv (the package, edit
 stack-install: ## resolve the stack's jars from Maven Central (once)
 	bash $(NATIVE)/stack.sh install
 
-up: install ## start PostgreSQL, Kafka, Kafka Connect + Debezium, HAPI FHIR; create topics; register connectors
+up: install ## start PostgreSQL, Kafka, Kafka Connect + Debezium, HAPI FHIR, Prometheus; topics; connectors; monitor
 	bash $(NATIVE)/stack.sh up
 	$(BIN)/cdrsync topics apply
 	$(BIN)/cdrsync connectors apply
+	bash $(NATIVE)/monitor.sh start
 
-down: ## stop the worker and the whole stack (data is kept in .stack/)
+down: ## stop the worker, the monitor and the whole stack (data is kept in .stack/)
 	-bash $(NATIVE)/worker.sh stop
+	-bash $(NATIVE)/monitor.sh stop
 	bash $(NATIVE)/stack.sh down
 
 status: ## one line per service
 	-bash $(NATIVE)/stack.sh status
 	-bash $(NATIVE)/worker.sh status
+	-bash $(NATIVE)/monitor.sh status
 
 worker-start: ## run a stream worker in the background (log: .stack/logs/worker.log)
 	bash $(NATIVE)/worker.sh start
@@ -56,12 +62,21 @@ worker-start: ## run a stream worker in the background (log: .stack/logs/worker.
 worker-stop: ## stop the background worker
 	bash $(NATIVE)/worker.sh stop
 
+monitor-start: ## run `cdrsync monitor` in the background (source health and lag for Prometheus)
+	bash $(NATIVE)/monitor.sh start
+
+monitor-stop: ## stop the background monitor
+	bash $(NATIVE)/monitor.sh stop
+
 demo: up worker-start ## the whole pipeline end to end with two demo hospitals, then a summary
 	$(BIN)/cdrsync demo load
 	$(BIN)/cdrsync demo wait --timeout 600
+	@echo; $(BIN)/cdrsync status || true
 	@echo; echo "The stack and the worker keep running: explore with"
 	@echo "  $(BIN)/cdrsync tap normalized --site site-a     (analysts' topic)"
 	@echo "  curl -s 'http://localhost:8080/fhir/Patient?_count=5'"
+	@echo "  $(BIN)/cdrsync status                          (one screen per route; exit 1 when one fails)"
+	@echo "  http://localhost:9090/alerts                     (Prometheus: alert rules and their state)"
 	@echo "  make down                                       (stop everything)"
 
 test: install lint ## lint, then every test tier against the real stack: starts it, runs the tests, stops it

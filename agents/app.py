@@ -10,6 +10,7 @@ import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from pipeline.config import load_config
+from pipeline.logs import logging_config
 from pipeline.settings import Settings
 
 log = logging.getLogger("cdrsync")
@@ -54,4 +55,5 @@ app = App(
     broker_commit_interval=1.0,
     table_standby_replicas=0,
     web_enabled=True,
+    logging_config=logging_config(settings.log_format),
 )

@@ -11,6 +11,7 @@ from faust.types import EventT, TopicT
 
 from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers
 from pipeline.metrics import DEAD_LETTERS, RETRIES
+from pipeline.observe import route_labels
 
 from .app import config
 from .topics import dead_letters, retry_tiers
@@ -68,8 +69,23 @@ async def dead_letter(stage: str, event: EventT, error: BaseException, attempts:
     await _dead_letter_info(event, info)
 
 
+def _log_fields(info: FailureInfo, site: str, target: str) -> dict[str, object]:
+    """Correlation fields of a failed record for the JSON logs."""
+    return {
+        "stage": info.stage,
+        "site": site,
+        "target": target,
+        "error_class": info.error_class,
+        "attempts": info.attempts,
+        "source_topic": info.origin_topic,
+        "source_partition": info.origin_partition,
+        "source_offset": info.origin_offset,
+    }
+
+
 async def _dead_letter_info(event: EventT, info: FailureInfo) -> None:
-    DEAD_LETTERS.labels(info.stage, info.error_class).inc()
+    site, target = route_labels(config, event.message.topic, event.message.value)
+    DEAD_LETTERS.labels(info.stage, site, target, info.error_class).inc()
     log.error(
         "dead letter: stage=%s error_class=%s origin=%s[%d]@%d attempts=%d: %s",
         info.stage,
@@ -79,6 +95,7 @@ async def _dead_letter_info(event: EventT, info: FailureInfo) -> None:
         info.origin_offset,
         info.attempts,
         info.message,
+        extra=_log_fields(info, site, target),
     )
     await deliver(dead_letters, event.message.key, event.message.value, failure_headers(info))
 
@@ -94,7 +111,8 @@ async def retry_later(stage: str, event: EventT, error: BaseException, attempts:
         return
     due = info.last_failure_ms + tiers[tier].delay_seconds * 1000
     info = FailureInfo(**{**info.__dict__, "tier": tier, "due_ms": due})
-    RETRIES.labels(stage, str(tier), info.error_class).inc()
+    site, target = route_labels(config, event.message.topic, event.message.value)
+    RETRIES.labels(stage, site, target, str(tier), info.error_class).inc()
     log.warning(
         "retry tier %d (%s): stage=%s error_class=%s origin=%s[%d]@%d",
         tier,
@@ -104,5 +122,6 @@ async def retry_later(stage: str, event: EventT, error: BaseException, attempts:
         info.origin_topic,
         info.origin_partition,
         info.origin_offset,
+        extra={**_log_fields(info, site, target), "tier": tier},
     )
     await deliver(retry_tiers[tier], event.message.key, event.message.value, failure_headers(info))

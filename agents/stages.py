@@ -18,6 +18,7 @@ from pipeline.errors import PermanentError, RetryableError
 from pipeline.fhirclient import FhirClient
 from pipeline.merge import merge_patient
 from pipeline.metrics import (
+    DEAD_LETTERS,
     END_TO_END_LATENCY,
     HELD,
     HELD_RELEASED,
@@ -28,6 +29,7 @@ from pipeline.metrics import (
     WRITES,
 )
 from pipeline.normalize import Filtered, SourcePosition, normalize_change
+from pipeline.observe import record_fields
 from pipeline.ordering import OrderState, apply_staged, expire_parked, order_record, staged
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, write_with_retries
@@ -160,6 +162,7 @@ async def dead_letter_record(stage: str, record: RoutedResource, error: Permanen
         now_ms=now_ms(),
         origin=(record.origin_topic, record.origin_partition, record.origin_offset),
     )
+    DEAD_LETTERS.labels(stage, record.site, record.target, info.error_class).inc()
     await deliver(dead_letters, record.patient_key.encode(), encode(record), failure_headers(info))
 
 
@@ -191,6 +194,7 @@ async def _write(event_record: RoutedResource, attempts: int) -> None:
         outcome.status,
         outcome.version_id,
         used,
+        extra={**record_fields(event_record), "status": outcome.status, "attempts": used, "op": event_record.op},
     )
 
 

@@ -2,9 +2,10 @@
 
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from . import stages  # noqa: F401  (registers the agents)
+from . import stages, web  # noqa: F401  (registers the agents, /healthz, /readyz)
 from .app import app
 
-setup_prometheus_sensors(app)
+# Faust's own metrics are named faust_*, whatever the app id, so dashboards and rules can name them.
+setup_prometheus_sensors(app, name_prefix="faust")
 
 __all__ = ["app"]

@@ -73,6 +73,7 @@ def _worker(args: argparse.Namespace, settings: Settings, config: Config) -> int
         "faust",
         "-A",
         "agents.worker",
+        *(["--quiet"] if settings.log_format == "json" else []),  # no banner between the JSON lines
         "worker",
         "-l",
         args.loglevel,
@@ -125,6 +126,30 @@ def _demo_wait(args: argparse.Namespace, settings: Settings, config: Config) -> 
     from .demo_summary import wait_and_summarize
 
     return asyncio.run(wait_and_summarize(settings, config, timeout=args.timeout))
+
+
+def _monitor(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .logs import configure
+    from .monitor import serve
+
+    configure(settings.log_format)
+    serve(settings, config, args.group or [settings.app_id], args.port or settings.monitor_port)
+    return 0
+
+
+def _status(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .monitor import SourceCollector
+    from .status import fetch_samples, fetch_worker, render, route_statuses, samples_of
+
+    group = args.group or settings.app_id
+    workers = [fetch_worker(url) for url in args.worker or [f"http://localhost:{settings.web_port}"]]
+    if args.monitor:
+        monitor = fetch_samples(args.monitor)
+    else:
+        monitor = samples_of(SourceCollector(settings, config, [group]).collect())
+    statuses = route_statuses(config, workers, monitor, group)
+    print(render(statuses, workers, monitor, group))
+    return 1 if any(status.failures for status in statuses) else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,6 +215,24 @@ def _parser() -> argparse.ArgumentParser:
     tap_cmd.add_argument("--limit", type=int, help="stop after this many records")
     tap_cmd.add_argument("--idle", type=float, default=5.0, help="stop after this many seconds without a record")
     tap_cmd.add_argument("--latest", action="store_true", help="only records arriving from now on")
+
+    status = command(
+        "status",
+        "one screen per route: last write, latency, lag, held, retries, dead letters, conflicts, connector; "
+        "exits 1 when a route is failing",
+        _status,
+    )
+    status.add_argument(
+        "--worker", action="append", metavar="URL", help="a worker's web address, repeatable (default: this host's)"
+    )
+    status.add_argument("--monitor", metavar="URL", help="read source health from `cdrsync monitor` at this /metrics")
+    status.add_argument("--group", help="the workers' consumer group (default: CDRSYNC_APP_ID or cdrsync)")
+
+    monitor = command("monitor", "serve source health and consumer lag on /metrics for Prometheus", _monitor)
+    monitor.add_argument("--port", type=int, help="port for /metrics (default: CDRSYNC_MONITOR_PORT or 6067)")
+    monitor.add_argument(
+        "--group", action="append", help="consumer group whose lag to report, repeatable (default: CDRSYNC_APP_ID)"
+    )
 
     demo = group("demo", "demo hospitals: load sample data, wait for it at the central CDR")
     leaf(demo, "load", "write the sample FHIR resources into site-a's and site-b's databases", _demo_load)

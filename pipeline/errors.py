@@ -10,6 +10,7 @@ CdrsyncError
     ├── MappingError             source content cannot become a valid FHIR R4 resource
     ├── SchemaError              an Avro record that does not match its schema
     └── RejectedByTargetError    the target refused the write (4xx other than the above)
+        └── TargetAuthError      401/403: the target does not accept our credentials
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "RejectedByTargetError",
     "RetryableError",
     "SchemaError",
+    "TargetAuthError",
     "TargetUnavailableError",
 ]
 
@@ -95,3 +97,9 @@ class RejectedByTargetError(PermanentError):
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TargetAuthError(RejectedByTargetError):
+    """The target refused our credentials (401/403): the record is fine, the token is not; alerted at once."""
+
+    error_class = "target_auth"

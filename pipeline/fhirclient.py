@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 
 from .config import TargetEndpoint
-from .errors import ReferenceNotReadyError, RejectedByTargetError, TargetUnavailableError
+from .errors import ReferenceNotReadyError, RejectedByTargetError, TargetAuthError, TargetUnavailableError
 
 __all__ = ["FhirClient", "WriteOutcome", "classify_response"]
 
@@ -61,6 +61,8 @@ def classify_response(method: str, status: int, body: bytes, retry_after: str | 
         raise ReferenceNotReadyError(f"target refuses the delete while other resources reference it: {detail}")
     if status in (400, 404, 409, 412, 422) and any(marker in detail for marker in _MISSING_REFERENCE_MARKERS):
         raise ReferenceNotReadyError(f"target lacks a referenced resource ({status}): {detail}")
+    if status in (401, 403):
+        raise TargetAuthError(f"target refused our credentials ({status}): {detail}", status=status)
     raise RejectedByTargetError(f"target rejected the {method} ({status}): {detail}", status=status)
 
 
@@ -126,6 +128,15 @@ class FhirClient:
             "entry": [{"request": {"method": "DELETE", "url": ref}} for ref in references],
         }
         return await self._send("POST", "", orjson.dumps(bundle))
+
+    async def probe(self) -> int:
+        """HTTP status of the capability statement (GET metadata); 0 when the target cannot be reached."""
+        try:
+            async with self._session_or_new().get(f"{self.base_url}/metadata") as response:
+                await response.read()
+                return response.status
+        except (TimeoutError, aiohttp.ClientError):
+            return 0
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Read a resource, None if the target does not have it (or it was deleted)."""

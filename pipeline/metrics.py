@@ -3,16 +3,26 @@ error class; never a patient or resource id."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = [
+    "CONFLICTS",
     "DEAD_LETTERS",
     "END_TO_END_LATENCY",
+    "HELD_RECORDS",
     "LAST_SUCCESS",
     "NORMALIZED",
     "PARKED",
+    "READY",
     "RETRIES",
     "WRITES",
+    "VolumeCollector",
 ]
 
 NORMALIZED = Counter(
@@ -36,8 +46,16 @@ LAST_SUCCESS = Gauge(
     "Unix time of the last acknowledged write per route",
     ["site", "target"],
 )
-RETRIES = Counter("cdrsync_retries_total", "Records sent to a retry tier", ["stage", "tier", "error_class"])
-DEAD_LETTERS = Counter("cdrsync_dead_letters_total", "Records sent to the dead-letter topic", ["stage", "error_class"])
+RETRIES = Counter(
+    "cdrsync_retries_total",
+    "Records sent to a retry tier (tier: 0 = the first of topics.yaml's retry_tiers)",
+    ["stage", "site", "target", "tier", "error_class"],
+)
+DEAD_LETTERS = Counter(
+    "cdrsync_dead_letters_total",
+    "Records sent to the dead-letter topic (site/target empty when the record could not be read)",
+    ["stage", "site", "target", "error_class"],
+)
 PARKED = Counter(
     "cdrsync_parked_total",
     "Resources parked until a referenced resource is released",
@@ -51,3 +69,46 @@ HELD_RELEASED = Counter("cdrsync_held_released_total", "Held records released wh
 IDENTITY_REVIEWS = Counter(
     "cdrsync_identity_reviews_total", "Patient identity changes sent to review instead of being applied", ["site"]
 )
+
+CONFLICTS = Counter(
+    "cdrsync_conflicts_total",
+    "Changes not applied because the target resource changed since cdrsync last wrote it",
+    ["site", "target", "resource_type"],
+)
+HELD_RECORDS = Gauge(
+    "cdrsync_held_records",
+    "Records waiting in this worker's tables now, by reason (missing_identifier, reference)",
+    ["site", "reason"],
+)
+READY = Gauge("cdrsync_ready", "1 when /readyz answers ready (partitions assigned, tables recovered, target up)")
+
+
+class VolumeCollector(Collector):
+    """Used and available bytes of the file systems holding the given paths (disk-pressure alerts)."""
+
+    def __init__(self, volumes: Mapping[str, Path]) -> None:
+        self.volumes = dict(volumes)
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        used = GaugeMetricFamily("cdrsync_volume_used_bytes", "Bytes used on the volume", labels=["volume"])
+        available = GaugeMetricFamily(
+            "cdrsync_volume_available_bytes", "Bytes still available to cdrsync on the volume", labels=["volume"]
+        )
+        return used, available
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The metric names, without touching the disk."""
+        yield from self._families()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per volume whose path exists."""
+        used, available = self._families()
+        for name, path in sorted(self.volumes.items()):
+            try:
+                usage = shutil.disk_usage(path)
+            except OSError:
+                continue
+            used.add_metric([name], float(usage.used))
+            available.add_metric([name], float(usage.free))
+        yield used
+        yield available

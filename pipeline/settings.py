@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -24,11 +25,16 @@ class Settings(BaseSettings):
     web_port: int = 6066
     sink_attempts: int = Field(default=5, ge=1, description="in-process write attempts before a retry topic")
     park_limit_seconds: int = Field(default=3600, ge=1, description="how long a resource waits for a reference")
+    app_id: str = Field(default="cdrsync", description="Faust app id: the workers' Kafka consumer group")
+    log_format: Literal["json", "text"] = Field(default="json", description="worker logs: JSON lines or text")
+    monitor_port: int = Field(default=6067, description="port of `cdrsync monitor`'s /metrics")
+    monitor_volumes: str = Field(default="", description="name=path,... file systems `cdrsync monitor` reports")
 
     pg_host: str = Field(default="localhost", validation_alias="PG_HOST")
     pg_port: int = Field(default=55432, validation_alias="PG_PORT")
     pg_user: str = Field(default="postgres", validation_alias="PG_SUPERUSER")
     pg_password: SecretStr | None = Field(default=None, validation_alias="PG_PASSWORD")
+    audit_database: str = Field(default="central", description="PostgreSQL database of the audit.event table")
 
     @property
     def pg_password_value(self) -> str | None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole native stack, in dependency order: postgres -> kafka -> connect (-> fhir, when compose/native/fhir.sh
-# exists). Every service script is idempotent and waits until its service is healthy.
+# exists) -> prometheus (it scrapes the workers and `cdrsync monitor`, which run outside this script). Every service
+# script is idempotent and waits until its service is healthy.
 #   stack.sh install   resolve/install everything without starting anything (Maven jars, PostgreSQL package)
 #   stack.sh up        start every service in order; stop at the first that does not become healthy
 #   stack.sh down      stop every service in reverse order
@@ -14,6 +15,7 @@ NATIVE_DIR="$REPO_ROOT/compose/native"
 services() {
   local all=(postgres kafka connect) s
   [ -f "$NATIVE_DIR/fhir.sh" ] && all+=(fhir)
+  [ -f "$NATIVE_DIR/prometheus.sh" ] && all+=(prometheus)
   for s in "${all[@]}"; do
     if [ -z "${STACK_SERVICES:-}" ] || [[ " $STACK_SERVICES " == *" $s "* ]]; then echo "$s"; fi
   done

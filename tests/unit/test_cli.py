@@ -19,6 +19,8 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         ["connectors", "status"],
         ["worker"],
         ["tap"],
+        ["status"],
+        ["monitor"],
         ["demo", "load"],
         ["demo", "wait"],
     ]

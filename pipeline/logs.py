@@ -1,0 +1,85 @@
+"""Structured logs: one JSON object per line, with correlation fields and no patient data.
+
+A log call passes its correlation fields as `extra` (see `pipeline.observe.record_fields`); only the
+names in CORRELATION_FIELDS are written, so an unexpected `extra` cannot leak content. Messages are
+written as given, after one scrub: validation errors quote the offending input (`input_value=...`),
+which may be a name or a birth date, so those quotes are cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+__all__ = ["CORRELATION_FIELDS", "JsonLinesFormatter", "configure", "logging_config", "scrub"]
+
+CORRELATION_FIELDS = (
+    "stage",
+    "site",
+    "target",
+    "resource_type",
+    "op",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "source_lsn",
+    "target_ref",
+    "status",
+    "version_id",
+    "attempts",
+    "error_class",
+    "tier",
+)
+_INPUT_VALUE = re.compile(r"input_value=(?:'[^']*'|\"[^\"]*\"|\{.*?\}|\[.*?\]|[^,\]\s]+)")
+
+
+def scrub(text: str) -> str:
+    """Remove quoted input values (pydantic's `input_value=...`) from a message."""
+    return _INPUT_VALUE.sub("input_value=<redacted>", text)
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """Format a record as one JSON object: ts, level, logger, msg, correlation fields, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": scrub(record.getMessage()),
+        }
+        for name in CORRELATION_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None and value != "":
+                entry[name] = value
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exc_type"] = record.exc_info[0].__name__
+            entry["exc"] = scrub("".join(traceback.format_exception(*record.exc_info)).rstrip())
+        return orjson.dumps(entry, default=str).decode()
+
+
+def logging_config(log_format: str) -> dict[str, Any] | None:
+    """A logging dictConfig for Faust's worker (merged into its own, keeping its level), or None for text."""
+    if log_format != "json":
+        return None
+    return {
+        "version": 1,
+        "merge": True,
+        "formatters": {"json": {"()": f"{__name__}.JsonLinesFormatter"}},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+    }
+
+
+def configure(log_format: str, level: int = logging.INFO) -> None:
+    """Log to standard output as JSON lines (or text) in a process that is not a Faust worker."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLinesFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)

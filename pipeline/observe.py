@@ -1,0 +1,104 @@
+"""What the worker reports about its records: metric labels, log correlation fields, held counts, readiness.
+
+Everything here is bounded and free of patient data: sites, targets, resource types, Kafka positions,
+LSNs and deterministic target ids (uuid5 hashes), never names, birth dates or resource content.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config
+from .errors import CdrsyncError
+from .records import NormalizedResource, RoutedResource, decode_any
+
+__all__ = [
+    "Readiness",
+    "held_counts",
+    "record_fields",
+    "route_labels",
+]
+
+
+def route_labels(config: Config, topic: str, value: bytes | None) -> tuple[str, str]:
+    """(site, target) of a record for metric labels; "" where the record does not say."""
+    for site in config.source_sites():
+        if config.source_topic(site) == topic:
+            return site.site, ""
+    if not value:
+        return "", ""
+    try:
+        _, datum = decode_any(value)
+    except CdrsyncError:
+        return "", ""
+    return str(datum.get("site") or ""), str(datum.get("target") or "")
+
+
+def record_fields(record: NormalizedResource | RoutedResource) -> dict[str, Any]:
+    """Log correlation fields of a record: where it came from at the source and in Kafka, where it goes."""
+    fields: dict[str, Any] = {
+        "site": record.site,
+        "resource_type": record.resource_type,
+        "source_topic": record.origin_topic,
+        "source_partition": record.origin_partition,
+        "source_offset": record.origin_offset,
+        "source_lsn": record.source_lsn,
+    }
+    if isinstance(record, RoutedResource):
+        fields["target"] = record.target
+        fields["target_ref"] = record.target_ref
+    return fields
+
+
+def held_counts(
+    held: Iterable[tuple[str, list[Any]]], parked: Iterable[list[Mapping[str, Any]]]
+) -> Counter[tuple[str, str]]:
+    """Records waiting now, by (site, reason).
+
+    held:   the identity stage's "site|local patient" → records waiting for the shared identifier
+    parked: the order stage's park lists, whose entries carry the encoded record
+    """
+    counts: Counter[tuple[str, str]] = Counter()
+    for key, records in held:
+        counts[(key.split("|", 1)[0], "missing_identifier")] += len(records)
+    for entries in parked:
+        for entry in entries:
+            counts[(_site_of_parked(entry), "reference")] += 1
+    return counts
+
+
+def _site_of_parked(entry: Mapping[str, Any]) -> str:
+    try:
+        _, datum = decode_any(base64.b64decode(entry["record"]))
+    except (CdrsyncError, KeyError, TypeError, ValueError):
+        return ""
+    return str(datum.get("site") or "")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """The three conditions of /readyz."""
+
+    partitions_assigned: bool
+    tables_recovered: bool
+    target_reachable: bool
+
+    @property
+    def ready(self) -> bool:
+        """Ready only when all three hold."""
+        return self.partitions_assigned and self.tables_recovered and self.target_reachable
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON body of /readyz."""
+        return {
+            "ready": self.ready,
+            "checks": {
+                "partitions_assigned": self.partitions_assigned,
+                "tables_recovered": self.tables_recovered,
+                "target_reachable": self.target_reachable,
+            },
+        }
