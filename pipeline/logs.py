@@ -2,8 +2,8 @@
 
 A log call passes its correlation fields as `extra` (see `pipeline.observe.record_fields`); only the
 names in CORRELATION_FIELDS are written, so an unexpected `extra` cannot leak content. Messages are
-written as given, after one scrub: validation errors quote the offending input (`input_value=...`),
-which may be a name or a birth date, so those quotes are cut.
+written as given, after one scrub: validation errors and FHIR server diagnostics quote the offending
+input (`input_value=...`, `"..."`), which may be a name or a birth date, so those quotes are cut.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ CORRELATION_FIELDS = (
     "tier",
 )
 _INPUT_VALUE = re.compile(r"input_value=(?:'[^']*'|\"[^\"]*\"|\{.*?\}|\[.*?\]|[^,\]\s]+)")
+_DOUBLE_QUOTED = re.compile(r'"[^"\n]{1,500}"')
 
 
 def scrub(text: str) -> str:
-    """Remove quoted input values (pydantic's `input_value=...`) from a message."""
-    return _INPUT_VALUE.sub("input_value=<redacted>", text)
+    """Cut the values a message quotes from its input: pydantic's `input_value=...`, and anything in double
+    quotes (a FHIR server's diagnostics quote the offending value, which may be a name or a birth date)."""
+    return _DOUBLE_QUOTED.sub('"<redacted>"', _INPUT_VALUE.sub("input_value=<redacted>", text))
 
 
 class JsonLinesFormatter(logging.Formatter):

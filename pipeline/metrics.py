@@ -39,7 +39,7 @@ END_TO_END_LATENCY = Histogram(
     "cdrsync_end_to_end_latency_seconds",
     "Source commit to target acknowledgement",
     ["site", "target", "resource_type"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120, 300, 900, 1800, 3600),
 )
 LAST_SUCCESS = Gauge(
     "cdrsync_last_successful_write_timestamp_seconds",

@@ -70,6 +70,13 @@ def test_validation_input_values_are_cut_from_messages_and_tracebacks() -> None:
     assert "Doe" not in entry["exc"] and "input_value=<redacted>" in entry["exc"]
 
 
+def test_values_a_fhir_server_quotes_are_cut_but_the_message_stays() -> None:
+    diagnostics = 'rejected (400): HAPI-1821: Invalid attribute value "Doe, Jane": birthDate "1970-13-45"'
+    assert scrub(diagnostics) == (
+        'rejected (400): HAPI-1821: Invalid attribute value "<redacted>": birthDate "<redacted>"'
+    )
+
+
 def test_faust_gets_a_merged_config_for_json_and_none_for_text() -> None:
     config = logging_config("json")
     assert config is not None and config["merge"] is True
