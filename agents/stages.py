@@ -10,13 +10,15 @@ import asyncio
 import logging
 import time
 
+import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
 from pipeline.deadletter import failure_headers, failure_info, parse_failure_headers
-from pipeline.errors import PermanentError, RetryableError
+from pipeline.errors import PermanentError, RetryableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.merge import merge_patient
+from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
 from pipeline.metrics import (
     DEAD_LETTERS,
     END_TO_END_LATENCY,
@@ -36,8 +38,10 @@ from pipeline.sink import RetryPolicy, write_with_retries
 from pipeline.staging import Staged
 
 from .app import app, config, settings
+from .audit import emit_audit
 from .routing import dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
+    conflicts,
     dead_letters,
     held_by_local_patient,
     held_records,
@@ -103,14 +107,18 @@ async def resolve_identity(stream: StreamT) -> None:
             HELD.labels(held.site, held.resource_type).inc()
             log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
             await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
+            await emit_audit("held", held, detail=reason)
         for item, reason in outcome.review:
             IDENTITY_REVIEWS.labels(item.site).inc()
             log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
             await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
+            await emit_audit("identity_review", item, detail=reason)
         for routed in outcome.routed:
             await deliver(identified, routed.patient_key.encode(), encode(routed))
         if outcome.released:
             HELD_RELEASED.labels(record.site).inc(outcome.released)
+        for released in outcome.released_records:
+            await emit_audit("released", released, detail="its patient's shared identifier arrived")
         for table in (state.keys, state.held):  # only now: outputs are acknowledged
             assert isinstance(table, Staged)
             table.apply()
@@ -181,11 +189,17 @@ def _client(target: str) -> FhirClient:
 
 async def _write(event_record: RoutedResource, attempts: int) -> None:
     """Write one record; raise what the target's answer means."""
-    outcome, used = await write_with_retries(_client(event_record.target), event_record, RetryPolicy(attempts))
+    client, policy = _client(event_record.target), RetryPolicy(attempts)
+    # No version table yet (versions=None): kept in a Faust table written by this agent, it made the
+    # SIGKILL test lose a record (branch wip/conflicts-sink-table), so If-Match is not used until fixed.
+    outcome, used = await write_with_retries(client, event_record, policy, None)
     labels = (event_record.site, event_record.target, event_record.resource_type)
     WRITES.labels(*labels, "succeeded", "").inc()
     END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))
     LAST_SUCCESS.labels(event_record.site, event_record.target).set(time.time())
+    await emit_audit(
+        "written", event_record, detail=f"{event_record.op} status {outcome.status} version {outcome.version_id}"
+    )
     log.info(
         "wrote %s %s to %s (status %d, version %s, attempts %d)",
         event_record.op,
@@ -207,16 +221,40 @@ async def _write_or_route(stage: str, event: EventT, attempts: int) -> None:
     labels = (record.site, record.target, record.resource_type, "failed")
     try:
         await _write(record, attempts)
+    except VersionConflictError as conflict:
+        WRITES.labels(*labels, conflict.error_class).inc()
+        await _report_conflict(event, record, conflict)
     except RetryableError as error:
         WRITES.labels(*labels, error.error_class).inc()
         await retry_later(stage, event, error, attempts)
     except PermanentError as error:
         WRITES.labels(*labels, error.error_class).inc()
         await dead_letter(stage, event, error, attempts)
+        await emit_audit("dead_lettered", record, detail=f"{error.error_class}: {error}"[:500])
     except Exception as error:
         WRITES.labels(*labels, "internal").inc()
         log.exception("sink failed unexpectedly at %s[%d]@%d", *origin_of(event))
         await dead_letter(stage, event, error, attempts)
+
+
+async def _report_conflict(event: EventT, record: RoutedResource, conflict: VersionConflictError) -> None:
+    """Keep both versions for clinical review; the target keeps its own (DESIGN.md decision 8)."""
+    CONFLICT_RECORDS.labels(record.site, record.target, record.resource_type).inc()
+    await emit_audit("conflict", record, detail=str(conflict)[:500])
+    log.error("conflict: %s at %s changed since our last write; change not applied", record.target_ref, record.target)
+    value = {
+        "target": record.target,
+        "target_ref": record.target_ref,
+        "site": record.site,
+        "source_id": record.source_id,
+        "source_version": record.source_version,
+        "detected_ms": now_ms(),
+        "reason": str(conflict),
+        "incoming": orjson.loads(record.resource) if record.resource else None,
+        "current": conflict.current,
+        "origin": {"topic": record.origin_topic, "partition": record.origin_partition, "offset": record.origin_offset},
+    }
+    await deliver(conflicts, event.message.key, orjson.dumps(value))
 
 
 @app.agent(ready, concurrency=1)

@@ -14,6 +14,7 @@ identified = app.topic(_t.name("identified"), partitions=_t.partitions_of("ident
 ready = app.topic(_t.name("ready"), partitions=_t.partitions_of("ready"))
 dead_letters = app.topic(_t.name("dlq"))
 held_records = app.topic(_t.name("held"))
+conflicts = app.topic(_t.name("conflicts"))
 identity_review = app.topic(_t.name("identity_review"))
 retry_tiers = [app.topic(tier.name) for tier in _t.retry_tiers]
 

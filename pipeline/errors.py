@@ -2,6 +2,7 @@
 
 CdrsyncError
 ├── ConfigError                  bad topics.yaml / sites/*.yaml / environment: stop at start-up
+├── VersionConflictError         the target changed since our last write: conflicts topic, for review
 ├── RetryableError               try again later: in-process retries, then retry topics
 │   ├── TargetUnavailableError   connection refused, timeout, 408, 429, 5xx
 │   └── ReferenceNotReadyError   the target does not (yet) hold a referenced resource
@@ -27,6 +28,7 @@ __all__ = [
     "SchemaError",
     "TargetAuthError",
     "TargetUnavailableError",
+    "VersionConflictError",
 ]
 
 
@@ -63,6 +65,17 @@ class ReferenceNotReadyError(RetryableError):
     """The target rejected a write because a resource it references is not there yet."""
 
     error_class = "reference_not_ready"
+
+
+class VersionConflictError(CdrsyncError):
+    """The target resource changed since cdrsync last wrote it: the change is not applied but kept,
+    with the target's version, for clinical review (DESIGN.md decision 8). Neither retried nor dead-lettered."""
+
+    error_class = "conflict"
+
+    def __init__(self, message: str, *, current: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 class PermanentError(CdrsyncError):

@@ -11,7 +11,13 @@ import aiohttp
 import orjson
 
 from .config import TargetEndpoint
-from .errors import ReferenceNotReadyError, RejectedByTargetError, TargetAuthError, TargetUnavailableError
+from .errors import (
+    ReferenceNotReadyError,
+    RejectedByTargetError,
+    TargetAuthError,
+    TargetUnavailableError,
+    VersionConflictError,
+)
 
 __all__ = ["FhirClient", "WriteOutcome", "classify_response"]
 
@@ -57,6 +63,8 @@ def classify_response(method: str, status: int, body: bytes, retry_after: str | 
     detail = _diagnostics(body)
     if status in (408, 429) or status >= 500:
         raise TargetUnavailableError(f"target answered {status}: {detail}", retry_after=_retry_after(retry_after))
+    if status == 412 or (status == 409 and "HAPI-0989" in detail):  # If-Match named a superseded version
+        raise VersionConflictError(f"target resource changed since our last write ({status}): {detail}")
     if method == "DELETE" and status == 409:
         raise ReferenceNotReadyError(f"target refuses the delete while other resources reference it: {detail}")
     if status in (400, 404, 409, 412, 422) and any(marker in detail for marker in _MISSING_REFERENCE_MARKERS):
@@ -99,8 +107,12 @@ class FhirClient:
         if self._session is not None:
             await self._session.close()
 
-    async def _send(self, method: str, path: str, body: bytes | None = None) -> WriteOutcome:
+    async def _send(
+        self, method: str, path: str, body: bytes | None = None, *, if_match: str | None = None
+    ) -> WriteOutcome:
         headers = {"Content-Type": _FHIR_JSON} if body is not None else {}
+        if if_match is not None:
+            headers["If-Match"] = f'W/"{if_match}"'  # FHIR R4 3.1.0.5.4: version-aware updates
         try:
             url = f"{self.base_url}/{path}" if path else self.base_url
             async with self._session_or_new().request(method, url, data=body, headers=headers) as response:
@@ -112,9 +124,11 @@ class FhirClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise TargetUnavailableError(f"{method} {path}: {type(exc).__name__}: {exc}") from None
 
-    async def put(self, resource_type: str, resource_id: str, body: bytes) -> WriteOutcome:
-        """Create or replace a resource at a client-assigned id."""
-        return await self._send("PUT", f"{resource_type}/{resource_id}", body)
+    async def put(
+        self, resource_type: str, resource_id: str, body: bytes, *, if_match: str | None = None
+    ) -> WriteOutcome:
+        """Create or replace a resource at a client-assigned id; with if_match, only over that version."""
+        return await self._send("PUT", f"{resource_type}/{resource_id}", body, if_match=if_match)
 
     async def delete(self, resource_type: str, resource_id: str) -> WriteOutcome:
         """Delete a resource; an already absent one counts as deleted."""

@@ -87,6 +87,7 @@ class IdentityOutcome:
     held: list[tuple[NormalizedResource, str]] = field(default_factory=list)  # (record, reason)
     review: list[tuple[NormalizedResource, str]] = field(default_factory=list)
     released: int = 0  # held records released by this one
+    released_records: list[RoutedResource] = field(default_factory=list)
 
 
 def _hold(state: IdentityState, local: str, record: NormalizedResource, reason: str, out: IdentityOutcome) -> None:
@@ -140,7 +141,9 @@ def _release_held(state: IdentityState, local: str, site: SiteConfig, out: Ident
     for held in waiting:
         if held.resource_type == "Patient" and not held.is_delete:
             continue  # an older version of the Patient, superseded by the one that released them
-        out.routed += route_resource(held, site, keys)
+        released = route_resource(held, site, keys)
+        out.routed += released
+        out.released_records += released
         out.released += 1
 
 

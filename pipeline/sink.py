@@ -1,14 +1,37 @@
-"""Stage 4: write a ready resource to its target, with short in-process retries for transient failures."""
+"""Stage 4: write a ready resource to its target, with short in-process retries for transient failures.
+
+Writes are version-aware (DESIGN.md decision 8): the sink remembers, per target reference, the version
+the target gave its last write (table written_version_by_reference) and updates only over that version
+(If-Match). If someone edited the resource at the target since, or another writer did, the change is
+not applied: VersionConflictError carries the target's current version for the conflicts topic.
+Every body carries the SHA-256 of its content in an extension (not a meta.tag: HAPI keeps the tags of
+earlier versions), so a refusal caused by our own earlier write (applied at the target, then the
+worker died before remembering its version) is recognised as ours and not reported as a conflict.
+"""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from typing import Any
+
+import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from .errors import RetryableError
+from .errors import RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .records import RoutedResource
 
-__all__ = ["RetryPolicy", "write_record", "write_with_retries"]
+__all__ = [
+    "CONTENT_HASH_EXTENSION",
+    "RetryPolicy",
+    "body_to_write",
+    "content_hash_of",
+    "write_record",
+    "write_with_retries",
+]
+
+CONTENT_HASH_EXTENSION = "urn:cdrsync:content-hash"
+Versions = MutableMapping[str, dict[str, Any]]
 
 
 class RetryPolicy:
@@ -20,18 +43,51 @@ class RetryPolicy:
         self.max_seconds = max_seconds
 
 
-async def write_record(client: FhirClient, record: RoutedResource) -> WriteOutcome:
-    """PUT the resource at its deterministic id, or DELETE it."""
-    if record.is_delete and record.delete_with:  # a reference cycle: one transaction deletes all of it
-        return await client.delete_all([record.target_ref, *record.delete_with])
-    if record.is_delete:
-        return await client.delete(record.resource_type, record.target_id)
+def body_to_write(record: RoutedResource) -> bytes:
+    """The resource as sent: the SHA-256 of its content added as an extension."""
     assert record.resource is not None
-    return await client.put(record.resource_type, record.target_id, record.resource.encode())
+    body = orjson.loads(record.resource)
+    extensions = [e for e in body.get("extension", []) if e.get("url") != CONTENT_HASH_EXTENSION]
+    extensions.append({"url": CONTENT_HASH_EXTENSION, "valueString": record.content_hash})
+    return orjson.dumps({**body, "extension": extensions})
+
+
+def content_hash_of(resource: dict[str, Any] | None) -> str | None:
+    """The content hash cdrsync wrote into a resource, None if it carries none."""
+    for extension in (resource or {}).get("extension", []):
+        if extension.get("url") == CONTENT_HASH_EXTENSION:
+            return str(extension.get("valueString"))
+    return None
+
+
+async def write_record(client: FhirClient, record: RoutedResource, versions: Versions | None = None) -> WriteOutcome:
+    """PUT the resource at its deterministic id over the version we last wrote, or DELETE it."""
+    versions = {} if versions is None else versions
+    ref = record.target_ref
+    if record.is_delete:
+        if record.delete_with:  # a reference cycle: one transaction deletes all of it
+            outcome = await client.delete_all([ref, *record.delete_with])
+        else:
+            outcome = await client.delete(record.resource_type, record.target_id)
+        for gone in [ref, *record.delete_with]:
+            versions.pop(gone, None)
+        return outcome
+    known = versions.get(ref, {}).get("version")
+    try:
+        outcome = await client.put(record.resource_type, record.target_id, body_to_write(record), if_match=known)
+    except VersionConflictError as conflict:
+        current = await client.read(record.resource_type, record.target_id)
+        if current is None or content_hash_of(current) != record.content_hash:
+            raise VersionConflictError(str(conflict), current=current) from None
+        version = str((current.get("meta") or {}).get("versionId"))  # our own write, replayed after a crash
+        outcome = WriteOutcome(200, version)
+    if outcome.version_id is not None:
+        versions[ref] = {"version": outcome.version_id}
+    return outcome
 
 
 async def write_with_retries(
-    client: FhirClient, record: RoutedResource, policy: RetryPolicy
+    client: FhirClient, record: RoutedResource, policy: RetryPolicy, versions: Versions | None = None
 ) -> tuple[WriteOutcome, int]:
     """Write with exponential backoff and jitter on retryable errors; (outcome, attempts used)."""
     attempts = 0
@@ -43,5 +99,5 @@ async def write_with_retries(
     ):
         with attempt:
             attempts = attempt.retry_state.attempt_number
-            return await write_record(client, record), attempts
+            return await write_record(client, record, versions), attempts
     raise AssertionError("unreachable: tenacity either returns or reraises")
