@@ -307,7 +307,8 @@ def render(statuses: list[RouteStatus], workers: list[WorkerView], monitor: list
         if s.name == "cdrsync_consumer_lag_records" and s.labels.get("group") == group and not s.labels.get("site")
     ]
     lines.append(f"shared topics, not yet read: {', '.join(shared) or '?'}")
-    dlq = [s.value for s in monitor if s.name == "cdrsync_topic_records" and s.labels.get("kind") == "dlq"]
-    if dlq:
-        lines.append(f"dead-letter topic holds {dlq[0]:.0f} records (cdrsync tap dlq)")
+    for kind, what in (("dlq", "dead-letter"), ("conflicts", "conflicts")):
+        held = [s.value for s in monitor if s.name == "cdrsync_topic_records" and s.labels.get("kind") == kind]
+        if held:
+            lines.append(f"{what} topic holds {held[0]:.0f} records (cdrsync tap {kind})")
     return "\n".join(lines)

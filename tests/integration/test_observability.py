@@ -29,6 +29,7 @@ from pipeline.status import Sample, fetch_samples, fetch_worker
 from tests.casebuilder import observation_for, patient
 from tests.integration.conftest import ROOT, SETTINGS, Central, SiteDatabase, Worker, _free_port, central_id, wait_for
 
+pytestmark = pytest.mark.integration
 ROUTE = {"site": "site-a", "target": "central"}
 
 

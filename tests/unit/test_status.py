@@ -62,6 +62,7 @@ def monitor_metrics(connector: str = "RUNNING", lag: int = 0, target_up: int = 1
     lines += [
         'cdrsync_consumer_lag_records{group="cdrsync",topic="fhir.ready.v1",kind="ready",site=""} 4',
         'cdrsync_topic_records{topic="fhir.sink.dlq",kind="dlq"} 1',
+        'cdrsync_topic_records{topic="fhir.conflicts.v1",kind="conflicts"} 0',
         f'cdrsync_target_up{{target="central"}} {target_up}',
     ]
     return "\n".join(lines) + "\n"
@@ -158,7 +159,8 @@ def test_the_command_reads_worker_and_monitor_over_http(endpoints: str, capsys: 
     assert "site-a -> central: OK" in out
     assert re.search(r"last successful write  \d+ s ago", out)
     assert "latency p50 / p99      0.81 s / 4.80 s  (10 written, 1 failed attempts)" in out
-    assert "dead-letter topic holds 1 records" in out
+    assert "dead-letter topic holds 1 records (cdrsync tap dlq)" in out
+    assert "conflicts topic holds 0 records (cdrsync tap conflicts)" in out
 
     _Endpoints.pages["/monitor"] = (200, monitor_metrics(connector="FAILED"))
     _Endpoints.pages["/readyz"] = (503, '{"ready": false, "checks": {"target_reachable": false}}')
