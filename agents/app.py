@@ -54,6 +54,9 @@ app = App(
     broker_commit_every=100,
     broker_commit_interval=1.0,
     table_standby_replicas=0,
+    # Faust checks a table's changelog partitions against the consumer's metadata, which aiokafka
+    # refreshes every 5 minutes by default: changelogs created at start-up stayed "0 partitions" that long.
+    consumer_metadata_max_age_ms=5000,
     web_enabled=True,
     logging_config=logging_config(settings.log_format),
 )

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from typing import Any
 
+from faust.exceptions import PartitionsMismatch
 from faust.types import EventT, TopicT
 
 from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers
 from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
+from pipeline.staging import Staged
 
 from .app import config
 from .topics import dead_letters, retry_tiers
 
 log = logging.getLogger("cdrsync.routing")
 _EXIT_UNDELIVERABLE = 70
+_APPLY_ATTEMPTS = 120
 
 
 def now_ms() -> int:
@@ -54,6 +58,27 @@ async def deliver(
     except Exception:
         log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
         os._exit(_EXIT_UNDELIVERABLE)
+
+
+async def apply_tables(*tables: Staged) -> None:
+    """Apply staged table changes once the outputs they describe are acknowledged.
+
+    Right after start-up Faust may not yet see a changelog topic's partitions and refuses the write
+    (PartitionsMismatch) until its metadata refreshes: wait for it. Any other failure exits the worker:
+    the outputs are sent but the state is not, so the record must be processed again, not acked.
+    """
+    for attempt in range(_APPLY_ATTEMPTS):
+        try:
+            for table in tables:
+                table.apply()
+            return
+        except PartitionsMismatch:
+            log.warning("table metadata not ready (attempt %d); retrying", attempt + 1)
+            await asyncio.sleep(1.0)
+        except Exception:
+            break
+    log.critical("cannot update tables; exiting so the input is processed again", exc_info=True)
+    os._exit(_EXIT_UNDELIVERABLE)
 
 
 async def dead_letter(stage: str, event: EventT, error: BaseException, attempts: int = 1) -> None:

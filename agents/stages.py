@@ -32,14 +32,14 @@ from pipeline.metrics import (
 )
 from pipeline.normalize import Filtered, SourcePosition, normalize_change
 from pipeline.observe import record_fields
-from pipeline.ordering import OrderState, apply_staged, expire_parked, order_record, staged
+from pipeline.ordering import OrderState, expire_parked, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, write_with_retries
 from pipeline.staging import Staged
 
 from .app import app, config, settings
 from .audit import emit_audit
-from .routing import dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
+from .routing import apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
     conflicts,
     dead_letters,
@@ -119,9 +119,8 @@ async def resolve_identity(stream: StreamT) -> None:
             HELD_RELEASED.labels(record.site).inc(outcome.released)
         for released in outcome.released_records:
             await emit_audit("released", released, detail="its patient's shared identifier arrived")
-        for table in (state.keys, state.held):  # only now: outputs are acknowledged
-            assert isinstance(table, Staged)
-            table.apply()
+        assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
+        await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
 
 
 @app.agent(identified, concurrency=1)
@@ -143,8 +142,8 @@ async def order_resources(stream: StreamT) -> None:
             PARKED.labels(record.site, record.resource_type).inc()
         for item in releasable:
             await deliver(ready, item.patient_key.encode(), encode(item))
-        apply_staged(changes)  # only now: the tables never claim a release Kafka has not acknowledged
-        patients.apply()
+        # Only now: the tables never claim a release Kafka has not acknowledged.
+        await apply_tables(*staged_tables(changes), patients)
 
 
 async def _expire_parks(partition: int) -> None:
@@ -158,7 +157,7 @@ async def _expire_parks(partition: int) -> None:
         error = PermanentError(reason)
         error.error_class = "park_expired"
         await dead_letter_record("order", parked.record, error)
-    apply_staged(changes)
+    await apply_tables(*staged_tables(changes))
 
 
 async def dead_letter_record(stage: str, record: RoutedResource, error: PermanentError) -> None:

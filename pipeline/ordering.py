@@ -72,6 +72,13 @@ def staged(state: OrderState) -> OrderState:
     return OrderState(Staged(state.released), Staged(state.parked), Staged(state.waiting), Staged(state.referrers))
 
 
+def staged_tables(state: OrderState) -> list[Staged]:
+    """The staged tables of a state made by `staged`."""
+    tables = [state.released, state.parked, state.waiting, state.referrers]
+    assert all(isinstance(table, Staged) for table in tables)
+    return tables  # type: ignore[return-value]
+
+
 def apply_staged(state: OrderState) -> None:
     """Write the changes of a staged state to its tables."""
     for table in (state.released, state.parked, state.waiting, state.referrers):
