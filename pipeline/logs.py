@@ -2,8 +2,9 @@
 
 A log call passes its correlation fields as `extra` (see `pipeline.observe.record_fields`); only the
 names in CORRELATION_FIELDS are written, so an unexpected `extra` cannot leak content. Messages are
-written as given, after one scrub: validation errors and FHIR server diagnostics quote the offending
-input (`input_value=...`, `"..."`), which may be a name or a birth date, so those quotes are cut.
+written as given, after one scrub: validation errors quote the offending input (`input_value=...`), and
+so do FHIR server diagnostics in cdrsync's own messages (`"..."`); it may be a name or a birth date, so those
+quotes are cut. Tracebacks keep their file names.
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ _INPUT_VALUE = re.compile(r"input_value=(?:'[^']*'|\"[^\"]*\"|\{.*?\}|\[.*?\]|[^
 _DOUBLE_QUOTED = re.compile(r'"[^"\n]{1,500}"')
 
 
-def scrub(text: str) -> str:
-    """Cut the values a message quotes from its input: pydantic's `input_value=...`, and anything in double
-    quotes (a FHIR server's diagnostics quote the offending value, which may be a name or a birth date)."""
-    return _DOUBLE_QUOTED.sub('"<redacted>"', _INPUT_VALUE.sub("input_value=<redacted>", text))
+def scrub(text: str, *, quoted: bool = False) -> str:
+    """Cut the values a message quotes from its input: pydantic's `input_value=...` always; with quoted, also
+    anything in double quotes (a FHIR server's diagnostics quote the offending value, e.g. a name)."""
+    text = _INPUT_VALUE.sub("input_value=<redacted>", text)
+    return _DOUBLE_QUOTED.sub('"<redacted>"', text) if quoted else text
 
 
 class JsonLinesFormatter(logging.Formatter):
@@ -53,7 +55,8 @@ class JsonLinesFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": scrub(record.getMessage()),
+            # Our own messages may carry a target's diagnostics; a library's quotes are names of its own things.
+            "msg": scrub(record.getMessage(), quoted=record.name.startswith("cdrsync")),
         }
         for name in CORRELATION_FIELDS:
             value = record.__dict__.get(name)

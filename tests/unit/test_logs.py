@@ -68,13 +68,20 @@ def test_validation_input_values_are_cut_from_messages_and_tracebacks() -> None:
     entry = orjson.loads(JsonLinesFormatter().format(record))
     assert entry["exc_type"] == "ValueError"
     assert "Doe" not in entry["exc"] and "input_value=<redacted>" in entry["exc"]
+    assert f'File "{__file__}"' in entry["exc"]
 
 
 def test_values_a_fhir_server_quotes_are_cut_but_the_message_stays() -> None:
     diagnostics = 'rejected (400): HAPI-1821: Invalid attribute value "Doe, Jane": birthDate "1970-13-45"'
-    assert scrub(diagnostics) == (
+    assert scrub(diagnostics, quoted=True) == (
         'rejected (400): HAPI-1821: Invalid attribute value "<redacted>": birthDate "<redacted>"'
     )
+    ours = JsonLinesFormatter().format(
+        logging.LogRecord("cdrsync.routing", logging.ERROR, "", 1, diagnostics, (), None)
+    )
+    assert "Doe" not in ours and "1970" not in ours
+    faust = logging.LogRecord("faust.agents", logging.ERROR, "", 1, 'Crashed reason=Mismatch("topic t")', (), None)
+    assert orjson.loads(JsonLinesFormatter().format(faust))["msg"] == 'Crashed reason=Mismatch("topic t")'
 
 
 def test_faust_gets_a_merged_config_for_json_and_none_for_text() -> None:
