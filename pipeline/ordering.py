@@ -47,7 +47,6 @@ __all__ = [
     "OrderState",
     "Parked",
     "Staged",
-    "apply_staged",
     "expire_parked",
     "order_record",
     "staged",
@@ -68,7 +67,7 @@ class OrderState:
 
 
 def staged(state: OrderState) -> OrderState:
-    """The same state with every change held back until `apply_staged`."""
+    """The same state with every change held back until its `staged_tables` are applied."""
     return OrderState(Staged(state.released), Staged(state.parked), Staged(state.waiting), Staged(state.referrers))
 
 
@@ -77,13 +76,6 @@ def staged_tables(state: OrderState) -> list[Staged]:
     tables = [state.released, state.parked, state.waiting, state.referrers]
     assert all(isinstance(table, Staged) for table in tables)
     return tables  # type: ignore[return-value]
-
-
-def apply_staged(state: OrderState) -> None:
-    """Write the changes of a staged state to its tables."""
-    for table in (state.released, state.parked, state.waiting, state.referrers):
-        assert isinstance(table, Staged)
-        table.apply()
 
 
 @dataclass(frozen=True)

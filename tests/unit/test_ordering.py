@@ -248,7 +248,7 @@ def test_deleting_everything_in_any_order_never_deletes_what_is_still_referenced
 
 
 def test_staged_changes_reach_the_tables_only_when_applied() -> None:
-    from pipeline.ordering import apply_staged, staged
+    from pipeline.ordering import staged, staged_tables
 
     tables = state()
     order_record(tables, rec("Patient/p1"), 0)
@@ -257,6 +257,7 @@ def test_staged_changes_reach_the_tables_only_when_applied() -> None:
     order_record(changes, rec("Observation/o1", ("Patient/p1",)), 0)
     assert "Patient/p1" in tables.released and tables.parked == {}  # a crash here leaves the tables as they were
     assert "Patient/p1" not in changes.released and list(changes.parked) == ["Patient/p1"]
-    apply_staged(changes)
+    for table in staged_tables(changes):
+        table.apply()
     assert "Patient/p1" not in tables.released and list(tables.parked) == ["Patient/p1"]
     assert tables.waiting == {"Observation/o1": "Patient/p1"}
