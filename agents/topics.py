@@ -30,4 +30,6 @@ patient_key_by_local_patient = app.Table(
     "patient_key_by_local_patient", partitions=_normalized_partitions, schema=_json
 )
 held_by_local_patient = app.Table("held_by_local_patient", partitions=_normalized_partitions, schema=_json)
+# The sink's per-resource order (pipeline/blocking.py), co-partitioned with the ready topic.
+blocked_by_reference = app.Table("blocked_by_reference", partitions=_t.partitions_of("ready"), schema=_json)
 patient_sources_by_patient_key = app.Table("patient_sources_by_patient_key", partitions=_partitions, schema=_json)

@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import CdrsyncError
 
-__all__ = ["FailureInfo", "failure_headers", "failure_info", "parse_failure_headers"]
+__all__ = ["FailureInfo", "failure_headers", "failure_info", "parse_failure_headers", "retry_schedule"]
 
 Headers = list[tuple[str, bytes]]
 _PREFIX = "cdrsync-"
@@ -87,3 +87,20 @@ def parse_failure_headers(
         k: int(v) if k in ints else v for k, v in values.items() if k in FailureInfo.__annotations__
     }
     return FailureInfo(**fields)
+
+
+def retry_schedule(
+    previous: FailureInfo | None, delays: Sequence[float], error: BaseException
+) -> tuple[int, float] | None:
+    """(tier, delay in seconds) of a record's next retry, None when the tiers are used up (dead letter).
+
+    A record that never went through a tier goes to the first; each failure after a tier moves it one
+    on. A target's Retry-After (429/503) lengthens the delay, never shortens it. A replayed dead letter
+    carries tier -1, so it starts over at the first tier.
+    """
+    tier = previous.tier + 1 if previous is not None and previous.due_ms else 0
+    if tier >= len(delays):
+        return None
+    retry_after = getattr(error, "retry_after", None)
+    delay = max(float(delays[tier]), float(retry_after or 0.0))
+    return tier, delay
