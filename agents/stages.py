@@ -16,7 +16,7 @@ from faust.types import EventT, StreamT
 from pipeline import identity
 from pipeline.blocking import Outcome, Queued, SinkOrder, write_in_order
 from pipeline.breaker import CircuitBreaker
-from pipeline.deadletter import failure_headers, failure_info, parse_failure_headers
+from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info, parse_failure_headers
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.merge import merge_patient
@@ -37,7 +37,7 @@ from pipeline.metrics import (
 from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
 from pipeline.normalize import Filtered, SourcePosition, normalize_change
 from pipeline.observe import record_fields
-from pipeline.ordering import OrderState, expire_parked, order_record, staged, staged_tables
+from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, write_with_retries
 from pipeline.staging import Staged
@@ -57,6 +57,7 @@ from .topics import (
     parked_by_reference,
     patient_key_by_local_patient,
     patient_sources_by_patient_key,
+    positions_by_reference,
     ready,
     referrers_by_reference,
     released_by_reference,
@@ -67,8 +68,9 @@ from .topics import (
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
-DISCARD_HEADER = "cdrsync-discard"  # `cdrsync dlq discard`: resolve a dead letter without writing it
-_order_state = OrderState(released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference)
+_order_state = OrderState(
+    released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference, positions_by_reference
+)
 _clients: dict[str, FhirClient] = {}
 _breakers: dict[str, CircuitBreaker] = {}
 
@@ -80,7 +82,8 @@ async def normalize_changes(stream: StreamT) -> None:
         message = event.message
         try:
             site = config.site_of_topic(message.topic)
-            result = normalize_change(site, message.value, SourcePosition(*origin_of(event)))
+            position = SourcePosition(*origin_of(event))
+            result = normalize_change(site, message.value, position, settings.max_record_bytes)
         except PermanentError as error:
             NORMALIZED.labels("unknown", "unknown", "failed").inc()
             await dead_letter("normalize", event, error)
@@ -141,7 +144,18 @@ async def order_resources(stream: StreamT) -> None:
         changes = staged(_order_state)
         patients = Staged(patient_sources_by_patient_key)
         try:
-            record = merge_patient(patients, decode(event.message.value, RoutedResource))
+            record = decode(event.message.value, RoutedResource)
+            if is_stale(changes, record):
+                log.warning(
+                    "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
+                    record.target_ref,
+                    record.site,
+                    record.source_lsn,
+                    extra=record_fields(record),
+                )
+                await emit_audit("duplicate_skipped", record, detail=f"stale re-send, source LSN {record.source_lsn}")
+                continue
+            record = merge_patient(patients, record)
             releasable = order_record(changes, record, now_ms(), event.message.partition)
         except Exception as error:
             await dead_letter("order", event, error)

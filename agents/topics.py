@@ -24,6 +24,7 @@ released_by_reference = app.Table("released_by_reference", partitions=_partition
 parked_by_reference = app.Table("parked_by_reference", partitions=_partitions, schema=_json)
 waiting_by_reference = app.Table("waiting_by_reference", partitions=_partitions, schema=_json)
 referrers_by_reference = app.Table("referrers_by_reference", partitions=_partitions, schema=_json)
+positions_by_reference = app.Table("positions_by_reference", partitions=_partitions, schema=_json)
 
 _normalized_partitions = _t.partitions_of("normalized")  # the identity tables follow the normalized topic
 patient_key_by_local_patient = app.Table(

@@ -28,6 +28,7 @@ Step = Literal[
     "held_behind",
     "duplicate_skipped",
     "discarded",
+    "replayed",
 ]
 
 AUDIT_TABLE_DDL = """

@@ -8,9 +8,19 @@ from typing import Any
 
 from .errors import CdrsyncError
 
-__all__ = ["FailureInfo", "failure_headers", "failure_info", "parse_failure_headers", "retry_schedule"]
+__all__ = [
+    "DISCARD_HEADER",
+    "REPLAY_HEADER",
+    "FailureInfo",
+    "failure_headers",
+    "failure_info",
+    "parse_failure_headers",
+    "retry_schedule",
+]
 
 Headers = list[tuple[str, bytes]]
+DISCARD_HEADER = "cdrsync-discard"  # `cdrsync dlq discard`: resolve a dead letter without writing it
+REPLAY_HEADER = "cdrsync-replay-of"  # `cdrsync dlq replay`: the dead letter's id (partition:offset)
 _PREFIX = "cdrsync-"
 
 

@@ -9,9 +9,9 @@ import orjson
 from .adapters.fhir import row_identity, row_to_resource
 from .config import SiteConfig
 from .envelope import ChangeEvent, decode_temporal, parse_envelope
-from .errors import EnvelopeError
+from .errors import EnvelopeError, MappingError, OversizeError
 from .records import NormalizedResource, canonical_hash
-from .resources import patient_reference, validate_resource
+from .resources import is_fhir_type, patient_reference, validate_resource
 
 __all__ = ["Filtered", "SourcePosition", "normalize_change"]
 
@@ -39,9 +39,11 @@ class Filtered:
 
 
 def normalize_change(
-    site: SiteConfig, value: bytes | None, position: SourcePosition
+    site: SiteConfig, value: bytes | None, position: SourcePosition, max_bytes: int | None = None
 ) -> NormalizedResource | Filtered | None:
     """Decode, map and validate one change; None for a tombstone. Raises PermanentError on bad input."""
+    if value is not None and max_bytes is not None and len(value) > max_bytes:
+        raise OversizeError(f"change record of {len(value)} bytes exceeds the limit of {max_bytes} bytes")
     event = parse_envelope(value)
     if event is None:
         return None
@@ -52,6 +54,8 @@ def normalize_change(
         raise EnvelopeError(f"change of {event.schema}.{event.table}, not the site's source table")
     resource_type, source_id = row_identity(event)
     if resource_type not in site.resource_types:
+        if not is_fhir_type(resource_type):
+            raise MappingError(f"unknown resource type {resource_type!r}: not a FHIR R4 resource")
         return Filtered(site.site, resource_type)
     resource = None if event.op == "d" else row_to_resource(event)
     if resource is not None:

@@ -57,26 +57,27 @@ class Workload:
     changes: int = 0
     latest: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
 
-    def transactions(self) -> list[list[dict[str, Any]]]:
-        """Insert transactions (one per patient, some Observations before their Patient), then updates."""
-        rng = random.Random(self.seed)
-        inserts, updates = [], []
-        for n in range(self.patients):
-            person = patient(self.prefix, n)
-            obs = [
-                observation_for(f"{self.prefix}-{n}", person["id"], k, float(10 * k)) for k in range(self.observations)
+    def patient_batches(self, n: int) -> list[list[dict[str, Any]]]:
+        """Patient n's transactions: its insert (an Observation before the Patient), then its updates."""
+        rng = random.Random(self.seed * 100_003 + n)
+        person = patient(self.prefix, n)
+        obs = [observation_for(f"{self.prefix}-{n}", person["id"], k, float(10 * k)) for k in range(self.observations)]
+        batches = [[*obs[:1], person, *obs[1:]]]
+        for round_ in range(1, self.updates + 1):
+            changed = [
+                {**o, "valueQuantity": {**o["valueQuantity"], "value": float(10 * k + round_)}}
+                for k, o in enumerate(obs)
+                if rng.random() < 0.5
             ]
-            inserts.append([*obs[:1], person, *obs[1:]])
-            for round_ in range(1, self.updates + 1):
-                updates.append(
-                    [
-                        {**o, "valueQuantity": {**o["valueQuantity"], "value": float(10 * k + round_)}}
-                        for k, o in enumerate(obs)
-                        if rng.random() < 0.5
-                    ]
-                )
-        batches = inserts + [u for u in updates if u]
+            if changed:
+                batches.append(changed)
         return batches
+
+    def transactions(self, first: int = 0, count: int | None = None) -> list[list[dict[str, Any]]]:
+        """Inserts of patients first..first+count, then their updates."""
+        numbers = range(first, self.patients if count is None else first + count)
+        plans = [self.patient_batches(n) for n in numbers]
+        return [plan[0] for plan in plans] + [batch for plan in plans for batch in plan[1:]]
 
     def load(self, db: SiteDatabase, batches: list[list[dict[str, Any]]], pause: float = 0.0) -> None:
         for batch in batches:
