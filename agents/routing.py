@@ -156,7 +156,7 @@ async def retry_later(stage: str, event: EventT | Carried, error: BaseException,
     carried = event if isinstance(event, Carried) else Carried.of(event)
     previous = carried.failure
     info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=previous)
-    schedule = retry_schedule(previous, [tier.delay_seconds for tier in config.topics.retry_tiers], error)
+    schedule = retry_schedule(previous, [tier.delay_seconds for tier in config.topics.retry_tiers])
     if schedule is None:
         await _dead_letter_info(carried, info)
         return False

@@ -6,7 +6,6 @@ escape: Faust would ack the message that raised, and it would be lost.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -16,7 +15,7 @@ from faust.types import EventT, StreamT
 from pipeline import identity
 from pipeline.blocking import Outcome, Queued, SinkOrder, write_in_order
 from pipeline.breaker import CircuitBreaker
-from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info, parse_failure_headers
+from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.merge import merge_patient
@@ -61,7 +60,6 @@ from .topics import (
     ready,
     referrers_by_reference,
     released_by_reference,
-    retry_tiers,
     source_changes,
     waiting_by_reference,
 )
@@ -344,25 +342,3 @@ async def write_resources(stream: StreamT) -> None:
     """Write each ready resource to its target; commit only after the target acknowledged."""
     async for event in stream.events():
         await _sink("sink", event, settings.sink_attempts)
-
-
-def _retry_agent(tier_index: int) -> None:
-    async def retry_writes(stream: StreamT) -> None:
-        """Hold each record until it is due, then hand it back to the sink through the ready topic.
-
-        The sink alone writes, so per-resource order and the circuit breaker apply to retries too.
-        A tier has one delay, so records fall due in the order they arrive: waiting for the one at
-        hand never keeps a record of another partition past its own due time.
-        """
-        async for event in stream.events():
-            info = parse_failure_headers(headers_of(event))
-            wait_ms = (info.due_ms if info else 0) - now_ms()
-            if wait_ms > 0:
-                await asyncio.sleep(wait_ms / 1000)
-            await deliver(ready, event.message.key, event.message.value, headers_of(event))
-
-    app.agent(retry_tiers[tier_index], name=f"retry_writes_tier{tier_index}", concurrency=1)(retry_writes)
-
-
-for _index in range(len(retry_tiers)):
-    _retry_agent(_index)

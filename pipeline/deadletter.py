@@ -99,18 +99,15 @@ def parse_failure_headers(
     return FailureInfo(**fields)
 
 
-def retry_schedule(
-    previous: FailureInfo | None, delays: Sequence[float], error: BaseException
-) -> tuple[int, float] | None:
+def retry_schedule(previous: FailureInfo | None, delays: Sequence[float]) -> tuple[int, float] | None:
     """(tier, delay in seconds) of a record's next retry, None when the tiers are used up (dead letter).
 
     A record that never went through a tier goes to the first; each failure after a tier moves it one
-    on. A target's Retry-After (429/503) lengthens the delay, never shortens it. A replayed dead letter
-    carries tier -1, so it starts over at the first tier.
+    on. A replayed dead letter carries tier -1, so it starts over at the first tier. (A target's
+    Retry-After is honoured by the in-process retries, see pipeline/sink.py: a tier's delay is fixed,
+    so the records of a tier fall due in the order they arrive.)
     """
     tier = previous.tier + 1 if previous is not None and previous.due_ms else 0
     if tier >= len(delays):
         return None
-    retry_after = getattr(error, "retry_after", None)
-    delay = max(float(delays[tier]), float(retry_after or 0.0))
-    return tier, delay
+    return tier, float(delays[tier])

@@ -262,7 +262,10 @@ def resolve(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> int:
     """Replay or discard dead letters; each is sent, acknowledged, recorded and audited. How many were done."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+    # murmur2: the partitioner of Java clients and of aiokafka, so a key lands where Faust would put it
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
+    )
     failures: list[str] = []
 
     def delivered(err: Any, msg: Any) -> None:
@@ -276,15 +279,16 @@ def resolve(
             *failure_headers(FailureInfo(**{**letter.failure.__dict__, "tier": -1})),
             (REPLAY_HEADER, letter.id.encode()),
         ]
+        topic = destination(config, letter) if action == "replay" else config.topics.name("ready")
+        # Into the partition it failed in: the sink's per-resource state for it lives there.
+        where: dict[str, Any] = (
+            {"partition": letter.failure.origin_partition} if topic == letter.failure.origin_topic else {}
+        )
         if action == "replay":
-            producer.produce(
-                destination(config, letter), letter.value, letter.key, headers=headers, on_delivery=delivered
-            )
+            producer.produce(topic, letter.value, letter.key, headers=headers, on_delivery=delivered, **where)
         elif letter.failure.stage == "sink":  # release the versions waiting behind it
             headers.append((DISCARD_HEADER, reason.encode() or b"1"))
-            producer.produce(
-                config.topics.name("ready"), letter.value, letter.key, headers=headers, on_delivery=delivered
-            )
+            producer.produce(topic, letter.value, letter.key, headers=headers, on_delivery=delivered, **where)
         at_ms = int(time.time() * 1000)
         resolution = {"action": "replayed" if action == "replay" else "discarded", "at": _iso(at_ms), "by": operator}
         if reason:

@@ -65,8 +65,10 @@ class OrderState:
     parked: MutableMapping[str, list[dict[str, Any]]]
     waiting: MutableMapping[str, str]
     referrers: MutableMapping[str, list[str]]
-    #: target ref → {site: the highest source LSN seen}: a change Debezium re-sends after a crash of
-    #: Kafka Connect, older than one already seen, is stale and not written over the newer one
+    #: target ref → {"site|source id": the highest source LSN seen}: a change Debezium re-sends after a
+    #: crash of Kafka Connect, older than one already seen, is stale and not written over the newer one.
+    #: Per source row: two local records of one person merge into one central Patient, and their
+    #: changes may reach this stage in any order.
     positions: MutableMapping[str, dict[str, int]] = field(default_factory=dict)
 
 
@@ -238,16 +240,20 @@ def is_stale(state: OrderState, record: RoutedResource) -> bool:
     """
     if record.source_lsn is None:
         return False
-    seen = state.positions.get(record.target_ref, {}).get(record.site)
+    seen = state.positions.get(record.target_ref, {}).get(_source_row(record))
     return seen is not None and record.source_lsn < seen
+
+
+def _source_row(record: RoutedResource) -> str:
+    return f"{record.site}|{record.source_id}"
 
 
 def order_record(state: OrderState, record: RoutedResource, now_ms: int, partition: int = 0) -> list[RoutedResource]:
     """Admit one record; return every record now releasable, in the order to write them."""
     if record.source_lsn is not None:
         seen = dict(state.positions.get(record.target_ref, {}))
-        if record.source_lsn > seen.get(record.site, -1):
-            state.positions[record.target_ref] = {**seen, record.site: record.source_lsn}
+        if record.source_lsn > seen.get(_source_row(record), -1):
+            state.positions[record.target_ref] = {**seen, _source_row(record): record.source_lsn}
     released: list[RoutedResource] = []
     queue = deque([record])
     while queue:

@@ -16,7 +16,16 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+# Not forwarded: hop-by-hop headers, and the encoding (the proxy's client decompresses what it gets).
+_HOP_HEADERS = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "content-encoding",
+    "accept-encoding",
+}
 
 
 @dataclass

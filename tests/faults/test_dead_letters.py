@@ -162,24 +162,21 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
     assert letter_for(stuck_ref, "--stage", "sink") is None  # no longer open
     assert letter_for(stuck_ref, "--stage", "sink", "--include-resolved")["status"] == "replayed"
 
-    # 4. A record the target rejects for good: replay cannot help; discard releases the next version.
-    document = {
-        "resourceType": "DocumentReference",
-        "id": f"{prefix}-doc",
-        "status": "current",
-        "subject": {"reference": f"Patient/{person['id']}"},
-    }  # valid for the model, but HAPI requires content
-    site_a.upsert(document)
+    # 4. A version the target rejects for good (422): replay cannot help; discard releases the next version.
+    document = observation_for(prefix, person["id"], 2, 7.0)
     doc_ref = ref_of(document)
-    rejected = wait_for(lambda: letter_for(doc_ref, "--stage", "sink"), timeout=120, what="the rejected document")
+    proxy.set(Fault("status", 422, path_contains=doc_ref.split("/")[1]))
+    site_a.upsert(document)
+    rejected = wait_for(lambda: letter_for(doc_ref, "--stage", "sink"), timeout=120, what="the rejected version")
     assert rejected["error_class"] == "rejected_by_target"
-    fixed = {**document, "content": [{"attachment": {"contentType": "text/plain", "data": "b2s="}}]}
+    fixed = {**document, "valueQuantity": {**document["valueQuantity"], "value": 8.0}}
     site_a.upsert(fixed)
     wait_for(lambda: worker.metric("cdrsync_held_behind_total") >= 2, timeout=120, what="the fix to wait behind it")
+    proxy.clear()
     out = cdrsync("dlq", "discard", rejected["id"], "--reason", "superseded by the fixed version", "--execute")
     assert "1 dead letters discarded and audited" in out
-    wait_for(lambda: stack.read(*doc_ref.split("/")), timeout=120, what="the fixed document")
-    assert len(_history(stack, doc_ref)) == 1
+    wait_for(lambda: stack.read(*doc_ref.split("/")), timeout=120, what="the fixed version")
+    assert [r["valueQuantity"]["value"] for r in _history(stack, doc_ref)] == [8.0]
 
     # 5. Each replay and discard is in the audit trail ops query.
     def audited() -> set[str]:

@@ -272,6 +272,7 @@ def test_a_change_debezium_sends_again_after_a_newer_one_is_stale() -> None:
     assert is_stale(s, v1)  # re-sent after Kafka Connect died: older than what was seen
     assert not is_stale(s, v2)  # the same change again is written again (idempotent), not dropped
     assert not is_stale(s, replace(v1, site="site-b"))  # another hospital's LSNs are its own
+    assert not is_stale(s, replace(v1, source_id="p2"))  # as are another local record's merged into it
     assert not is_stale(s, replace(v1, source_lsn=None))
 
 
