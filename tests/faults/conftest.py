@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ import pytest
 from pipeline.references import logical_system
 from tests.casebuilder import observation_for, patient
 from tests.integration import conftest as integration
-from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, central_id, wait_for
+from tests.integration.conftest import ROOT, SETTINGS, Central, SiteDatabase, Worker, central_id, wait_for
 
 # The real-stack fixtures of the integration tests, shared (a fixture is found by its name in a conftest).
 stack, run_id, site_a, site_b = integration.stack, integration.run_id, integration.site_a, integration.site_b
@@ -30,6 +32,16 @@ __all__ = ["SETTINGS", "Central", "SiteDatabase", "Worker", "central_id", "wait_
 
 SOAK = os.environ.get("CDRSYNC_SOAK", "") not in ("", "0")
 GROUP = "cdrsync-faults"  # one consumer group across runs: a rerun resumes instead of replaying history
+# The suite's own pipeline topics (the source topics are shared): the records other workers left in
+# fhir.ready.v1 & co. are not replayed here, and nothing of this suite reaches other workers' topics.
+# Set before any configuration is read; workers and `cdrsync` commands started here inherit it.
+os.environ.setdefault("CDRSYNC_TOPIC_PREFIX", "faults.")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fault_topics() -> None:
+    """Create the suite's topics (idempotent)."""
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "topics", "apply"], cwd=ROOT, check=True, timeout=120)
 
 
 @pytest.fixture
