@@ -58,6 +58,7 @@ from .topics import (
     source_changes,
     waiting_by_reference,
 )
+from .trigger import report_selection, select_for_route, trigger_states
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
@@ -132,18 +133,25 @@ async def order_resources(stream: StreamT) -> None:
             continue
         changes = staged(_order_state)
         patients = Staged(patient_sources_by_patient_key)
+        triggers = trigger_states()  # the route's trigger picks what is sent (agents/trigger.py)
         try:
-            record = merge_patient(patients, decode(event.message.value, RoutedResource))
-            releasable = order_record(changes, record, now_ms(), event.message.partition)
+            incoming = decode(event.message.value, RoutedResource)
+            selection = select_for_route(triggers, incoming)
+            releasable = []
+            for chosen in selection.send:
+                record = merge_patient(patients, chosen)
+                released = order_record(changes, record, now_ms(), event.message.partition)
+                if not released:
+                    PARKED.labels(record.site, record.resource_type).inc()
+                releasable += released
         except Exception as error:
             await dead_letter("order", event, error)
             continue
-        if not releasable:
-            PARKED.labels(record.site, record.resource_type).inc()
         for item in releasable:
             await deliver(ready, item.patient_key.encode(), encode(item))
+        await report_selection(incoming, selection)
         # Only now: the tables never claim a release Kafka has not acknowledged.
-        await apply_tables(*staged_tables(changes), patients)
+        await apply_tables(*staged_tables(changes), patients, triggers)
 
 
 async def _expire_parks(partition: int) -> None:

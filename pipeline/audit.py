@@ -17,7 +17,20 @@ from .records import NormalizedResource, RoutedResource
 
 __all__ = ["AUDIT_TABLE_DDL", "Step", "audit_event", "insert_events"]
 
-Step = Literal["written", "held", "released", "conflict", "dead_lettered", "retried", "identity_review"]
+Step = Literal[
+    "written",
+    "held",
+    "released",
+    "conflict",
+    "dead_lettered",
+    "retried",
+    "identity_review",
+    # trigger and back-flow (pipeline/trigger.py, pipeline/backflow.py)
+    "trigger_held",
+    "backfilled",
+    "written_back",
+    "echo_suppressed",
+]
 
 AUDIT_TABLE_DDL = """
 CREATE SCHEMA IF NOT EXISTS audit;

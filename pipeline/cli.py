@@ -104,7 +104,7 @@ def _tap(args: argparse.Namespace, settings: Settings, config: Config) -> int:
 
 
 def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> int:
-    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, shared_person_row, site_dsn, upsert_rows
+    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, demo_flags, shared_person_row, site_dsn, upsert_rows
 
     def dsn_of(site_name: str) -> str:
         site = config.sites[site_name]
@@ -119,6 +119,10 @@ def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> 
     site_name, row = shared_person_row()
     upsert_rows(dsn_of(site_name), [row])
     print(f"{site_name}: the same person as site-a's ADT patient, local id {row.id}: one Patient at central")
+    for site_name in DEMO_ASSIGNMENT:
+        if flags := demo_flags(site_name):
+            upsert_rows(dsn_of(site_name), flags)
+            print(f"{site_name}: {len(flags)} tumour-board Flag(s) set: only those cases leave the hospital")
     return 0
 
 

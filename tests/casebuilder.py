@@ -120,3 +120,17 @@ def patient(prefix: str, n: int = 0) -> Resource:
             {"system": KVNR_SYSTEM, "value": kvnr_of(patient_id)},
         ],
     }
+
+
+def tumorboard_flag(flag_id: str, patient_id: str, encounter_id: str | None, status: str = "active") -> Resource:
+    """A tumour-board Flag on a patient's encounter, as a clinician's tick in the HIS creates it."""
+    flag: Resource = {
+        "resourceType": "Flag",
+        "id": flag_id,
+        "status": status,
+        "code": {"coding": [{"system": "urn:cdrsync:flag", "code": "tumorboard", "display": "Tumour board"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+    }
+    if encounter_id is not None:
+        flag["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    return flag
