@@ -44,6 +44,7 @@ up: install ## start PostgreSQL, Kafka, Kafka Connect + Debezium, HAPI FHIR, Pro
 	bash $(NATIVE)/stack.sh up
 	$(BIN)/cdrsync topics apply
 	$(BIN)/cdrsync connectors apply
+	$(BIN)/cdrsync definitions apply
 	bash $(NATIVE)/monitor.sh start
 
 down: ## stop the worker, the monitor and the whole stack (data is kept in .stack/)
@@ -80,7 +81,8 @@ demo: up worker-start ## the whole pipeline end to end with two demo hospitals, 
 	@echo "  make down                                       (stop everything)"
 
 test: install lint ## lint, then every test tier against the real stack: starts it, runs the tests, stops it
-	@set -o pipefail; bash $(NATIVE)/stack.sh up && $(BIN)/cdrsync topics apply && $(BIN)/cdrsync connectors apply; \
+	@set -o pipefail; bash $(NATIVE)/stack.sh up && $(BIN)/cdrsync topics apply && $(BIN)/cdrsync connectors apply \
+	  && $(BIN)/cdrsync definitions apply; \
 	rc=$$?; \
 	if [ $$rc = 0 ]; then $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; fi; \
 	bash $(NATIVE)/stack.sh down || true; \

@@ -14,6 +14,7 @@ import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
+from pipeline.backflow import flows_back
 from pipeline.deadletter import failure_headers, failure_info, parse_failure_headers
 from pipeline.errors import PermanentError, RetryableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
@@ -39,6 +40,7 @@ from pipeline.staging import Staged
 
 from .app import app, config, settings
 from .audit import emit_audit
+from .backflow import route_back
 from .routing import apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
     conflicts,
@@ -136,6 +138,9 @@ async def order_resources(stream: StreamT) -> None:
         triggers = trigger_states()  # the route's trigger picks what is sent (agents/trigger.py)
         try:
             incoming = decode(event.message.value, RoutedResource)
+            if flows_back(config, incoming.site):  # central's own change → its hospitals (agents/backflow.py)
+                await route_back(event, incoming)
+                continue
             selection = select_for_route(triggers, incoming)
             releasable = []
             for chosen in selection.send:

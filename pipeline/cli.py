@@ -126,6 +126,14 @@ def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> 
     return 0
 
 
+def _definitions_apply(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .definitions import apply_definitions
+
+    for line in asyncio.run(apply_definitions(config.target("central"), settings.config_root / "fhir")):
+        print(line)
+    return 0
+
+
 def _demo_wait(args: argparse.Namespace, settings: Settings, config: Config) -> int:
     from .demo_summary import wait_and_summarize
 
@@ -237,6 +245,9 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--group", action="append", help="consumer group whose lag to report, repeatable (default: CDRSYNC_APP_ID)"
     )
+
+    definitions = group("definitions", "FHIR definitions cdrsync ships in fhir/ (the tumour-board Questionnaire)")
+    leaf(definitions, "apply", "PUT every fhir/*.json to the central CDR (idempotent)", _definitions_apply)
 
     demo = group("demo", "demo hospitals: load sample data, wait for it at the central CDR")
     leaf(demo, "load", "write the sample FHIR resources into site-a's and site-b's databases", _demo_load)
