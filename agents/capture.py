@@ -7,6 +7,7 @@ acknowledged by Kafka before the cursor (PostgreSQL `cdrsync.capture_cursor`) mo
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -27,7 +28,7 @@ from pipeline.capture import (
 from pipeline.config import SiteConfig
 from pipeline.errors import CdrsyncError
 from pipeline.fhirclient import FhirClient
-from pipeline.flowmetrics import BACKFLOW
+from pipeline.flowmetrics import BACKFLOW, CAPTURE_LAST_SUCCESS, CAPTURE_POLLS
 
 from .app import app, config, settings
 from .routing import deliver
@@ -39,6 +40,7 @@ _PAGE = 200
 _topics: dict[str, TopicT] = {site.site: app.topic(config.source_topic(site)) for site in config.capture_sites()}
 _clients: dict[str, FhirClient] = {}
 _state: dict[str, Any] = {}
+_started: set[str] = set()
 _INTERVAL = min((s.capture.poll_seconds for s in config.capture_sites() if s.capture), default=60.0)
 
 
@@ -112,12 +114,21 @@ async def _capture_type(site: SiteConfig, client: FhirClient, resource_type: str
 
 @app.timer(interval=_INTERVAL, on_leader=True)
 async def capture_history() -> None:
-    """Poll every capture site's history once; a failure is logged and retried on the next tick."""
+    """Poll every capture site's history once; a failure is logged, counted and retried on the next tick."""
     for site in config.capture_sites():
         assert site.target is not None
+        if site.site not in _started:  # the staleness alert counts from here until a first success
+            _started.add(site.site)
+            CAPTURE_LAST_SUCCESS.labels(site.site).set(time.time())
         client = _clients.setdefault(site.site, FhirClient(site.target))
-        for resource_type in site.resource_types:
-            try:
+        try:
+            for resource_type in site.resource_types:
                 await _capture_type(site, client, resource_type)
-            except (CdrsyncError, psycopg.Error) as error:  # the cursor did not move: next tick retries
-                log.error("capture of %s at %s failed: %s", resource_type, site.site, type(error).__name__)
+        except (CdrsyncError, psycopg.Error) as error:  # the cursor did not move: next tick retries
+            CAPTURE_POLLS.labels(site.site, "failed").inc()
+            log.error("capture at %s failed: %s: %s", site.site, type(error).__name__, error)
+            if isinstance(error, psycopg.Error):
+                _state.pop("db", None)  # reconnect next time
+            continue
+        CAPTURE_POLLS.labels(site.site, "succeeded").inc()
+        CAPTURE_LAST_SUCCESS.labels(site.site).set(time.time())

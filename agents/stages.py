@@ -41,6 +41,7 @@ from pipeline.staging import Staged
 from .app import app, config, settings
 from .audit import emit_audit
 from .backflow import route_back
+from .provenance import with_provenance
 from .routing import apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
     conflicts,
@@ -152,7 +153,7 @@ async def order_resources(stream: StreamT) -> None:
         except Exception as error:
             await dead_letter("order", event, error)
             continue
-        for item in releasable:
+        for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
             await deliver(ready, item.patient_key.encode(), encode(item))
         await report_selection(incoming, selection)
         # Only now: the tables never claim a release Kafka has not acknowledged.

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
+from pipeline.provenance import provenance_id
 from tests.casebuilder import KVNR_SYSTEM, kvnr_of, observation_for, patient, tumorboard_flag
 from tests.integration.conftest import Central, SiteDatabase, Worker, wait_for
 from tests.integration.test_audit import _audit
@@ -66,6 +67,12 @@ def test_tumorboard_flag_sends_its_encounter_with_earlier_observations_and_nothi
         )
         assert body["subject"]["reference"] == f"Patient/{flagged_key}"
     assert stack.read("Patient", flagged_key) is not None
+    encounter_ref = f"Encounter/{_at_b('Encounter', encounter['id'])}"
+    provenance = wait_for(
+        lambda: stack.read("Provenance", provenance_id("site-b", encounter_ref)), timeout=120, what="its Provenance"
+    )
+    assert provenance["target"] == [{"reference": encounter_ref}]
+    assert provenance["entity"][0]["what"]["identifier"]["value"] == encounter["id"]
     assert stack.read("Flag", _at_b("Flag", flag["id"]))["status"] == "active"
     assert {row[0] for row in _audit(earlier[0]["id"])} >= {"trigger_held", "backfilled", "written"}
 
