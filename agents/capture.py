@@ -99,6 +99,7 @@ async def _capture_type(site: SiteConfig, client: FhirClient, resource_type: str
     assert site.capture is not None
     cursor = await _load_cursor(site.site, resource_type)
     fresh = new_entries(await _history(client, resource_type, cursor.since), cursor)
+    emitted = 0
     for entry in fresh:
         previous = await _previous(client, entry) if entry.resource is None else None
         if not is_own_change(entry.resource or previous, site.site):
@@ -107,9 +108,17 @@ async def _capture_type(site: SiteConfig, client: FhirClient, resource_type: str
         key, value = change_event(site.site, site.capture.schema_name, site.capture.table, entry, previous)
         await deliver(_topics[site.site], key, value)
         BACKFLOW.labels(site.site, "", resource_type, "captured").inc()
+        emitted += 1
     if fresh:
         await _store_cursor(site.site, resource_type, advance(cursor, fresh))
-        log.info("captured %d version(s) of %s at %s", len(fresh), resource_type, site.site)
+        log.info(
+            "%s at %s: %d new version(s), %d captured, %d written there by cdrsync for a hospital (skipped)",
+            resource_type,
+            site.site,
+            len(fresh),
+            emitted,
+            len(fresh) - emitted,
+        )
 
 
 @app.timer(interval=_INTERVAL, on_leader=True)
