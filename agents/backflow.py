@@ -15,20 +15,20 @@ from faust.types import EventT, StreamT
 from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from pipeline.backflow import write_back_records
+from pipeline.backflow import suppressed_routes, write_back_records
 from pipeline.config import SiteConfig, TargetEndpoint
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError
 from pipeline.fhirclient import FhirClient
 from pipeline.flowmetrics import BACKFLOW
 from pipeline.observe import record_fields
-from pipeline.records import RoutedResource, decode, encode
+from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 
 from .app import app, config, settings
 from .audit import emit_audit
 from .routing import dead_letter, deliver
 from .topics import patient_sources_by_patient_key
 
-__all__ = ["route_back", "write_back", "writeback_topic"]
+__all__ = ["report_echoes", "route_back", "write_back", "writeback_topic"]
 
 log = logging.getLogger("cdrsync.backflow")
 writeback_topic = app.topic(config.topics.name("writeback"), partitions=config.topics.partitions_of("writeback"))
@@ -51,6 +51,14 @@ async def route_back(event: EventT, record: RoutedResource) -> None:
         BACKFLOW.labels(record.site, "", record.resource_type, "no_hospital").inc()
         why = f"no local patient id for {outcome.missing}" if outcome.missing else "no hospital sent this patient"
         await dead_letter("backflow", event, NoHospitalError(f"{record.resource_type}/{record.source_id}: {why}"))
+
+
+async def report_echoes(record: NormalizedResource) -> None:
+    """Count and audit a hospital change not sent to a target because cdrsync wrote it there from that target."""
+    site = config.sites.get(record.site)
+    for target in suppressed_routes(record, site) if site is not None else []:
+        BACKFLOW.labels(record.site, target, record.resource_type, "echo_suppressed").inc()
+        await emit_audit("echo_suppressed", record, trigger="backflow", detail=f"written here by cdrsync from {target}")
 
 
 def _dsn(site: SiteConfig) -> str:

@@ -40,7 +40,7 @@ from pipeline.staging import Staged
 
 from .app import app, config, settings
 from .audit import emit_audit
-from .backflow import route_back
+from .backflow import report_echoes, route_back
 from .provenance import with_provenance
 from .routing import apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
@@ -119,6 +119,7 @@ async def resolve_identity(stream: StreamT) -> None:
             await emit_audit("identity_review", item, detail=reason)
         for routed in outcome.routed:
             await deliver(identified, routed.patient_key.encode(), encode(routed))
+        await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
         if outcome.released:
             HELD_RELEASED.labels(record.site).inc(outcome.released)
         for released in outcome.released_records:

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from .config import Config
+from .config import Config, SiteConfig
 from .ids import target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, rewrite_references
@@ -36,6 +36,7 @@ __all__ = [
     "flows_back",
     "hospital_form",
     "local_patient_id",
+    "suppressed_routes",
     "write_back_records",
 ]
 
@@ -55,6 +56,13 @@ def echo_targets(resource_json: str | None) -> frozenset[str]:
         return frozenset()
     tags = (orjson.loads(resource_json).get("meta") or {}).get("tag") or []
     return frozenset(str(t.get("code")) for t in tags if isinstance(t, dict) and t.get("system") == ORIGIN_TAG_SYSTEM)
+
+
+def suppressed_routes(record: NormalizedResource, site: SiteConfig) -> list[str]:
+    """Targets of the site's routes that a record is not sent to because cdrsync wrote it there from them."""
+    echoes = echo_targets(record.resource)
+    carried = [r.target for r in site.routes if record.resource_type in (r.resource_types or site.resource_types)]
+    return [target for target in carried if target in echoes]
 
 
 def central_record(record: NormalizedResource) -> RoutedResource:

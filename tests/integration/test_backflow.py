@@ -6,13 +6,14 @@ import urllib.request
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
 from pipeline.ids import target_id
 from pipeline.references import logical_system
 from tests.casebuilder import KVNR_SYSTEM, decision_response, observation_for, tumorboard_flag, with_kvnr
-from tests.integration.conftest import Central, SiteDatabase, Worker, wait_for
+from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, wait_for
 from tests.integration.test_audit import _audit
 
 pytestmark = pytest.mark.integration
@@ -38,6 +39,13 @@ def _row(site: SiteDatabase, resource_type: str, row_id: str) -> tuple[dict[str,
         )
         row = cursor.fetchone()
     return (row[0], row[1]) if row else None
+
+
+def _sites_with_step(source_id: str, step: str) -> set[str]:
+    dsn = f"host={SETTINGS.pg_host} port={SETTINGS.pg_port} user={SETTINGS.pg_user} dbname={SETTINGS.audit_database}"
+    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT DISTINCT site FROM audit.event WHERE source_id = %s AND step = %s", (source_id, step))
+        return {row[0] for row in cursor.fetchall()}
 
 
 def _leaves(items: list[dict[str, Any]]) -> list[str]:
@@ -107,6 +115,11 @@ def test_central_decision_reaches_both_hospitals_with_their_local_patient_and_do
             timeout=120,
             what=f"{site_name}'s later observation",
         )
+    wait_for(
+        lambda: _sites_with_step(row_id, "echo_suppressed") == {"site-a", "site-b"},
+        timeout=60,
+        what="each hospital's capture of the decision audited as not sent back",
+    )
     status, found = stack.get(f"QuestionnaireResponse?subject=Patient/{key}&_summary=count")
     assert status == 200 and found["total"] == 1, "the decision came back to central from a hospital"
     for site_name in ("site-a", "site-b"):

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.backflow import echo_targets, flows_back, hospital_form, local_patient_id, write_back_records
+from pipeline.backflow import (
+    echo_targets,
+    flows_back,
+    hospital_form,
+    local_patient_id,
+    suppressed_routes,
+    write_back_records,
+)
 from pipeline.capture import (
     CaptureCursor,
     HistoryEntry,
@@ -158,6 +165,7 @@ def test_a_written_back_row_captured_at_the_hospital_is_never_routed_back_to_cen
         source_id=body["id"], resource=orjson.dumps(body).decode(), patient_ref="Patient/a-17",
     )  # fmt: skip
     assert route_resource(record, CONFIG.sites["site-a"], lambda _: KEY) == []
+    assert suppressed_routes(record, CONFIG.sites["site-a"]) == ["central"]
     own = NormalizedResource(**{**record.__dict__, "resource": orjson.dumps({**body, "meta": {}}).decode()})
     assert [r.target for r in route_resource(own, CONFIG.sites["site-a"], lambda _: KEY)] == ["central"]
 
