@@ -61,7 +61,7 @@ from .topics import (
     source_changes,
     waiting_by_reference,
 )
-from .trigger import report_selection, select_for_route, trigger_states
+from .trigger import report_selection, select_for_route, staged_trigger_tables, trigger_states
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
@@ -158,7 +158,7 @@ async def order_resources(stream: StreamT) -> None:
             await deliver(ready, item.patient_key.encode(), encode(item))
         await report_selection(incoming, selection)
         # Only now: the tables never claim a release Kafka has not acknowledged.
-        await apply_tables(*staged_tables(changes), patients, triggers)
+        await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
 
 
 async def _expire_parks(partition: int) -> None:

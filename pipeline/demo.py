@@ -18,7 +18,7 @@ from .identity import global_patient_key, route_resource, shared_identifier
 from .ids import target_id
 from .records import NormalizedResource, canonical_hash
 from .resources import SUPPORTED_TYPES, patient_reference
-from .trigger import TRIGGER_ALL, select_records
+from .trigger import TRIGGER_ALL, TriggerTables, select_records
 
 __all__ = ["DEMO_ASSIGNMENT", "Row", "bundle_rows", "site_dsn", "upsert_rows"]
 
@@ -141,7 +141,7 @@ SourceRow = tuple[str, str, float, dict[str, Any] | None]
 
 def _selected_rows(site: SiteConfig, rows: list[SourceRow], keys: dict[str, str]) -> list[SourceRow]:
     """The rows a site's triggered routes would send: the worker's own routing and trigger code."""
-    states: dict[str, dict[str, Any]] = {}
+    states = TriggerTables({}, {}, {})
     chosen: set[tuple[str, str]] = set()
     for resource_type, source_id, committed, content in rows:
         if content is None or (resource_type == "Patient" and source_id not in keys):

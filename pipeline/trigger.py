@@ -16,10 +16,17 @@ a resource that was sent. Nothing of a patient without an active flag is ever em
 A tumour-board Flag without an encounter selects only the patient's Patient, Coverage and the Flag:
 sending every encounter of the patient would disclose more than the clinician asked for.
 
-State (Faust table `trigger_state_by_route_patient`, co-partitioned with fhir.identified.v1, whose
-key is the global patient key), one entry per "site|target|patient key":
-  {"flags": {flag ref: flagged encounter ref or ""}, "sent": [refs sent], "held": {ref: record}}
-Records are kept in target form (RoutedResource, Avro, base64), the latest version per resource.
+State, in three Faust tables co-partitioned with fhir.identified.v1 (keyed by global patient key), so no
+value grows with a patient's history (a changelog record must stay under Kafka's message size):
+  trigger_flags_by_route_patient      "site|target|patient" → {"flags": {flag ref: flagged encounter ref or ""}}
+  trigger_resource_by_route_reference "site|target|ref" → {"sent": bool, "held": record or absent,
+                                                            "anchors": [where it is indexed], "patient": key}
+  trigger_held_by_route_anchor        "site|target|patient|anchor" → refs held there, in arrival order
+A held record is indexed under the anchors a flag could select it by: "patient" (Patient, Coverage, and a
+delete of something sent), its own ref (an Encounter), or each Encounter it references. A record with no
+anchor can never be selected by a flag (it references no encounter): it is not kept; a later version that
+references an encounter arrives again. Records are kept in target form (RoutedResource, Avro, base64),
+the latest version per resource.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ __all__ = [
     "TRIGGER_TUMORBOARD",
     "TUMORBOARD_CODE",
     "Selection",
+    "TriggerTables",
+    "held_refs",
     "route_trigger",
     "select_records",
     "state_key",
@@ -51,7 +60,16 @@ TRIGGER_TUMORBOARD = "tumorboard-flag"
 TUMORBOARD_CODE = "tumorboard"
 _ACTIVE = "active"
 
-TriggerStates = MutableMapping[str, dict[str, Any]]
+_PATIENT_ANCHOR = "patient"
+
+
+@dataclass
+class TriggerTables:
+    """The trigger's three tables (Faust tables in the worker, dicts in tests)."""
+
+    flags: MutableMapping[str, dict[str, Any]]
+    resources: MutableMapping[str, dict[str, Any]]
+    held: MutableMapping[str, list[str]]
 
 
 @dataclass
@@ -89,13 +107,13 @@ def tumorboard_flag(resource: dict[str, Any]) -> tuple[bool, str] | None:
     return resource.get("status") == _ACTIVE, encounter if isinstance(encounter, str) else ""
 
 
-def _selected(record: RoutedResource, flags: dict[str, str], sent: set[str]) -> bool:
+def _selected(record: RoutedResource, flags: dict[str, str], was_sent: bool) -> bool:
     """Whether the active flags select a record now."""
     if not flags:
         return False
     ref = record.target_ref
     if record.is_delete:
-        return ref in sent  # nothing to delete at the target otherwise
+        return was_sent  # nothing to delete at the target otherwise
     flagged = {encounter for encounter in flags.values() if encounter}
     if record.resource_type == "Patient":
         return record.target_id == record.patient_key
@@ -104,6 +122,19 @@ def _selected(record: RoutedResource, flags: dict[str, str], sent: set[str]) -> 
     if record.resource_type == "Encounter":
         return ref in flagged
     return any(dependency in flagged for dependency in record.dependencies)
+
+
+def _anchors(record: RoutedResource, was_sent: bool) -> list[str]:
+    """Where a held record is indexed: what a future flag could select it by (none: it never can be)."""
+    if record.is_delete:
+        return [_PATIENT_ANCHOR] if was_sent else []
+    if record.resource_type == "Patient":
+        return [_PATIENT_ANCHOR] if record.target_id == record.patient_key else []
+    if record.resource_type == "Coverage":
+        return [_PATIENT_ANCHOR]
+    if record.resource_type == "Encounter":
+        return [record.target_ref]
+    return sorted({d for d in record.dependencies if d.startswith("Encounter/")})
 
 
 def _pack(record: RoutedResource) -> str:
@@ -127,37 +158,96 @@ def _update_flags(flags: dict[str, str], record: RoutedResource) -> str | None:
     return None
 
 
-def select_records(states: TriggerStates, record: RoutedResource, trigger: str) -> Selection:
+class _Route:
+    """One route's and patient's view of the trigger tables."""
+
+    def __init__(self, tables: TriggerTables, record: RoutedResource) -> None:
+        self.tables = tables
+        self.route = f"{record.site}|{record.target}"
+        self.patient = f"{self.route}|{record.patient_key}"
+
+    def entry(self, ref: str) -> dict[str, Any]:
+        return dict(self.tables.resources.get(f"{self.route}|{ref}") or {})
+
+    def unhold(self, ref: str, entry: dict[str, Any]) -> None:
+        """Take a resource's held version out of every index it is in (of the patient it was held for)."""
+        patient = entry.pop("patient", self.patient)
+        for anchor in entry.pop("anchors", []):
+            key = f"{patient}|{anchor}"
+            remaining = [r for r in self.tables.held.get(key, []) if r != ref]
+            if remaining:
+                self.tables.held[key] = remaining
+            else:
+                self.tables.held.pop(key, None)
+        entry.pop("held", None)
+
+    def hold(self, record: RoutedResource, entry: dict[str, Any], anchors: list[str]) -> None:
+        """Keep the latest version, indexed by its anchors (not at all without one: no flag can select it)."""
+        if not anchors:
+            return
+        for anchor in anchors:
+            key = f"{self.patient}|{anchor}"
+            self.tables.held[key] = [*self.tables.held.get(key, []), record.target_ref]
+        entry.update(held=_pack(record), anchors=anchors, patient=self.patient)
+
+    def store(self, ref: str, entry: dict[str, Any]) -> None:
+        if entry.get("sent") or entry.get("held"):
+            self.tables.resources[f"{self.route}|{ref}"] = entry
+        else:
+            self.tables.resources.pop(f"{self.route}|{ref}", None)
+
+    def held_at(self, anchor: str) -> list[str]:
+        return list(self.tables.held.get(f"{self.patient}|{anchor}", []))
+
+
+def _backfill(view: _Route, flags: dict[str, str], flag_ref: str) -> list[RoutedResource]:
+    """Held records the newly active flag selects, taken out of state."""
+    anchors = [_PATIENT_ANCHOR, *([flags[flag_ref]] if flags[flag_ref] else [])]
+    found: list[RoutedResource] = []
+    for anchor in anchors:
+        for ref in view.held_at(anchor):
+            entry = view.entry(ref)
+            candidate = _unpack(entry["held"]) if entry.get("held") else None
+            if candidate is not None and _selected(candidate, flags, bool(entry.get("sent"))):
+                found.append(candidate)
+                view.unhold(ref, entry)
+                view.store(ref, entry)
+    return found
+
+
+def select_records(tables: TriggerTables, record: RoutedResource, trigger: str) -> Selection:
     """What the route sends for this record: itself, backfill from state, or nothing (kept in state)."""
     if trigger == TRIGGER_ALL:
         return Selection(send=[record])
-    key = state_key(record)
-    entry = states.get(key) or {"flags": {}, "sent": [], "held": {}}
-    flags: dict[str, str] = dict(entry["flags"])
-    sent: set[str] = set(entry["sent"])
-    held: dict[str, str] = dict(entry["held"])
+    view = _Route(tables, record)
+    flags: dict[str, str] = dict((tables.flags.get(view.patient) or {}).get("flags", {}))
     ref = record.target_ref
-    was_sent = ref in sent
+    entry = view.entry(ref)
+    was_sent = bool(entry.get("sent"))
+    view.unhold(ref, entry)
     activated = _update_flags(flags, record) if record.resource_type == "Flag" else None
-    held.pop(ref, None)
     out = Selection(flag=activated)
-    if _selected(record, flags, sent) or (record.resource_type == "Flag" and was_sent):
+    if _selected(record, flags, was_sent) or (record.resource_type == "Flag" and was_sent):
         out.send.append(record)
-    elif not record.is_delete or was_sent:
-        held[ref] = _pack(record)  # the latest version waits for a flag
+    else:
+        view.hold(record, entry, _anchors(record, was_sent))  # the latest version waits for a flag
         out.held = True
+    view.store(ref, entry)
     if activated is not None:
-        for item_ref, item in list(held.items()):
-            candidate = _unpack(item)
-            if _selected(candidate, flags, sent):
-                out.backfilled.append(candidate)
-                del held[item_ref]
-        # Patient before Encounter/Coverage before the rest; stable, so arrival order is kept within a rank.
-        out.send = sorted([*out.backfilled, *out.send], key=lambda r: dependency_rank(r.resource_type))
+        out.backfilled = _backfill(view, flags, activated)
+        # Patient before Encounter/Coverage before the rest; within a rank in source commit order (stable).
+        candidates = [*out.backfilled, *out.send]
+        out.send = sorted(candidates, key=lambda r: (dependency_rank(r.resource_type), r.source_commit_ms))
     for chosen in out.send:
-        if chosen.is_delete:
-            sent.discard(chosen.target_ref)
-        else:
-            sent.add(chosen.target_ref)
-    states[key] = {"flags": flags, "sent": sorted(sent), "held": held}
+        sent_entry = view.entry(chosen.target_ref)
+        sent_entry["sent"] = not chosen.is_delete
+        view.store(chosen.target_ref, sent_entry)
+    if record.resource_type == "Flag":
+        tables.flags[view.patient] = {"flags": flags}
     return out
+
+
+def held_refs(tables: TriggerTables, site: str, target: str, patient_key: str) -> list[str]:
+    """Every ref a route keeps back for a patient (a scan: for tests and tools, not the stream)."""
+    prefix = f"{site}|{target}|{patient_key}|"
+    return sorted({ref for key, refs in tables.held.items() if key.startswith(prefix) for ref in refs})
