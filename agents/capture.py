@@ -139,5 +139,9 @@ async def capture_history() -> None:
             if isinstance(error, psycopg.Error):
                 _state.pop("db", None)  # reconnect next time
             continue
+        except Exception:  # a malformed answer must not crash the worker; CentralCaptureStale alerts
+            CAPTURE_POLLS.labels(site.site, "failed").inc()
+            log.exception("capture at %s failed unexpectedly", site.site)
+            continue
         CAPTURE_POLLS.labels(site.site, "succeeded").inc()
         CAPTURE_LAST_SUCCESS.labels(site.site).set(time.time())
