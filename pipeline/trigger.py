@@ -51,7 +51,6 @@ __all__ = [
     "held_refs",
     "route_trigger",
     "select_records",
-    "state_key",
     "tumorboard_flag",
 ]
 
@@ -89,11 +88,6 @@ def route_trigger(config: Config, record: RoutedResource) -> str:
         if route.target == record.target:
             return route.trigger
     return TRIGGER_ALL
-
-
-def state_key(record: RoutedResource) -> str:
-    """Key of the trigger state a record belongs to: its route and patient."""
-    return f"{record.site}|{record.target}|{record.patient_key}"
 
 
 def tumorboard_flag(resource: dict[str, Any]) -> tuple[bool, str] | None:
