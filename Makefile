@@ -44,6 +44,7 @@ up: install ## start PostgreSQL, Kafka, Kafka Connect + Debezium, HAPI FHIR, Pro
 	bash $(NATIVE)/stack.sh up
 	$(BIN)/cdrsync topics apply
 	$(BIN)/cdrsync connectors apply
+	$(BIN)/cdrsync definitions apply
 	bash $(NATIVE)/monitor.sh start
 
 down: ## stop the worker, the monitor and the whole stack (data is kept in .stack/)
@@ -80,7 +81,8 @@ demo: up worker-start ## the whole pipeline end to end with two demo hospitals, 
 	@echo "  make down                                       (stop everything)"
 
 test: install lint ## lint, then every test tier against the real stack (fault suite last): starts it, runs the tests, stops it
-	@set -o pipefail; bash $(NATIVE)/stack.sh up && $(BIN)/cdrsync topics apply && $(BIN)/cdrsync connectors apply; \
+	@set -o pipefail; bash $(NATIVE)/stack.sh up && $(BIN)/cdrsync topics apply && $(BIN)/cdrsync connectors apply \
+	  && $(BIN)/cdrsync definitions apply; \
 	rc=$$?; \
 	if [ $$rc = 0 ]; then $(BIN)/python -m pytest -m "not faults" $(PYTEST_ARGS); rc=$$?; fi; \
 	if [ $$rc = 0 ]; then $(BIN)/python -m pytest -m faults -s $(PYTEST_ARGS) | tee .stack/logs/faults.log; rc=$$?; \

@@ -13,6 +13,7 @@ import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
+from pipeline.backflow import flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, write_in_order
 from pipeline.breaker import CircuitBreaker
 from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
@@ -43,6 +44,8 @@ from pipeline.staging import Staged
 
 from .app import app, config, settings
 from .audit import emit_audit
+from .backflow import report_echoes, route_back
+from .provenance import with_provenance
 from .routing import Carried, apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
     blocked_by_reference,
@@ -63,6 +66,7 @@ from .topics import (
     source_changes,
     waiting_by_reference,
 )
+from .trigger import report_selection, select_for_route, staged_trigger_tables, trigger_states
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
@@ -124,6 +128,7 @@ async def resolve_identity(stream: StreamT) -> None:
             await emit_audit("identity_review", item, detail=reason)
         for routed in outcome.routed:
             await deliver(identified, routed.patient_key.encode(), encode(routed))
+        await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
         if outcome.released:
             HELD_RELEASED.labels(record.site).inc(outcome.released)
         for released in outcome.released_records:
@@ -141,29 +146,39 @@ async def order_resources(stream: StreamT) -> None:
             continue
         changes = staged(_order_state)
         patients = Staged(patient_sources_by_patient_key)
+        triggers = trigger_states()  # the route's trigger picks what is sent (agents/trigger.py)
         try:
-            record = decode(event.message.value, RoutedResource)
-            if is_stale(changes, record):
+            incoming = decode(event.message.value, RoutedResource)
+            if flows_back(config, incoming.site):  # central's own change → its hospitals (agents/backflow.py)
+                await route_back(event, incoming)
+                continue
+            if is_stale(changes, incoming):
                 log.warning(
                     "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
-                    record.target_ref,
-                    record.site,
-                    record.source_lsn,
-                    extra=record_fields(record),
+                    incoming.target_ref,
+                    incoming.site,
+                    incoming.source_lsn,
+                    extra=record_fields(incoming),
                 )
-                await emit_audit("duplicate_skipped", record, detail=f"stale re-send, source LSN {record.source_lsn}")
+                detail = f"stale re-send, source LSN {incoming.source_lsn}"
+                await emit_audit("duplicate_skipped", incoming, detail=detail)
                 continue
-            record = merge_patient(patients, record)
-            releasable = order_record(changes, record, now_ms(), event.message.partition)
+            selection = select_for_route(triggers, incoming)
+            releasable = []
+            for chosen in selection.send:
+                record = merge_patient(patients, chosen)
+                released = order_record(changes, record, now_ms(), event.message.partition)
+                if not released:
+                    PARKED.labels(record.site, record.resource_type).inc()
+                releasable += released
         except Exception as error:
             await dead_letter("order", event, error)
             continue
-        if not releasable:
-            PARKED.labels(record.site, record.resource_type).inc()
-        for item in releasable:
+        for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
             await deliver(ready, item.patient_key.encode(), encode(item))
+        await report_selection(incoming, selection)
         # Only now: the tables never claim a release Kafka has not acknowledged.
-        await apply_tables(*staged_tables(changes), patients)
+        await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
 
 
 async def _expire_parks(partition: int) -> None:

@@ -8,7 +8,9 @@ from .app import app, config
 
 _t = config.topics
 
-source_changes = app.topic(*[config.source_topic(site) for site in config.source_sites()])
+source_changes = app.topic(
+    *[config.source_topic(site) for site in [*config.source_sites(), *config.capture_sites()]]
+)  # capture sites: back-flow (pipeline/capture.py)
 normalized = app.topic(_t.name("normalized"))
 identified = app.topic(_t.name("identified"), partitions=_t.partitions_of("identified"))
 ready = app.topic(_t.name("ready"), partitions=_t.partitions_of("ready"))

@@ -29,6 +29,11 @@ Step = Literal[
     "duplicate_skipped",
     "discarded",
     "replayed",
+    # trigger and back-flow (pipeline/trigger.py, pipeline/backflow.py)
+    "trigger_held",
+    "backfilled",
+    "written_back",
+    "echo_suppressed",
 ]
 
 AUDIT_TABLE_DDL = """

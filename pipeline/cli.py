@@ -181,7 +181,7 @@ def _dlq_resolve(action: str) -> Handler:
 
 
 def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> int:
-    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, shared_person_row, site_dsn, upsert_rows
+    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, demo_flags, shared_person_row, site_dsn, upsert_rows
 
     def dsn_of(site_name: str) -> str:
         site = config.sites[site_name]
@@ -196,6 +196,18 @@ def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> 
     site_name, row = shared_person_row()
     upsert_rows(dsn_of(site_name), [row])
     print(f"{site_name}: the same person as site-a's ADT patient, local id {row.id}: one Patient at central")
+    for site_name in DEMO_ASSIGNMENT:
+        if flags := demo_flags(site_name):
+            upsert_rows(dsn_of(site_name), flags)
+            print(f"{site_name}: {len(flags)} tumour-board Flag(s) set: only those cases leave the hospital")
+    return 0
+
+
+def _definitions_apply(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .definitions import apply_definitions
+
+    for line in asyncio.run(apply_definitions(config.target("central"), settings.config_root / "fhir")):
+        print(line)
     return 0
 
 
@@ -315,7 +327,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def dlq_filters(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--site", help="only dead letters of this site")
-        sub.add_argument("--stage", choices=["normalize", "identity", "order", "sink", "audit"], help="failed at")
+        sub.add_argument(
+            "--stage",
+            choices=["normalize", "identity", "order", "backflow", "sink", "writeback", "audit"],
+            help="failed at",
+        )
         sub.add_argument("--error-class", help="e.g. mapping, rejected_by_target, target_unavailable, park_expired")
         sub.add_argument("--since", help="failed at or after: ISO 8601 time or an age (30m, 12h, 7d)")
         sub.add_argument("--until", help="failed before: ISO 8601 time or an age")
@@ -343,6 +359,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--include-resolved", action="store_true", help="also those already replayed or discarded")
         sub.add_argument("--reason", help="why (kept in the audit trail)", required=action == "discard")
         sub.add_argument("--execute", action="store_true", help="do it (without: a dry run listing what would happen)")
+
+    definitions = group("definitions", "FHIR definitions cdrsync ships in fhir/ (the tumour-board Questionnaire)")
+    leaf(definitions, "apply", "PUT every fhir/*.json to the central CDR (idempotent)", _definitions_apply)
 
     demo = group("demo", "demo hospitals: load sample data, wait for it at the central CDR")
     leaf(demo, "load", "write the sample FHIR resources into site-a's and site-b's databases", _demo_load)

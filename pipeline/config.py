@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .resources import SUPPORTED_TYPES
 
 __all__ = [
+    "CaptureConfig",
     "Config",
     "IdentityConfig",
     "RetryTier",
@@ -33,6 +34,7 @@ __all__ = [
     "TargetEndpoint",
     "TopicSpec",
     "TopicsConfig",
+    "WritebackConfig",
     "expand_env",
     "load_config",
     "load_sites",
@@ -145,6 +147,32 @@ class IdentityConfig(_Strict):
     shared_identifier_system: str = Field(min_length=1)
 
 
+# --- back-flow (pipeline/capture.py, pipeline/backflow.py) ---------------------------------------------
+class CaptureConfig(_Strict):
+    """How a target site's own changes are captured when Debezium cannot read its database (README: Back-flow)."""
+
+    method: Literal["fhir-history"]
+    poll_seconds: float = Field(default=2.0, gt=0)
+    schema_name: str = Field(default="fhir", alias="schema")  # the Debezium-shaped topic and source block
+    table: str = "resource"
+
+
+class WritebackConfig(_Strict):
+    """Where back-flow (central's decisions) is written at a hospital: its own source table, or a FHIR endpoint."""
+
+    method: Literal["source-table", "fhir"] = "source-table"
+    fhir_base_url: str | None = Field(default=None, pattern=r"^https?://")
+
+    @model_validator(mode="after")
+    def _endpoint_for_fhir(self) -> WritebackConfig:
+        if self.method == "fhir" and not self.fhir_base_url:
+            raise ValueError("writeback.method 'fhir' needs writeback.fhir_base_url")
+        return self
+
+
+# --- end back-flow ---------------------------------------------------------------------------------------
+
+
 class SiteConfig(_Strict):
     site: str = Field(pattern=_SITE_NAME)
     display_name: str = ""
@@ -154,6 +182,8 @@ class SiteConfig(_Strict):
     routes: list[Route] = Field(default_factory=list)
     target: TargetEndpoint | None = None
     identity: IdentityConfig | None = None
+    capture: CaptureConfig | None = None  # this target's own changes flow back to the hospitals
+    writeback: WritebackConfig | None = None  # this hospital receives back-flow
 
     @field_validator("resource_types")
     @classmethod
@@ -169,6 +199,10 @@ class SiteConfig(_Strict):
             raise ValueError("a site with routes needs a 'source' to read from")
         if self.routes and self.identity is None:
             raise ValueError("a site with routes needs 'identity.shared_identifier_system' to match patients")
+        if self.capture is not None and (self.target is None or not self.resource_types):
+            raise ValueError("a site with 'capture' needs a 'target' endpoint and the 'resource_types' that flow back")
+        if self.writeback is not None and self.writeback.method == "source-table" and self.source is None:
+            raise ValueError("writeback.method 'source-table' needs the site's 'source' table")
         return self
 
 
@@ -180,11 +214,19 @@ class Config:
     sites: dict[str, SiteConfig]
 
     def source_topic(self, site: SiteConfig) -> str:
-        """The Debezium topic of a site's source table."""
+        """The Debezium topic of a site's source table (or the Debezium-shaped topic of its capture)."""
+        if site.source is None and site.capture is not None:
+            return self.topics.source.name_template.format(
+                site=site.site, schema=site.capture.schema_name, table=site.capture.table
+            )
         assert site.source is not None
         return self.topics.source.name_template.format(
             site=site.site, schema=site.source.schema_name, table=site.source.table
         )
+
+    def capture_sites(self) -> list[SiteConfig]:
+        """Target sites whose own changes are captured by cdrsync (back-flow sources)."""
+        return [s for s in self.sites.values() if s.capture is not None and s.source is None]
 
     def source_sites(self) -> list[SiteConfig]:
         """Sites that have a captured source table."""
@@ -192,7 +234,7 @@ class Config:
 
     def site_of_topic(self, topic: str) -> SiteConfig:
         """The site whose Debezium topic this is; EnvelopeError-worthy if none."""
-        for site in self.source_sites():
+        for site in [*self.source_sites(), *self.capture_sites()]:
             if self.source_topic(site) == topic:
                 return site
         raise KeyError(topic)

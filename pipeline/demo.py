@@ -14,9 +14,11 @@ import orjson
 import psycopg
 
 from .config import SiteConfig
-from .identity import global_patient_key, shared_identifier
+from .identity import global_patient_key, route_resource, shared_identifier
 from .ids import target_id
-from .resources import SUPPORTED_TYPES
+from .records import NormalizedResource, canonical_hash
+from .resources import SUPPORTED_TYPES, patient_reference
+from .trigger import TRIGGER_ALL, TriggerTables, select_records
 
 __all__ = ["DEMO_ASSIGNMENT", "Row", "bundle_rows", "site_dsn", "upsert_rows"]
 
@@ -80,6 +82,38 @@ def shared_person_row() -> tuple[str, Row]:
     return site, Row("Patient", local_id, content)
 
 
+# site-b's route is `trigger: tumorboard-flag`: its clinicians flagged these cases for the tumour board
+# (bundle whose first Encounter is flagged), and the shared person without an encounter.
+DEMO_FLAGGED = {"site-b": ["SIU-S12-01", "MDM-T02-01"]}
+
+
+def tumorboard_flag_row(flag_id: str, patient_id: str, encounter_id: str | None) -> Row:
+    """An active tumour-board Flag, as a clinician's tick in the HIS creates it (case study: Flag Case)."""
+    content: dict[str, Any] = {
+        "resourceType": "Flag",
+        "id": flag_id,
+        "status": "active",
+        "code": {"coding": [{"system": "urn:cdrsync:flag", "code": "tumorboard", "display": "Tumour board"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+    }
+    if encounter_id:
+        content["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    return Row("Flag", flag_id, content)
+
+
+def demo_flags(site: str) -> list[Row]:
+    """The demo's tumour-board Flags of a site: first Encounter of each flagged bundle, and the shared person."""
+    rows = []
+    for bundle in DEMO_FLAGGED.get(site, []):
+        bundle_rows_ = bundle_rows(FIXTURES / f"{bundle}.json", ["Encounter"])
+        encounter = bundle_rows_[0].content
+        patient_id = str(encounter["subject"]["reference"]).removeprefix("Patient/")
+        rows.append(tumorboard_flag_row(f"tb-{bundle}", patient_id, encounter["id"]))
+    if DEMO_SHARED_PERSON[1] == site and site in DEMO_FLAGGED:
+        rows.append(tumorboard_flag_row("tb-shared-person", DEMO_SHARED_PERSON[2], None))
+    return rows
+
+
 def site_dsn(site: SiteConfig, host: str, port: int, user: str, password: str | None) -> str:
     """libpq connection string for a site's source database."""
     assert site.source is not None
@@ -105,12 +139,41 @@ def upsert_rows(dsn: str, rows: Iterable[Row], *, table: str = "fhir.resource") 
 SourceRow = tuple[str, str, float, dict[str, Any] | None]
 
 
+def _selected_rows(site: SiteConfig, rows: list[SourceRow], keys: dict[str, str]) -> list[SourceRow]:
+    """The rows a site's triggered routes would send: the worker's own routing and trigger code."""
+    states = TriggerTables({}, {}, {})
+    chosen: set[tuple[str, str]] = set()
+    for resource_type, source_id, committed, content in rows:
+        if content is None or (resource_type == "Patient" and source_id not in keys):
+            continue  # a Patient without the shared identifier is held by identity, not routed
+        record = NormalizedResource(
+            source_commit_ms=int(committed * 1000),
+            captured_ms=0,
+            origin_topic="",
+            origin_partition=0,
+            origin_offset=0,
+            site=site.site,
+            resource_type=resource_type,
+            source_id=source_id,
+            resource=orjson.dumps({**content, "id": source_id}).decode(),
+            content_hash=canonical_hash(content),
+            patient_ref=patient_reference({**content, "id": source_id}),
+        )
+        for routed in route_resource(record, site, keys.get):
+            for item in select_records(states, routed, _route_trigger(site, routed.target)).send:
+                chosen.add((item.resource_type, item.source_id))
+    return [row for row in rows if (row[0], row[1]) in chosen]
+
+
+def _route_trigger(site: SiteConfig, target: str) -> str:
+    return next((route.trigger for route in site.routes if route.target == target), TRIGGER_ALL)
+
+
 def source_rows(dsn: str, *, table: str = "fhir.resource") -> list[SourceRow]:
     """(resource_type, id, updated_at epoch seconds, content of Patients) of every row in a site table."""
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(
-            f"SELECT resource_type, id, extract(epoch from updated_at), "
-            f"CASE WHEN resource_type = 'Patient' THEN content END FROM {table}"
+            f"SELECT resource_type, id, extract(epoch from updated_at), content FROM {table} ORDER BY updated_at"
         )
         return [(t, i, float(ts), content) for t, i, ts, content in cur.fetchall()]
 
@@ -123,6 +186,14 @@ def expected_targets(site: SiteConfig, rows: Iterable[SourceRow]) -> tuple[dict[
     expected: dict[str, float] = {}
     waiting = 0
     system = site.identity.shared_identifier_system if site.identity else ""
+    rows = list(rows)
+    if any(route.trigger != TRIGGER_ALL for route in site.routes):
+        keys = {
+            i: global_patient_key(system, v)
+            for t, i, _, c in rows
+            if t == "Patient" and (v := shared_identifier(c or {}, system))
+        }
+        rows = [row for row in _selected_rows(site, rows, keys) if row[0] != "Patient" or row[1] in keys]
     for resource_type, source_id, committed, content in rows:
         if resource_type != "Patient":
             ref = f"{resource_type}/{target_id(site.site, resource_type, source_id)}"

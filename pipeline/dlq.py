@@ -31,7 +31,14 @@ from .tap import decode_value
 __all__ = ["DeadLetter", "DeadLetterFilter", "read_dead_letters", "resolve"]
 
 #: the stage that dead-lettered a record → the topics.yaml key of that stage's input (None: its source topic)
-STAGE_INPUT = {"normalize": None, "identity": "normalized", "order": "identified", "sink": "ready"}
+STAGE_INPUT = {
+    "normalize": None,
+    "identity": "normalized",
+    "order": "identified",
+    "backflow": "identified",
+    "sink": "ready",
+    "writeback": "writeback",
+}
 
 
 @dataclass(frozen=True)

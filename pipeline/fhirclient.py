@@ -156,6 +156,18 @@ class FhirClient:
         except (TimeoutError, aiohttp.ClientError):
             return 0
 
+    async def get_json(self, path_or_url: str) -> dict[str, Any]:
+        """GET a bundle or resource (a path under the base, or a full paging link the server gave)."""
+        url = path_or_url if path_or_url.startswith(("http://", "https://")) else f"{self.base_url}/{path_or_url}"
+        try:
+            async with self._session_or_new().get(url) as response:
+                payload = await response.read()
+                classify_response("GET", response.status, payload)
+                result: dict[str, Any] = orjson.loads(payload)
+                return result
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TargetUnavailableError(f"GET {path_or_url.split('?')[0]}: {exc}") from None
+
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Read a resource, None if the target does not have it (or it was deleted)."""
         try:

@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from .backflow import central_record, echo_targets
 from .config import Route, SiteConfig
 from .ids import CDRSYNC_NAMESPACE, target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
@@ -98,6 +99,9 @@ def _hold(state: IdentityState, local: str, record: NormalizedResource, reason: 
 def resolve_identity(state: IdentityState, record: NormalizedResource, site: SiteConfig) -> IdentityOutcome:
     """Route a record under its global patient key, or hold it until its patient has one."""
     out = IdentityOutcome()
+    if site.capture is not None:  # central's own change: its ids are global already (pipeline/backflow.py)
+        out.routed = [central_record(record)]
+        return out
     local = local_patient(record)
     if local is None:  # not about a patient (e.g. a Flag on a Location): keyed by itself
         out.routed = route_resource(record, site, lambda _: None)
@@ -203,10 +207,11 @@ def route_resource(record: NormalizedResource, site: SiteConfig, patient_keys: P
     own_id = _target_ids(site.site, patient_keys)(record.resource_type, record.source_id)
     patient_key = (patient_keys(local_patient_id) if local_patient_id else None) or own_id
     assert own_id is not None and patient_key is not None
+    echoes = echo_targets(record.resource)
     for route in site.routes:
         carried = _carried(site, route)
-        if record.resource_type not in carried:
-            continue
+        if record.resource_type not in carried or route.target in echoes:
+            continue  # not carried, or written here by cdrsync from that very target: never echoed back
         body, dependencies = None, frozenset[str]()
         if record.resource is not None:
             form, dependencies = to_target_form(orjson.loads(record.resource), site.site, carried, patient_keys)

@@ -32,7 +32,7 @@ def declared_topics(config: Config) -> list[TopicPlan]:
     rf = t.defaults.replication_factor
     plans = [
         TopicPlan(config.source_topic(site), t.source.partitions, rf, dict(t.source.config))
-        for site in config.source_sites()
+        for site in [*config.source_sites(), *config.capture_sites()]
     ]
     plans += [TopicPlan(spec.name, t.partitions_of(key), rf, dict(spec.config)) for key, spec in t.topics.items()]
     plans += [

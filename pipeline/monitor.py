@@ -57,9 +57,9 @@ Offsets = Mapping[tuple[str, int], int]
 
 
 def consumed_topics(config: Config) -> list[str]:
-    """The topics the workers consume (agents/topics.py): every source, normalized, identified, ready, retries."""
-    topics = [config.source_topic(site) for site in config.source_sites()]
-    topics += [config.topics.name(key) for key in ("normalized", "identified", "ready")]
+    """The topics the workers consume (agents/topics.py): every source (and capture), the stages' topics, retries."""
+    topics = [config.source_topic(site) for site in [*config.source_sites(), *config.capture_sites()]]
+    topics += [config.topics.name(key) for key in ("normalized", "identified", "ready", "writeback")]
     return topics + [tier.name for tier in config.topics.retry_tiers]
 
 
@@ -172,7 +172,8 @@ class SourceCollector(Collector):
     def _kafka(self, families: _Families) -> None:
         admin = self._admin_client()
         metadata = admin.list_topics(timeout=_TIMEOUT).topics
-        kinds = {self.config.source_topic(s): "source" for s in self.config.source_sites()}
+        captured = [*self.config.source_sites(), *self.config.capture_sites()]  # capture: central's back-flow
+        kinds = {self.config.source_topic(s): "source" for s in captured}
         kinds |= {spec.name: key for key, spec in self.config.topics.topics.items()}
         kinds |= {tier.name: "retry" for tier in self.config.topics.retry_tiers}
         declared = list(kinds)
@@ -183,7 +184,7 @@ class SourceCollector(Collector):
             if topic in metadata:
                 held = sum(v - earliest.get(k, 0) for k, v in latest.items() if k[0] == topic)
                 families.records.add_metric([topic, kinds[topic]], held)
-        sites = {self.config.source_topic(s): s.site for s in self.config.source_sites()}
+        sites = {self.config.source_topic(s): s.site for s in captured}
         topics = [t for t in consumed_topics(self.config) if t in metadata]
         for group in self.groups:
             lag = consumer_lag(earliest, latest, _committed(admin, group), topics)

@@ -120,3 +120,60 @@ def patient(prefix: str, n: int = 0) -> Resource:
             {"system": KVNR_SYSTEM, "value": kvnr_of(patient_id)},
         ],
     }
+
+
+def tumorboard_flag(flag_id: str, patient_id: str, encounter_id: str | None, status: str = "active") -> Resource:
+    """A tumour-board Flag on a patient's encounter, as a clinician's tick in the HIS creates it."""
+    flag: Resource = {
+        "resourceType": "Flag",
+        "id": flag_id,
+        "status": status,
+        "code": {"coding": [{"system": "urn:cdrsync:flag", "code": "tumorboard", "display": "Tumour board"}]},
+        "subject": {"reference": f"Patient/{patient_id}"},
+    }
+    if encounter_id is not None:
+        flag["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    return flag
+
+
+DECISION_QUESTIONNAIRE = "http://cdrsync.local/fhir/Questionnaire/tumorboard-decision"
+
+
+def decision_response(patient_ref: str, board_date: str = "2026-11-20") -> Resource:
+    """A tumour-board decision with all 20 fields of fhir/questionnaire-tumorboard-decision.json (case study 000)."""
+
+    def answer(link: str, kind: str, value: Any) -> Resource:
+        return {"linkId": link, "answer": [{kind: value}]}
+
+    case = [
+        answer("board-date", "valueDate", board_date),
+        answer("referring-physician", "valueString", "Dr. A. Gyn, Hospital B"),
+        answer("question", "valueString", "Primary therapy for newly diagnosed breast cancer?"),
+        answer("diagnosis", "valueCoding", {"system": "http://fhir.de/CodeSystem/bfarm/icd-10-gm", "code": "C50.4"}),
+        answer("relevant-findings", "valueString", "MRI Breast: 3.2 cm irregular mass, BIRADS 5"),
+        answer("medical-history", "valueString", "58-year-old, premenopausal, no family cancer history"),
+        answer("tnm-stage", "valueString", "cT2 cN0 cM0, Stage IIA"),
+        answer("pathology-summary", "valueString", "Invasive ductal carcinoma, G2, ER 80%, PR 60%, HER2-negative"),
+        answer("lab-values", "valueString", "Hb 12.8, WBC 6200, Plt 245k, CEA 2.1, CA 15-3 18"),
+        answer("ecog", "valueCoding", {"system": "http://loinc.org", "code": "LA9622-7", "display": "0 Fully active"}),
+    ]
+    decision = [
+        answer("recommendation", "valueString", "Breast-conserving surgery + sentinel biopsy; adjuvant TC, tamoxifen"),
+        answer("rationale", "valueString", "Good operability. Ki67 25% + G2 justify chemo. HR+/HER2- endocrine"),
+        answer("treatment-intent", "valueCoding", {"system": "http://snomed.info/sct", "code": "373808002"}),
+        answer("guideline-conform", "valueBoolean", True),
+        answer("trial-eligible", "valueBoolean", False),
+        answer("patient-preference", "valueBoolean", True),
+        answer("participants", "valueString", "Gynecology, Oncology, Radiology, Pathology, Radiation Therapy, Nurse"),
+        answer("responsible-physician", "valueString", "Dr. A. Gyn"),
+        answer("follow-up", "valueDate", "2027-02-20"),
+        answer("signed", "valueDateTime", f"{board_date}T16:30:00+01:00"),
+    ]
+    return {
+        "resourceType": "QuestionnaireResponse",
+        "questionnaire": DECISION_QUESTIONNAIRE,
+        "status": "completed",
+        "subject": {"reference": patient_ref},
+        "authored": f"{board_date}T16:30:00+01:00",
+        "item": [{"linkId": "case", "item": case}, {"linkId": "decision", "item": decision}],
+    }

@@ -9,7 +9,7 @@ from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from pipeline.references import logical_system
 from pipeline.tap import tap
-from tests.casebuilder import KVNR_SYSTEM, observation_for, with_kvnr
+from tests.casebuilder import KVNR_SYSTEM, observation_for, tumorboard_flag, with_kvnr
 from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -55,6 +55,8 @@ def test_same_person_at_two_hospitals_is_one_central_patient_owned_by_the_first(
     encounter_b = {**encounter_a, "subject": {"reference": f"Patient/{at_b['id']}"}}
     site_a.upsert(encounter_a)
     site_b.upsert(encounter_b)
+    # site-b's route is `trigger: tumorboard-flag`: its clinician flags the encounter for the tumour board.
+    site_b.upsert(tumorboard_flag(f"{run_id}-tb", at_b["id"], encounter_b["id"]))
 
     def merged():
         body = stack.read("Patient", key)

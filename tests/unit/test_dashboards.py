@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.metrics import MetricWrapperBase
 
+import pipeline.flowmetrics
 import pipeline.metrics
 from pipeline.config import Config
 from pipeline.metrics import VolumeCollector
@@ -71,7 +72,7 @@ def _sample_names(families: Iterable[Metric]) -> set[str]:
 def family_names(config: Config) -> dict[str, set[str]]:
     """Every metric family cdrsync itself exports → the sample names it can have."""
     families: list[Metric] = []
-    for value in vars(pipeline.metrics).values():
+    for value in [*vars(pipeline.metrics).values(), *vars(pipeline.flowmetrics).values()]:
         if isinstance(value, MetricWrapperBase):
             families += value.describe()
     families += VolumeCollector({}).describe()

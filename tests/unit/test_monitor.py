@@ -29,7 +29,8 @@ def test_lag_is_never_negative() -> None:
 def test_the_workers_topics_are_sources_stages_and_retry_tiers(config: Config) -> None:
     topics = consumed_topics(config)
     assert topics[:2] == ["cdc.site-a.fhir.resource", "cdc.site-b.fhir.resource"]
-    assert {"fhir.normalized.v1", "fhir.identified.v1", "fhir.ready.v1"} <= set(topics)
+    assert {"fhir.normalized.v1", "fhir.identified.v1", "fhir.ready.v1", "fhir.writeback.v1"} <= set(topics)
+    assert "cdc.central.fhir.resource" in topics  # central's own changes (back-flow), captured by cdrsync
     assert [t for t in topics if ".retry." in t] == [tier.name for tier in config.topics.retry_tiers]
     assert config.topics.name("dlq") not in topics  # nobody consumes dead letters: that is their depth
 

@@ -1,0 +1,147 @@
+"""Central capture wiring: poll each capture site's `_history` (pipeline/capture.py) on the leader worker.
+
+One worker of the group (Faust's leader) polls, so two workers never race on the cursor. Events are
+acknowledged by Kafka before the cursor (PostgreSQL `cdrsync.capture_cursor`) moves past them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import psycopg
+from faust.types import TopicT
+
+from pipeline.capture import (
+    CAPTURE_CURSOR_DDL,
+    CaptureCursor,
+    HistoryEntry,
+    advance,
+    change_event,
+    history_entries,
+    is_own_change,
+    new_entries,
+)
+from pipeline.config import SiteConfig
+from pipeline.errors import CdrsyncError
+from pipeline.fhirclient import FhirClient
+from pipeline.flowmetrics import BACKFLOW, CAPTURE_LAST_SUCCESS, CAPTURE_POLLS
+
+from .app import app, config, settings
+from .routing import deliver
+
+__all__ = ["capture_history"]
+
+log = logging.getLogger("cdrsync.capture")
+_PAGE = 200
+_topics: dict[str, TopicT] = {site.site: app.topic(config.source_topic(site)) for site in config.capture_sites()}
+_clients: dict[str, FhirClient] = {}
+_state: dict[str, Any] = {}
+_started: set[str] = set()
+_INTERVAL = min((s.capture.poll_seconds for s in config.capture_sites() if s.capture), default=60.0)
+
+
+async def _cursor_db() -> psycopg.AsyncConnection[Any]:
+    connection = _state.get("db")
+    if connection is None or connection.closed:
+        secret = f" password={settings.pg_password_value}" if settings.pg_password_value else ""
+        dsn = (
+            f"host={settings.pg_host} port={settings.pg_port} user={settings.pg_user} dbname={settings.audit_database}"
+        )
+        connection = await psycopg.AsyncConnection.connect(dsn + secret, autocommit=True)
+        async with connection.cursor() as cursor:
+            await cursor.execute(CAPTURE_CURSOR_DDL)
+        _state["db"] = connection
+    return connection
+
+
+async def _load_cursor(site: str, resource_type: str) -> CaptureCursor:
+    async with (await _cursor_db()).cursor() as cursor:
+        await cursor.execute(
+            "SELECT since, seen FROM cdrsync.capture_cursor WHERE site = %s AND resource_type = %s",
+            (site, resource_type),
+        )
+        row = await cursor.fetchone()
+    return CaptureCursor(since=row[0], seen=list(row[1])) if row else CaptureCursor()
+
+
+async def _store_cursor(site: str, resource_type: str, cursor_: CaptureCursor) -> None:
+    async with (await _cursor_db()).cursor() as cursor:
+        await cursor.execute(
+            "INSERT INTO cdrsync.capture_cursor (site, resource_type, since, seen) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (site, resource_type) DO UPDATE SET since = EXCLUDED.since, seen = EXCLUDED.seen, "
+            "updated_at = now()",
+            (site, resource_type, cursor_.since, orjson.dumps(cursor_.seen).decode()),
+        )
+
+
+async def _history(client: FhirClient, resource_type: str, since: str | None) -> list[HistoryEntry]:
+    """Every version since the cursor, all pages."""
+    path = f"{resource_type}/_history?_count={_PAGE}" + (f"&_since={quote(since, safe='')}" if since else "")
+    entries: list[HistoryEntry] = []
+    while path:
+        bundle = await client.get_json(path)
+        entries += history_entries(bundle)
+        path = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), "")
+    return entries
+
+
+async def _previous(client: FhirClient, entry: HistoryEntry) -> dict[str, Any] | None:
+    if entry.version <= 1:
+        return None
+    return await client.get_json(f"{entry.resource_type}/{entry.resource_id}/_history/{entry.version - 1}")
+
+
+async def _capture_type(site: SiteConfig, client: FhirClient, resource_type: str) -> None:
+    assert site.capture is not None
+    cursor = await _load_cursor(site.site, resource_type)
+    fresh = new_entries(await _history(client, resource_type, cursor.since), cursor)
+    emitted = 0
+    for entry in fresh:
+        previous = await _previous(client, entry) if entry.resource is None else None
+        if not is_own_change(entry.resource or previous, site.site):
+            BACKFLOW.labels(site.site, "", resource_type, "echo_suppressed").inc()
+            continue
+        key, value = change_event(site.site, site.capture.schema_name, site.capture.table, entry, previous)
+        await deliver(_topics[site.site], key, value)
+        BACKFLOW.labels(site.site, "", resource_type, "captured").inc()
+        emitted += 1
+    if fresh:
+        await _store_cursor(site.site, resource_type, advance(cursor, fresh))
+        log.info(
+            "%s at %s: %d new version(s), %d captured, %d written there by cdrsync for a hospital (skipped)",
+            resource_type,
+            site.site,
+            len(fresh),
+            emitted,
+            len(fresh) - emitted,
+        )
+
+
+@app.timer(interval=_INTERVAL, on_leader=True)
+async def capture_history() -> None:
+    """Poll every capture site's history once; a failure is logged, counted and retried on the next tick."""
+    for site in config.capture_sites():
+        assert site.target is not None
+        if site.site not in _started:  # the staleness alert counts from here until a first success
+            _started.add(site.site)
+            CAPTURE_LAST_SUCCESS.labels(site.site).set(time.time())
+        client = _clients.setdefault(site.site, FhirClient(site.target))
+        try:
+            for resource_type in site.resource_types:
+                await _capture_type(site, client, resource_type)
+        except (CdrsyncError, psycopg.Error) as error:  # the cursor did not move: next tick retries
+            CAPTURE_POLLS.labels(site.site, "failed").inc()
+            log.error("capture at %s failed: %s: %s", site.site, type(error).__name__, error)
+            if isinstance(error, psycopg.Error):
+                _state.pop("db", None)  # reconnect next time
+            continue
+        except Exception:  # a malformed answer must not crash the worker; CentralCaptureStale alerts
+            CAPTURE_POLLS.labels(site.site, "failed").inc()
+            log.exception("capture at %s failed unexpectedly", site.site)
+            continue
+        CAPTURE_POLLS.labels(site.site, "succeeded").inc()
+        CAPTURE_LAST_SUCCESS.labels(site.site).set(time.time())

@@ -1,0 +1,155 @@
+"""Back-flow: a tumour-board decision written at the central CDR goes to every hospital that treats the patient.
+
+Central is a site (sites/central.yaml, `capture`): its own changes arrive like any site's (pipeline/capture.py →
+normalize). Its ids are already global: a central QuestionnaireResponse's subject is `Patient/<global key>`.
+The order stage (partitioned by global key, like `patient_sources_by_patient_key`, which records which hospitals
+sent the patient and each hospital's version of it) turns one central change into one record per contributing
+hospital that declares `writeback`, with:
+  * the patient reference rewritten to that hospital's own local id (the central Patient keeps each
+    hospital's local id as identifier urn:cdrsync:<site>:Patient);
+  * every other literal reference made logical (identifier urn:cdrsync:central:<type>), since the hospital has
+    no copy of central's other resources;
+  * a deterministic id at the hospital (uuid5 over central, type and central id), so a replay rewrites;
+  * the central id kept as identifier, and meta.tag urn:cdrsync:origin-site = central.
+Loop prevention: that tag makes the hospital's own capture of the written row stop at identity resolution
+(`echo_targets`: never routed back to the site that wrote it), and central's capture skips versions that
+cdrsync wrote there for a hospital (`capture.is_own_change`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from .config import Config, SiteConfig
+from .ids import target_id
+from .records import NormalizedResource, RoutedResource, canonical_hash
+from .references import logical_system, rewrite_references
+
+__all__ = [
+    "WriteBack",
+    "central_record",
+    "echo_targets",
+    "flows_back",
+    "hospital_form",
+    "local_patient_id",
+    "suppressed_routes",
+    "write_back_records",
+]
+
+ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
+_SERVER_META = ("versionId", "lastUpdated", "source")
+
+
+def flows_back(config: Config, site: str) -> bool:
+    """True for a site whose own changes flow back to the hospitals (it declares `capture`)."""
+    declared = config.sites.get(site)
+    return declared is not None and declared.capture is not None
+
+
+def echo_targets(resource_json: str | None) -> frozenset[str]:
+    """Sites a resource was written from by cdrsync (its origin tags): it must never be routed back to them."""
+    if not resource_json:
+        return frozenset()
+    tags = (orjson.loads(resource_json).get("meta") or {}).get("tag") or []
+    return frozenset(str(t.get("code")) for t in tags if isinstance(t, dict) and t.get("system") == ORIGIN_TAG_SYSTEM)
+
+
+def suppressed_routes(record: NormalizedResource, site: SiteConfig) -> list[str]:
+    """Targets of the site's routes that a record is not sent to because cdrsync wrote it there from them."""
+    echoes = echo_targets(record.resource)
+    carried = [r.target for r in site.routes if record.resource_type in (r.resource_types or site.resource_types)]
+    return [target for target in carried if target in echoes]
+
+
+def central_record(record: NormalizedResource) -> RoutedResource:
+    """A central change, keyed by its patient's global key (central ids are global); target set per hospital."""
+    patient_key = (record.patient_ref or "").removeprefix("Patient/") or record.source_id
+    return RoutedResource(
+        site=record.site,
+        target="",
+        resource_type=record.resource_type,
+        source_id=record.source_id,
+        target_id=record.source_id,
+        patient_key=patient_key,
+        op=record.op,
+        resource=record.resource,
+        content_hash=record.content_hash,
+        source_version=record.source_version,
+        source_lsn=record.source_lsn,
+        source_commit_ms=record.source_commit_ms,
+        captured_ms=record.captured_ms,
+        origin_topic=record.origin_topic,
+        origin_partition=record.origin_partition,
+        origin_offset=record.origin_offset,
+    )
+
+
+def local_patient_id(patient_version: str, site: str) -> str | None:
+    """A hospital's local Patient id, from its version of the central Patient (urn:cdrsync:<site>:Patient)."""
+    body = orjson.loads(patient_version)
+    for identifier in body.get("identifier") or []:
+        if isinstance(identifier, dict) and identifier.get("system") == logical_system(site, "Patient"):
+            return str(identifier.get("value"))
+    return None
+
+
+def hospital_form(resource: dict[str, Any], central: str, patient_key: str, local_patient: str) -> dict[str, Any]:
+    """The central resource as a hospital stores it: its patient reference local, the rest logical, tagged."""
+
+    def to_local(resource_type: str, resource_id: str) -> str | None:
+        return local_patient if resource_type == "Patient" and resource_id == patient_key else None
+
+    body = rewrite_references(resource, central, frozenset({"Patient"}), to_local).resource
+    central_id = {"system": logical_system(central, resource["resourceType"]), "value": resource["id"]}
+    if resource["resourceType"] == "QuestionnaireResponse":  # identifier 0..1: the central id, when free
+        body["identifier"] = body.get("identifier") or central_id
+    else:
+        body["identifier"] = [*(body.get("identifier") or []), central_id]
+    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in _SERVER_META}
+    tags = [t for t in meta.get("tag", []) if t.get("system") != ORIGIN_TAG_SYSTEM]
+    meta["tag"] = [*tags, {"system": ORIGIN_TAG_SYSTEM, "code": central}]
+    meta["source"] = f"urn:cdrsync:site:{central}"
+    body["meta"] = meta
+    body["id"] = target_id(central, resource["resourceType"], resource["id"])
+    return body
+
+
+@dataclass(frozen=True)
+class WriteBack:
+    """Records for the hospitals, and hospitals that could not be served (no local id known)."""
+
+    records: list[RoutedResource]
+    missing: list[str]
+
+
+def write_back_records(config: Config, patients: Mapping[str, dict[str, Any]], record: RoutedResource) -> WriteBack:
+    """One record per hospital that sent the patient and accepts back-flow, in the hospital's own ids."""
+    entry = patients.get(record.patient_key) or {"sites": [], "versions": {}}
+    out: list[RoutedResource] = []
+    missing: list[str] = []
+    for site in entry["sites"]:
+        declared = config.sites.get(site)
+        if declared is None or declared.writeback is None or record.resource_type not in declared.resource_types:
+            continue
+        local = local_patient_id(entry["versions"][site], site)
+        if local is None:
+            missing.append(site)
+            continue
+        body = None
+        if record.resource is not None:
+            body = hospital_form(orjson.loads(record.resource), record.site, record.patient_key, local)
+        out.append(
+            replace(
+                record,
+                target=site,
+                target_id=target_id(record.site, record.resource_type, record.source_id),
+                resource=orjson.dumps(body).decode() if body is not None else None,
+                content_hash=canonical_hash(body) if body is not None else None,
+                dependencies=[f"Patient/{local}"],
+            )
+        )
+    return WriteBack(out, missing)

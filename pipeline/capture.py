@@ -1,0 +1,182 @@
+"""Capture of the central CDR's own changes: its FHIR `_history`, turned into Debezium-shaped change events.
+
+Why not Debezium here: the central HAPI server keeps its data in H2 (compose/fhir), which Debezium cannot
+read. Moving HAPI onto the stack's PostgreSQL and capturing HAPI's tables (HFJ_RES_VER) would tie the
+pipeline to HAPI's internal schema (resource text inline or in LOBs, compressed or not, changing across
+HAPI versions), and would not work for a central CDR that is not HAPI. The FHIR `_history` interaction
+is standard (FHIR R4 3.1.0.4.x) and works against any conformant server, so cdrsync polls it instead.
+
+What the poller guarantees, like Debezium:
+  * Nothing missed: a durable cursor (PostgreSQL table `cdrsync.capture_cursor` in the central database)
+    holds the last `meta.lastUpdated` read and the versions already emitted at that instant; `_since` is
+    inclusive, so an instant is re-read and its already emitted versions are skipped. The cursor moves only
+    after Kafka acknowledged every event before it (at-least-once; downstream writes are idempotent).
+  * Same shape: each version becomes one event on `cdc.<site>.<schema>.<table>` with Debezium's envelope
+    (`before`, `after` with the `fhir` adapter's row columns, `source.ts_ms` = the version's lastUpdated,
+    `op` c/u/d), so the normal normalize stage reads it. A delete carries the last version as `before`.
+  * No echo: versions that cdrsync itself wrote (meta.tag urn:cdrsync:origin-site naming a hospital) are
+    hospital data, not central's own changes, and are skipped (counted as echo_suppressed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "CAPTURE_CURSOR_DDL",
+    "CaptureCursor",
+    "HistoryEntry",
+    "change_event",
+    "history_entries",
+    "is_own_change",
+    "new_entries",
+]
+
+ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"  # = pipeline.identity.ORIGIN_TAG_SYSTEM (no import cycle)
+
+CAPTURE_CURSOR_DDL = """
+CREATE SCHEMA IF NOT EXISTS cdrsync;
+CREATE TABLE IF NOT EXISTS cdrsync.capture_cursor (
+  site          text        NOT NULL,
+  resource_type text        NOT NULL,
+  since         text        NOT NULL,
+  seen          jsonb       NOT NULL DEFAULT '[]',
+  updated_at    timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (site, resource_type)
+);
+"""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One version from a `_history` bundle."""
+
+    resource_type: str
+    resource_id: str
+    version: int
+    last_updated: str  # as the server wrote it (an instant)
+    resource: dict[str, Any] | None  # None for a deleted version
+
+    @property
+    def key(self) -> str:
+        """Type/id/_history/version: unique per version."""
+        return f"{self.resource_type}/{self.resource_id}/_history/{self.version}"
+
+    @property
+    def at_ms(self) -> int:
+        """lastUpdated in epoch milliseconds."""
+        return _instant_ms(self.last_updated)
+
+
+@dataclass
+class CaptureCursor:
+    """Where capture of one site's type stands: the last instant read and the versions seen at it."""
+
+    since: str | None = None
+    seen: list[str] = field(default_factory=list)
+
+
+def _instant_ms(value: str) -> int:
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+def _version(value: Any) -> int:
+    text = str(value or "").removeprefix('W/"').strip('"')
+    return int(text) if text.isdigit() else 0
+
+
+def history_entries(bundle: dict[str, Any]) -> list[HistoryEntry]:
+    """The versions of a history bundle (any order), deletes included."""
+    entries = []
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource")
+        request = entry.get("request") or {}
+        response = entry.get("response") or {}
+        if isinstance(resource, dict):
+            meta = resource.get("meta") or {}
+            rtype, rid = str(resource.get("resourceType")), str(resource.get("id"))
+            version, updated = _version(meta.get("versionId")), str(meta.get("lastUpdated") or "")
+        else:  # a deleted version: only the request says what was deleted
+            parts = str(request.get("url") or entry.get("fullUrl") or "").split("/")
+            idx = parts.index("_history") if "_history" in parts else len(parts)
+            rtype, rid = parts[idx - 2], parts[idx - 1]
+            version = _version(response.get("etag")) or (int(parts[idx + 1]) if idx + 1 < len(parts) else 0)
+            updated = str(response.get("lastModified") or "")
+            resource = None
+        if updated:
+            entries.append(HistoryEntry(rtype, rid, version, updated, resource))
+    return entries
+
+
+def new_entries(entries: list[HistoryEntry], cursor: CaptureCursor) -> list[HistoryEntry]:
+    """Versions not emitted yet, oldest first (by lastUpdated, then version)."""
+    since_ms = _instant_ms(cursor.since) if cursor.since else None
+    seen = set(cursor.seen)
+    fresh = [
+        e for e in entries if since_ms is None or e.at_ms > since_ms or (e.at_ms == since_ms and e.key not in seen)
+    ]
+    unique = {e.key: e for e in fresh}
+    return sorted(unique.values(), key=lambda e: (e.at_ms, e.resource_type, e.resource_id, e.version))
+
+
+def advance(cursor: CaptureCursor, emitted: list[HistoryEntry]) -> CaptureCursor:
+    """The cursor after the given (oldest-first) versions were acknowledged by Kafka."""
+    if not emitted:
+        return cursor
+    last = emitted[-1]
+    at_last = [e.key for e in emitted if e.at_ms == last.at_ms]
+    previous = cursor.seen if cursor.since and _instant_ms(cursor.since) == last.at_ms else []
+    return CaptureCursor(since=last.last_updated, seen=sorted({*previous, *at_last}))
+
+
+def is_own_change(resource: dict[str, Any] | None, site: str) -> bool:
+    """False for a version cdrsync wrote there on behalf of another site (loop prevention)."""
+    tags = ((resource or {}).get("meta") or {}).get("tag") or []
+    origins = {t.get("code") for t in tags if isinstance(t, dict) and t.get("system") == ORIGIN_TAG_SYSTEM}
+    return not (origins - {site})
+
+
+def _row(entry: HistoryEntry, resource: dict[str, Any], version: int) -> dict[str, Any]:
+    return {
+        "resource_type": entry.resource_type,
+        "id": entry.resource_id,
+        "version": version,
+        "content": orjson.dumps(resource).decode(),
+        "updated_at": entry.last_updated,
+    }
+
+
+def change_event(
+    site: str, schema: str, table: str, entry: HistoryEntry, previous: dict[str, Any] | None, now_ms: int | None = None
+) -> tuple[bytes, bytes]:
+    """(key, value) of the Debezium-shaped change event of one version; `previous` is the version before it."""
+    before = _row(entry, previous, entry.version - 1) if previous is not None else None
+    if entry.resource is None:
+        op, after = "d", None
+        before = before or {"resource_type": entry.resource_type, "id": entry.resource_id, "version": entry.version}
+    else:
+        op, after = ("c" if entry.version <= 1 else "u"), _row(entry, entry.resource, entry.version)
+    value = {
+        "before": before,
+        "after": after,
+        "source": {
+            "version": "cdrsync-fhir-history",
+            "connector": "fhir-history",
+            "name": f"cdc.{site}",
+            "ts_ms": entry.at_ms,
+            "snapshot": "false",
+            "db": site,
+            "schema": schema,
+            "table": table,
+            "lsn": None,
+        },
+        "op": op,
+        "ts_ms": now_ms if now_ms is not None else int(time.time() * 1000),
+    }
+    key = {"resource_type": entry.resource_type, "id": entry.resource_id}
+    return orjson.dumps(key), orjson.dumps(value)

@@ -1,0 +1,128 @@
+"""A tumour-board decision written at central flows back to both hospitals, in their own patient ids, once."""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
+from pipeline.ids import target_id
+from pipeline.references import logical_system
+from tests.casebuilder import KVNR_SYSTEM, decision_response, observation_for, tumorboard_flag, with_kvnr
+from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, wait_for
+from tests.integration.test_audit import _audit
+
+pytestmark = pytest.mark.integration
+
+
+def _post(central: Central, resource: dict[str, Any]) -> dict[str, Any]:
+    """Create a resource at central the way the tumour-board application does (POST, server-assigned id)."""
+    request = urllib.request.Request(
+        f"{central.base_url}/{resource['resourceType']}",
+        data=orjson.dumps(resource),
+        method="POST",
+        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        created: dict[str, Any] = orjson.loads(response.read())
+        return created
+
+
+def _row(site: SiteDatabase, resource_type: str, row_id: str) -> tuple[dict[str, Any], int] | None:
+    with site.conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT content, version FROM fhir.resource WHERE resource_type = %s AND id = %s", (resource_type, row_id)
+        )
+        row = cursor.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def _sites_with_step(source_id: str, step: str) -> set[str]:
+    dsn = f"host={SETTINGS.pg_host} port={SETTINGS.pg_port} user={SETTINGS.pg_user} dbname={SETTINGS.audit_database}"
+    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT DISTINCT site FROM audit.event WHERE source_id = %s AND step = %s", (source_id, step))
+        return {row[0] for row in cursor.fetchall()}
+
+
+def _leaves(items: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for item in items:
+        out += _leaves(item["item"]) if "item" in item else [item["linkId"]]
+    return out
+
+
+def _encounter(encounter_id: str, patient_id: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Encounter",
+        "id": encounter_id,
+        "status": "in-progress",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{patient_id}"},
+    }
+
+
+def test_central_decision_reaches_both_hospitals_with_their_local_patient_and_does_not_come_back(
+    worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str
+) -> None:
+    kvnr = f"Q{run_id}"
+    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    at_a = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-bf-a", "gender": "female"}, kvnr)
+    at_b = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-bf-b", "gender": "female"}, kvnr)
+    encounter_b = _encounter(f"{run_id}-bf-enc", at_b["id"])
+    site_a.upsert(at_a)
+    wait_for(lambda: stack.read("Patient", key), timeout=120, what="site-a's patient at central")
+    site_b.upsert_many([at_b, encounter_b, tumorboard_flag(f"{run_id}-bf-tb", at_b["id"], encounter_b["id"])])
+
+    def both_hospitals() -> bool:
+        body = stack.read("Patient", key) or {}
+        systems = {i.get("system") for i in body.get("identifier", [])}
+        return logical_system("site-b", "Patient") in systems
+
+    wait_for(both_hospitals, timeout=120, what="site-b's identifiers on the central patient")
+
+    created = _post(stack, decision_response(f"Patient/{key}"))
+    row_id = target_id("central", "QuestionnaireResponse", created["id"])
+    for site, local in ((site_a, at_a["id"]), (site_b, at_b["id"])):
+        content, version = wait_for(
+            lambda s=site: _row(s, "QuestionnaireResponse", row_id), timeout=120, what=f"the decision at {local}"
+        )
+        assert content["subject"] == {"reference": f"Patient/{local}"}
+        assert len(_leaves(content["item"])) == 20
+        assert content["identifier"] == {
+            "system": logical_system("central", "QuestionnaireResponse"),
+            "value": created["id"],
+        }
+        assert {"system": ORIGIN_TAG_SYSTEM, "code": "central"} in content["meta"]["tag"]
+        assert version == 1
+    assert {row[0] for row in _audit(created["id"])} >= {"written_back"}
+
+    # The hospitals' capture of those rows passes identity resolution before a later change of the same
+    # patient does (one partition per local patient): once these arrive, the decision was seen and not sent.
+    later_a = observation_for(f"{run_id}-bf-a", at_a["id"], 1, 61.0)
+    later_b = {
+        **observation_for(f"{run_id}-bf-b", at_b["id"], 1, 61.5),
+        "encounter": {"reference": f"Encounter/{encounter_b['id']}"},
+    }
+    site_a.upsert(later_a)
+    site_b.upsert(later_b)
+    for site_name, obs in (("site-a", later_a), ("site-b", later_b)):
+        wait_for(
+            lambda s=site_name, o=obs: stack.read("Observation", target_id(s, "Observation", o["id"])),
+            timeout=120,
+            what=f"{site_name}'s later observation",
+        )
+    wait_for(
+        lambda: _sites_with_step(row_id, "echo_suppressed") == {"site-a", "site-b"},
+        timeout=60,
+        what="each hospital's capture of the decision audited as not sent back",
+    )
+    status, found = stack.get(f"QuestionnaireResponse?subject=Patient/{key}&_summary=count")
+    assert status == 200 and found["total"] == 1, "the decision came back to central from a hospital"
+    for site_name in ("site-a", "site-b"):
+        assert stack.read("QuestionnaireResponse", target_id(site_name, "QuestionnaireResponse", row_id)) is None
+    for site in (site_a, site_b):
+        assert _row(site, "QuestionnaireResponse", row_id)[1] == 1, "written back more than once"

@@ -1,0 +1,176 @@
+"""Back-flow: central's history → Debezium-shaped events; a central decision → each hospital's own form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.backflow import (
+    echo_targets,
+    flows_back,
+    hospital_form,
+    local_patient_id,
+    suppressed_routes,
+    write_back_records,
+)
+from pipeline.capture import (
+    CaptureCursor,
+    HistoryEntry,
+    advance,
+    change_event,
+    history_entries,
+    is_own_change,
+    new_entries,
+)
+from pipeline.config import load_config
+from pipeline.envelope import parse_envelope
+from pipeline.identity import route_resource
+from pipeline.ids import target_id
+from pipeline.normalize import SourcePosition, normalize_change
+from pipeline.records import NormalizedResource, RoutedResource
+from pipeline.references import logical_system
+from tests.casebuilder import decision_response
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.unit
+CONFIG = load_config(ROOT)
+KEY = "0b7c6a52-0000-5000-8000-000000000001"
+
+
+def _qr(qr_id: str, version: int, updated: str, tags: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    body = {**decision_response(f"Patient/{KEY}"), "id": qr_id}
+    body["meta"] = {"versionId": str(version), "lastUpdated": updated, **({"tag": tags} if tags else {})}
+    return body
+
+
+def _bundle(*resources: dict[str, Any], deleted: tuple[str, int, str] | None = None) -> dict[str, Any]:
+    entries: list[dict[str, Any]] = [{"resource": r, "request": {"method": "PUT"}} for r in resources]
+    if deleted:
+        ref, version, at = deleted
+        entries.append(
+            {
+                "request": {"method": "DELETE", "url": f"{ref}/_history/{version}"},
+                "response": {"etag": f'W/"{version}"', "lastModified": at},
+            }
+        )
+    return {"resourceType": "Bundle", "type": "history", "entry": entries}
+
+
+def test_history_versions_become_debezium_events_the_normalize_stage_reads() -> None:
+    entries = history_entries(_bundle(_qr("q1", 1, "2026-11-21T07:00:00.000+00:00")))
+    key, value = change_event("central", "fhir", "resource", entries[0], None, now_ms=1)
+    assert orjson.loads(key) == {"resource_type": "QuestionnaireResponse", "id": "q1"}
+    event = parse_envelope(value)
+    assert event is not None and event.op == "c" and event.table == "resource"
+    central = CONFIG.sites["central"]
+    record = normalize_change(central, value, SourcePosition("cdc.central.fhir.resource", 0, 5))
+    assert isinstance(record, NormalizedResource)
+    assert record.patient_ref == f"Patient/{KEY}" and record.source_version == 1
+    assert record.source_commit_ms == entries[0].at_ms
+
+
+def test_a_deleted_version_carries_the_last_content_so_its_patient_is_known() -> None:
+    entries = history_entries(_bundle(deleted=("QuestionnaireResponse/q1", 3, "2026-11-21T07:00:02.000+00:00")))
+    assert entries[0].resource is None and entries[0].version == 3
+    previous = _qr("q1", 2, "2026-11-21T07:00:01.000+00:00")
+    _, value = change_event("central", "fhir", "resource", entries[0], previous)
+    record = normalize_change(CONFIG.sites["central"], value, SourcePosition("t", 0, 0))
+    assert isinstance(record, NormalizedResource) and record.is_delete and record.patient_ref == f"Patient/{KEY}"
+
+
+def test_cursor_rereads_its_instant_and_skips_what_it_emitted() -> None:
+    t1, t2 = "2026-11-21T07:00:00.000+00:00", "2026-11-21T07:00:01.000+00:00"
+    first = new_entries(history_entries(_bundle(_qr("q2", 1, t2), _qr("q1", 1, t1))), CaptureCursor())
+    assert [e.resource_id for e in first] == ["q1", "q2"]  # oldest first, whatever the bundle's order
+    cursor = advance(CaptureCursor(), first)
+    assert cursor.since == t2 and cursor.seen == ["QuestionnaireResponse/q2/_history/1"]
+    again = history_entries(_bundle(_qr("q2", 1, t2), _qr("q3", 1, t2), _qr("q2", 2, "2026-11-21T07:00:05Z")))
+    assert [(e.resource_id, e.version) for e in new_entries(again, cursor)] == [("q3", 1), ("q2", 2)]
+
+
+_instants = st.integers(0, 5).map(lambda s: f"2026-11-21T07:00:0{s}.000+00:00")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(1, 4), _instants), max_size=25), st.data())
+def test_polling_in_any_slices_emits_every_version_exactly_once(versions: list[Any], data: st.DataObject) -> None:
+    unique = {(i, v): at for i, v, at in versions}  # a version has one lastUpdated
+    ordered = sorted(((i, v, at) for (i, v), at in unique.items()), key=lambda v: v[2])
+    cut_points = sorted(data.draw(st.lists(st.integers(0, len(ordered)), max_size=4)))
+    cursor, emitted = CaptureCursor(), []
+    for cut in [*cut_points, len(ordered)]:  # the server has the first `cut` versions when polled
+        visible = [HistoryEntry("QuestionnaireResponse", i, v, at, {"id": i}) for i, v, at in ordered[:cut]]
+        fresh = new_entries(visible, cursor)
+        emitted += [e.key for e in fresh]
+        cursor = advance(cursor, fresh)
+    assert sorted(emitted) == sorted({f"QuestionnaireResponse/{i}/_history/{v}" for i, v, _ in ordered})
+
+
+def test_versions_cdrsync_wrote_for_a_hospital_are_not_central_changes() -> None:
+    hospital = [{"system": "urn:cdrsync:origin-site", "code": "site-a"}]
+    assert not is_own_change(_qr("q1", 1, "2026-11-21T07:00:00Z", hospital), "central")
+    assert is_own_change(_qr("q1", 1, "2026-11-21T07:00:00Z"), "central")
+
+
+def _central_record(op: str = "CREATE") -> RoutedResource:
+    body = {**decision_response(f"Patient/{KEY}"), "id": "q1", "encounter": {"reference": "Encounter/e-central"}}
+    return RoutedResource(
+        0, 0, "t", 0, 0, site="central", resource_type="QuestionnaireResponse", source_id="q1", target_id="q1",
+        patient_key=KEY, op=op, resource=None if op == "DELETE" else orjson.dumps(body).decode(),
+    )  # fmt: skip
+
+
+def _patient_version(site: str, local: str) -> str:
+    identifiers = [{"system": logical_system(site, "Patient"), "value": local}]
+    return orjson.dumps({"resourceType": "Patient", "id": KEY, "identifier": identifiers}).decode()
+
+
+VERSIONS = {"site-a": _patient_version("site-a", "a-17"), "site-b": _patient_version("site-b", "b-4711")}
+PATIENTS = {KEY: {"sites": ["site-a", "site-b"], "versions": VERSIONS}}
+
+
+def test_a_central_decision_goes_to_every_contributing_hospital_in_its_own_patient_id() -> None:
+    out = write_back_records(CONFIG, PATIENTS, _central_record())
+    assert [r.target for r in out.records] == ["site-a", "site-b"] and out.missing == []
+    for record, local in zip(out.records, ["a-17", "b-4711"], strict=True):
+        body = orjson.loads(record.resource or "")
+        assert body["subject"] == {"reference": f"Patient/{local}"}
+        assert body["id"] == record.target_id == target_id("central", "QuestionnaireResponse", "q1")
+        assert body["encounter"] == {
+            "type": "Encounter",
+            "identifier": {"system": logical_system("central", "Encounter"), "value": "e-central"},
+        }
+        assert body["identifier"] == {"system": logical_system("central", "QuestionnaireResponse"), "value": "q1"}
+        assert echo_targets(record.resource) == {"central"}
+
+
+def test_delete_flows_back_and_unknown_patients_go_nowhere_silently() -> None:
+    deletes = write_back_records(CONFIG, PATIENTS, _central_record("DELETE"))
+    assert [(r.target, r.op, r.resource) for r in deletes.records] == [
+        ("site-a", "DELETE", None),
+        ("site-b", "DELETE", None),
+    ]
+    nobody = write_back_records(CONFIG, {}, _central_record())
+    assert nobody.records == [] and nobody.missing == []  # the agent dead-letters this (no hospital)
+
+
+def test_a_written_back_row_captured_at_the_hospital_is_never_routed_back_to_central() -> None:
+    body = hospital_form(orjson.loads(_central_record().resource or ""), "central", KEY, "a-17")
+    record = NormalizedResource(
+        0, 0, "cdc.site-a.fhir.resource", 0, 0, site="site-a", resource_type="QuestionnaireResponse",
+        source_id=body["id"], resource=orjson.dumps(body).decode(), patient_ref="Patient/a-17",
+    )  # fmt: skip
+    assert route_resource(record, CONFIG.sites["site-a"], lambda _: KEY) == []
+    assert suppressed_routes(record, CONFIG.sites["site-a"]) == ["central"]
+    own = NormalizedResource(**{**record.__dict__, "resource": orjson.dumps({**body, "meta": {}}).decode()})
+    assert [r.target for r in route_resource(own, CONFIG.sites["site-a"], lambda _: KEY)] == ["central"]
+
+
+def test_central_is_a_back_flow_source_and_hospitals_are_not() -> None:
+    assert flows_back(CONFIG, "central") and not flows_back(CONFIG, "site-a")
+    assert local_patient_id(_patient_version("site-b", "b-4711"), "site-b") == "b-4711"
+    assert local_patient_id(_patient_version("site-b", "b-4711"), "site-a") is None
