@@ -279,20 +279,25 @@ async def _attempt(stage: str, carried: Carried, record: RoutedResource, attempt
             if await breaker.target_down():
                 await breaker.wait_until_reachable()
                 continue
-            return "retrying" if await retry_later(stage, carried, error, attempts) else "dead"
+            return "retrying" if await retry_later(stage, carried, error, _made(error, attempts)) else "dead"
         except RetryableError as error:
             WRITES.labels(*labels, error.error_class).inc()
-            return "retrying" if await retry_later(stage, carried, error, attempts) else "dead"
+            return "retrying" if await retry_later(stage, carried, error, _made(error, attempts)) else "dead"
         except PermanentError as error:
             WRITES.labels(*labels, error.error_class).inc()
-            await dead_letter(stage, carried, error, attempts)
+            await dead_letter(stage, carried, error, _made(error, attempts))
             await emit_audit("dead_lettered", record, detail=f"{error.error_class}: {error}"[:500])
             return "dead"
         except Exception as error:
             WRITES.labels(*labels, "internal").inc()
             log.exception("sink failed unexpectedly at %s[%d]@%d", *carried.origin)
-            await dead_letter(stage, carried, error, attempts)
+            await dead_letter(stage, carried, error, _made(error, attempts))
             return "dead"
+
+
+def _made(error: BaseException, default: int) -> int:
+    """Attempts a failed write made (write_with_retries records them on the error)."""
+    return int(getattr(error, "attempts_made", default) or default)
 
 
 async def _sink(stage: str, event: EventT, attempts: int) -> None:

@@ -23,7 +23,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import RetryableError, VersionConflictError
+from .errors import CdrsyncError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .records import RoutedResource
 
@@ -115,15 +115,22 @@ def retry_wait(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
 async def write_with_retries(
     client: FhirClient, record: RoutedResource, policy: RetryPolicy, versions: Versions | None = None
 ) -> tuple[WriteOutcome, int]:
-    """Write with exponential backoff and jitter on retryable errors; (outcome, attempts used)."""
+    """Write with exponential backoff and jitter on retryable errors; (outcome, attempts used).
+
+    An error raised carries the number of attempts made in `attempts_made` (for the dead-letter headers).
+    """
     attempts = 0
-    async for attempt in AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts),
-        wait=retry_wait(policy),
-        retry=retry_if_exception_type(RetryableError),
-        reraise=True,
-    ):
-        with attempt:
-            attempts = attempt.retry_state.attempt_number
-            return await write_record(client, record, versions), attempts
+    try:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(policy.attempts),
+            wait=retry_wait(policy),
+            retry=retry_if_exception_type(RetryableError),
+            reraise=True,
+        ):
+            with attempt:
+                attempts = attempt.retry_state.attempt_number
+                return await write_record(client, record, versions), attempts
+    except CdrsyncError as error:
+        error.attempts_made = attempts  # type: ignore[attr-defined]
+        raise
     raise AssertionError("unreachable: tenacity either returns or reraises")
