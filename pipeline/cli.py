@@ -123,16 +123,17 @@ def _dlq_list(args: argparse.Namespace, settings: Settings, config: Config) -> i
 
     chosen = _dlq_filter(args)
     letters = [letter for letter in read_dead_letters(settings.kafka_bootstrap, config) if chosen.matches(letter)]
+    letters.sort(key=lambda letter: (letter.failed_ms, letter.partition, letter.offset))
     if args.json:
         for letter in letters:
             sys.stdout.buffer.write(orjson.dumps(letter.summary()) + b"\n")
         return 0
-    print(f"{'ID':>9}  {'FAILED AT (UTC)':19}  {'STAGE':9} {'ERROR CLASS':20} {'SITE':8} {'RESOURCE':45} STATUS")
+    print(f"{'ID':>9}  {'FAILED AT (UTC)':19}  {'STAGE':9} {'ERROR CLASS':19} {'SITE':7} {'RESOURCE':56} STATUS")
     for letter in letters:
         s = letter.summary()
         print(
-            f"{s['id']:>9}  {s['failed_at'][:19]:19}  {s['stage'] or '?':9} {s['error_class'] or '?':20} "
-            f"{s['site'] or '?':8} {(s['target_ref'] or s['resource_type'] or '?')[:45]:45} {s['status']}"
+            f"{s['id']:>9}  {s['failed_at'][:19]:19}  {s['stage'] or '?':9} {s['error_class'] or '?':19} "
+            f"{s['site'] or '?':7} {(s['target_ref'] or s['resource_type'] or '?')[:56]:56} {s['status']}"
         )
         print(f"{'':11}{(s['reason'] or '')[:150]}")
     print(f"\n{len(letters)} dead letters" + ("" if chosen.include_resolved else " still open") + " by reason:")
