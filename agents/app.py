@@ -14,6 +14,7 @@ from pipeline.logs import logging_config
 from pipeline.settings import Settings
 
 log = logging.getLogger("cdrsync")
+_EXIT_SKIPPED = 70
 
 
 class IdempotentProducer(aiokafka_driver.Producer):
@@ -23,8 +24,29 @@ class IdempotentProducer(aiokafka_driver.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+class GapRefusingConsumer(aiokafka_driver.Consumer):
+    """Faust fills a jump in offsets with a "gap" it then commits as if processed (meant for compacted or
+    transactional topics, which cdrsync's stream topics are not). After a rebalance its fetcher can hand
+    over records from past its read position: the skipped ones would be committed unprocessed, i.e. lost.
+    So a gap stops the worker before any commit can include it; the next worker starts at the committed
+    offset and reads the skipped records. (Changelog topics are read without acks and never get here.)
+    """
+
+    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+        log.critical(
+            "offsets %d..%d of %s[%d] were passed over by the consumer; exiting before they could be "
+            "committed unprocessed (the next worker reads them from the committed offset)",
+            offset_from,
+            offset_to - 1,
+            tp.topic,
+            tp.partition,
+        )
+        os._exit(_EXIT_SKIPPED)
+
+
 class IdempotentTransport(aiokafka_driver.Transport):
     Producer = IdempotentProducer
+    Consumer = GapRefusingConsumer
 
 
 class App(faust.App):

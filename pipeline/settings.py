@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="source records larger than this are dead-lettered (oversize)"
     )
+    stall_seconds: int = Field(
+        default=120,
+        ge=30,
+        description="a partition with waiting records that stands still this long restarts the worker",
+    )
     park_limit_seconds: int = Field(default=3600, ge=1, description="how long a resource waits for a reference")
     app_id: str = Field(default="cdrsync", description="Faust app id: the workers' Kafka consumer group")
     log_format: Literal["json", "text"] = Field(default="json", description="worker logs: JSON lines or text")
