@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A cdrsync stream worker in the background (for the demo): start | stop | status.
 # Its RocksDB tables live in $CDRSYNC_HOME/worker; its log in $STACK_LOGS/worker.log.
+# Like a service manager (systemd Restart=on-failure, a Kubernetes pod), it starts the worker again when
+# it exits with an error: the worker exits on purpose rather than acknowledge what it could not pass on.
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -10,7 +12,12 @@ export CDRSYNC_WEB_PORT="${CDRSYNC_WEB_PORT:-6066}"
 
 case "${1:-}" in
   start)
-    start_bg worker "$CDRSYNC_BIN" worker
+    # shellcheck disable=SC2016
+    start_bg worker bash -c 'trap "exit 0" TERM
+      while true; do
+        "$0" worker && exit 0
+        echo "----- worker exited with $?; restarting in 2 s -----"; sleep 2
+      done' "$CDRSYNC_BIN"
     wait_until worker 120 http_ok "http://localhost:$CDRSYNC_WEB_PORT/metrics"
     ;;
   stop) stop_bg worker 60 ;;

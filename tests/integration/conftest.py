@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -96,17 +97,32 @@ class SiteDatabase:
 
 
 class Worker:
-    """A `cdrsync worker` process with its own consumer group and state directory."""
+    """A `cdrsync worker` process with its own consumer group and state directory.
+
+    Supervised, as a service manager would run it: when it exits on its own (it does so on purpose
+    rather than acknowledge what it could not pass on), it is started again; `restarts` counts that.
+    kill() and stop() are not restarted.
+    """
 
     def __init__(self, app_id: str, state_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.app_id, self.state_dir, self.log_path = app_id, state_dir, log_path
         self.env = env or {}
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._lock = threading.RLock()
+        self._expected_exit = False
+        self._log_mark = 0
+        self._supervisor: threading.Thread | None = None
 
     def start(self) -> None:
-        self.spawn()
-        wait_for(self._ready, timeout=120, what=f"worker {self.app_id} to report ready")
+        with self._lock:
+            self._expected_exit = False
+            self.spawn()
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise, daemon=True)
+            self._supervisor.start()
+        wait_for(self._ready, timeout=180, what=f"worker {self.app_id} to report ready (log: {self.log_path})")
 
     def spawn(self) -> None:
         """Start the process without waiting for it to be ready."""
@@ -117,16 +133,29 @@ class Worker:
             "CDRSYNC_WEB_PORT": str(self.port),
             **self.env,
         }
+        self._log_mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
         )
 
+    def _supervise(self) -> None:
+        while True:
+            time.sleep(0.5)
+            with self._lock:
+                process = self.process
+                if self._expected_exit or process is None or process.poll() is None:
+                    continue
+                self.restarts += 1
+                with self.log_path.open("ab") as log:
+                    log.write(f"\n----- exited with {process.returncode}; restarting -----\n".encode())
+                time.sleep(2)
+                self.spawn()
+
     def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            pytest.fail(f"worker exited with {self.process.returncode}; see {self.log_path}")
-        return b"Worker ready" in self.log_path.read_bytes()[-200_000:]
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_mark)
+            return b"Worker ready" in log.read()
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples on the worker's /metrics whose labels include the given ones."""
@@ -142,19 +171,24 @@ class Worker:
         return total
 
     def kill(self) -> None:
-        """SIGKILL: no clean shutdown, no final commit."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-        self.log_path.open("ab").write(b"\n----- SIGKILL -----\n")
+        """SIGKILL: no clean shutdown, no final commit (and no restart)."""
+        with self._lock:
+            self._expected_exit = True
+            assert self.process is not None
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+            with self.log_path.open("ab") as log:
+                log.write(b"\n----- SIGKILL -----\n")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        with self._lock:
+            self._expected_exit = True
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
 
 
 def _free_port() -> int:
