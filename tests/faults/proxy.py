@@ -36,6 +36,7 @@ class Fault:
     remaining: int | None = None  # None: until cleared
     retry_after: str | None = None
     path_contains: str | None = None  # only requests whose path (or transaction body) names this
+    hang_seconds: float = 60.0  # kind "hang": longer than the client's timeout
 
 
 class FaultProxy:
@@ -67,7 +68,7 @@ class FaultProxy:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await self._listen()
 
@@ -91,7 +92,7 @@ class FaultProxy:
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                 return web.Response(status=fault.status, text="injected fault", headers=headers)
             if fault.kind == "hang":
-                await asyncio.sleep(3600)
+                await asyncio.sleep(fault.hang_seconds)
             if fault.kind == "close":
                 assert request.transport is not None
                 request.transport.close()

@@ -80,6 +80,11 @@ def test_target_faults_lose_and_duplicate_nothing(
             time.sleep(30)
             assert proxied_worker.metric("cdrsync_target_breaker_open", target="central") == 1
             proxy.clear()
+            wait_for(
+                lambda: proxied_worker.metric("cdrsync_target_breaker_open", target="central") == 0,
+                timeout=120,
+                what="the circuit breaker to close once the target answers",
+            )
         wait_for(lambda: proxy.fault is None, timeout=300, what=f"the fault of phase {n + 1} to be used up")
     print(f"\nphase {len(phases) + 1}: the server down (connection refused) for {DOWN_SECONDS}s")
     proxy.down()
