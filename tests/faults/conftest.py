@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
+from pipeline.config import Config
 from pipeline.references import logical_system
 from tests.casebuilder import observation_for, patient
 from tests.integration import conftest as integration
@@ -39,9 +41,27 @@ os.environ.setdefault("CDRSYNC_TOPIC_PREFIX", "faults.")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fault_topics() -> None:
-    """Create the suite's topics (idempotent)."""
+def fault_topics(config: Config) -> None:
+    """Create the suite's topics (idempotent), and start its consumer groups at the end of every topic.
+
+    The scenarios reconcile only their own changes: what other tests left in the source topics is not
+    replayed (it would only slow the first scenario down). No worker of the suite runs yet.
+    """
     subprocess.run([sys.executable, "-m", "pipeline.cli", "topics", "apply"], cwd=ROOT, check=True, timeout=120)
+    topics = [config.source_topic(site) for site in [*config.source_sites(), *config.capture_sites()]]
+    topics += [config.topics.name(key) for key in config.topics.topics]
+    for group, names in ((GROUP, topics), (f"{GROUP}-retry", [tier.name for tier in config.topics.retry_tiers])):
+        consumer = Consumer({"bootstrap.servers": SETTINGS.kafka_bootstrap, "group.id": group})
+        try:
+            ends = []
+            for name in names:
+                metadata = consumer.list_topics(name, timeout=15).topics[name]
+                for partition in metadata.partitions:
+                    _, high = consumer.get_watermark_offsets(TopicPartition(name, partition), timeout=15)
+                    ends.append(TopicPartition(name, partition, high))
+            consumer.commit(offsets=ends, asynchronous=False)
+        finally:
+            consumer.close()
 
 
 @pytest.fixture
