@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from pipeline.config import Config
+from pipeline.config import load_config
 from pipeline.references import logical_system
 from tests.casebuilder import observation_for, patient
 from tests.integration import conftest as integration
@@ -34,19 +34,21 @@ __all__ = ["SETTINGS", "Central", "SiteDatabase", "Worker", "central_id", "wait_
 
 SOAK = os.environ.get("CDRSYNC_SOAK", "") not in ("", "0")
 GROUP = "cdrsync-faults"  # one consumer group across runs: a rerun resumes instead of replaying history
-# The suite's own pipeline topics (the source topics are shared): the records other workers left in
-# fhir.ready.v1 & co. are not replayed here, and nothing of this suite reaches other workers' topics.
-# Set before any configuration is read; workers and `cdrsync` commands started here inherit it.
-os.environ.setdefault("CDRSYNC_TOPIC_PREFIX", "faults.")
+TOPIC_PREFIX = "faults."
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fault_topics(config: Config) -> None:
-    """Create the suite's topics (idempotent), and start its consumer groups at the end of every topic.
+def fault_topics() -> Iterator[None]:
+    """The suite's own pipeline topics, and its consumer groups at the end of every topic.
 
-    The scenarios reconcile only their own changes: what other tests left in the source topics is not
-    replayed (it would only slow the first scenario down). No worker of the suite runs yet.
+    With CDRSYNC_TOPIC_PREFIX (source topics are shared), the records other workers left in
+    fhir.ready.v1 & co. are not replayed here, and nothing of this suite reaches other workers' topics;
+    the workers and `cdrsync` commands started by the suite inherit it. The scenarios reconcile only
+    their own changes, so what other tests left in the source topics is skipped too. No worker runs yet.
     """
+    previous = os.environ.get("CDRSYNC_TOPIC_PREFIX")
+    os.environ["CDRSYNC_TOPIC_PREFIX"] = TOPIC_PREFIX
+    config = load_config(ROOT)
     subprocess.run([sys.executable, "-m", "pipeline.cli", "topics", "apply"], cwd=ROOT, check=True, timeout=120)
     topics = [config.source_topic(site) for site in [*config.source_sites(), *config.capture_sites()]]
     topics += [config.topics.name(key) for key in config.topics.topics]
@@ -62,6 +64,11 @@ def fault_topics(config: Config) -> None:
             consumer.commit(offsets=ends, asynchronous=False)
         finally:
             consumer.close()
+    yield
+    if previous is None:
+        os.environ.pop("CDRSYNC_TOPIC_PREFIX", None)
+    else:
+        os.environ["CDRSYNC_TOPIC_PREFIX"] = previous
 
 
 @pytest.fixture
