@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import weakref
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,6 +50,7 @@ class FaultProxy:
             self.port = sock.getsockname()[1]
         self.fault: Fault | None = None
         self.counts: dict[str, int] = {"forwarded": 0, "faulted": 0, "applied_then_dropped": 0}
+        self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -78,6 +80,8 @@ class FaultProxy:
         await self._site.start()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.transport is not None:
+            self._transports.add(request.transport)
         fault = self.fault
         applies = fault is not None and (not fault.writes_only or request.method in ("PUT", "POST", "DELETE"))
         if applies and fault is not None and fault.path_contains is not None:
@@ -123,9 +127,16 @@ class FaultProxy:
         self.fault = None
 
     def down(self) -> None:
-        """Stop listening: connection refused, as if the server were gone."""
+        """Stop listening and drop every open connection: refused, as if the server were gone."""
         assert self._site is not None
-        self._call(self._site.stop())
+
+        async def gone() -> None:
+            assert self._site is not None
+            await self._site.stop()
+            for transport in list(self._transports):
+                transport.close()  # kept-alive connections would otherwise go on being served
+
+        self._call(gone())
 
     def up(self) -> None:
         self._call(self._listen())
