@@ -75,6 +75,10 @@ app = App(
     value_serializer="raw",
     consumer_auto_offset_reset="earliest",
     broker_commit_every=100,
+    # A worker that died (SIGKILL, or its own exit rather than a loss) holds its partitions until the
+    # broker gives up on it; Faust's 60 s default kept a restarted worker waiting that long.
+    broker_session_timeout=30.0,
+    broker_heartbeat_interval=3.0,
     broker_commit_interval=1.0,
     table_standby_replicas=0,
     # Faust checks a table's changelog partitions against the consumer's metadata, which aiokafka
