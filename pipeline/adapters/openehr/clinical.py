@@ -70,6 +70,11 @@ def _condition_clinical_status(data: Any, abated: bool) -> str | None:
     return _checked({"at0026": "active", "at0027": "inactive"}, active, "active/inactive", _QUALIFIER)
 
 
+def _condition_category(ctx: Context) -> dict[str, Any]:
+    code = "problem-list-item" if ctx.persistent else "encounter-diagnosis"
+    return {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": code}]}
+
+
 def problem_diagnosis_to_condition(entry: dict[str, Any], ctx: Context, path: str) -> list[dict[str, Any]]:
     """EVALUATION.problem_diagnosis.v1 → Condition (name, body site, onset, abatement, severity, statuses)."""
     archetype = str(entry["archetype_node_id"])
@@ -88,16 +93,8 @@ def problem_diagnosis_to_condition(entry: dict[str, Any], ctx: Context, path: st
             verificationStatus=_status(
                 _CONDITION_VERIFICATION, _checked(rules.DIAGNOSTIC_CERTAINTY, certainty, "certainty", archetype)
             ),
-            category=[
-                {
-                    "coding": [
-                        {
-                            "system": "http://terminology.hl7.org/CodeSystem/condition-category",
-                            "code": "problem-list-item",
-                        }
-                    ]
-                }
-            ],
+            # openEHR records a problem list as a persistent composition, a visit's diagnoses in an event one.
+            category=[_condition_category(ctx)],
             severity=(
                 {"coding": [{"system": "http://snomed.info/sct", "code": severity[0], "display": severity[1]}]}
                 if severity

@@ -192,6 +192,7 @@ def composition_to_resources(
         encounter_ref=encounter_ref,
         tz=tz,
         start_time=fhir_datetime(str(start["value"]), tz) if start else None,
+        persistent=local_code(composition.get("category")) == "431",
     )
     mapped = Mapped(patient=patient)
     if context:

@@ -35,6 +35,7 @@ class Context:
     encounter_ref: str | None
     tz: ZoneInfo
     start_time: str | None  # the composition context's start time, as a FHIR dateTime
+    persistent: bool = False  # COMPOSITION.category 431 (persistent, e.g. a problem list) rather than 433 (event)
 
     def resource(self, resource_type: str, path: str, **elements: Any) -> dict[str, Any]:
         """A resource with its deterministic id and its links back to the composition and entry."""

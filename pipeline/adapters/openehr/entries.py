@@ -172,10 +172,17 @@ def _analyte_to_observation(
         archetype=analyte,
         status=rules.ANALYTE_STATUS.get(status_code or "", default_status),
         effectiveDateTime=effective,
+        issued=_issued(element_value(cluster, "at0006"), ctx),  # result status time: when this status was issued
         interpretation=[_concept(guidance, analyte)] if coded_guidance else None,
         referenceRange=[{"text": text_of(guidance)}] if guidance and not coded_guidance else None,
         note=_notes(text_of(element_value(cluster, "at0003"))),
     )
+
+
+def _issued(value: dict[str, Any] | None, ctx: Context) -> str | None:
+    """A DV_DATE_TIME as a FHIR instant (seconds and offset required), None when it is only a date."""
+    text = _time(value, ctx)
+    return text if text and len(text) > 16 else None
 
 
 def _report_status(entry: dict[str, Any], data: Any) -> str:

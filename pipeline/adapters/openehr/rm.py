@@ -162,6 +162,16 @@ def coded_to_codeable(value: dict[str, Any] | None, archetype_id: str) -> dict[s
     if value["_type"] == "DV_CODED_TEXT" and isinstance(code, dict):
         system = terminology_system(code["terminology_id"]["value"], archetype_id)
         concept["coding"] = [{"system": system, "code": code["code_string"], "display": str(value["value"])}]
+        # TERM_MAPPINGs carry the same concept in other terminologies: further codings.
+        for mapping in value.get("mappings") or []:
+            target = mapping.get("target") or {}
+            if target.get("code_string"):
+                concept["coding"].append(
+                    {
+                        "system": terminology_system(target["terminology_id"]["value"], archetype_id),
+                        "code": target["code_string"],
+                    }
+                )
     return concept
 
 

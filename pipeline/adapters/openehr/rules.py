@@ -20,6 +20,7 @@ __all__ = [
     "SERVICE_URGENCY",
     "SETTING_TO_CLASS",
     "VITAL_SIGNS",
+    "VITAL_SIGN_BY_LOINC",
     "VitalSign",
 ]
 
@@ -33,28 +34,53 @@ class VitalSign:
     code: str
     display: str
     value_node: str  # at-code of the ELEMENT holding the measurement, inside each event's data
+    units: str  # the UCUM units the archetype records, for the way back
+    structure: tuple[str, str, str] = ("at0001", "at0002", "at0003")  # HISTORY, EVENT, ITEM_TREE node ids
     components: tuple[tuple[str, str, str], ...] = ()  # (at-code, LOINC code, display) for panels
 
 
 # FHIR R4 vital-signs profile (http://hl7.org/fhir/R4/observation-vitalsigns.html) LOINC codes.
 VITAL_SIGNS: dict[str, VitalSign] = {
-    "openEHR-EHR-OBSERVATION.body_temperature.v2": VitalSign("8310-5", "Body temperature", "at0004"),
-    "openEHR-EHR-OBSERVATION.body_temperature-zn.v1": VitalSign("8310-5", "Body temperature", "at0004"),
-    "openEHR-EHR-OBSERVATION.pulse.v2": VitalSign("8867-4", "Heart rate", "at0004"),
-    "openEHR-EHR-OBSERVATION.respiration.v2": VitalSign("9279-1", "Respiratory rate", "at0004"),
-    "openEHR-EHR-OBSERVATION.body_weight.v2": VitalSign("29463-7", "Body weight", "at0004"),
-    "openEHR-EHR-OBSERVATION.height.v2": VitalSign("8302-2", "Body height", "at0004"),
-    "openEHR-EHR-OBSERVATION.head_circumference.v1": VitalSign(
-        "9843-4", "Head Occipital-frontal circumference", "at0004"
+    "openEHR-EHR-OBSERVATION.body_temperature.v2": VitalSign(
+        "8310-5", "Body temperature", "at0004", "Cel", ("at0002", "at0003", "at0001")
     ),
-    "openEHR-EHR-OBSERVATION.pulse_oximetry.v1": VitalSign("2708-6", "Oxygen saturation in Arterial blood", "at0006"),
-    "openEHR-EHR-OBSERVATION.body_mass_index.v2": VitalSign("39156-5", "Body mass index (BMI) [Ratio]", "at0004"),
+    "openEHR-EHR-OBSERVATION.body_temperature-zn.v1": VitalSign(
+        "8310-5", "Body temperature", "at0004", "Cel", ("at0002", "at0003", "at0001")
+    ),
+    "openEHR-EHR-OBSERVATION.pulse.v2": VitalSign(
+        "8867-4", "Heart rate", "at0004", "/min", ("at0002", "at0003", "at0001")
+    ),
+    "openEHR-EHR-OBSERVATION.respiration.v2": VitalSign("9279-1", "Respiratory rate", "at0004", "/min"),
+    "openEHR-EHR-OBSERVATION.body_weight.v2": VitalSign(
+        "29463-7", "Body weight", "at0004", "kg", ("at0002", "at0003", "at0001")
+    ),
+    "openEHR-EHR-OBSERVATION.height.v2": VitalSign("8302-2", "Body height", "at0004", "cm"),
+    "openEHR-EHR-OBSERVATION.head_circumference.v1": VitalSign(
+        "9843-4", "Head Occipital-frontal circumference", "at0004", "cm", ("at0001", "at0010", "at0003")
+    ),
+    "openEHR-EHR-OBSERVATION.pulse_oximetry.v1": VitalSign(
+        "2708-6", "Oxygen saturation in Arterial blood", "at0006", "%"
+    ),
+    "openEHR-EHR-OBSERVATION.body_mass_index.v2": VitalSign(
+        "39156-5", "Body mass index (BMI) [Ratio]", "at0004", "kg/m2"
+    ),
     "openEHR-EHR-OBSERVATION.blood_pressure.v2": VitalSign(
         "85354-9",
         "Blood pressure panel with all children optional",
         "",
+        "mm[Hg]",
+        ("at0001", "at0006", "at0003"),
         (("at0004", "8480-6", "Systolic blood pressure"), ("at0005", "8462-4", "Diastolic blood pressure")),
     ),
+}
+# The way back (FHIR → openEHR): each vital-signs LOINC code to the archetype that records it.
+# body_temperature-zn.v1 is a local specialisation: the international archetype is the one written.
+# Pulse oximetry is chosen by 59408-5 (SpO2 by pulse oximetry) only: a bare 2708-6 may be a blood-gas
+# SaO2, which is a laboratory result, not this archetype's measurement.
+VITAL_SIGN_BY_LOINC = {
+    ("59408-5" if rule.code == "2708-6" else rule.code): archetype
+    for archetype, rule in reversed(list(VITAL_SIGNS.items()))
+    if "-zn." not in archetype
 }
 
 # openEHR instruction state machine (openehr terminology, group "instruction states") → Procedure.status.
