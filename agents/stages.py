@@ -15,7 +15,7 @@ from faust.types import EventT, StreamT
 
 from pipeline import identity
 from pipeline.deadletter import failure_headers, failure_info, parse_failure_headers
-from pipeline.errors import PermanentError, RetryableError, VersionConflictError
+from pipeline.errors import MappingError, PermanentError, RetryableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.merge import merge_patient
 from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
@@ -30,7 +30,8 @@ from pipeline.metrics import (
     PARKED,
     WRITES,
 )
-from pipeline.normalize import Filtered, SourcePosition, normalize_change
+from pipeline.normalize import SourcePosition
+from pipeline.normalize import normalize_changes as normalize_batch
 from pipeline.observe import record_fields
 from pipeline.ordering import OrderState, expire_parked, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
@@ -67,12 +68,13 @@ _clients: dict[str, FhirClient] = {}
 
 @app.agent(source_changes, concurrency=1)
 async def normalize_changes(stream: StreamT) -> None:
-    """Debezium change → validated FHIR resource on the normalized topic."""
+    """Debezium change → validated FHIR resources on the normalized topic (one per fhir row, many per
+    openEHR composition or HL7 v2 message); parts that cannot be mapped → one dead letter naming them."""
     async for event in stream.events():
         message = event.message
         try:
             site = config.site_of_topic(message.topic)
-            result = normalize_change(site, message.value, SourcePosition(*origin_of(event)))
+            batch = normalize_batch(site, message.value, SourcePosition(*origin_of(event)))
         except PermanentError as error:
             NORMALIZED.labels("unknown", "unknown", "failed").inc()
             await dead_letter("normalize", event, error)
@@ -81,15 +83,21 @@ async def normalize_changes(stream: StreamT) -> None:
             log.exception("normalize failed unexpectedly at %s[%d]@%d", *origin_of(event))
             await dead_letter("normalize", event, error)
             continue
-        if result is None:
+        if batch is None:
             NORMALIZED.labels(site.site, "", "tombstone").inc()
-        elif isinstance(result, Filtered):
-            NORMALIZED.labels(result.site, result.resource_type, "filtered").inc()
-        else:
+            continue
+        for filtered in batch.filtered:
+            NORMALIZED.labels(filtered.site, filtered.resource_type, "filtered").inc()
+        for result in batch.records:
             NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
             # Keyed by site-local patient, so identity resolution sees one patient's changes in order.
             key = identity.local_patient(result) or f"{result.site}|{result.resource_type}/{result.source_id}"
             await deliver(normalized, key.encode(), encode(result))
+        if batch.problems:
+            # After the mapped records: a replay of this dead letter rewrites them under the same ids.
+            NORMALIZED.labels(site.site, "", "failed").inc()
+            reason = f"{len(batch.problems)} part(s) not mapped: " + "; ".join(batch.problems)
+            await dead_letter("normalize", event, MappingError(reason))
 
 
 @app.agent(normalized, concurrency=1)

@@ -57,7 +57,10 @@ def test_ids_are_stable_across_versions_and_distinct_across_compositions() -> No
 def test_unknown_archetype_is_reported_with_its_path_not_dropped() -> None:
     mapped = _map(_load("minimal_observation"))
     assert [(u.archetype_id, u.path) for u in mapped.unmapped] == [
-        ("openEHR-EHR-OBSERVATION.minimal.v1", "/content[openEHR-EHR-OBSERVATION.minimal.v1,0]")
+        (
+            "openEHR-EHR-OBSERVATION.minimal.v1",
+            "/content[openEHR-EHR-OBSERVATION.minimal.v1 and name/value='Minimal',0]",
+        )
     ]
 
 

@@ -62,16 +62,18 @@ class Mapped:
 def walk_entries(nodes: list[Any], path: str, attribute: str = "content") -> Iterator[tuple[dict[str, Any], str]]:
     """(entry, stable path) for every ENTRY below these nodes, through SECTIONs.
 
-    A path step is `attribute[archetype id,n]`, n counting siblings of the same archetype, so entries
-    added or removed under another archetype do not renumber this one.
+    A path step is `attribute[archetype id and name/value='name',n]` (openEHR path syntax plus n, the
+    count of earlier siblings with the same archetype and name), so adding or removing a node with
+    another archetype or name (e.g. another IPS section) does not renumber this one.
     """
-    seen: Counter[str] = Counter()
+    seen: Counter[tuple[str, str]] = Counter()
     for node in nodes:
         if not isinstance(node, dict):
             continue
         node_id = str(node.get("archetype_node_id", ""))
-        step = f"{path}/{attribute}[{node_id},{seen[node_id]}]"
-        seen[node_id] += 1
+        name = str((node.get("name") or {}).get("value", "")).replace("'", "")
+        step = f"{path}/{attribute}[{node_id} and name/value='{name}',{seen[node_id, name]}]"
+        seen[node_id, name] += 1
         if node.get("_type") == "SECTION":
             yield from walk_entries(node.get("items") or [], step, "items")
         elif node.get("_type") in _ENTRY_TYPES:
