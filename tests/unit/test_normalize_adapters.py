@@ -137,7 +137,8 @@ def test_an_update_without_before_image_still_flows_and_says_what_it_cannot_dele
     batch = normalize_changes(site_d, envelope(site_d, "u", None, row), POS)
     assert len(batch.records) == 4
     assert batch.problems == [
-        "no before-image of the composition (REPLICA IDENTITY FULL missing): entries this version removed are not deleted"
+        "no before-image of the composition (REPLICA IDENTITY FULL missing): "
+        "entries this version removed are not deleted"
     ]
 
 
