@@ -10,6 +10,7 @@ import pytest
 from pipeline.adapters.openehr import CompositionSource, composition_to_resources
 from pipeline.adapters.openehr.rm import fhir_datetime, quantity
 from pipeline.errors import MappingError
+from pipeline.resources import validate_resource
 from tests.golden.openehr_cases import COMPOSITIONS, IDENTIFIER_SYSTEMS, TZ, source_for
 
 pytestmark = pytest.mark.unit
@@ -156,3 +157,49 @@ def test_patient_identifier_system_comes_from_the_site_file() -> None:
 def test_not_a_composition_is_a_mapping_error() -> None:
     with pytest.raises(MappingError, match="not a COMPOSITION"):
         _map({"_type": "EHR_STATUS"})
+
+
+def _tnm_cluster(archetype: str, suffix: str = "") -> dict:
+    def element(node: str, text: str) -> dict:
+        return {
+            "_type": "ELEMENT",
+            "name": {"_type": "DV_TEXT", "value": node},
+            "archetype_node_id": node + suffix,
+            "value": {"_type": "DV_TEXT", "value": text},
+        }
+
+    return {
+        "_type": "CLUSTER",
+        "name": {"_type": "DV_TEXT", "value": "TNM"},
+        "archetype_node_id": archetype,
+        "items": [element("at0003", "T2"), element("at0004", "N0"), element("at0005", "M0"), element("at0031", "IIA")],
+    }
+
+
+@pytest.mark.parametrize(
+    ("archetype", "suffix", "codes"),
+    [
+        ("openEHR-EHR-CLUSTER.tnm.v1", "", ["21905-5", "21906-3", "21907-1", "21908-9"]),
+        ("openEHR-EHR-CLUSTER.tnm-pathological.v1", ".1", ["21899-0", "21900-6", "21901-4", "21902-2"]),
+    ],
+)
+def test_tnm_staging_cluster_becomes_condition_stage_and_observations(archetype, suffix, codes) -> None:
+    ips = _load("ips_canonical")
+    problem = _first(ips, "openEHR-EHR-EVALUATION.problem_diagnosis.v1")
+    problem["data"]["items"].append(_tnm_cluster(archetype, suffix))
+    resources = _map(ips).resources
+    condition = next(r for r in resources if r["resourceType"] == "Condition")
+    (stage,) = condition["stage"]
+    assert stage["summary"] == {"text": "IIA"} and stage["type"]["coding"][0]["code"] == codes[3]
+    staging = {
+        r["code"]["coding"][0]["code"]: r
+        for r in resources
+        if r["resourceType"] == "Observation" and r["code"].get("coding", [{}])[0].get("code") in codes
+    }
+    assert sorted(staging) == sorted(codes)
+    assert [staging[c]["valueCodeableConcept"]["text"] for c in codes] == ["T2", "N0", "M0", "IIA"]
+    group = staging[codes[3]]
+    assert stage["assessment"] == [{"reference": f"Observation/{group['id']}"}]
+    assert group["hasMember"] == [{"reference": f"Observation/{staging[c]['id']}"} for c in codes[:3]]
+    for resource in [condition, *staging.values()]:
+        validate_resource(resource)

@@ -8,6 +8,7 @@ from ...errors import MappingError
 from . import rules
 from .context import Context
 from .rm import coded_to_codeable, element, element_value, elements, fhir_datetime, find_clusters, local_code, text_of
+from .tnm import tnm_to_stage
 
 __all__ = [
     "adverse_reaction_risk_to_allergy",
@@ -76,7 +77,8 @@ def _condition_category(ctx: Context) -> dict[str, Any]:
 
 
 def problem_diagnosis_to_condition(entry: dict[str, Any], ctx: Context, path: str) -> list[dict[str, Any]]:
-    """EVALUATION.problem_diagnosis.v1 → Condition (name, body site, onset, abatement, severity, statuses)."""
+    """EVALUATION.problem_diagnosis.v1 → Condition (name, body site, onset, abatement, severity, statuses,
+    TNM stage) and the TNM staging Observations (tnm.py)."""
     archetype = str(entry["archetype_node_id"])
     data = entry.get("data")
     code = _concept(data, "at0002", archetype)
@@ -85,6 +87,7 @@ def problem_diagnosis_to_condition(entry: dict[str, Any], ctx: Context, path: st
     abatement = _time(element_value(data, "at0030"), ctx)
     severity = _checked(rules.CONDITION_SEVERITY, local_code(element_value(data, "at0005")), "severity", archetype)
     certainty = local_code(element_value(data, "at0073"))
+    stages, staging_observations = tnm_to_stage(data, ctx, path)
     return [
         ctx.resource(
             "Condition",
@@ -107,7 +110,9 @@ def problem_diagnosis_to_condition(entry: dict[str, Any], ctx: Context, path: st
             onsetDateTime=_time(element_value(data, "at0077"), ctx),
             abatementDateTime=abatement,
             note=_notes(text_of(element_value(data, "at0069"))),
-        )
+            stage=stages,
+        ),
+        *staging_observations,
     ]
 
 
