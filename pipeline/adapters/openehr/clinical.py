@@ -71,6 +71,15 @@ def _condition_clinical_status(data: Any, abated: bool) -> str | None:
     return _checked({"at0026": "active", "at0027": "inactive"}, active, "active/inactive", _QUALIFIER)
 
 
+def _certainty(code: str | None, archetype: str) -> dict[str, Any] | None:
+    """Diagnostic certainty → verificationStatus; the archetype's own code rides along as a second coding,
+    because FHIR's `provisional` stands for both `suspected` and `probable` and the way back needs which."""
+    status = _status(_CONDITION_VERIFICATION, _checked(rules.DIAGNOSTIC_CERTAINTY, code, "certainty", archetype))
+    if status is not None:
+        status["coding"].append({"system": f"urn:openehr:archetype:{archetype}", "code": code})
+    return status
+
+
 def _condition_category(ctx: Context) -> dict[str, Any]:
     code = "problem-list-item" if ctx.persistent else "encounter-diagnosis"
     return {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": code}]}
@@ -93,9 +102,7 @@ def problem_diagnosis_to_condition(entry: dict[str, Any], ctx: Context, path: st
             "Condition",
             path,
             clinicalStatus=_status(_CONDITION_CLINICAL, _condition_clinical_status(data, abatement is not None)),
-            verificationStatus=_status(
-                _CONDITION_VERIFICATION, _checked(rules.DIAGNOSTIC_CERTAINTY, certainty, "certainty", archetype)
-            ),
+            verificationStatus=_certainty(certainty, archetype),
             # openEHR records a problem list as a persistent composition, a visit's diagnoses in an event one.
             category=[_condition_category(ctx)],
             severity=(

@@ -198,17 +198,34 @@ _CLINICAL_TO_QUALIFIER = {
     "relapse": ("at0083", "at0097", "Relapsed"),
     "remission": ("at0089", "at0090", "In remission"),
 }
-_CERTAINTY_TEXT = {"at0074": "Suspected", "at0076": "Confirmed"}
+_CERTAINTY_TEXT = {"at0074": "Suspected", "at0075": "Probable", "at0076": "Confirmed"}
+
+
+def _local_code_of(concept: dict[str, Any] | None, archetype: str) -> str | None:
+    """The code of a concept's coding in the archetype's own (local) terminology."""
+    system = f"urn:openehr:archetype:{archetype}"
+    return next((c.get("code") for c in (concept or {}).get("coding", []) if c.get("system") == system), None)
 
 
 def condition_to_problem_diagnosis(resource: dict[str, Any]) -> dict[str, Any]:
     """Condition → EVALUATION.problem_diagnosis.v1 (+ CLUSTER.problem_qualifier.v1 for the clinical status)."""
     archetype, what = "openEHR-EHR-EVALUATION.problem_diagnosis.v1", f"Condition/{resource.get('id')}"
     clinical = next(iter(codes_of(resource.get("clinicalStatus"))), None)
-    verification = next(iter(codes_of(resource.get("verificationStatus"))), None)
+    verification = next(
+        (
+            c.get("code")
+            for c in (resource.get("verificationStatus") or {}).get("coding", [])
+            if c.get("system") != f"urn:openehr:archetype:{archetype}"
+        ),
+        None,
+    )
     if clinical is not None and clinical not in _CLINICAL_TO_QUALIFIER:
         raise MappingError(f"{what}: clinical status {clinical!r} has no problem_qualifier code")
-    certainty = {"provisional": "at0074", "confirmed": "at0076"}.get(verification or "")
+    exact = _local_code_of(resource.get("verificationStatus"), archetype)  # the source's own certainty, if any
+    certainty = exact if exact in rules.DIAGNOSTIC_CERTAINTY else None
+    certainty = certainty or {"provisional": "at0074", "confirmed": "at0076"}.get(verification or "")
+    if certainty and verification and rules.DIAGNOSTIC_CERTAINTY[certainty] != verification:
+        raise MappingError(f"{what}: verification status {verification!r} contradicts certainty {certainty}")
     if verification is not None and certainty is None:
         raise MappingError(f"{what}: verification status {verification!r} has no diagnostic certainty code")
     severity = invert({k: v[0] for k, v in rules.CONDITION_SEVERITY.items()})
