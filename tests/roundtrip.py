@@ -25,6 +25,8 @@ def clinical_view(resource: dict[str, Any]) -> dict[str, Any]:
 
     A Condition without category is an encounter diagnosis on the way back (it is written into an event
     composition), so that is its view. A value concept that is only text is free text, as a string is.
+    A verification status compares on its FHIR code: the openEHR certainty (suspected/probable) that rides
+    along as a second coding is checked at the openEHR level (test_openehr_roundtrip).
     """
     view = {k: _norm(v) for k, v in resource.items() if k not in IDENTITY}
     if resource.get("resourceType") == "Observation":
@@ -32,6 +34,9 @@ def clinical_view(resource: dict[str, Any]) -> dict[str, Any]:
     concept = view.get("valueCodeableConcept")
     if isinstance(concept, dict) and set(concept) == {"text"}:  # free text either way (openEHR DV_TEXT)
         view["valueString"] = view.pop("valueCodeableConcept")["text"]
+    status = view.get("verificationStatus")
+    if isinstance(status, dict):  # the archetype's own certainty code rides along; FHIR's code is the status
+        status["coding"] = [c for c in status["coding"] if not c.get("system", "").startswith("urn:openehr:archetype:")]
     if resource.get("resourceType") == "Condition" and "category" not in view:
         view["category"] = _norm(ENCOUNTER_DIAGNOSIS)
     return view
