@@ -15,10 +15,10 @@ from pipeline.adapters.hl7v2 import Hl7Context, message_to_resources
 from pipeline.errors import MappingError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-DATA = ROOT.parent / "shared" / "data" / "hl7v2"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data/hl7v2")
-MESSAGES, PEER = DATA / "messages", DATA / "expected-fhir"
+# Every message of ../shared/data/hl7v2/messages/ and the peer's conversions (expected-fhir/), copied
+# unchanged (see the NOTICE.md files) so a fresh clone tests without the shared folder.
+MESSAGES = ROOT / "tests" / "fixtures" / "hl7v2"
+PEER = ROOT / "tests" / "fixtures" / "fhir-converter"
 GOLDEN = Path(__file__).resolve().parent / "hl7v2"
 CTX = Hl7Context(
     site="site-c",

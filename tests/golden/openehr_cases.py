@@ -14,9 +14,9 @@ import orjson
 from pipeline.adapters.openehr import CompositionSource, composition_to_resources
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-COMPOSITIONS = ROOT.parent / "shared" / "data" / "openehr" / "compositions"
-if not COMPOSITIONS.is_dir():  # a worktree under /work: shared data sits next to it
-    COMPOSITIONS = Path("/work/shared/data/openehr/compositions")
+# Every composition of ../shared/data/openehr/compositions/, copied unchanged (see its NOTICE.md) so a
+# fresh clone tests without the shared folder.
+COMPOSITIONS = ROOT / "tests" / "fixtures" / "openehr"
 GOLDEN = Path(__file__).resolve().parent / "openehr"
 TZ = ZoneInfo("Europe/Berlin")
 IDENTIFIER_SYSTEMS = {"kvid-10": "http://fhir.de/sid/gkv/kvid-10"}
