@@ -8,7 +8,7 @@ NATIVE := compose/native
 PYTEST_ARGS ?=
 
 .PHONY: help install system-deps python-deps stack-install up down status topics connectors \
-        worker-start worker-stop monitor-start monitor-stop demo test unit integration lint clean
+        worker-start worker-stop monitor-start monitor-stop demo test unit integration faults lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -79,10 +79,12 @@ demo: up worker-start ## the whole pipeline end to end: FHIR (site-a, site-b), H
 	@echo "  http://localhost:9090/alerts                     (Prometheus: alert rules and their state)"
 	@echo "  make down                                       (stop everything)"
 
-test: install lint ## lint, then every test tier against the real stack: starts it, runs the tests, stops it
+test: install lint ## lint, then every test tier against the real stack (fault suite last): starts it, runs the tests, stops it
 	@set -o pipefail; bash $(NATIVE)/stack.sh up && $(BIN)/cdrsync topics apply && $(BIN)/cdrsync connectors apply; \
 	rc=$$?; \
-	if [ $$rc = 0 ]; then $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; fi; \
+	if [ $$rc = 0 ]; then $(BIN)/python -m pytest -m "not faults" $(PYTEST_ARGS); rc=$$?; fi; \
+	if [ $$rc = 0 ]; then $(BIN)/python -m pytest -m faults -s $(PYTEST_ARGS) | tee .stack/logs/faults.log; rc=$$?; \
+	  grep '^RECONCILIATION' .stack/logs/faults.log || true; fi; \
 	bash $(NATIVE)/stack.sh down || true; \
 	exit $$rc
 
@@ -91,6 +93,10 @@ unit: python-deps ## unit tests only (no services)
 
 integration: ## integration tests against an already running stack (make up)
 	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+faults: ## the fault-injection suite against a running stack, alone (CDRSYNC_SOAK=1 for the long soak)
+	@set -o pipefail; $(BIN)/python -m pytest -m faults -s $(PYTEST_ARGS) | tee .stack/logs/faults.log; rc=$$?; \
+	grep '^RECONCILIATION' .stack/logs/faults.log || true; exit $$rc
 
 lint: ## ruff and mypy (make install first)
 	$(BIN)/ruff check pipeline agents tests

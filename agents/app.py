@@ -45,6 +45,7 @@ app = App(
     datadir=str(settings.state_dir),
     web_port=settings.web_port,
     producer_acks=-1,
+    producer_max_request_size=16 * 1024 * 1024,  # as the broker's message.max.bytes
     processing_guarantee="at_least_once",
     topic_replication_factor=config.topics.defaults.replication_factor,
     topic_partitions=config.topics.partitions_of("ready"),

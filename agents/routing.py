@@ -6,12 +6,13 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from faust.exceptions import PartitionsMismatch
 from faust.types import EventT, TopicT
 
-from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers
+from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers, retry_schedule
 from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
 from pipeline.staging import Staged
@@ -38,6 +39,35 @@ def headers_of(event: EventT) -> list[tuple[str, bytes]]:
 def origin_of(event: EventT) -> tuple[str, int, int]:
     """(topic, partition, offset) of the message being processed."""
     return event.message.topic, event.message.partition, event.message.offset
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A Kafka record as it travels on to a retry tier or the dead-letter topic: value and key unchanged."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    origin: tuple[str, int, int]
+
+    @classmethod
+    def of(cls, event: EventT) -> Carried:
+        """The message being processed."""
+        return cls(event.message.key, event.message.value, headers_of(event), origin_of(event))
+
+    @property
+    def failure(self) -> FailureInfo | None:
+        """Its earlier failures, from the headers."""
+        return parse_failure_headers(self.headers)
+
+    @property
+    def identity(self) -> str:
+        """Stable across retry tiers and replays: the position where it first failed, else where it is now."""
+        failure = self.failure
+        topic, partition, offset = (
+            (failure.origin_topic, failure.origin_partition, failure.origin_offset) if failure else self.origin
+        )
+        return f"{topic}[{partition}]@{offset}"
 
 
 async def deliver(
@@ -81,17 +111,13 @@ async def apply_tables(*tables: Staged) -> None:
     os._exit(_EXIT_UNDELIVERABLE)
 
 
-async def dead_letter(stage: str, event: EventT, error: BaseException, attempts: int = 1) -> None:
+async def dead_letter(stage: str, event: EventT | Carried, error: BaseException, attempts: int = 1) -> None:
     """Send the original record, unchanged, to the dead-letter topic with the failure in headers."""
+    carried = event if isinstance(event, Carried) else Carried.of(event)
     info = failure_info(
-        stage,
-        error,
-        attempts=attempts,
-        now_ms=now_ms(),
-        origin=origin_of(event),
-        previous=parse_failure_headers(headers_of(event)),
+        stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=carried.failure
     )
-    await _dead_letter_info(event, info)
+    await _dead_letter_info(carried, info)
 
 
 def _log_fields(info: FailureInfo, site: str, target: str) -> dict[str, object]:
@@ -108,8 +134,8 @@ def _log_fields(info: FailureInfo, site: str, target: str) -> dict[str, object]:
     }
 
 
-async def _dead_letter_info(event: EventT, info: FailureInfo) -> None:
-    site, target = route_labels(config, event.message.topic, event.message.value)
+async def _dead_letter_info(carried: Carried, info: FailureInfo) -> None:
+    site, target = route_labels(config, carried.origin[0], carried.value)
     DEAD_LETTERS.labels(info.stage, site, target, info.error_class).inc()
     log.error(
         "dead letter: stage=%s error_class=%s origin=%s[%d]@%d attempts=%d: %s",
@@ -122,21 +148,23 @@ async def _dead_letter_info(event: EventT, info: FailureInfo) -> None:
         info.message,
         extra=_log_fields(info, site, target),
     )
-    await deliver(dead_letters, event.message.key, event.message.value, failure_headers(info))
+    await deliver(dead_letters, carried.key, carried.value, failure_headers(info))
 
 
-async def retry_later(stage: str, event: EventT, error: BaseException, attempts: int) -> None:
-    """Move a record to the next retry tier, or to the dead-letter topic after the last one."""
-    previous = parse_failure_headers(headers_of(event))
-    info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=origin_of(event), previous=previous)
-    tier = previous.tier + 1 if previous else 0
+async def retry_later(stage: str, event: EventT | Carried, error: BaseException, attempts: int) -> bool:
+    """Move a record to the next retry tier (True), or to the dead-letter topic after the last one (False)."""
+    carried = event if isinstance(event, Carried) else Carried.of(event)
+    previous = carried.failure
+    info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=previous)
+    schedule = retry_schedule(previous, [tier.delay_seconds for tier in config.topics.retry_tiers])
+    if schedule is None:
+        await _dead_letter_info(carried, info)
+        return False
+    tier, delay_seconds = schedule
     tiers = config.topics.retry_tiers
-    if tier >= len(tiers):
-        await _dead_letter_info(event, info)
-        return
-    due = info.last_failure_ms + tiers[tier].delay_seconds * 1000
+    due = info.last_failure_ms + int(delay_seconds * 1000)
     info = FailureInfo(**{**info.__dict__, "tier": tier, "due_ms": due})
-    site, target = route_labels(config, event.message.topic, event.message.value)
+    site, target = route_labels(config, carried.origin[0], carried.value)
     RETRIES.labels(stage, site, target, str(tier), info.error_class).inc()
     log.warning(
         "retry tier %d (%s): stage=%s error_class=%s origin=%s[%d]@%d",
@@ -149,4 +177,5 @@ async def retry_later(stage: str, event: EventT, error: BaseException, attempts:
         info.origin_offset,
         extra={**_log_fields(info, site, target), "tier": tier},
     )
-    await deliver(retry_tiers[tier], event.message.key, event.message.value, failure_headers(info))
+    await deliver(retry_tiers[tier], carried.key, carried.value, failure_headers(info))
+    return True

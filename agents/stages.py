@@ -6,7 +6,6 @@ escape: Faust would ack the message that raised, and it would be lost.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -14,34 +13,40 @@ import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
-from pipeline.deadletter import failure_headers, failure_info, parse_failure_headers
-from pipeline.errors import MappingError, PermanentError, RetryableError, VersionConflictError
+from pipeline.blocking import Outcome, Queued, SinkOrder, write_in_order
+from pipeline.breaker import CircuitBreaker
+from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
+from pipeline.errors import MappingError, PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.merge import merge_patient
-from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
 from pipeline.metrics import (
+    BREAKER_OPEN,
     DEAD_LETTERS,
     END_TO_END_LATENCY,
     HELD,
+    HELD_BEHIND,
     HELD_RELEASED,
     IDENTITY_REVIEWS,
     LAST_SUCCESS,
     NORMALIZED,
     PARKED,
+    TARGET_OUTAGES,
     WRITES,
 )
+from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
 from pipeline.normalize import SourcePosition
 from pipeline.normalize import normalize_changes as normalize_batch
 from pipeline.observe import record_fields
-from pipeline.ordering import OrderState, expire_parked, order_record, staged, staged_tables
+from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, write_with_retries
 from pipeline.staging import Staged
 
 from .app import app, config, settings
 from .audit import emit_audit
-from .routing import apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
+from .routing import Carried, apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
 from .topics import (
+    blocked_by_reference,
     conflicts,
     dead_letters,
     held_by_local_patient,
@@ -52,18 +57,21 @@ from .topics import (
     parked_by_reference,
     patient_key_by_local_patient,
     patient_sources_by_patient_key,
+    positions_by_reference,
     ready,
     referrers_by_reference,
     released_by_reference,
-    retry_tiers,
     source_changes,
     waiting_by_reference,
 )
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
-_order_state = OrderState(released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference)
+_order_state = OrderState(
+    released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference, positions_by_reference
+)
 _clients: dict[str, FhirClient] = {}
+_breakers: dict[str, CircuitBreaker] = {}
 
 
 @app.agent(source_changes, concurrency=1)
@@ -74,7 +82,8 @@ async def normalize_changes(stream: StreamT) -> None:
         message = event.message
         try:
             site = config.site_of_topic(message.topic)
-            batch = normalize_batch(site, message.value, SourcePosition(*origin_of(event)))
+            position = SourcePosition(*origin_of(event))
+            batch = normalize_batch(site, message.value, position, settings.max_record_bytes)
         except PermanentError as error:
             NORMALIZED.labels("unknown", "unknown", "failed").inc()
             await dead_letter("normalize", event, error)
@@ -141,7 +150,18 @@ async def order_resources(stream: StreamT) -> None:
         changes = staged(_order_state)
         patients = Staged(patient_sources_by_patient_key)
         try:
-            record = merge_patient(patients, decode(event.message.value, RoutedResource))
+            record = decode(event.message.value, RoutedResource)
+            if is_stale(changes, record):
+                log.warning(
+                    "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
+                    record.target_ref,
+                    record.site,
+                    record.source_lsn,
+                    extra=record_fields(record),
+                )
+                await emit_audit("duplicate_skipped", record, detail=f"stale re-send, source LSN {record.source_lsn}")
+                continue
+            record = merge_patient(patients, record)
             releasable = order_record(changes, record, now_ms(), event.message.partition)
         except Exception as error:
             await dead_letter("order", event, error)
@@ -194,6 +214,18 @@ def _client(target: str) -> FhirClient:
     return _clients[target]
 
 
+def _breaker(target: str) -> CircuitBreaker:
+    if target not in _breakers:
+
+        def changed(is_open: bool) -> None:
+            BREAKER_OPEN.labels(target).set(1 if is_open else 0)
+            if is_open:
+                TARGET_OUTAGES.labels(target).inc()
+
+        _breakers[target] = CircuitBreaker(target, _client(target).probe, on_change=changed)
+    return _breakers[target]
+
+
 async def _write(event_record: RoutedResource, attempts: int) -> None:
     """Write one record; raise what the target's answer means."""
     client, policy = _client(event_record.target), RetryPolicy(attempts)
@@ -219,32 +251,81 @@ async def _write(event_record: RoutedResource, attempts: int) -> None:
     )
 
 
-async def _write_or_route(stage: str, event: EventT, attempts: int) -> None:
+async def _attempt(stage: str, carried: Carried, record: RoutedResource, attempts: int) -> Outcome:
+    """Write one record and route a failure: 'written', 'conflict', 'retrying' (a tier) or 'dead'.
+
+    A transient failure while the target is unreachable holds here (circuit breaker) and tries again
+    when it answers, so an outage does not push records through the tiers to the dead letters.
+    """
+    labels = (record.site, record.target, record.resource_type, "failed")
+    while True:
+        try:
+            await _write(record, attempts)
+            return "written"
+        except VersionConflictError as conflict:
+            WRITES.labels(*labels, conflict.error_class).inc()
+            await _report_conflict(carried.key, record, conflict)
+            return "conflict"
+        except TargetUnavailableError as error:
+            WRITES.labels(*labels, error.error_class).inc()
+            breaker = _breaker(record.target)
+            if await breaker.target_down():
+                await breaker.wait_until_reachable()
+                continue
+            return "retrying" if await retry_later(stage, carried, error, attempts) else "dead"
+        except RetryableError as error:
+            WRITES.labels(*labels, error.error_class).inc()
+            return "retrying" if await retry_later(stage, carried, error, attempts) else "dead"
+        except PermanentError as error:
+            WRITES.labels(*labels, error.error_class).inc()
+            await dead_letter(stage, carried, error, attempts)
+            await emit_audit("dead_lettered", record, detail=f"{error.error_class}: {error}"[:500])
+            return "dead"
+        except Exception as error:
+            WRITES.labels(*labels, "internal").inc()
+            log.exception("sink failed unexpectedly at %s[%d]@%d", *carried.origin)
+            await dead_letter(stage, carried, error, attempts)
+            return "dead"
+
+
+async def _sink(stage: str, event: EventT, attempts: int) -> None:
+    """Write a ready record in per-resource order (pipeline/blocking.py), then release what waited behind it."""
+    carried = Carried.of(event)
     try:
         record = decode(event.message.value, RoutedResource)
     except PermanentError as error:
-        await dead_letter(stage, event, error)
+        await dead_letter(stage, carried, error)
         return
-    labels = (record.site, record.target, record.resource_type, "failed")
-    try:
-        await _write(record, attempts)
-    except VersionConflictError as conflict:
-        WRITES.labels(*labels, conflict.error_class).inc()
-        await _report_conflict(event, record, conflict)
-    except RetryableError as error:
-        WRITES.labels(*labels, error.error_class).inc()
-        await retry_later(stage, event, error, attempts)
-    except PermanentError as error:
-        WRITES.labels(*labels, error.error_class).inc()
-        await dead_letter(stage, event, error, attempts)
-        await emit_audit("dead_lettered", record, detail=f"{error.error_class}: {error}"[:500])
-    except Exception as error:
-        WRITES.labels(*labels, "internal").inc()
-        log.exception("sink failed unexpectedly at %s[%d]@%d", *origin_of(event))
-        await dead_letter(stage, event, error, attempts)
+    order = SinkOrder(Staged(blocked_by_reference))
+    ref, identity = record.target_ref, carried.identity
+    route = order.route(ref, identity)
+    if route == "duplicate":
+        log.warning("%s of %s was already handled; this copy is not written again", identity, ref)
+        await emit_audit("duplicate_skipped", record, detail=identity)
+        return
+    if route == "queue":
+        waiting = order.enqueue(ref, Queued(identity, carried.key, carried.value or b"", carried.origin))
+        head = order.blocker(ref)
+        HELD_BEHIND.labels(record.site, record.target, record.resource_type).inc()
+        detail = f"waits behind {head[0] if head else '?'} ({head[1] if head else '?'}), {waiting} queued"
+        log.warning("%s %s %s", ref, identity, detail)
+        await emit_audit("held_behind", record, detail=detail)
+        await apply_tables(order.table)  # type: ignore[arg-type]
+        return
+    discard = any(name == DISCARD_HEADER for name, _ in carried.headers)
+    if discard:
+        await emit_audit("discarded", record, detail=f"dead letter {identity} discarded by an operator")
+
+    async def attempt(item: Queued, is_head: bool) -> Outcome:
+        this = carried if is_head else Carried(item.key, item.value, [], item.origin)
+        return await _attempt(stage, this, decode(item.value, RoutedResource), attempts)
+
+    head = Queued(identity, carried.key, carried.value or b"", carried.origin)
+    await write_in_order(order, ref, head, attempt, now_ms(), skip_head=discard)
+    await apply_tables(order.table)  # type: ignore[arg-type]
 
 
-async def _report_conflict(event: EventT, record: RoutedResource, conflict: VersionConflictError) -> None:
+async def _report_conflict(key: bytes | None, record: RoutedResource, conflict: VersionConflictError) -> None:
     """Keep both versions for clinical review; the target keeps its own (DESIGN.md decision 8)."""
     CONFLICT_RECORDS.labels(record.site, record.target, record.resource_type).inc()
     await emit_audit("conflict", record, detail=str(conflict)[:500])
@@ -261,27 +342,11 @@ async def _report_conflict(event: EventT, record: RoutedResource, conflict: Vers
         "current": conflict.current,
         "origin": {"topic": record.origin_topic, "partition": record.origin_partition, "offset": record.origin_offset},
     }
-    await deliver(conflicts, event.message.key, orjson.dumps(value))
+    await deliver(conflicts, key, orjson.dumps(value))
 
 
 @app.agent(ready, concurrency=1)
 async def write_resources(stream: StreamT) -> None:
     """Write each ready resource to its target; commit only after the target acknowledged."""
     async for event in stream.events():
-        await _write_or_route("sink", event, settings.sink_attempts)
-
-
-def _retry_agent(tier_index: int) -> None:
-    async def retry_writes(stream: StreamT) -> None:
-        async for event in stream.events():
-            info = parse_failure_headers(headers_of(event))
-            wait_ms = (info.due_ms if info else 0) - now_ms()
-            if wait_ms > 0:
-                await asyncio.sleep(wait_ms / 1000)
-            await _write_or_route("sink", event, settings.sink_attempts)
-
-    app.agent(retry_tiers[tier_index], name=f"retry_writes_tier{tier_index}", concurrency=1)(retry_writes)
-
-
-for _index in range(len(retry_tiers)):
-    _retry_agent(_index)
+        await _sink("sink", event, settings.sink_attempts)

@@ -24,10 +24,13 @@ released_by_reference = app.Table("released_by_reference", partitions=_partition
 parked_by_reference = app.Table("parked_by_reference", partitions=_partitions, schema=_json)
 waiting_by_reference = app.Table("waiting_by_reference", partitions=_partitions, schema=_json)
 referrers_by_reference = app.Table("referrers_by_reference", partitions=_partitions, schema=_json)
+positions_by_reference = app.Table("positions_by_reference", partitions=_partitions, schema=_json)
 
 _normalized_partitions = _t.partitions_of("normalized")  # the identity tables follow the normalized topic
 patient_key_by_local_patient = app.Table(
     "patient_key_by_local_patient", partitions=_normalized_partitions, schema=_json
 )
 held_by_local_patient = app.Table("held_by_local_patient", partitions=_normalized_partitions, schema=_json)
+# The sink's per-resource order (pipeline/blocking.py), co-partitioned with the ready topic.
+blocked_by_reference = app.Table("blocked_by_reference", partitions=_t.partitions_of("ready"), schema=_json)
 patient_sources_by_patient_key = app.Table("patient_sources_by_patient_key", partitions=_partitions, schema=_json)

@@ -2,7 +2,7 @@
 
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from . import stages, web  # noqa: F401  (registers the agents, /healthz, /readyz)
+from . import retry, stages, web  # noqa: F401  (registers the agents, the retry tiers, /healthz, /readyz)
 from .app import app
 
 # Faust's own metrics are named faust_*, whatever the app id, so dashboards and rules can name them.

@@ -17,7 +17,19 @@ from .records import NormalizedResource, RoutedResource
 
 __all__ = ["AUDIT_TABLE_DDL", "Step", "audit_event", "insert_events"]
 
-Step = Literal["written", "held", "released", "conflict", "dead_lettered", "retried", "identity_review"]
+Step = Literal[
+    "written",
+    "held",
+    "released",
+    "conflict",
+    "dead_lettered",
+    "retried",
+    "identity_review",
+    "held_behind",
+    "duplicate_skipped",
+    "discarded",
+    "replayed",
+]
 
 AUDIT_TABLE_DDL = """
 CREATE SCHEMA IF NOT EXISTS audit;

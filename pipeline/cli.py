@@ -1,4 +1,4 @@
-"""The `cdrsync` command line: configuration, topics, connectors, the worker, tapping topics, the demo."""
+"""The `cdrsync` command line: configuration, topics, connectors, the worker, tapping topics, dead letters, the demo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 
@@ -101,6 +102,82 @@ def _tap(args: argparse.Namespace, settings: Settings, config: Config) -> int:
         out.write(orjson.dumps(item) + b"\n")
         out.flush()
     return 0
+
+
+def _dlq_filter(args: argparse.Namespace) -> Any:
+    from .dlq import DeadLetterFilter, parse_time
+
+    return DeadLetterFilter(
+        ids=frozenset(getattr(args, "ids", None) or []),
+        site=args.site,
+        stage=args.stage,
+        error_class=args.error_class,
+        since_ms=parse_time(args.since) if args.since else None,
+        until_ms=parse_time(args.until) if args.until else None,
+        include_resolved=getattr(args, "include_resolved", False),
+    )
+
+
+def _dlq_list(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .dlq import counts_by_reason, read_dead_letters
+
+    chosen = _dlq_filter(args)
+    letters = [letter for letter in read_dead_letters(settings.kafka_bootstrap, config) if chosen.matches(letter)]
+    if args.json:
+        for letter in letters:
+            sys.stdout.buffer.write(orjson.dumps(letter.summary()) + b"\n")
+        return 0
+    print(f"{'ID':>9}  {'FAILED AT (UTC)':19}  {'STAGE':9} {'ERROR CLASS':20} {'SITE':8} {'RESOURCE':45} STATUS")
+    for letter in letters:
+        s = letter.summary()
+        print(
+            f"{s['id']:>9}  {s['failed_at'][:19]:19}  {s['stage'] or '?':9} {s['error_class'] or '?':20} "
+            f"{s['site'] or '?':8} {(s['target_ref'] or s['resource_type'] or '?')[:45]:45} {s['status']}"
+        )
+        print(f"{'':11}{(s['reason'] or '')[:150]}")
+    print(f"\n{len(letters)} dead letters" + ("" if chosen.include_resolved else " still open") + " by reason:")
+    for (stage, error_class), count in counts_by_reason(letters):
+        print(f"  {count:6}  {stage}/{error_class}")
+    return 0
+
+
+def _dlq_show(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .dlq import read_dead_letters, redacted
+
+    found = [letter for letter in read_dead_letters(settings.kafka_bootstrap, config) if letter.id == args.id]
+    if not found:
+        raise CdrsyncError(f"no dead letter {args.id} (ids are partition:offset, as `cdrsync dlq list` shows)")
+    sys.stdout.buffer.write(orjson.dumps(redacted(found[0], args.with_patient_data), option=orjson.OPT_INDENT_2))
+    print()
+    return 0
+
+
+def _dlq_resolve(action: str) -> Handler:
+    def run(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+        from .dlq import destination, read_dead_letters, resolve
+
+        chosen = _dlq_filter(args)
+        if not (chosen.ids or args.all or chosen.site or chosen.stage or chosen.error_class or chosen.since_ms):
+            raise CdrsyncError(f"name dead letters to {action} (ids, a filter such as --stage, or --all)")
+        letters = [letter for letter in read_dead_letters(settings.kafka_bootstrap, config) if chosen.matches(letter)]
+        missing = chosen.ids - {letter.id for letter in letters}
+        if missing:
+            raise CdrsyncError(f"no dead letter {', '.join(sorted(missing))} (ids are partition:offset)")
+        for letter in letters:
+            where = destination(config, letter) if action == "replay" else "resolved without writing"
+            print(f"{letter.id:>9}  {letter.target_ref or letter.resource_type or '?':50} -> {where}")
+        if not args.execute:
+            print(f"dry run: {len(letters)} dead letters would be {action}ed; add --execute to do it")
+            return 0
+
+        def progress(done: int, total: int) -> None:
+            print(f"{action}: {done}/{total}", flush=True)
+
+        count = resolve(settings.kafka_bootstrap, config, letters, action, reason=args.reason or "", progress=progress)
+        print(f"{count} dead letters {action}ed and audited")
+        return 0
+
+    return run
 
 
 def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> int:
@@ -242,6 +319,39 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--group", action="append", help="consumer group whose lag to report, repeatable (default: CDRSYNC_APP_ID)"
     )
+
+    dlq = group("dlq", "dead letters: list them by reason, show one, replay or discard them (dry run by default)")
+
+    def dlq_filters(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--site", help="only dead letters of this site")
+        sub.add_argument("--stage", choices=["normalize", "identity", "order", "sink", "audit"], help="failed at")
+        sub.add_argument("--error-class", help="e.g. mapping, rejected_by_target, target_unavailable, park_expired")
+        sub.add_argument("--since", help="failed at or after: ISO 8601 time or an age (30m, 12h, 7d)")
+        sub.add_argument("--until", help="failed before: ISO 8601 time or an age")
+
+    dlq_list = leaf(
+        dlq,
+        "list",
+        "one line per dead letter (ids, stage, error, reason; no clinical content), then counts by reason",
+        _dlq_list,
+    )
+    dlq_filters(dlq_list)
+    dlq_list.add_argument("--include-resolved", action="store_true", help="also those already replayed or discarded")
+    dlq_list.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    show = leaf(dlq, "show", "one dead letter: its failure and record (patient data withheld unless asked)", _dlq_show)
+    show.add_argument("id", help="partition:offset, as `cdrsync dlq list` shows")
+    show.add_argument("--with-patient-data", action="store_true", help="include the clinical content and key")
+    for action, text in (
+        ("replay", "send dead letters back to the stage that failed them (same target ids); audited"),
+        ("discard", "resolve dead letters without writing them, releasing what waits behind them; audited"),
+    ):
+        sub = leaf(dlq, action, text, _dlq_resolve(action))
+        sub.add_argument("ids", nargs="*", metavar="ID", help="partition:offset of each dead letter")
+        dlq_filters(sub)
+        sub.add_argument("--all", action="store_true", help="every open dead letter")
+        sub.add_argument("--include-resolved", action="store_true", help="also those already replayed or discarded")
+        sub.add_argument("--reason", help="why (kept in the audit trail)", required=action == "discard")
+        sub.add_argument("--execute", action="store_true", help="do it (without: a dry run listing what would happen)")
 
     demo = group("demo", "demo hospitals: load sample data, wait for it at the central CDR")
     leaf(demo, "load", "write the sample data into every demo hospital's database (FHIR, openEHR, HL7 v2)", _demo_load)

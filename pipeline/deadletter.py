@@ -8,9 +8,19 @@ from typing import Any
 
 from .errors import CdrsyncError
 
-__all__ = ["FailureInfo", "failure_headers", "failure_info", "parse_failure_headers"]
+__all__ = [
+    "DISCARD_HEADER",
+    "REPLAY_HEADER",
+    "FailureInfo",
+    "failure_headers",
+    "failure_info",
+    "parse_failure_headers",
+    "retry_schedule",
+]
 
 Headers = list[tuple[str, bytes]]
+DISCARD_HEADER = "cdrsync-discard"  # `cdrsync dlq discard`: resolve a dead letter without writing it
+REPLAY_HEADER = "cdrsync-replay-of"  # `cdrsync dlq replay`: the dead letter's id (partition:offset)
 _PREFIX = "cdrsync-"
 
 
@@ -87,3 +97,17 @@ def parse_failure_headers(
         k: int(v) if k in ints else v for k, v in values.items() if k in FailureInfo.__annotations__
     }
     return FailureInfo(**fields)
+
+
+def retry_schedule(previous: FailureInfo | None, delays: Sequence[float]) -> tuple[int, float] | None:
+    """(tier, delay in seconds) of a record's next retry, None when the tiers are used up (dead letter).
+
+    A record that never went through a tier goes to the first; each failure after a tier moves it one
+    on. A replayed dead letter carries tier -1, so it starts over at the first tier. (A target's
+    Retry-After is honoured by the in-process retries, see pipeline/sink.py: a tier's delay is fixed,
+    so the records of a tier fall due in the order they arrive.)
+    """
+    tier = previous.tier + 1 if previous is not None and previous.due_ms else 0
+    if tier >= len(delays):
+        return None
+    return tier, float(delays[tier])

@@ -9,6 +9,7 @@ CdrsyncError
 └── PermanentError               retrying cannot help: dead-letter topic with the reason
     ├── EnvelopeError            not a Debezium change event we understand
     ├── MappingError             source content cannot become a valid FHIR R4 resource
+    ├── OversizeError            a source record larger than the configured limit
     ├── SchemaError              an Avro record that does not match its schema
     └── RejectedByTargetError    the target refused the write (4xx other than the above)
         └── TargetAuthError      401/403: the target does not accept our credentials
@@ -21,6 +22,7 @@ __all__ = [
     "ConfigError",
     "EnvelopeError",
     "MappingError",
+    "OversizeError",
     "PermanentError",
     "ReferenceNotReadyError",
     "RejectedByTargetError",
@@ -94,6 +96,12 @@ class MappingError(PermanentError):
     """The source content cannot be turned into a valid FHIR R4 resource."""
 
     error_class = "mapping"
+
+
+class OversizeError(PermanentError):
+    """A source record is larger than CDRSYNC_MAX_RECORD_BYTES: kept whole in the dead letters, not carried."""
+
+    error_class = "oversize"
 
 
 class SchemaError(PermanentError):

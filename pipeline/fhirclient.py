@@ -144,9 +144,13 @@ class FhirClient:
         return await self._send("POST", "", orjson.dumps(bundle))
 
     async def probe(self) -> int:
-        """HTTP status of the capability statement (GET metadata); 0 when the target cannot be reached."""
+        """HTTP status of the capability statement (GET metadata); 0 when the target cannot be reached.
+
+        Only its FHIR version is asked for: HAPI's full statement is 1.5 MB, too much for a probe
+        (a server that ignores _elements sends it whole, which works too).
+        """
         try:
-            async with self._session_or_new().get(f"{self.base_url}/metadata") as response:
+            async with self._session_or_new().get(f"{self.base_url}/metadata?_elements=fhirVersion") as response:
                 await response.read()
                 return response.status
         except (TimeoutError, aiohttp.ClientError):

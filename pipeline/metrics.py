@@ -12,15 +12,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
+    "BREAKER_OPEN",
     "CONFLICTS",
     "DEAD_LETTERS",
     "END_TO_END_LATENCY",
+    "HELD_BEHIND",
     "HELD_RECORDS",
     "LAST_SUCCESS",
     "NORMALIZED",
     "PARKED",
     "READY",
     "RETRIES",
+    "TARGET_OUTAGES",
     "WRITES",
     "VolumeCollector",
 ]
@@ -80,6 +83,17 @@ HELD_RECORDS = Gauge(
     "Records waiting in this worker's tables now, by reason (missing_identifier, reference)",
     ["site", "reason"],
 )
+HELD_BEHIND = Counter(
+    "cdrsync_held_behind_total",
+    "Versions queued behind an earlier version of the same resource that waits in a retry tier or the dead letters",
+    ["site", "target", "resource_type"],
+)
+BREAKER_OPEN = Gauge(
+    "cdrsync_target_breaker_open",
+    "1 while the target cannot be reached and the sink holds its writes (circuit breaker open)",
+    ["target"],
+)
+TARGET_OUTAGES = Counter("cdrsync_target_outages_total", "Times the circuit breaker of a target opened", ["target"])
 READY = Gauge("cdrsync_ready", "1 when /readyz answers ready (partitions assigned, tables recovered, target up)")
 
 

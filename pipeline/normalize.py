@@ -14,9 +14,9 @@ from .adapters.fhir import row_identity, row_to_resource
 from .adapters.rows import RowResult, hl7v2_change, openehr_change
 from .config import SiteConfig
 from .envelope import ChangeEvent, decode_temporal, parse_envelope
-from .errors import EnvelopeError, MappingError
+from .errors import EnvelopeError, MappingError, OversizeError
 from .records import NormalizedResource, canonical_hash
-from .resources import patient_reference, validate_resource
+from .resources import is_fhir_type, patient_reference, validate_resource
 
 __all__ = ["Filtered", "NormalizedBatch", "SourcePosition", "normalize_change", "normalize_changes"]
 
@@ -68,17 +68,25 @@ def _parse(site: SiteConfig, value: bytes | None) -> ChangeEvent | None:
     return event
 
 
-def normalize_changes(site: SiteConfig, value: bytes | None, position: SourcePosition) -> NormalizedBatch | None:
+def _check_size(value: bytes | None, max_bytes: int | None) -> None:
+    if value is not None and max_bytes is not None and len(value) > max_bytes:
+        raise OversizeError(f"change record of {len(value)} bytes exceeds the limit of {max_bytes} bytes")
+
+
+def normalize_changes(
+    site: SiteConfig, value: bytes | None, position: SourcePosition, max_bytes: int | None = None
+) -> NormalizedBatch | None:
     """Decode, map and validate one change of any adapter; None for a tombstone.
 
-    Raises PermanentError when nothing of the change can be carried (not a change event, a message type
-    or row the adapter rejects); a part that cannot be mapped is a problem in the batch instead.
+    Raises PermanentError when nothing of the change can be carried (too large, not a change event, a
+    message type or row the adapter rejects); a part that cannot be mapped is a problem in the batch instead.
     """
     if site.adapter == "fhir":
-        single = normalize_change(site, value, position)
+        single = normalize_change(site, value, position, max_bytes)
         if single is None:
             return None
         return NormalizedBatch(filtered=[single]) if isinstance(single, Filtered) else NormalizedBatch([single])
+    _check_size(value, max_bytes)
     event = _parse(site, value)
     if event is None:
         return None
@@ -131,18 +139,20 @@ def _record(
         origin_partition=position.partition,
         origin_offset=position.offset,
     )
-    """Decode, map and validate one change of a `fhir` table; None for a tombstone. PermanentError on bad input."""
 
 
 def normalize_change(
-    site: SiteConfig, value: bytes | None, position: SourcePosition
+    site: SiteConfig, value: bytes | None, position: SourcePosition, max_bytes: int | None = None
 ) -> NormalizedResource | Filtered | None:
     """Decode, map and validate one change of a `fhir` table; None for a tombstone. PermanentError on bad input."""
+    _check_size(value, max_bytes)
     event = _parse(site, value)
     if event is None:
         return None
     resource_type, source_id = row_identity(event)
     if resource_type not in site.resource_types:
+        if not is_fhir_type(resource_type):
+            raise MappingError(f"unknown resource type {resource_type!r}: not a FHIR R4 resource")
         return Filtered(site.site, resource_type)
     resource = None if event.op == "d" else row_to_resource(event)
     if resource is not None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import base64
 from collections import deque
 from collections.abc import MutableMapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -48,6 +48,7 @@ __all__ = [
     "Parked",
     "Staged",
     "expire_parked",
+    "is_stale",
     "order_record",
     "staged",
 ]
@@ -58,22 +59,33 @@ PENDING_REFERENCE_SYSTEM = "urn:cdrsync:pending-reference"
 
 @dataclass
 class OrderState:
-    """The three tables the order stage keeps."""
+    """The tables the order stage keeps."""
 
     released: MutableMapping[str, dict[str, Any]]
     parked: MutableMapping[str, list[dict[str, Any]]]
     waiting: MutableMapping[str, str]
     referrers: MutableMapping[str, list[str]]
+    #: target ref → {"site|source id": the highest source LSN seen}: a change Debezium re-sends after a
+    #: crash of Kafka Connect, older than one already seen, is stale and not written over the newer one.
+    #: Per source row: two local records of one person merge into one central Patient, and their
+    #: changes may reach this stage in any order.
+    positions: MutableMapping[str, dict[str, int]] = field(default_factory=dict)
 
 
 def staged(state: OrderState) -> OrderState:
     """The same state with every change held back until its `staged_tables` are applied."""
-    return OrderState(Staged(state.released), Staged(state.parked), Staged(state.waiting), Staged(state.referrers))
+    return OrderState(
+        Staged(state.released),
+        Staged(state.parked),
+        Staged(state.waiting),
+        Staged(state.referrers),
+        Staged(state.positions),
+    )
 
 
 def staged_tables(state: OrderState) -> list[Staged]:
     """The staged tables of a state made by `staged`."""
-    tables = [state.released, state.parked, state.waiting, state.referrers]
+    tables = [state.released, state.parked, state.waiting, state.referrers, state.positions]
     assert all(isinstance(table, Staged) for table in tables)
     return tables  # type: ignore[return-value]
 
@@ -219,8 +231,29 @@ def _unpark(state: OrderState, ref: str) -> list[RoutedResource]:
     return [decode(base64.b64decode(entry["record"]), RoutedResource) for entry in entries]
 
 
+def is_stale(state: OrderState, record: RoutedResource) -> bool:
+    """True for a change older (by source LSN) than one of the same resource and site already seen.
+
+    Debezium delivers at least once: after Kafka Connect dies it sends again what followed its last
+    flushed offset. Changes of one row come in LSN order, so an LSN below the highest seen is a re-send
+    whose newer version is already on its way; writing it would put old content back for a while.
+    """
+    if record.source_lsn is None:
+        return False
+    seen = state.positions.get(record.target_ref, {}).get(_source_row(record))
+    return seen is not None and record.source_lsn < seen
+
+
+def _source_row(record: RoutedResource) -> str:
+    return f"{record.site}|{record.source_id}"
+
+
 def order_record(state: OrderState, record: RoutedResource, now_ms: int, partition: int = 0) -> list[RoutedResource]:
     """Admit one record; return every record now releasable, in the order to write them."""
+    if record.source_lsn is not None:
+        seen = dict(state.positions.get(record.target_ref, {}))
+        if record.source_lsn > seen.get(_source_row(record), -1):
+            state.positions[record.target_ref] = {**seen, _source_row(record): record.source_lsn}
     released: list[RoutedResource] = []
     queue = deque([record])
     while queue:

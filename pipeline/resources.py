@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from .errors import MappingError
@@ -19,6 +20,7 @@ __all__ = [
     "DEPENDENCY_RANK",
     "SUPPORTED_TYPES",
     "dependency_rank",
+    "is_fhir_type",
     "patient_reference",
     "validate_resource",
 ]
@@ -70,6 +72,15 @@ _PATIENT_ELEMENTS = {
     "DocumentReference": ("subject",),
     "QuestionnaireResponse": ("subject",),
 }
+
+
+def is_fhir_type(name: str) -> bool:
+    """True for the name of a FHIR resource type (whether or not cdrsync carries it)."""
+    try:
+        model = get_fhir_model_class(name)
+    except (KeyError, ValueError, AttributeError, ImportError):
+        return False
+    return issubclass(model, Resource) and model.get_resource_type() == name
 
 
 def validate_resource(resource: dict[str, Any]) -> None:

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default=_REPO_ROOT / ".stack" / "worker", description="RocksDB tables")
     web_port: int = 6066
     sink_attempts: int = Field(default=5, ge=1, description="in-process write attempts before a retry topic")
+    max_record_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="source records larger than this are dead-lettered (oversize)"
+    )
     park_limit_seconds: int = Field(default=3600, ge=1, description="how long a resource waits for a reference")
     app_id: str = Field(default="cdrsync", description="Faust app id: the workers' Kafka consumer group")
     log_format: Literal["json", "text"] = Field(default="json", description="worker logs: JSON lines or text")

@@ -11,11 +11,17 @@ worker died before remembering its version) is recognised as ours and not report
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from .errors import RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
@@ -26,6 +32,7 @@ __all__ = [
     "RetryPolicy",
     "body_to_write",
     "content_hash_of",
+    "retry_wait",
     "write_record",
     "write_with_retries",
 ]
@@ -37,10 +44,17 @@ Versions = MutableMapping[str, dict[str, Any]]
 class RetryPolicy:
     """In-process retries before a record moves to a retry topic."""
 
-    def __init__(self, attempts: int = 5, initial_seconds: float = 0.5, max_seconds: float = 8.0) -> None:
+    def __init__(
+        self,
+        attempts: int = 5,
+        initial_seconds: float = 0.5,
+        max_seconds: float = 8.0,
+        max_retry_after_seconds: float = 120.0,
+    ) -> None:
         self.attempts = attempts
         self.initial_seconds = initial_seconds
         self.max_seconds = max_seconds
+        self.max_retry_after_seconds = max_retry_after_seconds  # longer: the retry tiers take over
 
 
 def body_to_write(record: RoutedResource) -> bytes:
@@ -86,6 +100,18 @@ async def write_record(client: FhirClient, record: RoutedResource, versions: Ver
     return outcome
 
 
+def retry_wait(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
+    """Exponential backoff with jitter, or longer when the target said when to come back (Retry-After)."""
+    backoff = wait_exponential_jitter(multiplier=policy.initial_seconds, max=policy.max_seconds)
+
+    def wait(state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome is not None else None
+        retry_after = getattr(error, "retry_after", None) or 0.0
+        return max(float(backoff(state)), min(float(retry_after), policy.max_retry_after_seconds))
+
+    return wait
+
+
 async def write_with_retries(
     client: FhirClient, record: RoutedResource, policy: RetryPolicy, versions: Versions | None = None
 ) -> tuple[WriteOutcome, int]:
@@ -93,7 +119,7 @@ async def write_with_retries(
     attempts = 0
     async for attempt in AsyncRetrying(
         stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential_jitter(initial=policy.initial_seconds, max=policy.max_seconds),
+        wait=retry_wait(policy),
         retry=retry_if_exception_type(RetryableError),
         reraise=True,
     ):

@@ -98,29 +98,48 @@ class SiteDatabase:
 class Worker:
     """A `cdrsync worker` process with its own consumer group and state directory."""
 
-    def __init__(self, app_id: str, state_dir: Path, log_path: Path) -> None:
+    def __init__(self, app_id: str, state_dir: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
         self.app_id, self.state_dir, self.log_path = app_id, state_dir, log_path
+        self.env = env or {}
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.spawn()
+        wait_for(self._ready, timeout=120, what=f"worker {self.app_id} to report ready")
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it to be ready."""
         env = {
             **os.environ,
             "CDRSYNC_APP_ID": self.app_id,
             "CDRSYNC_STATE_DIR": str(self.state_dir),
             "CDRSYNC_WEB_PORT": str(self.port),
+            **self.env,
         }
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "worker"], cwd=ROOT, env=env, stdout=log, stderr=log
         )
-        wait_for(self._ready, timeout=120, what=f"worker {self.app_id} to report ready")
 
     def _ready(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
             pytest.fail(f"worker exited with {self.process.returncode}; see {self.log_path}")
         return b"Worker ready" in self.log_path.read_bytes()[-200_000:]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples on the worker's /metrics whose labels include the given ones."""
+        with urllib.request.urlopen(f"http://localhost:{self.port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            series, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+        return total
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, no final commit."""

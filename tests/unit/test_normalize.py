@@ -1,7 +1,7 @@
 import orjson
 import pytest
 
-from pipeline.errors import EnvelopeError, MappingError
+from pipeline.errors import EnvelopeError, MappingError, OversizeError
 from pipeline.normalize import Filtered, SourcePosition, normalize_change
 from pipeline.records import canonical_hash
 from pipeline.resources import SUPPORTED_TYPES
@@ -89,3 +89,17 @@ def test_snapshot_rows_take_their_commit_time_from_updated_at(config) -> None:
     streamed = normalize_change(config.sites["site-a"], debezium_value("c", None, row(patient)), POS)
     assert snapshot.source_commit_ms == 1795235430123  # row updated_at 2026-11-21T04:30:30.123456Z
     assert streamed.source_commit_ms == 1700000000000  # source.ts_ms
+
+
+def test_a_row_of_no_fhir_type_at_all_is_an_error_not_filtered(config) -> None:
+    bogus = {"resourceType": "Foo", "id": "f1"}
+    with pytest.raises(MappingError, match="unknown resource type 'Foo'"):
+        normalize_change(config.sites["site-a"], debezium_value("c", None, row(bogus)), POS)
+
+
+def test_a_change_larger_than_the_limit_is_oversize(config) -> None:
+    observation = first_of("ORU-R01-01", "Observation")
+    value = debezium_value("c", None, row(observation))
+    with pytest.raises(OversizeError, match=f"{len(value)} bytes exceeds the limit of {len(value) - 1} bytes"):
+        normalize_change(config.sites["site-a"], value, POS, max_bytes=len(value) - 1)
+    assert normalize_change(config.sites["site-a"], value, POS, max_bytes=len(value)) is not None

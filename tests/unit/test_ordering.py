@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, expire_parked, order_record
+from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, expire_parked, is_stale, order_record
 from pipeline.records import RoutedResource
 
 pytestmark = pytest.mark.unit
@@ -261,3 +261,23 @@ def test_staged_changes_reach_the_tables_only_when_applied() -> None:
         table.apply()
     assert "Patient/p1" not in tables.released and list(tables.parked) == ["Patient/p1"]
     assert tables.waiting == {"Observation/o1": "Patient/p1"}
+
+
+def test_a_change_debezium_sends_again_after_a_newer_one_is_stale() -> None:
+    s = state()
+    v1 = replace(rec("Patient/p1", version=1), source_lsn=100)
+    v2 = replace(rec("Patient/p1", version=2), source_lsn=200)
+    order_record(s, v1, 0)
+    order_record(s, v2, 0)
+    assert is_stale(s, v1)  # re-sent after Kafka Connect died: older than what was seen
+    assert not is_stale(s, v2)  # the same change again is written again (idempotent), not dropped
+    assert not is_stale(s, replace(v1, site="site-b"))  # another hospital's LSNs are its own
+    assert not is_stale(s, replace(v1, source_id="p2"))  # as are another local record's merged into it
+    assert not is_stale(s, replace(v1, source_lsn=None))
+
+
+def test_a_delete_keeps_its_position_so_a_resent_create_does_not_bring_the_resource_back() -> None:
+    s = state()
+    order_record(s, replace(rec("Patient/p1", version=1), source_lsn=100), 0)
+    order_record(s, replace(rec("Patient/p1", op="DELETE", version=2), source_lsn=200), 0)
+    assert is_stale(s, replace(rec("Patient/p1", version=1), source_lsn=100))

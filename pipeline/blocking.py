@@ -1,0 +1,141 @@
+"""Per-resource order at the sink: while one version of a resource waits in a retry tier or the
+dead-letter topic, the later versions of that resource wait behind it, in arrival order.
+
+Without this a retry would invert the order: version 1 fails for a minute, version 2 is written at
+once, then version 1 comes back from its retry tier and overwrites it. Only that one resource waits;
+other resources, of the same patient or of others, pass.
+
+State, per target reference (a table co-partitioned with the ready topic, so one worker owns it):
+the version at the head (its identity: where it first failed, stable across tiers and replays), why
+it waits ("retrying" or "dead"), the later versions queued behind it (their encoded records), and the
+identities recently written, so that a stale copy of a retry (a crash re-sent it) is recognised and
+not written over a newer version. A head that is written releases the queue, in order.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Outcome", "Queued", "Route", "SinkOrder", "write_in_order"]
+
+Route = Literal["write", "queue", "duplicate"]
+#: what one attempt to write came to: written, or not applied but kept (conflict) — both release the
+#: queue —, or waiting in a retry tier, or dead-lettered — both keep the versions behind it waiting
+Outcome = Literal["written", "conflict", "retrying", "dead"]
+_RESOLVED_KEPT = 32
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A later version waiting behind the head, as it arrived on the ready topic."""
+
+    identity: str
+    key: bytes | None
+    value: bytes
+    origin: tuple[str, int, int]
+
+
+class SinkOrder:
+    """The sink's per-resource order over a table (a Staged mapping: applied after the writes)."""
+
+    def __init__(self, table: MutableMapping[str, Any]) -> None:
+        self.table = table
+
+    def _entry(self, ref: str) -> dict[str, Any] | None:
+        entry = self.table.get(ref)
+        return dict(entry) if entry is not None else None
+
+    def route(self, ref: str, identity: str) -> Route:
+        """Write it now, queue it behind the head, or drop it as a copy of something already handled."""
+        entry = self._entry(ref)
+        if entry is None or entry.get("blocker") == identity:
+            return "write"
+        if identity in entry.get("resolved", []) or any(q["identity"] == identity for q in entry.get("queue", [])):
+            return "duplicate"
+        return "queue" if entry.get("blocker") else "write"
+
+    def blocker(self, ref: str) -> tuple[str, str] | None:
+        """(identity, state) of the version the resource waits for, None when it waits for nothing."""
+        entry = self._entry(ref)
+        if entry is None or not entry.get("blocker"):
+            return None
+        return str(entry["blocker"]), str(entry["state"])
+
+    def enqueue(self, ref: str, item: Queued) -> int:
+        """Queue a later version behind the head; the queue's length after."""
+        entry = self._entry(ref)
+        assert entry is not None and entry.get("blocker"), f"{ref} is not blocked"
+        queue = [*entry.get("queue", []), _encode(item)]
+        self.table[ref] = {**entry, "queue": queue}
+        return len(queue)
+
+    def failed(self, ref: str, identity: str, state: Literal["retrying", "dead"], now_ms: int) -> None:
+        """The version at the head (or one about to become it) went to a retry tier or the dead letters."""
+        entry = self._entry(ref) or {"queue": [], "resolved": []}
+        since = entry.get("since_ms") if entry.get("blocker") == identity else now_ms
+        queue = [q for q in entry.get("queue", []) if q["identity"] != identity]
+        self.table[ref] = {**entry, "blocker": identity, "state": state, "since_ms": since, "queue": queue}
+
+    def written(self, ref: str, identity: str) -> Queued | None:
+        """The head is handled (written, or resolved otherwise); the next queued version, if any, becomes it."""
+        entry = self._entry(ref)
+        if entry is None:
+            return None
+        resolved = [*entry.get("resolved", []), identity][-_RESOLVED_KEPT:]
+        queue = list(entry.get("queue", []))
+        following = _decode(queue.pop(0)) if queue else None
+        self.table[ref] = {
+            **entry,
+            "blocker": following.identity if following else None,
+            "state": "releasing" if following else "clear",
+            "queue": queue,
+            "resolved": resolved,
+        }
+        return following
+
+
+def _encode(item: Queued) -> dict[str, Any]:
+    return {
+        "identity": item.identity,
+        "key": base64.b64encode(item.key).decode() if item.key is not None else None,
+        "value": base64.b64encode(item.value).decode(),
+        "origin": list(item.origin),
+    }
+
+
+def _decode(raw: dict[str, Any]) -> Queued:
+    topic, partition, offset = raw["origin"]
+    key = base64.b64decode(raw["key"]) if raw.get("key") is not None else None
+    return Queued(raw["identity"], key, base64.b64decode(raw["value"]), (str(topic), int(partition), int(offset)))
+
+
+async def write_in_order(
+    order: SinkOrder,
+    ref: str,
+    head: Queued,
+    attempt: Callable[[Queued, bool], Awaitable[Outcome]],
+    now_ms: int,
+    *,
+    skip_head: bool = False,
+) -> list[tuple[str, Outcome]]:
+    """Write the head, then the versions queued behind it, in order, until one does not go through.
+
+    attempt(item, is_head) writes one version and routes its failure. skip_head resolves the head
+    without writing it (an operator discarded its dead letter). What each attempt came to, in order.
+    """
+    outcomes: list[tuple[str, Outcome]] = []
+    item = head
+    outcome: Outcome = "written" if skip_head else await attempt(head, True)
+    outcomes.append((item.identity, outcome))
+    while outcome in ("written", "conflict"):
+        following = order.written(ref, item.identity)
+        if following is None:
+            return outcomes
+        item = following
+        outcome = await attempt(item, False)
+        outcomes.append((item.identity, outcome))
+    order.failed(ref, item.identity, "dead" if outcome == "dead" else "retrying", now_ms)
+    return outcomes

@@ -1,0 +1,191 @@
+"""The fault-injection suite: real stack, real faults, and a reconciliation after each scenario.
+
+Run it alone (`make faults`, or `pytest -m faults`): its workers must be the only ones consuming,
+or another worker would quietly write what a killed one lost and hide the loss.
+Each scenario prints one line of figures (sent, written, dead-lettered, duplicates, lost, inverted).
+`CDRSYNC_SOAK=1` makes the scenarios longer (more data, more faults).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.references import logical_system
+from tests.casebuilder import observation_for, patient
+from tests.integration import conftest as integration
+from tests.integration.conftest import ROOT, SETTINGS, Central, SiteDatabase, Worker, central_id, wait_for
+
+# The real-stack fixtures of the integration tests, shared (a fixture is found by its name in a conftest).
+stack, run_id, site_a, site_b = integration.stack, integration.run_id, integration.site_a, integration.site_b
+__all__ = ["SETTINGS", "Central", "SiteDatabase", "Worker", "central_id", "wait_for"]
+
+SOAK = os.environ.get("CDRSYNC_SOAK", "") not in ("", "0")
+GROUP = "cdrsync-faults"  # one consumer group across runs: a rerun resumes instead of replaying history
+# The suite's own pipeline topics (the source topics are shared): the records other workers left in
+# fhir.ready.v1 & co. are not replayed here, and nothing of this suite reaches other workers' topics.
+# Set before any configuration is read; workers and `cdrsync` commands started here inherit it.
+os.environ.setdefault("CDRSYNC_TOPIC_PREFIX", "faults.")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fault_topics() -> None:
+    """Create the suite's topics (idempotent)."""
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "topics", "apply"], cwd=ROOT, check=True, timeout=120)
+
+
+@pytest.fixture
+def fault_worker(stack: Central, tmp_path: Path) -> Iterator[Worker]:
+    """A worker of the fault suite's own group and state directory (not started yet)."""
+    process = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log")
+    yield process
+    process.stop()
+    print(f"\nworker log: {process.log_path}")
+
+
+@dataclass
+class Workload:
+    """Source changes of one scenario: patients with observations, then updates that raise each value.
+
+    Every update raises an Observation's value, so the target's version history of a resource must
+    show non-decreasing values: a lower value after a higher one is an inverted order.
+    """
+
+    prefix: str
+    patients: int
+    observations: int = 4
+    updates: int = 2
+    seed: int = 7
+    changes: int = 0
+    latest: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def patient_batches(self, n: int) -> list[list[dict[str, Any]]]:
+        """Patient n's transactions: its insert (an Observation before the Patient), then its updates."""
+        rng = random.Random(self.seed * 100_003 + n)
+        person = patient(self.prefix, n)
+        obs = [observation_for(f"{self.prefix}-{n}", person["id"], k, float(10 * k)) for k in range(self.observations)]
+        batches = [[*obs[:1], person, *obs[1:]]]
+        for round_ in range(1, self.updates + 1):
+            changed = [
+                {**o, "valueQuantity": {**o["valueQuantity"], "value": float(10 * k + round_)}}
+                for k, o in enumerate(obs)
+                if rng.random() < 0.5
+            ]
+            if changed:
+                batches.append(changed)
+        return batches
+
+    def transactions(self, first: int = 0, count: int | None = None) -> list[list[dict[str, Any]]]:
+        """Inserts of patients first..first+count, then their updates."""
+        numbers = range(first, self.patients if count is None else first + count)
+        plans = [self.patient_batches(n) for n in numbers]
+        return [plan[0] for plan in plans] + [batch for plan in plans for batch in plan[1:]]
+
+    def load(self, db: SiteDatabase, batches: list[list[dict[str, Any]]], pause: float = 0.0) -> None:
+        for batch in batches:
+            db.upsert_many(batch)
+            self.changes += len(batch)
+            for resource in batch:
+                self.latest[(resource["resourceType"], resource["id"])] = resource
+            if pause:
+                time.sleep(pause)
+
+
+def load_in_background(workload: Workload, db: SiteDatabase, pause: float) -> threading.Thread:
+    batches = workload.transactions()
+    thread = threading.Thread(target=workload.load, args=(db, batches, pause), daemon=True)
+    thread.start()
+    return thread
+
+
+@dataclass
+class Reconciliation:
+    sent: int
+    resources: int
+    written: int
+    dead_lettered: int
+    duplicates: int
+    lost: list[str]
+    wrong_content: list[str]
+    inverted: list[str]
+
+    def line(self, scenario: str) -> str:
+        return (
+            f"RECONCILIATION {scenario}: changes sent {self.sent}, resources {self.resources}, "
+            f"written {self.written}, dead-lettered {self.dead_lettered}, duplicates {self.duplicates}, "
+            f"lost {len(self.lost)}, wrong content {len(self.wrong_content)}, inverted order {len(self.inverted)}"
+        )
+
+
+def _expected_matches(resource: dict[str, Any], body: dict[str, Any]) -> bool:
+    if resource["resourceType"] == "Observation":
+        return body.get("valueQuantity", {}).get("value") == resource["valueQuantity"]["value"]
+    return body.get("identifier", [None])[0] == resource["identifier"][0]
+
+
+def _history_values(central: Central, resource_type: str, resource_id: str) -> list[float]:
+    status, bundle = central.get(f"{resource_type}/{resource_id}/_history?_count=100")
+    assert status == 200, f"_history of {resource_type}/{resource_id} answered {status}"
+    entries = sorted(
+        (e["resource"] for e in (bundle or {}).get("entry", []) if "resource" in e),
+        key=lambda r: int(r["meta"]["versionId"]),
+    )
+    return [r["valueQuantity"]["value"] for r in entries if "valueQuantity" in r]
+
+
+def reconcile(central: Central, workload: Workload, dead_refs: set[str], site: str = "site-a") -> Reconciliation:
+    """Every source change at the target exactly once with its latest content, or dead-lettered."""
+    written = dead = duplicates = 0
+    lost, wrong, inverted = [], [], []
+    for (resource_type, source_id), resource in workload.latest.items():
+        target = central_id(resource_type, source_id, site)
+        ref = f"{resource_type}/{target}"
+        body = central.read(resource_type, target)
+        if body is None:
+            if ref in dead_refs:
+                dead += 1
+            else:
+                lost.append(ref)
+            continue
+        written += 1
+        system = "urn:example:mrn" if resource_type == "Patient" else logical_system(site, resource_type)
+        value = resource["identifier"][0]["value"] if resource_type == "Patient" else source_id
+        copies = central.count_by_identifier(resource_type, system, value)
+        duplicates += max(0, copies - 1)
+        if not _expected_matches(resource, body):
+            wrong.append(ref)
+        if resource_type == "Observation":
+            values = _history_values(central, resource_type, target)
+            if values != sorted(values):
+                inverted.append(f"{ref}: {values}")
+    return Reconciliation(workload.changes, len(workload.latest), written, dead, duplicates, lost, wrong, inverted)
+
+
+def settle(central: Central, workload: Workload, timeout: float) -> None:
+    """Wait until the target holds the latest content of every resource of the workload."""
+
+    def done() -> bool:
+        return all(
+            (body := central.read(t, central_id(t, i))) is not None and _expected_matches(r, body)
+            for (t, i), r in workload.latest.items()
+        )
+
+    wait_for(done, timeout=timeout, what=f"{len(workload.latest)} resources with their latest content", interval=3)
+
+
+def assert_clean(result: Reconciliation, scenario: str) -> None:
+    print("\n" + result.line(scenario))
+    assert result.lost == [], f"lost at the target and not dead-lettered: {result.lost[:10]}"
+    assert result.duplicates == 0
+    assert result.wrong_content == [], f"not the latest source content: {result.wrong_content[:10]}"
+    assert result.inverted == [], f"version order inverted: {result.inverted[:10]}"

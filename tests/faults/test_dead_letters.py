@@ -1,0 +1,192 @@
+"""Poison records and `cdrsync dlq` end to end: every bad record is a dead letter with its reason,
+everything else keeps flowing, and ops can list, show, replay and discard, audited.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from confluent_kafka import Producer
+
+from tests.casebuilder import observation_for, patient
+from tests.faults.conftest import (
+    GROUP,
+    SETTINGS,
+    Central,
+    SiteDatabase,
+    Worker,
+    Workload,
+    assert_clean,
+    central_id,
+    reconcile,
+    settle,
+    wait_for,
+)
+from tests.faults.proxy import Fault, FaultProxy
+from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.faults
+
+
+@pytest.fixture
+def proxy(stack: Central) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(stack.base_url)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def worker(proxy: FaultProxy, tmp_path: Path) -> Iterator[Worker]:
+    env = {
+        "CENTRAL_FHIR_BASE_URL": proxy.base_url,
+        "CDRSYNC_SINK_ATTEMPTS": "2",
+        "CDRSYNC_RETRY_TIER1_SECONDS": "1",
+        "CDRSYNC_RETRY_TIER2_SECONDS": "1",
+        "CDRSYNC_RETRY_TIER3_SECONDS": "1",
+    }
+    worker = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log", env=env)
+    worker.start()
+    yield worker
+    worker.stop()
+    print(f"\nworker log: {worker.log_path}")
+
+
+def cdrsync(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"cdrsync {' '.join(args)} failed: {done.stderr}"
+    return done.stdout
+
+
+def dead_letters(*args: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in cdrsync("dlq", "list", "--json", *args).splitlines() if line.strip()]
+
+
+def letter_for(ref: str, *args: str) -> dict[str, Any] | None:
+    return next((d for d in dead_letters(*args) if d["target_ref"] == ref), None)
+
+
+def ref_of(resource: dict[str, Any]) -> str:
+    return f"{resource['resourceType']}/{central_id(resource['resourceType'], resource['id'])}"
+
+
+def _history(stack: Central, ref: str) -> list[dict[str, Any]]:
+    status, bundle = stack.get(f"{ref}/_history")
+    assert status == 200
+    return sorted((e["resource"] for e in bundle["entry"]), key=lambda r: int(r["meta"]["versionId"]))
+
+
+def test_poison_records_are_dead_lettered_with_their_reason_and_the_rest_flows(
+    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str
+) -> None:
+    prefix = f"{run_id}-p"
+    invalid = {"resourceType": "Observation", "id": f"{prefix}-invalid", "valueString": "no status, no code"}
+    unknown = {"resourceType": "Foo", "id": f"{prefix}-foo"}
+    oversize = observation_for(prefix, f"{prefix}-pat-0", 99, 1.0)
+    oversize = {**oversize, "id": f"{prefix}-big", "note": [{"text": "x" * (5 * 1024 * 1024)}]}
+    workload = Workload(prefix, patients=10)
+    batches = workload.transactions()
+    workload.load(site_a, batches[:5])
+    site_a.upsert_many([invalid])
+    site_a.upsert_many([unknown])
+    site_a.upsert_many([oversize])
+    producer = Producer({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    producer.produce("cdc.site-a.fhir.resource", b'{"not": "a debezium envelope"', f"{prefix}-garbage".encode())
+    assert producer.flush(30) == 0
+    workload.load(site_a, batches[5:])
+    settle(stack, workload, timeout=300)
+
+    def poison_letters() -> dict[str, dict[str, Any]]:
+        found = {}
+        for letter in dead_letters("--site", "site-a", "--stage", "normalize", "--since", "30m"):
+            for name, resource in (("invalid", invalid), ("unknown", unknown), ("oversize", oversize)):
+                if letter["target_ref"] and letter["target_ref"].endswith(
+                    central_id(resource["resourceType"], resource["id"])
+                ):
+                    found[name] = letter
+            if letter["error_class"] == "envelope":
+                found["garbage"] = letter
+        return found if len(found) == 4 else {}
+
+    found = wait_for(poison_letters, timeout=120, what="all four poison records in the dead letters", interval=3)
+    assert found["invalid"]["error_class"] == "mapping" and "invalid FHIR R4 Observation" in found["invalid"]["reason"]
+    assert found["unknown"]["error_class"] == "mapping" and "unknown resource type 'Foo'" in found["unknown"]["reason"]
+    assert found["oversize"]["error_class"] == "oversize" and "exceeds the limit" in found["oversize"]["reason"]
+    assert found["garbage"]["error_class"] == "envelope"
+    shown = cdrsync("dlq", "show", found["oversize"]["id"])
+    assert "xxxxxxxx" not in shown and "withheld" in shown  # no clinical content without --with-patient-data
+    assert "xxxxxxxx" in cdrsync("dlq", "show", found["oversize"]["id"], "--with-patient-data")
+    result = reconcile(stack, workload, dead_refs=set())
+    print(f"\ndead letters: {sorted((k, v['id']) for k, v in found.items())}")
+    assert_clean(result, "poison records (4 dead-lettered outside the workload)")
+
+
+def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
+    worker: Worker, proxy: FaultProxy, stack: Central, site_a: SiteDatabase, run_id: str
+) -> None:
+    prefix = f"{run_id}-d"
+    person = patient(prefix)
+    stuck = observation_for(prefix, person["id"], 0, 1.0)
+    other = observation_for(prefix, person["id"], 1, 5.0)
+    stuck_ref = ref_of(stuck)
+    # 1. The target fails every write of one Observation: after the tiers it is a dead letter.
+    proxy.set(Fault("status", 500, path_contains=stuck_ref.split("/")[1]))
+    site_a.upsert_many([person, stuck, other])
+    wait_for(lambda: stack.read(*ref_of(other).split("/")), timeout=120, what="the patient's other Observation")
+    letter = wait_for(lambda: letter_for(stuck_ref, "--stage", "sink"), timeout=180, what="the dead letter")
+    assert letter["error_class"] == "target_unavailable" and letter["status"] == "open"
+    # 2. A later version waits behind it: not written while the first is a dead letter.
+    site_a.upsert({**stuck, "valueQuantity": {**stuck["valueQuantity"], "value": 2.0}})
+    wait_for(lambda: worker.metric("cdrsync_held_behind_total") >= 1, timeout=120, what="the new version to wait")
+    assert stack.read(*stuck_ref.split("/")) is None
+    # 3. The target is fixed; a dry run changes nothing; the replay writes both versions, in order.
+    proxy.clear()
+    assert "dry run: 1 dead letters would be replayed" in cdrsync("dlq", "replay", letter["id"])
+    assert letter_for(stuck_ref, "--stage", "sink")["status"] == "open"
+    out = cdrsync("dlq", "replay", letter["id"], "--execute")
+    assert "replay: 1/1" in out and "1 dead letters replayed and audited" in out
+    wait_for(
+        lambda: (body := stack.read(*stuck_ref.split("/"))) and body["valueQuantity"]["value"] == 2.0,
+        timeout=120,
+        what="the replayed version and the one behind it",
+    )
+    assert [r["valueQuantity"]["value"] for r in _history(stack, stuck_ref)] == [1.0, 2.0]
+    assert letter_for(stuck_ref, "--stage", "sink") is None  # no longer open
+    assert letter_for(stuck_ref, "--stage", "sink", "--include-resolved")["status"] == "replayed"
+
+    # 4. A version the target rejects for good (422): replay cannot help; discard releases the next version.
+    document = observation_for(prefix, person["id"], 2, 7.0)
+    doc_ref = ref_of(document)
+    proxy.set(Fault("status", 422, path_contains=doc_ref.split("/")[1]))
+    site_a.upsert(document)
+    rejected = wait_for(lambda: letter_for(doc_ref, "--stage", "sink"), timeout=120, what="the rejected version")
+    assert rejected["error_class"] == "rejected_by_target"
+    fixed = {**document, "valueQuantity": {**document["valueQuantity"], "value": 8.0}}
+    site_a.upsert(fixed)
+    wait_for(lambda: worker.metric("cdrsync_held_behind_total") >= 2, timeout=120, what="the fix to wait behind it")
+    proxy.clear()
+    out = cdrsync("dlq", "discard", rejected["id"], "--reason", "superseded by the fixed version", "--execute")
+    assert "1 dead letters discarded and audited" in out
+    wait_for(lambda: stack.read(*doc_ref.split("/")), timeout=120, what="the fixed version")
+    assert [r["valueQuantity"]["value"] for r in _history(stack, doc_ref)] == [8.0]
+
+    # 5. Each replay and discard is in the audit trail ops query.
+    def audited() -> set[str]:
+        conninfo = f"host={SETTINGS.pg_host} port={SETTINGS.pg_port} user={SETTINGS.pg_user} dbname=central"
+        with psycopg.connect(conninfo) as conn:
+            rows = conn.execute(
+                "SELECT step, detail FROM audit.event WHERE step IN ('replayed', 'discarded') AND detail LIKE %s",
+                ("dead letter %",),
+            ).fetchall()
+        ids = {f"dead letter {letter['id']} replayed", f"dead letter {rejected['id']} discarded"}
+        return {step for step, detail in rows if any(detail.startswith(i + " ") for i in ids)}
+
+    assert wait_for(lambda: audited() == {"replayed", "discarded"}, timeout=60, what="audit events of both")

@@ -1,0 +1,103 @@
+"""Which tier a failed record goes to next, and the circuit breaker that holds writes during an outage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipeline.breaker import CircuitBreaker, reachable
+from pipeline.deadletter import FailureInfo, retry_schedule
+from pipeline.errors import TargetUnavailableError
+
+pytestmark = pytest.mark.unit
+DELAYS = [60, 600, 3600]
+
+
+def _failed(tier: int, due_ms: int = 1) -> FailureInfo:
+    return FailureInfo("sink", "target_unavailable", "503", 5, 0, 0, "fhir.ready.v1", 2, 40, due_ms=due_ms, tier=tier)
+
+
+def test_first_failure_goes_to_the_first_tier() -> None:
+    assert retry_schedule(None, DELAYS) == (0, 60)
+
+
+@pytest.mark.parametrize(("tier", "expected"), [(0, (1, 600)), (1, (2, 3600)), (2, None)])
+def test_each_failure_after_a_tier_moves_one_on_and_the_last_ends_in_the_dead_letters(tier, expected) -> None:
+    assert retry_schedule(_failed(tier), DELAYS) == expected
+
+
+def test_a_dead_letter_that_never_waited_in_a_tier_starts_at_the_first() -> None:
+    # dead-lettered straight from the sink (due 0), then replayed and failing transiently
+    assert retry_schedule(_failed(0, due_ms=0), DELAYS) == (0, 60)
+
+
+def test_a_replayed_dead_letter_starts_over() -> None:
+    assert retry_schedule(_failed(-1), DELAYS) == (0, 60)
+
+
+def test_retry_after_is_waited_for_in_process_up_to_a_bound() -> None:
+    from tenacity import RetryCallState
+
+    from pipeline.sink import RetryPolicy, retry_wait
+
+    policy = RetryPolicy(initial_seconds=0.5, max_seconds=8, max_retry_after_seconds=120)
+
+    def state(error: BaseException, attempt: int = 1) -> RetryCallState:
+        call = RetryCallState(None, None, (), {})
+        call.attempt_number = attempt
+        call.set_exception((type(error), error, None))
+        return call
+
+    wait = retry_wait(policy)
+    assert wait(state(TargetUnavailableError("429", retry_after=30))) == 30
+    assert wait(state(TargetUnavailableError("429", retry_after=9999))) == 120  # longer: the tiers take over
+    assert 0 < wait(state(TargetUnavailableError("503"))) <= 8
+
+
+@pytest.mark.parametrize(
+    ("status", "up"),
+    [(200, True), (401, True), (404, True), (0, False), (429, False), (500, False), (503, False), (408, False)],
+)
+def test_probe_statuses(status: int, up: bool) -> None:
+    assert reachable(status) is up
+
+
+def test_breaker_holds_until_the_target_answers_and_backs_off_meanwhile() -> None:
+    answers = iter([0, 0, 503, 0, 200])
+    sleeps: list[float] = []
+    changes: list[bool] = []
+
+    async def probe() -> int:
+        return next(answers)
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    breaker = CircuitBreaker("central", probe, initial_seconds=1, max_seconds=4, on_change=changes.append, sleep=sleep)
+    asyncio.run(breaker.wait_until_reachable())
+    assert changes == [True, False] and breaker.outages == 1 and not breaker.is_open
+    assert len(sleeps) == 4
+    nominal = [1, 2, 4, 4]  # doubling, capped, each with ±20 % jitter
+    assert all(0.8 * n <= s <= 1.2 * n for s, n in zip(sleeps, nominal, strict=True))
+
+
+def test_breaker_does_not_wait_when_the_target_answers() -> None:
+    async def probe() -> int:
+        return 200
+
+    async def sleep(seconds: float) -> None:
+        raise AssertionError("must not sleep")
+
+    breaker = CircuitBreaker("central", probe, sleep=sleep)
+    assert asyncio.run(breaker.target_down()) is False
+    asyncio.run(breaker.wait_until_reachable())
+    assert breaker.outages == 0
+
+
+def test_a_tier_record_waits_until_due_but_never_longer_than_the_tier_delay() -> None:
+    from pipeline.retrytiers import wait_seconds
+
+    assert wait_seconds(due_ms=70_000, delay_seconds=60, now_ms=40_000) == 30
+    assert wait_seconds(due_ms=40_000, delay_seconds=60, now_ms=70_000) == 0  # overdue: at once
+    assert wait_seconds(due_ms=3_640_000, delay_seconds=5, now_ms=40_000) == 5  # the delay was shortened since
