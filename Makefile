@@ -69,7 +69,7 @@ monitor-start: ## run `cdrsync monitor` in the background (source health and lag
 monitor-stop: ## stop the background monitor
 	bash $(NATIVE)/monitor.sh stop
 
-demo: up worker-start ## the whole pipeline end to end with two demo hospitals, then a summary
+demo: up worker-start ## the whole pipeline end to end: FHIR (site-a, site-b), HL7 v2 (site-c) and openEHR (site-d) hospitals, then a summary
 	$(BIN)/cdrsync demo load
 	$(BIN)/cdrsync demo wait --timeout 600
 	@echo; $(BIN)/cdrsync status || true

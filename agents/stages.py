@@ -17,7 +17,7 @@ from pipeline.backflow import flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, write_in_order
 from pipeline.breaker import CircuitBreaker
 from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
-from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
+from pipeline.errors import MappingError, PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.merge import merge_patient
 from pipeline.metrics import (
@@ -35,7 +35,8 @@ from pipeline.metrics import (
     WRITES,
 )
 from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
-from pipeline.normalize import Filtered, SourcePosition, normalize_change
+from pipeline.normalize import SourcePosition
+from pipeline.normalize import normalize_changes as normalize_batch
 from pipeline.observe import record_fields
 from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
@@ -79,13 +80,14 @@ _breakers: dict[str, CircuitBreaker] = {}
 
 @app.agent(source_changes, concurrency=1)
 async def normalize_changes(stream: StreamT) -> None:
-    """Debezium change → validated FHIR resource on the normalized topic."""
+    """Debezium change → validated FHIR resources on the normalized topic (one per fhir row, many per
+    openEHR composition or HL7 v2 message); parts that cannot be mapped → one dead letter naming them."""
     async for event in stream.events():
         message = event.message
         try:
             site = config.site_of_topic(message.topic)
             position = SourcePosition(*origin_of(event))
-            result = normalize_change(site, message.value, position, settings.max_record_bytes)
+            batch = normalize_batch(site, message.value, position, settings.max_record_bytes)
         except PermanentError as error:
             NORMALIZED.labels("unknown", "unknown", "failed").inc()
             await dead_letter("normalize", event, error)
@@ -94,15 +96,21 @@ async def normalize_changes(stream: StreamT) -> None:
             log.exception("normalize failed unexpectedly at %s[%d]@%d", *origin_of(event))
             await dead_letter("normalize", event, error)
             continue
-        if result is None:
+        if batch is None:
             NORMALIZED.labels(site.site, "", "tombstone").inc()
-        elif isinstance(result, Filtered):
-            NORMALIZED.labels(result.site, result.resource_type, "filtered").inc()
-        else:
+            continue
+        for filtered in batch.filtered:
+            NORMALIZED.labels(filtered.site, filtered.resource_type, "filtered").inc()
+        for result in batch.records:
             NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
             # Keyed by site-local patient, so identity resolution sees one patient's changes in order.
             key = identity.local_patient(result) or f"{result.site}|{result.resource_type}/{result.source_id}"
             await deliver(normalized, key.encode(), encode(result))
+        if batch.problems:
+            # After the mapped records: a replay of this dead letter rewrites them under the same ids.
+            NORMALIZED.labels(site.site, "", "failed").inc()
+            reason = f"{len(batch.problems)} part(s) not mapped: " + "; ".join(batch.problems)
+            await dead_letter("normalize", event, MappingError(reason))
 
 
 @app.agent(normalized, concurrency=1)

@@ -201,6 +201,15 @@ def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> 
         if flags := demo_flags(site_name):
             upsert_rows(dsn_of(site_name), flags)
             print(f"{site_name}: {len(flags)} tumour-board Flag(s) set: only those cases leave the hospital")
+    from .demo_sources import demo_compositions, demo_messages, write_compositions, write_messages
+
+    for site in config.source_sites():
+        if site.adapter == "openehr":
+            count = write_compositions(dsn_of(site.site), demo_compositions())
+            print(f"{site.site}: {count} openEHR compositions of the same person written to openehr.composition")
+        elif site.adapter == "hl7v2":
+            count = write_messages(dsn_of(site.site), demo_messages())
+            print(f"{site.site}: {count} HL7 v2 messages (ORU^R01; ADT^A08 with the tumour-board ZTB) in hl7v2.message")
     return 0
 
 
@@ -365,7 +374,7 @@ def _parser() -> argparse.ArgumentParser:
     leaf(definitions, "apply", "PUT every fhir/*.json to the central CDR (idempotent)", _definitions_apply)
 
     demo = group("demo", "demo hospitals: load sample data, wait for it at the central CDR")
-    leaf(demo, "load", "write the sample FHIR resources into site-a's and site-b's databases", _demo_load)
+    leaf(demo, "load", "write the sample data into every demo hospital's database (FHIR, openEHR, HL7 v2)", _demo_load)
     wait = leaf(demo, "wait", "wait until every source row is at the central CDR, then print a summary", _demo_wait)
     wait.add_argument("--timeout", type=float, default=600, help="seconds to wait (default 600)")
     return parser

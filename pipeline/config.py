@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -176,8 +177,12 @@ class WritebackConfig(_Strict):
 class SiteConfig(_Strict):
     site: str = Field(pattern=_SITE_NAME)
     display_name: str = ""
-    adapter: Literal["fhir"]
+    adapter: Literal["fhir", "openehr", "hl7v2"]
     source: SourceTable | None = None
+    # IANA zone in which the source writes times without an offset (HL7 v2 DTM, openEHR local date-times).
+    timezone: str = "UTC"
+    # Identifier system per assigning authority (HL7 v2 CX-4) or EHR subject namespace (openEHR PARTY_REF).
+    identifier_systems: dict[str, str] = Field(default_factory=dict)
     resource_types: list[str] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)
     target: TargetEndpoint | None = None
@@ -192,6 +197,20 @@ class SiteConfig(_Strict):
         if unknown:
             raise ValueError(f"unsupported resource types {unknown}; supported: {sorted(SUPPORTED_TYPES)}")
         return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The site's time zone."""
+        return ZoneInfo(self.timezone)
 
     @model_validator(mode="after")
     def _routes_need_a_source(self) -> SiteConfig:

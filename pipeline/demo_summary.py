@@ -6,8 +6,8 @@ import asyncio
 import sys
 from datetime import datetime
 
-from .config import Config
-from .demo import expected_targets, percentile, site_dsn, source_rows, type_counts
+from .config import Config, SiteConfig
+from .demo import SourceRow, expected_targets, percentile, site_dsn, source_rows, type_counts
 from .errors import CdrsyncError
 from .fhirclient import FhirClient
 from .identity import ORIGIN_TAG_SYSTEM
@@ -43,13 +43,22 @@ async def _count(client: FhirClient, resource_type: str, site: str) -> int:
         return int(body.get("total", 0))
 
 
+def _source_rows(site: SiteConfig, dsn: str) -> list[SourceRow]:
+    """A site's rows as the resources they are: fhir rows as they are, compositions and messages as mapped."""
+    if site.adapter == "fhir":
+        return source_rows(dsn)
+    from .demo_sources import adapter_source_rows
+
+    return adapter_source_rows(site, dsn)
+
+
 async def wait_and_summarize(settings: Settings, config: Config, *, timeout: float) -> int:
     """Poll the central CDR until all source rows arrived (or timeout); print counts and latency."""
     expected: dict[str, float] = {}
     waiting = 0
     for site in config.source_sites():
         dsn = site_dsn(site, settings.pg_host, settings.pg_port, settings.pg_user, settings.pg_password_value)
-        rows, no_identifier = expected_targets(site, source_rows(dsn))
+        rows, no_identifier = expected_targets(site, _source_rows(site, dsn))
         waiting += no_identifier
         for ref, committed in rows.items():  # a person at two sites is one central Patient
             expected[ref] = max(committed, expected.get(ref, 0.0))

@@ -1,19 +1,24 @@
-"""Stage 1: a Debezium change of a site table → one validated FHIR R4 resource (NormalizedResource)."""
+"""Stage 1: a Debezium change of a site table → validated FHIR R4 resources (NormalizedResource).
+
+The `fhir` adapter yields one resource per change (`normalize_change`); the `openehr` and `hl7v2`
+adapters yield many, plus the parts they could not map (`normalize_changes` returns them all).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
 from .adapters.fhir import row_identity, row_to_resource
+from .adapters.rows import RowResult, hl7v2_change, openehr_change
 from .config import SiteConfig
 from .envelope import ChangeEvent, decode_temporal, parse_envelope
 from .errors import EnvelopeError, MappingError, OversizeError
 from .records import NormalizedResource, canonical_hash
 from .resources import is_fhir_type, patient_reference, validate_resource
 
-__all__ = ["Filtered", "SourcePosition", "normalize_change"]
+__all__ = ["Filtered", "NormalizedBatch", "SourcePosition", "normalize_change", "normalize_changes"]
 
 _OPS = {"c": "CREATE", "u": "UPDATE", "d": "DELETE", "r": "SNAPSHOT"}
 
@@ -38,20 +43,112 @@ class Filtered:
     resource_type: str
 
 
+@dataclass
+class NormalizedBatch:
+    """What one change became: records to publish, types filtered out, and parts that could not be mapped
+    (each a reason naming the source element, for the dead-letter record; never silently dropped)."""
+
+    records: list[NormalizedResource] = field(default_factory=list)
+    filtered: list[Filtered] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _parse(site: SiteConfig, value: bytes | None) -> ChangeEvent | None:
+    event = parse_envelope(value)
+    if (
+        event is not None
+        and site.source is not None
+        and (event.schema, event.table)
+        != (
+            site.source.schema_name,
+            site.source.table,
+        )
+    ):
+        raise EnvelopeError(f"change of {event.schema}.{event.table}, not the site's source table")
+    return event
+
+
+def _check_size(value: bytes | None, max_bytes: int | None) -> None:
+    if value is not None and max_bytes is not None and len(value) > max_bytes:
+        raise OversizeError(f"change record of {len(value)} bytes exceeds the limit of {max_bytes} bytes")
+
+
+def normalize_changes(
+    site: SiteConfig, value: bytes | None, position: SourcePosition, max_bytes: int | None = None
+) -> NormalizedBatch | None:
+    """Decode, map and validate one change of any adapter; None for a tombstone.
+
+    Raises PermanentError when nothing of the change can be carried (too large, not a change event, a
+    message type or row the adapter rejects); a part that cannot be mapped is a problem in the batch instead.
+    """
+    if site.adapter == "fhir":
+        single = normalize_change(site, value, position, max_bytes)
+        if single is None:
+            return None
+        return NormalizedBatch(filtered=[single]) if isinstance(single, Filtered) else NormalizedBatch([single])
+    _check_size(value, max_bytes)
+    event = _parse(site, value)
+    if event is None:
+        return None
+    rows = openehr_change(site, event) if site.adapter == "openehr" else hl7v2_change(site, event)
+    return _batch(site, event, position, rows)
+
+
+def _batch(site: SiteConfig, event: ChangeEvent, position: SourcePosition, rows: RowResult) -> NormalizedBatch:
+    batch = NormalizedBatch(problems=list(rows.problems))
+    version = _int_or_none(event.row.get("version", event.row.get("id")))
+    changes = [(r, _OPS[event.op] if event.op != "d" else "DELETE") for r in rows.upserts]
+    changes += [(r, "DELETE") for r in rows.deletes]
+    for resource, op in changes:
+        if resource["resourceType"] not in site.resource_types:
+            batch.filtered.append(Filtered(site.site, resource["resourceType"]))
+            continue
+        content = resource if op != "DELETE" else None
+        if content is not None:
+            try:
+                validate_resource(content)
+            except MappingError as error:
+                batch.problems.append(f"{resource['resourceType']}/{resource['id']}: {error}")
+                continue
+        batch.records.append(_record(site, event, position, resource, op, content, version))
+    return batch
+
+
+def _record(
+    site: SiteConfig,
+    event: ChangeEvent,
+    position: SourcePosition,
+    resource: dict[str, object],
+    op: str,
+    content: dict[str, object] | None,
+    version: int | None,
+) -> NormalizedResource:
+    return NormalizedResource(
+        site=site.site,
+        resource_type=str(resource["resourceType"]),
+        source_id=str(resource["id"]),
+        op=op,
+        resource=orjson.dumps(content).decode() if content is not None else None,
+        content_hash=canonical_hash(content) if content is not None else None,
+        patient_ref=patient_reference(resource),  # a delete keeps the patient of its last content
+        source_version=version,
+        source_lsn=event.lsn,
+        source_commit_ms=_commit_ms(event),
+        captured_ms=event.captured_ts_ms,
+        origin_topic=position.topic,
+        origin_partition=position.partition,
+        origin_offset=position.offset,
+    )
+
+
 def normalize_change(
     site: SiteConfig, value: bytes | None, position: SourcePosition, max_bytes: int | None = None
 ) -> NormalizedResource | Filtered | None:
-    """Decode, map and validate one change; None for a tombstone. Raises PermanentError on bad input."""
-    if value is not None and max_bytes is not None and len(value) > max_bytes:
-        raise OversizeError(f"change record of {len(value)} bytes exceeds the limit of {max_bytes} bytes")
-    event = parse_envelope(value)
+    """Decode, map and validate one change of a `fhir` table; None for a tombstone. PermanentError on bad input."""
+    _check_size(value, max_bytes)
+    event = _parse(site, value)
     if event is None:
         return None
-    if site.source is not None and (event.schema, event.table) != (
-        site.source.schema_name,
-        site.source.table,
-    ):
-        raise EnvelopeError(f"change of {event.schema}.{event.table}, not the site's source table")
     resource_type, source_id = row_identity(event)
     if resource_type not in site.resource_types:
         if not is_fhir_type(resource_type):

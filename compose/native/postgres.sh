@@ -12,7 +12,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PG_DIR="$STACK_DATA/pg"
 PG_LOG="$STACK_LOGS/postgres.log"
 SQL_DIR="$REPO_ROOT/compose/sql"
-PG_DATABASES=(site_a site_b central)
+PG_DATABASES=(site_a site_b site_c site_d central)
 PG_OS_USER="${PG_OS_USER:-postgres}"
 
 pg_bindir() {

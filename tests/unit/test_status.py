@@ -8,16 +8,19 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import Config
+from pipeline.config import Config, load_config
 from pipeline.status import WorkerView, histogram_quantile, parse_metrics, render, route_statuses
 
 pytestmark = pytest.mark.unit
 NOW = 1_800_000_000.0
+# Every site with a source table in sites/: each has a connector and a consumer lag in the monitor.
+SOURCE_SITES = [site.site for site in load_config(Path(__file__).resolve().parents[2]).source_sites()]
 ROUTE_A = 'site="site-a",target="central"'
 
 
@@ -50,7 +53,7 @@ def worker_metrics(last_write_ago: float = 30, dead_letters: int = 0, held_ident
 
 def monitor_metrics(connector: str = "RUNNING", lag: int = 0, target_up: int = 1) -> str:
     lines = []
-    for site in ("site-a", "site-b"):
+    for site in SOURCE_SITES:
         state = connector if site == "site-a" else "RUNNING"
         lines += [
             f'cdrsync_connector_state{{site="{site}",connector="cdrsync-{site}",state="{state}"}} 1',
@@ -119,7 +122,7 @@ def test_dead_letters_and_missing_identifiers_warn(config: Config) -> None:
 def test_no_worker_answering_fails_every_route(config: Config) -> None:
     views = [WorkerView("http://w", error="not reachable")]
     result = route_statuses(config, views, parse_metrics(monitor_metrics()), "cdrsync", now=NOW)
-    assert [s.verdict for s in result] == ["FAILING", "FAILING"]
+    assert [s.verdict for s in result] == ["FAILING"] * len(SOURCE_SITES)
     assert "worker http://w: not reachable" in render(result, views, [], "cdrsync")
 
 

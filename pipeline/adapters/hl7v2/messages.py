@@ -1,0 +1,307 @@
+"""One root per HL7 v2 message type: a message → the FHIR resources it carries.
+
+ADT (A01 A02 A03 A04 A05 A06 A07 A08 A11 A12 A13 A28 A31): Patient, Encounter, Coverage, and the
+clinical segments an ADT may carry (AL1, DG1, PR1, OBX), plus cdrsync's tumour-board ZTB → Flag.
+ORU^R01: DiagnosticReport per OBR with its OBX as Observations. ORM^O01 / OML^O21: ServiceRequest per
+ORC. RDE^O11: MedicationRequest per ORC/RXE. MDM (T01-T11): DocumentReference from TXA and its OBX.
+A40 (merge) is never applied here: merging two patients is a clinical identity decision (DESIGN.md
+decision 4), so it is rejected with that reason and lands in the dead-letter topic for review.
+A segment that cannot be mapped is returned as a problem (segment, position, reason), never dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from ...errors import MappingError
+from .datatypes import Hl7Context
+from .er7 import Message, Segment, parse_er7
+from .orders import (
+    obr_to_diagnostic_report,
+    obx_to_attachment,
+    obx_to_observation,
+    orc_to_medication_request,
+    orc_to_service_request,
+    report_scope,
+    txa_to_document_reference,
+)
+from .segments import (
+    al1_to_allergy,
+    dg1_to_condition,
+    in1_to_coverage,
+    pid_to_patient,
+    pr1_to_procedure,
+    pv1_to_encounter,
+    ztb_to_flag,
+)
+
+__all__ = ["ADT_EVENTS", "Hl7Mapped", "message_to_resources"]
+
+ADT_EVENTS = frozenset({"A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13", "A28", "A31"})
+
+
+@dataclass
+class Hl7Mapped:
+    """What a message became: resources (its Patient first) and the segments that could not be mapped."""
+
+    message_type: str
+    resources: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+Mapper = Callable[..., "dict[str, Any] | None"]
+
+
+@dataclass
+class _Frame:
+    """The patient and encounter of a message, shared by every segment mapper."""
+
+    message: Message
+    ctx: Hl7Context
+    out: Hl7Mapped
+    patient_ref: str = ""
+    encounter_ref: str | None = None
+    consumed: set[int] = field(default_factory=set)  # id() of segments a root already mapped
+
+    def where(self, segment: Segment) -> str:
+        """Segment name and its 1-based position in the message: enough to find it, no content."""
+        return f"{segment.name} (segment {self.message.segments.index(segment) + 1})"
+
+    def attempt(
+        self, segment: Segment, build: Callable[..., dict[str, Any] | None], *args: Any
+    ) -> dict[str, Any] | None:
+        """Run one segment mapper, `build(*args)`; a MappingError becomes a problem naming the segment."""
+        self.consumed.add(id(segment))
+        try:
+            resource = build(*args)
+        except MappingError as error:
+            reason = str(error)
+            where = self.where(segment)
+            self.out.problems.append(reason if reason.startswith(where) else f"{where}: {reason}")
+            return None
+        if resource is not None:
+            self.out.resources.append(resource)
+        return resource
+
+
+def _frame(message: Message, ctx: Hl7Context, out: Hl7Mapped, event: str) -> _Frame:
+    """Patient (PID, required) and Encounter (PV1, when it names a visit) of a message."""
+    pid = message.first("PID")
+    if pid is None:
+        raise MappingError(f"{out.message_type} message {message.control_id} has no PID segment")
+    patient = pid_to_patient(pid, ctx)
+    out.resources.append(patient)
+    frame = _Frame(message, ctx, out, patient_ref=f"Patient/{patient['id']}")
+    pv1 = message.first("PV1")
+    if pv1 is not None:
+        encounter = frame.attempt(pv1, pv1_to_encounter, pv1, ctx, frame.patient_ref, event)
+        if encounter is None and not any(p.startswith(frame.where(pv1)) for p in out.problems):
+            out.problems.append(f"{frame.where(pv1)}: neither visit number (PV1-19) nor admit time (PV1-44)")
+        frame.encounter_ref = f"Encounter/{encounter['id']}" if encounter else None
+    for in1 in message.all("IN1"):
+        frame.attempt(in1, in1_to_coverage, in1, ctx, frame.patient_ref)
+    return frame
+
+
+def _observation(
+    frame: _Frame, obx: Segment, scope: str, category: str | None, time: str | None
+) -> dict[str, Any] | None:
+    where = frame.where(obx)
+    observation = partial(
+        obx_to_observation,
+        scope=scope,
+        encounter_ref=frame.encounter_ref,
+        default_time=time,
+        category=category,
+        where=where,
+    )
+    return frame.attempt(obx, observation, obx, frame.ctx, frame.patient_ref)
+
+
+def _adt(frame: _Frame) -> None:
+    """ADT carries no more than the segments every message type carries (see _clinical)."""
+
+
+def _clinical(frame: _Frame) -> None:
+    """Clinical segments not already mapped by the message's root: AL1, DG1, PR1, OBX, ZTB."""
+    ctx, patient, encounter = frame.ctx, frame.patient_ref, frame.encounter_ref
+    scope = f"{patient}|{encounter or ''}"
+    for segment in frame.message.segments:
+        if id(segment) in frame.consumed:
+            continue
+        if segment.name == "AL1":
+            frame.attempt(segment, al1_to_allergy, segment, ctx, patient)
+        elif segment.name == "DG1":
+            frame.attempt(segment, dg1_to_condition, segment, ctx, patient, encounter)
+        elif segment.name == "PR1":
+            frame.attempt(segment, pr1_to_procedure, segment, ctx, patient, encounter)
+        elif segment.name == "OBX":
+            _observation(frame, segment, scope, None, None)
+        elif segment.name == "ZTB":
+            frame.attempt(segment, ztb_to_flag, segment, ctx, patient, encounter)
+
+
+def _oru(frame: _Frame) -> None:
+    """Each OBR with the OBX after it → DiagnosticReport + Observations; OBX outside any OBR → Observations."""
+    message, patient = frame.message, frame.patient_ref
+    for obr, members in message.groups("OBR", ("OBX",)):
+        scope = report_scope(obr, message.control_id)
+        time = frame.ctx.when(obr.get(7))
+        observations = [_observation(frame, obx, scope, "laboratory", time) for obx in members]
+        refs = [f"Observation/{o['id']}" for o in observations if o]
+        frame.attempt(
+            obr,
+            obr_to_diagnostic_report,
+            obr,
+            frame.ctx,
+            patient,
+            frame.encounter_ref,
+            scope,
+            refs,
+        )
+
+
+def _orders(frame: _Frame) -> None:
+    for orc, group in frame.message.groups("ORC", ("OBR", "TQ1", "NTE", "DG1")):
+        frame.consumed.update(id(s) for s in group)
+        frame.attempt(orc, orc_to_service_request, orc, group, frame.ctx, frame.patient_ref, frame.encounter_ref)
+
+
+def _pharmacy(frame: _Frame) -> None:
+    for orc, group in frame.message.groups("ORC", ("RXE", "RXR", "TQ1", "RXO", "RXC")):
+        frame.attempt(
+            orc,
+            orc_to_medication_request,
+            orc,
+            group,
+            frame.ctx,
+            frame.patient_ref,
+            frame.encounter_ref,
+        )
+
+
+def _document(frame: _Frame) -> None:
+    txa = frame.message.first("TXA")
+    if txa is None:
+        raise MappingError(f"{frame.out.message_type} message {frame.message.control_id} has no TXA segment")
+    contents = []
+    for obx in frame.message.all("OBX"):
+        frame.consumed.add(id(obx))
+        try:
+            contents.append(obx_to_attachment(obx, frame.where(obx)))
+        except MappingError as error:
+            frame.out.problems.append(str(error))
+    if not contents:
+        raise MappingError(f"{frame.out.message_type} message {frame.message.control_id} has no document content")
+    frame.attempt(
+        txa,
+        txa_to_document_reference,
+        txa,
+        contents,
+        frame.ctx,
+        frame.patient_ref,
+        frame.encounter_ref,
+        frame.message.control_id,
+    )
+
+
+_ROOTS: dict[tuple[str, str | None], Callable[[_Frame], None]] = {
+    **{("ADT", event): _adt for event in ADT_EVENTS},
+    ("ORU", "R01"): _oru,
+    ("ORM", "O01"): _orders,
+    ("OML", "O21"): _orders,
+    ("RDE", "O11"): _pharmacy,
+    ("MDM", None): _document,
+}
+
+
+def message_to_resources(raw: str, ctx: Hl7Context) -> Hl7Mapped:
+    """Map one ER7 message; MappingError for a message type not carried or a message without a patient."""
+    message = parse_er7(raw)
+    code, event = message.message_type
+    out = Hl7Mapped(message_type=f"{code}^{event}")
+    if (code, event) == ("ADT", "A40"):
+        raise MappingError(
+            f"ADT^A40 {message.control_id} merges patients: identity review decides merges, the pipeline does not"
+        )
+    root = _ROOTS.get((code, event)) or (_ROOTS.get((code, None)) if code == "MDM" else None)
+    if root is None:
+        raise MappingError(f"message type {code}^{event} ({message.control_id}) is not carried by the hl7v2 adapter")
+    frame = _frame(message, ctx, out, event)
+    root(frame)
+    _clinical(frame)
+    _not_carried(frame)
+    _check_unique(out)
+    return out
+
+
+def _check_unique(out: Hl7Mapped) -> None:
+    """Two segments that map to one resource id would overwrite each other: keep the first, report the rest."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    kept = []
+    for resource in out.resources:
+        key = (resource["resourceType"], resource["id"])
+        if key not in seen:
+            seen[key] = resource
+            kept.append(resource)
+        elif seen[key] != resource:
+            out.problems.append(f"two segments map to the same {key[0]} (id {key[1]}) with different content")
+    out.resources = kept
+
+
+# Segments deliberately not carried (docs/mapping/hl7v2.md says why for each): message control,
+# administrative and financial segments, and details the carried resources do not hold.
+NOT_CARRIED = frozenset(
+    {
+        "MSH",
+        "SFT",
+        "EVN",
+        "PD1",
+        "ARV",
+        "ROL",
+        "PRT",
+        "NK1",
+        "PV2",
+        "DB1",
+        "GT1",
+        "IN2",
+        "IN3",
+        "ACC",
+        "RF1",
+        "PDA",
+        "CTD",
+        "FT1",
+        "CTI",
+        "BLG",
+        "SPM",
+        "SAC",
+        "NTE",
+        "TQ1",
+        "TQ2",
+        "RXO",
+        "RXR",
+        "RXC",
+        "CDO",
+        "CON",
+        "MRG",
+        "UB1",
+        "UB2",
+        "DRG",
+        "NPU",
+        "TXA",
+        "ZTB",
+    }
+)
+_MAPPED = frozenset({"PID", "PV1", "IN1", "AL1", "DG1", "PR1", "OBX", "OBR", "ORC", "RXE"})
+
+
+def _not_carried(frame: _Frame) -> None:
+    """A segment this adapter neither maps nor deliberately leaves out is reported, not ignored."""
+    for segment in frame.message.segments:
+        if segment.name not in NOT_CARRIED and segment.name not in _MAPPED:
+            frame.out.problems.append(
+                f"{frame.where(segment)}: segment {segment.name} is not known to the hl7v2 adapter"
+            )

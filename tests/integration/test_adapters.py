@@ -1,0 +1,187 @@
+"""An openEHR composition and HL7 v2 messages written in their site databases arrive at the central server
+as the FHIR resources their mapping rules make; a new composition version deletes what it dropped."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from pipeline.adapters.hl7v2 import Hl7Context, message_to_resources
+from pipeline.adapters.openehr import CompositionSource, composition_to_resources
+from pipeline.config import Config, SiteConfig
+from pipeline.demo import site_dsn
+from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
+from pipeline.ids import target_id
+from tests.casebuilder import KVNR_SYSTEM
+from tests.golden.openehr_cases import COMPOSITIONS
+from tests.integration.conftest import SETTINGS, Central, Worker, wait_for
+
+pytestmark = pytest.mark.integration
+SYNC_TIMEOUT = 240
+
+
+def _kvnr(seed: str) -> str:
+    return "Z" + str(int(hashlib.sha256(seed.encode()).hexdigest(), 16) % 10**9).zfill(9)
+
+
+@pytest.fixture
+def connect(config: Config) -> Iterator[Any]:
+    connections = []
+
+    def open_(site: str) -> psycopg.Connection:
+        conn = psycopg.connect(
+            site_dsn(
+                config.sites[site], SETTINGS.pg_host, SETTINGS.pg_port, SETTINGS.pg_user, SETTINGS.pg_password_value
+            ),
+            autocommit=True,
+        )
+        connections.append(conn)
+        return conn
+
+    yield open_
+    for conn in connections:
+        conn.close()
+
+
+def _central_id(site: SiteConfig, resource: dict[str, Any], kvnr: str) -> str:
+    if resource["resourceType"] == "Patient":
+        return global_patient_key(KVNR_SYSTEM, kvnr)
+    return target_id(site.site, resource["resourceType"], resource["id"])
+
+
+def _missing(stack: Central, site: SiteConfig, resources: list[dict[str, Any]], kvnr: str) -> list[str]:
+    return [
+        f"{r['resourceType']}/{r['id']}"
+        for r in resources
+        if stack.read(r["resourceType"], _central_id(site, r, kvnr)) is None
+    ]
+
+
+def _present(stack: Central, site: SiteConfig, resources: list[dict[str, Any]], kvnr: str) -> list[str]:
+    return [
+        f"{r['resourceType']}/{r['id']}"
+        for r in resources
+        if stack.read(r["resourceType"], _central_id(site, r, kvnr)) is not None
+    ]
+
+
+def _write_composition(conn: psycopg.Connection, source: CompositionSource, content: dict[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO openehr.composition (uid, system_id, version, ehr_id, subject_id, subject_namespace, content) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (uid) DO UPDATE SET version = EXCLUDED.version, "
+        "content = EXCLUDED.content, updated_at = now()",
+        (
+            source.uid,
+            source.system_id,
+            source.version,
+            source.ehr_id,
+            source.subject_id,
+            source.subject_namespace,
+            orjson.dumps(content).decode(),
+        ),
+    )
+
+
+def test_an_openehr_composition_arrives_and_its_next_version_deletes_what_it_dropped(
+    worker: Worker, stack: Central, config: Config, connect, run_id: str
+) -> None:
+    site = config.sites["site-d"]
+    kvnr = _kvnr(f"{run_id}-openehr")
+    source = CompositionSource(f"{run_id}-lab", "site-d.example", 1, f"ehr-{run_id}", kvnr, "kvid-10")
+    lab = orjson.loads((COMPOSITIONS / "laboratory_report.json").read_bytes())
+    mapped = composition_to_resources(lab, source, site.zone, site.identifier_systems)
+    expected = [mapped.patient, *mapped.resources]
+    assert [r["resourceType"] for r in expected] == ["Patient", "Encounter", "DiagnosticReport", "Observation"]
+
+    conn = connect("site-d")
+    _write_composition(conn, source, lab)
+    wait_for(
+        lambda: not _missing(stack, site, expected, kvnr),
+        timeout=SYNC_TIMEOUT,
+        what="the composition's Patient, Encounter, DiagnosticReport and Observation at central",
+    )
+
+    observation = stack.read("Observation", _central_id(site, expected[3], kvnr))
+    assert observation is not None
+    assert observation["code"]["coding"][0]["code"] == "2093-3"
+    assert observation["valueQuantity"]["value"] == 203 and observation["valueQuantity"]["code"] == "mg/dL"
+    assert observation["subject"]["reference"] == f"Patient/{global_patient_key(KVNR_SYSTEM, kvnr)}"
+    assert {"system": ORIGIN_TAG_SYSTEM, "code": "site-d"} in observation["meta"]["tag"]
+
+    without_result = {**lab, "content": []}  # version 2 no longer holds the lab result entry
+    _write_composition(conn, CompositionSource(**{**source.__dict__, "version": 2}), without_result)
+    wait_for(
+        lambda: not _present(stack, site, expected[2:], kvnr),
+        timeout=SYNC_TIMEOUT,
+        what="the dropped entry's DiagnosticReport and Observation deleted at central",
+    )
+    assert not _missing(stack, site, expected[:2], kvnr), "the Patient and Encounter must stay"
+
+
+def _message(*segments: str) -> str:
+    return "\r".join(segments) + "\r"
+
+
+def test_hl7_messages_arrive_with_the_tumour_board_flag(
+    worker: Worker, stack: Central, config: Config, connect, run_id: str
+) -> None:
+    site = config.sites["site-c"]
+    kvnr = _kvnr(f"{run_id}-hl7")
+    pid = f"PID|1||{run_id}^^^SITEC^MR~{kvnr}^^^KVK^NI||Muster^Erika||19640812|F"
+    pv1 = f"PV1|1|I|ONK^12^3||||0815^Doc^Dora||||||||||||{run_id}-V1^^^SITEC^VN|||||||||||||||||||||||||20240301090000"
+    adt = _message(
+        "MSH|^~\\&|HIS|SITEC|CDRSYNC|CENTRAL|20240301101500+0100||ADT^A01|A-" + run_id + "|P|2.5",
+        "EVN|A01|20240301101500",
+        pid,
+        pv1,
+        "ZTB|1|tumorboard^Tumour board^urn:cdrsync:flag|A|20240301100000",
+    )
+    oru = _message(
+        "MSH|^~\\&|LAB|SITEC|CDRSYNC|CENTRAL|20240301120000+0100||ORU^R01|O-" + run_id + "|P|2.5",
+        pid,
+        pv1,
+        f"OBR|1||{run_id}-F1^LAB|24317-0^Hemogram^LN|||20240301110000||||||||||||||||F",
+        "OBX|1|NM|718-7^Hemoglobin^LN||13.2|g/dL^g/dL^UCUM|12-16|N|||F|||20240301110000",
+    )
+    context = Hl7Context(site.site, site.zone, site.identifier_systems)
+    expected = [*message_to_resources(adt, context).resources, *message_to_resources(oru, context).resources]
+    assert [r["resourceType"] for r in expected] == [
+        "Patient",
+        "Encounter",
+        "Flag",
+        "Patient",
+        "Encounter",
+        "Observation",
+        "DiagnosticReport",
+    ]
+
+    conn = connect("site-c")
+    for raw in (adt, oru):
+        conn.execute(
+            "INSERT INTO hl7v2.message (control_id, message_type, message) VALUES (%s, %s, %s)",
+            (raw.split("|")[9], raw.split("|")[8], raw),
+        )
+    wait_for(
+        lambda: not _missing(stack, site, expected, kvnr),
+        timeout=SYNC_TIMEOUT,
+        what="the messages' Patient, Encounter, Flag, DiagnosticReport and Observation at central",
+    )
+
+    flag = stack.read("Flag", _central_id(site, expected[2], kvnr))
+    assert flag is not None and flag["status"] == "active"
+    assert flag["code"]["coding"][0]["code"] == "tumorboard"
+    assert flag["encounter"]["reference"] == f"Encounter/{_central_id(site, expected[1], kvnr)}"
+    patient = stack.read("Patient", global_patient_key(KVNR_SYSTEM, kvnr))
+    assert patient is not None and patient["birthDate"] == "1964-08-12" and patient["gender"] == "female"
+    observation = stack.read("Observation", _central_id(site, expected[5], kvnr))
+    assert observation is not None and observation["valueQuantity"] == {
+        "value": 13.2,
+        "unit": "g/dL",
+        "system": "http://unitsofmeasure.org",
+        "code": "g/dL",
+    }
