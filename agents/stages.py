@@ -338,7 +338,15 @@ async def _sink(stage: str, event: EventT, attempts: int) -> None:
 
     async def attempt(item: Queued, is_head: bool) -> Outcome:
         this = carried if is_head else Carried(item.key, item.value, [], item.origin)
-        return await _attempt(stage, this, decode(item.value, RoutedResource), attempts)
+        version = decode(item.value, RoutedResource)
+        row = f"{version.site}|{version.source_id}"
+        if order.superseded(ref, row, version.source_lsn):  # read again after a crash: already overtaken
+            await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
+            return "written"
+        outcome = await _attempt(stage, this, version, attempts)
+        if outcome in ("written", "conflict"):
+            order.note_written(ref, row, version.source_lsn)
+        return outcome
 
     head = Queued(identity, carried.key, carried.value or b"", carried.origin)
     await write_in_order(order, ref, head, attempt, now_ms(), skip_head=discard)

@@ -10,6 +10,11 @@ the version at the head (its identity: where it first failed, stable across tier
 it waits ("retrying" or "dead"), the later versions queued behind it (their encoded records), and the
 identities recently written, so that a stale copy of a retry (a crash re-sent it) is recognised and
 not written over a newer version. A head that is written releases the queue, in order.
+
+It also keeps, per resource and source row, the source LSN last written: when a crash makes the sink
+read again records it had already written (its offsets are committed a moment after the writes), an
+older version is not written a second time after a newer one, which would put old content back at
+the target until the newer one follows.
 """
 
 from __future__ import annotations
@@ -63,6 +68,24 @@ class SinkOrder:
         if entry is None or not entry.get("blocker"):
             return None
         return str(entry["blocker"]), str(entry["state"])
+
+    def superseded(self, ref: str, row: str, lsn: int | None) -> bool:
+        """True when a later source version of this row was already written to ref."""
+        entry = self._entry(ref)
+        if lsn is None or entry is None:
+            return False
+        written = entry.get("written", {}).get(row)
+        return written is not None and lsn < written
+
+    def note_written(self, ref: str, row: str, lsn: int | None) -> None:
+        """Remember the source position of a version written to ref."""
+        if lsn is None:
+            return
+        entry = self._entry(ref) or {"queue": [], "resolved": []}
+        written = dict(entry.get("written", {}))
+        if lsn > written.get(row, -1):
+            written[row] = lsn
+            self.table[ref] = {**entry, "written": written}
 
     def enqueue(self, ref: str, item: Queued) -> int:
         """Queue a later version behind the head; the queue's length after."""

@@ -138,3 +138,13 @@ def test_writes_follow_version_order_and_every_version_gets_through(
     conflicts = versions - len(applied)
     assert 0 <= conflicts <= fates.count("conflict"), "a version vanished without being written or kept"
     assert sink.order.blocker(REF) is None
+
+
+def test_a_version_read_again_after_a_newer_one_was_written_is_superseded() -> None:
+    order = SinkOrder({})
+    order.note_written(REF, "site-a|o1", 200)
+    assert order.superseded(REF, "site-a|o1", 100)  # re-read after a crash: not written over 200
+    assert not order.superseded(REF, "site-a|o1", 200)  # the same version again is harmless
+    assert not order.superseded(REF, "site-b|o7", 100)  # another source row's positions are its own
+    assert not order.superseded(REF, "site-a|o1", None)
+    assert order.route(REF, "ready[0]@9") == "write"  # remembering a position blocks nothing
