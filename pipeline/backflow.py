@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from .config import Config, SiteConfig
-from .ids import target_id
+from .ids import ORIGIN_TAG_SYSTEM, SERVER_META, target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, rewrite_references
 
@@ -39,9 +39,6 @@ __all__ = [
     "suppressed_routes",
     "write_back_records",
 ]
-
-ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
-_SERVER_META = ("versionId", "lastUpdated", "source")
 
 
 def flows_back(config: Config, site: str) -> bool:
@@ -109,7 +106,7 @@ def hospital_form(resource: dict[str, Any], central: str, patient_key: str, loca
         body["identifier"] = body.get("identifier") or central_id
     else:
         body["identifier"] = [*(body.get("identifier") or []), central_id]
-    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in _SERVER_META}
+    meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in SERVER_META}
     tags = [t for t in meta.get("tag", []) if t.get("system") != ORIGIN_TAG_SYSTEM]
     meta["tag"] = [*tags, {"system": ORIGIN_TAG_SYSTEM, "code": central}]
     meta["source"] = f"urn:cdrsync:site:{central}"

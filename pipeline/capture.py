@@ -27,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from .ids import ORIGIN_TAG_SYSTEM
+
 __all__ = [
     "CAPTURE_CURSOR_DDL",
     "CaptureCursor",
@@ -37,7 +39,6 @@ __all__ = [
     "new_entries",
 ]
 
-ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"  # = pipeline.identity.ORIGIN_TAG_SYSTEM (no import cycle)
 
 CAPTURE_CURSOR_DDL = """
 CREATE SCHEMA IF NOT EXISTS cdrsync;

@@ -26,7 +26,7 @@ import orjson
 
 from .backflow import central_record, echo_targets
 from .config import Route, SiteConfig
-from .ids import CDRSYNC_NAMESPACE, target_id
+from .ids import CDRSYNC_NAMESPACE, ORIGIN_TAG_SYSTEM, SERVER_META, target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
 from .references import logical_system, rewrite_references
 
@@ -41,10 +41,6 @@ __all__ = [
     "shared_identifier",
     "to_target_form",
 ]
-
-# meta.tag naming the site a resource came from: loop prevention and provenance read it.
-ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
-_SERVER_META = ("versionId", "lastUpdated", "source")
 
 
 def global_patient_key(system: str, value: str) -> str:
@@ -168,7 +164,7 @@ def _with_source_identifier(resource: dict[str, Any], site: str, source_id: str)
 
 
 def _with_origin_meta(resource: dict[str, Any], site: str) -> dict[str, Any]:
-    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in _SERVER_META}
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in SERVER_META}
     tags = [t for t in meta.get("tag", []) if t.get("system") != ORIGIN_TAG_SYSTEM]
     meta["tag"] = [*tags, {"system": ORIGIN_TAG_SYSTEM, "code": site}]
     meta["source"] = f"urn:cdrsync:site:{site}"

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import uuid
 
-__all__ = ["CDRSYNC_NAMESPACE", "target_id"]
+__all__ = ["CDRSYNC_NAMESPACE", "ORIGIN_TAG_SYSTEM", "SERVER_META", "target_id"]
+
+#: meta.tag system naming the site a resource came from: loop prevention, merging and provenance read it
+ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
+#: meta elements a FHIR server sets itself; never carried from one server to another
+SERVER_META = ("versionId", "lastUpdated", "source")
 
 # Fixed forever: changing it would give every resource a new id at every target.
 CDRSYNC_NAMESPACE = uuid.UUID("6f1c4e3a-2b7d-5c8e-9a10-cd7e0b5a4f21")

@@ -15,11 +15,10 @@ from typing import Any
 
 import orjson
 
+from .ids import ORIGIN_TAG_SYSTEM
 from .records import RoutedResource, canonical_hash
 
 __all__ = ["merge_patient", "merged_patient"]
-
-_ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
 
 
 def _identifier_key(identifier: Any) -> tuple[str, str]:
@@ -44,7 +43,7 @@ def merged_patient(sites: list[str], versions: dict[str, str]) -> dict[str, Any]
             if _identifier_key(identifier) not in seen:
                 seen.add(_identifier_key(identifier))
                 identifiers.append(identifier)
-        tags.append({"system": _ORIGIN_TAG_SYSTEM, "code": site})
+        tags.append({"system": ORIGIN_TAG_SYSTEM, "code": site})
     meta["tag"] = tags
     return {**body, "identifier": identifiers, "meta": meta}
 

@@ -20,14 +20,13 @@ from typing import Any
 
 import orjson
 
-from .ids import target_id
+from .ids import ORIGIN_TAG_SYSTEM, target_id
 from .records import RoutedResource, canonical_hash
 from .references import logical_system
 
 __all__ = ["SITE_SYSTEM", "add_provenance", "provenance_for", "provenance_id"]
 
 SITE_SYSTEM = "urn:cdrsync:site"
-ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
 _ACTIVITY = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
 _AGENT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
 
