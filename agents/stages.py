@@ -338,7 +338,7 @@ async def _sink(stage: str, event: EventT, attempts: int) -> None:
 
     async def attempt(item: Queued, is_head: bool) -> Outcome:
         this = carried if is_head else Carried(item.key, item.value, [], item.origin)
-        version = decode(item.value, RoutedResource)
+        version = record if is_head else decode(item.value, RoutedResource)  # the head is decoded above
         row = f"{version.site}|{version.source_id}"
         if order.superseded(ref, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
