@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from .config import Config
 from .deadletter import DISCARD_HEADER, REPLAY_HEADER, FailureInfo, failure_headers, parse_failure_headers
 from .errors import CdrsyncError
+from .kafkaadmin import keyed_producer
 from .reconcile import dead_letter_ref
 from .tap import decode_value
 
@@ -269,10 +270,7 @@ def resolve(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> int:
     """Replay or discard dead letters; each is sent, acknowledged, recorded and audited. How many were done."""
-    # murmur2: the partitioner of Java clients and of aiokafka, so a key lands where Faust would put it
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
-    )
+    producer = keyed_producer(bootstrap)
     failures: list[str] = []
 
     def delivered(err: Any, msg: Any) -> None:

@@ -7,13 +7,24 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
 
 from .config import Config
 from .errors import ConfigError, TargetUnavailableError
 
-__all__ = ["TopicPlan", "apply_topics", "declared_topics"]
+__all__ = ["TopicPlan", "apply_topics", "declared_topics", "keyed_producer"]
+
+
+def keyed_producer(bootstrap: str) -> Producer:
+    """An idempotent, acks=all producer that puts a key where Faust (aiokafka) and Java clients put it.
+
+    librdkafka's default partitioner is not theirs; murmur2 is, so a record sent back into a pipeline
+    topic lands in the same partition as the records of its patient.
+    """
+    return Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
+    )
 
 
 @dataclass(frozen=True)

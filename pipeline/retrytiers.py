@@ -22,10 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from .deadletter import parse_failure_headers
 from .errors import CdrsyncError
+from .kafkaadmin import keyed_producer
 
 __all__ = ["RetryForwarder", "Tier", "wait_seconds"]
 
@@ -70,10 +71,7 @@ class RetryForwarder:
                 "partition.assignment.strategy": "cooperative-sticky",
             }
         )
-        # murmur2: the partitioner of Java clients and of aiokafka, so a key lands where Faust puts it
-        self.producer = Producer(
-            {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
-        )
+        self.producer = keyed_producer(bootstrap)
 
     def stop(self) -> None:
         self._stop.set()
