@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from confluent_kafka import Consumer, TopicPartition
 from pipeline.config import load_config
 from pipeline.references import logical_system
 from tests.casebuilder import observation_for, patient
+from tests.faults.proxy import FaultProxy
 from tests.integration import conftest as integration
 from tests.integration.conftest import ROOT, SETTINGS, Central, SiteDatabase, Worker, central_id, wait_for
 
@@ -78,6 +80,28 @@ def fault_worker(stack: Central, tmp_path: Path) -> Iterator[Worker]:
     yield process
     process.stop()
     print(f"\nworker log: {process.log_path}")
+
+
+@pytest.fixture
+def proxy(stack: Central) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the central FHIR server."""
+    proxy = FaultProxy(stack.base_url)
+    yield proxy
+    proxy.close()
+
+
+@contextmanager
+def worker_behind(proxy: FaultProxy, tmp_path: Path, **env: str) -> Iterator[Worker]:
+    """A started worker of the suite's group that reaches the central server through the proxy."""
+    worker = Worker(
+        GROUP, tmp_path / "state", tmp_path / "worker.log", env={"CENTRAL_FHIR_BASE_URL": proxy.base_url, **env}
+    )
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        print(f"\nworker log: {worker.log_path}")
 
 
 @dataclass

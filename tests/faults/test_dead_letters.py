@@ -17,7 +17,6 @@ from confluent_kafka import Producer
 
 from tests.casebuilder import observation_for, patient
 from tests.faults.conftest import (
-    GROUP,
     SETTINGS,
     Central,
     SiteDatabase,
@@ -28,6 +27,7 @@ from tests.faults.conftest import (
     reconcile,
     settle,
     wait_for,
+    worker_behind,
 )
 from tests.faults.proxy import Fault, FaultProxy
 from tests.integration.conftest import ROOT
@@ -36,26 +36,16 @@ pytestmark = pytest.mark.faults
 
 
 @pytest.fixture
-def proxy(stack: Central) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(stack.base_url)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
 def worker(proxy: FaultProxy, tmp_path: Path) -> Iterator[Worker]:
-    env = {
-        "CENTRAL_FHIR_BASE_URL": proxy.base_url,
-        "CDRSYNC_SINK_ATTEMPTS": "2",
-        "CDRSYNC_RETRY_TIER1_SECONDS": "1",
-        "CDRSYNC_RETRY_TIER2_SECONDS": "1",
-        "CDRSYNC_RETRY_TIER3_SECONDS": "1",
-    }
-    worker = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log", env=env)
-    worker.start()
-    yield worker
-    worker.stop()
-    print(f"\nworker log: {worker.log_path}")
+    with worker_behind(
+        proxy,
+        tmp_path,
+        CDRSYNC_SINK_ATTEMPTS="2",
+        CDRSYNC_RETRY_TIER1_SECONDS="1",
+        CDRSYNC_RETRY_TIER2_SECONDS="1",
+        CDRSYNC_RETRY_TIER3_SECONDS="1",
+    ) as worker:
+        yield worker
 
 
 def cdrsync(*args: str) -> str:

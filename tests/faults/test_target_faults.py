@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import (
-    GROUP,
     SOAK,
     Central,
     SiteDatabase,
@@ -24,6 +23,7 @@ from tests.faults.conftest import (
     reconcile,
     settle,
     wait_for,
+    worker_behind,
 )
 from tests.faults.proxy import Fault, FaultProxy
 
@@ -32,27 +32,17 @@ DOWN_SECONDS = 300 if SOAK else 75
 
 
 @pytest.fixture
-def proxy(stack: Central) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(stack.base_url)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
 def proxied_worker(proxy: FaultProxy, tmp_path: Path) -> Iterator[Worker]:
-    env = {
-        "CENTRAL_FHIR_BASE_URL": proxy.base_url,
-        "CENTRAL_FHIR_TIMEOUT_SECONDS": "3",
-        "CDRSYNC_SINK_ATTEMPTS": "3",
-        "CDRSYNC_RETRY_TIER1_SECONDS": "5",
-        "CDRSYNC_RETRY_TIER2_SECONDS": "10",
-        "CDRSYNC_RETRY_TIER3_SECONDS": "20",
-    }
-    worker = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log", env=env)
-    worker.start()
-    yield worker
-    worker.stop()
-    print(f"\nworker log: {worker.log_path}")
+    with worker_behind(
+        proxy,
+        tmp_path,
+        CENTRAL_FHIR_TIMEOUT_SECONDS="3",
+        CDRSYNC_SINK_ATTEMPTS="3",
+        CDRSYNC_RETRY_TIER1_SECONDS="5",
+        CDRSYNC_RETRY_TIER2_SECONDS="10",
+        CDRSYNC_RETRY_TIER3_SECONDS="20",
+    ) as worker:
+        yield worker
 
 
 def _phase(workload: Workload, db: SiteDatabase, first: int, count: int) -> None:
