@@ -216,22 +216,34 @@ def laboratory_test_result_to_report(entry: dict[str, Any], ctx: Context, path: 
         code = _concept(element_value(data, "at0005"), archetype)
         if code is None:
             raise MappingError(f"{archetype}: event {index} has no test name (at0005)")
-        resources.append(
-            ctx.resource(
-                "DiagnosticReport",
-                event_path,
-                status=status,
-                category=_category("LAB", "Laboratory", "http://terminology.hl7.org/CodeSystem/v2-0074"),
-                code=code,
-                subject=ctx.subject,
-                encounter=ctx.encounter,
-                effectiveDateTime=effective,
-                result=[{"reference": f"Observation/{o['id']}"} for o in observations],
-                conclusion=text_of(element_value(data, "at0057")),
-            )
-        )
+        conclusion = text_of(element_value(data, "at0057"))
+        resources.append(_lab_report(ctx, event_path, status, code, effective, observations, conclusion))
         resources += observations
     return resources
+
+
+def _lab_report(
+    ctx: Context,
+    event_path: str,
+    status: str,
+    code: dict[str, Any],
+    effective: str | None,
+    observations: list[dict[str, Any]],
+    conclusion: str | None = None,
+) -> dict[str, Any]:
+    """The DiagnosticReport of one lab event of either lab archetype, over its Observations."""
+    return ctx.resource(
+        "DiagnosticReport",
+        event_path,
+        status=status,
+        category=_category("LAB", "Laboratory", "http://terminology.hl7.org/CodeSystem/v2-0074"),
+        code=code,
+        subject=ctx.subject,
+        encounter=ctx.encounter,
+        effectiveDateTime=effective,
+        result=[{"reference": f"Observation/{o['id']}"} for o in observations],
+        conclusion=conclusion,
+    )
 
 
 def lab_test_result_to_report(entry: dict[str, Any], ctx: Context, path: str) -> list[dict[str, Any]]:
@@ -259,18 +271,6 @@ def lab_test_result_to_report(entry: dict[str, Any], ctx: Context, path: str) ->
         code = _concept(element_value(data, "at0005"), archetype)
         if code is None:
             raise MappingError(f"{archetype}: event {index} has no test result name (at0005)")
-        resources.append(
-            ctx.resource(
-                "DiagnosticReport",
-                event_path,
-                status=status,
-                category=_category("LAB", "Laboratory", "http://terminology.hl7.org/CodeSystem/v2-0074"),
-                code=code,
-                subject=ctx.subject,
-                encounter=ctx.encounter,
-                effectiveDateTime=effective,
-                result=[{"reference": f"Observation/{o['id']}"} for o in observations],
-            )
-        )
+        resources.append(_lab_report(ctx, event_path, status, code, effective, observations))
         resources += observations
     return resources
