@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
 from pipeline.backflow import flows_back
-from pipeline.blocking import Outcome, Queued, SinkOrder, write_in_order
+from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
 from pipeline.breaker import CircuitBreaker
+from pipeline.conflicts import conflict_record, parse_resolution
 from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
 from pipeline.errors import MappingError, PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
@@ -241,12 +242,10 @@ def _breaker(target: str) -> CircuitBreaker:
     return _breakers[target]
 
 
-async def _write(event_record: RoutedResource, attempts: int) -> None:
-    """Write one record; raise what the target's answer means."""
+async def _write(event_record: RoutedResource, attempts: int, versions: TargetVersions) -> None:
+    """Write one record over the target version our last write got; raise what the target's answer means."""
     client, policy = _client(event_record.target), RetryPolicy(attempts)
-    # No version table yet (versions=None): kept in a Faust table written by this agent, it made the
-    # SIGKILL test lose a record (branch wip/conflicts-sink-table), so If-Match is not used until fixed.
-    outcome, used = await write_with_retries(client, event_record, policy, None)
+    outcome, used = await write_with_retries(client, event_record, policy, versions)
     labels = (event_record.site, event_record.target, event_record.resource_type)
     WRITES.labels(*labels, "succeeded", "").inc()
     END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))
@@ -266,7 +265,9 @@ async def _write(event_record: RoutedResource, attempts: int) -> None:
     )
 
 
-async def _attempt(stage: str, carried: Carried, record: RoutedResource, attempts: int) -> Outcome:
+async def _attempt(
+    stage: str, carried: Carried, record: RoutedResource, attempts: int, versions: TargetVersions
+) -> Outcome:
     """Write one record and route a failure: 'written', 'conflict', 'retrying' (a tier) or 'dead'.
 
     A transient failure while the target is unreachable holds here (circuit breaker) and tries again
@@ -275,11 +276,11 @@ async def _attempt(stage: str, carried: Carried, record: RoutedResource, attempt
     labels = (record.site, record.target, record.resource_type, "failed")
     while True:
         try:
-            await _write(record, attempts)
+            await _write(record, attempts, versions)
             return "written"
         except VersionConflictError as conflict:
             WRITES.labels(*labels, conflict.error_class).inc()
-            await _report_conflict(carried.key, record, conflict)
+            await _report_conflict(carried, record, conflict, versions.get(record.target_ref))
             return "conflict"
         except TargetUnavailableError as error:
             WRITES.labels(*labels, error.error_class).inc()
@@ -318,6 +319,18 @@ async def _sink(stage: str, event: EventT, attempts: int) -> None:
         return
     order = SinkOrder(Staged(blocked_by_reference))
     ref, identity = record.target_ref, carried.identity
+    versions = TargetVersions(order.table)
+    try:
+        decision = parse_resolution(carried.headers)
+    except PermanentError as error:
+        await dead_letter(stage, carried, error)
+        return
+    if decision is not None:  # `cdrsync conflicts resolve`: the reviewed target version becomes the base
+        versions[ref] = {"version": decision[1]}
+        log.warning("%s: conflict resolved (%s over target version %s)", ref, *decision, extra=record_fields(record))
+        if decision[0] == "keep-target":
+            await apply_tables(order.table)  # type: ignore[arg-type]
+            return
     route = order.route(ref, identity)
     if route == "duplicate":
         log.warning("%s of %s was already handled; this copy is not written again", identity, ref)
@@ -343,7 +356,7 @@ async def _sink(stage: str, event: EventT, attempts: int) -> None:
         if order.superseded(ref, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
             return "written"
-        outcome = await _attempt(stage, this, version, attempts)
+        outcome = await _attempt(stage, this, version, attempts, versions)
         if outcome in ("written", "conflict"):
             order.note_written(ref, row, version.source_lsn)
         return outcome
@@ -353,24 +366,26 @@ async def _sink(stage: str, event: EventT, attempts: int) -> None:
     await apply_tables(order.table)  # type: ignore[arg-type]
 
 
-async def _report_conflict(key: bytes | None, record: RoutedResource, conflict: VersionConflictError) -> None:
+async def _report_conflict(
+    carried: Carried, record: RoutedResource, conflict: VersionConflictError, ours: dict[str, Any] | None
+) -> None:
     """Keep both versions for clinical review; the target keeps its own (DESIGN.md decision 8)."""
     CONFLICT_RECORDS.labels(record.site, record.target, record.resource_type).inc()
-    await emit_audit("conflict", record, detail=str(conflict)[:500])
-    log.error("conflict: %s at %s changed since our last write; change not applied", record.target_ref, record.target)
-    value = {
-        "target": record.target,
-        "target_ref": record.target_ref,
-        "site": record.site,
-        "source_id": record.source_id,
-        "source_version": record.source_version,
-        "detected_ms": now_ms(),
-        "reason": str(conflict),
-        "incoming": orjson.loads(record.resource) if record.resource else None,
-        "current": conflict.current,
-        "origin": {"topic": record.origin_topic, "partition": record.origin_partition, "offset": record.origin_offset},
-    }
-    await deliver(conflicts, key, orjson.dumps(value))
+    current_version = ((conflict.current or {}).get("meta") or {}).get("versionId")
+    detail = f"target at version {current_version}, our last write got {(ours or {}).get('version')}: {conflict}"
+    await emit_audit("conflict", record, detail=detail[:500])
+    log.error(
+        "conflict: %s at %s changed since our last write (now version %s); change not applied",
+        record.target_ref,
+        record.target,
+        current_version,
+        extra=record_fields(record),
+    )
+    reason, current = str(conflict), conflict.current
+    value = conflict_record(
+        record, carried.value, carried.origin, reason, current, (ours or {}).get("version"), now_ms()
+    )
+    await deliver(conflicts, carried.key, value)
 
 
 @app.agent(ready, concurrency=1)

@@ -22,6 +22,7 @@ Step = Literal[
     "held",
     "released",
     "conflict",
+    "conflict_resolved",
     "dead_lettered",
     "retried",
     "identity_review",

@@ -15,16 +15,20 @@ It also keeps, per resource and source row, the source LSN last written: when a 
 read again records it had already written (its offsets are committed a moment after the writes), an
 older version is not written a second time after a newer one, which would put old content back at
 the target until the newer one follows.
+
+And it keeps the version the target gave our last write of the resource (its `meta.versionId`):
+the next write is sent over that version only (If-Match, pipeline/sink.py), so an edit made at the
+target since is detected as a conflict instead of being overwritten (DESIGN.md decision 8).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Outcome", "Queued", "Route", "SinkOrder", "write_in_order"]
+__all__ = ["Outcome", "Queued", "Route", "SinkOrder", "TargetVersions", "write_in_order"]
 
 Route = Literal["write", "queue", "duplicate"]
 #: what one attempt to write came to: written, or not applied but kept (conflict) — both release the
@@ -118,6 +122,37 @@ class SinkOrder:
             "resolved": resolved,
         }
         return following
+
+
+class TargetVersions(MutableMapping[str, dict[str, Any]]):
+    """The target versions kept in the sink's table, as the mapping pipeline/sink.py reads and updates:
+    ref → {"version": the versionId our last write got}. Only refs with a known version are in it."""
+
+    def __init__(self, table: MutableMapping[str, Any]) -> None:
+        self.table = table
+
+    def __getitem__(self, ref: str) -> dict[str, Any]:
+        entry = self.table.get(ref)
+        if entry is None or entry.get("version") is None:
+            raise KeyError(ref)
+        return {"version": entry["version"]}
+
+    def __setitem__(self, ref: str, value: dict[str, Any]) -> None:
+        entry = self.table.get(ref)
+        base = dict(entry) if entry is not None else {"queue": [], "resolved": []}
+        self.table[ref] = {**base, "version": value["version"]}
+
+    def __delitem__(self, ref: str) -> None:
+        entry = self.table.get(ref)
+        if entry is None or entry.get("version") is None:
+            raise KeyError(ref)
+        self.table[ref] = {**entry, "version": None}
+
+    def __iter__(self) -> Iterator[str]:
+        return (ref for ref, entry in self.table.items() if entry is not None and entry.get("version") is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _encode(item: Queued) -> dict[str, Any]:

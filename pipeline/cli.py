@@ -181,6 +181,80 @@ def _dlq_resolve(action: str) -> Handler:
     return run
 
 
+def _chosen_conflicts(args: argparse.Namespace, settings: Settings, config: Config) -> list[Any]:
+    from .conflicts import read_conflicts
+    from .dlq import parse_time
+
+    ids = frozenset(getattr(args, "ids", None) or [])
+    since = parse_time(args.since) if args.since else None
+    include_resolved = getattr(args, "include_resolved", False) or bool(ids)
+    found = [
+        c
+        for c in read_conflicts(settings.kafka_bootstrap, config)
+        if (not ids or c.id in ids)
+        and (include_resolved or c.resolution is None)
+        and (args.site is None or c.value.get("site") == args.site)
+        and (since is None or int(c.value.get("detected_ms") or 0) >= since)
+    ]
+    missing = ids - {c.id for c in found}
+    if missing:
+        raise CdrsyncError(f"no conflict {', '.join(sorted(missing))} (ids are partition:offset, as `list` shows)")
+    return sorted(found, key=lambda c: (int(c.value.get("detected_ms") or 0), c.partition, c.offset))
+
+
+def _conflicts_list(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    found = _chosen_conflicts(args, settings, config)
+    if args.json:
+        for conflict in found:
+            sys.stdout.buffer.write(orjson.dumps(conflict.summary()) + b"\n")
+        return 0
+    print(f"{'ID':>9}  {'DETECTED AT (UTC)':19}  {'SITE':7} {'RESOURCE':56} {'OURS':>5} {'NOW':>5}  STATUS")
+    for conflict in found:
+        s = conflict.summary()
+        print(
+            f"{s['id']:>9}  {s['detected_at'][:19]:19}  {s['site'] or '?':7} {(s['target_ref'] or '?')[:56]:56} "
+            f"{s['our_last_version'] or '-':>5} {s['current_version'] or '-':>5}  {s['status']}"
+        )
+        print(f"{'':11}fields that differ: {', '.join(s['differing_fields']) or '(none besides meta)'}")
+    print(f"\n{len(found)} conflicts" + (" (open and resolved)" if args.include_resolved else " still open"))
+    return 0
+
+
+def _conflicts_show(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    args.ids, args.site, args.since = [args.id], None, None
+    [conflict] = _chosen_conflicts(args, settings, config)
+    sys.stdout.buffer.write(orjson.dumps(conflict.shown(args.with_patient_data), option=orjson.OPT_INDENT_2))
+    print()
+    return 0
+
+
+def _conflicts_resolve(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .conflicts import resolve_conflicts
+
+    decision = "take-incoming" if args.take_incoming else "keep-target"
+    if not (args.ids or args.all or args.site or args.since):
+        raise CdrsyncError("name the conflicts to resolve (ids, --site, --since, or --all)")
+    found = _chosen_conflicts(args, settings, config)
+    for conflict in found:
+        s = conflict.summary()
+        effect = (
+            f"write {s['site']}'s version over target version {s['current_version']}"
+            if decision == "take-incoming"
+            else f"keep target version {s['current_version']}; later changes apply over it"
+        )
+        print(f"{s['id']:>9}  {s['target_ref'] or '?':50} -> {effect}")
+    if not args.execute:
+        print(f"dry run: {len(found)} conflicts would be resolved ({decision}); add --execute to do it")
+        return 0
+
+    def progress(done: int, total: int) -> None:
+        print(f"{decision}: {done}/{total}", flush=True)
+
+    count = resolve_conflicts(settings.kafka_bootstrap, config, found, decision, reason=args.reason, progress=progress)  # type: ignore[arg-type]
+    print(f"{count} conflicts resolved ({decision}) and audited")
+    return 0
+
+
 def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> int:
     from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, demo_flags, shared_person_row, site_dsn, upsert_rows
 
@@ -369,6 +443,47 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--include-resolved", action="store_true", help="also those already replayed or discarded")
         sub.add_argument("--reason", help="why (kept in the audit trail)", required=action == "discard")
         sub.add_argument("--execute", action="store_true", help="do it (without: a dry run listing what would happen)")
+
+    conflicts = group(
+        "conflicts",
+        "changes not applied because the target changed since cdrsync's last write: list, show, resolve (dry run)",
+    )
+
+    def conflict_filters(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--site", help="only conflicts of changes from this site")
+        sub.add_argument("--since", help="detected at or after: ISO 8601 time or an age (30m, 12h, 7d)")
+        sub.add_argument("--include-resolved", action="store_true", help="also those already resolved")
+
+    conflicts_list = leaf(
+        conflicts, "list", "one line per conflict: resource, versions, the fields that differ", _conflicts_list
+    )
+    conflict_filters(conflicts_list)
+    conflicts_list.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    show = leaf(conflicts, "show", "one conflict; both versions with --with-patient-data", _conflicts_show)
+    show.add_argument("id", help="partition:offset, as `cdrsync conflicts list` shows")
+    show.add_argument("--with-patient-data", action="store_true", help="include both versions of the resource")
+    resolve = leaf(
+        conflicts,
+        "resolve",
+        "decide conflicts after clinical review: write the hospital's version, or keep the target's; audited",
+        _conflicts_resolve,
+    )
+    resolve.add_argument("ids", nargs="*", metavar="ID", help="partition:offset of each conflict")
+    conflict_filters(resolve)
+    resolve.add_argument("--all", action="store_true", help="every open conflict (with the filters given)")
+    how = resolve.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--take-incoming",
+        action="store_true",
+        help="write the hospital's version over the target version reviewed (a newer edit there: a new conflict)",
+    )
+    how.add_argument(
+        "--keep-target",
+        action="store_true",
+        help="the target keeps its version; the hospital's next change of that resource is written over it",
+    )
+    resolve.add_argument("--reason", required=True, help="the review's decision, for the audit trail (no patient data)")
+    resolve.add_argument("--execute", action="store_true", help="do it (without: a dry run listing what would happen)")
 
     definitions = group("definitions", "FHIR definitions cdrsync ships in fhir/ (the tumour-board Questionnaire)")
     leaf(definitions, "apply", "PUT every fhir/*.json to the central CDR (idempotent)", _definitions_apply)

@@ -29,7 +29,16 @@ from .kafkaadmin import keyed_producer
 from .reconcile import dead_letter_ref
 from .tap import decode_value
 
-__all__ = ["DeadLetter", "DeadLetterFilter", "read_dead_letters", "resolve"]
+__all__ = [
+    "DeadLetter",
+    "DeadLetterFilter",
+    "iso_time",
+    "operator_name",
+    "read_all",
+    "read_dead_letters",
+    "resolutions",
+    "resolve",
+]
 
 #: the stage that dead-lettered a record → the topics.yaml key of that stage's input (None: its source topic)
 STAGE_INPUT = {
@@ -72,8 +81,8 @@ class DeadLetter:
         f = self.failure
         return {
             "id": self.id,
-            "failed_at": _iso(self.failed_ms),
-            "first_failed_at": _iso(f.first_failure_ms) if f else None,
+            "failed_at": iso_time(self.failed_ms),
+            "first_failed_at": iso_time(f.first_failure_ms) if f else None,
             "stage": f.stage if f else None,
             "error_class": f.error_class if f else None,
             "attempts": f.attempts if f else None,
@@ -111,7 +120,7 @@ class DeadLetterFilter:
         )
 
 
-def _iso(ms: int) -> str:
+def iso_time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
@@ -130,12 +139,12 @@ def parse_time(text: str, now: float | None = None) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _read_all(bootstrap: str, topic: str) -> Iterator[Any]:
+def read_all(bootstrap: str, topic: str) -> Iterator[Any]:
     """Every record of a topic up to its current end (not waiting for more)."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": "cdrsync-dlq-reader",
+            "group.id": "cdrsync-topic-reader",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
@@ -174,9 +183,9 @@ def _read_all(bootstrap: str, topic: str) -> Iterator[Any]:
 
 
 def resolutions(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
-    """Dead-letter id → its latest replay or discard."""
+    """Id → its latest resolution, from a compacted topic (dead letters: replay or discard)."""
     result: dict[str, dict[str, Any]] = {}
-    for message in _read_all(bootstrap, topic):
+    for message in read_all(bootstrap, topic):
         key = (message.key() or b"").decode()
         if message.value() is None:
             result.pop(key, None)
@@ -189,7 +198,7 @@ def read_dead_letters(bootstrap: str, config: Config) -> list[DeadLetter]:
     """Every dead letter, with what was done about it."""
     done = resolutions(bootstrap, config.topics.name("dlq_resolved"))
     letters = []
-    for message in _read_all(bootstrap, config.topics.name("dlq")):
+    for message in read_all(bootstrap, config.topics.name("dlq")):
         headers = [(k, v if isinstance(v, bytes) else b"") for k, v in (message.headers() or [])]
         failure = parse_failure_headers(headers)
         decoded = decode_value(message.value())
@@ -277,7 +286,7 @@ def resolve(
         if err is not None:
             failures.append(str(err))
 
-    operator = _operator()
+    operator = operator_name()
     for n, letter in enumerate(letters, start=1):
         assert letter.failure is not None
         headers: list[tuple[str, str | bytes | None]] = [
@@ -295,7 +304,11 @@ def resolve(
             headers.append((DISCARD_HEADER, reason.encode() or b"1"))
             producer.produce(topic, letter.value, letter.key, headers=headers, on_delivery=delivered, **where)
         at_ms = int(time.time() * 1000)
-        resolution = {"action": "replayed" if action == "replay" else "discarded", "at": _iso(at_ms), "by": operator}
+        resolution = {
+            "action": "replayed" if action == "replay" else "discarded",
+            "at": iso_time(at_ms),
+            "by": operator,
+        }
         if reason:
             resolution["reason"] = reason
         producer.produce(
@@ -317,7 +330,7 @@ def resolve(
     return len(letters)
 
 
-def _operator() -> str:
+def operator_name() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):

@@ -6,7 +6,10 @@ the target gave its last write (table written_version_by_reference) and updates 
 not applied: VersionConflictError carries the target's current version for the conflicts topic.
 Every body carries the SHA-256 of its content in an extension (not a meta.tag: HAPI keeps the tags of
 earlier versions), so a refusal caused by our own earlier write (applied at the target, then the
-worker died before remembering its version) is recognised as ours and not reported as a conflict.
+worker died before remembering its version) is recognised as ours and not reported as a conflict;
+the content is compared too (is_our_write), since an edit at the target keeps the extension.
+The version is kept in the sink's per-resource table (pipeline/blocking.py TargetVersions).
+Deletes are not version-checked: HAPI does not honour If-Match on DELETE.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "RetryPolicy",
     "body_to_write",
     "content_hash_of",
+    "is_our_write",
     "retry_wait",
     "write_record",
     "write_with_retries",
@@ -74,6 +78,19 @@ def content_hash_of(resource: dict[str, Any] | None) -> str | None:
     return None
 
 
+def is_our_write(sent: dict[str, Any], current: dict[str, Any] | None) -> bool:
+    """True when the target's current version is exactly what we are about to send: our own earlier write
+    (applied, then the worker died before remembering its version, or the answer was lost).
+
+    The content-hash extension alone is no proof: a clinician who edits the resource at the target keeps
+    it. So the content must be the same too (meta aside). A target that reformats what it stores makes
+    this False: a conflict for review, never a silent overwrite.
+    """
+    if current is None or content_hash_of(current) != content_hash_of(sent):
+        return False
+    return {k: v for k, v in current.items() if k != "meta"} == {k: v for k, v in sent.items() if k != "meta"}
+
+
 async def write_record(client: FhirClient, record: RoutedResource, versions: Versions | None = None) -> WriteOutcome:
     """PUT the resource at its deterministic id over the version we last wrote, or DELETE it."""
     versions = {} if versions is None else versions
@@ -87,12 +104,14 @@ async def write_record(client: FhirClient, record: RoutedResource, versions: Ver
             versions.pop(gone, None)
         return outcome
     known = versions.get(ref, {}).get("version")
+    body = body_to_write(record)
     try:
-        outcome = await client.put(record.resource_type, record.target_id, body_to_write(record), if_match=known)
+        outcome = await client.put(record.resource_type, record.target_id, body, if_match=known)
     except VersionConflictError as conflict:
         current = await client.read(record.resource_type, record.target_id)
-        if current is None or content_hash_of(current) != record.content_hash:
+        if not is_our_write(orjson.loads(body), current):
             raise VersionConflictError(str(conflict), current=current) from None
+        assert current is not None
         version = str((current.get("meta") or {}).get("versionId"))  # our own write, replayed after a crash
         outcome = WriteOutcome(200, version)
     if outcome.version_id is not None:

@@ -276,6 +276,21 @@ def site_b(config: Config) -> Iterator[SiteDatabase]:
     db.conn.close()
 
 
+def audit_rows(source_id: str) -> list[tuple[str, str | None, str | None]]:
+    """(step, target id, content hash) of every audit.event row of a source id, oldest first."""
+    dsn = f"host={SETTINGS.pg_host} port={SETTINGS.pg_port} user={SETTINGS.pg_user} dbname={SETTINGS.audit_database}"
+    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT to_regclass('audit.event') IS NOT NULL",
+        )
+        if not cursor.fetchone()[0]:
+            return []
+        cursor.execute(
+            "SELECT step, target_id, content_hash FROM audit.event WHERE source_id = %s ORDER BY at", (source_id,)
+        )
+        return list(cursor.fetchall())
+
+
 def central_id(resource_type: str, source_id: str, site: str = "site-a") -> str:
     """The id a site resource gets at the central CDR (test patients carry kvnr_of(id) as shared identifier)."""
     if resource_type == "Patient":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
 from pipeline.config import Config
@@ -10,23 +9,9 @@ from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from pipeline.sink import content_hash_of
 from tests.casebuilder import KVNR_SYSTEM, observation_for, patient, with_kvnr
-from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, central_id, wait_for
+from tests.integration.conftest import Central, SiteDatabase, Worker, audit_rows, central_id, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _audit(source_id: str) -> list[tuple[str, str | None, str | None]]:
-    dsn = f"host={SETTINGS.pg_host} port={SETTINGS.pg_port} user={SETTINGS.pg_user} dbname={SETTINGS.audit_database}"
-    with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT to_regclass('audit.event') IS NOT NULL",
-        )
-        if not cursor.fetchone()[0]:
-            return []
-        cursor.execute(
-            "SELECT step, target_id, content_hash FROM audit.event WHERE source_id = %s ORDER BY at", (source_id,)
-        )
-        return list(cursor.fetchall())
 
 
 def test_written_resources_have_audit_rows_with_the_hash_sent(
@@ -41,12 +26,14 @@ def test_written_resources_have_audit_rows_with_the_hash_sent(
         what="the observation at central",
     )
     rows = wait_for(
-        lambda: [r for r in _audit(weight["id"]) if r[0] == "written"], timeout=120, what="the observation's audit row"
+        lambda: [r for r in audit_rows(weight["id"]) if r[0] == "written"],
+        timeout=120,
+        what="the observation's audit row",
     )
     assert rows[-1][1] == central_id("Observation", weight["id"])
     assert rows[-1][2] == content_hash_of(written)  # the SHA-256 the central resource carries is the one audited
     assert wait_for(
-        lambda: [r for r in _audit(person["id"]) if r[0] == "written"], timeout=120, what="the patient's audit row"
+        lambda: [r for r in audit_rows(person["id"]) if r[0] == "written"], timeout=120, what="the patient's audit row"
     )
 
 
@@ -56,7 +43,7 @@ def test_held_and_released_steps_are_audited(
     person = {"resourceType": "Patient", "id": f"{run_id}-audit-held", "gender": "female"}
     weight = observation_for(f"{run_id}-audit-held", person["id"], 1, 61.0)
     site_a.upsert_many([person, weight])
-    wait_for(lambda: [r for r in _audit(weight["id"]) if r[0] == "held"], timeout=120, what="a 'held' audit row")
+    wait_for(lambda: [r for r in audit_rows(weight["id"]) if r[0] == "held"], timeout=120, what="a 'held' audit row")
     site_a.upsert(with_kvnr(person, f"H{run_id}"))
     wait_for(
         lambda: stack.read("Patient", global_patient_key(KVNR_SYSTEM, f"H{run_id}")),
@@ -64,13 +51,13 @@ def test_held_and_released_steps_are_audited(
         what="the released patient",
     )
     steps = wait_for(
-        lambda: [r[0] for r in _audit(weight["id"]) if r[0] in ("released", "written")] or None,
+        lambda: [r[0] for r in audit_rows(weight["id"]) if r[0] in ("released", "written")] or None,
         timeout=120,
         what="'released' and 'written' rows",
     )
     wait_for(
-        lambda: {"held", "released", "written"} <= {r[0] for r in _audit(weight["id"])},
+        lambda: {"held", "released", "written"} <= {r[0] for r in audit_rows(weight["id"])},
         timeout=120,
         what=f"the observation's held -> released -> written trail (so far {steps})",
     )
-    assert target_id("site-a", "Observation", weight["id"]) in {r[1] for r in _audit(weight["id"]) if r[1]}
+    assert target_id("site-a", "Observation", weight["id"]) in {r[1] for r in audit_rows(weight["id"]) if r[1]}

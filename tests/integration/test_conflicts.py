@@ -1,0 +1,194 @@
+"""A central edit since our last write: the hospital's change is kept for review, not written over it;
+a reviewer's decision (`cdrsync conflicts resolve`) then takes effect, audited."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.cli import main as cdrsync
+from pipeline.config import Config
+from pipeline.errors import VersionConflictError
+from pipeline.fhirclient import FhirClient
+from pipeline.records import RoutedResource, canonical_hash
+from pipeline.sink import write_record
+from pipeline.tap import tap
+from tests.casebuilder import observation_for, patient
+from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, audit_rows, central_id, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _put(stack: Central, resource: dict[str, Any]) -> int:
+    """A clinician's edit at the central CDR (the tumour-board application, say): an ordinary FHIR update."""
+    request = urllib.request.Request(
+        f"{stack.base_url}/{resource['resourceType']}/{resource['id']}",
+        data=json.dumps(resource).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return int(response.status)
+
+
+def _conflicts(config: Config, target_ref: str) -> list[dict[str, Any]]:
+    items = tap(SETTINGS.kafka_bootstrap, config.topics.name("conflicts"), idle_seconds=2)
+    return [i for i in items if isinstance(i["value"], dict) and i["value"].get("target_ref") == target_ref]
+
+
+def _conflict_ids(capsys: pytest.CaptureFixture[str], target_ref: str) -> list[str]:
+    assert cdrsync(["conflicts", "list", "--json"]) == 0
+    lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    return [line["id"] for line in lines if line["target_ref"] == target_ref]
+
+
+def _value(stack: Central, target_id: str) -> float:
+    resource = stack.read("Observation", target_id)
+    assert resource is not None
+    return float(resource["valueQuantity"]["value"])
+
+
+def _edited_then_changed_at_the_hospital(
+    stack: Central, site_a: SiteDatabase, name: str, central: float, hospital: float
+) -> tuple[dict[str, Any], str]:
+    """Written to central, edited there, then changed at the hospital: (the hospital's row, central id)."""
+    person = patient(name)
+    weight = observation_for(name, person["id"], 1, 70.0)
+    site_a.upsert_many([person, weight])
+    target_id = central_id("Observation", weight["id"])
+    written = wait_for(lambda: stack.read("Observation", target_id), timeout=120, what="the observation")
+    assert _put(stack, {**written, "valueQuantity": {**written["valueQuantity"], "value": central}}) == 200
+    changed = {**weight, "valueQuantity": {**weight["valueQuantity"], "value": hospital}}
+    site_a.upsert(changed)
+    return changed, target_id
+
+
+def test_central_edit_then_hospital_update_gives_a_conflict_and_no_overwrite(
+    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, config: Config
+) -> None:
+    before = worker.metric("cdrsync_conflicts_total", site="site-a", resource_type="Observation")
+    weight, target_id = _edited_then_changed_at_the_hospital(stack, site_a, f"{run_id}-conf", 72.5, 69.0)
+    ref = f"Observation/{target_id}"
+
+    [item] = wait_for(lambda: _conflicts(config, ref), timeout=120, what="the conflict record")
+    record = item["value"]
+    assert record["incoming"]["valueQuantity"]["value"] == 69.0  # the hospital's version
+    assert record["current"]["valueQuantity"]["value"] == 72.5  # the central version it would have overwritten
+    assert int(record["current_version"]) == int(record["our_last_version"]) + 1
+    assert record["site"] == "site-a" and record["source_id"] == weight["id"]
+    assert _value(stack, target_id) == 72.5
+    assert worker.metric("cdrsync_conflicts_total", site="site-a", resource_type="Observation") == before + 1
+    # The audit row carries the SHA-256 of the version that was not applied.
+    steps = wait_for(
+        lambda: [r for r in audit_rows(weight["id"]) if r[0] == "conflict"], timeout=60, what="the conflict audit row"
+    )
+    assert steps[-1][2] == record["content_hash"] == canonical_hash(record["incoming"])
+    # A later, unrelated hospital change still flows.
+    later = observation_for(f"{run_id}-conf", weight["subject"]["reference"].split("/")[-1], 2, 71.0)
+    site_a.upsert(later)
+    wait_for(
+        lambda: stack.read("Observation", central_id("Observation", later["id"])),
+        timeout=120,
+        what="a later observation",
+    )
+    assert _value(stack, target_id) == 72.5  # still not overwritten
+
+
+def test_a_reviewer_takes_the_hospitals_version(
+    worker: Worker,
+    stack: Central,
+    site_a: SiteDatabase,
+    run_id: str,
+    config: Config,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    weight, target_id = _edited_then_changed_at_the_hospital(stack, site_a, f"{run_id}-take", 80.0, 66.0)
+    ref = f"Observation/{target_id}"
+    wait_for(lambda: _conflicts(config, ref), timeout=120, what="the conflict record")
+    [conflict_id] = _conflict_ids(capsys, ref)
+
+    assert cdrsync(["conflicts", "resolve", conflict_id, "--take-incoming", "--reason", "tb review"]) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert _value(stack, target_id) == 80.0  # a dry run changes nothing
+    assert cdrsync(["conflicts", "resolve", conflict_id, "--take-incoming", "--reason", "tb review", "--execute"]) == 0
+    assert "1 conflicts resolved" in capsys.readouterr().out
+
+    wait_for(lambda: _value(stack, target_id) == 66.0, timeout=120, what="the hospital's version at central")
+    assert _conflict_ids(capsys, ref) == []  # no longer open
+    rows = wait_for(
+        lambda: [r for r in audit_rows(weight["id"]) if r[0] == "conflict_resolved"], timeout=60, what="the audit row"
+    )
+    assert rows[-1][1] == target_id
+    # The next change from the hospital applies over the version just written, without a conflict.
+    site_a.upsert({**weight, "valueQuantity": {**weight["valueQuantity"], "value": 65.0}})
+    wait_for(lambda: _value(stack, target_id) == 65.0, timeout=120, what="the next hospital change")
+    assert len(_conflicts(config, ref)) == 1
+
+
+def test_a_reviewer_keeps_the_central_version(
+    worker: Worker,
+    stack: Central,
+    site_a: SiteDatabase,
+    run_id: str,
+    config: Config,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    weight, target_id = _edited_then_changed_at_the_hospital(stack, site_a, f"{run_id}-keep", 90.0, 55.0)
+    ref = f"Observation/{target_id}"
+    wait_for(lambda: _conflicts(config, ref), timeout=120, what="the conflict record")
+    [conflict_id] = _conflict_ids(capsys, ref)
+
+    assert cdrsync(["conflicts", "resolve", conflict_id, "--keep-target", "--reason", "central", "--execute"]) == 0
+    capsys.readouterr()
+    # The central version stays; the hospital's next change is new information and is written over it.
+    site_a.upsert({**weight, "valueQuantity": {**weight["valueQuantity"], "value": 56.0}})
+    wait_for(lambda: _value(stack, target_id) == 56.0, timeout=120, what="the next hospital change")
+    assert len(_conflicts(config, ref)) == 1  # and it was no conflict
+
+
+def _routed(run_id: str, version: int, value: float) -> RoutedResource:
+    body = {
+        "resourceType": "Observation",
+        "id": f"{run_id}-replay",
+        "status": "final",
+        "code": {"text": "weight"},
+        "valueQuantity": {"value": value, "unit": "kg"},
+    }
+    return RoutedResource(
+        source_commit_ms=0,
+        captured_ms=0,
+        origin_topic="t",
+        origin_partition=0,
+        origin_offset=version,
+        site="site-a",
+        target="central",
+        resource_type="Observation",
+        source_id=body["id"],
+        target_id=body["id"],
+        patient_key=body["id"],
+        op="UPDATE",
+        resource=orjson.dumps(body).decode(),
+        content_hash=canonical_hash(body),
+        source_version=version,
+    )
+
+
+def test_our_own_write_replayed_after_a_crash_is_not_a_conflict(stack: Central, run_id: str, config: Config) -> None:
+    async def scenario() -> None:
+        async with FhirClient(config.target("central")) as client:
+            versions: dict[str, dict[str, Any]] = {}
+            await write_record(client, _routed(run_id, 1, 60.0), versions)
+            remembered = dict(versions)  # the table as it was when the worker died ...
+            await write_record(client, _routed(run_id, 2, 61.0), versions)  # ... after this write reached the target
+            replayed = await write_record(client, _routed(run_id, 2, 61.0), dict(remembered))  # the restart replays
+            assert replayed.version_id == versions[f"Observation/{run_id}-replay"]["version"]
+            with pytest.raises(VersionConflictError):  # while a different change over a stale version is one
+                await write_record(client, _routed(run_id, 3, 62.0), dict(remembered))
+
+    asyncio.run(scenario())
+    assert _value(stack, f"{run_id}-replay") == 61.0
