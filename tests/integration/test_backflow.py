@@ -13,8 +13,7 @@ from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
 from pipeline.ids import target_id
 from pipeline.references import logical_system
 from tests.casebuilder import KVNR_SYSTEM, decision_response, observation_for, tumorboard_flag, with_kvnr
-from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, wait_for
-from tests.integration.test_audit import _audit
+from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, audit_rows, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +97,7 @@ def test_central_decision_reaches_both_hospitals_with_their_local_patient_and_do
         }
         assert {"system": ORIGIN_TAG_SYSTEM, "code": "central"} in content["meta"]["tag"]
         assert version == 1
-    assert {row[0] for row in _audit(created["id"])} >= {"written_back"}
+    assert {row[0] for row in audit_rows(created["id"])} >= {"written_back"}
 
     # The hospitals' capture of those rows passes identity resolution before a later change of the same
     # patient does (one partition per local patient): once these arrive, the decision was seen and not sent.

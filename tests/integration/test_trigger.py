@@ -10,8 +10,7 @@ from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from pipeline.provenance import provenance_id
 from tests.casebuilder import KVNR_SYSTEM, kvnr_of, observation_for, patient, tumorboard_flag
-from tests.integration.conftest import Central, SiteDatabase, Worker, wait_for
-from tests.integration.test_audit import _audit
+from tests.integration.conftest import Central, SiteDatabase, Worker, audit_rows, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +35,7 @@ def _at_b(resource_type: str, source_id: str) -> str:
 
 def _wait_held(source_id: str) -> None:
     """Wait until the order stage kept a record back for want of a flag (its audit row is the proof)."""
-    wait_for(lambda: "trigger_held" in {row[0] for row in _audit(source_id)}, timeout=120, what=f"{source_id} held")
+    wait_for(lambda: "trigger_held" in {row[0] for row in audit_rows(source_id)}, timeout=120, what=f"{source_id} held")
 
 
 def test_tumorboard_flag_sends_its_encounter_with_earlier_observations_and_nothing_unflagged(
@@ -74,7 +73,7 @@ def test_tumorboard_flag_sends_its_encounter_with_earlier_observations_and_nothi
     assert provenance["target"] == [{"reference": encounter_ref}]
     assert provenance["entity"][0]["what"]["identifier"]["value"] == encounter["id"]
     assert stack.read("Flag", _at_b("Flag", flag["id"]))["status"] == "active"
-    assert {row[0] for row in _audit(earlier[0]["id"])} >= {"trigger_held", "backfilled", "written"}
+    assert {row[0] for row in audit_rows(earlier[0]["id"])} >= {"trigger_held", "backfilled", "written"}
 
     later = _in_encounter(observation_for(f"{run_id}-tb-l", flagged["id"], 3, 63.0), encounter["id"])
     site_b.upsert(later)  # a change after the flag follows it
@@ -83,7 +82,7 @@ def test_tumorboard_flag_sends_its_encounter_with_earlier_observations_and_nothi
     # The unflagged patient: the order stage saw all of it (audited as held), and nothing reached central.
     for source_id in [other["id"], other_encounter["id"], other_obs["id"]]:
         _wait_held(source_id)
-        assert not {"written", "backfilled"} & {row[0] for row in _audit(source_id)}
+        assert not {"written", "backfilled"} & {row[0] for row in audit_rows(source_id)}
     assert stack.read("Patient", global_patient_key(KVNR_SYSTEM, kvnr_of(other["id"]))) is None
     assert stack.read("Encounter", _at_b("Encounter", other_encounter["id"])) is None
     assert stack.read("Observation", _at_b("Observation", other_obs["id"])) is None
