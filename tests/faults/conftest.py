@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.config import load_config
 from pipeline.references import logical_system
@@ -37,6 +37,19 @@ __all__ = ["SETTINGS", "Central", "SiteDatabase", "Worker", "central_id", "wait_
 SOAK = os.environ.get("CDRSYNC_SOAK", "") not in ("", "0")
 GROUP = "cdrsync-faults"  # one consumer group across runs: a rerun resumes instead of replaying history
 TOPIC_PREFIX = "faults."
+
+
+def _high_watermark(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
+    """Watermarks of a partition; a topic `topics apply` just created has no leader for a moment."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=15)
+            return int(low), int(high)
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError.NOT_LEADER_FOR_PARTITION or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,7 +74,7 @@ def fault_topics() -> Iterator[None]:
             for name in names:
                 metadata = consumer.list_topics(name, timeout=15).topics[name]
                 for partition in metadata.partitions:
-                    _, high = consumer.get_watermark_offsets(TopicPartition(name, partition), timeout=15)
+                    _, high = _high_watermark(consumer, TopicPartition(name, partition))
                     ends.append(TopicPartition(name, partition, high))
             consumer.commit(offsets=ends, asynchronous=False)
         finally:
