@@ -1,14 +1,19 @@
 """Stage 4: write a ready resource to its target, with short in-process retries for transient failures.
 
 Writes are version-aware (DESIGN.md decision 8): the sink remembers, per target reference, the version
-the target gave its last write (table written_version_by_reference) and updates only over that version
-(If-Match). If someone edited the resource at the target since, or another writer did, the change is
-not applied: VersionConflictError carries the target's current version for the conflicts topic.
-Every body carries the SHA-256 of its content in an extension (not a meta.tag: HAPI keeps the tags of
-earlier versions), so a refusal caused by our own earlier write (applied at the target, then the
-worker died before remembering its version) is recognised as ours and not reported as a conflict;
-the content is compared too (is_our_write), since an edit at the target keeps the extension.
-The version is kept in the sink's per-resource table (pipeline/blocking.py TargetVersions).
+the target gave its last write (kept in the sink's per-resource table, pipeline/blocking.py
+TargetVersions) and updates only over that version (If-Match). If someone edited the resource at the
+target since, the change is not applied: VersionConflictError carries the target's current version for
+the conflicts topic.
+
+Every body carries two extensions: the SHA-256 of its content (not a meta.tag: HAPI keeps the tags of
+earlier versions; the audit trail quotes it), and a mark of the source row and position that wrote it
+with the hash of the body itself. When the target refuses a write, the sink reads the current version:
+* exactly what it is sending (is_our_write): its own write, applied before a crash, so not a conflict;
+* unchanged since cdrsync wrote it (untouched_write; an edit keeps the extensions but breaks the hash):
+  a write of ours that the sink's table lost in a crash. A later version of the same row is left in
+  place (status 304); an earlier one is written over, still version-checked;
+* anything else: a conflict.
 Deletes are not version-checked: HAPI does not honour If-Match on DELETE.
 """
 
@@ -28,20 +33,24 @@ from tenacity import (
 
 from .errors import CdrsyncError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
-from .records import RoutedResource
+from .records import RoutedResource, canonical_hash
 
 __all__ = [
     "CONTENT_HASH_EXTENSION",
+    "WRITTEN_BY_EXTENSION",
     "RetryPolicy",
     "body_to_write",
     "content_hash_of",
     "is_our_write",
     "retry_wait",
+    "untouched_write",
     "write_record",
     "write_with_retries",
 ]
 
 CONTENT_HASH_EXTENSION = "urn:cdrsync:content-hash"
+WRITTEN_BY_EXTENSION = "urn:cdrsync:written-by"  # "<site>|<source id>|<source LSN>|<SHA-256 of the body>"
+_OWN_EXTENSIONS = (CONTENT_HASH_EXTENSION, WRITTEN_BY_EXTENSION)
 Versions = MutableMapping[str, dict[str, Any]]
 
 
@@ -61,13 +70,40 @@ class RetryPolicy:
         self.max_retry_after_seconds = max_retry_after_seconds  # longer: the retry tiers take over
 
 
+def _own_extensions_removed(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource without meta (the server rewrites it) and without cdrsync's own extensions."""
+    body = {k: v for k, v in resource.items() if k != "meta"}
+    extensions = [e for e in body.pop("extension", []) if e.get("url") not in _OWN_EXTENSIONS]
+    return {**body, "extension": extensions} if extensions else body
+
+
 def body_to_write(record: RoutedResource) -> bytes:
-    """The resource as sent: the SHA-256 of its content added as an extension."""
+    """The resource as sent: the SHA-256 of its content added as an extension, and a mark saying which
+    source row and position wrote it, with the hash of the body itself (see untouched_write)."""
     assert record.resource is not None
     body = orjson.loads(record.resource)
-    extensions = [e for e in body.get("extension", []) if e.get("url") != CONTENT_HASH_EXTENSION]
+    extensions = [e for e in body.get("extension", []) if e.get("url") not in _OWN_EXTENSIONS]
+    plain = _own_extensions_removed(body)
+    mark = f"{record.site}|{record.source_id}|{'' if record.source_lsn is None else record.source_lsn}|"
+    mark += canonical_hash(plain)
     extensions.append({"url": CONTENT_HASH_EXTENSION, "valueString": record.content_hash})
+    extensions.append({"url": WRITTEN_BY_EXTENSION, "valueString": mark})
     return orjson.dumps({**body, "extension": extensions})
+
+
+def untouched_write(resource: dict[str, Any] | None) -> tuple[str, int | None] | None:
+    """(source row, source LSN) when the resource is exactly as cdrsync wrote it; None when it was
+    changed since (its body no longer matches the hash cdrsync wrote into it) or cdrsync never wrote it.
+    An edit at the target keeps the extensions, but not the match."""
+    for extension in (resource or {}).get("extension", []):
+        if extension.get("url") != WRITTEN_BY_EXTENSION:
+            continue
+        site, source_id, lsn, digest = [*str(extension.get("valueString")).split("|"), "", "", "", ""][:4]
+        assert resource is not None
+        if canonical_hash(_own_extensions_removed(resource)) != digest:
+            return None
+        return f"{site}|{source_id}", int(lsn) if lsn.isdigit() else None
+    return None
 
 
 def content_hash_of(resource: dict[str, Any] | None) -> str | None:
@@ -109,14 +145,26 @@ async def write_record(client: FhirClient, record: RoutedResource, versions: Ver
         outcome = await client.put(record.resource_type, record.target_id, body, if_match=known)
     except VersionConflictError as conflict:
         current = await client.read(record.resource_type, record.target_id)
-        if not is_our_write(orjson.loads(body), current):
+        version = str(((current or {}).get("meta") or {}).get("versionId"))
+        mark = untouched_write(current)
+        if is_our_write(orjson.loads(body), current):  # this very write, applied before a crash
+            outcome = WriteOutcome(200, version)
+        elif mark is None:  # changed at the target since cdrsync wrote it: for review
             raise VersionConflictError(str(conflict), current=current) from None
-        assert current is not None
-        version = str((current.get("meta") or {}).get("versionId"))  # our own write, replayed after a crash
-        outcome = WriteOutcome(200, version)
+        elif _newer(mark, record):  # a later version of this row is already there (our table lost it)
+            outcome = WriteOutcome(304, version)
+        else:  # an earlier write of ours that our table lost (a crash): write over it, still version-checked
+            outcome = await client.put(record.resource_type, record.target_id, body, if_match=version)
     if outcome.version_id is not None:
         versions[ref] = {"version": outcome.version_id}
     return outcome
+
+
+def _newer(mark: tuple[str, int | None], record: RoutedResource) -> bool:
+    """True when the write marked at the target came from the same source row, at a later position."""
+    row, lsn = mark
+    same_row = row == f"{record.site}|{record.source_id}"
+    return same_row and lsn is not None and record.source_lsn is not None and lsn > record.source_lsn
 
 
 def retry_wait(policy: RetryPolicy) -> Callable[[RetryCallState], float]:

@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.config import load_config
 from pipeline.references import logical_system
+from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient
 from tests.faults.proxy import FaultProxy
 from tests.integration import conftest as integration
@@ -182,12 +183,14 @@ class Reconciliation:
     lost: list[str]
     wrong_content: list[str]
     inverted: list[str]
+    conflicts: list[str] = field(default_factory=list)
 
     def line(self, scenario: str) -> str:
         return (
             f"RECONCILIATION {scenario}: changes sent {self.sent}, resources {self.resources}, "
             f"written {self.written}, dead-lettered {self.dead_lettered}, duplicates {self.duplicates}, "
-            f"lost {len(self.lost)}, wrong content {len(self.wrong_content)}, inverted order {len(self.inverted)}"
+            f"lost {len(self.lost)}, wrong content {len(self.wrong_content)}, inverted order {len(self.inverted)}, "
+            f"conflicts {len(self.conflicts)}"
         )
 
 
@@ -232,7 +235,18 @@ def reconcile(central: Central, workload: Workload, dead_refs: set[str], site: s
             values = _history_values(central, resource_type, target)
             if values != sorted(values):
                 inverted.append(f"{ref}: {values}")
-    return Reconciliation(workload.changes, len(workload.latest), written, dead, duplicates, lost, wrong, inverted)
+    refs = {f"{t}/{central_id(t, source_id, site)}" for t, source_id in workload.latest}
+    conflicts = sorted(ref for ref in _conflict_refs() if ref in refs)  # nobody edits central here: none is real
+    return Reconciliation(
+        workload.changes, len(workload.latest), written, dead, duplicates, lost, wrong, inverted, conflicts
+    )
+
+
+def _conflict_refs() -> set[str]:
+    """Target references in the suite's conflicts topic."""
+    topic = load_config(ROOT).topics.name("conflicts")
+    items = tap(SETTINGS.kafka_bootstrap, topic, idle_seconds=2)
+    return {str(i["value"].get("target_ref")) for i in items if isinstance(i["value"], dict)}
 
 
 def settle(central: Central, workload: Workload, timeout: float) -> None:
@@ -253,3 +267,4 @@ def assert_clean(result: Reconciliation, scenario: str) -> None:
     assert result.duplicates == 0
     assert result.wrong_content == [], f"not the latest source content: {result.wrong_content[:10]}"
     assert result.inverted == [], f"version order inverted: {result.inverted[:10]}"
+    assert result.conflicts == [], f"reported as conflicts though nobody edited them: {result.conflicts[:10]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -13,7 +14,7 @@ from pipeline.blocking import Queued, SinkOrder, TargetVersions
 from pipeline.conflicts import RESOLUTION_HEADER, Conflict, conflict_record, differing_fields, parse_resolution
 from pipeline.errors import EnvelopeError
 from pipeline.records import RoutedResource, canonical_hash
-from pipeline.sink import CONTENT_HASH_EXTENSION, body_to_write, is_our_write
+from pipeline.sink import CONTENT_HASH_EXTENSION, _newer, body_to_write, is_our_write, untouched_write
 
 pytestmark = pytest.mark.unit
 REF = "Observation/o1"
@@ -106,3 +107,27 @@ def test_a_malformed_decision_header_is_an_envelope_error(raw: bytes) -> None:
     with pytest.raises(EnvelopeError, match="malformed"):
         parse_resolution([(RESOLUTION_HEADER, raw)])
     assert parse_resolution([("cdrsync-replay-of", b"1:2")]) is None
+
+
+def _as_stored(record: RoutedResource, version: str) -> dict:
+    """What HAPI gives back for a body cdrsync sent: meta rewritten, keys in its own order."""
+    sent = orjson.loads(body_to_write(record))
+    meta = {"versionId": version, "lastUpdated": "2026-11-21T10:41:13.176+00:00", "source": "urn:x#6SWfL1qKPGQdpZY9"}
+    return {"meta": meta, **dict(reversed(list({k: v for k, v in sent.items() if k != "meta"}.items())))}
+
+
+def test_a_write_of_ours_is_recognised_untouched_with_its_row_and_position() -> None:
+    stored = _as_stored(_record(90.0), "2")
+    assert untouched_write(stored) == ("site-a|o1", 1234)
+    edited = {**stored, "valueQuantity": {"value": 91.0}}  # a clinician's edit keeps both extensions
+    assert untouched_write(edited) is None
+    assert untouched_write({"resourceType": "Observation", "id": "o1"}) is None  # never written by cdrsync
+
+
+def test_a_lost_version_of_ours_is_told_apart_from_a_later_one() -> None:
+    later = _as_stored(replace(_record(90.0), source_lsn=2000), "2")
+    mark = untouched_write(later)
+    assert mark is not None
+    assert _newer(mark, _record(55.0))  # LSN 1234 re-read after 2000 was written: leave 2000 in place
+    assert not _newer(mark, replace(_record(55.0), source_lsn=3000))  # a later change: write over it
+    assert not _newer(mark, replace(_record(55.0), source_id="o2"))  # another row: not comparable by LSN
