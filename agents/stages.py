@@ -6,7 +6,9 @@ escape: Faust would ack the message that raised, and it would be lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,13 +18,21 @@ from pipeline import identity
 from pipeline.backflow import flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
 from pipeline.breaker import CircuitBreaker
-from pipeline.conflicts import conflict_record, parse_resolution
+from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolution
 from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
-from pipeline.errors import MappingError, PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
-from pipeline.fhirclient import FhirClient
+from pipeline.errors import (
+    CdrsyncError,
+    MappingError,
+    PermanentError,
+    RetryableError,
+    TargetUnavailableError,
+    VersionConflictError,
+)
+from pipeline.fhirclient import FhirClient, WriteOutcome
 from pipeline.merge import merge_patient
 from pipeline.metrics import (
     BREAKER_OPEN,
+    BUNDLES,
     DEAD_LETTERS,
     END_TO_END_LATENCY,
     HELD,
@@ -41,7 +51,7 @@ from pipeline.normalize import normalize_changes as normalize_batch
 from pipeline.observe import record_fields
 from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
-from pipeline.sink import RetryPolicy, write_with_retries
+from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
 from pipeline.staging import Staged
 
 from .app import app, config, settings
@@ -72,6 +82,7 @@ from .trigger import report_selection, select_for_route, staged_trigger_tables, 
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
+_EXIT_SINK_BUG = 71
 _order_state = OrderState(
     released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference, positions_by_reference
 )
@@ -242,10 +253,21 @@ def _breaker(target: str) -> CircuitBreaker:
     return _breakers[target]
 
 
-async def _write(event_record: RoutedResource, attempts: int, versions: TargetVersions) -> None:
-    """Write one record over the target version our last write got; raise what the target's answer means."""
-    client, policy = _client(event_record.target), RetryPolicy(attempts)
-    outcome, used = await write_with_retries(client, event_record, policy, versions)
+async def _write(
+    event_record: RoutedResource, attempts: int, versions: TargetVersions, prewritten: WriteOutcome | None = None
+) -> None:
+    """Write one record over the target version our last write got; raise what the target's answer means.
+
+    prewritten: the record was already written, in a transaction bundle with others (_write_bundle);
+    only what follows a write (version, metrics, audit) is left to do.
+    """
+    if prewritten is None:
+        client, policy = _client(event_record.target), RetryPolicy(attempts)
+        outcome, used = await write_with_retries(client, event_record, policy, versions)
+    else:
+        outcome, used = prewritten, 1
+        if outcome.version_id is not None:
+            versions[event_record.target_ref] = {"version": outcome.version_id}
     labels = (event_record.site, event_record.target, event_record.resource_type)
     WRITES.labels(*labels, "succeeded", "").inc()
     END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))
@@ -266,7 +288,12 @@ async def _write(event_record: RoutedResource, attempts: int, versions: TargetVe
 
 
 async def _attempt(
-    stage: str, carried: Carried, record: RoutedResource, attempts: int, versions: TargetVersions
+    stage: str,
+    carried: Carried,
+    record: RoutedResource,
+    attempts: int,
+    versions: TargetVersions,
+    prewritten: WriteOutcome | None = None,
 ) -> Outcome:
     """Write one record and route a failure: 'written', 'conflict', 'retrying' (a tier) or 'dead'.
 
@@ -276,7 +303,7 @@ async def _attempt(
     labels = (record.site, record.target, record.resource_type, "failed")
     while True:
         try:
-            await _write(record, attempts, versions)
+            await _write(record, attempts, versions, prewritten)
             return "written"
         except VersionConflictError as conflict:
             WRITES.labels(*labels, conflict.error_class).inc()
@@ -309,8 +336,12 @@ def _made(error: BaseException, default: int) -> int:
     return int(getattr(error, "attempts_made", default) or default)
 
 
-async def _sink(stage: str, event: EventT, attempts: int) -> None:
-    """Write a ready record in per-resource order (pipeline/blocking.py), then release what waited behind it."""
+async def _sink(stage: str, event: EventT, attempts: int, prewritten: WriteOutcome | None = None) -> None:
+    """Write a ready record in per-resource order (pipeline/blocking.py), then release what waited behind it.
+
+    prewritten: it was already written in a bundle (chosen by _bundle_candidate, so it is written now,
+    not queued); the rest of its handling is the same.
+    """
     carried = Carried.of(event)
     try:
         record = decode(event.message.value, RoutedResource)
@@ -356,7 +387,7 @@ async def _sink(stage: str, event: EventT, attempts: int) -> None:
         if order.superseded(ref, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
             return "written"
-        outcome = await _attempt(stage, this, version, attempts, versions)
+        outcome = await _attempt(stage, this, version, attempts, versions, prewritten if is_head else None)
         if outcome in ("written", "conflict"):
             order.note_written(ref, row, version.source_lsn)
         return outcome
@@ -388,8 +419,100 @@ async def _report_conflict(
     await deliver(conflicts, carried.key, value)
 
 
+def _bundle_candidate(event: EventT) -> RoutedResource | None:
+    """The record, if it can go into a transaction bundle: an upsert the sink would write right now
+    (nothing queued before it, not superseded, no operator decision on it); else None."""
+    carried = Carried.of(event)
+    if any(name in (DISCARD_HEADER, RESOLUTION_HEADER) for name, _ in carried.headers):
+        return None
+    try:
+        record = decode(event.message.value, RoutedResource)
+    except PermanentError:
+        return None
+    if record.is_delete or record.resource is None:
+        return None
+    order = SinkOrder(blocked_by_reference)
+    ref = record.target_ref
+    if order.route(ref, carried.identity) != "write" or order.blocker(ref) is not None:
+        return None
+    if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
+        return None
+    return record
+
+
+async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], attempts: int) -> None:
+    """One patient's upserts in one transaction; if it fails, each is written alone (and its failure routed)."""
+    target = batch[0][1].target
+    versions = TargetVersions(blocked_by_reference)
+    entries = [(r.target_ref, body_to_write(r), versions.get(r.target_ref, {}).get("version")) for _, r in batch]
+    try:
+        outcomes = await _client(target).transaction_put(entries)
+    except CdrsyncError as error:  # all or nothing: none was written; one at a time says which, and why
+        log.info("bundle of %d to %s not applied (%s); writing one at a time", len(batch), target, error.error_class)
+        outcomes = [None] * len(batch)
+    BUNDLES.labels(target, "applied" if outcomes[0] is not None else "split").inc()
+    for (event, _), outcome in zip(batch, outcomes, strict=True):
+        await _sink(stage, event, attempts, prewritten=outcome)
+
+
+async def _sink_group(stage: str, events: list[EventT], attempts: int) -> None:
+    """One patient's ready records, in order: runs of upserts go as transaction bundles, the rest one by one."""
+    run: list[tuple[EventT, RoutedResource]] = []
+
+    async def flush() -> None:
+        if len(run) == 1:
+            await _sink(stage, run[0][0], attempts)
+        elif run:
+            await _write_bundle(stage, list(run), attempts)
+        run.clear()
+
+    for event in events:
+        record = _bundle_candidate(event) if settings.sink_bundle_max > 1 else None
+        if record is not None and any(r.target_ref == record.target_ref or r.target != record.target for _, r in run):
+            await flush()  # an earlier version of it first: how that went decides whether this one waits
+            record = _bundle_candidate(event)
+        if record is None:
+            await flush()
+            await _sink(stage, event, attempts)
+            continue
+        run.append((event, record))
+        if len(run) >= settings.sink_bundle_max:
+            await flush()
+    await flush()
+
+
+def sink_groups(events: list[EventT]) -> list[list[EventT]]:
+    """The batch split by Kafka key (the global patient key), each group in arrival order."""
+    groups: dict[bytes | None, list[EventT]] = {}
+    for event in events:
+        groups.setdefault(event.message.key, []).append(event)
+    return list(groups.values())
+
+
 @app.agent(ready, concurrency=1)
 async def write_resources(stream: StreamT) -> None:
-    """Write each ready resource to its target; commit only after the target acknowledged."""
-    async for event in stream.events():
-        await _sink("sink", event, settings.sink_attempts)
+    """Write ready resources to their target; commit only after the target acknowledged.
+
+    Records come in batches (up to sink_batch_max, waiting at most sink_batch_seconds once one is
+    there, so a quiet pipeline pays no latency for it). Each patient's records are written in order,
+    several patients at once (sink_in_flight), one patient's upserts as transaction bundles. Faust
+    acknowledges a batch only when every record of it is handled, so offsets are committed only up to
+    records that are written, retrying, dead-lettered or kept as conflicts.
+    """
+    limit = asyncio.Semaphore(settings.sink_in_flight)
+
+    async def one_patient(group: list[EventT]) -> None:
+        async with limit:
+            await _sink_group("sink", group, settings.sink_attempts)
+
+    async for events in stream.take_events(settings.sink_batch_max, within=settings.sink_batch_seconds):
+        try:
+            results = await asyncio.gather(*(one_patient(g) for g in sink_groups(events)), return_exceptions=True)
+        except asyncio.CancelledError:
+            # Faust would acknowledge the whole batch on the way out: exit instead, the batch is read again.
+            log.warning("stopped in the middle of a batch of %d; exiting without acknowledging it", len(events))
+            os._exit(0)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:  # a bug: acknowledging the batch would lose its records
+            log.critical("sink batch failed unexpectedly: %r; exiting without acknowledging it", failed[0])
+            os._exit(_EXIT_SINK_BUG)
