@@ -6,6 +6,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +18,7 @@ from faust.types import EventT, TopicT
 from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers, retry_schedule
 from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
-from pipeline.staging import Staged
+from pipeline.staging import Staged, staged_batch
 
 from .app import config
 from .topics import dead_letters, retry_tiers
@@ -23,6 +26,7 @@ from .topics import dead_letters, retry_tiers
 log = logging.getLogger("cdrsync.routing")
 _EXIT_UNDELIVERABLE = 70
 _APPLY_ATTEMPTS = 120
+_pending: ContextVar[list[tuple[TopicT, Any]] | None] = ContextVar("cdrsync_pending_deliveries", default=None)
 
 
 def now_ms() -> int:
@@ -84,10 +88,46 @@ async def deliver(
     """
     try:
         future = await topic.send(key=key, value=value, headers=headers, partition=partition)
+        pending = _pending.get()
+        if pending is not None:  # in a batch (batched): acknowledged together at its end
+            pending.append((topic, future))
+            return
         await future
     except Exception:
         log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
         os._exit(_EXIT_UNDELIVERABLE)
+
+
+@asynccontextmanager
+async def batched(size: int) -> AsyncIterator[None]:
+    """Process a batch of input records (Faust's take_events) as one: their outputs are sent without
+    waiting for each acknowledgement, then all are awaited; only then are the table changes of the whole
+    batch applied (pipeline/staging.py StagedBatch), and only then does Faust acknowledge the inputs.
+
+    Anything else exits the worker without acknowledging the batch, which is then read again: a
+    failure to deliver, a bug escaping, or a stop in the middle (Faust would acknowledge the batch as
+    its generator closes).
+    """
+    pending: list[tuple[TopicT, Any]] = []
+    token = _pending.set(pending)
+    try:
+        with staged_batch() as tables:
+            yield
+    except asyncio.CancelledError:
+        log.warning("stopped in the middle of a batch of %d; exiting without acknowledging it", size)
+        os._exit(0)
+    except Exception:
+        log.critical("a batch of %d failed unexpectedly; exiting without acknowledging it", size, exc_info=True)
+        os._exit(_EXIT_UNDELIVERABLE)
+    finally:
+        _pending.reset(token)
+    for topic, future in pending:
+        try:
+            await future
+        except Exception:
+            log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
+            os._exit(_EXIT_UNDELIVERABLE)
+    await apply_tables(*tables.overlays.values())
 
 
 async def apply_tables(*tables: Staged) -> None:

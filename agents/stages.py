@@ -58,7 +58,17 @@ from .app import app, config, settings
 from .audit import emit_audit
 from .backflow import report_echoes, route_back
 from .provenance import with_provenance
-from .routing import Carried, apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
+from .routing import (
+    Carried,
+    apply_tables,
+    batched,
+    dead_letter,
+    deliver,
+    headers_of,
+    now_ms,
+    origin_of,
+    retry_later,
+)
 from .topics import (
     blocked_by_reference,
     conflicts,
@@ -90,115 +100,133 @@ _clients: dict[str, FhirClient] = {}
 _breakers: dict[str, CircuitBreaker] = {}
 
 
+async def _normalize_one(event: EventT) -> None:
+    message = event.message
+    try:
+        site = config.site_of_topic(message.topic)
+        position = SourcePosition(*origin_of(event))
+        batch = normalize_batch(site, message.value, position, settings.max_record_bytes)
+    except PermanentError as error:
+        NORMALIZED.labels("unknown", "unknown", "failed").inc()
+        await dead_letter("normalize", event, error)
+        return
+    except Exception as error:  # a bug must not lose the record either
+        log.exception("normalize failed unexpectedly at %s[%d]@%d", *origin_of(event))
+        await dead_letter("normalize", event, error)
+        return
+    if batch is None:
+        NORMALIZED.labels(site.site, "", "tombstone").inc()
+        return
+    for filtered in batch.filtered:
+        NORMALIZED.labels(filtered.site, filtered.resource_type, "filtered").inc()
+    for result in batch.records:
+        NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
+        # Keyed by site-local patient, so identity resolution sees one patient's changes in order.
+        key = identity.local_patient(result) or f"{result.site}|{result.resource_type}/{result.source_id}"
+        await deliver(normalized, key.encode(), encode(result))
+    if batch.problems:
+        # After the mapped records: a replay of this dead letter rewrites them under the same ids.
+        NORMALIZED.labels(site.site, "", "failed").inc()
+        reason = f"{len(batch.problems)} part(s) not mapped: " + "; ".join(batch.problems)
+        await dead_letter("normalize", event, MappingError(reason))
+
+
 @app.agent(source_changes, concurrency=1)
 async def normalize_changes(stream: StreamT) -> None:
     """Debezium change → validated FHIR resources on the normalized topic (one per fhir row, many per
     openEHR composition or HL7 v2 message); parts that cannot be mapped → one dead letter naming them."""
-    async for event in stream.events():
-        message = event.message
-        try:
-            site = config.site_of_topic(message.topic)
-            position = SourcePosition(*origin_of(event))
-            batch = normalize_batch(site, message.value, position, settings.max_record_bytes)
-        except PermanentError as error:
-            NORMALIZED.labels("unknown", "unknown", "failed").inc()
-            await dead_letter("normalize", event, error)
-            continue
-        except Exception as error:  # a bug must not lose the record either
-            log.exception("normalize failed unexpectedly at %s[%d]@%d", *origin_of(event))
-            await dead_letter("normalize", event, error)
-            continue
-        if batch is None:
-            NORMALIZED.labels(site.site, "", "tombstone").inc()
-            continue
-        for filtered in batch.filtered:
-            NORMALIZED.labels(filtered.site, filtered.resource_type, "filtered").inc()
-        for result in batch.records:
-            NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
-            # Keyed by site-local patient, so identity resolution sees one patient's changes in order.
-            key = identity.local_patient(result) or f"{result.site}|{result.resource_type}/{result.source_id}"
-            await deliver(normalized, key.encode(), encode(result))
-        if batch.problems:
-            # After the mapped records: a replay of this dead letter rewrites them under the same ids.
-            NORMALIZED.labels(site.site, "", "failed").inc()
-            reason = f"{len(batch.problems)} part(s) not mapped: " + "; ".join(batch.problems)
-            await dead_letter("normalize", event, MappingError(reason))
+    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+        async with batched(len(events)):
+            for event in events:
+                await _normalize_one(event)
+
+
+async def _resolve_one(event: EventT) -> None:
+    state = identity.IdentityState(Staged(patient_key_by_local_patient), Staged(held_by_local_patient))
+    try:
+        record = decode(event.message.value, NormalizedResource)
+        outcome = identity.resolve_identity(state, record, config.sites[record.site])
+    except Exception as error:
+        await dead_letter("identity", event, error)
+        return
+    for held, reason in outcome.held:
+        HELD.labels(held.site, held.resource_type).inc()
+        log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
+        await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
+        await emit_audit("held", held, detail=reason)
+    for item, reason in outcome.review:
+        IDENTITY_REVIEWS.labels(item.site).inc()
+        log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
+        await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
+        await emit_audit("identity_review", item, detail=reason)
+    for routed in outcome.routed:
+        await deliver(identified, routed.patient_key.encode(), encode(routed))
+    await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
+    if outcome.released:
+        HELD_RELEASED.labels(record.site).inc(outcome.released)
+    for released in outcome.released_records:
+        await emit_audit("released", released, detail="its patient's shared identifier arrived")
+    assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
+    await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
 
 
 @app.agent(normalized, concurrency=1)
 async def resolve_identity(stream: StreamT) -> None:
     """Normalized resource → routed resources keyed by the global patient key, or held until it has one."""
-    async for event in stream.events():
-        state = identity.IdentityState(Staged(patient_key_by_local_patient), Staged(held_by_local_patient))
-        try:
-            record = decode(event.message.value, NormalizedResource)
-            outcome = identity.resolve_identity(state, record, config.sites[record.site])
-        except Exception as error:
-            await dead_letter("identity", event, error)
-            continue
-        for held, reason in outcome.held:
-            HELD.labels(held.site, held.resource_type).inc()
-            log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
-            await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
-            await emit_audit("held", held, detail=reason)
-        for item, reason in outcome.review:
-            IDENTITY_REVIEWS.labels(item.site).inc()
-            log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
-            await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
-            await emit_audit("identity_review", item, detail=reason)
-        for routed in outcome.routed:
-            await deliver(identified, routed.patient_key.encode(), encode(routed))
-        await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
-        if outcome.released:
-            HELD_RELEASED.labels(record.site).inc(outcome.released)
-        for released in outcome.released_records:
-            await emit_audit("released", released, detail="its patient's shared identifier arrived")
-        assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
-        await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
+    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+        async with batched(len(events)):
+            for event in events:
+                await _resolve_one(event)
+
+
+async def _order_one(event: EventT) -> None:
+    if any(name == TICK_HEADER for name, _ in headers_of(event)):
+        await _expire_parks(event.message.partition)
+        return
+    changes = staged(_order_state)
+    patients = Staged(patient_sources_by_patient_key)
+    triggers = trigger_states()  # the route's trigger picks what is sent (agents/trigger.py)
+    try:
+        incoming = decode(event.message.value, RoutedResource)
+        if flows_back(config, incoming.site):  # central's own change → its hospitals (agents/backflow.py)
+            await route_back(event, incoming)
+            return
+        if is_stale(changes, incoming):
+            log.warning(
+                "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
+                incoming.target_ref,
+                incoming.site,
+                incoming.source_lsn,
+                extra=record_fields(incoming),
+            )
+            detail = f"stale re-send, source LSN {incoming.source_lsn}"
+            await emit_audit("duplicate_skipped", incoming, detail=detail)
+            return
+        selection = select_for_route(triggers, incoming)
+        releasable = []
+        for chosen in selection.send:
+            record = merge_patient(patients, chosen)
+            released = order_record(changes, record, now_ms(), event.message.partition)
+            if not released:
+                PARKED.labels(record.site, record.resource_type).inc()
+            releasable += released
+    except Exception as error:
+        await dead_letter("order", event, error)
+        return
+    for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
+        await deliver(ready, item.patient_key.encode(), encode(item))
+    await report_selection(incoming, selection)
+    # Only now: the tables never claim a release Kafka has not acknowledged.
+    await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
 
 
 @app.agent(identified, concurrency=1)
 async def order_resources(stream: StreamT) -> None:
     """Hold a resource until what it references is released; release in dependency order."""
-    async for event in stream.events():
-        if any(name == TICK_HEADER for name, _ in headers_of(event)):
-            await _expire_parks(event.message.partition)
-            continue
-        changes = staged(_order_state)
-        patients = Staged(patient_sources_by_patient_key)
-        triggers = trigger_states()  # the route's trigger picks what is sent (agents/trigger.py)
-        try:
-            incoming = decode(event.message.value, RoutedResource)
-            if flows_back(config, incoming.site):  # central's own change → its hospitals (agents/backflow.py)
-                await route_back(event, incoming)
-                continue
-            if is_stale(changes, incoming):
-                log.warning(
-                    "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
-                    incoming.target_ref,
-                    incoming.site,
-                    incoming.source_lsn,
-                    extra=record_fields(incoming),
-                )
-                detail = f"stale re-send, source LSN {incoming.source_lsn}"
-                await emit_audit("duplicate_skipped", incoming, detail=detail)
-                continue
-            selection = select_for_route(triggers, incoming)
-            releasable = []
-            for chosen in selection.send:
-                record = merge_patient(patients, chosen)
-                released = order_record(changes, record, now_ms(), event.message.partition)
-                if not released:
-                    PARKED.labels(record.site, record.resource_type).inc()
-                releasable += released
-        except Exception as error:
-            await dead_letter("order", event, error)
-            continue
-        for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
-            await deliver(ready, item.patient_key.encode(), encode(item))
-        await report_selection(incoming, selection)
-        # Only now: the tables never claim a release Kafka has not acknowledged.
-        await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
+    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+        async with batched(len(events)):
+            for event in events:
+                await _order_one(event)
 
 
 async def _expire_parks(partition: int) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Staged"]
+__all__ = ["Staged", "StagedBatch", "current", "staged_batch"]
 
 _ABSENT = object()
 
@@ -17,7 +19,8 @@ class Staged(MutableMapping[str, Any]):
     replayed dependant overtake the resource it references."""
 
     def __init__(self, base: MutableMapping[str, Any]) -> None:
-        self.base = base
+        batch = _batch.get()
+        self.base = batch.overlay(base) if batch is not None else base
         self.changes: dict[str, Any] = {}
 
     def __getitem__(self, key: str) -> Any:
@@ -59,3 +62,48 @@ class Staged(MutableMapping[str, Any]):
             else:
                 self.base[key] = value
         self.changes.clear()
+
+
+class _Overlay(Staged):
+    """The changes a batch made to one table so far (never itself part of a batch)."""
+
+    def __init__(self, base: MutableMapping[str, Any]) -> None:
+        self.base = base
+        self.changes = {}
+
+
+class StagedBatch:
+    """Table changes of several records processed one after the other, applied to the tables together once
+    every output of all of them is acknowledged: each record sees the changes of the records before it
+    (the Staged it makes reads through the batch's overlay), the tables themselves only acknowledged ones."""
+
+    def __init__(self) -> None:
+        self.overlays: dict[int, _Overlay] = {}
+
+    def overlay(self, base: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if isinstance(base, Staged):  # already staged (an overlay, or a record's own Staged)
+            return base
+        key = id(base)
+        if key not in self.overlays:
+            self.overlays[key] = _Overlay(base)
+        return self.overlays[key]
+
+
+_batch: ContextVar[StagedBatch | None] = ContextVar("cdrsync_staged_batch", default=None)
+
+
+@contextmanager
+def staged_batch() -> Iterator[StagedBatch]:
+    """Within it, every Staged made reads and applies through the batch (see StagedBatch)."""
+    batch = StagedBatch()
+    token = _batch.set(batch)
+    try:
+        yield batch
+    finally:
+        _batch.reset(token)
+
+
+def current(table: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A table as the records before this one left it: through the batch's changes when in a batch."""
+    batch = _batch.get()
+    return batch.overlay(table) if batch is not None else table
