@@ -67,6 +67,7 @@ from .routing import (
     headers_of,
     now_ms,
     origin_of,
+    processing,
     retry_later,
 )
 from .topics import (
@@ -138,7 +139,8 @@ async def normalize_changes(stream: StreamT) -> None:
     async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
         async with batched(len(events)):
             for event in events:
-                await _normalize_one(event)
+                with processing(event):
+                    await _normalize_one(event)
 
 
 async def _resolve_one(event: EventT) -> None:
@@ -176,7 +178,8 @@ async def resolve_identity(stream: StreamT) -> None:
     async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
         async with batched(len(events)):
             for event in events:
-                await _resolve_one(event)
+                with processing(event):
+                    await _resolve_one(event)
 
 
 async def _order_one(event: EventT) -> None:
@@ -226,7 +229,8 @@ async def order_resources(stream: StreamT) -> None:
     async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
         async with batched(len(events)):
             for event in events:
-                await _order_one(event)
+                with processing(event):
+                    await _order_one(event)
 
 
 async def _expire_parks(partition: int) -> None:
@@ -370,6 +374,11 @@ async def _sink(stage: str, event: EventT, attempts: int, prewritten: WriteOutco
     prewritten: it was already written in a bundle (chosen by _bundle_candidate, so it is written now,
     not queued); the rest of its handling is the same.
     """
+    with processing(event):  # its table changes go to its partition's changelog
+        await _sink_one(stage, event, attempts, prewritten)
+
+
+async def _sink_one(stage: str, event: EventT, attempts: int, prewritten: WriteOutcome | None) -> None:
     carried = Carried.of(event)
     try:
         record = decode(event.message.value, RoutedResource)

@@ -34,9 +34,28 @@ def test_in_a_batch_each_record_sees_the_ones_before_it_and_the_table_only_ackno
         assert table == {"a": 1}  # nothing reached the table yet
         assert dict(current(table)) == {"b": 2}
     assert current(table) is table  # outside the batch: the table itself
-    for overlay in batch.overlays.values():
-        overlay.apply()  # the batch's outputs are acknowledged
+    for _, changed, key, value in batch.final_changes():  # the batch's outputs are acknowledged
+        if value is None:
+            changed.pop(key, None)
+        else:
+            changed[key] = value
     assert table == {"b": 2}
+
+
+def test_each_change_is_applied_as_the_record_that_made_it() -> None:
+    table: dict[str, int] = {}
+    record = {"now": "event@p0"}
+    with staged_batch(lambda: record["now"]) as batch:
+        for name, partition in (("x", 0), ("y", 1), ("x", 2)):
+            record["now"] = f"{name}@p{partition}"
+            staged = Staged(table)
+            staged[name] = partition
+            staged.apply()
+    # Each key's last change, made while its record was current (a Faust table's changelog partition).
+    assert [(context, key, value) for context, _, key, value in batch.final_changes()] == [
+        ("y@p1", "y", 1),
+        ("x@p2", "x", 2),
+    ]
 
 
 def test_a_batch_that_is_not_applied_leaves_the_table_as_it_was() -> None:
@@ -65,6 +84,9 @@ def test_a_batch_applies_what_the_same_records_would_apply_one_at_a_time(changes
             one_at_a_time.pop(key, None)
         else:
             one_at_a_time[key] = value
-    for overlay in batch.overlays.values():
-        overlay.apply()
+    for _, changed, key, value in batch.final_changes():
+        if value is None:
+            changed.pop(key, None)
+        else:
+            changed[key] = value
     assert batched == one_at_a_time
