@@ -484,8 +484,9 @@ async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], 
     entries = [(r.target_ref, body_to_write(r), versions.get(r.target_ref, {}).get("version")) for _, r in batch]
     try:
         outcomes = await _client(target).transaction_put(entries)
-    except CdrsyncError as error:  # all or nothing: none was written; one at a time says which, and why
-        log.info("bundle of %d to %s not applied (%s); writing one at a time", len(batch), target, error.error_class)
+    except Exception as error:  # all or nothing: none was written; one at a time says which, and why
+        reason = error.error_class if isinstance(error, CdrsyncError) else type(error).__name__
+        log.info("bundle of %d to %s not applied (%s); writing one at a time", len(batch), target, reason)
         outcomes = [None] * len(batch)
     BUNDLES.labels(target, "applied" if outcomes[0] is not None else "split").inc()
     for (event, _), outcome in zip(batch, outcomes, strict=True):
