@@ -52,7 +52,7 @@ from pipeline.observe import record_fields
 from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
-from pipeline.staging import Staged
+from pipeline.staging import Staged, current
 
 from .app import app, config, settings
 from .audit import emit_audit
@@ -468,7 +468,7 @@ def _bundle_candidate(event: EventT) -> RoutedResource | None:
         return None
     if record.is_delete or record.resource is None:
         return None
-    order = SinkOrder(blocked_by_reference)
+    order = SinkOrder(current(blocked_by_reference))  # as the records before it in the batch left it
     ref = record.target_ref
     if order.route(ref, carried.identity) != "write" or order.blocker(ref) is not None:
         return None
@@ -480,7 +480,7 @@ def _bundle_candidate(event: EventT) -> RoutedResource | None:
 async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], attempts: int) -> None:
     """One patient's upserts in one transaction; if it fails, each is written alone (and its failure routed)."""
     target = batch[0][1].target
-    versions = TargetVersions(blocked_by_reference)
+    versions = TargetVersions(current(blocked_by_reference))
     entries = [(r.target_ref, body_to_write(r), versions.get(r.target_ref, {}).get("version")) for _, r in batch]
     try:
         outcomes = await _client(target).transaction_put(entries)
@@ -534,8 +534,8 @@ async def write_resources(stream: StreamT) -> None:
     Records come in batches (up to sink_batch_max, waiting at most sink_batch_seconds once one is
     there, so a quiet pipeline pays no latency for it). Each patient's records are written in order,
     several patients at once (sink_in_flight), one patient's upserts as transaction bundles. Faust
-    acknowledges a batch only when every record of it is handled, so offsets are committed only up to
-    records that are written, retrying, dead-lettered or kept as conflicts.
+    acknowledges a batch only when every record of it is handled (agents/routing.py batched), so offsets
+    are committed only up to records that are written, retrying, dead-lettered or kept as conflicts.
     """
     limit = asyncio.Semaphore(settings.sink_in_flight)
 
@@ -544,13 +544,9 @@ async def write_resources(stream: StreamT) -> None:
             await _sink_group("sink", group, settings.sink_attempts)
 
     async for events in stream.take_events(settings.sink_batch_max, within=settings.sink_batch_seconds):
-        try:
+        async with batched(len(events)):  # audit events and the like acknowledged together, then the table
             results = await asyncio.gather(*(one_patient(g) for g in sink_groups(events)), return_exceptions=True)
-        except asyncio.CancelledError:
-            # Faust would acknowledge the whole batch on the way out: exit instead, the batch is read again.
-            log.warning("stopped in the middle of a batch of %d; exiting without acknowledging it", len(events))
-            os._exit(0)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:  # a bug: acknowledging the batch would lose its records
-            log.critical("sink batch failed unexpectedly: %r; exiting without acknowledging it", failed[0])
-            os._exit(_EXIT_SINK_BUG)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:  # a bug: acknowledging the batch would lose its records
+                log.critical("sink batch failed unexpectedly: %r; exiting without acknowledging it", failed[0])
+                os._exit(_EXIT_SINK_BUG)
