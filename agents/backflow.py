@@ -22,6 +22,7 @@ from pipeline.fhirclient import FhirClient
 from pipeline.flowmetrics import BACKFLOW
 from pipeline.observe import record_fields
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
+from pipeline.staging import current
 
 from .app import app, config, settings
 from .audit import emit_audit
@@ -44,7 +45,7 @@ class NoHospitalError(PermanentError):
 
 async def route_back(event: EventT, record: RoutedResource) -> None:
     """Send a central change to every hospital that contributed to its patient; dead-letter what cannot go."""
-    outcome = write_back_records(config, patient_sources_by_patient_key, record)
+    outcome = write_back_records(config, current(patient_sources_by_patient_key), record)
     for item in outcome.records:
         await deliver(writeback_topic, item.patient_key.encode(), encode(item))
     if outcome.missing or not outcome.records:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pipeline.provenance import add_provenance
 from pipeline.records import RoutedResource
+from pipeline.staging import current
 
 from .app import config
 from .topics import patient_sources_by_patient_key, released_by_reference
@@ -19,4 +20,5 @@ def with_provenance(releasable: list[RoutedResource]) -> list[RoutedResource]:
 
     Reads the order stage's tables before this record's staged changes are applied.
     """
-    return add_provenance(releasable, released_by_reference, patient_sources_by_patient_key, _SITES, _DISPLAYS)
+    released, patients = current(released_by_reference), current(patient_sources_by_patient_key)
+    return add_provenance(releasable, released, patients, _SITES, _DISPLAYS)

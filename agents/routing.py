@@ -6,16 +6,21 @@ import asyncio
 import logging
 import os
 import time
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from faust.exceptions import PartitionsMismatch
+from faust.streams import _current_event, current_event
 from faust.types import EventT, TopicT
 
 from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers, retry_schedule
 from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
-from pipeline.staging import Staged
+from pipeline.staging import Staged, StagedBatch, staged_batch
 
 from .app import config
 from .topics import dead_letters, retry_tiers
@@ -23,6 +28,7 @@ from .topics import dead_letters, retry_tiers
 log = logging.getLogger("cdrsync.routing")
 _EXIT_UNDELIVERABLE = 70
 _APPLY_ATTEMPTS = 120
+_pending: ContextVar[list[tuple[TopicT, Any]] | None] = ContextVar("cdrsync_pending_deliveries", default=None)
 
 
 def now_ms() -> int:
@@ -84,10 +90,79 @@ async def deliver(
     """
     try:
         future = await topic.send(key=key, value=value, headers=headers, partition=partition)
+        pending = _pending.get()
+        if pending is not None:  # in a batch (batched): acknowledged together at its end
+            pending.append((topic, future))
+            return
         await future
     except Exception:
         log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
         os._exit(_EXIT_UNDELIVERABLE)
+
+
+@asynccontextmanager
+async def batched(size: int) -> AsyncIterator[None]:
+    """Process a batch of input records (Faust's take_events) as one: their outputs are sent without
+    waiting for each acknowledgement, then all are awaited; only then are the table changes of the whole
+    batch applied (pipeline/staging.py StagedBatch), and only then does Faust acknowledge the inputs.
+
+    Anything else exits the worker without acknowledging the batch, which is then read again: a
+    failure to deliver, a bug escaping, or a stop in the middle (Faust would acknowledge the batch as
+    its generator closes).
+    """
+    pending: list[tuple[TopicT, Any]] = []
+    token = _pending.set(pending)
+    try:
+        with staged_batch(current_event) as tables:
+            yield
+    except asyncio.CancelledError:
+        log.warning("stopped in the middle of a batch of %d; exiting without acknowledging it", size)
+        os._exit(0)
+    except Exception:
+        log.critical("a batch of %d failed unexpectedly; exiting without acknowledging it", size, exc_info=True)
+        os._exit(_EXIT_UNDELIVERABLE)
+    finally:
+        _pending.reset(token)
+    for topic, future in pending:
+        try:
+            await future
+        except Exception:
+            log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
+            os._exit(_EXIT_UNDELIVERABLE)
+    await _apply_batch(tables)
+
+
+@contextmanager
+def processing(event: EventT) -> Iterator[None]:
+    """Faust's current event is this one while it is handled: a table writes its changelog to the
+    partition of the event current when it changes (batches hold several, of several partitions)."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+async def _apply_batch(batch: StagedBatch) -> None:
+    """apply_tables for a batch: each key's last change, applied as the record that made it."""
+    failure: BaseException | None = None
+    for attempt in range(_APPLY_ATTEMPTS):
+        try:
+            for event, table, key, value in batch.final_changes():
+                with processing(event):
+                    if value is None:
+                        table.pop(key, None)
+                    else:
+                        table[key] = value
+            return
+        except PartitionsMismatch:
+            log.warning("table metadata not ready (attempt %d); retrying", attempt + 1)
+            await asyncio.sleep(1.0)
+        except Exception as error:
+            failure = error
+            break
+    log.critical("cannot update tables; exiting so the input is processed again", exc_info=failure)
+    os._exit(_EXIT_UNDELIVERABLE)
 
 
 async def apply_tables(*tables: Staged) -> None:
@@ -97,6 +172,7 @@ async def apply_tables(*tables: Staged) -> None:
     (PartitionsMismatch) until its metadata refreshes: wait for it. Any other failure exits the worker:
     the outputs are sent but the state is not, so the record must be processed again, not acked.
     """
+    failure: BaseException | None = None
     for attempt in range(_APPLY_ATTEMPTS):
         try:
             for table in tables:
@@ -105,9 +181,10 @@ async def apply_tables(*tables: Staged) -> None:
         except PartitionsMismatch:
             log.warning("table metadata not ready (attempt %d); retrying", attempt + 1)
             await asyncio.sleep(1.0)
-        except Exception:
+        except Exception as error:
+            failure = error
             break
-    log.critical("cannot update tables; exiting so the input is processed again", exc_info=True)
+    log.critical("cannot update tables; exiting so the input is processed again", exc_info=failure)
     os._exit(_EXIT_UNDELIVERABLE)
 
 

@@ -6,7 +6,9 @@ escape: Faust would ack the message that raised, and it would be lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,13 +18,21 @@ from pipeline import identity
 from pipeline.backflow import flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
 from pipeline.breaker import CircuitBreaker
-from pipeline.conflicts import conflict_record, parse_resolution
+from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolution
 from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
-from pipeline.errors import MappingError, PermanentError, RetryableError, TargetUnavailableError, VersionConflictError
-from pipeline.fhirclient import FhirClient
+from pipeline.errors import (
+    CdrsyncError,
+    MappingError,
+    PermanentError,
+    RetryableError,
+    TargetUnavailableError,
+    VersionConflictError,
+)
+from pipeline.fhirclient import FhirClient, WriteOutcome
 from pipeline.merge import merge_patient
 from pipeline.metrics import (
     BREAKER_OPEN,
+    BUNDLES,
     DEAD_LETTERS,
     END_TO_END_LATENCY,
     HELD,
@@ -41,14 +51,25 @@ from pipeline.normalize import normalize_changes as normalize_batch
 from pipeline.observe import record_fields
 from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
-from pipeline.sink import RetryPolicy, write_with_retries
-from pipeline.staging import Staged
+from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
+from pipeline.staging import Staged, current
 
 from .app import app, config, settings
 from .audit import emit_audit
 from .backflow import report_echoes, route_back
 from .provenance import with_provenance
-from .routing import Carried, apply_tables, dead_letter, deliver, headers_of, now_ms, origin_of, retry_later
+from .routing import (
+    Carried,
+    apply_tables,
+    batched,
+    dead_letter,
+    deliver,
+    headers_of,
+    now_ms,
+    origin_of,
+    processing,
+    retry_later,
+)
 from .topics import (
     blocked_by_reference,
     conflicts,
@@ -72,6 +93,7 @@ from .trigger import report_selection, select_for_route, staged_trigger_tables, 
 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
+_EXIT_SINK_BUG = 71
 _order_state = OrderState(
     released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference, positions_by_reference
 )
@@ -79,115 +101,136 @@ _clients: dict[str, FhirClient] = {}
 _breakers: dict[str, CircuitBreaker] = {}
 
 
+async def _normalize_one(event: EventT) -> None:
+    message = event.message
+    try:
+        site = config.site_of_topic(message.topic)
+        position = SourcePosition(*origin_of(event))
+        batch = normalize_batch(site, message.value, position, settings.max_record_bytes)
+    except PermanentError as error:
+        NORMALIZED.labels("unknown", "unknown", "failed").inc()
+        await dead_letter("normalize", event, error)
+        return
+    except Exception as error:  # a bug must not lose the record either
+        log.exception("normalize failed unexpectedly at %s[%d]@%d", *origin_of(event))
+        await dead_letter("normalize", event, error)
+        return
+    if batch is None:
+        NORMALIZED.labels(site.site, "", "tombstone").inc()
+        return
+    for filtered in batch.filtered:
+        NORMALIZED.labels(filtered.site, filtered.resource_type, "filtered").inc()
+    for result in batch.records:
+        NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
+        # Keyed by site-local patient, so identity resolution sees one patient's changes in order.
+        key = identity.local_patient(result) or f"{result.site}|{result.resource_type}/{result.source_id}"
+        await deliver(normalized, key.encode(), encode(result))
+    if batch.problems:
+        # After the mapped records: a replay of this dead letter rewrites them under the same ids.
+        NORMALIZED.labels(site.site, "", "failed").inc()
+        reason = f"{len(batch.problems)} part(s) not mapped: " + "; ".join(batch.problems)
+        await dead_letter("normalize", event, MappingError(reason))
+
+
 @app.agent(source_changes, concurrency=1)
 async def normalize_changes(stream: StreamT) -> None:
     """Debezium change → validated FHIR resources on the normalized topic (one per fhir row, many per
     openEHR composition or HL7 v2 message); parts that cannot be mapped → one dead letter naming them."""
-    async for event in stream.events():
-        message = event.message
-        try:
-            site = config.site_of_topic(message.topic)
-            position = SourcePosition(*origin_of(event))
-            batch = normalize_batch(site, message.value, position, settings.max_record_bytes)
-        except PermanentError as error:
-            NORMALIZED.labels("unknown", "unknown", "failed").inc()
-            await dead_letter("normalize", event, error)
-            continue
-        except Exception as error:  # a bug must not lose the record either
-            log.exception("normalize failed unexpectedly at %s[%d]@%d", *origin_of(event))
-            await dead_letter("normalize", event, error)
-            continue
-        if batch is None:
-            NORMALIZED.labels(site.site, "", "tombstone").inc()
-            continue
-        for filtered in batch.filtered:
-            NORMALIZED.labels(filtered.site, filtered.resource_type, "filtered").inc()
-        for result in batch.records:
-            NORMALIZED.labels(result.site, result.resource_type, "normalized").inc()
-            # Keyed by site-local patient, so identity resolution sees one patient's changes in order.
-            key = identity.local_patient(result) or f"{result.site}|{result.resource_type}/{result.source_id}"
-            await deliver(normalized, key.encode(), encode(result))
-        if batch.problems:
-            # After the mapped records: a replay of this dead letter rewrites them under the same ids.
-            NORMALIZED.labels(site.site, "", "failed").inc()
-            reason = f"{len(batch.problems)} part(s) not mapped: " + "; ".join(batch.problems)
-            await dead_letter("normalize", event, MappingError(reason))
+    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+        async with batched(len(events)):
+            for event in events:
+                with processing(event):
+                    await _normalize_one(event)
+
+
+async def _resolve_one(event: EventT) -> None:
+    state = identity.IdentityState(Staged(patient_key_by_local_patient), Staged(held_by_local_patient))
+    try:
+        record = decode(event.message.value, NormalizedResource)
+        outcome = identity.resolve_identity(state, record, config.sites[record.site])
+    except Exception as error:
+        await dead_letter("identity", event, error)
+        return
+    for held, reason in outcome.held:
+        HELD.labels(held.site, held.resource_type).inc()
+        log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
+        await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
+        await emit_audit("held", held, detail=reason)
+    for item, reason in outcome.review:
+        IDENTITY_REVIEWS.labels(item.site).inc()
+        log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
+        await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
+        await emit_audit("identity_review", item, detail=reason)
+    for routed in outcome.routed:
+        await deliver(identified, routed.patient_key.encode(), encode(routed))
+    await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
+    if outcome.released:
+        HELD_RELEASED.labels(record.site).inc(outcome.released)
+    for released in outcome.released_records:
+        await emit_audit("released", released, detail="its patient's shared identifier arrived")
+    assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
+    await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
 
 
 @app.agent(normalized, concurrency=1)
 async def resolve_identity(stream: StreamT) -> None:
     """Normalized resource → routed resources keyed by the global patient key, or held until it has one."""
-    async for event in stream.events():
-        state = identity.IdentityState(Staged(patient_key_by_local_patient), Staged(held_by_local_patient))
-        try:
-            record = decode(event.message.value, NormalizedResource)
-            outcome = identity.resolve_identity(state, record, config.sites[record.site])
-        except Exception as error:
-            await dead_letter("identity", event, error)
-            continue
-        for held, reason in outcome.held:
-            HELD.labels(held.site, held.resource_type).inc()
-            log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
-            await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
-            await emit_audit("held", held, detail=reason)
-        for item, reason in outcome.review:
-            IDENTITY_REVIEWS.labels(item.site).inc()
-            log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
-            await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
-            await emit_audit("identity_review", item, detail=reason)
-        for routed in outcome.routed:
-            await deliver(identified, routed.patient_key.encode(), encode(routed))
-        await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
-        if outcome.released:
-            HELD_RELEASED.labels(record.site).inc(outcome.released)
-        for released in outcome.released_records:
-            await emit_audit("released", released, detail="its patient's shared identifier arrived")
-        assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
-        await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
+    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+        async with batched(len(events)):
+            for event in events:
+                with processing(event):
+                    await _resolve_one(event)
+
+
+async def _order_one(event: EventT) -> None:
+    if any(name == TICK_HEADER for name, _ in headers_of(event)):
+        await _expire_parks(event.message.partition)
+        return
+    changes = staged(_order_state)
+    patients = Staged(patient_sources_by_patient_key)
+    triggers = trigger_states()  # the route's trigger picks what is sent (agents/trigger.py)
+    try:
+        incoming = decode(event.message.value, RoutedResource)
+        if flows_back(config, incoming.site):  # central's own change → its hospitals (agents/backflow.py)
+            await route_back(event, incoming)
+            return
+        if is_stale(changes, incoming):
+            log.warning(
+                "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
+                incoming.target_ref,
+                incoming.site,
+                incoming.source_lsn,
+                extra=record_fields(incoming),
+            )
+            detail = f"stale re-send, source LSN {incoming.source_lsn}"
+            await emit_audit("duplicate_skipped", incoming, detail=detail)
+            return
+        selection = select_for_route(triggers, incoming)
+        releasable = []
+        for chosen in selection.send:
+            record = merge_patient(patients, chosen)
+            released = order_record(changes, record, now_ms(), event.message.partition)
+            if not released:
+                PARKED.labels(record.site, record.resource_type).inc()
+            releasable += released
+    except Exception as error:
+        await dead_letter("order", event, error)
+        return
+    for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
+        await deliver(ready, item.patient_key.encode(), encode(item))
+    await report_selection(incoming, selection)
+    # Only now: the tables never claim a release Kafka has not acknowledged.
+    await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
 
 
 @app.agent(identified, concurrency=1)
 async def order_resources(stream: StreamT) -> None:
     """Hold a resource until what it references is released; release in dependency order."""
-    async for event in stream.events():
-        if any(name == TICK_HEADER for name, _ in headers_of(event)):
-            await _expire_parks(event.message.partition)
-            continue
-        changes = staged(_order_state)
-        patients = Staged(patient_sources_by_patient_key)
-        triggers = trigger_states()  # the route's trigger picks what is sent (agents/trigger.py)
-        try:
-            incoming = decode(event.message.value, RoutedResource)
-            if flows_back(config, incoming.site):  # central's own change → its hospitals (agents/backflow.py)
-                await route_back(event, incoming)
-                continue
-            if is_stale(changes, incoming):
-                log.warning(
-                    "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
-                    incoming.target_ref,
-                    incoming.site,
-                    incoming.source_lsn,
-                    extra=record_fields(incoming),
-                )
-                detail = f"stale re-send, source LSN {incoming.source_lsn}"
-                await emit_audit("duplicate_skipped", incoming, detail=detail)
-                continue
-            selection = select_for_route(triggers, incoming)
-            releasable = []
-            for chosen in selection.send:
-                record = merge_patient(patients, chosen)
-                released = order_record(changes, record, now_ms(), event.message.partition)
-                if not released:
-                    PARKED.labels(record.site, record.resource_type).inc()
-                releasable += released
-        except Exception as error:
-            await dead_letter("order", event, error)
-            continue
-        for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
-            await deliver(ready, item.patient_key.encode(), encode(item))
-        await report_selection(incoming, selection)
-        # Only now: the tables never claim a release Kafka has not acknowledged.
-        await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
+    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+        async with batched(len(events)):
+            for event in events:
+                with processing(event):
+                    await _order_one(event)
 
 
 async def _expire_parks(partition: int) -> None:
@@ -242,10 +285,21 @@ def _breaker(target: str) -> CircuitBreaker:
     return _breakers[target]
 
 
-async def _write(event_record: RoutedResource, attempts: int, versions: TargetVersions) -> None:
-    """Write one record over the target version our last write got; raise what the target's answer means."""
-    client, policy = _client(event_record.target), RetryPolicy(attempts)
-    outcome, used = await write_with_retries(client, event_record, policy, versions)
+async def _write(
+    event_record: RoutedResource, attempts: int, versions: TargetVersions, prewritten: WriteOutcome | None = None
+) -> None:
+    """Write one record over the target version our last write got; raise what the target's answer means.
+
+    prewritten: the record was already written, in a transaction bundle with others (_write_bundle);
+    only what follows a write (version, metrics, audit) is left to do.
+    """
+    if prewritten is None:
+        client, policy = _client(event_record.target), RetryPolicy(attempts)
+        outcome, used = await write_with_retries(client, event_record, policy, versions)
+    else:
+        outcome, used = prewritten, 1
+        if outcome.version_id is not None:
+            versions[event_record.target_ref] = {"version": outcome.version_id}
     labels = (event_record.site, event_record.target, event_record.resource_type)
     WRITES.labels(*labels, "succeeded", "").inc()
     END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))
@@ -266,7 +320,12 @@ async def _write(event_record: RoutedResource, attempts: int, versions: TargetVe
 
 
 async def _attempt(
-    stage: str, carried: Carried, record: RoutedResource, attempts: int, versions: TargetVersions
+    stage: str,
+    carried: Carried,
+    record: RoutedResource,
+    attempts: int,
+    versions: TargetVersions,
+    prewritten: WriteOutcome | None = None,
 ) -> Outcome:
     """Write one record and route a failure: 'written', 'conflict', 'retrying' (a tier) or 'dead'.
 
@@ -276,7 +335,7 @@ async def _attempt(
     labels = (record.site, record.target, record.resource_type, "failed")
     while True:
         try:
-            await _write(record, attempts, versions)
+            await _write(record, attempts, versions, prewritten)
             return "written"
         except VersionConflictError as conflict:
             WRITES.labels(*labels, conflict.error_class).inc()
@@ -309,8 +368,17 @@ def _made(error: BaseException, default: int) -> int:
     return int(getattr(error, "attempts_made", default) or default)
 
 
-async def _sink(stage: str, event: EventT, attempts: int) -> None:
-    """Write a ready record in per-resource order (pipeline/blocking.py), then release what waited behind it."""
+async def _sink(stage: str, event: EventT, attempts: int, prewritten: WriteOutcome | None = None) -> None:
+    """Write a ready record in per-resource order (pipeline/blocking.py), then release what waited behind it.
+
+    prewritten: it was already written in a bundle (chosen by _bundle_candidate, so it is written now,
+    not queued); the rest of its handling is the same.
+    """
+    with processing(event):  # its table changes go to its partition's changelog
+        await _sink_one(stage, event, attempts, prewritten)
+
+
+async def _sink_one(stage: str, event: EventT, attempts: int, prewritten: WriteOutcome | None) -> None:
     carried = Carried.of(event)
     try:
         record = decode(event.message.value, RoutedResource)
@@ -356,7 +424,7 @@ async def _sink(stage: str, event: EventT, attempts: int) -> None:
         if order.superseded(ref, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
             return "written"
-        outcome = await _attempt(stage, this, version, attempts, versions)
+        outcome = await _attempt(stage, this, version, attempts, versions, prewritten if is_head else None)
         if outcome in ("written", "conflict"):
             order.note_written(ref, row, version.source_lsn)
         return outcome
@@ -388,8 +456,97 @@ async def _report_conflict(
     await deliver(conflicts, carried.key, value)
 
 
+def _bundle_candidate(event: EventT) -> RoutedResource | None:
+    """The record, if it can go into a transaction bundle: an upsert the sink would write right now
+    (nothing queued before it, not superseded, no operator decision on it); else None."""
+    carried = Carried.of(event)
+    if any(name in (DISCARD_HEADER, RESOLUTION_HEADER) for name, _ in carried.headers):
+        return None
+    try:
+        record = decode(event.message.value, RoutedResource)
+    except PermanentError:
+        return None
+    if record.is_delete or record.resource is None:
+        return None
+    order = SinkOrder(current(blocked_by_reference))  # as the records before it in the batch left it
+    ref = record.target_ref
+    if order.route(ref, carried.identity) != "write" or order.blocker(ref) is not None:
+        return None
+    if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
+        return None
+    return record
+
+
+async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], attempts: int) -> None:
+    """One patient's upserts in one transaction; if it fails, each is written alone (and its failure routed)."""
+    target = batch[0][1].target
+    versions = TargetVersions(current(blocked_by_reference))
+    entries = [(r.target_ref, body_to_write(r), versions.get(r.target_ref, {}).get("version")) for _, r in batch]
+    try:
+        outcomes = await _client(target).transaction_put(entries)
+    except Exception as error:  # all or nothing: none was written; one at a time says which, and why
+        reason = error.error_class if isinstance(error, CdrsyncError) else type(error).__name__
+        log.info("bundle of %d to %s not applied (%s); writing one at a time", len(batch), target, reason)
+        outcomes = [None] * len(batch)
+    BUNDLES.labels(target, "applied" if outcomes[0] is not None else "split").inc()
+    for (event, _), outcome in zip(batch, outcomes, strict=True):
+        await _sink(stage, event, attempts, prewritten=outcome)
+
+
+async def _sink_group(stage: str, events: list[EventT], attempts: int) -> None:
+    """One patient's ready records, in order: runs of upserts go as transaction bundles, the rest one by one."""
+    run: list[tuple[EventT, RoutedResource]] = []
+
+    async def flush() -> None:
+        if len(run) == 1:
+            await _sink(stage, run[0][0], attempts)
+        elif run:
+            await _write_bundle(stage, list(run), attempts)
+        run.clear()
+
+    for event in events:
+        record = _bundle_candidate(event) if settings.sink_bundle_max > 1 else None
+        if record is not None and any(r.target_ref == record.target_ref or r.target != record.target for _, r in run):
+            await flush()  # an earlier version of it first: how that went decides whether this one waits
+            record = _bundle_candidate(event)
+        if record is None:
+            await flush()
+            await _sink(stage, event, attempts)
+            continue
+        run.append((event, record))
+        if len(run) >= settings.sink_bundle_max:
+            await flush()
+    await flush()
+
+
+def sink_groups(events: list[EventT]) -> list[list[EventT]]:
+    """The batch split by Kafka key (the global patient key), each group in arrival order."""
+    groups: dict[bytes | None, list[EventT]] = {}
+    for event in events:
+        groups.setdefault(event.message.key, []).append(event)
+    return list(groups.values())
+
+
 @app.agent(ready, concurrency=1)
 async def write_resources(stream: StreamT) -> None:
-    """Write each ready resource to its target; commit only after the target acknowledged."""
-    async for event in stream.events():
-        await _sink("sink", event, settings.sink_attempts)
+    """Write ready resources to their target; commit only after the target acknowledged.
+
+    Records come in batches (up to sink_batch_max, waiting at most sink_batch_seconds once one is
+    there, so a quiet pipeline pays no latency for it). Each patient's records are written in order,
+    several patients at once (sink_in_flight), one patient's upserts as transaction bundles. Faust
+    acknowledges a batch only when every record of it is handled (agents/routing.py batched), so offsets
+    are committed only up to records that are written, retrying, dead-lettered or kept as conflicts.
+    """
+    limit = asyncio.Semaphore(settings.sink_in_flight)
+
+    async def one_patient(group: list[EventT]) -> None:
+        async with limit:
+            await _sink_group("sink", group, settings.sink_attempts)
+
+    async for events in stream.take_events(settings.sink_batch_max, within=settings.sink_batch_seconds):
+        async with batched(len(events)):  # audit events and the like acknowledged together, then the table
+            results = await asyncio.gather(*(one_patient(g) for g in sink_groups(events)), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:  # a bug: acknowledging the batch would lose its records
+                log.critical("sink batch failed unexpectedly: %r; exiting without acknowledging it", failed[0])
+                os._exit(_EXIT_SINK_BUG)

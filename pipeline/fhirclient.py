@@ -74,6 +74,14 @@ def classify_response(method: str, status: int, body: bytes, retry_after: str | 
     raise RejectedByTargetError(f"target rejected the {method} ({status}): {detail}", status=status)
 
 
+def _put_entry(ref: str, body: bytes, version: str | None) -> bytes:
+    """One PUT entry of a transaction bundle, the resource's bytes spliced in as they are (not re-encoded)."""
+    request: dict[str, str] = {"method": "PUT", "url": ref}
+    if version is not None:
+        request["ifMatch"] = f'W/"{version}"'
+    return b"".join([b'{"resource":', body, b',"request":', orjson.dumps(request), b"}"])
+
+
 class FhirClient:
     """A FHIR R4 endpoint written with PUT (update-as-create) and DELETE, over one pooled session."""
 
@@ -133,6 +141,37 @@ class FhirClient:
     async def delete(self, resource_type: str, resource_id: str) -> WriteOutcome:
         """Delete a resource; an already absent one counts as deleted."""
         return await self._send("DELETE", f"{resource_type}/{resource_id}")
+
+    async def transaction_put(self, entries: list[tuple[str, bytes, str | None]]) -> list[WriteOutcome]:
+        """PUT several resources in one transaction: (reference, body, If-Match version or None) each.
+
+        All or nothing (FHIR R4 3.1.0.11.2): a failure raises what the answer means and nothing was
+        written. On success, each entry's outcome, in the order given.
+        """
+        bundle = b"".join(
+            [
+                b'{"resourceType":"Bundle","type":"transaction","entry":[',
+                b",".join(_put_entry(ref, body, version) for ref, body, version in entries),
+                b"]}",
+            ]
+        )
+        headers = {"Content-Type": _FHIR_JSON}
+        try:
+            async with self._session_or_new().post(self.base_url, data=bundle, headers=headers) as response:
+                payload = await response.read()
+                classify_response("POST", response.status, payload, response.headers.get("Retry-After"))
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TargetUnavailableError(f"POST transaction of {len(entries)}: {type(exc).__name__}: {exc}") from None
+        answers = orjson.loads(payload).get("entry", [])
+        if len(answers) != len(entries):
+            raise RejectedByTargetError(f"transaction answered {len(answers)} entries for {len(entries)}", status=200)
+        outcomes = []
+        for answer in answers:
+            response_part = answer.get("response") or {}
+            status = int(str(response_part.get("status", "0")).split(" ", 1)[0] or 0)
+            version = str(response_part.get("etag", "")).removeprefix("W/").strip('"') or None
+            outcomes.append(WriteOutcome(status, version))
+        return outcomes
 
     async def delete_all(self, references: list[str]) -> WriteOutcome:
         """Delete several resources in one transaction (the target checks references at its end)."""

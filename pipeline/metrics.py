@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 __all__ = [
     "BREAKER_OPEN",
+    "BUNDLES",
     "CONFLICTS",
     "DEAD_LETTERS",
     "END_TO_END_LATENCY",
@@ -73,6 +74,11 @@ IDENTITY_REVIEWS = Counter(
     "cdrsync_identity_reviews_total", "Patient identity changes sent to review instead of being applied", ["site"]
 )
 
+BUNDLES = Counter(
+    "cdrsync_bundles_total",
+    "Transaction bundles the sink sent (one patient's upserts), by result: applied, or split into single writes",
+    ["target", "result"],
+)
 CONFLICTS = Counter(
     "cdrsync_conflicts_total",
     "Changes not applied because the target resource changed since cdrsync last wrote it",

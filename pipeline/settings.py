@@ -24,6 +24,22 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default=_REPO_ROOT / ".stack" / "worker", description="RocksDB tables")
     web_port: int = 6066
     sink_attempts: int = Field(default=5, ge=1, description="in-process write attempts before a retry topic")
+    stage_batch_max: int = Field(
+        default=500, ge=1, description="records normalize, identity and order each take at once (outputs sent together)"
+    )
+    stage_batch_seconds: float = Field(
+        default=0.01, gt=0, le=5, description="how long those stages wait to fill a batch once a record is there"
+    )
+    sink_batch_max: int = Field(
+        default=200, ge=1, description="ready records the sink takes at once (1: one at a time, no batching)"
+    )
+    sink_batch_seconds: float = Field(
+        default=0.02, gt=0, le=5, description="how long the sink waits to fill a batch once a record is there"
+    )
+    sink_in_flight: int = Field(default=8, ge=1, description="patients whose writes the sink has in flight at once")
+    sink_bundle_max: int = Field(
+        default=50, ge=1, description="one patient's upserts sent as one transaction bundle, at most (1: no bundles)"
+    )
     max_record_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="source records larger than this are dead-lettered (oversize)"
     )

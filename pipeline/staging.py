@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Staged"]
+__all__ = ["Staged", "StagedBatch", "current", "staged_batch"]
 
 _ABSENT = object()
 
@@ -17,7 +19,8 @@ class Staged(MutableMapping[str, Any]):
     replayed dependant overtake the resource it references."""
 
     def __init__(self, base: MutableMapping[str, Any]) -> None:
-        self.base = base
+        batch = _batch.get()
+        self.base = batch.overlay(base) if batch is not None else base
         self.changes: dict[str, Any] = {}
 
     def __getitem__(self, key: str) -> Any:
@@ -52,10 +55,79 @@ class Staged(MutableMapping[str, Any]):
         return sum(1 for _ in self)
 
     def apply(self) -> None:
-        """Write the held changes to the table."""
+        """Write the held changes to the table (in a batch: to the batch, see StagedBatch)."""
+        if isinstance(self.base, _Overlay):
+            self.base.batch.note(self.base, self.changes)
+            self.changes.clear()
+            return
         for key, value in self.changes.items():
             if value is None:
                 self.base.pop(key, None)
             else:
                 self.base[key] = value
         self.changes.clear()
+
+
+class _Overlay(Staged):
+    """The changes a batch made to one table so far (never itself part of a batch)."""
+
+    def __init__(self, base: MutableMapping[str, Any], batch: StagedBatch) -> None:
+        self.base = base
+        self.changes = {}
+        self.batch = batch
+
+
+class StagedBatch:
+    """Table changes of several records processed one after the other, applied to the tables together once
+    every output of all of them is acknowledged: each record sees the changes of the records before it
+    (the Staged it makes reads through the batch's overlay), the tables themselves only acknowledged ones.
+
+    Each change is kept with the context it was made in (context(): the record being processed; a
+    Faust table writes its changelog to that record's partition), and applied in it (final_changes).
+    """
+
+    def __init__(self, context: Callable[[], Any] = lambda: None) -> None:
+        self.overlays: dict[int, _Overlay] = {}
+        self.context = context
+        self._final: dict[tuple[int, str], tuple[Any, MutableMapping[str, Any], Any]] = {}
+
+    def overlay(self, base: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        if isinstance(base, Staged):  # already staged (an overlay, or a record's own Staged)
+            return base
+        key = id(base)
+        if key not in self.overlays:
+            self.overlays[key] = _Overlay(base, self)
+        return self.overlays[key]
+
+    def note(self, overlay: _Overlay, changes: dict[str, Any]) -> None:
+        """A record's changes (None: deleted): visible to the records after it, kept for final_changes."""
+        context = self.context()
+        for key, value in changes.items():
+            overlay.changes[key] = value
+            self._final.pop((id(overlay.base), key), None)  # keep the order of the last changes
+            self._final[(id(overlay.base), key)] = (context, overlay.base, value)
+
+    def final_changes(self) -> Iterator[tuple[Any, MutableMapping[str, Any], str, Any]]:
+        """(context, table, key, value or None for a delete): the last change of each key, in order."""
+        for (_, key), (context, table, value) in self._final.items():
+            yield context, table, key, value
+
+
+_batch: ContextVar[StagedBatch | None] = ContextVar("cdrsync_staged_batch", default=None)
+
+
+@contextmanager
+def staged_batch(context: Callable[[], Any] = lambda: None) -> Iterator[StagedBatch]:
+    """Within it, every Staged made reads and applies through the batch (see StagedBatch)."""
+    batch = StagedBatch(context)
+    token = _batch.set(batch)
+    try:
+        yield batch
+    finally:
+        _batch.reset(token)
+
+
+def current(table: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A table as the records before this one left it: through the batch's changes when in a batch."""
+    batch = _batch.get()
+    return batch.overlay(table) if batch is not None else table

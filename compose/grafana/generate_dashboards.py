@@ -277,6 +277,13 @@ def pipeline_health() -> dict:
                 unit="ops",
             ),
             panel(
+                "Sink transaction bundles",
+                ("sum by (target, result) (rate(cdrsync_bundles_total[5m]))", "{{target}} {{result}}"),
+                unit="ops",
+                description="applied: one patient's upserts written in one transaction; split: refused as a whole, "
+                "then written one at a time so each failure is routed on its own.",
+            ),
+            panel(
                 "Monitor: sources answering, time to ask",
                 ("cdrsync_monitor_collect_success", "{{collector}} ok"),
                 ("cdrsync_monitor_collect_duration_seconds", "{{collector}} seconds"),

@@ -1,7 +1,8 @@
+import orjson
 import pytest
 
 from pipeline.errors import ReferenceNotReadyError, RejectedByTargetError, TargetUnavailableError
-from pipeline.fhirclient import classify_response
+from pipeline.fhirclient import _put_entry, classify_response
 
 pytestmark = pytest.mark.unit
 MISSING_REF = (
@@ -47,3 +48,12 @@ def test_validation_failure_is_permanent_with_the_diagnostics() -> None:
     with pytest.raises(RejectedByTargetError, match="HAPI-0450") as err:
         classify_response("PUT", 400, body)
     assert err.value.status == 400
+
+
+def test_a_transaction_entry_carries_the_resource_unchanged_and_its_if_match() -> None:
+    body = b'{"resourceType":"Observation","id":"o1","valueQuantity":{"value":70.10}}'
+    entry = orjson.loads(_put_entry("Observation/o1", body, "7"))
+    assert entry["request"] == {"method": "PUT", "url": "Observation/o1", "ifMatch": 'W/"7"'}
+    assert orjson.dumps(entry["resource"]) == orjson.dumps(orjson.loads(body))
+    assert b'"value":70.10' in _put_entry("Observation/o1", body, None)  # spliced, not re-encoded
+    assert "ifMatch" not in orjson.loads(_put_entry("Observation/o1", body, None))["request"]

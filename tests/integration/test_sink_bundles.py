@@ -1,0 +1,103 @@
+"""The sink writes one patient's ready upserts as one transaction bundle; a bundle the target refuses is
+split, so the good resources are still written and only the bad one is dead-lettered, with its reason.
+
+The records are put on the ready topic directly (one producer flush, one patient key): the sink takes
+them in one batch, as it does when the order stage releases a patient's resources together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.config import Config
+from pipeline.kafkaadmin import keyed_producer
+from pipeline.records import RoutedResource, canonical_hash, encode
+from pipeline.tap import tap
+from tests.integration.conftest import SETTINGS, Central, Worker, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _ready(run_id: str, resource: dict[str, Any], offset: int) -> RoutedResource:
+    return RoutedResource(
+        source_commit_ms=0,
+        captured_ms=0,
+        origin_topic="test",
+        origin_partition=0,
+        origin_offset=offset,
+        site="site-a",
+        target="central",
+        resource_type=resource["resourceType"],
+        source_id=resource["id"],
+        target_id=resource["id"],
+        patient_key=f"{run_id}-bundle",
+        op="CREATE",
+        resource=orjson.dumps(resource).decode(),
+        content_hash=canonical_hash(resource),
+        source_version=1,
+        source_lsn=offset,
+    )
+
+
+def _send(config: Config, records: list[RoutedResource]) -> None:
+    producer = keyed_producer(SETTINGS.kafka_bootstrap)
+    for record in records:
+        producer.produce(config.topics.name("ready"), encode(record), record.patient_key.encode())
+    assert producer.flush(30) == 0
+
+
+def _patient_with_weights(run_id: str, tag: str, values: list[float | str]) -> list[dict[str, Any]]:
+    person = {"resourceType": "Patient", "id": f"{run_id}-{tag}-p", "gender": "female"}
+    weights = [
+        {
+            "resourceType": "Observation",
+            "id": f"{run_id}-{tag}-w{n}",
+            "status": "final" if isinstance(value, float) else value,  # a status no server accepts: refused
+            "code": {"text": "body weight"},
+            "subject": {"reference": f"Patient/{person['id']}"},
+            "valueQuantity": {"value": value if isinstance(value, float) else 1.0, "unit": "kg"},
+        }
+        for n, value in enumerate(values)
+    ]
+    return [person, *weights]
+
+
+def test_a_patients_resources_go_in_one_transaction(
+    worker: Worker, stack: Central, run_id: str, config: Config
+) -> None:
+    applied = worker.metric("cdrsync_bundles_total", target="central", result="applied")
+    resources = _patient_with_weights(run_id, "ok", [60.0, 61.0, 62.0, 63.0])
+    _send(config, [_ready(run_id, r, n) for n, r in enumerate(resources)])
+    for resource in resources:
+        wait_for(
+            lambda r=resource: stack.read(r["resourceType"], r["id"]), timeout=120, what=f"{resource['id']} at central"
+        )
+    assert worker.metric("cdrsync_bundles_total", target="central", result="applied") > applied
+    # One transaction: the server gave every resource of it the same time.
+    updated = {stack.read(r["resourceType"], r["id"])["meta"]["lastUpdated"] for r in resources}  # type: ignore[index]
+    assert len(updated) == 1
+
+
+def test_a_refused_bundle_is_split_and_only_the_bad_resource_is_dead_lettered(
+    worker: Worker, stack: Central, run_id: str, config: Config
+) -> None:
+    split = worker.metric("cdrsync_bundles_total", target="central", result="split")
+    resources = _patient_with_weights(run_id, "bad", [70.0, "not-a-status", 71.0])
+    bad = resources[2]
+    _send(config, [_ready(run_id, r, n) for n, r in enumerate(resources)])
+    for resource in (r for r in resources if r is not bad):
+        wait_for(
+            lambda r=resource: stack.read(r["resourceType"], r["id"]), timeout=120, what=f"{resource['id']} at central"
+        )
+
+    def dead_letter() -> list[dict[str, Any]]:
+        items = tap(SETTINGS.kafka_bootstrap, config.topics.name("dlq"), idle_seconds=2)
+        return [i for i in items if isinstance(i["value"], dict) and i["value"].get("source_id") == bad["id"]]
+
+    [letter] = wait_for(dead_letter, timeout=120, what="the refused resource's dead letter")
+    assert (letter["failure"]["stage"], letter["failure"]["error_class"]) == ("sink", "rejected_by_target")
+    assert stack.read("Observation", bad["id"]) is None
+    assert worker.metric("cdrsync_bundles_total", target="central", result="split") == split + 1
