@@ -175,10 +175,13 @@ def _routed(run_id: str, version: int, value: float) -> RoutedResource:
         resource=orjson.dumps(body).decode(),
         content_hash=canonical_hash(body),
         source_version=version,
+        source_lsn=version * 100,
     )
 
 
-def test_our_own_write_replayed_after_a_crash_is_not_a_conflict(stack: Central, run_id: str, config: Config) -> None:
+def test_our_own_writes_that_the_sink_table_lost_are_not_conflicts(stack: Central, run_id: str, config: Config) -> None:
+    ref = f"Observation/{run_id}-replay"
+
     async def scenario() -> None:
         async with FhirClient(config.target("central")) as client:
             versions: dict[str, dict[str, Any]] = {}
@@ -186,9 +189,20 @@ def test_our_own_write_replayed_after_a_crash_is_not_a_conflict(stack: Central, 
             remembered = dict(versions)  # the table as it was when the worker died ...
             await write_record(client, _routed(run_id, 2, 61.0), versions)  # ... after this write reached the target
             replayed = await write_record(client, _routed(run_id, 2, 61.0), dict(remembered))  # the restart replays
-            assert replayed.version_id == versions[f"Observation/{run_id}-replay"]["version"]
-            with pytest.raises(VersionConflictError):  # while a different change over a stale version is one
-                await write_record(client, _routed(run_id, 3, 62.0), dict(remembered))
+            assert replayed.version_id == versions[ref]["version"]
+            # The next change over the stale version: the target holds an untouched write of ours, not an edit.
+            third = await write_record(client, _routed(run_id, 3, 62.0), dict(remembered))
+            assert int(third.version_id or 0) == int(versions[ref]["version"]) + 1
+            # An older change read again after that: the later version of the row stays.
+            older = await write_record(client, _routed(run_id, 2, 61.0), dict(remembered))
+            assert (older.status, older.version_id) == (304, third.version_id)
+            assert _value(stack, f"{run_id}-replay") == 62.0
+            # An edit at the target is a conflict, even for a version the sink knows.
+            current = stack.read("Observation", f"{run_id}-replay")
+            assert current is not None
+            assert _put(stack, {**current, "valueQuantity": {**current["valueQuantity"], "value": 99.0}}) == 200
+            with pytest.raises(VersionConflictError):
+                await write_record(client, _routed(run_id, 4, 63.0), {ref: {"version": third.version_id}})
 
     asyncio.run(scenario())
-    assert _value(stack, f"{run_id}-replay") == 61.0
+    assert _value(stack, f"{run_id}-replay") == 99.0
