@@ -87,3 +87,20 @@ app = App(
     web_enabled=True,
     logging_config=logging_config(settings.log_format),
 )
+
+#: RocksDB, per table partition. Faust's defaults (64 MiB write buffers, three of them, a 2 GiB block
+#: cache and every file kept open, for each of the ~70 table partitions a worker holds) let a worker's
+#: memory grow with its state; these bound it (issue 7: RSS from 10k to 100k patients).
+ROCKSDB_OPTIONS: dict[str, int] = {
+    "write_buffer_size": 2 * 1024 * 1024,
+    "max_write_buffer_number": 2,
+    "target_file_size_base": 8 * 1024 * 1024,
+    "block_cache_size": 4 * 1024 * 1024,
+    "max_open_files": 64,
+}
+_JSON = faust.Schema(key_serializer="json", value_serializer="json")
+
+
+def table(name: str, partitions: int) -> Any:
+    """A JSON table in RocksDB with the options above (a fresh dict: Faust's store consumes it)."""
+    return app.Table(name, partitions=partitions, schema=_JSON, options=dict(ROCKSDB_OPTIONS))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import faust
-
-from .app import app, config
+from .app import app, config, table
 
 _t = config.topics
 
@@ -21,18 +19,15 @@ identity_review = app.topic(_t.name("identity_review"))
 retry_tiers = [app.topic(tier.name) for tier in _t.retry_tiers]
 
 _partitions = _t.partitions_of("identified")  # tables are co-partitioned with the identified topic
-_json = faust.Schema(key_serializer="json", value_serializer="json")
-released_by_reference = app.Table("released_by_reference", partitions=_partitions, schema=_json)
-parked_by_reference = app.Table("parked_by_reference", partitions=_partitions, schema=_json)
-waiting_by_reference = app.Table("waiting_by_reference", partitions=_partitions, schema=_json)
-referrers_by_reference = app.Table("referrers_by_reference", partitions=_partitions, schema=_json)
-positions_by_reference = app.Table("positions_by_reference", partitions=_partitions, schema=_json)
+released_by_reference = table("released_by_reference", _partitions)
+parked_by_reference = table("parked_by_reference", _partitions)
+waiting_by_reference = table("waiting_by_reference", _partitions)
+referrers_by_reference = table("referrers_by_reference", _partitions)
+positions_by_reference = table("positions_by_reference", _partitions)
 
 _normalized_partitions = _t.partitions_of("normalized")  # the identity tables follow the normalized topic
-patient_key_by_local_patient = app.Table(
-    "patient_key_by_local_patient", partitions=_normalized_partitions, schema=_json
-)
-held_by_local_patient = app.Table("held_by_local_patient", partitions=_normalized_partitions, schema=_json)
+patient_key_by_local_patient = table("patient_key_by_local_patient", _normalized_partitions)
+held_by_local_patient = table("held_by_local_patient", _normalized_partitions)
 # The sink's per-resource order (pipeline/blocking.py), co-partitioned with the ready topic.
-blocked_by_reference = app.Table("blocked_by_reference", partitions=_t.partitions_of("ready"), schema=_json)
-patient_sources_by_patient_key = app.Table("patient_sources_by_patient_key", partitions=_partitions, schema=_json)
+blocked_by_reference = table("blocked_by_reference", _t.partitions_of("ready"))
+patient_sources_by_patient_key = table("patient_sources_by_patient_key", _partitions)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 
-import faust
-
 from pipeline.flowmetrics import TRIGGER_SELECTIONS
 from pipeline.observe import record_fields
 from pipeline.records import RoutedResource
 from pipeline.staging import Staged
 from pipeline.trigger import TRIGGER_ALL, Selection, TriggerTables, route_trigger, select_records
 
-from .app import app, config
+from .app import config, table
 from .audit import emit_audit
 
 __all__ = ["report_selection", "select_for_route", "staged_trigger_tables", "trigger_states"]
@@ -21,12 +19,9 @@ log = logging.getLogger("cdrsync.trigger")
 
 # Co-partitioned with fhir.identified.v1 (keyed by global patient key), like the order stage's tables.
 _partitions = config.topics.partitions_of("identified")
-_json = faust.Schema(key_serializer="json", value_serializer="json")
-trigger_flags_by_route_patient = app.Table("trigger_flags_by_route_patient", partitions=_partitions, schema=_json)
-trigger_resource_by_route_reference = app.Table(
-    "trigger_resource_by_route_reference", partitions=_partitions, schema=_json
-)
-trigger_held_by_route_anchor = app.Table("trigger_held_by_route_anchor", partitions=_partitions, schema=_json)
+trigger_flags_by_route_patient = table("trigger_flags_by_route_patient", _partitions)
+trigger_resource_by_route_reference = table("trigger_resource_by_route_reference", _partitions)
+trigger_held_by_route_anchor = table("trigger_held_by_route_anchor", _partitions)
 
 
 def trigger_states() -> TriggerTables:

@@ -254,7 +254,9 @@ def run_id() -> str:
 def worker(stack: Central, run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     base = tmp_path_factory.mktemp("worker")
     # One consumer group across runs: a rerun against a kept stack resumes instead of replaying history.
-    process = Worker("cdrsync-it", base / "state", base / "worker.log")
+    # A wider sink batch window than the default 5 ms: records a test sends together are then one batch
+    # (test_sink_bundles); the fault suite and the demo run with the defaults.
+    process = Worker("cdrsync-it", base / "state", base / "worker.log", env={"CDRSYNC_SINK_BATCH_SECONDS": "0.2"})
     process.start()
     yield process
     process.stop()
