@@ -51,12 +51,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 50.0], help="R3 change rates per second")
     parser.add_argument("--latency-seconds", type=float, default=60, help="R3: how long each rate runs")
     parser.add_argument(
-        "--memory-patients", type=int, nargs=2, default=[10_000, 100_000], metavar=("FIRST", "SECOND"),
+        "--memory-patients",
+        type=int,
+        nargs=2,
+        default=[10_000, 100_000],
+        metavar=("FIRST", "SECOND"),
         help="patients in the worker's state at the two RSS readings",
     )
+    parser.add_argument(
+        "--memory-budget",
+        type=float,
+        default=600,
+        metavar="SECONDS",
+        help="time the memory phase may take; a step not drained by then is reported as incomplete",
+    )
     parser.add_argument("--no-profile", action="store_true", help="no py-spy profile during R1")
-    parser.add_argument("--quick", action="store_true", help="a smoke run in a few minutes: 2 patients, 15 s per "
-                        "rate, memory at 1k and 5k patients (figures not comparable with full runs)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in a few minutes: 2 patients, 15 s per "
+        "rate, memory at 1k and 5k patients (figures not comparable with full runs)",
+    )
     parser.add_argument("--output", type=Path, help="JSON result file (default: $CDRSYNC_HOME/bench/latest.json)")
     parser.add_argument("--keep-topics", action="store_true", help="keep the run's Kafka topics (default: deleted)")
     args = parser.parse_args(argv)
@@ -125,7 +140,7 @@ def _measure(bench: Bench, args: argparse.Namespace, device: InstantAckServer, r
     if "memory" in args.only:
         from .memory import run_memory
 
-        results["memory"] = run_memory(bench, device, args.memory_patients)
+        results["memory"] = run_memory(bench, device, args.memory_patients, args.memory_budget)
 
 
 def _dataset(bench: Bench, args: argparse.Namespace) -> Dataset:

@@ -30,7 +30,11 @@ class Phase:
 
     def pipeline_topics(self, source_topic: str) -> list[str]:
         t = self.config.topics
-        return [source_topic, *(t.name(k) for k in ("normalized", "identified", "ready")), *(r.name for r in t.retry_tiers)]
+        return [
+            source_topic,
+            *(t.name(k) for k in ("normalized", "identified", "ready")),
+            *(r.name for r in t.retry_tiers),
+        ]
 
     def dead_letters(self, bootstrap: str) -> int:
         """Records on this phase's dead-letter topic."""

@@ -78,7 +78,13 @@ def _bundle_response(log: AckLog, bundle: dict[str, Any], now: float) -> dict[st
         status, version = apply_write(log, method, url, body, now)
         reason = {200: "OK", 201: "Created", 204: "No Content"}[status]
         entries.append(
-            {"response": {"status": f"{status} {reason}", "location": f"{url}/_history/{version}", "etag": f'W/"{version}"'}}
+            {
+                "response": {
+                    "status": f"{status} {reason}",
+                    "location": f"{url}/_history/{version}",
+                    "etag": f'W/"{version}"',
+                }
+            }
         )
     kind = "batch-response" if bundle.get("type") == "batch" else "transaction-response"
     return {"resourceType": "Bundle", "type": kind, "entry": entries}
@@ -148,7 +154,12 @@ class InstantAckServer:
 
     def _read(self, path: str) -> web.Response:
         if path == "metadata":
-            statement = {"resourceType": "CapabilityStatement", "status": "active", "fhirVersion": "4.0.1", "kind": "instance"}
+            statement = {
+                "resourceType": "CapabilityStatement",
+                "status": "active",
+                "fhirVersion": "4.0.1",
+                "kind": "instance",
+            }
             return _json(200, statement)
         if path.endswith("_history") or "/" not in path:  # searches and histories: nothing to report
             return _json(200, {"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []})
@@ -158,7 +169,9 @@ class InstantAckServer:
         resource = orjson.loads(body)
         version = self.log.versions[path]
         resource["meta"] = {**(resource.get("meta") or {}), "versionId": str(version)}
-        return web.Response(status=200, body=orjson.dumps(resource), content_type=_FHIR_JSON, headers={"ETag": f'W/"{version}"'})
+        return web.Response(
+            status=200, body=orjson.dumps(resource), content_type=_FHIR_JSON, headers={"ETag": f'W/"{version}"'}
+        )
 
 
 def _json(status: int, body: dict[str, Any]) -> web.Response:
@@ -166,7 +179,10 @@ def _json(status: int, body: dict[str, Any]) -> web.Response:
 
 
 def _outcome(text: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-supported", "diagnostics": text}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "not-supported", "diagnostics": text}],
+    }
 
 
 def _free_port() -> int:

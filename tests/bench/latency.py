@@ -144,7 +144,9 @@ def run_r3(bench: Bench, rates: list[float], seconds: float) -> dict[str, Any]:
     try:
         worker.wait_ready()
         for rate in rates:
-            results[_key(rate)]["pipeline"] = summary = _measure(bench, bench.namespace(f"p{_key(rate)}"), rate, seconds)
+            results[_key(rate)]["pipeline"] = summary = _measure(
+                bench, bench.namespace(f"p{_key(rate)}"), rate, seconds
+            )
             bench.log(f"R3: pipeline at {rate}/s: p50 {summary.get('p50')} s, p99 {summary.get('p99')} s")
     finally:
         worker.stop()
@@ -152,8 +154,13 @@ def run_r3(bench: Bench, rates: list[float], seconds: float) -> dict[str, Any]:
         start = offsets.end_offsets(bench.settings.kafka_bootstrap, bench.source_topic)
         name = f"n{_key(rate)}"
         run = NaiveRun(
-            str(bench.root), bench.site.site, bench.settings.kafka_bootstrap, bench.source_topic, start,
-            bench.hapi_url, f"bench-{bench.run_id}-r3{name}",
+            str(bench.root),
+            bench.site.site,
+            bench.settings.kafka_bootstrap,
+            bench.source_topic,
+            start,
+            bench.hapi_url,
+            f"bench-{bench.run_id}-r3{name}",
         )
         loop = start_naive_loop(run)
         try:

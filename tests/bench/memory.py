@@ -20,7 +20,7 @@ from .context import Bench
 from .dataset import expected_ref
 from .instant_ack import InstantAckServer
 
-__all__ = ["run_memory"]
+__all__ = ["memory_result", "run_memory"]
 
 _MIB = 1024 * 1024
 
@@ -57,8 +57,12 @@ def run_memory(
             bench.load(batch, timeout=1800)
             expected = {expected_ref(p, bench.site.site) for p in batch}
             remaining = max(60.0, deadline - time.monotonic())
+
+            def acknowledged(refs: set[str] = expected) -> bool:
+                return device.log.seen(refs) == len(refs)
+
             try:
-                bench.wait_drained(phase, lambda e=expected: device.log.seen(e) == len(e), timeout=remaining, poll=2.0)
+                bench.wait_drained(phase, acknowledged, timeout=remaining, poll=2.0)
             except TimeoutError:
                 reached = loaded + device.log.seen(expected)
                 points.append({"patients": reached, "rss_mib": _rss_mib(bench, worker.rss, 0), "complete": False})
@@ -70,8 +74,23 @@ def run_memory(
             bench.log(f"memory: {loaded} patients in state ({rate:.0f}/s): worker RSS {points[-1]['rss_mib']} MiB")
     finally:
         worker.stop()
-    result: dict[str, Any] = {"baseline_rss_mib": baseline, "points": points, "data": "synthetic Patients (casebuilder)"}
-    if len(points) == 2 and all(p["complete"] for p in points):
-        first, second = points[0]["rss_mib"], points[1]["rss_mib"]
-        result["growth_percent"] = round(100.0 * (second - first) / first, 2)
+    return memory_result(baseline, points, steps, budget_seconds)
+
+
+def memory_result(
+    baseline: float, points: list[dict[str, Any]], steps: list[int], budget_seconds: float
+) -> dict[str, Any]:
+    """Growth from the first reading to the last; `complete` only when every step drained within the budget."""
+    result: dict[str, Any] = {
+        "data": "synthetic Patients (tests/casebuilder.py patient), one change each, through the bench database",
+        "baseline_rss_mib": baseline,
+        "steps": steps,
+        "budget_seconds": budget_seconds,
+        "points": points,
+        "complete": len(points) == len(steps) and all(p["complete"] for p in points),
+    }
+    if len(points) >= 2 and points[0]["complete"]:
+        first, last = points[0]["rss_mib"], points[-1]["rss_mib"]
+        result["growth_percent"] = round(100.0 * (last - first) / first, 2)
+        result["growth_between"] = [points[0]["patients"], points[-1]["patients"]]
     return result

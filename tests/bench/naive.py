@@ -11,6 +11,7 @@ It runs in a process of its own, like the worker.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import multiprocessing
 import queue
@@ -129,18 +130,17 @@ def _loop(run: NaiveRun, control: multiprocessing.Queue[Any], results: multiproc
     until: Offsets | None = None
     while True:
         if until is None:
-            try:
+            with contextlib.suppress(queue.Empty):
                 until = control.get_nowait()
-            except queue.Empty:
-                pass
         if until is not None and all(position.get(p, 0) >= o for p, o in until.items()) and writer.deferred == 0:
             break
         message = consumer.poll(0.5)
         if message is None or message.error() is not None:
             continue
         result.records += 1
-        position[message.partition()] = message.offset() + 1
-        where = SourcePosition(message.topic(), message.partition(), message.offset())
+        partition, offset = message.partition() or 0, message.offset() or 0
+        position[partition] = offset + 1
+        where = SourcePosition(run.topic, partition, offset)
         record = normalize_change(site, message.value(), where)
         if isinstance(record, NormalizedResource):
             for routed in resolve_identity(state, record, site).routed:

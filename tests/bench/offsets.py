@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 
@@ -75,8 +76,6 @@ def delete_topics(bootstrap: str, prefixes: tuple[str, ...]) -> list[str]:
     names = [name for name in admin.list_topics(timeout=15).topics if name.startswith(prefixes)]
     if names:
         for future in admin.delete_topics(names, operation_timeout=30).values():
-            try:
+            with contextlib.suppress(Exception):  # already gone, or being deleted
                 future.result(timeout=60)
-            except Exception:  # already gone, or being deleted
-                pass
     return names

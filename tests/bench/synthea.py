@@ -76,7 +76,9 @@ class SyntheaRun:
             subprocess.run(command, check=True, stdout=output, stderr=subprocess.STDOUT, timeout=3600)
         found = len(bundle_paths(out))
         if found != self.population:
-            raise RuntimeError(f"synthea wrote {found} patient bundles, not {self.population} (log: {out / 'synthea.log'})")
+            raise RuntimeError(
+                f"synthea wrote {found} patient bundles, not {self.population} (log: {out / 'synthea.log'})"
+            )
         (out / ".complete").write_text(f"{time.monotonic() - started:.0f} s\n")
         log(f"synthea: {found} patients in {time.monotonic() - started:.0f} s")
         return out
