@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +51,11 @@ class Bench:
     hapi_url: str
     log: Callable[[str], None]
 
-    @property
+    @cached_property  # read once: callers use it in loops over 100 000 rows
     def site(self) -> SiteConfig:
         return provision.load_bench_config(self.root, "").sites[provision.BENCH_SITE]
 
-    @property
+    @cached_property
     def source_topic(self) -> str:
         config = provision.load_bench_config(self.root, "")
         return config.source_topic(config.sites[provision.BENCH_SITE])
@@ -63,7 +64,7 @@ class Bench:
     def dsn(self) -> str:
         return provision.admin_dsn(self.settings, provision.BENCH_DATABASE)
 
-    @property
+    @cached_property
     def carried(self) -> frozenset[str]:
         return frozenset(self.site.routes[0].resource_types or self.site.resource_types)
 

@@ -40,7 +40,7 @@ def run_memory(
     """RSS of one worker after `steps[0]` patients, then after `steps[1]` in total; growth in percent.
 
     A step that does not drain within the time budget is reported with the patients it reached."""
-    phase = bench.phase("mem")
+    phase, site = bench.phase("mem"), bench.site.site
     namespace = bench.namespace("m")
     device.reset()
     worker = bench.worker(phase, device.base_url).start()
@@ -55,7 +55,7 @@ def run_memory(
             batch = [patient(namespace, n) for n in range(loaded, target)]
             started = time.monotonic()
             bench.load(batch, timeout=1800)
-            expected = {expected_ref(p, bench.site.site) for p in batch}
+            expected = {expected_ref(p, site) for p in batch}
             remaining = max(60.0, deadline - time.monotonic())
 
             def acknowledged(refs: set[str] = expected) -> bool:
