@@ -6,9 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 NATIVE := compose/native
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help install system-deps python-deps stack-install up down status topics connectors \
-        worker-start worker-stop monitor-start monitor-stop demo test unit integration faults lint clean
+        worker-start worker-stop monitor-start monitor-stop demo test unit integration faults bench lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -99,6 +100,15 @@ integration: ## integration tests against an already running stack (make up)
 faults: ## the fault-injection suite against a running stack, alone (CDRSYNC_SOAK=1 for the long soak)
 	@set -o pipefail; $(BIN)/python -m pytest -m faults -s $(PYTEST_ARGS) | tee .stack/logs/faults.log; rc=$$?; \
 	grep '^RECONCILIATION' .stack/logs/faults.log || true; exit $$rc
+
+bench: install ## benchmark (issue 7): starts the stack, measures, prints the goals table, writes JSON; stops the stack (BENCH_ARGS="--help")
+	bash $(NATIVE)/synthea.sh install
+	@set -o pipefail; bash $(NATIVE)/stack.sh up; rc=$$?; \
+	if [ $$rc = 0 ]; then \
+	  ( source $(NATIVE)/env.sh && export CENTRAL_FHIR_BASE_URL="$${CENTRAL_FHIR_BASE_URL:-$$FHIR_BASE_URL}" \
+	    && $(BIN)/python -m tests.bench $(BENCH_ARGS) ); rc=$$?; fi; \
+	bash $(NATIVE)/stack.sh down || true; \
+	exit $$rc
 
 lint: ## ruff and mypy (make install first)
 	$(BIN)/ruff check pipeline agents tests

@@ -1,0 +1,81 @@
+"""Kafka positions the benchmark reads from outside the worker: end offsets, committed offsets, lag."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+__all__ = ["Offsets", "commit_group", "delete_topics", "end_offsets", "group_lag", "wait_for_records"]
+
+Offsets = dict[int, int]  # partition -> offset
+
+
+def _consumer(bootstrap: str, group: str = "cdrsync-bench-probe") -> Consumer:
+    return Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "log_level": 3})
+
+
+def end_offsets(bootstrap: str, topic: str) -> Offsets:
+    """The high watermark of every partition of a topic."""
+    consumer = _consumer(bootstrap)
+    try:
+        partitions = consumer.list_topics(topic, timeout=15).topics[topic].partitions
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1] for p in partitions}
+    finally:
+        consumer.close()
+
+
+def commit_group(bootstrap: str, group: str, positions: dict[str, Offsets]) -> None:
+    """Set a consumer group's committed offsets (the group must have no running member)."""
+    consumer = _consumer(bootstrap, group)
+    try:
+        offsets = [TopicPartition(t, p, o) for t, parts in positions.items() for p, o in parts.items()]
+        consumer.commit(offsets=offsets, asynchronous=False)
+    finally:
+        consumer.close()
+
+
+def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> int:
+    """Records of these topics the group has not committed yet (a partition never committed counts whole)."""
+    consumer = _consumer(bootstrap, group)
+    try:
+        wanted = []
+        for topic in topics:
+            metadata = consumer.list_topics(topic, timeout=15).topics.get(topic)
+            if metadata is None or metadata.error is not None:
+                continue
+            wanted += [TopicPartition(topic, p) for p in metadata.partitions]
+        lag = 0
+        for tp in consumer.committed(wanted, timeout=15):
+            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=15)
+            lag += high - (tp.offset if tp.offset >= 0 else low)
+        return lag
+    finally:
+        consumer.close()
+
+
+def wait_for_records(bootstrap: str, topic: str, before: Offsets, count: int, timeout: float) -> Offsets:
+    """Wait until `count` records arrived on a topic after `before`; the end offsets then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = end_offsets(bootstrap, topic)
+        arrived = sum(now.values()) - sum(before.values())
+        if arrived >= count:
+            return now
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{topic}: {arrived} of {count} records arrived in {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def delete_topics(bootstrap: str, prefixes: tuple[str, ...]) -> list[str]:
+    """Delete every topic whose name starts with one of the prefixes (a run's own topics)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    names = [name for name in admin.list_topics(timeout=15).topics if name.startswith(prefixes)]
+    if names:
+        for future in admin.delete_topics(names, operation_timeout=30).values():
+            with contextlib.suppress(Exception):  # already gone, or being deleted
+                future.result(timeout=60)
+    return names

@@ -1,0 +1,159 @@
+"""Percentiles, the goals of issue 7 with their measured values, and the plain-text table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Goal", "evaluate_goals", "format_report", "percentile", "summarize"]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), interpolated linearly between the closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is not within 0..100")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarize(values: Sequence[float]) -> dict[str, float | int]:
+    """Count, p50, p95, p99 and max of latencies in seconds (empty: count 0 only)."""
+    if not values:
+        return {"count": 0}
+    return {
+        "count": len(values),
+        "p50": round(percentile(values, 50), 4),
+        "p95": round(percentile(values, 95), 4),
+        "p99": round(percentile(values, 99), 4),
+        "max": round(max(values), 4),
+    }
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal: what it asks, its measured value, and whether it holds (None: not measured)."""
+
+    name: str
+    target: str
+    measured: str
+    passed: bool | None
+
+    @property
+    def verdict(self) -> str:
+        if self.passed is None:
+            return "incomplete" if self.measured != "-" else "not run"
+        return "PASS" if self.passed else "FAIL"
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or node.get(key) is None:
+            return None
+        node = node[key]
+    return node
+
+
+def evaluate_goals(results: dict[str, Any]) -> list[Goal]:
+    """The five goals of issue 7 from a run's results (any part may be missing)."""
+    goals = []
+    r1 = _get(results, "r1", "ratio")
+    goals.append(Goal("R1 pipeline drain ratio", ">= 0.25", _fmt(r1, "{:.4f}"), None if r1 is None else r1 >= 0.25))
+    r2 = _get(results, "r2", "ratio")
+    goals.append(Goal("R2 sink ratio", ">= 10", _fmt(r2, "{:.2f}"), None if r2 is None else r2 >= 10))
+    pipe99, naive99 = _get(results, "r3", "50", "pipeline", "p99"), _get(results, "r3", "50", "naive", "p99")
+    goals.append(_ratio_goal("R3 p99 at 50/s, pipeline / naive", 0.5, pipe99, naive99))
+    pipe50, naive50 = _get(results, "r3", "1", "pipeline", "p50"), _get(results, "r3", "1", "naive", "p50")
+    goals.append(_ratio_goal("R3 p50 at 1/s, pipeline / naive", 1.2, pipe50, naive50))
+    goals.append(_memory_goal(results.get("memory")))
+    return goals
+
+
+def _memory_goal(memory: dict[str, Any] | None) -> Goal:
+    name = "Memory growth 10k -> 100k patients"
+    growth = (memory or {}).get("growth_percent")
+    if memory is None or growth is None:
+        return Goal(name, "< 10 %", "-", None)
+    if not memory.get("complete"):  # the pipeline did not reach the second step within the time budget
+        low, high = memory["growth_between"]
+        return Goal(name, "< 10 %", f"{growth:+.1f} % ({low} -> {high} only)", None)
+    return Goal(name, "< 10 %", f"{growth:+.1f} %", growth < 10)
+
+
+def _ratio_goal(name: str, limit: float, pipeline: float | None, naive: float | None) -> Goal:
+    if pipeline is None or naive is None:
+        return Goal(name, f"<= {limit}", "-", None)
+    ratio = pipeline / naive if naive > 0 else math.inf
+    measured = f"{ratio:.2f} ({pipeline * 1000:.0f} ms / {naive * 1000:.0f} ms)"
+    return Goal(name, f"<= {limit}", measured, ratio <= limit)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The goals table, then the absolute figures and the machine they came from."""
+    goals = evaluate_goals(results)
+    width = max(len(g.name) for g in goals)
+    lines = [f"{'goal':<{width}}  {'target':<8}  {'measured':<28}  result", "-" * (width + 48)]
+    lines += [f"{g.name:<{width}}  {g.target:<8}  {g.measured:<28}  {g.verdict}" for g in goals]
+    lines += ["", *_figures(results), "", _machine_line(results.get("machine") or {})]
+    return "\n".join(lines)
+
+
+def _figures(results: dict[str, Any]) -> list[str]:
+    lines = []
+    if r1 := results.get("r1"):
+        lines.append(
+            f"R1  {r1['resources']} resources: pipeline {r1['pipeline']['per_second']}/s "
+            f"(steady {r1['pipeline']['steady_per_second']}/s, "
+            f"ready after {r1['pipeline']['worker_ready_seconds']} s), "
+            f"raw consume(500) {r1['raw']['per_second']}/s"
+        )
+    if r2 := results.get("r2"):
+        lines.append(
+            f"R2  {r2['resources']} resources into the FHIR server: pipeline {r2['pipeline']['per_second']}/s, "
+            f"naive loop {r2['naive']['per_second']}/s"
+        )
+    for rate, r3 in sorted((results.get("r3") or {}).items(), key=lambda kv: float(kv[0])):
+        for mode in ("pipeline", "naive"):
+            s = r3.get(mode) or {}
+            if s.get("count"):
+                lines.append(
+                    f"R3  {rate}/s {mode:<8} {s['count']} changes: p50 {s['p50'] * 1000:.0f} ms, "
+                    f"p99 {s['p99'] * 1000:.0f} ms, max {s['max'] * 1000:.0f} ms"
+                )
+    if memory := results.get("memory"):
+        points = ", ".join(f"{p['patients']} patients {p['rss_mib']} MiB" for p in memory.get("points", []))
+        lines.append(f"Memory  worker RSS: {points}")
+    if profile := _get(results, "r1", "profile"):
+        lines += _profile_lines(profile)
+    return lines
+
+
+def _profile_lines(profile: dict[str, Any]) -> list[str]:
+    if "error" in profile:
+        return [f"Profile  not taken: {profile['error']}"]
+    lines = [f"Profile  worker during R1, {profile['samples']} samples; top ten by own time, then by total time:"]
+    lines += [f"  own   {row['percent']:5.1f} %  {row['function']}" for row in profile["top_own"]]
+    lines += [f"  total {row['percent']:5.1f} %  {row['function']}" for row in profile["top_total"]]
+    return lines
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    if not machine:
+        return ""
+    return (
+        f"Machine  {machine.get('cpu_model')}, {machine.get('cores')} cores, {machine.get('memory_gib')} GiB, "
+        f"kernel {machine.get('kernel')}, Python {machine.get('python')}, {machine.get('java')}, "
+        f"{machine.get('fhir_server')}, Kafka {machine.get('kafka')}; load average at start "
+        f"{machine.get('load_start')}, at end {machine.get('load_end')}; {machine.get('date')}, "
+        f"commit {machine.get('git_commit')}"
+    )

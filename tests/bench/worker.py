@@ -1,0 +1,94 @@
+"""A `cdrsync worker` process of the benchmark: its own consumer group, state directory, topics and target.
+
+Observed only from outside: its process (RSS from /proc), its log (readiness), Kafka and the target.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["BenchWorker", "rss_bytes"]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class BenchWorker:
+    """One worker process; `started_at` is the wall-clock time it was spawned."""
+
+    def __init__(self, app_id: str, home: Path, env: dict[str, str]) -> None:
+        self.app_id = app_id
+        self.state_dir = home / "workers" / app_id
+        self.log_path = home / "logs" / f"{app_id}.log"
+        self.env = env
+        self.port = _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> BenchWorker:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            **self.env,
+            "CDRSYNC_APP_ID": self.app_id,
+            "CDRSYNC_STATE_DIR": str(self.state_dir),
+            "CDRSYNC_WEB_PORT": str(self.port),
+        }
+        log = self.log_path.open("ab")
+        self.started_at = time.time()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "worker"], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 180) -> float:
+        """Block until the worker logged that it is ready; seconds since it was spawned."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.app_id} exited with {self.process.returncode} (log: {self.log_path})")
+            if b"Worker ready" in self.log_path.read_bytes():
+                return time.time() - self.started_at
+            time.sleep(0.2)
+        raise TimeoutError(f"worker {self.app_id} not ready after {timeout:.0f}s (log: {self.log_path})")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

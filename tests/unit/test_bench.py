@@ -1,0 +1,204 @@
+"""The benchmark harness' pure parts (tests/bench): percentiles, Synthea flattening, latency matching,
+profile parsing, goals and report, the derived bench site. The measurements themselves run in `make bench`."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.config import load_config
+from pipeline.connect import load_connectors
+from pipeline.identity import global_patient_key
+from pipeline.ids import target_id
+from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
+from tests.bench.instant_ack import AckLog, apply_write
+from tests.bench.latency import Change, latencies
+from tests.bench.memory import memory_result
+from tests.bench.profile import parse_collapsed, top_functions
+from tests.bench.provision import BENCH_SITE, write_config_root
+from tests.bench.report import evaluate_goals, format_report, percentile, summarize
+from tests.bench.synthea import SyntheaRun, synthea_version
+from tests.casebuilder import KVNR_SYSTEM, kvnr_of
+
+pytestmark = pytest.mark.unit
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "synthea" / "patient-excerpt.json"
+CARRIED = frozenset({"Patient", "Encounter", "Condition", "Observation", "DiagnosticReport"})
+
+
+def synthea_bundle() -> dict:
+    return orjson.loads(FIXTURE.read_bytes())
+
+
+def test_percentile_interpolates_between_ranks_like_numpy() -> None:
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 100) == 4.0
+    assert percentile(list(map(float, range(101))), 99) == 99.0
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_percentile_refuses_no_values_and_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summarize_gives_count_and_quantiles() -> None:
+    assert summarize([]) == {"count": 0}
+    summary = summarize([0.1 * n for n in range(1, 11)])
+    assert summary["count"] == 10 and summary["max"] == 1.0 and summary["p50"] == 0.55
+
+
+def test_flatten_rewrites_synthea_references_to_namespaced_ids() -> None:
+    out = flatten_bundle(synthea_bundle(), "r1", CARRIED)
+    kinds = [r["resourceType"] for r in out.resources]
+    assert kinds == ["Patient", "Encounter", "Condition", "Observation", "Observation", "DiagnosticReport"]
+    assert out.not_carried == Counter({"Claim": 1}) and not out.invalid
+    patient, encounter = out.resources[0], out.resources[1]
+    assert all(r["id"].startswith("r1-") for r in out.resources)
+    assert encounter["subject"]["reference"] == f"Patient/{patient['id']}"
+    report = out.resources[-1]
+    observation_ids = {r["id"] for r in out.resources if r["resourceType"] == "Observation"}
+    assert {ref["reference"].removeprefix("Observation/") for ref in report["result"]} == observation_ids
+    assert report["encounter"]["reference"] == f"Encounter/{encounter['id']}"
+
+
+def test_flatten_keeps_what_it_cannot_resolve_and_adds_the_shared_identifier() -> None:
+    out = flatten_bundle(synthea_bundle(), "r1", CARRIED)
+    patient = out.resources[0]
+    assert {"system": KVNR_SYSTEM, "value": kvnr_of(patient["id"])} in patient["identifier"]
+    text = orjson.dumps(out.resources).decode()
+    assert "Practitioner?identifier=" in text  # conditional references: cdrsync makes them logical references
+    condition = out.resources[2]
+    assert condition["encounter"]["reference"].startswith("urn:uuid:")  # its encounter is not in the excerpt
+
+
+def test_flatten_counts_invalid_resources_and_a_dataset_skips_them_in_every_namespace() -> None:
+    bundle = synthea_bundle()
+    bundle["entry"][3]["resource"].pop("code")  # an Observation without its required code
+    data = Dataset([bundle], CARRIED)
+    assert data.summary.invalid == Counter({"Observation": 1})
+    again = data.resources("r2p")
+    assert [r["resourceType"] for r in again].count("Observation") == 1
+    assert all(r["id"].startswith("r2p-") for r in again)
+
+
+def test_flatten_refuses_ids_longer_than_fhir_allows() -> None:
+    with pytest.raises(ValueError, match="64"):
+        flatten_bundle(synthea_bundle(), "x" * 40, CARRIED)
+
+
+def test_expected_ref_is_where_the_pipeline_writes() -> None:
+    patient = {"resourceType": "Patient", "id": "r1-p"}
+    assert expected_ref(patient, "bench") == f"Patient/{global_patient_key(KVNR_SYSTEM, kvnr_of('r1-p'))}"
+    observation = {"resourceType": "Observation", "id": "r1-o"}
+    assert expected_ref(observation, "bench") == f"Observation/{target_id('bench', 'Observation', 'r1-o')}"
+
+
+def test_latency_is_measured_to_the_first_version_holding_the_value_or_a_later_one() -> None:
+    changes = [Change("Observation/a", 1, 100.0), Change("Observation/a", 2, 100.5), Change("Observation/b", 3, 101.0)]
+    versions = {"Observation/a": [(0.0, 99.0), (2.0, 100.8)], "Observation/b": []}
+    values, unseen = latencies(changes, versions)
+    assert values == pytest.approx([0.8, 0.3])  # change 1 was folded into the version holding 2
+    assert unseen == 1
+
+
+def test_profile_counts_own_and_total_samples_once_per_stack() -> None:
+    raw = "main (a.py:1);loop (a.py:5);work (b.py:2) 6\nmain (a.py:1);loop (a.py:5);loop (a.py:5) 3\nbad line\n"
+    own, total, samples = parse_collapsed(raw)
+    assert samples == 9
+    assert own == Counter({"work (b.py:2)": 6, "loop (a.py:5)": 3})
+    assert total["loop (a.py:5)"] == 9 and total["main (a.py:1)"] == 9 and total["work (b.py:2)"] == 6
+    assert top_functions(own, samples, 1) == [{"function": "work (b.py:2)", "samples": 6, "percent": 66.7}]
+
+
+def test_instant_ack_answers_like_a_server_that_creates_then_updates() -> None:
+    log = AckLog()
+    assert apply_write(log, "PUT", "Patient/p", b"{}", 1.0) == (201, 1)
+    assert apply_write(log, "PUT", "Patient/p", b"{}", 2.0) == (200, 2)
+    assert apply_write(log, "DELETE", "Patient/p", None, 3.0) == (204, 3)
+    assert log.seen({"Patient/p", "Patient/q"}) == 1
+    assert log.last_ack_of({"Patient/p"}) == 3.0 and log.last_ack_of({"Patient/q"}) is None
+
+
+def _results() -> dict:
+    return {
+        "r1": {
+            "ratio": 0.05,
+            "resources": 10,
+            "raw": {"per_second": 1000.0},
+            "pipeline": {"per_second": 50.0, "steady_per_second": 60.0, "worker_ready_seconds": 4.0},
+        },
+        "r2": {"ratio": 12.0, "resources": 10, "pipeline": {"per_second": 120.0}, "naive": {"per_second": 10.0}},
+        "r3": {
+            "50": {
+                "pipeline": {"count": 5, "p50": 0.5, "p99": 0.9, "max": 1.0},
+                "naive": {"count": 5, "p50": 1.0, "p99": 2.0, "max": 2.0},
+            }
+        },
+        "memory": memory_result(
+            100.0,
+            [
+                {"patients": 10, "rss_mib": 200.0, "complete": True},
+                {"patients": 30, "rss_mib": 230.0, "complete": False},
+            ],
+            [10, 100],
+            60,
+        ),
+        "machine": {"cpu_model": "Test CPU", "cores": 2},
+    }
+
+
+def test_goals_pass_fail_not_run_and_incomplete() -> None:
+    verdicts = {g.name: g.verdict for g in evaluate_goals(_results())}
+    assert verdicts == {
+        "R1 pipeline drain ratio": "FAIL",
+        "R2 sink ratio": "PASS",
+        "R3 p99 at 50/s, pipeline / naive": "PASS",
+        "R3 p50 at 1/s, pipeline / naive": "not run",
+        "Memory growth 10k -> 100k patients": "incomplete",
+    }
+
+
+def test_memory_growth_is_from_the_first_reading_to_the_last() -> None:
+    result = memory_result(
+        100.0,
+        [{"patients": 10, "rss_mib": 200.0, "complete": True}, {"patients": 100, "rss_mib": 210.0, "complete": True}],
+        [10, 100],
+        60,
+    )
+    assert result["complete"] and result["growth_percent"] == 5.0
+    assert evaluate_goals({"memory": result})[-1].verdict == "PASS"
+
+
+def test_report_table_names_every_goal_and_the_machine() -> None:
+    text = format_report(_results())
+    assert "R2 sink ratio" in text and "12.00" in text and "PASS" in text
+    assert "0.45 (900 ms / 2000 ms)" in text
+    assert "+15.0 % (10 -> 30 only)" in text
+    assert "Test CPU, 2 cores" in text
+
+
+def test_bench_site_is_site_a_in_its_own_database_and_its_connector_matches(tmp_path: Path) -> None:
+    root = write_config_root(tmp_path / "config")
+    config = load_config(root)
+    site, site_a = config.sites[BENCH_SITE], load_config(Path(__file__).resolve().parents[2]).sites["site-a"]
+    assert site.source is not None and site.source.database == "bench"
+    assert site.resource_types == site_a.resource_types and site.identity == site_a.identity
+    assert [(r.target, r.trigger) for r in site.routes] == [("central", "all")]
+    assert config.capture_sites() == []  # no back-flow polling in the benchmark's workers
+    [connector] = load_connectors(root / "connectors" / "debezium", config)  # checks the topic prefix
+    assert connector.config["database.dbname"] == "bench"
+
+
+def test_synthea_run_is_pinned_and_keyed_by_everything_that_changes_its_output() -> None:
+    run = SyntheaRun(seed=1, population=3)
+    assert synthea_version() == "3.3.0"
+    assert run.key("3.3.0") != SyntheaRun(seed=2, population=3).key("3.3.0")
+    args = run.arguments(Path("/tmp/out"))
+    assert args[0] == "App" and args[1:3] == ["-s", "1"] and "-r" in args and "--exporter.fhir.export=true" in args
