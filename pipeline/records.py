@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -128,9 +128,12 @@ def _schema(name: str) -> tuple[Any, bytes]:
 def _by_fingerprint() -> dict[bytes, tuple[str, Any]]:
     """Fingerprint → (schema name, writer schema), current and historical versions."""
     known = {}
-    for path in [*SCHEMA_DIR.glob("history/*.avsc"), *SCHEMA_DIR.glob("*.avsc")]:
+    for path in SCHEMA_DIR.glob("history/*.avsc"):
         parsed, digest = _parse(path)
         known[digest] = (path.name.split(".", 1)[0], parsed)
+    for path in SCHEMA_DIR.glob("*.avsc"):
+        parsed, digest = _schema(path.stem)  # the same object decode_any compares with
+        known[digest] = (path.stem, parsed)
     return known
 
 
@@ -144,8 +147,18 @@ def encode(record: NormalizedResource | RoutedResource) -> bytes:
     parsed, digest = _schema(record.schema_name)
     buffer = io.BytesIO()
     buffer.write(_MAGIC + digest)
-    fastavro.schemaless_writer(buffer, parsed, asdict(record))
+    # A shallow dict (asdict deep-copies every field, and the fields are plain values anyway).
+    fastavro.schemaless_writer(buffer, parsed, {name: getattr(record, name) for name in _field_names(type(record))})
     return buffer.getvalue()
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(kind: type) -> tuple[str, ...]:
+    if kind not in _FIELD_NAMES:
+        _FIELD_NAMES[kind] = tuple(f.name for f in fields(kind))
+    return _FIELD_NAMES[kind]
 
 
 def decode_any(data: bytes) -> tuple[str, dict[str, Any]]:
@@ -156,8 +169,11 @@ def decode_any(data: bytes) -> tuple[str, dict[str, Any]]:
     if known is None:
         raise SchemaError(f"unknown schema fingerprint {data[2:10].hex()}")
     name, writer = known
+    reader = _schema(name)[0]
     try:
-        datum: Any = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, _schema(name)[0])
+        # Schema resolution only for a record written with an older schema (schemas/history/).
+        resolve = reader if writer is not reader else None
+        datum: Any = fastavro.schemaless_reader(io.BytesIO(data[10:]), writer, resolve)
     except Exception as exc:  # fastavro raises several unrelated types on corrupt input
         raise SchemaError(f"cannot decode {name}: {exc!r}") from None
     return name, datum
@@ -168,5 +184,5 @@ def decode(data: bytes, kind: type[Record]) -> Record:
     name, datum = decode_any(data)
     if name != kind.schema_name:
         raise SchemaError(f"expected {kind.schema_name}, got {name}")
-    names = {f.name for f in fields(kind)}
+    names = _field_names(kind)
     return kind(**{k: v for k, v in datum.items() if k in names})
