@@ -1,7 +1,8 @@
 """One agent per stage. Each is a short loop: decode, call one `pipeline` function, route the result.
 
-Every agent runs with concurrency=1 (tables, and in-order commits) and never lets an exception
-escape: Faust would ack the message that raised, and it would be lost.
+Every agent runs with concurrency=1 (tables, and in-order commits), takes its input in batches that
+Faust acknowledges only once everything they produced is (agents/routing.py batched), and never lets
+an exception escape: Faust would ack the message that raised, and it would be lost.
 """
 
 from __future__ import annotations
