@@ -7,7 +7,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -145,38 +145,36 @@ def processing(event: EventT) -> Iterator[None]:
 
 async def _apply_batch(batch: StagedBatch) -> None:
     """apply_tables for a batch: each key's last change, applied as the record that made it."""
-    failure: BaseException | None = None
-    for attempt in range(_APPLY_ATTEMPTS):
-        try:
-            for event, table, key, value in batch.final_changes():
-                with processing(event):
-                    if value is None:
-                        table.pop(key, None)
-                    else:
-                        table[key] = value
-            return
-        except PartitionsMismatch:
-            log.warning("table metadata not ready (attempt %d); retrying", attempt + 1)
-            await asyncio.sleep(1.0)
-        except Exception as error:
-            failure = error
-            break
-    log.critical("cannot update tables; exiting so the input is processed again", exc_info=failure)
-    os._exit(_EXIT_UNDELIVERABLE)
+
+    def apply() -> None:
+        for event, table, key, value in batch.final_changes():
+            with processing(event):
+                if value is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+
+    await _apply_with_retries(apply)
 
 
 async def apply_tables(*tables: Staged) -> None:
-    """Apply staged table changes once the outputs they describe are acknowledged.
+    """Apply staged table changes once the outputs they describe are acknowledged."""
 
-    Right after start-up Faust may not yet see a changelog topic's partitions and refuses the write
-    (PartitionsMismatch) until its metadata refreshes: wait for it. Any other failure exits the worker:
-    the outputs are sent but the state is not, so the record must be processed again, not acked.
-    """
+    def apply() -> None:
+        for table in tables:
+            table.apply()
+
+    await _apply_with_retries(apply)
+
+
+async def _apply_with_retries(apply: Callable[[], None]) -> None:
+    """Write table changes. Right after start-up Faust may not yet see a changelog topic's partitions and
+    refuses the write (PartitionsMismatch) until its metadata refreshes: wait for it. Any other failure
+    exits the worker: the outputs are sent but the state is not, so the input must be processed again."""
     failure: BaseException | None = None
     for attempt in range(_APPLY_ATTEMPTS):
         try:
-            for table in tables:
-                table.apply()
+            apply()
             return
         except PartitionsMismatch:
             log.warning("table metadata not ready (attempt %d); retrying", attempt + 1)
