@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from faust.types import EventT, StreamT
@@ -133,15 +134,21 @@ async def _normalize_one(event: EventT) -> None:
         await dead_letter("normalize", event, MappingError(reason))
 
 
-@app.agent(source_changes, concurrency=1)
-async def normalize_changes(stream: StreamT) -> None:
-    """Debezium change → validated FHIR resources on the normalized topic (one per fhir row, many per
-    openEHR composition or HL7 v2 message); parts that cannot be mapped → one dead letter naming them."""
+async def _each_in_batches(stream: StreamT, handle: Callable[[EventT], Awaitable[None]]) -> None:
+    """A stage's loop: batches of its input (agents/routing.py batched), each record handled in order as
+    Faust's current event."""
     async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
         async with batched(len(events)):
             for event in events:
                 with processing(event):
-                    await _normalize_one(event)
+                    await handle(event)
+
+
+@app.agent(source_changes, concurrency=1)
+async def normalize_changes(stream: StreamT) -> None:
+    """Debezium change → validated FHIR resources on the normalized topic (one per fhir row, many per
+    openEHR composition or HL7 v2 message); parts that cannot be mapped → one dead letter naming them."""
+    await _each_in_batches(stream, _normalize_one)
 
 
 async def _resolve_one(event: EventT) -> None:
@@ -176,11 +183,7 @@ async def _resolve_one(event: EventT) -> None:
 @app.agent(normalized, concurrency=1)
 async def resolve_identity(stream: StreamT) -> None:
     """Normalized resource → routed resources keyed by the global patient key, or held until it has one."""
-    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
-        async with batched(len(events)):
-            for event in events:
-                with processing(event):
-                    await _resolve_one(event)
+    await _each_in_batches(stream, _resolve_one)
 
 
 async def _order_one(event: EventT) -> None:
@@ -227,11 +230,7 @@ async def _order_one(event: EventT) -> None:
 @app.agent(identified, concurrency=1)
 async def order_resources(stream: StreamT) -> None:
     """Hold a resource until what it references is released; release in dependency order."""
-    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
-        async with batched(len(events)):
-            for event in events:
-                with processing(event):
-                    await _order_one(event)
+    await _each_in_batches(stream, _order_one)
 
 
 async def _expire_parks(partition: int) -> None:
