@@ -30,7 +30,7 @@ import orjson
 from .config import Config
 from .dlq import iso_time, operator_name, read_all, resolutions
 from .errors import CdrsyncError, EnvelopeError
-from .kafkaadmin import keyed_producer
+from .kafkaadmin import AcknowledgedProducer
 from .records import RoutedResource
 
 __all__ = [
@@ -183,13 +183,7 @@ def resolve_conflicts(
                 f"conflict {conflict.id} lacks the record or the target's version (was the resource deleted "
                 "at the target?): resolve it at the target by hand, then mark it with --keep-target after a re-read"
             )
-    producer = keyed_producer(bootstrap)
-    failures: list[str] = []
-
-    def delivered(err: Any, msg: Any) -> None:
-        if err is not None:
-            failures.append(str(err))
-
+    producer = AcknowledgedProducer(bootstrap)
     operator, ready = operator_name(), config.topics.name("ready")
     for n, conflict in enumerate(chosen, start=1):
         v = conflict.value
@@ -197,19 +191,12 @@ def resolve_conflicts(
         where: dict[str, Any] = {"partition": int(origin["partition"])} if origin.get("topic") == ready else {}
         header = f"{decision}:{v['current_version']}".encode()
         record = base64.b64decode(v["record"])
-        producer.produce(
-            ready, record, conflict.key, headers=[(RESOLUTION_HEADER, header)], on_delivery=delivered, **where
-        )
+        producer.produce(ready, record, conflict.key, headers=[(RESOLUTION_HEADER, header)], **where)
         at_ms = int(time.time() * 1000)
         resolution = {"action": decision, "at": iso_time(at_ms), "by": operator, "over_version": v["current_version"]}
         if reason:
             resolution["reason"] = reason
-        producer.produce(
-            config.topics.name("conflicts_resolved"),
-            orjson.dumps(resolution),
-            conflict.id.encode(),
-            on_delivery=delivered,
-        )
+        producer.produce(config.topics.name("conflicts_resolved"), orjson.dumps(resolution), conflict.id.encode())
         detail = f"conflict {conflict.id} resolved by {operator}: {decision} over version {v['current_version']}"
         event = {
             "at_ms": at_ms,
@@ -226,12 +213,7 @@ def resolve_conflicts(
             "trigger": "operator",
             "detail": (detail + (f": {reason}" if reason else ""))[:500],
         }
-        producer.produce(config.topics.name("audit"), orjson.dumps(event), conflict.id.encode(), on_delivery=delivered)
-        if n % 100 == 0 or n == len(chosen):
-            producer.flush(30)
-            if failures:
-                raise CdrsyncError(f"Kafka did not take the decision on conflict {conflict.id}: {failures[0]}")
-            progress(n, len(chosen))
-    if producer.flush(30) or failures:
-        raise CdrsyncError(f"Kafka did not acknowledge every decision: {failures[:1]}")
+        producer.produce(config.topics.name("audit"), orjson.dumps(event), conflict.id.encode())
+        producer.checkpoint(n, len(chosen), f"the decision on conflict {conflict.id}", progress)
+    producer.finish("decision")
     return len(chosen)

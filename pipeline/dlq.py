@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from .config import Config
 from .deadletter import DISCARD_HEADER, REPLAY_HEADER, FailureInfo, failure_headers, parse_failure_headers
 from .errors import CdrsyncError
-from .kafkaadmin import keyed_producer
+from .kafkaadmin import AcknowledgedProducer
 from .reconcile import dead_letter_ref
 from .tap import decode_value
 
@@ -279,13 +279,7 @@ def resolve(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> int:
     """Replay or discard dead letters; each is sent, acknowledged, recorded and audited. How many were done."""
-    producer = keyed_producer(bootstrap)
-    failures: list[str] = []
-
-    def delivered(err: Any, msg: Any) -> None:
-        if err is not None:
-            failures.append(str(err))
-
+    producer = AcknowledgedProducer(bootstrap)
     operator = operator_name()
     for n, letter in enumerate(letters, start=1):
         assert letter.failure is not None
@@ -299,10 +293,10 @@ def resolve(
             {"partition": letter.failure.origin_partition} if topic == letter.failure.origin_topic else {}
         )
         if action == "replay":
-            producer.produce(topic, letter.value, letter.key, headers=headers, on_delivery=delivered, **where)
+            producer.produce(topic, letter.value, letter.key, headers=headers, **where)
         elif letter.failure.stage == "sink":  # release the versions waiting behind it
             headers.append((DISCARD_HEADER, reason.encode() or b"1"))
-            producer.produce(topic, letter.value, letter.key, headers=headers, on_delivery=delivered, **where)
+            producer.produce(topic, letter.value, letter.key, headers=headers, **where)
         at_ms = int(time.time() * 1000)
         resolution = {
             "action": "replayed" if action == "replay" else "discarded",
@@ -311,22 +305,11 @@ def resolve(
         }
         if reason:
             resolution["reason"] = reason
-        producer.produce(
-            config.topics.name("dlq_resolved"), orjson.dumps(resolution), letter.id.encode(), on_delivery=delivered
-        )
-        producer.produce(
-            config.topics.name("audit"),
-            orjson.dumps(_audit(letter, resolution["action"], at_ms, operator, reason)),
-            letter.id.encode(),
-            on_delivery=delivered,
-        )
-        if n % 100 == 0 or n == len(letters):
-            producer.flush(30)
-            if failures:
-                raise CdrsyncError(f"Kafka did not take the {action} of {letter.id}: {failures[0]}")
-            progress(n, len(letters))
-    if producer.flush(30) or failures:
-        raise CdrsyncError(f"Kafka did not acknowledge every {action}: {failures[:1]}")
+        producer.produce(config.topics.name("dlq_resolved"), orjson.dumps(resolution), letter.id.encode())
+        audit = _audit(letter, resolution["action"], at_ms, operator, reason)
+        producer.produce(config.topics.name("audit"), orjson.dumps(audit), letter.id.encode())
+        producer.checkpoint(n, len(letters), f"the {action} of {letter.id}", progress)
+    producer.finish(action)
     return len(letters)
 
 

@@ -11,9 +11,9 @@ from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
 
 from .config import Config
-from .errors import ConfigError, TargetUnavailableError
+from .errors import CdrsyncError, ConfigError, TargetUnavailableError
 
-__all__ = ["TopicPlan", "apply_topics", "declared_topics", "keyed_producer"]
+__all__ = ["AcknowledgedProducer", "TopicPlan", "apply_topics", "declared_topics", "keyed_producer"]
 
 
 def keyed_producer(bootstrap: str) -> Producer:
@@ -25,6 +25,36 @@ def keyed_producer(bootstrap: str) -> Producer:
     return Producer(
         {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
     )
+
+
+class AcknowledgedProducer:
+    """keyed_producer for operator commands whose every record must reach Kafka: failures are collected
+    from the delivery reports, and checkpoint() flushes and raises on the first one."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.producer = keyed_producer(bootstrap)
+        self.failures: list[str] = []
+
+    def _delivered(self, err: Any, msg: Any) -> None:
+        if err is not None:
+            self.failures.append(str(err))
+
+    def produce(self, topic: str, value: bytes | None, key: bytes | None, **kwargs: Any) -> None:
+        self.producer.produce(topic, value, key, on_delivery=self._delivered, **kwargs)
+
+    def checkpoint(self, done: int, total: int, what: str, progress: Callable[[int, int], None]) -> None:
+        """Every 100 records and at the last: flush, raise if Kafka refused one, report progress."""
+        if done % 100 and done != total:
+            return
+        self.producer.flush(30)
+        if self.failures:
+            raise CdrsyncError(f"Kafka did not take {what}: {self.failures[0]}")
+        progress(done, total)
+
+    def finish(self, what: str) -> None:
+        """Everything acknowledged, or CdrsyncError."""
+        if self.producer.flush(30) or self.failures:
+            raise CdrsyncError(f"Kafka did not acknowledge every {what}: {self.failures[:1]}")
 
 
 @dataclass(frozen=True)
