@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
+
+from pipeline.records import RoutedResource, canonical_hash
 from pipeline.resources import SUPPORTED_TYPES
 from tests.conftest import bundle_resources
 
@@ -177,3 +180,33 @@ def decision_response(patient_ref: str, board_date: str = "2026-11-20") -> Resou
         "authored": f"{board_date}T16:30:00+01:00",
         "item": [{"linkId": "case", "item": case}, {"linkId": "decision", "item": decision}],
     }
+
+
+def routed_record(
+    resource: dict[str, Any],
+    *,
+    patient_key: str,
+    op: str = "UPDATE",
+    origin: tuple[str, int, int] = ("t", 0, 0),
+    source_version: int = 1,
+    source_lsn: int | None = None,
+) -> RoutedResource:
+    """A ready record of site-a for central, the resource written at its own id (tests of the sink)."""
+    return RoutedResource(
+        source_commit_ms=0,
+        captured_ms=0,
+        origin_topic=origin[0],
+        origin_partition=origin[1],
+        origin_offset=origin[2],
+        site="site-a",
+        target="central",
+        resource_type=resource["resourceType"],
+        source_id=resource["id"],
+        target_id=resource["id"],
+        patient_key=patient_key,
+        op=op,
+        resource=orjson.dumps(resource).decode(),
+        content_hash=canonical_hash(resource),
+        source_version=source_version,
+        source_lsn=source_lsn,
+    )

@@ -18,7 +18,7 @@ from pipeline.fhirclient import FhirClient
 from pipeline.records import RoutedResource, canonical_hash
 from pipeline.sink import write_record
 from pipeline.tap import tap
-from tests.casebuilder import observation_for, patient
+from tests.casebuilder import observation_for, patient, routed_record
 from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, audit_rows, central_id, wait_for
 
 pytestmark = pytest.mark.integration
@@ -68,6 +68,23 @@ def _edited_then_changed_at_the_hospital(
     return changed, target_id
 
 
+def _open_conflict(
+    stack: Central,
+    site_a: SiteDatabase,
+    config: Config,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    central: float,
+    hospital: float,
+) -> tuple[dict[str, Any], str, str, str]:
+    """A conflict as `cdrsync conflicts list` shows it: (the hospital's row, central id, reference, conflict id)."""
+    weight, target_id = _edited_then_changed_at_the_hospital(stack, site_a, name, central, hospital)
+    ref = f"Observation/{target_id}"
+    wait_for(lambda: _conflicts(config, ref), timeout=120, what="the conflict record")
+    [conflict_id] = _conflict_ids(capsys, ref)
+    return weight, target_id, ref, conflict_id
+
+
 def test_central_edit_then_hospital_update_gives_a_conflict_and_no_overwrite(
     worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, config: Config
 ) -> None:
@@ -107,10 +124,7 @@ def test_a_reviewer_takes_the_hospitals_version(
     config: Config,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    weight, target_id = _edited_then_changed_at_the_hospital(stack, site_a, f"{run_id}-take", 80.0, 66.0)
-    ref = f"Observation/{target_id}"
-    wait_for(lambda: _conflicts(config, ref), timeout=120, what="the conflict record")
-    [conflict_id] = _conflict_ids(capsys, ref)
+    weight, target_id, ref, conflict_id = _open_conflict(stack, site_a, config, capsys, f"{run_id}-take", 80.0, 66.0)
 
     assert cdrsync(["conflicts", "resolve", conflict_id, "--take-incoming", "--reason", "tb review"]) == 0
     assert "dry run" in capsys.readouterr().out
@@ -138,10 +152,7 @@ def test_a_reviewer_keeps_the_central_version(
     config: Config,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    weight, target_id = _edited_then_changed_at_the_hospital(stack, site_a, f"{run_id}-keep", 90.0, 55.0)
-    ref = f"Observation/{target_id}"
-    wait_for(lambda: _conflicts(config, ref), timeout=120, what="the conflict record")
-    [conflict_id] = _conflict_ids(capsys, ref)
+    weight, target_id, ref, conflict_id = _open_conflict(stack, site_a, config, capsys, f"{run_id}-keep", 90.0, 55.0)
 
     assert cdrsync(["conflicts", "resolve", conflict_id, "--keep-target", "--reason", "central", "--execute"]) == 0
     capsys.readouterr()
@@ -159,23 +170,8 @@ def _routed(run_id: str, version: int, value: float) -> RoutedResource:
         "code": {"text": "weight"},
         "valueQuantity": {"value": value, "unit": "kg"},
     }
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="t",
-        origin_partition=0,
-        origin_offset=version,
-        site="site-a",
-        target="central",
-        resource_type="Observation",
-        source_id=body["id"],
-        target_id=body["id"],
-        patient_key=body["id"],
-        op="UPDATE",
-        resource=orjson.dumps(body).decode(),
-        content_hash=canonical_hash(body),
-        source_version=version,
-        source_lsn=version * 100,
+    return routed_record(
+        body, patient_key=body["id"], origin=("t", 0, version), source_version=version, source_lsn=version * 100
     )
 
 

@@ -9,37 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import pytest
 
 from pipeline.config import Config
 from pipeline.kafkaadmin import keyed_producer
-from pipeline.records import RoutedResource, canonical_hash, encode
+from pipeline.records import RoutedResource, encode
 from pipeline.tap import tap
+from tests.casebuilder import routed_record
 from tests.integration.conftest import SETTINGS, Central, Worker, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def _ready(run_id: str, resource: dict[str, Any], offset: int) -> RoutedResource:
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="test",
-        origin_partition=0,
-        origin_offset=offset,
-        site="site-a",
-        target="central",
-        resource_type=resource["resourceType"],
-        source_id=resource["id"],
-        target_id=resource["id"],
-        patient_key=f"{run_id}-bundle",
-        op="CREATE",
-        resource=orjson.dumps(resource).decode(),
-        content_hash=canonical_hash(resource),
-        source_version=1,
-        source_lsn=offset,
-    )
+    key = f"{run_id}-bundle"
+    return routed_record(resource, patient_key=key, op="CREATE", origin=("test", 0, offset), source_lsn=offset)
 
 
 def _send(config: Config, records: list[RoutedResource]) -> None:

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from pipeline.blocking import Queued, SinkOrder, TargetVersions
 from pipeline.conflicts import RESOLUTION_HEADER, Conflict, conflict_record, differing_fields, parse_resolution
 from pipeline.errors import EnvelopeError
-from pipeline.records import RoutedResource, canonical_hash
+from pipeline.records import RoutedResource
 from pipeline.sink import CONTENT_HASH_EXTENSION, _newer, body_to_write, is_our_write, untouched_write
+from tests.casebuilder import routed_record
 
 pytestmark = pytest.mark.unit
 REF = "Observation/o1"
@@ -22,24 +23,7 @@ REF = "Observation/o1"
 
 def _record(value: float) -> RoutedResource:
     body = {"resourceType": "Observation", "id": "o1", "status": "final", "valueQuantity": {"value": value}}
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="ready",
-        origin_partition=3,
-        origin_offset=17,
-        site="site-a",
-        target="central",
-        resource_type="Observation",
-        source_id="o1",
-        target_id="o1",
-        patient_key="pk",
-        op="UPDATE",
-        resource=orjson.dumps(body).decode(),
-        content_hash=canonical_hash(body),
-        source_version=2,
-        source_lsn=1234,
-    )
+    return routed_record(body, patient_key="pk", origin=("ready", 3, 17), source_version=2, source_lsn=1234)
 
 
 def test_the_version_lives_in_the_sink_entry_and_survives_its_queue_changes() -> None:
