@@ -478,19 +478,41 @@ def _bundle_candidate(event: EventT) -> RoutedResource | None:
 
 
 async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], attempts: int) -> None:
-    """One patient's upserts in one transaction; if it fails, each is written alone (and its failure routed)."""
+    """One patient's upserts in one transaction; if it fails, each is written alone (and its failure routed).
+
+    A resource the sink has no version of is looked up first (one batch of reads): absent, it goes into
+    the bundle; present (the table lost a write in a crash), it is written alone, which reads it and
+    decides (pipeline/sink.py write_record). Nothing is written blind over a version we do not know.
+    """
     target = batch[0][1].target
+    client = _client(target)
     versions = TargetVersions(current(blocked_by_reference))
-    entries = [(r.target_ref, body_to_write(r), versions.get(r.target_ref, {}).get("version")) for _, r in batch]
+    known = {r.target_ref: versions.get(r.target_ref, {}).get("version") for _, r in batch}
+    unknown = [ref for ref, version in known.items() if version is None]
     try:
-        outcomes = await _client(target).transaction_put(entries)
-    except Exception as error:  # all or nothing: none was written; one at a time says which, and why
-        reason = error.error_class if isinstance(error, CdrsyncError) else type(error).__name__
-        log.info("bundle of %d to %s not applied (%s); writing one at a time", len(batch), target, reason)
+        present = (
+            {ref for ref, found in (await client.read_many(unknown)).items() if found is not None} if unknown else set()
+        )
+    except Exception as error:  # one at a time says which failed, and why
+        log.info("reads before a bundle of %d to %s failed (%s); writing one at a time", len(batch), target, error)
+        present = set(unknown)
+    alone = [event for event, r in batch if r.target_ref in present]
+    batch = [(event, r) for event, r in batch if r.target_ref not in present]
+    if len(batch) > 1:
+        entries = [(r.target_ref, body_to_write(r), known[r.target_ref]) for _, r in batch]
+        try:
+            outcomes = await client.transaction_put(entries)
+        except Exception as error:  # all or nothing: none was written; one at a time says which, and why
+            reason = error.error_class if isinstance(error, CdrsyncError) else type(error).__name__
+            log.info("bundle of %d to %s not applied (%s); writing one at a time", len(batch), target, reason)
+            outcomes = [None] * len(batch)
+        BUNDLES.labels(target, "applied" if outcomes[0] is not None else "split").inc()
+    else:
         outcomes = [None] * len(batch)
-    BUNDLES.labels(target, "applied" if outcomes[0] is not None else "split").inc()
     for (event, _), outcome in zip(batch, outcomes, strict=True):
         await _sink(stage, event, attempts, prewritten=outcome)
+    for event in alone:
+        await _sink(stage, event, attempts)
 
 
 async def _sink_group(stage: str, events: list[EventT], attempts: int) -> None:

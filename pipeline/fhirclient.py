@@ -173,6 +173,39 @@ class FhirClient:
             outcomes.append(WriteOutcome(status, version))
         return outcomes
 
+    async def read_many(self, references: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Read several resources in one batch: reference -> the resource, None where the target has none
+        (or it was deleted). A read the target refuses raises what its answer means."""
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [{"request": {"method": "GET", "url": ref}} for ref in references],
+        }
+        headers = {"Content-Type": _FHIR_JSON}
+        try:
+            async with self._session_or_new().post(
+                self.base_url, data=orjson.dumps(bundle), headers=headers
+            ) as response:
+                payload = await response.read()
+                classify_response("POST", response.status, payload, response.headers.get("Retry-After"))
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TargetUnavailableError(
+                f"POST batch of {len(references)} reads: {type(exc).__name__}: {exc}"
+            ) from None
+        answers = orjson.loads(payload).get("entry", [])
+        if len(answers) != len(references):
+            raise RejectedByTargetError(f"batch answered {len(answers)} reads for {len(references)}", status=200)
+        found: dict[str, dict[str, Any] | None] = {}
+        for ref, answer in zip(references, answers, strict=True):
+            status = int(str((answer.get("response") or {}).get("status", "0")).split(" ", 1)[0] or 0)
+            if status in (404, 410):
+                found[ref] = None
+                continue
+            detail = orjson.dumps(answer.get("response", {}).get("outcome") or {})
+            classify_response("GET", status, detail)
+            found[ref] = answer.get("resource")
+        return found
+
     async def delete_all(self, references: list[str]) -> WriteOutcome:
         """Delete several resources in one transaction (the target checks references at its end)."""
         bundle = {

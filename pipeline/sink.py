@@ -14,7 +14,11 @@ with the hash of the body itself. When the target refuses a write, the sink read
   a write of ours that the sink's table lost in a crash. A later version of the same row is left in
   place (status 304); an earlier one is written over, still version-checked;
 * anything else: a conflict.
-Deletes are not version-checked: HAPI does not honour If-Match on DELETE.
+When the sink's table has no version of the resource (a first write, or a crash lost the table's
+record of writes that reached the target), the target is read first and the same rules apply; a
+later version left in place is not adopted as the base, so the next older copy read again is caught
+the same way. Deletes are not version-checked (HAPI does not honour If-Match on DELETE), but a delete
+read again after its row came back does not undo the later version.
 """
 
 from __future__ import annotations
@@ -128,35 +132,66 @@ def is_our_write(sent: dict[str, Any], current: dict[str, Any] | None) -> bool:
 
 
 async def write_record(client: FhirClient, record: RoutedResource, versions: Versions | None = None) -> WriteOutcome:
-    """PUT the resource at its deterministic id over the version we last wrote, or DELETE it."""
+    """PUT the resource at its deterministic id over the version we last wrote, or DELETE it.
+
+    Without a version of ours for it (a first write, or the sink's table lost the write in a crash) the
+    target is read first: a write is never sent blind over something cdrsync does not know it wrote.
+    """
     versions = {} if versions is None else versions
     ref = record.target_ref
     if record.is_delete:
-        if record.delete_with:  # a reference cycle: one transaction deletes all of it
-            outcome = await client.delete_all([ref, *record.delete_with])
-        else:
-            outcome = await client.delete(record.resource_type, record.target_id)
-        for gone in [ref, *record.delete_with]:
-            versions.pop(gone, None)
-        return outcome
+        return await _delete(client, record, versions)
     known = versions.get(ref, {}).get("version")
     body = body_to_write(record)
-    try:
-        outcome = await client.put(record.resource_type, record.target_id, body, if_match=known)
-    except VersionConflictError as conflict:
+    if known is None:
         current = await client.read(record.resource_type, record.target_id)
-        version = str(((current or {}).get("meta") or {}).get("versionId"))
-        mark = untouched_write(current)
-        if is_our_write(orjson.loads(body), current):  # this very write, applied before a crash
-            outcome = WriteOutcome(200, version)
-        elif mark is None:  # changed at the target since cdrsync wrote it: for review
-            raise VersionConflictError(str(conflict), current=current) from None
-        elif _newer(mark, record):  # a later version of this row is already there (our table lost it)
-            outcome = WriteOutcome(304, version)
-        else:  # an earlier write of ours that our table lost (a crash): write over it, still version-checked
-            outcome = await client.put(record.resource_type, record.target_id, body, if_match=version)
-    if outcome.version_id is not None:
+        if current is None:  # nothing there: a first write
+            outcome = await client.put(record.resource_type, record.target_id, body)
+        else:
+            outcome = await _over_current(client, record, body, current, "the target holds a version we do not know")
+    else:
+        try:
+            outcome = await client.put(record.resource_type, record.target_id, body, if_match=known)
+        except VersionConflictError as conflict:
+            current = await client.read(record.resource_type, record.target_id)
+            outcome = await _over_current(client, record, body, current, str(conflict))
+    if outcome.version_id is not None and outcome.status != 304:
         versions[ref] = {"version": outcome.version_id}
+    return outcome
+
+
+async def _over_current(
+    client: FhirClient, record: RoutedResource, body: bytes, current: dict[str, Any] | None, reason: str
+) -> WriteOutcome:
+    """Write over what the target holds now (read after a refusal, or because our table had no version)."""
+    version = str(((current or {}).get("meta") or {}).get("versionId"))
+    mark = untouched_write(current)
+    if is_our_write(orjson.loads(body), current):  # this very write, applied before a crash
+        return WriteOutcome(200, version)
+    if mark is None:  # changed at the target since cdrsync wrote it, or never written by cdrsync: for review
+        raise VersionConflictError(reason, current=current)
+    if _newer(mark, record):
+        # A later version of this row is already there (our table lost it). Its version is not adopted as
+        # the base: the next older copy read again must find out the same way, not be written over it.
+        return WriteOutcome(304, version)
+    # an earlier write of ours that our table lost (a crash): write over it, still version-checked
+    return await client.put(record.resource_type, record.target_id, body, if_match=version)
+
+
+async def _delete(client: FhirClient, record: RoutedResource, versions: Versions) -> WriteOutcome:
+    """DELETE the resource (a reference cycle: all of it in one transaction), unless a later version of the
+    same source row is already at the target: a delete read again after a crash must not undo it."""
+    ref = record.target_ref
+    if record.source_lsn is not None:
+        mark = untouched_write(await client.read(record.resource_type, record.target_id))
+        if mark is not None and _newer(mark, record):
+            return WriteOutcome(304, None)
+    if record.delete_with:
+        outcome = await client.delete_all([ref, *record.delete_with])
+    else:
+        outcome = await client.delete(record.resource_type, record.target_id)
+    for gone in [ref, *record.delete_with]:
+        versions.pop(gone, None)
     return outcome
 
 

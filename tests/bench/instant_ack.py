@@ -1,7 +1,7 @@
 """A FHIR REST endpoint that acknowledges every write at once: a measuring device for R1, never a test double.
 
 R1 asks how fast normalize -> identity -> order -> sink move records when the target costs nothing. This
-server answers PUT, POST and DELETE (also inside batch and transaction bundles) with 200/201/204 and an
+server answers PUT, POST, DELETE and GET (also inside batch and transaction bundles) with 200/201/204 and an
 ETag, keeps the last body and version of every resource so a read answers what was written, and notes
 when it acknowledged each resource. It validates nothing and enforces no referential integrity, so it
 is never used by the tests (DESIGN.md decision 1: tests use the real FHIR server).
@@ -73,6 +73,9 @@ def _bundle_response(log: AckLog, bundle: dict[str, Any], now: float) -> dict[st
         url = str(request.get("url", "")).split("?")[0].strip("/")
         if method == "POST" and "/" not in url:
             url = f"{url}/{uuid.uuid4()}"
+        if method == "GET":  # a read in a batch: what was last written, or 404
+            entries.append(_read_entry(log, url))
+            continue
         resource = entry.get("resource")
         body = orjson.dumps(resource) if resource is not None else None
         status, version = apply_write(log, method, url, body, now)
@@ -88,6 +91,16 @@ def _bundle_response(log: AckLog, bundle: dict[str, Any], now: float) -> dict[st
         )
     kind = "batch-response" if bundle.get("type") == "batch" else "transaction-response"
     return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+
+def _read_entry(log: AckLog, ref: str) -> dict[str, Any]:
+    body = log.bodies.get(ref)
+    if body is None:
+        return {"response": {"status": "404 Not Found"}}
+    version = log.versions[ref]
+    resource = orjson.loads(body)
+    resource["meta"] = {**(resource.get("meta") or {}), "versionId": str(version)}
+    return {"resource": resource, "response": {"status": "200 OK", "etag": f'W/"{version}"'}}
 
 
 class InstantAckServer:

@@ -158,9 +158,20 @@ class Worker:
             return b"Worker ready" in log.read()
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples on the worker's /metrics whose labels include the given ones."""
-        with urllib.request.urlopen(f"http://localhost:{self.port}/metrics", timeout=10) as response:
-            text = response.read().decode()
+        """Sum of a metric's samples on the worker's /metrics whose labels include the given ones.
+
+        A worker being restarted by its supervisor does not answer for a moment: that is waited for.
+        """
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://localhost:{self.port}/metrics", timeout=10) as response:
+                    text = response.read().decode()
+                break
+            except urllib.error.URLError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
         total = 0.0
         for line in text.splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):

@@ -162,17 +162,59 @@ def test_a_reviewer_keeps_the_central_version(
     assert len(_conflicts(config, ref)) == 1  # and it was no conflict
 
 
-def _routed(run_id: str, version: int, value: float) -> RoutedResource:
+def _routed(run_id: str, version: int, value: float, *, name: str = "replay", op: str = "UPDATE") -> RoutedResource:
     body = {
         "resourceType": "Observation",
-        "id": f"{run_id}-replay",
+        "id": f"{run_id}-{name}",
         "status": "final",
         "code": {"text": "weight"},
         "valueQuantity": {"value": value, "unit": "kg"},
     }
     return routed_record(
-        body, patient_key=body["id"], origin=("t", 0, version), source_version=version, source_lsn=version * 100
+        body, patient_key=body["id"], op=op, origin=("t", 0, version), source_version=version, source_lsn=version * 100
     )
+
+
+def _history_values(stack: Central, target_id: str) -> list[float | None]:
+    """The values of every version at the target, oldest first (None for a deletion)."""
+    with urllib.request.urlopen(f"{stack.base_url}/Observation/{target_id}/_history?_count=100", timeout=30) as answer:
+        entries = json.loads(answer.read()).get("entry", [])
+    versions = sorted(entries, key=lambda e: int(e["response"]["etag"].removeprefix("W/").strip('"')))
+    return [e["resource"]["valueQuantity"]["value"] if "resource" in e else None for e in versions]
+
+
+def test_changes_read_again_after_a_crash_never_put_older_content_back(
+    stack: Central, run_id: str, config: Config
+) -> None:
+    """The sink wrote three versions, then died before its table kept any of it: the restart reads all
+    three again. Whether the table remembers nothing or a stale version, the target's history goes forward."""
+
+    async def scenario() -> None:
+        async with FhirClient(config.target("central")) as client:
+            for lost in ("nothing", "first version"):
+                name = f"lost-{lost.split()[0]}"
+                versions: dict[str, dict[str, Any]] = {}
+                remembered: dict[str, dict[str, Any]] = {}
+                for n, value in enumerate((10.0, 11.0, 12.0), start=1):
+                    await write_record(client, _routed(run_id, n, value, name=name), versions)
+                    if n == 1 and lost == "first version":
+                        remembered = dict(versions)
+                for n, value in enumerate((10.0, 11.0, 12.0), start=1):  # the restart, over what the table kept
+                    outcome = await write_record(client, _routed(run_id, n, value, name=name), remembered)
+                    assert outcome.status in (200, 304), (lost, n, outcome)
+                assert _history_values(stack, f"{run_id}-{name}") == [10.0, 11.0, 12.0], lost
+
+            # A deletion read again after the row came back: the resource stays.
+            name = "lost-delete"
+            versions = {}
+            await write_record(client, _routed(run_id, 1, 20.0, name=name), versions)
+            await write_record(client, _routed(run_id, 2, 20.0, name=name, op="DELETE"), versions)
+            await write_record(client, _routed(run_id, 3, 21.0, name=name, op="CREATE"), versions)
+            replayed = await write_record(client, _routed(run_id, 2, 20.0, name=name, op="DELETE"), {})
+            assert replayed.status == 304
+            assert _history_values(stack, f"{run_id}-{name}") == [20.0, None, 21.0]
+
+    asyncio.run(scenario())
 
 
 def test_our_own_writes_that_the_sink_table_lost_are_not_conflicts(stack: Central, run_id: str, config: Config) -> None:

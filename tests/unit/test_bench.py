@@ -14,7 +14,7 @@ from pipeline.connect import load_connectors
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
-from tests.bench.instant_ack import AckLog, apply_write
+from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
 from tests.bench.memory import memory_result
 from tests.bench.profile import parse_collapsed, top_functions
@@ -124,6 +124,18 @@ def test_instant_ack_answers_like_a_server_that_creates_then_updates() -> None:
     assert apply_write(log, "DELETE", "Patient/p", None, 3.0) == (204, 3)
     assert log.seen({"Patient/p", "Patient/q"}) == 1
     assert log.last_ack_of({"Patient/p"}) == 3.0 and log.last_ack_of({"Patient/q"}) is None
+
+
+def test_instant_ack_answers_reads_in_a_batch_with_what_was_written() -> None:
+    log = AckLog()
+    apply_write(log, "PUT", "Patient/p", b'{"resourceType":"Patient","id":"p"}', 1.0)
+    bundle = {"type": "batch", "entry": [{"request": {"method": "GET", "url": u}} for u in ("Patient/p", "Patient/q")]}
+    answer = _bundle_response(log, bundle, 2.0)
+    found, missing = answer["entry"]
+    assert answer["type"] == "batch-response"
+    assert found["resource"]["id"] == "p" and found["resource"]["meta"]["versionId"] == "1"
+    assert missing["response"]["status"].startswith("404") and "resource" not in missing
+    assert log.writes == 1  # reads are not writes
 
 
 def _results() -> dict:
