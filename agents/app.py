@@ -9,6 +9,7 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
+from agents import store as _store  # noqa: F401  (registers the "cdrsync" table store)
 from pipeline.config import load_config
 from pipeline.logs import logging_config
 from pipeline.settings import Settings
@@ -63,7 +64,7 @@ config = load_config(settings.config_root)
 app = App(
     os.environ.get("CDRSYNC_APP_ID", "cdrsync"),
     broker=f"kafka://{settings.kafka_bootstrap}",
-    store="rocksdb://",
+    store="cdrsync://",  # RocksDB under one memory budget (agents/store.py)
     datadir=str(settings.state_dir),
     web_port=settings.web_port,
     producer_acks=-1,
@@ -90,12 +91,12 @@ app = App(
 
 #: RocksDB, per table partition. Faust's defaults (64 MiB write buffers, three of them, a 2 GiB block
 #: cache and every file kept open, for each of the ~70 table partitions a worker holds) let a worker's
-#: memory grow with its state; these bound it (issue 7: RSS from 10k to 100k patients).
+#: memory grow with its state; these bound each partition, and agents/store.py puts all of them under
+#: one cache and one write buffer budget (issue 7: RSS from 10k to 100k patients).
 ROCKSDB_OPTIONS: dict[str, int] = {
     "write_buffer_size": 2 * 1024 * 1024,
     "max_write_buffer_number": 2,
     "target_file_size_base": 8 * 1024 * 1024,
-    "block_cache_size": 4 * 1024 * 1024,
     "max_open_files": 64,
 }
 _JSON = faust.Schema(key_serializer="json", value_serializer="json")

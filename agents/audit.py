@@ -8,13 +8,13 @@ from typing import Any
 
 import orjson
 import psycopg
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 
 from pipeline.audit import AUDIT_TABLE_DDL, Step, audit_event, insert_events
 from pipeline.records import NormalizedResource, RoutedResource
 
 from .app import app, config, settings
-from .routing import dead_letter, deliver
+from .routing import batched, dead_letter, deliver
 
 log = logging.getLogger("cdrsync.audit")
 audit_topic = app.topic(config.topics.name("audit"))
@@ -49,19 +49,43 @@ async def _connection() -> psycopg.AsyncConnection[Any]:
 
 @app.agent(audit_topic, concurrency=1)
 async def store_audit_events(stream: StreamT) -> None:
-    """audit.v1 → audit.event; the record is acked only once its row is committed."""
+    """audit.v1 → audit.event, a batch at a time (one insert, one commit): Faust acknowledges a batch
+    only once its rows are committed (agents/routing.py batched)."""
     connection: psycopg.AsyncConnection[Any] | None = None
-    async for event in stream.events():
-        message = event.message
-        while True:
-            if connection is None or connection.closed:
-                connection = await _connection()
-            try:
-                await insert_events(connection, [(message.topic, message.partition, message.offset, message.value)])
-                break
-            except psycopg.OperationalError:
-                log.error("audit insert failed; reconnecting")
-                connection = None
-            except (psycopg.DataError, ValueError, KeyError) as error:  # our own record, malformed: a bug
-                await dead_letter("audit", event, error)
-                break
+    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+        async with batched(len(events)):
+            connection = await _store(connection, events)
+
+
+async def _store(connection: psycopg.AsyncConnection[Any] | None, events: list[EventT]) -> psycopg.AsyncConnection[Any]:
+    """Insert the batch's rows, reconnecting while PostgreSQL is away (Kafka keeps the events meanwhile)."""
+    while True:
+        if connection is None or connection.closed:
+            connection = await _connection()
+        try:
+            await _insert(connection, events)
+            return connection
+        except psycopg.OperationalError:
+            log.error("audit insert failed; reconnecting")
+            connection = None
+
+
+async def _insert(connection: psycopg.AsyncConnection[Any], events: list[EventT]) -> None:
+    """All rows in one transaction; if one is malformed (our own record: a bug), each is inserted alone
+    and the malformed ones are dead-lettered with the reason."""
+    try:
+        await insert_events(connection, [_row_of(event) for event in events])
+        return
+    except (psycopg.DataError, ValueError, KeyError, TypeError):
+        await connection.rollback()
+    for event in events:
+        try:
+            await insert_events(connection, [_row_of(event)])
+        except (psycopg.DataError, ValueError, KeyError, TypeError) as error:
+            await connection.rollback()
+            await dead_letter("audit", event, error)
+
+
+def _row_of(event: EventT) -> tuple[str, int, int, bytes]:
+    message = event.message
+    return message.topic, message.partition, message.offset, message.value

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     sink_bundle_max: int = Field(
         default=50, ge=1, description="one patient's upserts sent as one transaction bundle, at most (1: no bundles)"
     )
+    rocksdb_cache_mib: int = Field(
+        default=16, ge=1, description="one RocksDB block cache for all of a worker's tables, memtables charged to it"
+    )
+    rocksdb_write_buffer_mib: int = Field(
+        default=8, ge=1, description="memtables of all of a worker's tables together, at most (part of the cache)"
+    )
     max_record_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="source records larger than this are dead-lettered (oversize)"
     )
