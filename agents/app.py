@@ -25,6 +25,18 @@ class IdempotentProducer(aiokafka_driver.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+class ShortPollConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    """Faust fixes the broker's long poll at 1.5 s. With one broker, aiokafka keeps one fetch in flight at a
+    time, and a partition whose buffered records were still being processed when it was sent is not in it:
+    new records there wait for that poll to end. Each stage could add up to 1.5 s that way. A short poll
+    bounds it (CDRSYNC_FETCH_MAX_WAIT_MS); an idle worker only sends more, empty, fetches."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # read when its fetcher starts
+        return consumer
+
+
 class GapRefusingConsumer(aiokafka_driver.Consumer):
     """Faust fills a jump in offsets with a "gap" it then commits as if processed (meant for compacted or
     transactional topics, which cdrsync's stream topics are not). After a rebalance its fetcher can hand
@@ -32,6 +44,9 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
     So a gap stops the worker before any commit can include it; the next worker starts at the committed
     offset and reads the skipped records. (Changelog topics are read without acks and never get here.)
     """
+
+    def _new_consumer_thread(self) -> Any:
+        return ShortPollConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
         log.critical(

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     sink_bundle_max: int = Field(
         default=50, ge=1, description="one patient's upserts sent as one transaction bundle, at most (1: no bundles)"
     )
+    fetch_max_wait_ms: int = Field(
+        default=50, ge=1, le=1500, description="how long the broker may hold a worker's fetch when nothing is new"
+    )
     rocksdb_cache_mib: int = Field(
         default=16, ge=1, description="one RocksDB block cache for all of a worker's tables, memtables charged to it"
     )

@@ -1,7 +1,8 @@
-"""The table store: every table partition of a worker under one RocksDB memory budget."""
+"""The worker's Kafka and state settings: RocksDB under one memory budget, a short broker poll."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,19 @@ def test_partitions_share_one_cache_and_keep_what_is_written(tmp_path: Path) -> 
     reopened = options.open(tmp_path / "t-1")
     assert reopened[b"k0"] == value and reopened.get(b"k1") is None
     reopened.close()
+
+
+def test_the_worker_consumer_polls_the_broker_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust's fixed 1.5 s long poll could hold new records of a stage that long; the setting bounds it."""
+    from agents import app as worker
+    from agents.app import ShortPollConsumerThread, app
+
+    monkeypatch.setattr(worker, "settings", worker.settings.model_copy(update={"fetch_max_wait_ms": 40}))
+
+    async def built() -> int:
+        thread = app.consumer._new_consumer_thread()
+        assert isinstance(thread, ShortPollConsumerThread)
+        consumer = thread._create_worker_consumer(app.consumer.transport)  # not started: no broker needed
+        return int(consumer._fetch_max_wait_ms)
+
+    assert asyncio.run(built()) == 40
