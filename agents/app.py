@@ -84,6 +84,9 @@ app = App(
     web_port=settings.web_port,
     producer_acks=-1,
     producer_max_request_size=16 * 1024 * 1024,  # as the broker's message.max.bytes
+    # A stage sends a batch's outputs without waiting for each, then awaits them all: a few milliseconds
+    # of linger make them a few produce requests instead of one per record.
+    producer_linger=settings.producer_linger_ms / 1000,
     processing_guarantee="at_least_once",
     topic_replication_factor=config.topics.defaults.replication_factor,
     topic_partitions=config.topics.partitions_of("ready"),

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     sink_bundle_max: int = Field(
         default=50, ge=1, description="one patient's upserts sent as one transaction bundle, at most (1: no bundles)"
     )
+    producer_linger_ms: float = Field(
+        default=5.0, ge=0, le=1000, description="how long a worker's producer gathers records into one request"
+    )
     fetch_max_wait_ms: int = Field(
         default=50, ge=1, le=1500, description="how long the broker may hold a worker's fetch when nothing is new"
     )
