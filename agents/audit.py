@@ -19,6 +19,7 @@ from .routing import batched, dead_letter, deliver
 log = logging.getLogger("cdrsync.audit")
 audit_topic = app.topic(config.topics.name("audit"))
 _RECONNECT_SECONDS = 5.0
+_MALFORMED = (psycopg.DataError, ValueError, KeyError, TypeError)  # our own record, malformed: a bug
 
 
 async def emit_audit(step: Step, record: NormalizedResource | RoutedResource, **fields: Any) -> None:
@@ -76,12 +77,12 @@ async def _insert(connection: psycopg.AsyncConnection[Any], events: list[EventT]
     try:
         await insert_events(connection, [_row_of(event) for event in events])
         return
-    except (psycopg.DataError, ValueError, KeyError, TypeError):
+    except _MALFORMED:
         await connection.rollback()
     for event in events:
         try:
             await insert_events(connection, [_row_of(event)])
-        except (psycopg.DataError, ValueError, KeyError, TypeError) as error:
+        except _MALFORMED as error:
             await connection.rollback()
             await dead_letter("audit", event, error)
 

@@ -489,13 +489,13 @@ async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], 
     versions = TargetVersions(current(blocked_by_reference))
     known = {r.target_ref: versions.get(r.target_ref, {}).get("version") for _, r in batch}
     unknown = [ref for ref, version in known.items() if version is None]
-    try:
-        present = (
-            {ref for ref, found in (await client.read_many(unknown)).items() if found is not None} if unknown else set()
-        )
-    except Exception as error:  # one at a time says which failed, and why
-        log.info("reads before a bundle of %d to %s failed (%s); writing one at a time", len(batch), target, error)
-        present = set(unknown)
+    present: set[str] = set()
+    if unknown:
+        try:
+            present = {ref for ref, found in (await client.read_many(unknown)).items() if found is not None}
+        except Exception as error:  # one at a time says which failed, and why
+            log.info("reads before a bundle of %d to %s failed (%s); writing one at a time", len(batch), target, error)
+            present = set(unknown)
     alone = [event for event, r in batch if r.target_ref in present]
     batch = [(event, r) for event, r in batch if r.target_ref not in present]
     if len(batch) > 1:

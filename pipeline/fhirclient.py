@@ -82,6 +82,11 @@ def _put_entry(ref: str, body: bytes, version: str | None) -> bytes:
     return b"".join([b'{"resource":', body, b',"request":', orjson.dumps(request), b"}"])
 
 
+def _entry_status(answer: dict[str, Any]) -> int:
+    """The HTTP status of one entry of a batch or transaction response ("201 Created" -> 201; 0 if none)."""
+    return int(str((answer.get("response") or {}).get("status", "0")).split(" ", 1)[0] or 0)
+
+
 class FhirClient:
     """A FHIR R4 endpoint written with PUT (update-as-create) and DELETE, over one pooled session."""
 
@@ -148,12 +153,33 @@ class FhirClient:
         All or nothing (FHIR R4 3.1.0.11.2): a failure raises what the answer means and nothing was
         written. On success, each entry's outcome, in the order given.
         """
+        entry_bytes = [_put_entry(ref, body, version) for ref, body, version in entries]
+        answers = await self._post_bundle("transaction", entry_bytes, f"transaction of {len(entries)}")
+        outcomes = []
+        for answer in answers:
+            etag = str((answer.get("response") or {}).get("etag", ""))
+            outcomes.append(WriteOutcome(_entry_status(answer), etag.removeprefix("W/").strip('"') or None))
+        return outcomes
+
+    async def read_many(self, references: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Read several resources in one batch: reference -> the resource, None where the target has none
+        (or it was deleted). A read the target refuses raises what its answer means."""
+        entry_bytes = [orjson.dumps({"request": {"method": "GET", "url": ref}}) for ref in references]
+        answers = await self._post_bundle("batch", entry_bytes, f"batch of {len(references)} reads")
+        found: dict[str, dict[str, Any] | None] = {}
+        for ref, answer in zip(references, answers, strict=True):
+            status = _entry_status(answer)
+            if status in (404, 410):
+                found[ref] = None
+                continue
+            classify_response("GET", status, orjson.dumps((answer.get("response") or {}).get("outcome") or {}))
+            found[ref] = answer.get("resource")
+        return found
+
+    async def _post_bundle(self, kind: str, entries: list[bytes], what: str) -> list[dict[str, Any]]:
+        """POST a batch or transaction bundle of encoded entries; the answer's entries, one per entry sent."""
         bundle = b"".join(
-            [
-                b'{"resourceType":"Bundle","type":"transaction","entry":[',
-                b",".join(_put_entry(ref, body, version) for ref, body, version in entries),
-                b"]}",
-            ]
+            [b'{"resourceType":"Bundle","type":"', kind.encode(), b'","entry":[', b",".join(entries), b"]}"]
         )
         headers = {"Content-Type": _FHIR_JSON}
         try:
@@ -161,50 +187,11 @@ class FhirClient:
                 payload = await response.read()
                 classify_response("POST", response.status, payload, response.headers.get("Retry-After"))
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TargetUnavailableError(f"POST transaction of {len(entries)}: {type(exc).__name__}: {exc}") from None
-        answers = orjson.loads(payload).get("entry", [])
+            raise TargetUnavailableError(f"POST {what}: {type(exc).__name__}: {exc}") from None
+        answers: list[dict[str, Any]] = orjson.loads(payload).get("entry", [])
         if len(answers) != len(entries):
-            raise RejectedByTargetError(f"transaction answered {len(answers)} entries for {len(entries)}", status=200)
-        outcomes = []
-        for answer in answers:
-            response_part = answer.get("response") or {}
-            status = int(str(response_part.get("status", "0")).split(" ", 1)[0] or 0)
-            version = str(response_part.get("etag", "")).removeprefix("W/").strip('"') or None
-            outcomes.append(WriteOutcome(status, version))
-        return outcomes
-
-    async def read_many(self, references: list[str]) -> dict[str, dict[str, Any] | None]:
-        """Read several resources in one batch: reference -> the resource, None where the target has none
-        (or it was deleted). A read the target refuses raises what its answer means."""
-        bundle = {
-            "resourceType": "Bundle",
-            "type": "batch",
-            "entry": [{"request": {"method": "GET", "url": ref}} for ref in references],
-        }
-        headers = {"Content-Type": _FHIR_JSON}
-        try:
-            async with self._session_or_new().post(
-                self.base_url, data=orjson.dumps(bundle), headers=headers
-            ) as response:
-                payload = await response.read()
-                classify_response("POST", response.status, payload, response.headers.get("Retry-After"))
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TargetUnavailableError(
-                f"POST batch of {len(references)} reads: {type(exc).__name__}: {exc}"
-            ) from None
-        answers = orjson.loads(payload).get("entry", [])
-        if len(answers) != len(references):
-            raise RejectedByTargetError(f"batch answered {len(answers)} reads for {len(references)}", status=200)
-        found: dict[str, dict[str, Any] | None] = {}
-        for ref, answer in zip(references, answers, strict=True):
-            status = int(str((answer.get("response") or {}).get("status", "0")).split(" ", 1)[0] or 0)
-            if status in (404, 410):
-                found[ref] = None
-                continue
-            detail = orjson.dumps(answer.get("response", {}).get("outcome") or {})
-            classify_response("GET", status, detail)
-            found[ref] = answer.get("resource")
-        return found
+            raise RejectedByTargetError(f"{kind} answered {len(answers)} entries for {len(entries)}", status=200)
+        return answers
 
     async def delete_all(self, references: list[str]) -> WriteOutcome:
         """Delete several resources in one transaction (the target checks references at its end)."""
