@@ -201,13 +201,8 @@ def _expected_matches(resource: dict[str, Any], body: dict[str, Any]) -> bool:
 
 
 def _history_values(central: Central, resource_type: str, resource_id: str) -> list[float]:
-    status, bundle = central.get(f"{resource_type}/{resource_id}/_history?_count=100")
-    assert status == 200, f"_history of {resource_type}/{resource_id} answered {status}"
-    entries = sorted(
-        (e["resource"] for e in (bundle or {}).get("entry", []) if "resource" in e),
-        key=lambda r: int(r["meta"]["versionId"]),
-    )
-    return [r["valueQuantity"]["value"] for r in entries if "valueQuantity" in r]
+    versions = [r for r in central.history(resource_type, resource_id) if r is not None]
+    return [r["valueQuantity"]["value"] for r in versions if "valueQuantity" in r]
 
 
 def reconcile(central: Central, workload: Workload, dead_refs: set[str], site: str = "site-a") -> Reconciliation:

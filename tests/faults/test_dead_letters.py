@@ -68,12 +68,6 @@ def ref_of(resource: dict[str, Any]) -> str:
     return f"{resource['resourceType']}/{central_id(resource['resourceType'], resource['id'])}"
 
 
-def _history(stack: Central, ref: str) -> list[dict[str, Any]]:
-    status, bundle = stack.get(f"{ref}/_history")
-    assert status == 200
-    return sorted((e["resource"] for e in bundle["entry"]), key=lambda r: int(r["meta"]["versionId"]))
-
-
 def test_poison_records_are_dead_lettered_with_their_reason_and_the_rest_flows(
     worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str
 ) -> None:
@@ -148,7 +142,7 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
         timeout=120,
         what="the replayed version and the one behind it",
     )
-    assert [r["valueQuantity"]["value"] for r in _history(stack, stuck_ref)] == [1.0, 2.0]
+    assert [r["valueQuantity"]["value"] for r in stack.history(*stuck_ref.split("/"))] == [1.0, 2.0]
     assert letter_for(stuck_ref, "--stage", "sink") is None  # no longer open
     assert letter_for(stuck_ref, "--stage", "sink", "--include-resolved")["status"] == "replayed"
 
@@ -166,7 +160,7 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
     out = cdrsync("dlq", "discard", rejected["id"], "--reason", "superseded by the fixed version", "--execute")
     assert "1 dead letters discarded and audited" in out
     wait_for(lambda: stack.read(*doc_ref.split("/")), timeout=120, what="the fixed version")
-    assert [r["valueQuantity"]["value"] for r in _history(stack, doc_ref)] == [8.0]
+    assert [r["valueQuantity"]["value"] for r in stack.history(*doc_ref.split("/"))] == [8.0]
 
     # 5. Each replay and discard is in the audit trail ops query.
     def audited() -> set[str]:

@@ -66,6 +66,15 @@ class Central:
         status, body = self.get(f"{resource_type}/{resource_id}")
         return body if status == 200 else None
 
+    def history(self, resource_type: str, resource_id: str) -> list[dict[str, Any] | None]:
+        """Every version the server holds, oldest first: the resource, or None for a deletion."""
+        status, bundle = self.get(f"{resource_type}/{resource_id}/_history?_count=100")
+        assert status == 200, f"_history of {resource_type}/{resource_id} answered {status}"
+        entries = sorted(
+            (bundle or {}).get("entry", []), key=lambda e: int(e["response"]["etag"].removeprefix("W/").strip('"'))
+        )
+        return [entry.get("resource") for entry in entries]
+
     def count_by_identifier(self, resource_type: str, system: str, value: str) -> int:
         status, body = self.get(f"{resource_type}?identifier={system}|{value}&_summary=count")
         assert status == 200, f"search failed with {status}"

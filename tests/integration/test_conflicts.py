@@ -177,10 +177,7 @@ def _routed(run_id: str, version: int, value: float, *, name: str = "replay", op
 
 def _history_values(stack: Central, target_id: str) -> list[float | None]:
     """The values of every version at the target, oldest first (None for a deletion)."""
-    with urllib.request.urlopen(f"{stack.base_url}/Observation/{target_id}/_history?_count=100", timeout=30) as answer:
-        entries = json.loads(answer.read()).get("entry", [])
-    versions = sorted(entries, key=lambda e: int(e["response"]["etag"].removeprefix("W/").strip('"')))
-    return [e["resource"]["valueQuantity"]["value"] if "resource" in e else None for e in versions]
+    return [r["valueQuantity"]["value"] if r is not None else None for r in stack.history("Observation", target_id)]
 
 
 def test_changes_read_again_after_a_crash_never_put_older_content_back(
