@@ -24,6 +24,23 @@ class IdempotentProducer(aiokafka_driver.Producer):
     def _settings_extra(self) -> Any:
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
+    def send_now(self) -> None:
+        """Send what is gathered at once instead of after the linger.
+
+        The linger lets records sent close together share a produce request; a stage calls this once it
+        has sent a whole batch's outputs, so a lone record does not wait the linger at every hop. This is
+        what aiokafka's own flush_for_commit does before it waits: close the open batches (a closed batch
+        is ready to send) and wake the sender. A record sent later goes into a new batch."""
+        producer = self._producer
+        if producer is None:
+            return
+        accumulator = producer._message_accumulator
+        for batches in accumulator._batches.values():
+            for batch in batches:
+                batch._builder.close()
+        if not accumulator._waiter_future.done():
+            accumulator._waiter_future.set_result(None)
+
 
 class ShortPollConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
     """Faust fixes the broker's long poll at 1.5 s. With one broker, aiokafka keeps one fetch in flight at a

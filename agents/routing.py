@@ -22,7 +22,7 @@ from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
 from pipeline.staging import Staged, StagedBatch, staged_batch
 
-from .app import config
+from .app import IdempotentProducer, app, config
 from .topics import dead_letters, retry_tiers
 
 log = logging.getLogger("cdrsync.routing")
@@ -123,6 +123,8 @@ async def batched(size: int) -> AsyncIterator[None]:
         os._exit(_EXIT_UNDELIVERABLE)
     finally:
         _pending.reset(token)
+    if pending:
+        send_now()
     for topic, future in pending:
         try:
             await future
@@ -130,6 +132,13 @@ async def batched(size: int) -> AsyncIterator[None]:
             log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
             os._exit(_EXIT_UNDELIVERABLE)
     await _apply_batch(tables)
+
+
+def send_now() -> None:
+    """The batch's outputs go to Kafka now, not after the producer's linger (agents/app.py)."""
+    producer = app.producer
+    if isinstance(producer, IdempotentProducer):
+        producer.send_now()
 
 
 @contextmanager
