@@ -10,6 +10,7 @@ import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from agents import store as _store  # noqa: F401  (registers the "cdrsync" table store)
+from agents.sending import send_now
 from pipeline.config import load_config
 from pipeline.logs import logging_config
 from pipeline.settings import Settings
@@ -25,21 +26,9 @@ class IdempotentProducer(aiokafka_driver.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
     def send_now(self) -> None:
-        """Send what is gathered at once instead of after the linger.
-
-        The linger lets records sent close together share a produce request; a stage calls this once it
-        has sent a whole batch's outputs, so a lone record does not wait the linger at every hop. This is
-        what aiokafka's own flush_for_commit does before it waits: close the open batches (a closed batch
-        is ready to send) and wake the sender. A record sent later goes into a new batch."""
-        producer = self._producer
-        if producer is None:
-            return
-        accumulator = producer._message_accumulator
-        for batches in accumulator._batches.values():
-            for batch in batches:
-                batch._builder.close()
-        if not accumulator._waiter_future.done():
-            accumulator._waiter_future.set_result(None)
+        """Send what is gathered at once instead of after the linger (agents/sending.py)."""
+        if self._producer is not None:
+            send_now(self._producer)
 
 
 class ShortPollConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):

@@ -133,6 +133,15 @@ def _measure(bench: Bench, args: argparse.Namespace, device: InstantAckServer, r
             results["r1"] = run_r1(bench, data, device, profile=not args.no_profile)
         if "r2" in args.only:
             results["r2"] = run_r2(bench, data)
+            from .ceiling import run_ceiling
+
+            ceiling = run_ceiling(bench, data)
+            naive_rate = results["r2"]["naive"]["per_second"]
+            results["r2"]["server_ceiling"] = {
+                **ceiling.as_dict(),
+                "ratio_to_naive": round(ceiling.rate / naive_rate, 2) if naive_rate else None,
+            }
+            bench.log(f"R2: server ceiling: {ceiling.count} resources in {ceiling.seconds:.1f} s, {ceiling.rate:.1f}/s")
     if "r3" in args.only:
         from .latency import run_r3
 

@@ -122,6 +122,12 @@ def _figures(results: dict[str, Any]) -> list[str]:
             f"R2  {r2['resources']} resources into the FHIR server: pipeline {r2['pipeline']['per_second']}/s, "
             f"naive loop {r2['naive']['per_second']}/s"
         )
+        if ceiling := r2.get("server_ceiling"):
+            lines.append(
+                f"R2  the server alone (bundles of {ceiling['bundle_size']} PUTs, one at a time, nothing else): "
+                f"{ceiling['per_second']}/s = {ceiling['ratio_to_naive']} x the naive loop, "
+                "the largest R2 such a writer reaches here"
+            )
     for rate, r3 in sorted((results.get("r3") or {}).items(), key=lambda kv: float(kv[0])):
         for mode in ("pipeline", "naive"):
             s = r3.get(mode) or {}

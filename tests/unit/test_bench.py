@@ -13,6 +13,8 @@ from pipeline.config import load_config
 from pipeline.connect import load_connectors
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
+from pipeline.records import RoutedResource
+from tests.bench.ceiling import transaction
 from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
 from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
@@ -146,7 +148,13 @@ def _results() -> dict:
             "raw": {"per_second": 1000.0},
             "pipeline": {"per_second": 50.0, "steady_per_second": 60.0, "worker_ready_seconds": 4.0},
         },
-        "r2": {"ratio": 12.0, "resources": 10, "pipeline": {"per_second": 120.0}, "naive": {"per_second": 10.0}},
+        "r2": {
+            "ratio": 12.0,
+            "resources": 10,
+            "pipeline": {"per_second": 120.0},
+            "naive": {"per_second": 10.0},
+            "server_ceiling": {"per_second": 30.0, "bundle_size": 50, "ratio_to_naive": 3.0},
+        },
         "r3": {
             "50": {
                 "pipeline": {"count": 5, "p50": 0.5, "p99": 0.9, "max": 1.0},
@@ -194,6 +202,31 @@ def test_report_table_names_every_goal_and_the_machine() -> None:
     assert "0.45 (900 ms / 2000 ms)" in text
     assert "+15.0 % (10 -> 30 only)" in text
     assert "Test CPU, 2 cores" in text
+    assert "the server alone (bundles of 50 PUTs, one at a time, nothing else): 30.0/s = 3.0 x the naive" in text
+
+
+def test_ceiling_bundle_puts_each_resource_at_its_target_reference_in_order() -> None:
+    records = [
+        RoutedResource(
+            source_lsn=None,
+            source_commit_ms=0,
+            captured_ms=0,
+            origin_topic="cdc",
+            origin_partition=0,
+            origin_offset=n,
+            resource_type=kind,
+            target_id=rid,
+            resource=f'{{"resourceType": "{kind}", "id": "{rid}"}}',
+        )
+        for n, (kind, rid) in enumerate((("Patient", "p1"), ("Observation", "o1")))
+    ]
+    bundle = orjson.loads(transaction(records))
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    assert [e["request"] for e in bundle["entry"]] == [
+        {"method": "PUT", "url": "Patient/p1"},
+        {"method": "PUT", "url": "Observation/o1"},
+    ]
+    assert [e["resource"]["id"] for e in bundle["entry"]] == ["p1", "o1"]
 
 
 def test_bench_site_is_site_a_in_its_own_database_and_its_connector_matches(tmp_path: Path) -> None:
