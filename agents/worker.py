@@ -2,7 +2,7 @@
 
 from faust.sensors.prometheus import setup_prometheus_sensors
 
-from . import capture, retry, stages, watchdog, web  # noqa: F401  (agents, retry tiers, capture, watchdog, /healthz)
+from . import capture, memory, retry, stages, watchdog, web  # noqa: F401  (agents, tiers, capture, watchdog, trim, /healthz)
 from .app import app
 
 # Faust's own metrics are named faust_*, whatever the app id, so dashboards and rules can name them.

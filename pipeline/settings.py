@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     rocksdb_write_buffer_mib: int = Field(
         default=8, ge=1, description="memtables of all of a worker's tables together, at most (part of the cache)"
     )
+    memory_trim_seconds: float = Field(
+        default=10.0, ge=0, description="how often a worker gives memory it freed back to the system (0: never)"
+    )
     max_record_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="source records larger than this are dead-lettered (oversize)"
     )
