@@ -123,8 +123,8 @@ async def batched(size: int) -> AsyncIterator[None]:
         os._exit(_EXIT_UNDELIVERABLE)
     finally:
         _pending.reset(token)
-    if pending:
-        send_now()
+    if pending and isinstance(app.producer, IdempotentProducer):
+        app.producer.send_now()  # the outputs go now, not after the producer's linger (agents/sending.py)
     for topic, future in pending:
         try:
             await future
@@ -132,13 +132,6 @@ async def batched(size: int) -> AsyncIterator[None]:
             log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
             os._exit(_EXIT_UNDELIVERABLE)
     await _apply_batch(tables)
-
-
-def send_now() -> None:
-    """The batch's outputs go to Kafka now, not after the producer's linger (agents/app.py)."""
-    producer = app.producer
-    if isinstance(producer, IdempotentProducer):
-        producer.send_now()
 
 
 @contextmanager

@@ -160,9 +160,8 @@ class SourceCollector(Collector):
             except Exception as exc:  # one source down must not hide the others
                 ok = False
                 log.warning("monitor: %s did not answer: %s", name, exc)
-                if (
-                    name == "kafka"
-                ):  # after a broker restart the old client kept timing out: the next scrape starts anew
+                # An old client kept timing out after a broker restart: the next scrape starts anew.
+                if name == "kafka":
                     self._admin = None
             families.success.add_metric([name], 1 if ok else 0)
             families.duration.add_metric([name], time.monotonic() - started)
