@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
 
 from pipeline.config import load_config
 from pipeline.identity import IdentityState, resolve_identity
@@ -28,6 +27,7 @@ from pipeline.records import NormalizedResource, RoutedResource
 from .context import Bench
 from .dataset import Dataset, expected_ref
 from .naive import NaiveResult, _Writer
+from .offsets import read_range
 from .throughput import Throughput, _all_stored
 
 __all__ = ["in_write_order", "run_ceiling", "transaction"]
@@ -47,33 +47,19 @@ class _Recorder:
 def in_write_order(bench: Bench, start: dict[int, int], end: dict[int, int]) -> list[RoutedResource]:
     """The source records from `start` to `end`, mapped as the naive loop maps them, references first."""
     site = load_config(Path(bench.root)).sites[bench.site.site]
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bench.settings.kafka_bootstrap,
-            "group.id": f"bench-{bench.run_id}-ceiling",
-            "enable.auto.commit": False,
-            "log_level": 3,
-        }
-    )
-    consumer.assign([TopicPartition(bench.source_topic, p, o) for p, o in start.items()])
-    remaining = {p for p in end if end[p] > start.get(p, 0)}
     state = IdentityState({}, {})
     recorder = _Recorder()
     writer = _Writer(recorder, NaiveResult())  # type: ignore[arg-type]  # the recorder has its one method
     routed: dict[str, RoutedResource] = {}
-    while remaining:
-        for message in consumer.consume(500, timeout=1.0):
-            if message.error() is not None:
-                continue
-            partition, offset = message.partition() or 0, message.offset() or 0
-            if offset + 1 >= end[partition]:
-                remaining.discard(partition)
-            record = normalize_change(site, message.value(), SourcePosition(bench.source_topic, partition, offset))
+    group, bootstrap = f"bench-{bench.run_id}-ceiling", bench.settings.kafka_bootstrap
+    with read_range(bootstrap, bench.source_topic, start, end, group, timeout=1.0) as records:
+        for message in records:
+            where = SourcePosition(bench.source_topic, message.partition() or 0, message.offset() or 0)
+            record = normalize_change(site, message.value(), where)
             if isinstance(record, NormalizedResource):
                 for item in resolve_identity(state, record, site).routed:
                     routed[item.target_ref] = item
                     writer.offer(item)
-    consumer.close()
     if writer.deferred:
         raise RuntimeError(f"ceiling: {writer.deferred} resources reference something the data set lacks")
     return [routed[ref] for ref in recorder.order]

@@ -4,18 +4,44 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-__all__ = ["Offsets", "commit_group", "delete_topics", "end_offsets", "group_lag", "wait_for_records"]
+__all__ = ["Offsets", "commit_group", "delete_topics", "end_offsets", "group_lag", "read_range", "wait_for_records"]
 
 Offsets = dict[int, int]  # partition -> offset
 
 
 def _consumer(bootstrap: str, group: str = "cdrsync-bench-probe") -> Consumer:
     return Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "log_level": 3})
+
+
+@contextlib.contextmanager
+def read_range(
+    bootstrap: str, topic: str, start: Offsets, end: Offsets, group: str, timeout: float
+) -> Iterator[Iterator[Message]]:
+    """The records of `topic` from `start` up to `end` (exclusive), in consume(500) batches; each consume waits
+    at most `timeout` seconds for its 500 (the range's last batch is smaller). The consumer closes on leaving."""
+    consumer = _consumer(bootstrap, group)
+    consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])
+
+    def records() -> Iterator[Message]:
+        remaining = {p for p in end if end[p] > start.get(p, 0)}
+        while remaining:
+            for message in consumer.consume(500, timeout=timeout):
+                if message.error() is not None:
+                    continue
+                partition, offset = message.partition() or 0, message.offset() or 0
+                if offset + 1 >= end[partition]:
+                    remaining.discard(partition)
+                yield message
+
+    try:
+        yield records()
+    finally:
+        consumer.close()
 
 
 def end_offsets(bootstrap: str, topic: str) -> Offsets:

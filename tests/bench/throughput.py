@@ -10,14 +10,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-
 from . import hapi
 from .context import Bench
 from .dataset import Dataset, expected_ref
 from .instant_ack import InstantAckServer
 from .naive import NaiveRun, start_naive_loop
-from .offsets import Offsets
+from .offsets import Offsets, read_range
 from .profile import Profiler
 
 __all__ = ["Throughput", "raw_drain", "run_r1", "run_r2"]
@@ -47,24 +45,13 @@ class Throughput:
 def raw_drain(bootstrap: str, topic: str, start: Offsets, end: Offsets, group: str) -> Throughput:
     """A bare confluent_kafka Consumer.consume(500) loop from `start` to `end`: nothing decoded, nothing written."""
     began = time.time()
-    consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "log_level": 3}
-    )
-    consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])
-    remaining = {p for p in end if end[p] > start.get(p, 0)}
     count, first = 0, 0.0
-    while remaining:
-        # A short timeout: consume() waits for 500 records or the timeout, and the range's last batch is smaller.
-        for message in consumer.consume(500, timeout=0.05):
-            if message.error() is not None:
-                continue
+    # A short timeout: consume() waits for 500 records or the timeout, and the range's last batch is smaller.
+    with read_range(bootstrap, topic, start, end, group, timeout=0.05) as records:
+        for _ in records:
             count += 1
             first = first or time.time()
-            partition, offset = message.partition() or 0, message.offset() or 0
-            if offset + 1 >= end[partition]:
-                remaining.discard(partition)
-    done = time.time()
-    consumer.close()
+        done = time.time()
     steady = round(count / (done - first), 1) if done > first else None
     details = {"measured": "Consumer creation to the last record of the range", "steady_per_second": steady}
     return Throughput(count, done - began, details)

@@ -13,7 +13,6 @@ from pipeline.config import load_config
 from pipeline.connect import load_connectors
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
-from pipeline.records import RoutedResource
 from tests.bench.ceiling import transaction
 from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
 from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
@@ -23,7 +22,7 @@ from tests.bench.profile import parse_collapsed, top_functions
 from tests.bench.provision import BENCH_SITE, write_config_root
 from tests.bench.report import evaluate_goals, format_report, percentile, summarize
 from tests.bench.synthea import SyntheaRun, synthea_version
-from tests.casebuilder import KVNR_SYSTEM, kvnr_of
+from tests.casebuilder import KVNR_SYSTEM, kvnr_of, routed_record
 
 pytestmark = pytest.mark.unit
 
@@ -207,18 +206,8 @@ def test_report_table_names_every_goal_and_the_machine() -> None:
 
 def test_ceiling_bundle_puts_each_resource_at_its_target_reference_in_order() -> None:
     records = [
-        RoutedResource(
-            source_lsn=None,
-            source_commit_ms=0,
-            captured_ms=0,
-            origin_topic="cdc",
-            origin_partition=0,
-            origin_offset=n,
-            resource_type=kind,
-            target_id=rid,
-            resource=f'{{"resourceType": "{kind}", "id": "{rid}"}}',
-        )
-        for n, (kind, rid) in enumerate((("Patient", "p1"), ("Observation", "o1")))
+        routed_record({"resourceType": kind, "id": rid}, patient_key="pk")
+        for kind, rid in (("Patient", "p1"), ("Observation", "o1"))
     ]
     bundle = orjson.loads(transaction(records))
     assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
