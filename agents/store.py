@@ -12,6 +12,7 @@ Registered as the store scheme "cdrsync" (agents/app.py: store="cdrsync://").
 
 from __future__ import annotations
 
+import weakref
 from functools import cache
 from typing import Any
 
@@ -19,9 +20,10 @@ import rocksdict
 from faust.stores import STORES
 from faust.stores import rocksdb as faust_rocksdb
 
+from pipeline.memory import heap_usage, rocksdb_memory
 from pipeline.settings import Settings
 
-__all__ = ["BoundedOptions", "Store", "shared_memory"]
+__all__ = ["BoundedOptions", "Store", "shared_memory", "worker_memory"]
 
 _MIB = 1024 * 1024
 
@@ -59,6 +61,18 @@ class Store(faust_rocksdb.Store):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rocksdb_options = BoundedOptions(**self.options, use_rocksdict=True)
+        _stores.add(self)
+
+
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def worker_memory() -> dict[str, int]:
+    """Bytes by part: the C heap (pipeline/memory.py heap_usage) and RocksDB across every open table
+    partition of this worker (rocksdb_memory); for the gauge cdrsync_worker_memory_bytes (agents/web.py)."""
+    databases = [db for store in list(_stores) for db in list(store._dbs.values())]
+    cache_in_use = shared_memory()[0] if shared_memory.cache_info().currsize else None
+    return {**heap_usage(), **rocksdb_memory(databases, cache_in_use)}
 
 
 STORES.aliases["cdrsync"] = "agents.store:Store"

@@ -14,10 +14,11 @@ from faust import web
 from prometheus_client import REGISTRY
 
 from pipeline.fhirclient import FhirClient
-from pipeline.metrics import HELD_RECORDS, READY, VolumeCollector
+from pipeline.metrics import HELD_RECORDS, READY, MemoryCollector, VolumeCollector
 from pipeline.observe import Readiness, held_counts
 
 from .app import app, config, settings
+from .store import worker_memory
 from .topics import held_by_local_patient, parked_by_reference
 
 log = logging.getLogger("cdrsync.web")
@@ -28,6 +29,7 @@ _targets = sorted({route.target for site in config.source_sites() for route in s
 _probe = {"at": 0.0, "reachable": False}
 
 REGISTRY.register(VolumeCollector({"worker-state": settings.state_dir}))
+REGISTRY.register(MemoryCollector(worker_memory))
 
 
 async def _target_status(target: str) -> int:

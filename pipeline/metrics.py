@@ -4,7 +4,7 @@ error class; never a patient or resource id."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -26,6 +26,7 @@ __all__ = [
     "RETRIES",
     "TARGET_OUTAGES",
     "WRITES",
+    "MemoryCollector",
     "VolumeCollector",
 ]
 
@@ -132,3 +133,29 @@ class VolumeCollector(Collector):
             available.add_metric([name], float(usage.free))
         yield used
         yield available
+
+
+class MemoryCollector(Collector):
+    """Where the worker's memory is, by part (pipeline/memory.py), read when /metrics is scraped."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self.read = read
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "cdrsync_worker_memory_bytes",
+            "Bytes the worker holds, by part: heap_in_use, heap_free (the C heap), block_cache (RocksDB's, "
+            "memtables charged to it included), block_cache_pinned, memtables, table_readers",
+            labels=["part"],
+        )
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        """The metric name, without reading anything."""
+        yield self._family()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per part the reader reports."""
+        family = self._family()
+        for part, value in sorted(self.read().items()):
+            family.add_metric([part], float(value))
+        yield family

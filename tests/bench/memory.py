@@ -19,6 +19,7 @@ from tests.casebuilder import patient
 from .context import Bench
 from .dataset import expected_ref
 from .instant_ack import InstantAckServer
+from .worker import BenchWorker
 
 __all__ = ["memory_result", "run_memory"]
 
@@ -32,6 +33,15 @@ def _rss_mib(bench: Bench, read: Any, settle: float = 5.0) -> float:
         readings.append(read())
         time.sleep(1)
     return round(statistics.median(readings) / _MIB, 1)
+
+
+def _parts_mib(bench: Bench, worker: BenchWorker) -> dict[str, float]:
+    """Where the worker says its memory is (agents/store.py worker_memory), in MiB; empty if it cannot say."""
+    try:
+        return {part: round(value / _MIB, 1) for part, value in sorted(worker.memory_parts().items())}
+    except OSError as error:
+        bench.log(f"memory: the worker's /metrics could not be read ({error})")
+        return {}
 
 
 def run_memory(
@@ -71,7 +81,11 @@ def run_memory(
             loaded = target
             rate = len(batch) / (time.monotonic() - started)
             points.append({"patients": loaded, "rss_mib": _rss_mib(bench, worker.rss), "complete": True})
-            bench.log(f"memory: {loaded} patients in state ({rate:.0f}/s): worker RSS {points[-1]['rss_mib']} MiB")
+            points[-1]["parts_mib"] = parts = _parts_mib(bench, worker)
+            bench.log(
+                f"memory: {loaded} patients in state ({rate:.0f}/s): worker RSS {points[-1]['rss_mib']} MiB "
+                f"({', '.join(f'{part} {mib}' for part, mib in parts.items())})"
+            )
     finally:
         worker.stop()
     return memory_result(baseline, points, steps, budget_seconds)

@@ -139,6 +139,10 @@ def _figures(results: dict[str, Any]) -> list[str]:
     if memory := results.get("memory"):
         points = ", ".join(f"{p['patients']} patients {p['rss_mib']} MiB" for p in memory.get("points", []))
         lines.append(f"Memory  worker RSS: {points}")
+        for point in memory.get("points", []):
+            if parts := point.get("parts_mib"):
+                named = ", ".join(f"{part} {mib}" for part, mib in parts.items())
+                lines.append(f"        at {point['patients']} patients, MiB by part: {named}")
     if profile := _get(results, "r1", "profile"):
         lines += _profile_lines(profile)
     return lines

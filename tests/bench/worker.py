@@ -6,16 +6,24 @@ Observed only from outside: its process (RSS from /proc), its log (readiness), K
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-__all__ = ["BenchWorker", "rss_bytes"]
+__all__ = ["BenchWorker", "parse_memory_parts", "rss_bytes"]
+_MEMORY_SAMPLE = re.compile(r'^cdrsync_worker_memory_bytes\{part="(\w+)"\} (\S+)$', re.MULTILINE)
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def parse_memory_parts(metrics: str) -> dict[str, int]:
+    """part -> bytes from the text of a worker's /metrics."""
+    return {part: int(float(value)) for part, value in _MEMORY_SAMPLE.findall(metrics)}
 
 
 def rss_bytes(pid: int) -> int:
@@ -76,6 +84,11 @@ class BenchWorker:
 
     def rss(self) -> int:
         return rss_bytes(self.pid)
+
+    def memory_parts(self) -> dict[str, int]:
+        """The worker's own account of its memory by part (cdrsync_worker_memory_bytes on its /metrics)."""
+        with urllib.request.urlopen(f"http://localhost:{self.port}/metrics", timeout=10) as response:
+            return parse_memory_parts(response.read().decode())
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

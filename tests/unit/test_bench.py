@@ -22,6 +22,7 @@ from tests.bench.profile import parse_collapsed, top_functions
 from tests.bench.provision import BENCH_SITE, write_config_root
 from tests.bench.report import evaluate_goals, format_report, percentile, summarize
 from tests.bench.synthea import SyntheaRun, synthea_version
+from tests.bench.worker import parse_memory_parts
 from tests.casebuilder import KVNR_SYSTEM, kvnr_of, routed_record
 
 pytestmark = pytest.mark.unit
@@ -163,7 +164,12 @@ def _results() -> dict:
         "memory": memory_result(
             100.0,
             [
-                {"patients": 10, "rss_mib": 200.0, "complete": True},
+                {
+                    "patients": 10,
+                    "rss_mib": 200.0,
+                    "complete": True,
+                    "parts_mib": {"heap_in_use": 80.5, "memtables": 9.0},
+                },
                 {"patients": 30, "rss_mib": 230.0, "complete": False},
             ],
             [10, 100],
@@ -201,6 +207,7 @@ def test_report_table_names_every_goal_and_the_machine() -> None:
     assert "0.45 (900 ms / 2000 ms)" in text
     assert "+15.0 % (10 -> 30 only)" in text
     assert "Test CPU, 2 cores" in text
+    assert "at 10 patients, MiB by part: heap_in_use 80.5, memtables 9.0" in text
     assert "the server alone (bundles of 50 PUTs, one at a time, nothing else): 30.0/s = 3.0 x the naive" in text
 
 
@@ -236,3 +243,14 @@ def test_synthea_run_is_pinned_and_keyed_by_everything_that_changes_its_output()
     assert run.key("3.3.0") != SyntheaRun(seed=2, population=3).key("3.3.0")
     args = run.arguments(Path("/tmp/out"))
     assert args[0] == "App" and args[1:3] == ["-s", "1"] and "-r" in args and "--exporter.fhir.export=true" in args
+
+
+def test_memory_parts_are_read_from_the_worker_metrics_text() -> None:
+    text = (
+        "# HELP cdrsync_worker_memory_bytes Bytes the worker holds, by part\n"
+        "# TYPE cdrsync_worker_memory_bytes gauge\n"
+        'cdrsync_worker_memory_bytes{part="block_cache"} 1.6777216e+07\n'
+        'cdrsync_worker_memory_bytes{part="heap_free"} 2048.0\n'
+        'cdrsync_volume_used_bytes{volume="worker-state"} 9.0\n'
+    )
+    assert parse_memory_parts(text) == {"block_cache": 16 * 1024 * 1024, "heap_free": 2048}

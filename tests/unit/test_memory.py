@@ -1,10 +1,16 @@
-"""The worker gives memory it has freed back to the operating system (pipeline/memory.py)."""
+"""The worker gives memory it has freed back to the operating system and says where its memory is
+(pipeline/memory.py)."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from pipeline.memory import trim_freed_memory
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from agents.store import BoundedOptions, shared_memory
+from pipeline.memory import heap_usage, rocksdb_memory, trim_freed_memory
+from pipeline.metrics import MemoryCollector
 
 pytestmark = pytest.mark.unit
 _MIB = 1024 * 1024
@@ -26,3 +32,41 @@ def test_freed_memory_scattered_in_the_heap_leaves_the_process() -> None:
     after = _rss()
     assert before - after > 40 * _MIB, f"RSS {before // _MIB} MiB before the trim, {after // _MIB} MiB after"
     assert all(len(piece) == 2048 for piece in kept)  # what is still in use stays
+
+
+def test_the_heap_reading_follows_what_is_allocated_and_freed() -> None:
+    before = heap_usage()["heap_in_use"]
+    block = bytearray(64 * _MIB)  # one large malloc
+    during = heap_usage()["heap_in_use"]
+    del block
+    after = heap_usage()["heap_in_use"]
+    assert during - before >= 64 * _MIB
+    assert during - after >= 64 * _MIB
+
+
+def test_rocksdb_memory_counts_unflushed_memtables_of_every_partition_and_the_shared_cache(tmp_path: Path) -> None:
+    options = BoundedOptions(write_buffer_size=4 * _MIB, max_write_buffer_number=2, use_rocksdict=True)
+    databases = [options.open(tmp_path / f"t-{n}") for n in range(3)]
+    empty = rocksdb_memory(databases, shared_memory()[0])
+    value = b"v" * 1000
+    for n in range(1500):  # 1.5 MB per partition, under its memtable size: nothing is flushed yet
+        for db in databases:
+            db[f"k{n}".encode()] = value
+    written = rocksdb_memory(databases, shared_memory()[0])
+    assert written["memtables"] - empty["memtables"] >= 3 * 1500 * 1000
+    assert written["block_cache"] >= written["memtables"]  # the memtables are charged to the shared cache
+    for db in databases:
+        db.flush()
+    flushed = rocksdb_memory(databases, shared_memory()[0])
+    assert flushed["memtables"] < written["memtables"] - 3 * 1000 * 1000
+    assert databases[2][b"k1499"] == value
+    for db in databases:
+        db.close()
+
+
+def test_the_memory_gauge_has_one_sample_per_part() -> None:
+    registry = CollectorRegistry()
+    registry.register(MemoryCollector(lambda: {"heap_in_use": 5 * _MIB, "memtables": 1024}))
+    text = generate_latest(registry).decode()
+    assert 'cdrsync_worker_memory_bytes{part="heap_in_use"} 5.24288e+06' in text
+    assert 'cdrsync_worker_memory_bytes{part="memtables"} 1024.0' in text
