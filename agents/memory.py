@@ -1,10 +1,14 @@
-"""Every CDRSYNC_MEMORY_TRIM_SECONDS the worker gives memory it has freed back to the system (pipeline/memory.py)."""
+"""The worker's large allocations get mappings of their own (CDRSYNC_MEMORY_MMAP_THRESHOLD_KIB), and every
+CDRSYNC_MEMORY_TRIM_SECONDS it gives memory it has freed back to the system (pipeline/memory.py)."""
 
 from __future__ import annotations
 
-from pipeline.memory import trim_freed_memory
+from pipeline.memory import map_large_allocations, trim_freed_memory
 
 from .app import app, settings
+
+if settings.memory_mmap_threshold_kib > 0:
+    map_large_allocations(settings.memory_mmap_threshold_kib * 1024)
 
 if settings.memory_trim_seconds > 0:
 

@@ -144,8 +144,8 @@ class MemoryCollector(Collector):
     def _family(self) -> GaugeMetricFamily:
         return GaugeMetricFamily(
             "cdrsync_worker_memory_bytes",
-            "Bytes the worker holds, by part: heap_in_use, heap_free (the C heap), block_cache (RocksDB's, "
-            "memtables charged to it included), block_cache_pinned, memtables, table_readers",
+            "Bytes the worker holds, by part: heap_in_use, heap_mapped, heap_free (the C heap), block_cache "
+            "(RocksDB's, memtables charged to it included), block_cache_pinned, memtables, table_readers",
             labels=["part"],
         )
 

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     memory_trim_seconds: float = Field(
         default=10.0, ge=0, description="how often a worker gives memory it freed back to the system (0: never)"
     )
+    memory_mmap_threshold_kib: int = Field(
+        default=128,
+        ge=0,
+        description="a worker's allocations this large get their own mapping, returned when freed (0: glibc's own)",
+    )
     max_record_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="source records larger than this are dead-lettered (oversize)"
     )

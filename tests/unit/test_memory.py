@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,14 +36,45 @@ def test_freed_memory_scattered_in_the_heap_leaves_the_process() -> None:
     assert all(len(piece) == 2048 for piece in kept)  # what is still in use stays
 
 
+def _in_use() -> int:
+    usage = heap_usage()
+    return usage["heap_in_use"] + usage["heap_mapped"]
+
+
 def test_the_heap_reading_follows_what_is_allocated_and_freed() -> None:
-    before = heap_usage()["heap_in_use"]
-    block = bytearray(64 * _MIB)  # one large malloc
-    during = heap_usage()["heap_in_use"]
-    del block
-    after = heap_usage()["heap_in_use"]
+    before = _in_use()
+    blocks = [bytearray(64 * 1024) for _ in range(1024)]  # 64 MiB in blocks of 64 KiB
+    during = _in_use()
+    del blocks
+    after = _in_use()
     assert during - before >= 64 * _MIB
     assert during - after >= 64 * _MIB
+
+
+_AFTER_A_LARGE_FREE = """
+import sys
+from pipeline.memory import heap_usage, map_large_allocations
+if sys.argv[1] == "fixed":
+    assert map_large_allocations(128 * 1024)
+del bytearray(8 * 1024 * 1024)[:]  # a mapped block of 8 MiB, freed: glibc raises its threshold to 8 MiB
+mapped = heap_usage()["heap_mapped"]
+batches = [bytearray(1024 * 1024) for _ in range(16)]  # what a fetched batch of records is like
+print(heap_usage()["heap_mapped"] - mapped)
+"""
+
+
+def _mapped_after_a_large_free(mode: str) -> int:
+    script = subprocess.run(
+        [sys.executable, "-c", _AFTER_A_LARGE_FREE, mode], capture_output=True, text=True, check=True, timeout=60
+    )
+    return int(script.stdout)
+
+
+def test_large_allocations_keep_their_own_mapping_after_a_larger_one_was_freed() -> None:
+    # glibc's own rising threshold puts them in the heap, where freeing them leaves holes; fixed, each
+    # one is a mapping of its own that goes back to the system when freed.
+    assert _mapped_after_a_large_free("fixed") >= 16 * _MIB
+    assert _mapped_after_a_large_free("glibc") < _MIB
 
 
 def test_rocksdb_memory_counts_unflushed_memtables_of_every_partition_and_the_shared_cache(tmp_path: Path) -> None:
