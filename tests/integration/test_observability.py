@@ -91,6 +91,14 @@ def test_a_live_worker_reports_a_sync_in_its_metrics_and_logs(
         _total(before, normalized, site="site-a", outcome="normalized") + 3
     )
     assert _total(after, "cdrsync_ready") == 1
+    # Where its memory is: the tables' RocksDB (memtables charged to the shared cache) and the C heap.
+    memory = "cdrsync_worker_memory_bytes"
+    assert _total(after, memory, part="memtables") > 0
+    assert _total(after, memory, part="block_cache") >= _total(after, memory, part="memtables")
+    assert _total(after, memory, part="heap_in_use") > 0
+    assert {"heap_free", "heap_mapped", "table_readers", "block_cache_pinned"} <= {
+        sample.labels.get("part") for sample in after if sample.name == memory
+    }
 
     # The write of the observation is one JSON line carrying where it came from and where it went.
     target_ref = f"Observation/{central_id('Observation', observations[0]['id'])}"
