@@ -138,8 +138,12 @@ def rocksdb_memory(dbs: Iterable[_Db], cache: _Cache | None) -> dict[str, int]:
     block cache's usage (memtables charged to it by a write buffer manager count there too)."""
     totals = dict.fromkeys(_DB_PROPERTIES, 0)
     for db in dbs:
-        for part, name in _DB_PROPERTIES.items():
-            totals[part] += int(db.property_int_value(name) or 0)
+        try:
+            values = {part: int(db.property_int_value(name) or 0) for part, name in _DB_PROPERTIES.items()}
+        except Exception:  # closed by a rebalance since it was listed: it holds nothing any more
+            continue
+        for part, value in values.items():
+            totals[part] += value
     if cache is not None:
         totals["block_cache"] = int(cache.get_usage())
         totals["block_cache_pinned"] = int(cache.get_pinned_usage())

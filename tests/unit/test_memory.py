@@ -97,6 +97,17 @@ def test_rocksdb_memory_counts_unflushed_memtables_of_every_partition_and_the_sh
         db.close()
 
 
+def test_a_partition_closed_by_a_rebalance_while_listed_does_not_fail_the_reading(tmp_path: Path) -> None:
+    options = BoundedOptions(write_buffer_size=4 * _MIB, use_rocksdict=True)
+    kept, revoked = options.open(tmp_path / "t-0"), options.open(tmp_path / "t-1")
+    for db in (kept, revoked):
+        db[b"k"] = b"v" * 100_000
+    revoked.close()
+    reading = rocksdb_memory([kept, revoked], None)
+    assert 100_000 <= reading["memtables"] < 2 * 100_000 + _MIB
+    kept.close()
+
+
 def test_the_memory_gauge_has_one_sample_per_part() -> None:
     registry = CollectorRegistry()
     registry.register(MemoryCollector(lambda: {"heap_in_use": 5 * _MIB, "memtables": 1024}))
