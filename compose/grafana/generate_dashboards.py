@@ -272,6 +272,16 @@ def pipeline_health() -> dict:
                 thresholds=[("green", None), ("yellow", 0.7), ("red", 0.8)],
             ),
             panel(
+                "Worker memory by part",
+                ('process_resident_memory_bytes{job="cdrsync-worker"}', "{{instance}} resident"),
+                ("cdrsync_worker_memory_bytes", "{{instance}} {{part}}"),
+                unit="bytes",
+                description="resident: what the system counts against the worker. The parts: the C heap in use, in "
+                "blocks of their own and free but kept; RocksDB's shared block cache (memtables charged to it "
+                "included), memtables and table readers. State grows on disk, not here: a resident figure that "
+                "climbs while these parts stay flat points at the heap's free memory.",
+            ),
+            panel(
                 "Messages received per topic",
                 ("sum by (topic) (rate(faust_messages_received_per_topic_total[5m]))", "{{topic}}"),
                 unit="ops",

@@ -25,7 +25,7 @@ from prometheus_client.metrics import MetricWrapperBase
 import pipeline.flowmetrics
 import pipeline.metrics
 from pipeline.config import Config
-from pipeline.metrics import VolumeCollector
+from pipeline.metrics import MemoryCollector, VolumeCollector
 from pipeline.monitor import SourceCollector
 from pipeline.settings import Settings
 from tests.conftest import ROOT
@@ -76,6 +76,7 @@ def family_names(config: Config) -> dict[str, set[str]]:
         if isinstance(value, MetricWrapperBase):
             families += value.describe()
     families += VolumeCollector({}).describe()
+    families += MemoryCollector(dict).describe()
     families += SourceCollector(Settings(), config, []).describe()
     return {family.name: _sample_names([family]) for family in families}
 
