@@ -27,35 +27,16 @@ from typing import Any, Protocol
 __all__ = ["heap_usage", "map_large_allocations", "rocksdb_memory", "trim_freed_memory"]
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
+def _libc(name: str, argtypes: list[Any], restype: Any) -> Any:
+    """A function of the C library, typed; None where the C library has none (musl, macOS, an older glibc)."""
+    library = ctypes.util.find_library("c")
     try:
-        function = ctypes.CDLL(name).malloc_trim if name else None
+        function = getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
     if function is not None:
-        function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
+        function.argtypes, function.restype = argtypes, restype
     return function
-
-
-_trim = _malloc_trim()
-_M_MMAP_THRESHOLD = -3  # malloc.h
-
-
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's mallopt, or None."""
-    name = ctypes.util.find_library("c")
-    try:
-        function = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return None
-    if function is not None:
-        function.argtypes, function.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return function
-
-
-_set_option = _mallopt()
 
 
 class _MallInfo2(ctypes.Structure):
@@ -65,19 +46,10 @@ class _MallInfo2(ctypes.Structure):
     ] + [("keepcost", ctypes.c_size_t)]
 
 
-def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    """glibc's mallinfo2 (2.33 and later), or None."""
-    name = ctypes.util.find_library("c")
-    try:
-        function = ctypes.CDLL(name).mallinfo2 if name else None
-    except (OSError, AttributeError):
-        return None
-    if function is not None:
-        function.argtypes, function.restype = [], _MallInfo2
-    return function
-
-
-_info = _mallinfo2()
+_M_MMAP_THRESHOLD = -3  # malloc.h
+_trim: Callable[[int], int] | None = _libc("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+_set_option: Callable[[int, int], int] | None = _libc("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+_info: Callable[[], _MallInfo2] | None = _libc("mallinfo2", [], _MallInfo2)  # glibc 2.33 and later
 
 
 def trim_freed_memory() -> bool:
@@ -96,8 +68,8 @@ def map_large_allocations(threshold: int) -> bool:
     32 MiB: after the first fetched batch of records is freed, batches of that size come from the heap and,
     freed, leave it full of holes that the trim cannot return while a few small live allocations remain in
     each page. Measured with the memory benchmark (100 000 patients after 10 000): with glibc's own
-    threshold the worker's heap held 73 MiB free and RSS grew by 17 % (175.6 to 205.0 MiB); with it fixed
-    at 128 KiB, 18 MiB and 6 % (159.8 to 169.1 MiB). Setting it turns glibc's raising off.
+    threshold the worker's heap held up to 73 MiB free, and RSS grew by 13 to 25 % to 204-206 MiB (five
+    runs); fixed at 128 KiB, by 2 to 6 % to 169 MiB (three runs). Setting it turns glibc's raising off.
     """
     if _set_option is None:
         return False
