@@ -12,7 +12,7 @@ Registered as the store scheme "cdrsync" (agents/app.py: store="cdrsync://").
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
@@ -61,18 +61,13 @@ class Store(faust_rocksdb.Store):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rocksdb_options = BoundedOptions(**self.options, use_rocksdict=True)
-        _stores.add(self)
 
 
-_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-
-
-def worker_memory() -> dict[str, int]:
-    """Bytes by part: the C heap (pipeline/memory.py heap_usage) and RocksDB across every open table
-    partition of this worker (rocksdb_memory); for the gauge cdrsync_worker_memory_bytes (agents/web.py)."""
-    databases = [db for store in list(_stores) for db in list(store._dbs.values())]
-    cache_in_use = shared_memory()[0] if shared_memory.cache_info().currsize else None
-    return {**heap_usage(), **rocksdb_memory(databases, cache_in_use)}
+def worker_memory(stores: Iterable[Any]) -> dict[str, int]:
+    """Bytes by part: the C heap (pipeline/memory.py heap_usage) and RocksDB across every open partition of
+    the given table stores (rocksdb_memory); for the gauge cdrsync_worker_memory_bytes (agents/web.py)."""
+    databases = [db for store in stores if isinstance(store, Store) for db in list(store._dbs.values())]
+    return {**heap_usage(), **rocksdb_memory(databases, shared_memory()[0])}
 
 
 STORES.aliases["cdrsync"] = "agents.store:Store"

@@ -29,7 +29,7 @@ _targets = sorted({route.target for site in config.source_sites() for route in s
 _probe = {"at": 0.0, "reachable": False}
 
 REGISTRY.register(VolumeCollector({"worker-state": settings.state_dir}))
-REGISTRY.register(MemoryCollector(worker_memory))
+REGISTRY.register(MemoryCollector(lambda: worker_memory(table.data for table in list(app.tables.values()))))
 
 
 async def _target_status(target: str) -> int:

@@ -24,6 +24,8 @@ import ctypes.util
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from rocksdict import DbClosedError
+
 __all__ = ["heap_usage", "map_large_allocations", "rocksdb_memory", "trim_freed_memory"]
 
 
@@ -105,18 +107,17 @@ _DB_PROPERTIES = {
 }
 
 
-def rocksdb_memory(dbs: Iterable[_Db], cache: _Cache | None) -> dict[str, int]:
+def rocksdb_memory(dbs: Iterable[_Db], cache: _Cache) -> dict[str, int]:
     """Bytes RocksDB holds for these databases: their memtables and table readers summed, and the shared
     block cache's usage (memtables charged to it by a write buffer manager count there too)."""
     totals = dict.fromkeys(_DB_PROPERTIES, 0)
     for db in dbs:
         try:
             values = {part: int(db.property_int_value(name) or 0) for part, name in _DB_PROPERTIES.items()}
-        except Exception:  # closed by a rebalance since it was listed: it holds nothing any more
+        except DbClosedError:  # closed by a rebalance since it was listed: it holds nothing any more
             continue
         for part, value in values.items():
             totals[part] += value
-    if cache is not None:
-        totals["block_cache"] = int(cache.get_usage())
-        totals["block_cache_pinned"] = int(cache.get_pinned_usage())
+    totals["block_cache"] = int(cache.get_usage())
+    totals["block_cache_pinned"] = int(cache.get_pinned_usage())
     return totals

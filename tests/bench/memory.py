@@ -14,6 +14,7 @@ import statistics
 import time
 from typing import Any
 
+from pipeline.errors import TargetUnavailableError
 from tests.casebuilder import patient
 
 from .context import Bench
@@ -39,7 +40,7 @@ def _parts_mib(bench: Bench, worker: BenchWorker) -> dict[str, float]:
     """Where the worker says its memory is (agents/store.py worker_memory), in MiB; empty if it cannot say."""
     try:
         return {part: round(value / _MIB, 1) for part, value in sorted(worker.memory_parts().items())}
-    except OSError as error:
+    except TargetUnavailableError as error:
         bench.log(f"memory: the worker's /metrics could not be read ({error})")
         return {}
 

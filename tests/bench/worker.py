@@ -6,24 +6,23 @@ Observed only from outside: its process (RSS from /proc), its log (readiness), K
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-__all__ = ["BenchWorker", "parse_memory_parts", "rss_bytes"]
-_MEMORY_SAMPLE = re.compile(r'^cdrsync_worker_memory_bytes\{part="(\w+)"\} (\S+)$', re.MULTILINE)
+from pipeline.status import Sample, fetch_samples
+
+__all__ = ["BenchWorker", "memory_parts", "rss_bytes"]
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def parse_memory_parts(metrics: str) -> dict[str, int]:
-    """part -> bytes from the text of a worker's /metrics."""
-    return {part: int(float(value)) for part, value in _MEMORY_SAMPLE.findall(metrics)}
+def memory_parts(samples: list[Sample]) -> dict[str, int]:
+    """part -> bytes from the samples of a worker's /metrics (cdrsync_worker_memory_bytes)."""
+    return {s.labels["part"]: int(s.value) for s in samples if s.name == "cdrsync_worker_memory_bytes"}
 
 
 def rss_bytes(pid: int) -> int:
@@ -86,9 +85,8 @@ class BenchWorker:
         return rss_bytes(self.pid)
 
     def memory_parts(self) -> dict[str, int]:
-        """The worker's own account of its memory by part (cdrsync_worker_memory_bytes on its /metrics)."""
-        with urllib.request.urlopen(f"http://localhost:{self.port}/metrics", timeout=10) as response:
-            return parse_memory_parts(response.read().decode())
+        """The worker's own account of its memory by part; TargetUnavailableError if /metrics does not answer."""
+        return memory_parts(fetch_samples(f"http://localhost:{self.port}/metrics"))
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

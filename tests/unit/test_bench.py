@@ -13,6 +13,7 @@ from pipeline.config import load_config
 from pipeline.connect import load_connectors
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
+from pipeline.status import parse_metrics
 from tests.bench.ceiling import transaction
 from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
 from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
@@ -22,7 +23,7 @@ from tests.bench.profile import parse_collapsed, top_functions
 from tests.bench.provision import BENCH_SITE, write_config_root
 from tests.bench.report import evaluate_goals, format_report, percentile, summarize
 from tests.bench.synthea import SyntheaRun, synthea_version
-from tests.bench.worker import parse_memory_parts
+from tests.bench.worker import memory_parts
 from tests.casebuilder import KVNR_SYSTEM, kvnr_of, routed_record
 
 pytestmark = pytest.mark.unit
@@ -253,4 +254,4 @@ def test_memory_parts_are_read_from_the_worker_metrics_text() -> None:
         'cdrsync_worker_memory_bytes{part="heap_free"} 2048.0\n'
         'cdrsync_volume_used_bytes{volume="worker-state"} 9.0\n'
     )
-    assert parse_memory_parts(text) == {"block_cache": 16 * 1024 * 1024, "heap_free": 2048}
+    assert memory_parts(parse_metrics(text)) == {"block_cache": 16 * 1024 * 1024, "heap_free": 2048}
