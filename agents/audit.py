@@ -14,6 +14,7 @@ from pipeline.audit import AUDIT_TABLE_DDL, Step, audit_event, insert_events
 from pipeline.records import NormalizedResource, RoutedResource
 
 from .app import app, config, settings
+from .batches import take_batches
 from .routing import batched, dead_letter, deliver
 
 log = logging.getLogger("cdrsync.audit")
@@ -53,7 +54,9 @@ async def store_audit_events(stream: StreamT) -> None:
     """audit.v1 → audit.event, a batch at a time (one insert, one commit): Faust acknowledges a batch
     only once its rows are committed (agents/routing.py batched)."""
     connection: psycopg.AsyncConnection[Any] | None = None
-    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+    async for events in take_batches(
+        stream, settings.stage_batch_max, settings.stage_batch_seconds, close_early=settings.batch_close_early
+    ):
         async with batched(len(events)):
             connection = await _store(connection, events)
 

@@ -59,6 +59,7 @@ from pipeline.staging import Staged, current
 from .app import app, config, settings
 from .audit import emit_audit
 from .backflow import report_echoes, route_back
+from .batches import take_batches
 from .provenance import with_provenance
 from .routing import (
     Carried,
@@ -137,7 +138,9 @@ async def _normalize_one(event: EventT) -> None:
 async def _each_in_batches(stream: StreamT, handle: Callable[[EventT], Awaitable[None]]) -> None:
     """A stage's loop: batches of its input (agents/routing.py batched), each record handled in order as
     Faust's current event."""
-    async for events in stream.take_events(settings.stage_batch_max, within=settings.stage_batch_seconds):
+    async for events in take_batches(
+        stream, settings.stage_batch_max, settings.stage_batch_seconds, close_early=settings.batch_close_early
+    ):
         async with batched(len(events)):
             for event in events:
                 with processing(event):
@@ -565,7 +568,9 @@ async def write_resources(stream: StreamT) -> None:
         async with limit:
             await _sink_group("sink", group, settings.sink_attempts)
 
-    async for events in stream.take_events(settings.sink_batch_max, within=settings.sink_batch_seconds):
+    async for events in take_batches(
+        stream, settings.sink_batch_max, settings.sink_batch_seconds, close_early=settings.batch_close_early
+    ):
         async with batched(len(events)):  # audit events and the like acknowledged together, then the table
             results = await asyncio.gather(*(one_patient(g) for g in sink_groups(events)), return_exceptions=True)
             failed = [r for r in results if isinstance(r, BaseException)]

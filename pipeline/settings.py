@@ -28,13 +28,17 @@ class Settings(BaseSettings):
         default=500, ge=1, description="records normalize, identity and order each take at once (outputs sent together)"
     )
     stage_batch_seconds: float = Field(
-        default=0.005, gt=0, le=5, description="how long those stages wait to fill a batch once a record is there"
+        default=0.005, gt=0, le=5, description="how long those stages wait, at most, to fill a batch"
     )
     sink_batch_max: int = Field(
         default=200, ge=1, description="ready records the sink takes at once (1: one at a time, no batching)"
     )
     sink_batch_seconds: float = Field(
-        default=0.005, gt=0, le=5, description="how long the sink waits to fill a batch once a record is there"
+        default=0.005, gt=0, le=5, description="how long the sink waits, at most, to fill a batch"
+    )
+    batch_close_early: bool = Field(
+        default=True,
+        description="a stage's batch closes as soon as no further record is waiting (false: it waits its seconds out)",
     )
     sink_in_flight: int = Field(default=8, ge=1, description="patients whose writes the sink has in flight at once")
     sink_bundle_max: int = Field(
