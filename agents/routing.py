@@ -102,7 +102,7 @@ async def deliver(
 
 @asynccontextmanager
 async def batched(size: int) -> AsyncIterator[None]:
-    """Process a batch of input records (Faust's take_events) as one: their outputs are sent without
+    """Process a batch of input records (agents/batches.py take_batches) as one: their outputs are sent without
     waiting for each acknowledgement, then all are awaited; only then are the table changes of the whole
     batch applied (pipeline/staging.py StagedBatch), and only then does Faust acknowledge the inputs.
 

@@ -556,8 +556,8 @@ def sink_groups(events: list[EventT]) -> list[list[EventT]]:
 async def write_resources(stream: StreamT) -> None:
     """Write ready resources to their target; commit only after the target acknowledged.
 
-    Records come in batches (up to sink_batch_max, waiting at most sink_batch_seconds once one is
-    there, so a quiet pipeline pays no latency for it). Each patient's records are written in order,
+    Records come in batches (agents/batches.py: up to sink_batch_max, closed as soon as no further record
+    is waiting, so a quiet pipeline pays no latency for it). Each patient's records are written in order,
     several patients at once (sink_in_flight), one patient's upserts as transaction bundles. Faust
     acknowledges a batch only when every record of it is handled (agents/routing.py batched), so offsets
     are committed only up to records that are written, retrying, dead-lettered or kept as conflicts.
