@@ -2,9 +2,15 @@
 
 Faust's take_events closes a batch when it holds max_ records or when `within` has passed since the
 last batch, so a lone record waits on average half the window at every hop. take_batches closes it at
-once when the stream's queue holds nothing more: a quiet pipeline pays no window, and under load the
-batches still fill, because records gather in the queue while the previous batch is handled. `within`
-stays as the longest a partial batch waits, as in take_events.
+once when no further record is waiting: none in the stream's queue, and none on the broker beyond what
+the batch holds, for every partition of the stream's topics this worker reads (the consumer's high
+watermark from its last fetch). Faust hands a fetch's records to the stream one at a time, with the
+event loop running in between, so the queue alone is often empty in the middle of a fetch; the high
+watermark says the fetch is not over. A quiet pipeline pays no window; under load the batches fill, as
+records gather while the previous batch is handled. `within` stays as the longest a partial batch waits.
+
+Whether more is waiting only decides when a batch closes, never what is acknowledged: a wrong guess
+costs a smaller batch or one window's wait.
 
 Acknowledgement is take_events': the stream's own acks are off while batches are taken, and every
 event of a batch is acknowledged only after the code handling the batch has finished with it, so an
@@ -14,13 +20,46 @@ offset is never committed before its record is handled (DESIGN.md invariant 2).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from faust.types import EventT, StreamT
+from faust.types import TP, EventT, StreamT
 from mode.utils.futures import notify
 
-__all__ = ["take_batches"]
+__all__ = ["more_waiting", "take_batches"]
+
+log = logging.getLogger("cdrsync.batches")
+_EXIT_BATCH_BUG = 71  # as the sink's: a bug, not an outage
+
+
+def more_waiting(stream: StreamT, taken: dict[TP, int]) -> Callable[[], bool]:
+    """Whether a record is waiting that the stream has not taken: in its queue, or on the broker past the
+    last offset taken (taken: the highest offset taken per partition, kept up to date by the caller).
+
+    A partition read nothing from since it was assigned counts as caught up: its position is unknown here.
+    """
+    queue = stream.channel.queue
+    topics = frozenset(getattr(stream.channel, "topics", ()) or ())  # an in-memory channel has none
+
+    def waiting() -> bool:
+        if not queue.empty():
+            return True
+        if not topics:
+            return False
+        consumer = stream.app.consumer
+        delivered = consumer._read_offset  # type: ignore[attr-defined]  # Faust's last offset handed to streams
+        for tp in consumer.assignment():
+            if tp.topic not in topics:
+                continue
+            high = consumer.highwater(tp)
+            last = max((o for o in (delivered.get(tp), taken.get(tp)) if o is not None), default=None)
+            if high is not None and last is not None and last + 1 < high:
+                return True
+        return False
+
+    return waiting
 
 
 async def take_batches(
@@ -29,16 +68,26 @@ async def take_batches(
     """Batches of up to max_ events of the stream, each acknowledged after the caller is done with it.
 
     A batch closes when it holds max_ events, when within seconds have passed, or (close_early) as soon
-    as the stream's queue holds no further record. close_early=False is take_events' behaviour.
+    as no further record is waiting (more_waiting). close_early=False is take_events' behaviour.
     """
     events: list[EventT] = []
     filled = asyncio.Event()  # the batch is ready to be handled
     drained = asyncio.Event()  # a full batch has been handled: the drainer may add again
     handling: asyncio.Future[None] | None = None  # set while the caller handles a batch
-    queue = stream.channel.queue if close_early else None
+    taken: dict[TP, int] = {}
+    waiting = more_waiting(stream, taken) if close_early else None
     acks_before = stream.enable_acks
 
     async def add(value: Any) -> Any:
+        try:
+            return await _add(value)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the stream would stop and its records wait unhandled: restart instead
+            log.critical("taking a record into a batch failed; exiting without acknowledging it", exc_info=True)
+            os._exit(_EXIT_BATCH_BUG)
+
+    async def _add(value: Any) -> Any:
         nonlocal handling
         if handling is not None:  # a batch is being handled: this record goes in the next one
             try:
@@ -49,11 +98,14 @@ async def take_batches(
         if event is None:
             raise RuntimeError("a record reached the batch without its event")
         events.append(event)
+        if waiting is not None:
+            message = event.message
+            taken[message.tp] = max(message.offset, taken.get(message.tp, message.offset))
         if len(events) >= max_:
             filled.set()
             drained.clear()
             await stream.wait(drained)  # never more than max_ in one batch
-        elif queue is not None and queue.empty():
+        elif waiting is not None and not waiting():
             filled.set()
         return value
 
@@ -69,9 +121,9 @@ async def take_batches(
             try:
                 yield list(events)
             finally:
-                taken = list(events)
+                handled = list(events)
                 events.clear()
-                for event in taken:
+                for event in handled:
                     await stream.ack(event)
                 notify(handling)
                 filled.clear()
