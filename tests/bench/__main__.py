@@ -146,6 +146,9 @@ def _measure(bench: Bench, args: argparse.Namespace, device: InstantAckServer, r
         from .latency import run_r3
 
         results["r3"] = run_r3(bench, args.rates, args.latency_seconds)
+        from .hops import run_hop_floor
+
+        results["hop_floor"] = run_hop_floor(bench, hops=3, rate=1.0, seconds=min(args.latency_seconds, 30.0))
     if "memory" in args.only:
         from .memory import run_memory
 

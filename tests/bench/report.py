@@ -136,6 +136,8 @@ def _figures(results: dict[str, Any]) -> list[str]:
                     f"R3  {rate}/s {mode:<8} {s['count']} changes: p50 {s['p50'] * 1000:.0f} ms, "
                     f"p99 {s['p99'] * 1000:.0f} ms, max {s['max'] * 1000:.0f} ms"
                 )
+    if (floor := results.get("hop_floor")) and floor["hop"].get("count"):
+        lines += _hop_floor_lines(floor, _get(results, "r3", "1", "naive", "p50"))
     if memory := results.get("memory"):
         points = ", ".join(f"{p['patients']} patients {p['rss_mib']} MiB" for p in memory.get("points", []))
         lines.append(f"Memory  worker RSS: {points}")
@@ -145,6 +147,22 @@ def _figures(results: dict[str, Any]) -> list[str]:
                 lines.append(f"        at {point['patients']} patients, MiB by part: {named}")
     if profile := _get(results, "r1", "profile"):
         lines += _profile_lines(profile)
+    return lines
+
+
+def _hop_floor_lines(floor: dict[str, Any], naive50: float | None) -> list[str]:
+    hop, chain, hops = floor["hop"], floor["chain"], floor["hops"]
+    lines = [
+        f"R3  one Kafka hop alone (a C client relaying, acks=all, linger 0) at {floor['rate']:g}/s, {hop['count']} "
+        f"hops: p50 {hop['p50'] * 1000:.1f} ms, p99 {hop['p99'] * 1000:.1f} ms; {hops} in a row: "
+        f"p50 {chain['p50'] * 1000:.1f} ms"
+    ]
+    if naive50:
+        lines.append(
+            f"R3  the pipeline crosses {hops} topics more than the naive loop; at 1/s the goal leaves them "
+            f"{0.2 * naive50 * 1000:.1f} ms (0.2 x the naive loop's p50), and {hops} hops alone take "
+            f"{chain['p50'] * 1000:.1f} ms"
+        )
     return lines
 
 

@@ -16,6 +16,7 @@ from pipeline.ids import target_id
 from pipeline.status import parse_metrics
 from tests.bench.ceiling import transaction
 from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
+from tests.bench.hops import hop_times
 from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
 from tests.bench.memory import memory_result
@@ -210,6 +211,28 @@ def test_report_table_names_every_goal_and_the_machine() -> None:
     assert "Test CPU, 2 cores" in text
     assert "at 10 patients, MiB by part: heap_in_use 80.5, memtables 9.0" in text
     assert "the server alone (bundles of 50 PUTs, one at a time, nothing else): 30.0/s = 3.0 x the naive" in text
+
+
+def test_hop_times_run_from_each_produce_to_the_next_and_the_last_to_arrival() -> None:
+    assert hop_times([10.0, 10.004, 10.0065], 10.0105) == pytest.approx([0.004, 0.0025, 0.004])
+    assert hop_times([5.0], 5.003) == pytest.approx([0.003])
+
+
+def test_report_sets_the_hop_floor_against_what_the_latency_goal_leaves() -> None:
+    results = {
+        **_results(),
+        "r3": {"1": {"naive": {"count": 3, "p50": 0.025, "p99": 0.03, "max": 0.03}}},
+        "hop_floor": {
+            "rate": 1.0,
+            "hops": 3,
+            "hop": {"count": 90, "p50": 0.0031, "p99": 0.006, "max": 0.007},
+            "chain": {"count": 30, "p50": 0.0102, "p99": 0.015, "max": 0.016},
+            "unseen": 0,
+        },
+    }
+    text = format_report(results)
+    assert "one Kafka hop alone (a C client relaying, acks=all, linger 0) at 1/s, 90 hops: p50 3.1 ms" in text
+    assert "at 1/s the goal leaves them 5.0 ms (0.2 x the naive loop's p50), and 3 hops alone take 10.2 ms" in text
 
 
 def test_ceiling_bundle_puts_each_resource_at_its_target_reference_in_order() -> None:
