@@ -91,7 +91,7 @@ def run_hop_floor(bench: Bench, hops: int = 3, rate: float = 1.0, seconds: float
         relay.start()
     last = _consumer(bootstrap, f"{group}-end", topics[-1])
     source = _producer(bootstrap)
-    per_hop: list[list[float]] = [[] for _ in range(hops)]
+    hop_samples: list[float] = []
     chains: list[float] = []
     count = int(rate * seconds)
     try:
@@ -108,8 +108,7 @@ def run_hop_floor(bench: Bench, hops: int = 3, rate: float = 1.0, seconds: float
                 continue
             arrived = time.time()
             times = hop_times(orjson.loads(message.value()), arrived)
-            for n, took in enumerate(times):
-                per_hop[n].append(took)
+            hop_samples += times
             chains.append(sum(times))
     finally:
         stop.set()
@@ -118,7 +117,7 @@ def run_hop_floor(bench: Bench, hops: int = 3, rate: float = 1.0, seconds: float
         last.close()
     if errors:
         raise RuntimeError("hop floor: " + "; ".join(errors))
-    hop = summarize([took for times in per_hop for took in times])
+    hop = summarize(hop_samples)
     bench.log(f"R3: one Kafka hop alone, {hop['count']} hops: p50 {hop.get('p50')} s, p99 {hop.get('p99')} s")
     return {"rate": rate, "hops": hops, "hop": hop, "chain": summarize(chains), "unseen": count - len(chains)}
 
