@@ -55,7 +55,11 @@ async def store_audit_events(stream: StreamT) -> None:
     only once its rows are committed (agents/routing.py batched)."""
     connection: psycopg.AsyncConnection[Any] | None = None
     async for events in take_batches(
-        stream, settings.stage_batch_max, settings.stage_batch_seconds, close_early=settings.batch_close_early
+        stream,
+        settings.stage_batch_max,
+        settings.stage_batch_seconds,
+        close_early=settings.batch_close_early,
+        stage="audit",
     ):
         async with batched(len(events)):
             connection = await _store(connection, events)

@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from faust.types import TP, EventT, StreamT
 from mode.utils.futures import notify
+
+from pipeline.metrics import STAGE_SECONDS
 
 __all__ = ["more_waiting", "take_batches"]
 
@@ -63,14 +66,19 @@ def more_waiting(stream: StreamT, taken: dict[TP, int]) -> Callable[[], bool]:
 
 
 async def take_batches(
-    stream: StreamT, max_: int, within: float, *, close_early: bool = True
+    stream: StreamT, max_: int, within: float, *, stage: str, close_early: bool = True
 ) -> AsyncIterator[list[EventT]]:
     """Batches of up to max_ events of the stream, each acknowledged after the caller is done with it.
 
     A batch closes when it holds max_ events, when within seconds have passed, or (close_early) as soon
     as no further record is waiting (more_waiting). close_early=False is take_events' behaviour.
+
+    Each record's time at the stage goes to cdrsync_stage_seconds{stage}: `wait` from its Kafka timestamp
+    to being taken into a batch, `handle` from then until the caller is done with its batch.
     """
+    waited, handled_in = STAGE_SECONDS.labels(stage, "wait"), STAGE_SECONDS.labels(stage, "handle")
     events: list[EventT] = []
+    taken_at: list[float] = []  # when each record of the batch was taken (time.time())
     filled = asyncio.Event()  # the batch is ready to be handled
     drained = asyncio.Event()  # a full batch has been handled: the drainer may add again
     handling: asyncio.Future[None] | None = None  # set while the caller handles a batch
@@ -98,6 +106,10 @@ async def take_batches(
         if event is None:
             raise RuntimeError("a record reached the batch without its event")
         events.append(event)
+        now = time.time()
+        taken_at.append(now)
+        if event.message.timestamp:  # the producer's clock: a skewed one reads as no wait, never as a negative one
+            waited.observe(max(0.0, now - event.message.timestamp))
         if waiting is not None:
             message = event.message
             taken[message.tp] = max(message.offset, taken.get(message.tp, message.offset))
@@ -121,6 +133,10 @@ async def take_batches(
             try:
                 yield list(events)
             finally:
+                done = time.time()
+                for at in taken_at:
+                    handled_in.observe(done - at)
+                taken_at.clear()
                 handled = list(events)
                 events.clear()
                 for event in handled:

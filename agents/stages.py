@@ -135,11 +135,15 @@ async def _normalize_one(event: EventT) -> None:
         await dead_letter("normalize", event, MappingError(reason))
 
 
-async def _each_in_batches(stream: StreamT, handle: Callable[[EventT], Awaitable[None]]) -> None:
+async def _each_in_batches(stage: str, stream: StreamT, handle: Callable[[EventT], Awaitable[None]]) -> None:
     """A stage's loop: batches of its input (agents/routing.py batched), each record handled in order as
     Faust's current event."""
     async for events in take_batches(
-        stream, settings.stage_batch_max, settings.stage_batch_seconds, close_early=settings.batch_close_early
+        stream,
+        settings.stage_batch_max,
+        settings.stage_batch_seconds,
+        close_early=settings.batch_close_early,
+        stage=stage,
     ):
         async with batched(len(events)):
             for event in events:
@@ -151,7 +155,7 @@ async def _each_in_batches(stream: StreamT, handle: Callable[[EventT], Awaitable
 async def normalize_changes(stream: StreamT) -> None:
     """Debezium change → validated FHIR resources on the normalized topic (one per fhir row, many per
     openEHR composition or HL7 v2 message); parts that cannot be mapped → one dead letter naming them."""
-    await _each_in_batches(stream, _normalize_one)
+    await _each_in_batches("normalize", stream, _normalize_one)
 
 
 async def _resolve_one(event: EventT) -> None:
@@ -186,7 +190,7 @@ async def _resolve_one(event: EventT) -> None:
 @app.agent(normalized, concurrency=1)
 async def resolve_identity(stream: StreamT) -> None:
     """Normalized resource → routed resources keyed by the global patient key, or held until it has one."""
-    await _each_in_batches(stream, _resolve_one)
+    await _each_in_batches("identity", stream, _resolve_one)
 
 
 async def _order_one(event: EventT) -> None:
@@ -233,7 +237,7 @@ async def _order_one(event: EventT) -> None:
 @app.agent(identified, concurrency=1)
 async def order_resources(stream: StreamT) -> None:
     """Hold a resource until what it references is released; release in dependency order."""
-    await _each_in_batches(stream, _order_one)
+    await _each_in_batches("order", stream, _order_one)
 
 
 async def _expire_parks(partition: int) -> None:
@@ -569,7 +573,11 @@ async def write_resources(stream: StreamT) -> None:
             await _sink_group("sink", group, settings.sink_attempts)
 
     async for events in take_batches(
-        stream, settings.sink_batch_max, settings.sink_batch_seconds, close_early=settings.batch_close_early
+        stream,
+        settings.sink_batch_max,
+        settings.sink_batch_seconds,
+        close_early=settings.batch_close_early,
+        stage="sink",
     ):
         async with batched(len(events)):  # audit events and the like acknowledged together, then the table
             results = await asyncio.gather(*(one_patient(g) for g in sink_groups(events)), return_exceptions=True)

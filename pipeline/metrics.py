@@ -24,6 +24,7 @@ __all__ = [
     "PARKED",
     "READY",
     "RETRIES",
+    "STAGE_SECONDS",
     "TARGET_OUTAGES",
     "WRITES",
     "MemoryCollector",
@@ -45,6 +46,39 @@ END_TO_END_LATENCY = Histogram(
     "Source commit to target acknowledgement",
     ["site", "target", "resource_type"],
     buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120, 300, 900, 1800, 3600),
+)
+STAGE_SECONDS = Histogram(
+    "cdrsync_stage_seconds",
+    "Time a record spends at one stage of the worker, by part: wait = from the record's Kafka timestamp to the"
+    " stage taking it into a batch (the producer, the broker, the fetch, the hand-over, and any lag); handle = from"
+    " then to its batch being done (outputs acknowledged by Kafka, tables applied, writes answered)",
+    ["stage", "part"],
+    buckets=(
+        0.0005,
+        0.001,
+        0.002,
+        0.003,
+        0.004,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.075,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+        30,
+        60,
+        300,
+        1800,
+    ),
 )
 LAST_SUCCESS = Gauge(
     "cdrsync_last_successful_write_timestamp_seconds",

@@ -121,6 +121,11 @@ UP = [{"type": "value", "options": {"1": {"text": "UP", "color": "green"}, "0": 
 LATENCY = "histogram_quantile({q}, sum by ({by}le) (rate(cdrsync_end_to_end_latency_seconds_bucket{sel}[5m])))"
 
 
+def stage_time(q: float) -> str:
+    """The q-quantile of a record's time at each stage, by part (wait, handle), over 5 minutes."""
+    return f"histogram_quantile({q}, sum by (stage, part, le) (rate(cdrsync_stage_seconds_bucket[5m])))"
+
+
 def latency(q: float, by: str = "", sel: str = "") -> str:
     """The q-quantile of end-to-end latency over 5 minutes."""
     return LATENCY.format(q=q, by=f"{by}, " if by else "", sel=sel)
@@ -297,6 +302,17 @@ def pipeline_health() -> dict:
                 "Monitor: sources answering, time to ask",
                 ("cdrsync_monitor_collect_success", "{{collector}} ok"),
                 ("cdrsync_monitor_collect_duration_seconds", "{{collector}} seconds"),
+            ),
+            panel(
+                "Time per stage: wait and handle, p50 / p99",
+                (stage_time(0.5), "p50 {{stage}} {{part}}"),
+                (stage_time(0.99), "p99 {{stage}} {{part}}"),
+                unit="s",
+                width=24,
+                description="cdrsync_stage_seconds. wait: from a record's Kafka timestamp to its stage taking it "
+                "(the producer, the broker, the fetch, the hand-over inside the worker, and any lag). handle: from "
+                "then until its batch is done (outputs acknowledged by Kafka, tables applied, writes answered). A "
+                "stage whose wait grows is behind; one whose handle grows is slow itself.",
             ),
         ],
     )

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from pipeline.errors import TargetUnavailableError
 from tests.casebuilder import observation_for, patient
 
 from . import hapi, offsets
@@ -24,6 +25,7 @@ from .context import Bench
 from .dataset import expected_ref
 from .naive import NaiveRun, start_naive_loop
 from .report import summarize
+from .worker import BenchWorker, StageBuckets, stage_times
 
 __all__ = ["Change", "latencies", "run_r3"]
 
@@ -128,12 +130,31 @@ def _warm_up(bench: Bench, namespace: str) -> list[dict[str, Any]]:
     return observations
 
 
-def _measure(bench: Bench, namespace: str, rate: float, seconds: float) -> dict[str, Any]:
+def _measure(
+    bench: Bench, namespace: str, rate: float, seconds: float, worker: BenchWorker | None = None
+) -> dict[str, Any]:
+    """One rate: latencies of its changes; with a worker, also where they spent their time in it, by stage."""
     observations = _warm_up(bench, namespace)
+    before = _stage_reading(bench, worker)
     changes = _generate(bench, observations, rate, seconds)
     versions = _observe(bench, changes, timeout=max(300.0, 3 * seconds))
+    after = _stage_reading(bench, worker)
     values, unseen = latencies(changes, versions)
-    return {**summarize(values), "unseen": unseen, "rate": rate, "seconds": seconds}
+    result = {**summarize(values), "unseen": unseen, "rate": rate, "seconds": seconds}
+    if before is not None and after is not None:
+        result["stages"] = stage_times(before, after)
+    return result
+
+
+def _stage_reading(bench: Bench, worker: BenchWorker | None) -> StageBuckets | None:
+    """The worker's cdrsync_stage_seconds now; None without a worker, or if its /metrics did not answer."""
+    if worker is None:
+        return None
+    try:
+        return worker.stage_buckets()
+    except TargetUnavailableError as error:
+        bench.log(f"R3: the worker's /metrics could not be read ({error}); no times by stage")
+        return None
 
 
 def run_r3(bench: Bench, rates: list[float], seconds: float) -> dict[str, Any]:
@@ -145,7 +166,7 @@ def run_r3(bench: Bench, rates: list[float], seconds: float) -> dict[str, Any]:
         worker.wait_ready()
         for rate in rates:
             results[_key(rate)]["pipeline"] = summary = _measure(
-                bench, bench.namespace(f"p{_key(rate)}"), rate, seconds
+                bench, bench.namespace(f"p{_key(rate)}"), rate, seconds, worker
             )
             bench.log(f"R3: pipeline at {rate}/s: p50 {summary.get('p50')} s, p99 {summary.get('p99')} s")
     finally:

@@ -136,6 +136,8 @@ def _figures(results: dict[str, Any]) -> list[str]:
                     f"R3  {rate}/s {mode:<8} {s['count']} changes: p50 {s['p50'] * 1000:.0f} ms, "
                     f"p99 {s['p99'] * 1000:.0f} ms, max {s['max'] * 1000:.0f} ms"
                 )
+        if stages := (r3.get("pipeline") or {}).get("stages"):
+            lines.append(_stage_line(rate, stages))
     if (floor := results.get("hop_floor")) and floor["hop"].get("count"):
         lines += _hop_floor_lines(floor, _get(results, "r3", "1", "naive", "p50"))
     if memory := results.get("memory"):
@@ -148,6 +150,19 @@ def _figures(results: dict[str, Any]) -> list[str]:
     if profile := _get(results, "r1", "profile"):
         lines += _profile_lines(profile)
     return lines
+
+
+_STAGES = ("normalize", "identity", "order", "sink", "audit")
+
+
+def _stage_line(rate: str, stages: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Where the pipeline's changes spent their time in the worker at one rate: p50 wait + handle by stage."""
+    parts = []
+    for stage in sorted(stages, key=lambda s: (_STAGES.index(s) if s in _STAGES else len(_STAGES), s)):
+        wait, handle = stages[stage].get("wait"), stages[stage].get("handle")
+        if wait and handle:
+            parts.append(f"{stage} {wait['p50'] * 1000:.1f} + {handle['p50'] * 1000:.1f}")
+    return f"R3  {rate}/s pipeline by stage, p50 ms of wait + handle (cdrsync_stage_seconds): " + ", ".join(parts)
 
 
 def _hop_floor_lines(floor: dict[str, Any], naive50: float | None) -> list[str]:

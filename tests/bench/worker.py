@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.status import Sample, fetch_samples
+from pipeline.status import Sample, fetch_samples, histogram_quantile
 
-__all__ = ["BenchWorker", "memory_parts", "rss_bytes"]
+__all__ = ["BenchWorker", "memory_parts", "rss_bytes", "stage_buckets", "stage_times"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,6 +23,32 @@ REPO = Path(__file__).resolve().parents[2]
 def memory_parts(samples: list[Sample]) -> dict[str, int]:
     """part -> bytes from the samples of a worker's /metrics (cdrsync_worker_memory_bytes)."""
     return {s.labels["part"]: int(s.value) for s in samples if s.name == "cdrsync_worker_memory_bytes"}
+
+
+StageBuckets = dict[tuple[str, str], dict[float, float]]
+
+
+def stage_buckets(samples: list[Sample]) -> StageBuckets:
+    """(stage, part) -> upper bound -> cumulative count, from a worker's cdrsync_stage_seconds."""
+    out: StageBuckets = {}
+    for s in samples:
+        if s.name == "cdrsync_stage_seconds_bucket":
+            bound = float("inf") if s.labels["le"] == "+Inf" else float(s.labels["le"])
+            out.setdefault((s.labels["stage"], s.labels["part"]), {})[bound] = s.value
+    return out
+
+
+def stage_times(before: StageBuckets, after: StageBuckets) -> dict[str, dict[str, dict[str, float]]]:
+    """stage -> part -> count, p50 and p99 (seconds) of the records a stage took between two readings."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (stage, part), buckets in after.items():
+        earlier = before.get((stage, part), {})
+        delta = [(bound, count - earlier.get(bound, 0.0)) for bound, count in buckets.items()]
+        total = max((count for _, count in delta), default=0.0)
+        p50, p99 = histogram_quantile(0.5, delta), histogram_quantile(0.99, delta)
+        if total > 0 and p50 is not None and p99 is not None:
+            out.setdefault(stage, {})[part] = {"count": total, "p50": p50, "p99": p99}
+    return out
 
 
 def rss_bytes(pid: int) -> int:
@@ -87,6 +113,10 @@ class BenchWorker:
     def memory_parts(self) -> dict[str, int]:
         """The worker's own account of its memory by part; TargetUnavailableError if /metrics does not answer."""
         return memory_parts(fetch_samples(f"http://localhost:{self.port}/metrics"))
+
+    def stage_buckets(self) -> StageBuckets:
+        """The worker's cdrsync_stage_seconds buckets now; TargetUnavailableError if /metrics does not answer."""
+        return stage_buckets(fetch_samples(f"http://localhost:{self.port}/metrics"))
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

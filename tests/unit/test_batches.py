@@ -1,6 +1,7 @@
 """A stage's batches (agents/batches.py take_batches): a lone record is handled without waiting out the
-batch window, a burst is still taken together, never more than the batch's size, and no record is
-acknowledged before the code handling its batch is done with it.
+batch window, a burst is still taken together, never more than the batch's size, no record is
+acknowledged before the code handling its batch is done with it, and each record's time at the stage is
+measured (cdrsync_stage_seconds).
 
 Each test runs a Faust agent on an in-memory channel (Faust's test_context): no broker is contacted.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import faust
 import pytest
+from prometheus_client import REGISTRY
 
 from agents.batches import take_batches
 
@@ -42,15 +45,15 @@ class Taken:
             await asyncio.wait_for(enough(), timeout)
 
 
-def _agent(max_: int, close_early: bool) -> tuple[Any, Taken]:
+def _agent(max_: int, close_early: bool, stage: str = "test", handling: float = 0.0) -> tuple[Any, Taken]:
     app = faust.App(f"cdrsync-test-batches-{max_}-{close_early}", broker="kafka://localhost:1", store="memory://")
     taken = Taken()
 
     @app.agent()
     async def take(stream: faust.StreamT[Any]) -> None:
-        async for events in take_batches(stream, max_, _WINDOW, close_early=close_early):
+        async for events in take_batches(stream, max_, _WINDOW, close_early=close_early, stage=stage):
             taken.acked_while_handled.append(any(event.message.acked for event in events))
-            await asyncio.sleep(0)  # the handler gives way, as every real one does
+            await asyncio.sleep(handling)  # the handler gives way, as every real one does
             taken.events += events
             async with taken.arrived:
                 taken.batches.append([event.value for event in events])
@@ -112,3 +115,34 @@ def test_records_are_acknowledged_only_after_their_batch_was_handled() -> None:
     assert sum(map(len, taken.batches)) == 7
     assert taken.acked_while_handled == [False] * len(taken.batches)
     assert all(event.message.acked for event in taken.events)
+
+
+def _stage_seconds(stage: str, part: str) -> tuple[float, float]:
+    """(count, sum) of cdrsync_stage_seconds for one stage and part."""
+    labels = {"stage": stage, "part": part}
+    count = REGISTRY.get_sample_value("cdrsync_stage_seconds_count", labels) or 0.0
+    return count, REGISTRY.get_sample_value("cdrsync_stage_seconds_sum", labels) or 0.0
+
+
+def test_each_record_s_wait_and_handling_at_the_stage_are_measured() -> None:
+    stage = "test-measured"
+
+    async def run() -> Taken:
+        agent, taken = _agent(max_=100, close_early=True, stage=stage, handling=0.3)
+        async with agent.test_context() as context:
+            for n in range(3):  # produced 5 s ago: each waited at least that long before the stage took it
+                await context.put(n, timestamp=time.time() - 5.0, wait=False)
+                await taken.wait_for(n + 1)
+            await context.put(3, timestamp=time.time() + 100.0, wait=False)  # a producer whose clock is ahead
+            await taken.wait_for(4)
+            await asyncio.sleep(0.1)  # the last batch's measurement follows its handling
+        return taken
+
+    taken = asyncio.run(run())
+    assert sum(map(len, taken.batches)) == 4
+    waits, waited = _stage_seconds(stage, "wait")
+    assert waits == 4
+    assert 15.0 <= waited < 20.0  # 3 x 5 s, and the record from a clock ahead counts as no wait, not as -100 s
+    handles, handled = _stage_seconds(stage, "handle")
+    assert handles == 4
+    assert handled >= 4 * 0.3  # each record's batch took 0.3 s to handle after it was taken

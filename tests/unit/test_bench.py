@@ -24,7 +24,7 @@ from tests.bench.profile import parse_collapsed, top_functions
 from tests.bench.provision import BENCH_SITE, write_config_root
 from tests.bench.report import evaluate_goals, format_report, percentile, summarize
 from tests.bench.synthea import SyntheaRun, synthea_version
-from tests.bench.worker import memory_parts
+from tests.bench.worker import memory_parts, stage_buckets, stage_times
 from tests.casebuilder import KVNR_SYSTEM, kvnr_of, routed_record
 
 pytestmark = pytest.mark.unit
@@ -278,3 +278,61 @@ def test_memory_parts_are_read_from_the_worker_metrics_text() -> None:
         'cdrsync_volume_used_bytes{volume="worker-state"} 9.0\n'
     )
     assert memory_parts(parse_metrics(text)) == {"block_cache": 16 * 1024 * 1024, "heap_free": 2048}
+
+
+def _stage_metrics(buckets: dict[str, dict[str, float]]) -> str:
+    """A worker's /metrics text with cdrsync_stage_seconds buckets: "stage/part" -> le -> cumulative count."""
+    lines = ["# TYPE cdrsync_stage_seconds histogram"]
+    for name, counts in buckets.items():
+        stage, part = name.split("/")
+        for le, count in counts.items():
+            lines.append(f'cdrsync_stage_seconds_bucket{{le="{le}",part="{part}",stage="{stage}"}} {count}')
+    return "\n".join(lines) + "\n"
+
+
+def test_stage_times_count_only_the_records_taken_between_two_readings() -> None:
+    before = stage_buckets(
+        parse_metrics(
+            _stage_metrics(
+                {
+                    "order/wait": {"0.001": 0, "0.002": 2, "0.005": 2, "+Inf": 2},
+                    "sink/wait": {"0.001": 1, "0.002": 1, "0.005": 1, "+Inf": 1},
+                }
+            )
+        )
+    )
+    after = stage_buckets(
+        parse_metrics(
+            _stage_metrics(
+                {
+                    "order/wait": {"0.001": 0, "0.002": 4, "0.005": 6, "+Inf": 6},
+                    "sink/wait": {"0.001": 1, "0.002": 1, "0.005": 1, "+Inf": 1},
+                }
+            )
+        )
+    )
+    times = stage_times(before, after)
+    assert set(times) == {"order"}  # the sink took nothing in between
+    order = times["order"]["wait"]
+    assert order["count"] == 4  # two at up to 2 ms, two between 2 and 5 ms
+    assert order["p50"] == pytest.approx(0.002)
+    assert order["p99"] == pytest.approx(0.002 + 0.003 * (3.96 - 2) / 2)
+
+
+def test_report_says_where_the_pipeline_s_changes_spent_their_time_by_stage() -> None:
+    stages = {
+        "sink": {"wait": {"count": 3, "p50": 0.004, "p99": 0.01}, "handle": {"count": 3, "p50": 0.0215, "p99": 0.05}},
+        "normalize": {
+            "wait": {"count": 3, "p50": 0.0098, "p99": 0.02},
+            "handle": {"count": 3, "p50": 0.002, "p99": 0.003},
+        },
+    }
+    results = {
+        **_results(),
+        "r3": {"1": {"pipeline": {"count": 3, "p50": 0.05, "p99": 0.06, "max": 0.07, "stages": stages}}},
+    }
+    text = format_report(results)
+    assert (
+        "R3  1/s pipeline by stage, p50 ms of wait + handle (cdrsync_stage_seconds): "
+        "normalize 9.8 + 2.0, sink 4.0 + 21.5" in text
+    )
