@@ -274,9 +274,11 @@ def run_id() -> str:
 def worker(stack: Central, run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     base = tmp_path_factory.mktemp("worker")
     # One consumer group across runs: a rerun against a kept stack resumes instead of replaying history.
-    # A wider sink batch window than the default 5 ms: records a test sends together are then one batch
-    # (test_sink_bundles); the fault suite and the demo run with the defaults.
-    process = Worker("cdrsync-it", base / "state", base / "worker.log", env={"CDRSYNC_SINK_BATCH_SECONDS": "0.2"})
+    # A wider sink batch window than the default 5 ms: records a test sends together are then one batch; and
+    # transaction bundles, which are off by default (test_sink_bundles). The fault suite and the demo run with
+    # the defaults, so both ways of writing are tested against the real server.
+    env = {"CDRSYNC_SINK_BATCH_SECONDS": "0.2", "CDRSYNC_SINK_BUNDLE_MAX": "50"}
+    process = Worker("cdrsync-it", base / "state", base / "worker.log", env=env)
     process.start()
     yield process
     process.stop()
