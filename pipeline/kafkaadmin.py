@@ -16,15 +16,22 @@ from .errors import CdrsyncError, ConfigError, TargetUnavailableError
 __all__ = ["AcknowledgedProducer", "TopicPlan", "apply_topics", "declared_topics", "keyed_producer"]
 
 
-def keyed_producer(bootstrap: str) -> Producer:
+def keyed_producer(bootstrap: str, *, linger_ms: int | None = None) -> Producer:
     """An idempotent, acks=all producer that puts a key where Faust (aiokafka) and Java clients put it.
 
     librdkafka's default partitioner is not theirs; murmur2 is, so a record sent back into a pipeline
-    topic lands in the same partition as the records of its patient.
+    topic lands in the same partition as the records of its patient. linger_ms: how long records gather
+    into one request before they are sent (None: librdkafka's default); flush() sends them at once.
     """
-    return Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "partitioner": "murmur2_random"}
-    )
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "partitioner": "murmur2_random",
+    }
+    if linger_ms is not None:
+        config["linger.ms"] = linger_ms
+    return Producer(config)
 
 
 class AcknowledgedProducer:
