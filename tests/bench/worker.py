@@ -33,8 +33,7 @@ def stage_buckets(samples: list[Sample]) -> StageBuckets:
     out: StageBuckets = {}
     for s in samples:
         if s.name == "cdrsync_stage_seconds_bucket":
-            bound = float("inf") if s.labels["le"] == "+Inf" else float(s.labels["le"])
-            out.setdefault((s.labels["stage"], s.labels["part"]), {})[bound] = s.value
+            out.setdefault((s.labels["stage"], s.labels["part"]), {})[float(s.labels["le"])] = s.value  # "+Inf" too
     return out
 
 
@@ -112,11 +111,14 @@ class BenchWorker:
 
     def memory_parts(self) -> dict[str, int]:
         """The worker's own account of its memory by part; TargetUnavailableError if /metrics does not answer."""
-        return memory_parts(fetch_samples(f"http://localhost:{self.port}/metrics"))
+        return memory_parts(self._samples())
 
     def stage_buckets(self) -> StageBuckets:
         """The worker's cdrsync_stage_seconds buckets now; TargetUnavailableError if /metrics does not answer."""
-        return stage_buckets(fetch_samples(f"http://localhost:{self.port}/metrics"))
+        return stage_buckets(self._samples())
+
+    def _samples(self) -> list[Sample]:
+        return fetch_samples(f"http://localhost:{self.port}/metrics")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

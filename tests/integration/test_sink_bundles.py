@@ -30,9 +30,8 @@ def _send(config: Config, records: list[RoutedResource]) -> None:
     """All in one produce request, so they reach the broker, and the sink's fetch, together: a batch closes
     as soon as nothing more is waiting, and records that arrived a few milliseconds apart could be two."""
     producer = keyed_producer(SETTINGS.kafka_bootstrap, linger_ms=10_000)  # flush() sends them, not the linger
-    values = [(encode(record), record.patient_key.encode()) for record in records]
-    for value, key in values:
-        producer.produce(config.topics.name("ready"), value, key)
+    for record in records:
+        producer.produce(config.topics.name("ready"), encode(record), record.patient_key.encode())
     assert producer.flush(30) == 0
 
 
