@@ -97,6 +97,7 @@ class FhirClient:
             headers["Authorization"] = f"Bearer {endpoint.auth_token.get_secret_value()}"
         self._headers = headers
         self._timeout = aiohttp.ClientTimeout(total=endpoint.timeout_seconds)
+        self.first_write = endpoint.first_write  # how pipeline/sink.py writes a resource it has no version of
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
 

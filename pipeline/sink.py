@@ -35,7 +35,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import CdrsyncError, RetryableError, VersionConflictError
+from .errors import CdrsyncError, RejectedByTargetError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .records import RoutedResource, canonical_hash
 
@@ -144,11 +144,7 @@ async def write_record(client: FhirClient, record: RoutedResource, versions: Ver
     known = versions.get(ref, {}).get("version")
     body = body_to_write(record)
     if known is None:
-        current = await client.read(record.resource_type, record.target_id)
-        if current is None:  # nothing there: a first write
-            outcome = await client.put(record.resource_type, record.target_id, body)
-        else:
-            outcome = await _over_current(client, record, body, current, "the target holds a version we do not know")
+        outcome = await _first_write(client, record, body)
     else:
         try:
             outcome = await client.put(record.resource_type, record.target_id, body, if_match=known)
@@ -158,6 +154,27 @@ async def write_record(client: FhirClient, record: RoutedResource, versions: Ver
     if outcome.version_id is not None and outcome.status != 304:
         versions[ref] = {"version": outcome.version_id}
     return outcome
+
+
+_NO_VERSION = "0"  # If-Match for "only if absent": servers number versions from 1 (HAPI does)
+
+
+async def _first_write(client: FhirClient, record: RoutedResource, body: bytes) -> WriteOutcome:
+    """Write a resource we hold no version of, never over something already there.
+
+    A guarded target (TargetEndpoint.first_write) gets one PUT that only creates: If-Match names version
+    "0", which no stored version has. Whatever the target holds makes it refuse; so does a target that
+    will not create under If-Match. Either way, and always for a "read" target, the target is read first.
+    """
+    if client.first_write == "guarded":
+        try:
+            return await client.put(record.resource_type, record.target_id, body, if_match=_NO_VERSION)
+        except (VersionConflictError, RejectedByTargetError):
+            pass  # something is there (or the condition is refused): find out what
+    current = await client.read(record.resource_type, record.target_id)
+    if current is None:  # nothing there (or deleted): a first write
+        return await client.put(record.resource_type, record.target_id, body)
+    return await _over_current(client, record, body, current, "the target holds a version we do not know")
 
 
 async def _over_current(

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from pipeline.cli import main as cdrsync
-from pipeline.config import Config
+from pipeline.config import Config, TargetEndpoint
 from pipeline.errors import VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.records import RoutedResource, canonical_hash
@@ -180,16 +180,25 @@ def _history_values(stack: Central, target_id: str) -> list[float | None]:
     return [r["valueQuantity"]["value"] if r is not None else None for r in stack.history("Observation", target_id)]
 
 
+def _central(config: Config, first_write: str) -> TargetEndpoint:
+    """The central target, with the given way of writing a resource the sink holds no version of."""
+    return config.target("central").model_copy(update={"first_write": first_write})
+
+
+FIRST_WRITES = pytest.mark.parametrize("first_write", ["guarded", "read"])
+
+
+@FIRST_WRITES
 def test_changes_read_again_after_a_crash_never_put_older_content_back(
-    stack: Central, run_id: str, config: Config
+    stack: Central, run_id: str, config: Config, first_write: str
 ) -> None:
     """The sink wrote three versions, then died before its table kept any of it: the restart reads all
     three again. Whether the table remembers nothing or a stale version, the target's history goes forward."""
 
     async def scenario() -> None:
-        async with FhirClient(config.target("central")) as client:
+        async with FhirClient(_central(config, first_write)) as client:
             for lost in ("nothing", "first version"):
-                name = f"lost-{lost.split()[0]}"
+                name = f"lost-{lost.split()[0]}-{first_write}"
                 versions: dict[str, dict[str, Any]] = {}
                 remembered: dict[str, dict[str, Any]] = {}
                 for n, value in enumerate((10.0, 11.0, 12.0), start=1):
@@ -202,7 +211,7 @@ def test_changes_read_again_after_a_crash_never_put_older_content_back(
                 assert _history_values(stack, f"{run_id}-{name}") == [10.0, 11.0, 12.0], lost
 
             # A deletion read again after the row came back: the resource stays.
-            name = "lost-delete"
+            name = f"lost-delete-{first_write}"
             versions = {}
             await write_record(client, _routed(run_id, 1, 20.0, name=name), versions)
             await write_record(client, _routed(run_id, 2, 20.0, name=name, op="DELETE"), versions)
@@ -214,30 +223,66 @@ def test_changes_read_again_after_a_crash_never_put_older_content_back(
     asyncio.run(scenario())
 
 
-def test_our_own_writes_that_the_sink_table_lost_are_not_conflicts(stack: Central, run_id: str, config: Config) -> None:
-    ref = f"Observation/{run_id}-replay"
+@FIRST_WRITES
+def test_our_own_writes_that_the_sink_table_lost_are_not_conflicts(
+    stack: Central, run_id: str, config: Config, first_write: str
+) -> None:
+    name = f"replay-{first_write}"
+    ref = f"Observation/{run_id}-{name}"
 
     async def scenario() -> None:
-        async with FhirClient(config.target("central")) as client:
+        async with FhirClient(_central(config, first_write)) as client:
             versions: dict[str, dict[str, Any]] = {}
-            await write_record(client, _routed(run_id, 1, 60.0), versions)
+            await write_record(client, _routed(run_id, 1, 60.0, name=name), versions)
             remembered = dict(versions)  # the table as it was when the worker died ...
-            await write_record(client, _routed(run_id, 2, 61.0), versions)  # ... after this write reached the target
-            replayed = await write_record(client, _routed(run_id, 2, 61.0), dict(remembered))  # the restart replays
+            # ... after this write reached the target
+            await write_record(client, _routed(run_id, 2, 61.0, name=name), versions)
+            # the restart replays it
+            replayed = await write_record(client, _routed(run_id, 2, 61.0, name=name), dict(remembered))
             assert replayed.version_id == versions[ref]["version"]
             # The next change over the stale version: the target holds an untouched write of ours, not an edit.
-            third = await write_record(client, _routed(run_id, 3, 62.0), dict(remembered))
+            third = await write_record(client, _routed(run_id, 3, 62.0, name=name), dict(remembered))
             assert int(third.version_id or 0) == int(versions[ref]["version"]) + 1
             # An older change read again after that: the later version of the row stays.
-            older = await write_record(client, _routed(run_id, 2, 61.0), dict(remembered))
+            older = await write_record(client, _routed(run_id, 2, 61.0, name=name), dict(remembered))
             assert (older.status, older.version_id) == (304, third.version_id)
-            assert _value(stack, f"{run_id}-replay") == 62.0
+            assert _value(stack, f"{run_id}-{name}") == 62.0
             # An edit at the target is a conflict, even for a version the sink knows.
-            current = stack.read("Observation", f"{run_id}-replay")
+            current = stack.read("Observation", f"{run_id}-{name}")
             assert current is not None
             assert _put(stack, {**current, "valueQuantity": {**current["valueQuantity"], "value": 99.0}}) == 200
             with pytest.raises(VersionConflictError):
-                await write_record(client, _routed(run_id, 4, 63.0), {ref: {"version": third.version_id}})
+                await write_record(client, _routed(run_id, 4, 63.0, name=name), {ref: {"version": third.version_id}})
 
     asyncio.run(scenario())
-    assert _value(stack, f"{run_id}-replay") == 99.0
+    assert _value(stack, f"{run_id}-{name}") == 99.0
+
+
+@FIRST_WRITES
+def test_a_first_write_creates_but_never_overwrites_what_cdrsync_did_not_write(
+    stack: Central, run_id: str, config: Config, first_write: str
+) -> None:
+    """A resource the sink holds no version of: created when the target has none, created again when it was
+    deleted there, and a conflict (nothing written) when someone else put a resource at its id first."""
+    fresh, deleted, foreign = (f"first-{kind}-{first_write}" for kind in ("fresh", "deleted", "foreign"))
+
+    async def scenario() -> None:
+        async with FhirClient(_central(config, first_write)) as client:
+            created = await write_record(client, _routed(run_id, 1, 70.0, name=fresh), {})
+            assert (created.status, created.version_id) == (201, "1")
+
+            await write_record(client, _routed(run_id, 1, 71.0, name=deleted), {})
+            await write_record(client, _routed(run_id, 2, 71.0, name=deleted, op="DELETE"), {})
+            again = await write_record(client, _routed(run_id, 3, 72.0, name=deleted, op="CREATE"), {})
+            assert again.version_id == "3"
+
+            theirs = {**orjson.loads(_routed(run_id, 1, 80.0, name=foreign).resource or "{}"), "meta": {}}
+            theirs["valueQuantity"]["value"] = 99.0
+            assert _put(stack, theirs) == 201  # a clinician's resource, at the id cdrsync would use
+            with pytest.raises(VersionConflictError):
+                await write_record(client, _routed(run_id, 1, 80.0, name=foreign), {})
+
+    asyncio.run(scenario())
+    assert _history_values(stack, f"{run_id}-{fresh}") == [70.0]
+    assert _history_values(stack, f"{run_id}-{deleted}") == [71.0, None, 72.0]
+    assert _history_values(stack, f"{run_id}-{foreign}") == [99.0]
