@@ -137,8 +137,9 @@ class TargetEndpoint(_Strict):
     timeout_seconds: float = Field(default=30, gt=0)
     # How the sink writes a resource it holds no target version of (a first write, or its table lost the
     # version in a crash); it never writes blind over what it does not know it wrote (pipeline/sink.py):
-    # - "guarded": one PUT with If-Match: W/"0". HAPI creates an absent resource and refuses an existing one
-    #   (409), which is then read and handled as with "read". Needs a server that never issues version "0".
+    # - "guarded": one PUT with If-Match: W/"0" (FhirClient.create_if_absent). HAPI creates an absent resource
+    #   and refuses (409) an existing one, which is then read and handled as with "read". Needs a server that
+    #   never issues version "0".
     # - "read": read it first, then PUT (two round trips for every new resource).
     first_write: Literal["guarded", "read"] = "guarded"
 

@@ -25,6 +25,7 @@ _FHIR_JSON = "application/fhir+json"
 # HAPI: a referenced resource does not exist (HAPI-1094) or was deleted (HAPI-1096), both 400.
 _MISSING_REFERENCE_MARKERS = ("HAPI-1094", "HAPI-1096", "not found, specified in path", "is deleted, specified in path")
 _DIAGNOSTICS_LIMIT = 500
+_NO_VERSION = "0"  # If-Match for "create only if absent": no stored version carries it (HAPI numbers from 1)
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class FhirClient:
             headers["Authorization"] = f"Bearer {endpoint.auth_token.get_secret_value()}"
         self._headers = headers
         self._timeout = aiohttp.ClientTimeout(total=endpoint.timeout_seconds)
-        self.first_write = endpoint.first_write  # how pipeline/sink.py writes a resource it has no version of
+        self._guarded_create = endpoint.first_write == "guarded"
         self._connections = connections
         self._session: aiohttp.ClientSession | None = None
 
@@ -143,6 +144,21 @@ class FhirClient:
     ) -> WriteOutcome:
         """Create or replace a resource at a client-assigned id; with if_match, only over that version."""
         return await self._send("PUT", f"{resource_type}/{resource_id}", body, if_match=if_match)
+
+    async def create_if_absent(self, resource_type: str, resource_id: str, body: bytes) -> WriteOutcome | None:
+        """Create a resource at a client-assigned id only if the target holds none there, in one request;
+        None when it was not written: the target holds something there (deleted included), it will not
+        create under the condition, or this target is to be read first (TargetEndpoint.first_write "read").
+
+        The request is a PUT with If-Match naming version "0", which no stored version carries: HAPI creates
+        an absent resource and refuses an existing one (409). A server numbering versions from 0 must be
+        configured "read"."""
+        if not self._guarded_create:
+            return None
+        try:
+            return await self.put(resource_type, resource_id, body)
+        except (VersionConflictError, RejectedByTargetError):
+            return None
 
     async def delete(self, resource_type: str, resource_id: str) -> WriteOutcome:
         """Delete a resource; an already absent one counts as deleted."""

@@ -35,7 +35,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import CdrsyncError, RejectedByTargetError, RetryableError, VersionConflictError
+from .errors import CdrsyncError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .records import RoutedResource, canonical_hash
 
@@ -156,21 +156,12 @@ async def write_record(client: FhirClient, record: RoutedResource, versions: Ver
     return outcome
 
 
-_NO_VERSION = "0"  # If-Match for "only if absent": servers number versions from 1 (HAPI does)
-
-
 async def _first_write(client: FhirClient, record: RoutedResource, body: bytes) -> WriteOutcome:
-    """Write a resource we hold no version of, never over something already there.
-
-    A guarded target (TargetEndpoint.first_write) gets one PUT that only creates: If-Match names version
-    "0", which no stored version has. Whatever the target holds makes it refuse; so does a target that
-    will not create under If-Match. Either way, and always for a "read" target, the target is read first.
-    """
-    if client.first_write == "guarded":
-        try:
-            return await client.put(record.resource_type, record.target_id, body, if_match=_NO_VERSION)
-        except (VersionConflictError, RejectedByTargetError):
-            pass  # something is there (or the condition is refused): find out what
+    """Write a resource we hold no version of, never over something already there: created in one request
+    where the target allows it (FhirClient.create_if_absent), else the target is read first."""
+    created = await client.create_if_absent(record.resource_type, record.target_id, body)
+    if created is not None:
+        return created
     current = await client.read(record.resource_type, record.target_id)
     if current is None:  # nothing there (or deleted): a first write
         return await client.put(record.resource_type, record.target_id, body)
