@@ -156,7 +156,7 @@ class FhirClient:
         if not self._guarded_create:
             return None
         try:
-            return await self.put(resource_type, resource_id, body)
+            return await self.put(resource_type, resource_id, body, if_match=_NO_VERSION)
         except (VersionConflictError, RejectedByTargetError):
             return None
 
