@@ -29,7 +29,7 @@ from typing import Any
 from faust.types import TP, EventT, StreamT
 from mode.utils.futures import notify
 
-from pipeline.metrics import STAGE_SECONDS
+from pipeline.metrics import STAGE_BATCHES, STAGE_BUSY_SECONDS, STAGE_SECONDS
 
 __all__ = ["more_waiting", "take_batches"]
 
@@ -74,9 +74,12 @@ async def take_batches(
     as no further record is waiting (more_waiting). close_early=False is take_events' behaviour.
 
     Each record's time at the stage goes to cdrsync_stage_seconds{stage}: `wait` from its Kafka timestamp
-    to being taken into a batch, `handle` from then until the caller is done with its batch.
+    to being taken into a batch, `handle` from then until the caller is done with its batch. Each batch
+    counts in cdrsync_stage_batches_total, and the time from handing it to the caller until the caller is
+    done with it in cdrsync_stage_busy_seconds_total.
     """
     waited, handled_in = STAGE_SECONDS.labels(stage, "wait"), STAGE_SECONDS.labels(stage, "handle")
+    batches, busy = STAGE_BATCHES.labels(stage), STAGE_BUSY_SECONDS.labels(stage)
     events: list[EventT] = []
     taken_at: list[float] = []  # when each record of the batch was taken (time.time())
     filled = asyncio.Event()  # the batch is ready to be handled
@@ -130,10 +133,13 @@ async def take_batches(
             if not events:
                 continue
             handling = asyncio.get_running_loop().create_future()
+            started = time.time()
             try:
                 yield list(events)
             finally:
                 done = time.time()
+                batches.inc()
+                busy.inc(max(0.0, done - started))
                 for at in taken_at:
                     handled_in.observe(done - at)
                 taken_at.clear()

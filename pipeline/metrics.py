@@ -24,6 +24,8 @@ __all__ = [
     "PARKED",
     "READY",
     "RETRIES",
+    "STAGE_BATCHES",
+    "STAGE_BUSY_SECONDS",
     "STAGE_SECONDS",
     "TARGET_OUTAGES",
     "WRITES",
@@ -79,6 +81,18 @@ STAGE_SECONDS = Histogram(
         300,
         1800,
     ),
+)
+STAGE_BATCHES = Counter(
+    "cdrsync_stage_batches_total",
+    'Batches a stage of the worker has handled; its records (cdrsync_stage_seconds_count{part="handle"}) divided'
+    " by this are its batch size",
+    ["stage"],
+)
+STAGE_BUSY_SECONDS = Counter(
+    "cdrsync_stage_busy_seconds_total",
+    "Time a stage of the worker spent handling its batches (from taking a batch to being done with it). Its rate"
+    " is the share of the time the stage was busy: a stage near 1 is the one the others wait for",
+    ["stage"],
 )
 LAST_SUCCESS = Gauge(
     "cdrsync_last_successful_write_timestamp_seconds",

@@ -314,6 +314,23 @@ def pipeline_health() -> dict:
                 "then until its batch is done (outputs acknowledged by Kafka, tables applied, writes answered). A "
                 "stage whose wait grows is behind; one whose handle grows is slow itself.",
             ),
+            panel(
+                "Stage busy share",
+                ("sum by (stage) (rate(cdrsync_stage_busy_seconds_total[5m]))", "{{stage}}"),
+                unit="percentunit",
+                description="cdrsync_stage_busy_seconds_total: the share of the time each stage spent handling "
+                "batches. A stage near 100 % is the one the others wait for; one far below it waits for its input.",
+            ),
+            panel(
+                "Records per batch, by stage",
+                (
+                    'sum by (stage) (rate(cdrsync_stage_seconds_count{part="handle"}[5m])) / '
+                    "sum by (stage) (rate(cdrsync_stage_batches_total[5m]))",
+                    "{{stage}}",
+                ),
+                description="Records a stage took at once (cdrsync_stage_seconds_count over "
+                "cdrsync_stage_batches_total): 1 when the pipeline is quiet, growing with the load.",
+            ),
         ],
     )
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["describe_machine", "load_average"]
+__all__ = ["CpuReading", "cpu_use", "describe_machine", "load_average", "read_cpu"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,6 +36,40 @@ def _run(*command: str) -> str:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU time so far, in clock ticks: one process' (user + system), and all cores' busy and total."""
+
+    at: float
+    process: int
+    machine_busy: int
+    machine_total: int
+
+
+def read_cpu(pid: int) -> CpuReading:
+    """A process' CPU time and the machine's, now (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    process = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+    cores = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = cores[3] + cores[4]  # idle, iowait
+    return CpuReading(time.time(), process, sum(cores) - idle, sum(cores))
+
+
+def cpu_use(before: CpuReading, after: CpuReading) -> dict[str, float]:
+    """Between two readings: seconds passed, the process' CPU seconds and its share of one core, and the share
+    of all the machine's cores that were busy (with anything)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = max(1e-9, after.at - before.at)
+    process = (after.process - before.process) / ticks
+    total = after.machine_total - before.machine_total
+    return {
+        "seconds": round(seconds, 2),
+        "process_cpu_seconds": round(process, 2),
+        "process_core_share": round(process / seconds, 3),
+        "machine_busy_share": round((after.machine_busy - before.machine_busy) / total, 3) if total else 0.0,
+    }
 
 
 def _kafka_version(lib: Path) -> str:

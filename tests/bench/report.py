@@ -117,6 +117,14 @@ def _figures(results: dict[str, Any]) -> list[str]:
             f"ready after {r1['pipeline']['worker_ready_seconds']} s), "
             f"raw consume(500) {r1['raw']['per_second']}/s"
         )
+        if stages := r1["pipeline"].get("stages"):
+            lines.append(_load_line(stages, r1["pipeline"].get("drain_seconds")))
+        if cpu := r1["pipeline"].get("cpu"):
+            lines.append(
+                f"R1  from ready to drained ({cpu['seconds']:.1f} s) the worker used {cpu['process_cpu_seconds']:.1f} "
+                f"CPU s ({100 * cpu['process_core_share']:.0f} % of one core); the machine's cores were "
+                f"{100 * cpu['machine_busy_share']:.0f} % busy"
+            )
     if r2 := results.get("r2"):
         lines.append(
             f"R2  {r2['resources']} resources into the FHIR server: pipeline {r2['pipeline']['per_second']}/s, "
@@ -163,6 +171,18 @@ def _stage_line(rate: str, stages: dict[str, dict[str, dict[str, float]]]) -> st
         if wait and handle:
             parts.append(f"{stage} {wait['p50'] * 1000:.1f} + {handle['p50'] * 1000:.1f}")
     return f"R3  {rate}/s pipeline by stage, p50 ms of wait + handle (cdrsync_stage_seconds): " + ", ".join(parts)
+
+
+def _load_line(stages: dict[str, dict[str, float]], drain: float | None) -> str:
+    """What each stage did during R1's drain: its busy time (and share of the drain), batches and batch size."""
+    parts = []
+    for stage in sorted(stages, key=lambda s: (_STAGES.index(s) if s in _STAGES else len(_STAGES), s)):
+        load = stages[stage]
+        busy, batches, records = load.get("busy_seconds", 0.0), load.get("batches", 0.0), load.get("records", 0.0)
+        share = f" ({100 * busy / drain:.0f} %)" if drain else ""
+        parts.append(f"{stage} {busy:.1f} s{share}, {batches:.0f} x {records / batches if batches else 0:.1f}")
+    head = f"busy s of the {drain:.1f} s drain" if drain else "busy s"
+    return f"R1  by stage, {head}, batches x records per batch: " + "; ".join(parts)
 
 
 def _hop_floor_lines(floor: dict[str, Any], naive50: float | None) -> list[str]:

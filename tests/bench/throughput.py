@@ -10,13 +10,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import TargetUnavailableError
+
 from . import hapi
 from .context import Bench
 from .dataset import Dataset, expected_ref
 from .instant_ack import InstantAckServer
+from .machine import cpu_use, read_cpu
 from .naive import NaiveRun, start_naive_loop
 from .offsets import Offsets, read_range
 from .profile import Profiler
+from .worker import BenchWorker
 
 __all__ = ["Throughput", "raw_drain", "run_r1", "run_r2"]
 
@@ -71,11 +75,14 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
     profiler = None
     try:
         ready = worker.wait_ready()
+        cpu_before = read_cpu(worker.pid)
         if profile:  # from readiness on: the process is the worker by then (pipeline.cli execs it)
             profiler = Profiler(worker.pid, bench.home / "profiles" / f"{phase.app_id}.txt").start()
         bench.wait_drained(phase, lambda: device.log.seen(expected) == len(expected), timeout=3600)
         last = device.log.last_ack_of(expected)
         assert last is not None
+        cpu = cpu_use(cpu_before, read_cpu(worker.pid))
+        stages = _stage_load(bench, worker)
     finally:
         cpu_profile = profiler.stop() if profiler else None
         worker.stop()
@@ -88,6 +95,9 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
             "steady_per_second": round(len(expected) / max(1e-9, last - (device.log.first_ack or last)), 2),
             "writes_acknowledged": device.log.writes,
             "dead_letters": phase.dead_letters(bench.settings.kafka_bootstrap),
+            "drain_seconds": round(last - (worker.started_at + ready), 2),
+            "stages": stages,
+            "cpu": cpu,
         },
     )
     bench.log(f"R1: pipeline: {pipeline.count} resources in {pipeline.seconds:.1f} s = {pipeline.rate:.1f}/s")
@@ -98,6 +108,15 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
         "ratio": round(pipeline.rate / raw.rate, 4) if raw.rate else None,
         "profile": cpu_profile,
     }
+
+
+def _stage_load(bench: Bench, worker: BenchWorker) -> dict[str, dict[str, float]] | None:
+    """Each stage's records, batches and busy time in the worker so far; None if its /metrics did not answer."""
+    try:
+        return worker.stage_load()
+    except TargetUnavailableError as error:
+        bench.log(f"R1: the worker's /metrics could not be read ({error}); no load by stage")
+        return None
 
 
 def run_r2(bench: Bench, data: Dataset) -> dict[str, Any]:

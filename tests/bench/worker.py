@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.status import Sample, fetch_samples, histogram_quantile
 
-__all__ = ["BenchWorker", "memory_parts", "rss_bytes", "stage_buckets", "stage_times"]
+__all__ = ["BenchWorker", "memory_parts", "rss_bytes", "stage_buckets", "stage_load", "stage_times"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,6 +48,23 @@ def stage_times(before: StageBuckets, after: StageBuckets) -> dict[str, dict[str
         if total > 0 and p50 is not None and p99 is not None:
             out.setdefault(stage, {})[part] = {"count": total, "p50": p50, "p99": p99}
     return out
+
+
+def stage_load(samples: list[Sample]) -> dict[str, dict[str, float]]:
+    """stage -> records, batches and busy seconds since the worker started (cdrsync_stage_seconds_count of
+    `handle`, cdrsync_stage_batches_total, cdrsync_stage_busy_seconds_total)."""
+    out: dict[str, dict[str, float]] = {}
+    for s in samples:
+        stage = s.labels.get("stage")
+        if stage is None:
+            continue
+        if s.name == "cdrsync_stage_seconds_count" and s.labels.get("part") == "handle":
+            out.setdefault(stage, {})["records"] = s.value
+        elif s.name == "cdrsync_stage_batches_total":
+            out.setdefault(stage, {})["batches"] = s.value
+        elif s.name == "cdrsync_stage_busy_seconds_total":
+            out.setdefault(stage, {})["busy_seconds"] = round(s.value, 3)
+    return {stage: load for stage, load in out.items() if load.get("batches")}
 
 
 def rss_bytes(pid: int) -> int:
@@ -116,6 +133,11 @@ class BenchWorker:
     def stage_buckets(self) -> StageBuckets:
         """The worker's cdrsync_stage_seconds buckets now; TargetUnavailableError if /metrics does not answer."""
         return stage_buckets(self._samples())
+
+    def stage_load(self) -> dict[str, dict[str, float]]:
+        """Records, batches and busy seconds of each stage so far; TargetUnavailableError if /metrics does not
+        answer."""
+        return stage_load(self._samples())
 
     def _samples(self) -> list[Sample]:
         return fetch_samples(f"http://localhost:{self.port}/metrics")

@@ -146,3 +146,25 @@ def test_each_record_s_wait_and_handling_at_the_stage_are_measured() -> None:
     handles, handled = _stage_seconds(stage, "handle")
     assert handles == 4
     assert handled >= 4 * 0.3  # each record's batch took 0.3 s to handle after it was taken
+
+
+def test_a_stage_s_batches_and_its_busy_time_are_counted() -> None:
+    stage = "test-busy"
+
+    async def run() -> tuple[Taken, float]:
+        agent, taken = _agent(max_=3, close_early=True, stage=stage, handling=0.2)
+        started = time.monotonic()
+        async with agent.test_context() as context:
+            for n in range(7):
+                await context.put(n, wait=False)
+            await taken.wait_for(7)
+            await asyncio.sleep(0.1)  # the last batch is counted once its handling is over
+        return taken, time.monotonic() - started
+
+    taken, elapsed = asyncio.run(run())
+    batches = REGISTRY.get_sample_value("cdrsync_stage_batches_total", {"stage": stage})
+    busy = REGISTRY.get_sample_value("cdrsync_stage_busy_seconds_total", {"stage": stage})
+    assert len(taken.batches) >= 3  # at most 3 records a batch
+    assert batches == len(taken.batches)
+    assert busy is not None
+    assert 0.2 * len(taken.batches) <= busy <= elapsed  # each batch took 0.2 s; never busier than the time that passed

@@ -3,6 +3,7 @@ profile parsing, goals and report, the derived bench site. The measurements them
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
 from tests.bench.hops import hop_times
 from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
+from tests.bench.machine import CpuReading, cpu_use, read_cpu
 from tests.bench.memory import memory_result
 from tests.bench.profile import parse_collapsed, top_functions
 from tests.bench.provision import BENCH_SITE, write_config_root
 from tests.bench.report import evaluate_goals, format_report, percentile, summarize
 from tests.bench.synthea import SyntheaRun, synthea_version
-from tests.bench.worker import memory_parts, stage_buckets, stage_times
+from tests.bench.worker import memory_parts, stage_buckets, stage_load, stage_times
 from tests.casebuilder import KVNR_SYSTEM, kvnr_of, routed_record
 
 pytestmark = pytest.mark.unit
@@ -336,3 +338,59 @@ def test_report_says_where_the_pipeline_s_changes_spent_their_time_by_stage() ->
         "R3  1/s pipeline by stage, p50 ms of wait + handle (cdrsync_stage_seconds): "
         "normalize 9.8 + 2.0, sink 4.0 + 21.5" in text
     )
+
+
+def test_stage_load_reads_each_stage_s_records_batches_and_busy_time() -> None:
+    text = (
+        "# TYPE cdrsync_stage_seconds histogram\n"
+        'cdrsync_stage_seconds_count{part="handle",stage="order"} 300\n'
+        'cdrsync_stage_seconds_count{part="wait",stage="order"} 300\n'
+        'cdrsync_stage_seconds_count{part="handle",stage="sink"} 0\n'
+        "# TYPE cdrsync_stage_batches_total counter\n"
+        'cdrsync_stage_batches_total{stage="order"} 12\n'
+        'cdrsync_stage_batches_total{stage="sink"} 0\n'
+        "# TYPE cdrsync_stage_busy_seconds_total counter\n"
+        'cdrsync_stage_busy_seconds_total{stage="order"} 4.25\n'
+        'cdrsync_stage_busy_seconds_total{stage="sink"} 0\n'
+    )
+    load = stage_load(parse_metrics(text))
+    assert load == {"order": {"records": 300, "batches": 12, "busy_seconds": 4.25}}  # the sink took no batch
+
+
+def test_report_says_how_busy_each_stage_was_during_r1() -> None:
+    results = _results()
+    results["r1"]["pipeline"]["drain_seconds"] = 20.0
+    results["r1"]["pipeline"]["cpu"] = {
+        "seconds": 21.0,
+        "process_cpu_seconds": 16.8,
+        "process_core_share": 0.8,
+        "machine_busy_share": 0.955,
+    }
+    results["r1"]["pipeline"]["stages"] = {
+        "sink": {"records": 10, "batches": 4, "busy_seconds": 15.0},
+        "normalize": {"records": 10, "batches": 2, "busy_seconds": 1.0},
+    }
+    text = format_report(results)
+    assert (
+        "R1  by stage, busy s of the 20.0 s drain, batches x records per batch: "
+        "normalize 1.0 s (5 %), 2 x 5.0; sink 15.0 s (75 %), 4 x 2.5" in text
+    )
+    assert (
+        "R1  from ready to drained (21.0 s) the worker used 16.8 CPU s (80 % of one core); the machine's cores were "
+        "96 % busy" in text
+    )
+
+
+def test_cpu_use_between_two_readings() -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    before = CpuReading(at=100.0, process=0, machine_busy=1000, machine_total=5000)
+    after = CpuReading(at=110.0, process=5 * ticks, machine_busy=2500, machine_total=7000)
+    use = cpu_use(before, after)
+    assert use == {
+        "seconds": 10.0,
+        "process_cpu_seconds": 5.0,
+        "process_core_share": 0.5,
+        "machine_busy_share": 0.75,  # 1500 of the 2000 ticks that passed on all cores
+    }
+    reading = read_cpu(os.getpid())  # this process, from /proc
+    assert reading.process > 0 and 0 < reading.machine_busy < reading.machine_total
