@@ -111,16 +111,17 @@ def _row(topic: str, partition: int, offset: int, event: dict[str, Any]) -> tupl
     )
 
 
-async def insert_events(connection: Any, events: Iterable[tuple[str, int, int, bytes]]) -> int:
-    """Insert (topic, partition, offset, JSON) audit records; a replayed record is not inserted twice."""
+def insert_events(connection: Any, events: Iterable[tuple[str, int, int, bytes]]) -> int:
+    """Insert (topic, partition, offset, JSON) audit records in one transaction (a psycopg connection); a
+    replayed record is not inserted twice. A malformed record raises before anything is committed."""
     rows = [_row(topic, partition, offset, orjson.loads(value)) for topic, partition, offset, value in events]
     if not rows:
         return 0
-    async with connection.cursor() as cursor:
-        await cursor.executemany(
+    with connection.cursor() as cursor:
+        cursor.executemany(
             "INSERT INTO audit.event VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, "
             "to_timestamp(%s), %s, %s, %s, %s) ON CONFLICT DO NOTHING",
             rows,
         )
-    await connection.commit()
+    connection.commit()
     return len(rows)

@@ -97,7 +97,11 @@ def test_central_decision_reaches_both_hospitals_with_their_local_patient_and_do
         }
         assert {"system": ORIGIN_TAG_SYSTEM, "code": "central"} in content["meta"]["tag"]
         assert version == 1
-    assert {row[0] for row in audit_rows(created["id"])} >= {"written_back"}
+    wait_for(  # the audit store takes it from the audit topic on its own time
+        lambda: {row[0] for row in audit_rows(created["id"])} >= {"written_back"} or None,
+        timeout=60,
+        what="the decision's written_back audit row",
+    )
 
     # The hospitals' capture of those rows passes identity resolution before a later change of the same
     # patient does (one partition per local patient): once these arrive, the decision was seen and not sent.

@@ -73,7 +73,11 @@ def test_tumorboard_flag_sends_its_encounter_with_earlier_observations_and_nothi
     assert provenance["target"] == [{"reference": encounter_ref}]
     assert provenance["entity"][0]["what"]["identifier"]["value"] == encounter["id"]
     assert stack.read("Flag", _at_b("Flag", flag["id"]))["status"] == "active"
-    assert {row[0] for row in audit_rows(earlier[0]["id"])} >= {"trigger_held", "backfilled", "written"}
+    wait_for(  # the audit store takes the events from the audit topic on its own time
+        lambda: {row[0] for row in audit_rows(earlier[0]["id"])} >= {"trigger_held", "backfilled", "written"} or None,
+        timeout=60,
+        what="the backfilled observation's audit trail",
+    )
 
     later = _in_encounter(observation_for(f"{run_id}-tb-l", flagged["id"], 3, 63.0), encounter["id"])
     site_b.upsert(later)  # a change after the flag follows it
