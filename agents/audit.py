@@ -50,6 +50,7 @@ class AuditWriter(Service):
             config.topics.name("dlq"),
             _dsn(),
             batch_max=settings.stage_batch_max,
+            gather_seconds=settings.audit_batch_seconds,
         )
         self.thread: threading.Thread | None = None
 

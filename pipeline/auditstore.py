@@ -3,8 +3,9 @@
 It is not a Faust agent on purpose. Every step of every record emits an audit event (about two per
 resource written), and as an agent each of them went through Faust's consumer thread, stream, batch and
 acknowledgement machinery: about a sixth of the worker's CPU when it drains a back-load (README
-Performance). Here a librdkafka consumer takes up to a batch's worth at once, in a thread of the worker,
-with a consumer group of its own (<app id>-audit).
+Performance). Here a librdkafka consumer takes them in batches, in a thread of the worker, with a consumer
+group of its own (<app id>-audit): from the first event on, a batch gathers what arrives within
+CDRSYNC_AUDIT_BATCH_SECONDS (or until it is full), so that a busy worker commits one insert for many events.
 
 Nothing is lost: a batch's rows go in one transaction, and only once PostgreSQL has committed them are the
 batch's offsets committed. An insert is idempotent (keyed by topic, partition and offset), so a batch read
@@ -71,10 +72,11 @@ class AuditStore:
         dsn: str,
         *,
         batch_max: int = 500,
+        gather_seconds: float = 0.1,
         reconnect_seconds: float = 5.0,
     ) -> None:
         self.topic, self.dead_letter_topic, self.dsn = topic, dead_letter_topic, dsn
-        self.batch_max, self.reconnect_seconds = batch_max, reconnect_seconds
+        self.batch_max, self.gather_seconds, self.reconnect_seconds = batch_max, gather_seconds, reconnect_seconds
         self._stop = threading.Event()
         self._connection: psycopg.Connection[Any] | None = None
         self.consumer = Consumer(
@@ -99,10 +101,10 @@ class AuditStore:
         self.consumer.subscribe([self.topic])
         try:
             while not self._stop.is_set():
-                first = self.consumer.poll(0.5)  # as soon as one is there, then what else already is: no wait
+                first = self.consumer.poll(0.5)  # from the first event on, a batch gathers for gather_seconds
                 if first is None:
                     continue
-                rest = self.consumer.consume(self.batch_max - 1, 0) if self.batch_max > 1 else []
+                rest = self.consumer.consume(self.batch_max - 1, self.gather_seconds) if self.batch_max > 1 else []
                 batch = self._readable([first, *rest])
                 if batch:
                     self._handle(batch)

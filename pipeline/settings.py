@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     pg_user: str = Field(default="postgres", validation_alias="PG_SUPERUSER")
     pg_password: SecretStr | None = Field(default=None, validation_alias="PG_PASSWORD")
     audit_database: str = Field(default="central", description="PostgreSQL database of the audit.event table")
+    audit_batch_seconds: float = Field(
+        default=0.1,
+        ge=0,
+        le=10,
+        description="how long the audit store gathers events into one insert after the first arrives (0: only those"
+        " already fetched)",
+    )
 
     @property
     def pg_password_value(self) -> str | None:
