@@ -287,8 +287,8 @@ def pipeline_health() -> dict:
                 "climbs while these parts stay flat points at the heap's free memory.",
             ),
             panel(
-                "Messages received per topic",
-                ("sum by (topic) (rate(faust_messages_received_per_topic_total[5m]))", "{{topic}}"),
+                "Records taken per second, by stage",
+                ('sum by (stage) (rate(cdrsync_stage_seconds_count{part="wait"}[5m]))', "{{stage}}"),
                 unit="ops",
             ),
             panel(

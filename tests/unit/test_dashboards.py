@@ -2,7 +2,7 @@
 
 Grafana cannot run here, so this is the check that a dashboard does not silently show "No data": every
 metric name in every PromQL expression (dashboard panels, template variables, alert and recording rules)
-must be one the workers (pipeline.metrics, Faust's sensor, the process collector), `cdrsync monitor`
+must be one the workers (pipeline.metrics, the process collector), `cdrsync monitor`
 (pipeline.monitor) or Prometheus itself (up, ALERTS) exports, or a recording rule defines.
 """
 
@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import yaml
-from faust.sensors.prometheus import FaustMetrics
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.metrics import MetricWrapperBase
@@ -85,8 +84,6 @@ def exported_names(config: Config) -> set[str]:
     """Every sample name a worker, the monitor or Prometheus can expose."""
     names = {name for samples in family_names(config).values() for name in samples}
     registry = CollectorRegistry()
-    for faust_metric in FaustMetrics.create(registry, "faust"):
-        names |= _sample_names(faust_metric.describe())
     ProcessCollector(registry=registry)
     names |= {sample.name for family in registry.collect() for sample in family.samples}
     return names | PROMETHEUS_BUILTINS
