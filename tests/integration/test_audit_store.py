@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from pipeline.audit import audit_event
+from pipeline.audit import AUDIT_TABLE_DDL, audit_event, insert_events
 from pipeline.auditstore import AuditStore
 from tests.casebuilder import observation_for, routed_record
 from tests.integration.conftest import SETTINGS, wait_for
@@ -97,3 +97,19 @@ def test_events_sent_while_the_audit_database_is_away_are_stored_once_it_is_back
         store.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_a_batch_larger_than_one_statement_is_stored_whole_and_a_replay_adds_nothing(
+    run_id: str, audit_database: str
+) -> None:
+    _admin_sql(f'CREATE DATABASE "{audit_database}"')
+    records = [routed_record(observation_for(f"{run_id}-many-{n}", "p", n, 1.0), patient_key="pk") for n in range(2500)]
+    events = [("audit.v1", 0, n, orjson.dumps(audit_event("written", r))) for n, r in enumerate(records)]
+    with psycopg.connect(_dsn(audit_database)) as connection:
+        connection.execute(AUDIT_TABLE_DDL)
+        connection.commit()
+        assert insert_events(connection, events) == 2500  # more rows than one statement takes
+        insert_events(connection, events[1000:1500])  # read again after a crash
+        count = connection.execute("SELECT count(*), count(DISTINCT kafka_offset) FROM audit.event").fetchone()
+    assert count == (2500, 2500)
+    assert _stored(audit_database) == {r.source_id for r in records}
