@@ -49,6 +49,7 @@ class AuditWriter(Service):
             audit_topic.get_topic_name(),
             config.topics.name("dlq"),
             _dsn(),
+            previous_group=app.conf.id,  # the group of the Faust agent that stored them before
             batch_max=settings.stage_batch_max,
             gather_seconds=settings.audit_batch_seconds,
         )

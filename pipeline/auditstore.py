@@ -14,6 +14,10 @@ tried again every few seconds, and nothing further is read: Kafka keeps the even
 than the consumer's max.poll.interval.ms lets the group hand the partitions on; the batch is then read again
 by their new owner.)
 
+A worker upgraded from a version whose Faust agent stored the events starts the store where that agent's
+consumer group (the app id) left off on the audit topic (seed_offsets), instead of reading the whole topic,
+which is kept forever, once more.
+
 A malformed event (our own record: a bug) does not hold the others: the batch is then inserted one event at
 a time, and each malformed one goes to the dead-letter topic with the reason, acknowledged by Kafka before
 the batch is committed.
@@ -28,7 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from .audit import AUDIT_TABLE_DDL, insert_events
 from .deadletter import failure_headers, failure_info, parse_failure_headers
@@ -36,7 +41,7 @@ from .errors import CdrsyncError
 from .kafkaadmin import keyed_producer
 from .metrics import DEAD_LETTERS, STAGE_BATCHES, STAGE_BUSY_SECONDS, STAGE_SECONDS
 
-__all__ = ["AuditStore", "commit_offsets", "run_in_thread"]
+__all__ = ["AuditStore", "commit_offsets", "run_in_thread", "seed_offsets"]
 
 log = logging.getLogger("cdrsync.audit")
 STAGE = "audit"
@@ -51,6 +56,37 @@ def commit_offsets(messages: list[Message]) -> list[TopicPartition]:
         assert topic is not None and partition is not None and offset is not None
         highest[(topic, partition)] = max(offset, highest.get((topic, partition), offset))
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(highest.items())]
+
+
+def _committed(admin: AdminClient, group: str, topic: str) -> list[TopicPartition]:
+    request = [ConsumerGroupTopicPartitions(group)]
+    try:
+        result = next(iter(admin.list_consumer_group_offsets(request, request_timeout=30).values())).result()
+    except KafkaException as error:
+        if "GROUP_ID_NOT_FOUND" in str(error):
+            return []
+        raise
+    return [tp for tp in result.topic_partitions or [] if tp.topic == topic and tp.offset >= 0]
+
+
+def seed_offsets(bootstrap: str, group: str, previous_group: str, topic: str) -> list[TopicPartition]:
+    """If `group` has committed nothing on `topic` yet, commit for it what `previous_group` has there, so it
+    starts where that group left off; the offsets seeded (none if there was nothing to do). A group another
+    worker has already joined refuses the change: that worker got there first, and nothing is seeded."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if _committed(admin, group, topic):
+        return []
+    previous = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in _committed(admin, previous_group, topic)]
+    if not previous:
+        return []
+    request = [ConsumerGroupTopicPartitions(group, previous)]
+    try:
+        next(iter(admin.alter_consumer_group_offsets(request, request_timeout=30).values())).result()
+    except KafkaException as error:
+        log.info("audit store: offsets of %s not seeded from %s (%s)", group, previous_group, error)
+        return []
+    log.info("audit store: %s starts where %s left off on %s", group, previous_group, topic)
+    return previous
 
 
 def _entry(message: Message) -> tuple[str, int, int, bytes]:
@@ -71,11 +107,13 @@ class AuditStore:
         dead_letter_topic: str,
         dsn: str,
         *,
+        previous_group: str | None = None,
         batch_max: int = 500,
         gather_seconds: float = 0.1,
         reconnect_seconds: float = 5.0,
     ) -> None:
         self.topic, self.dead_letter_topic, self.dsn = topic, dead_letter_topic, dsn
+        self.bootstrap, self.group, self.previous_group = bootstrap, group, previous_group
         self.batch_max, self.gather_seconds, self.reconnect_seconds = batch_max, gather_seconds, reconnect_seconds
         self._stop = threading.Event()
         self._connection: psycopg.Connection[Any] | None = None
@@ -98,6 +136,8 @@ class AuditStore:
         self._stop.set()
 
     def run(self) -> None:
+        if self.previous_group:
+            seed_offsets(self.bootstrap, self.group, self.previous_group, self.topic)
         self.consumer.subscribe([self.topic])
         try:
             while not self._stop.is_set():

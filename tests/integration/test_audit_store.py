@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.audit import AUDIT_TABLE_DDL, audit_event, insert_events
-from pipeline.auditstore import AuditStore
+from pipeline.auditstore import AuditStore, seed_offsets
 from tests.casebuilder import observation_for, routed_record
 from tests.integration.conftest import SETTINGS, wait_for
 
@@ -99,7 +99,7 @@ def test_events_sent_while_the_audit_database_is_away_are_stored_once_it_is_back
     assert not thread.is_alive()
 
 
-def test_a_batch_larger_than_one_statement_is_stored_whole_and_a_replay_adds_nothing(
+def test_a_large_batch_is_stored_whole_and_a_replay_adds_nothing(
     run_id: str, audit_database: str
 ) -> None:
     _admin_sql(f'CREATE DATABASE "{audit_database}"')
@@ -108,8 +108,44 @@ def test_a_batch_larger_than_one_statement_is_stored_whole_and_a_replay_adds_not
     with psycopg.connect(_dsn(audit_database)) as connection:
         connection.execute(AUDIT_TABLE_DDL)
         connection.commit()
-        assert insert_events(connection, events) == 2500  # more rows than one statement takes
+        assert insert_events(connection, events) == 2500
         insert_events(connection, events[1000:1500])  # read again after a crash
         count = connection.execute("SELECT count(*), count(DISTINCT kafka_offset) FROM audit.event").fetchone()
     assert count == (2500, 2500)
     assert _stored(audit_database) == {r.source_id for r in records}
+
+
+def test_an_upgraded_worker_s_store_starts_where_the_old_audit_agent_s_group_left_off(
+    run_id: str, audit_database: str
+) -> None:
+    topic, old, group = f"test.audit-seed.{run_id}", f"test-audit-old-{run_id}", f"test-audit-new-{run_id}"
+    admin = AdminClient({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)]).values():
+        future.result(30)
+    records = [routed_record(observation_for(f"{run_id}-seed-{n}", "p", n, 1.0), patient_key="pk") for n in range(5)]
+    producer = Producer({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    for record in records:
+        producer.produce(topic, key=b"k", value=orjson.dumps(audit_event("written", record)))
+    assert producer.flush(30) == 0
+    previous = Consumer({"bootstrap.servers": SETTINGS.kafka_bootstrap, "group.id": old})
+    previous.commit(offsets=[TopicPartition(topic, 0, 3)], asynchronous=False)  # the old agent stored 0..2
+    previous.close()
+    _admin_sql(f'CREATE DATABASE "{audit_database}"')
+
+    store = AuditStore(
+        SETTINGS.kafka_bootstrap,
+        group,
+        topic,
+        f"test.audit-seed.dlq.{run_id}",
+        _dsn(audit_database),
+        previous_group=old,
+    )
+    thread = threading.Thread(target=store.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: _committed(group, topic) == 5 or None, timeout=60, what="the rest committed")
+    finally:
+        store.stop()
+        thread.join(30)
+    assert _stored(audit_database) == {records[3].source_id, records[4].source_id}  # not 0..2 once more
+    assert seed_offsets(SETTINGS.kafka_bootstrap, group, old, topic) == []  # it has its own offsets now
