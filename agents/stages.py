@@ -487,15 +487,22 @@ def _bundle_candidate(event: EventT) -> RoutedResource | None:
 async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], attempts: int) -> None:
     """One patient's upserts in one transaction; if it fails, each is written alone (and its failure routed).
 
-    A resource the sink has no version of is looked up first (one batch of reads): absent, it goes into
-    the bundle; present (the table lost a write in a crash), it is written alone, which reads it and
-    decides (pipeline/sink.py write_record). Nothing is written blind over a version we do not know.
+    A resource the sink has no version of goes into the bundle with the If-Match under which the target
+    only creates (FhirClient.create_only_version): if the target holds anything there, the transaction
+    fails as a whole and each resource is written alone, which reads it and decides (pipeline/sink.py
+    write_record). A target to be read first (first_write "read") gets one batch of reads instead: absent,
+    a resource goes into the bundle; present (the table lost a write in a crash), it is written alone.
+    Nothing is written blind over a version we do not know.
     """
     target = batch[0][1].target
     client = _client(target)
     versions = TargetVersions(current(blocked_by_reference))
     known = {r.target_ref: versions.get(r.target_ref, {}).get("version") for _, r in batch}
     unknown = [ref for ref, version in known.items() if version is None]
+    guard = client.create_only_version
+    if guard is not None:
+        known |= dict.fromkeys(unknown, guard)
+        unknown = []
     present: set[str] = set()
     if unknown:
         try:

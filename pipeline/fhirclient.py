@@ -160,6 +160,12 @@ class FhirClient:
         except (VersionConflictError, RejectedByTargetError):
             return None
 
+    @property
+    def create_only_version(self) -> str | None:
+        """The If-Match version under which this target creates a resource only if it holds none there (a
+        transaction entry's, as create_if_absent's PUT); None when the resource must be read first."""
+        return _NO_VERSION if self._guarded_create else None
+
     async def delete(self, resource_type: str, resource_id: str) -> WriteOutcome:
         """Delete a resource; an already absent one counts as deleted."""
         return await self._send("DELETE", f"{resource_type}/{resource_id}")

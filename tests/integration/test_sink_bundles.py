@@ -7,8 +7,10 @@ them in one batch, as it does when the order stage releases a patient's resource
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.config import Config
@@ -86,4 +88,41 @@ def test_a_refused_bundle_is_split_and_only_the_bad_resource_is_dead_lettered(
     [letter] = wait_for(dead_letter, timeout=120, what="the refused resource's dead letter")
     assert (letter["failure"]["stage"], letter["failure"]["error_class"]) == ("sink", "rejected_by_target")
     assert stack.read("Observation", bad["id"]) is None
+    assert worker.metric("cdrsync_bundles_total", target="central", result="split") == split + 1
+
+
+def test_a_bundle_creates_only_where_the_target_holds_nothing_and_never_writes_over_what_it_does(
+    worker: Worker, stack: Central, run_id: str, config: Config
+) -> None:
+    """New resources go into the bundle with the If-Match under which the server only creates. One the target
+    already holds, put there by someone else, fails the transaction: the bundle is split, the new ones are
+    written alone, and the other is a conflict for review, its content untouched."""
+    split = worker.metric("cdrsync_bundles_total", target="central", result="split")
+    resources = _patient_with_weights(run_id, "taken", [80.0, 81.0, 82.0])
+    # Someone else's resource at that id (without a subject: its patient is not at the target yet).
+    theirs = {**{k: v for k, v in resources[2].items() if k != "subject"}, "valueQuantity": {"value": 99.0}}
+    request = urllib.request.Request(
+        f"{stack.base_url}/Observation/{theirs['id']}",
+        data=orjson.dumps(theirs),
+        method="PUT",
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 201
+    _send(config, [_ready(run_id, r, n) for n, r in enumerate(resources)])
+    for resource in resources[:2]:
+        wait_for(
+            lambda r=resource: stack.read(r["resourceType"], r["id"]), timeout=120, what=f"{resource['id']} at central"
+        )
+
+    def conflict() -> list[dict[str, Any]]:
+        items = tap(SETTINGS.kafka_bootstrap, config.topics.name("conflicts"), idle_seconds=2)
+        return [
+            i
+            for i in items
+            if isinstance(i["value"], dict) and i["value"].get("target_ref") == f"Observation/{theirs['id']}"
+        ]
+
+    wait_for(conflict, timeout=120, what="the conflict over the resource someone else put there")
+    assert stack.read("Observation", theirs["id"])["valueQuantity"]["value"] == 99.0  # type: ignore[index]
     assert worker.metric("cdrsync_bundles_total", target="central", result="split") == split + 1
