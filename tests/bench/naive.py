@@ -87,14 +87,22 @@ class _Writer:
             return
         self._write(record)
 
+    def _failed(self, record: RoutedResource, why: str) -> None:
+        """Count a write that failed, and every record waiting for it, which can now never be written: the
+        loop would otherwise wait for them to the end of its timeout."""
+        self.result.failed += 1
+        if len(self.result.failures) < 20:
+            self.result.failures.append(why)
+        for dependent in self.waiting.pop(record.target_ref, []):
+            self.deferred -= 1
+            self._failed(dependent, f"{dependent.resource_type} not written: {record.target_ref} failed")
+
     def _write(self, record: RoutedResource) -> None:
         method = "DELETE" if record.is_delete else "PUT"
         body = record.resource.encode() if record.resource is not None else None
         status = self.target.send(method, record.target_ref, body)
         if status >= 300 and not (method == "DELETE" and status in (404, 410)):
-            self.result.failed += 1
-            if len(self.result.failures) < 20:
-                self.result.failures.append(f"{method} {record.resource_type} answered {status}")
+            self._failed(record, f"{method} {record.resource_type} answered {status}")
             return
         self.result.writes += 1
         self.result.last_ack = time.time()

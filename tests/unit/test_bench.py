@@ -3,6 +3,7 @@ profile parsing, goals and report, the derived bench site. The measurements them
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from pathlib import Path
@@ -22,12 +23,13 @@ from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
 from tests.bench.machine import CpuReading, cpu_use, read_cpu
 from tests.bench.memory import memory_result
+from tests.bench.naive import NaiveResult, _Writer
 from tests.bench.profile import parse_collapsed, top_functions
 from tests.bench.provision import BENCH_SITE, write_config_root
 from tests.bench.report import evaluate_goals, format_report, percentile, summarize
 from tests.bench.synthea import SyntheaRun, synthea_version
 from tests.bench.worker import memory_parts, stage_buckets, stage_load, stage_times
-from tests.casebuilder import KVNR_SYSTEM, kvnr_of, routed_record
+from tests.casebuilder import KVNR_SYSTEM, kvnr_of, observation_for, patient, routed_record
 
 pytestmark = pytest.mark.unit
 
@@ -394,3 +396,32 @@ def test_cpu_use_between_two_readings() -> None:
     }
     reading = read_cpu(os.getpid())  # this process, from /proc
     assert reading.process > 0 and 0 < reading.machine_busy < reading.machine_total
+
+
+def test_the_naive_loop_counts_what_waits_for_a_failed_write_as_failed_instead_of_waiting_for_it() -> None:
+    class Refusing:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def send(self, method: str, ref: str, body: bytes | None) -> int:
+            self.sent.append(ref)
+            return 500 if ref.startswith("Patient/") else 201
+
+    person = routed_record(patient("naive-p"), patient_key="k")
+    observations = [
+        dataclasses.replace(
+            routed_record(observation_for(f"naive-o{n}", "naive-p", n, 1.0), patient_key="k"),
+            dependencies=[person.target_ref],
+        )
+        for n in range(2)
+    ]
+    result = NaiveResult()
+    target = Refusing()
+    writer = _Writer(target, result)  # type: ignore[arg-type]
+    for observation in observations:
+        writer.offer(observation)  # their patient is not written yet: they wait
+    assert writer.deferred == 2 and target.sent == []
+    writer.offer(person)  # refused by the server
+    assert writer.deferred == 0  # nothing left that the loop would wait for
+    assert (result.writes, result.failed) == (0, 3)
+    assert target.sent == [person.target_ref]
