@@ -99,9 +99,7 @@ def test_events_sent_while_the_audit_database_is_away_are_stored_once_it_is_back
     assert not thread.is_alive()
 
 
-def test_a_large_batch_is_stored_whole_and_a_replay_adds_nothing(
-    run_id: str, audit_database: str
-) -> None:
+def test_a_large_batch_is_stored_whole_and_a_replay_adds_nothing(run_id: str, audit_database: str) -> None:
     _admin_sql(f'CREATE DATABASE "{audit_database}"')
     records = [routed_record(observation_for(f"{run_id}-many-{n}", "p", n, 1.0), patient_key="pk") for n in range(2500)]
     events = [("audit.v1", 0, n, orjson.dumps(audit_event("written", r))) for n, r in enumerate(records)]
