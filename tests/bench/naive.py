@@ -123,6 +123,7 @@ class NaiveRun:
     start: Offsets
     base_url: str
     group: str
+    until: Offsets | None = None  # where the source ends, when known at the start (else sent by finish())
 
 
 def _loop(run: NaiveRun, control: multiprocessing.Queue[Any], results: multiprocessing.Queue[Any]) -> None:
@@ -135,7 +136,7 @@ def _loop(run: NaiveRun, control: multiprocessing.Queue[Any], results: multiproc
     state = IdentityState({}, {})
     writer = _Writer(_Target(run.base_url), result)
     position = dict(run.start)
-    until: Offsets | None = None
+    until: Offsets | None = run.until
     while True:
         if until is None:
             with contextlib.suppress(queue.Empty):

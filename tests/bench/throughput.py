@@ -165,6 +165,7 @@ def run_naive(bench: Bench, data: Dataset, name: str) -> Throughput:
         before,
         bench.hapi_url,
         f"bench-{bench.run_id}-{name}",
+        until=after,  # known already: the loop need not wait for finish() to say it (two full runs hung there)
     )
     loop = start_naive_loop(run)
     result = loop.finish(after, timeout=3600)
