@@ -7,13 +7,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
 
 from .config import Config
 from .errors import CdrsyncError, ConfigError, TargetUnavailableError
 
-__all__ = ["AcknowledgedProducer", "TopicPlan", "apply_topics", "declared_topics", "keyed_producer"]
+__all__ = [
+    "AcknowledgedProducer",
+    "TopicPlan",
+    "apply_topics",
+    "committed_offsets",
+    "committing_consumer",
+    "declared_topics",
+    "keyed_producer",
+]
 
 
 def keyed_producer(bootstrap: str, *, linger_ms: int | None = None) -> Producer:
@@ -32,6 +40,34 @@ def keyed_producer(bootstrap: str, *, linger_ms: int | None = None) -> Producer:
     if linger_ms is not None:
         config["linger.ms"] = linger_ms
     return Producer(config)
+
+
+def committing_consumer(bootstrap: str, group: str, **extra: Any) -> Consumer:
+    """A consumer of a worker's own thread: its group commits only what the caller commits, reads a partition
+    without a commit from its start, and gives partitions up one by one on a rebalance (cooperative-sticky)."""
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            **extra,
+        }
+    )
+
+
+def committed_offsets(admin: AdminClient, group: str, timeout: float) -> dict[tuple[str, int], int]:
+    """(topic, partition) -> the offset a consumer group has committed there; nothing for a group unknown to
+    the broker."""
+    request = [ConsumerGroupTopicPartitions(group)]
+    try:
+        result = next(iter(admin.list_consumer_group_offsets(request, request_timeout=timeout).values())).result()
+    except KafkaException as exc:
+        if "GROUP_ID_NOT_FOUND" in str(exc):
+            return {}
+        raise
+    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions or [] if tp.offset >= 0}
 
 
 class AcknowledgedProducer:

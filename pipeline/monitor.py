@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -33,6 +33,7 @@ from .config import Config
 from .connect import load_connectors
 from .demo import site_dsn
 from .fhirclient import FhirClient
+from .kafkaadmin import committed_offsets
 from .settings import Settings
 
 __all__ = [
@@ -190,7 +191,7 @@ class SourceCollector(Collector):
         sites = {self.config.source_topic(s): s.site for s in captured}
         topics = [t for t in consumed_topics(self.config) if t in metadata]
         for group in self.groups:
-            lag = consumer_lag(earliest, latest, _committed(admin, group), topics)
+            lag = consumer_lag(earliest, latest, committed_offsets(admin, group, _TIMEOUT), topics)
             for topic, value in sorted(lag.items()):
                 families.lag.add_metric([group, topic, kinds[topic], sites.get(topic, "")], value)
 
@@ -251,17 +252,6 @@ def _offsets(admin: AdminClient, partitions: list[TopicPartition], spec: OffsetS
         return {}
     futures = admin.list_offsets({tp: spec for tp in partitions}, request_timeout=_TIMEOUT)
     return {(tp.topic, tp.partition): future.result().offset for tp, future in futures.items()}
-
-
-def _committed(admin: AdminClient, group: str) -> dict[tuple[str, int], int]:
-    request = [ConsumerGroupTopicPartitions(group)]
-    try:
-        result = next(iter(admin.list_consumer_group_offsets(request, request_timeout=_TIMEOUT).values())).result()
-    except KafkaException as exc:
-        if "GROUP_ID_NOT_FOUND" in str(exc):
-            return {}
-        raise
-    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions or [] if tp.offset >= 0}
 
 
 def serve(settings: Settings, config: Config, groups: list[str], port: int) -> None:

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, Message, TopicPartition
 
 from .deadletter import parse_failure_headers
 from .errors import CdrsyncError
-from .kafkaadmin import keyed_producer
+from .kafkaadmin import committing_consumer, keyed_producer
 
 __all__ = ["RetryForwarder", "Tier", "wait_seconds"]
 
@@ -62,15 +62,7 @@ class RetryForwarder:
         self._on_forward, self._clock = on_forward, clock
         self._stop = threading.Event()
         self._paused: dict[tuple[str, int], float] = {}
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-            }
-        )
+        self.consumer = committing_consumer(bootstrap, group)
         self.producer = keyed_producer(bootstrap)
 
     def stop(self) -> None:
