@@ -32,19 +32,19 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from .audit import AUDIT_TABLE_DDL, insert_events
 from .deadletter import failure_headers, failure_info, parse_failure_headers
-from .errors import CdrsyncError
-from .kafkaadmin import keyed_producer
+from .kafkaadmin import AcknowledgedProducer, committed_offsets, committing_consumer
 from .metrics import DEAD_LETTERS, STAGE_BATCHES, STAGE_BUSY_SECONDS, STAGE_SECONDS
 
 __all__ = ["AuditStore", "commit_offsets", "run_in_thread", "seed_offsets"]
 
 log = logging.getLogger("cdrsync.audit")
 STAGE = "audit"
+_TIMEOUT = 30.0  # seconds an admin request to the broker may take
 _MALFORMED = (psycopg.DataError, ValueError, KeyError, TypeError)  # our own record, malformed: a bug
 
 
@@ -58,30 +58,20 @@ def commit_offsets(messages: list[Message]) -> list[TopicPartition]:
     return [TopicPartition(topic, partition, offset + 1) for (topic, partition), offset in sorted(highest.items())]
 
 
-def _committed(admin: AdminClient, group: str, topic: str) -> list[TopicPartition]:
-    request = [ConsumerGroupTopicPartitions(group)]
-    try:
-        result = next(iter(admin.list_consumer_group_offsets(request, request_timeout=30).values())).result()
-    except KafkaException as error:
-        if "GROUP_ID_NOT_FOUND" in str(error):
-            return []
-        raise
-    return [tp for tp in result.topic_partitions or [] if tp.topic == topic and tp.offset >= 0]
-
-
 def seed_offsets(bootstrap: str, group: str, previous_group: str, topic: str) -> list[TopicPartition]:
     """If `group` has committed nothing on `topic` yet, commit for it what `previous_group` has there, so it
     starts where that group left off; the offsets seeded (none if there was nothing to do). A group another
     worker has already joined refuses the change: that worker got there first, and nothing is seeded."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    if _committed(admin, group, topic):
+    if any(t == topic for t, _ in committed_offsets(admin, group, _TIMEOUT)):
         return []
-    previous = [TopicPartition(tp.topic, tp.partition, tp.offset) for tp in _committed(admin, previous_group, topic)]
+    committed = committed_offsets(admin, previous_group, _TIMEOUT).items()
+    previous = [TopicPartition(t, partition, offset) for (t, partition), offset in committed if t == topic]
     if not previous:
         return []
     request = [ConsumerGroupTopicPartitions(group, previous)]
     try:
-        next(iter(admin.alter_consumer_group_offsets(request, request_timeout=30).values())).result()
+        next(iter(admin.alter_consumer_group_offsets(request, request_timeout=_TIMEOUT).values())).result()
     except KafkaException as error:
         log.info("audit store: offsets of %s not seeded from %s (%s)", group, previous_group, error)
         return []
@@ -117,17 +107,9 @@ class AuditStore:
         self.batch_max, self.gather_seconds, self.reconnect_seconds = batch_max, gather_seconds, reconnect_seconds
         self._stop = threading.Event()
         self._connection: psycopg.Connection[Any] | None = None
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "cooperative-sticky",
-                "max.poll.interval.ms": 600_000,  # PostgreSQL away this long: the partitions go to another worker
-            }
-        )
-        self.producer = keyed_producer(bootstrap)
+        # PostgreSQL away longer than max.poll.interval.ms: the partitions go to another worker.
+        self.consumer = committing_consumer(bootstrap, group, **{"max.poll.interval.ms": 600_000})
+        self.producer = AcknowledgedProducer(bootstrap)
         self._waited = STAGE_SECONDS.labels(STAGE, "wait")
         self._handled = STAGE_SECONDS.labels(STAGE, "handle")
         self._batches, self._busy = STAGE_BATCHES.labels(STAGE), STAGE_BUSY_SECONDS.labels(STAGE)
@@ -150,7 +132,7 @@ class AuditStore:
                     self._handle(batch)
         finally:
             self.consumer.close()
-            self.producer.flush(10)
+            self.producer.producer.flush(10)
             if self._connection is not None:
                 self._connection.close()
 
@@ -229,12 +211,6 @@ class AuditStore:
             self._dead_letter(malformed)
 
     def _dead_letter(self, malformed: list[tuple[Message, BaseException]]) -> None:
-        failures: list[str] = []
-
-        def delivered(err: Any, msg: Any) -> None:
-            if err is not None:
-                failures.append(str(err))
-
         now_ms = int(time.time() * 1000)
         for message, error in malformed:
             topic, partition, offset, value = _entry(message)
@@ -261,9 +237,8 @@ class AuditStore:
                 extra={"stage": STAGE, "error_class": info.error_class, "source_topic": topic},
             )
             out: list[tuple[str, str | bytes | None]] = list(failure_headers(info))
-            self.producer.produce(self.dead_letter_topic, value, message.key(), headers=out, on_delivery=delivered)
-        if self.producer.flush(30) or failures:
-            raise CdrsyncError(f"cannot dead-letter malformed audit events to {self.dead_letter_topic}: {failures[:1]}")
+            self.producer.produce(self.dead_letter_topic, value, message.key(), headers=out)
+        self.producer.finish(f"dead letter of a malformed audit event to {self.dead_letter_topic}")
 
 
 def run_in_thread(store: AuditStore, on_failure: Callable[[BaseException], None]) -> threading.Thread:
