@@ -11,16 +11,15 @@ It runs in a process of its own, like the worker.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import multiprocessing
-import queue
 import time
 import urllib.parse
 from collections import defaultdict
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -126,7 +125,19 @@ class NaiveRun:
     until: Offsets | None = None  # where the source ends, when known at the start (else sent by finish())
 
 
-def _loop(run: NaiveRun, control: multiprocessing.Queue[Any], results: multiprocessing.Queue[Any]) -> None:
+_HEARTBEAT_SECONDS = 5.0
+
+
+def _loop(run: NaiveRun, control: Connection, results: Connection) -> None:
+    """The loop; reports progress on `results` every few seconds, then ("done", result) or ("error", why)."""
+    try:
+        results.send(("done", _drain(run, control, results)))
+    except BaseException as error:  # the harness must hear of it at once, not at the end of its timeout
+        results.send(("error", f"{type(error).__name__}: {error}"))
+        raise
+
+
+def _drain(run: NaiveRun, control: Connection, results: Connection) -> NaiveResult:
     result = NaiveResult(started_at=time.time())
     site = load_config(Path(run.config_root)).sites[run.site]
     consumer = Consumer(
@@ -137,12 +148,15 @@ def _loop(run: NaiveRun, control: multiprocessing.Queue[Any], results: multiproc
     writer = _Writer(_Target(run.base_url), result)
     position = dict(run.start)
     until: Offsets | None = run.until
+    reported = time.monotonic()
     while True:
-        if until is None:
-            with contextlib.suppress(queue.Empty):
-                until = control.get_nowait()
+        if until is None and control.poll():
+            until = control.recv()
         if until is not None and all(position.get(p, 0) >= o for p, o in until.items()) and writer.deferred == 0:
             break
+        if time.monotonic() - reported >= _HEARTBEAT_SECONDS:
+            reported = time.monotonic()
+            results.send(("progress", _progress(result, writer, position, until)))
         message = consumer.poll(0.5)
         if message is None or message.error() is not None:
             continue
@@ -156,17 +170,33 @@ def _loop(run: NaiveRun, control: multiprocessing.Queue[Any], results: multiproc
                 writer.offer(routed)
         consumer.commit(message=message, asynchronous=False)
     consumer.close()
-    results.put(result)
+    return result
+
+
+def _progress(result: NaiveResult, writer: _Writer, position: Offsets, until: Offsets | None) -> str:
+    """What the loop has done so far, for the harness's stall check and its error message."""
+    behind = "not known yet" if until is None else sum(max(0, o - position.get(p, 0)) for p, o in until.items())
+    return (
+        f"{result.records} records polled, {result.writes} written, {result.failed} failed, "
+        f"{writer.deferred} held for references, records still to poll: {behind}"
+    )
 
 
 class NaiveProcess:
-    """The loop in a spawned process; `finish(until)` tells it where the source ends and waits for its result."""
+    """The loop in a spawned process; `finish(until)` tells it where the source ends and waits for its result.
+
+    The hand-over uses pipes, written in the sending thread (a multiprocessing queue writes from a feeder
+    thread: two full runs hung with the loop never having received `until`). The loop reports progress
+    every few seconds: finish() gives up as soon as the loop exited without a result, or made no progress
+    for `stall` seconds, saying how far it got, instead of waiting out its whole timeout.
+    """
 
     def __init__(self, run: NaiveRun) -> None:
         context = multiprocessing.get_context("spawn")
-        self.control: multiprocessing.Queue[Any] = context.Queue()
-        self.results: multiprocessing.Queue[Any] = context.Queue()
-        self.process = context.Process(target=_loop, args=(run, self.control, self.results), name="naive-loop")
+        control, self.control = context.Pipe(duplex=False)  # (reader, writer): the loop reads
+        self.results, results = context.Pipe(duplex=False)  # the harness reads
+        self.process = context.Process(target=_loop, args=(run, control, results), name="naive-loop")
+        self._ends = (control, results)
         self.started_at = 0.0
 
     @property
@@ -177,17 +207,42 @@ class NaiveProcess:
     def start(self) -> NaiveProcess:
         self.started_at = time.time()
         self.process.start()
+        for end in self._ends:  # the child's ends: closed here, so a dead child reads as EOF
+            end.close()
         return self
 
-    def finish(self, until: Offsets, timeout: float) -> NaiveResult:
-        self.control.put(until)
+    def finish(self, until: Offsets, timeout: float, stall: float = 300.0) -> NaiveResult:
+        self.control.send(until)
+        deadline = time.monotonic() + timeout
+        progress, moved = "nothing reported", time.monotonic()
         try:
-            result: NaiveResult = self.results.get(timeout=timeout)
-        except queue.Empty:
-            self.process.kill()
-            raise TimeoutError(f"the naive loop did not drain its records in {timeout:.0f}s") from None
-        self.process.join(30)
-        return result
+            while True:
+                now = time.monotonic()
+                if now > deadline or now - moved > stall:
+                    why = "in its timeout" if now > deadline else f"and made no progress for {stall:.0f}s"
+                    raise TimeoutError(f"the naive loop did not drain its records {why}; {progress}")
+                try:
+                    if not self.results.poll(min(5.0, max(0.1, deadline - now))):
+                        continue
+                    kind, payload = self.results.recv()
+                except EOFError:
+                    self.process.join(5)
+                    raise RuntimeError(
+                        f"the naive loop exited (code {self.process.exitcode}) without a result; {progress}"
+                    ) from None
+                if kind == "done":
+                    self.process.join(30)
+                    return cast(NaiveResult, payload)
+                if kind == "error":
+                    raise RuntimeError(f"the naive loop failed: {payload}; {progress}")
+                if payload != progress:
+                    progress, moved = payload, time.monotonic()
+        finally:
+            if self.process.is_alive() and self.process.exitcode is None:
+                self.process.join(1)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
 
 
 def start_naive_loop(run: NaiveRun) -> NaiveProcess:

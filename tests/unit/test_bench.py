@@ -23,7 +23,7 @@ from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
 from tests.bench.machine import CpuReading, cpu_use, read_cpu
 from tests.bench.memory import memory_result
-from tests.bench.naive import NaiveResult, _Writer
+from tests.bench.naive import NaiveResult, NaiveRun, _Writer, start_naive_loop
 from tests.bench.profile import parse_collapsed, top_functions
 from tests.bench.provision import BENCH_SITE, write_config_root
 from tests.bench.report import evaluate_goals, format_report, percentile, summarize
@@ -425,3 +425,24 @@ def test_the_naive_loop_counts_what_waits_for_a_failed_write_as_failed_instead_o
     assert writer.deferred == 0  # nothing left that the loop would wait for
     assert (result.writes, result.failed) == (0, 3)
     assert target.sent == [person.target_ref]
+
+
+def test_the_harness_hears_at_once_when_the_naive_loop_fails_instead_of_waiting_out_its_timeout(
+    tmp_path: Path,
+) -> None:
+    run = NaiveRun(
+        str(tmp_path / "no-such-config"), "site-a", "127.0.0.1:1", "t", {0: 0}, "http://127.0.0.1:1/fhir", "g"
+    )
+    loop = start_naive_loop(run)
+    with pytest.raises(RuntimeError, match=r"the naive loop failed: .*no-such-config"):
+        loop.finish({0: 1}, timeout=60)
+    assert not loop.process.is_alive()
+
+
+def test_the_harness_gives_up_on_a_naive_loop_that_makes_no_progress_and_says_how_far_it_got() -> None:
+    root = Path(__file__).resolve().parents[2]  # the repository's sites/: nothing on the broker's port
+    run = NaiveRun(str(root), "site-a", "127.0.0.1:1", "t", {0: 0}, "http://127.0.0.1:1/fhir", "g")
+    loop = start_naive_loop(run)
+    with pytest.raises(TimeoutError, match=r"made no progress for 8s; 0 records polled, .* still to poll: 5"):
+        loop.finish({0: 5}, timeout=60, stall=8.0)  # a heartbeat comes every 5 s; it never moves
+    assert not loop.process.is_alive()
