@@ -52,6 +52,7 @@ from pipeline.normalize import SourcePosition
 from pipeline.normalize import normalize_changes as normalize_batch
 from pipeline.observe import record_fields
 from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
+from pipeline.provenance import runs_alongside
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
 from pipeline.staging import Staged, current
@@ -375,20 +376,28 @@ def _made(error: BaseException, default: int) -> int:
     return int(getattr(error, "attempts_made", default) or default)
 
 
-async def _sink(stage: str, event: EventT, attempts: int, prewritten: WriteOutcome | None = None) -> None:
+async def _sink(
+    stage: str,
+    event: EventT,
+    attempts: int,
+    prewritten: WriteOutcome | None = None,
+    decoded: RoutedResource | None = None,
+) -> None:
     """Write a ready record in per-resource order (pipeline/blocking.py), then release what waited behind it.
 
     prewritten: it was already written in a bundle (chosen by _bundle_candidate, so it is written now,
-    not queued); the rest of its handling is the same.
+    not queued); the rest of its handling is the same. decoded: its value, decoded already.
     """
     with processing(event):  # its table changes go to its partition's changelog
-        await _sink_one(stage, event, attempts, prewritten)
+        await _sink_one(stage, event, attempts, prewritten, decoded)
 
 
-async def _sink_one(stage: str, event: EventT, attempts: int, prewritten: WriteOutcome | None) -> None:
+async def _sink_one(
+    stage: str, event: EventT, attempts: int, prewritten: WriteOutcome | None, decoded: RoutedResource | None
+) -> None:
     carried = Carried.of(event)
     try:
-        record = decode(event.message.value, RoutedResource)
+        record = decoded if decoded is not None else decode(event.message.value, RoutedResource)
     except PermanentError as error:
         await dead_letter(stage, carried, error)
         return
@@ -463,21 +472,14 @@ async def _report_conflict(
     await deliver(conflicts, carried.key, value)
 
 
-def _bundle_candidate(event: EventT) -> RoutedResource | None:
-    """The record, if it can go into a transaction bundle: an upsert the sink would write right now
-    (nothing queued before it, not superseded, no operator decision on it); else None."""
-    carried = Carried.of(event)
-    if any(name in (DISCARD_HEADER, RESOLUTION_HEADER) for name, _ in carried.headers):
-        return None
-    try:
-        record = decode(event.message.value, RoutedResource)
-    except PermanentError:
-        return None
-    if record.is_delete or record.resource is None:
+def _bundle_candidate(event: EventT, record: RoutedResource | None) -> RoutedResource | None:
+    """The record (decoded by _plain_record), if it can go into a transaction bundle: an upsert the sink
+    would write right now (nothing queued before it, not superseded, no operator decision on it); else None."""
+    if record is None or record.is_delete or record.resource is None:
         return None
     order = SinkOrder(current(blocked_by_reference))  # as the records before it in the batch left it
     ref = record.target_ref
-    if order.route(ref, carried.identity) != "write" or order.blocker(ref) is not None:
+    if order.route(ref, Carried.of(event).identity) != "write" or order.blocker(ref) is not None:
         return None
     if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
         return None
@@ -523,36 +525,105 @@ async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], 
         BUNDLES.labels(target, "applied" if outcomes[0] is not None else "split").inc()
     else:
         outcomes = [None] * len(batch)
-    for (event, _), outcome in zip(batch, outcomes, strict=True):
-        await _sink(stage, event, attempts, prewritten=outcome)
+    for (event, record), outcome in zip(batch, outcomes, strict=True):
+        await _sink(stage, event, attempts, prewritten=outcome, decoded=record)
     for event in alone:
         await _sink(stage, event, attempts)
 
 
 async def _sink_group(stage: str, events: list[EventT], attempts: int) -> None:
-    """One patient's ready records, in order: runs of upserts go as transaction bundles, the rest one by one."""
+    """One patient's ready records, in order: runs of upserts go as transaction bundles, the rest one by one;
+    Provenances are written alongside (pipeline/provenance.py runs_alongside), each once its resource is."""
     run: list[tuple[EventT, RoutedResource]] = []
+    after_run: list[tuple[EventT, RoutedResource]] = []  # Provenances to start once `run` is written
+    alongside = _Alongside(stage, attempts)
 
     async def flush() -> None:
         if len(run) == 1:
-            await _sink(stage, run[0][0], attempts)
+            await _sink(stage, run[0][0], attempts, decoded=run[0][1])
         elif run:
             await _write_bundle(stage, list(run), attempts)
         run.clear()
+        for item in after_run:
+            alongside.start(*item)
+        after_run.clear()
 
-    for event in events:
-        record = _bundle_candidate(event) if settings.sink_bundle_max > 1 else None
-        if record is not None and any(r.target_ref == record.target_ref or r.target != record.target for _, r in run):
-            await flush()  # an earlier version of it first: how that went decides whether this one waits
-            record = _bundle_candidate(event)
-        if record is None:
-            await flush()
-            await _sink(stage, event, attempts)
-            continue
-        run.append((event, record))
-        if len(run) >= settings.sink_bundle_max:
-            await flush()
-    await flush()
+    try:
+        for event in events:
+            plain = _plain_record(event)
+            if plain is not None and runs_alongside(plain):
+                if plain.target_ref in alongside or any(r.target_ref == plain.target_ref for _, r in after_run):
+                    await flush()  # the same Provenance again: after the first, as any two versions
+                    await alongside.wait()
+                if run:
+                    after_run.append((event, plain))  # what it points at may be in the run: not written yet
+                else:
+                    alongside.start(event, plain)
+                continue
+            if plain is None or plain.is_delete:  # a delete takes its Provenances with it: they go first
+                await flush()
+                await alongside.wait()
+                await _sink(stage, event, attempts, decoded=plain)
+                continue
+            record = _bundle_candidate(event, plain) if settings.sink_bundle_max > 1 else None
+            if record is not None and any(
+                r.target_ref == record.target_ref or r.target != record.target for _, r in run
+            ):
+                await flush()  # an earlier version of it first: how that went decides whether this one waits
+                record = _bundle_candidate(event, plain)
+            if record is None:
+                await flush()
+                await _sink(stage, event, attempts, decoded=plain)
+                continue
+            run.append((event, record))
+            if len(run) >= settings.sink_bundle_max:
+                await flush()
+        await flush()
+        await alongside.wait()
+    finally:  # cancelled (a rebalance, a shutdown) or failed: nothing of it writes on afterwards
+        alongside.cancel()
+
+
+def _plain_record(event: EventT) -> RoutedResource | None:
+    """The record, unless it carries an operator's decision or does not decode (handled on its own)."""
+    if any(name in (DISCARD_HEADER, RESOLUTION_HEADER) for name, _ in headers_of(event)):
+        return None
+    try:
+        return decode(event.message.value, RoutedResource)
+    except PermanentError:
+        return None
+
+
+class _Alongside:
+    """A patient's Provenances in flight beside its other writes, up to sink_in_flight at once."""
+
+    def __init__(self, stage: str, attempts: int) -> None:
+        self.stage, self.attempts = stage, attempts
+        self.limit = asyncio.Semaphore(settings.sink_in_flight)
+        self.tasks: dict[str, asyncio.Future[None]] = {}
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self.tasks
+
+    def start(self, event: EventT, record: RoutedResource) -> None:
+        async def write() -> None:
+            async with self.limit:
+                await _sink(self.stage, event, self.attempts, decoded=record)
+
+        self.tasks[record.target_ref] = asyncio.ensure_future(write())
+
+    async def wait(self) -> None:
+        """Until every write started is done (a failure raises: a bug, as anywhere in the sink)."""
+        tasks = list(self.tasks.values())
+        if tasks:
+            await asyncio.gather(*tasks)
+        self.tasks = {}
+
+    def cancel(self) -> None:
+        """Stop the writes still in flight: their batch will not be acknowledged, and is read again."""
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks = {}
 
 
 def sink_groups(events: list[EventT]) -> list[list[EventT]]:
@@ -569,7 +640,8 @@ async def write_resources(stream: StreamT) -> None:
 
     Records come in batches (agents/batches.py: up to sink_batch_max, closed as soon as no further record
     is waiting, so a quiet pipeline pays no latency for it). Each patient's records are written in order,
-    several patients at once (sink_in_flight), one patient's upserts as transaction bundles. Faust
+    several patients at once (sink_in_flight), one patient's upserts as transaction bundles, a run of its
+    Provenances at once (each after the resource it points at). Faust
     acknowledges a batch only when every record of it is handled (agents/routing.py batched), so offsets
     are committed only up to records that are written, retrying, dead-lettered or kept as conflicts.
     """

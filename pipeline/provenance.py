@@ -9,6 +9,14 @@ and its content is stable (the first source commit is `recorded`; the source id 
 Deletes: the target refuses to delete a resource a Provenance still references, so a delete carries its
 Provenance(s) in `delete_with` and the sink deletes them in one transaction (deleting an absent one is a
 no-op there). A Patient's delete carries the Provenance of every hospital, since any may have contributed.
+
+Writing them (runs_alongside): the order stage emits a resource's Provenance right after what it released, on
+the patient's partition, and the sink writes one patient's records one after the other. Nothing refers to a
+Provenance and each refers only to its own resource, written before it, so the sink writes Provenances
+alongside the patient's next records (up to sink_in_flight at once) instead of in their chain: they do not
+double the length of a patient's chain of writes (a back-load, or one patient's record sent to the tumour
+board, against a target whose every request costs a round trip). A delete waits for them, since it takes
+its resource's Provenances with it, and so does the end of the sink's batch.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from .ids import ORIGIN_TAG_SYSTEM, target_id
 from .records import RoutedResource, canonical_hash
 from .references import logical_system
 
-__all__ = ["SITE_SYSTEM", "add_provenance", "provenance_for", "provenance_id"]
+__all__ = ["SITE_SYSTEM", "add_provenance", "provenance_for", "provenance_id", "runs_alongside"]
 
 SITE_SYSTEM = "urn:cdrsync:site"
 _ACTIVITY = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
@@ -122,3 +130,9 @@ def add_provenance(
             seen.add(key)
             provenances.append(provenance_for(record, (displays or {}).get(record.site, "")))
     return out + provenances
+
+
+def runs_alongside(record: RoutedResource) -> bool:
+    """Whether the sink may write this record alongside a patient's other writes instead of in their order:
+    a Provenance upsert (see "Writing them" above)."""
+    return record.resource_type == "Provenance" and not record.is_delete

@@ -8,6 +8,8 @@ them in one batch, as it does when the order stage releases a patient's resource
 from __future__ import annotations
 
 import urllib.request
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -15,6 +17,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.kafkaadmin import keyed_producer
+from pipeline.provenance import provenance_for
 from pipeline.records import RoutedResource, encode
 from pipeline.tap import tap
 from tests.casebuilder import routed_record
@@ -126,3 +129,39 @@ def test_a_bundle_creates_only_where_the_target_holds_nothing_and_never_writes_o
     wait_for(conflict, timeout=120, what="the conflict over the resource someone else put there")
     assert stack.read("Observation", theirs["id"])["valueQuantity"]["value"] == 99.0  # type: ignore[index]
     assert worker.metric("cdrsync_bundles_total", target="central", result="split") == split + 1
+
+
+def test_a_patients_provenances_are_written_after_what_they_point_at_and_before_a_delete_takes_them(
+    worker: Worker, stack: Central, run_id: str, config: Config
+) -> None:
+    """The sink writes Provenances alongside a patient's other records (pipeline/provenance.py
+    runs_alongside): each only once its resource is written, and all before a delete that takes one with it."""
+    resources = _patient_with_weights(run_id, "prov", [50.0, 51.0, 52.0, 53.0, 54.0])
+    ready = [_ready(run_id, r, n) for n, r in enumerate(resources)]
+    provenances = [provenance_for(record) for record in ready]
+    gone, gone_provenance = ready[1], provenances[1]
+    delete = replace(
+        _ready(run_id, resources[1], len(ready)),
+        op="DELETE",
+        resource=None,
+        delete_with=[gone_provenance.target_ref],
+    )
+    _send(config, [*ready, *provenances, delete])
+    kept = [(r, p) for r, p in zip(ready, provenances, strict=True) if r is not gone]
+    for _, provenance in kept:
+        wait_for(
+            lambda p=provenance: stack.read("Provenance", p.target_id),
+            timeout=120,
+            what=f"{provenance.target_ref} at central",
+        )
+    wait_for(lambda: stack.read(gone.resource_type, gone.target_id) is None, timeout=120, what="the deleted weight")
+    assert stack.read("Provenance", gone_provenance.target_id) is None  # deleted with it, not written after it
+    for record, provenance in kept:
+        target = stack.read(record.resource_type, record.target_id)
+        stored = stack.read("Provenance", provenance.target_id)
+        assert target is not None and stored is not None
+        assert stored["target"] == [{"reference": record.target_ref}]
+        written = datetime.fromisoformat(stored["meta"]["lastUpdated"])
+        assert written >= datetime.fromisoformat(target["meta"]["lastUpdated"])
+    # the deleted one's Provenance was written before the delete took it: two versions, the second a deletion
+    assert [v is None for v in stack.history("Provenance", gone_provenance.target_id)] == [False, True]

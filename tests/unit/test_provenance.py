@@ -8,7 +8,7 @@ import orjson
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from pipeline.provenance import add_provenance, provenance_for, provenance_id
+from pipeline.provenance import add_provenance, provenance_for, provenance_id, runs_alongside
 from pipeline.records import RoutedResource
 from pipeline.references import logical_system
 
@@ -65,3 +65,11 @@ def test_deletes_take_their_provenance_along_every_site_for_a_patient() -> None:
     assert sorted(patient.delete_with) == sorted(
         f"Provenance/{provenance_id(site, 'Patient/k')}" for site in ("site-a", "site-b")
     )
+
+
+def test_only_a_provenance_upsert_is_written_alongside_a_patients_other_records() -> None:
+    observation = rec("Observation/o0")
+    provenance = provenance_for(observation)
+    assert runs_alongside(provenance)
+    assert not runs_alongside(observation)  # the patient's own records keep their order
+    assert not runs_alongside(replace(provenance, op="DELETE", resource=None))
