@@ -512,7 +512,7 @@ async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], 
         except Exception as error:  # one at a time says which failed, and why
             log.info("reads before a bundle of %d to %s failed (%s); writing one at a time", len(batch), target, error)
             present = set(unknown)
-    alone = [event for event, r in batch if r.target_ref in present]
+    alone = [(event, r) for event, r in batch if r.target_ref in present]
     batch = [(event, r) for event, r in batch if r.target_ref not in present]
     if len(batch) > 1:
         entries = [(r.target_ref, body_to_write(r), known[r.target_ref]) for _, r in batch]
@@ -527,8 +527,8 @@ async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], 
         outcomes = [None] * len(batch)
     for (event, record), outcome in zip(batch, outcomes, strict=True):
         await _sink(stage, event, attempts, prewritten=outcome, decoded=record)
-    for event in alone:
-        await _sink(stage, event, attempts)
+    for event, record in alone:
+        await _sink(stage, event, attempts, decoded=record)
 
 
 async def _sink_group(stage: str, events: list[EventT], attempts: int) -> None:
@@ -640,8 +640,8 @@ async def write_resources(stream: StreamT) -> None:
 
     Records come in batches (agents/batches.py: up to sink_batch_max, closed as soon as no further record
     is waiting, so a quiet pipeline pays no latency for it). Each patient's records are written in order,
-    several patients at once (sink_in_flight), one patient's upserts as transaction bundles, a run of its
-    Provenances at once (each after the resource it points at). Faust
+    several patients at once (sink_in_flight), one patient's upserts as transaction bundles, its Provenances
+    alongside (each once the resource it points at is written). Faust
     acknowledges a batch only when every record of it is handled (agents/routing.py batched), so offsets
     are committed only up to records that are written, retrying, dead-lettered or kept as conflicts.
     """

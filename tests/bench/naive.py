@@ -238,8 +238,7 @@ class NaiveProcess:
                 if payload != progress:
                     progress, moved = payload, time.monotonic()
         finally:
-            if self.process.is_alive() and self.process.exitcode is None:
-                self.process.join(1)
+            self.process.join(1)  # done already, unless it failed or stalled
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join(5)
