@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import faust
@@ -12,6 +14,7 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from agents import store as _store  # noqa: F401  (registers the "cdrsync" table store)
 from agents.sending import send_now
 from pipeline.config import load_config
+from pipeline.kafkaadmin import wait_for_topics
 from pipeline.logs import logging_config
 from pipeline.settings import Settings
 
@@ -41,6 +44,46 @@ class ShortPollConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # read when its fetcher starts
         return consumer
+
+    async def subscribe(self, topics: Iterable[str]) -> None:
+        """Join the group only once the broker lists every topic subscribed to.
+
+        Faust creates the tables' changelog topics just before it subscribes. A broker on a busy machine
+        may not list a topic it has just created yet; Faust's assignor then leaves it out ("Ignoring
+        missing topic"), the tables have no partitions until the next metadata refresh, and that refresh
+        brings a second rebalance in the worker's first seconds, where Faust's fetcher has been seen to
+        pass offsets over (GapRefusingConsumer then stops the worker). So a first start used to take a
+        restart or two. Waiting here costs nothing once the topics are there.
+        """
+        wanted = set(topics)
+        await self.call_thread(self._until_listed, wanted)
+        await super().subscribe(wanted)
+
+    async def _until_listed(self, topics: set[str]) -> None:
+        client = self._ensure_consumer()._client
+        requests, started = 0, time.monotonic()
+
+        async def listed() -> set[str]:
+            nonlocal requests
+            requests += 1
+            cluster = await client.fetch_all_metadata()
+            return {topic for topic in topics if cluster.partitions_for_topic(topic)}
+
+        missing = await wait_for_topics(topics, listed, settings.topic_wait_seconds)
+        if not missing and requests > 1:
+            log.info(
+                "the broker listed all %d topics after %.1f s (%d metadata requests)",
+                len(topics),
+                time.monotonic() - started,
+                requests,
+            )
+        if missing:
+            log.warning(
+                "the broker still does not list %s after %d s; joining the group without them (a later "
+                "rebalance adds them)",
+                ", ".join(missing),
+                settings.topic_wait_seconds,
+            )
 
 
 class GapRefusingConsumer(aiokafka_driver.Consumer):

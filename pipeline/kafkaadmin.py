@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,10 @@ __all__ = [
     "committing_consumer",
     "declared_topics",
     "keyed_producer",
+    "wait_for_topics",
 ]
+
+log = logging.getLogger("cdrsync.kafka")
 
 
 def keyed_producer(bootstrap: str, *, linger_ms: int | None = None) -> Producer:
@@ -181,3 +186,36 @@ def _wait(futures: Mapping[Any, Future[Any]]) -> None:
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise TargetUnavailableError(f"Kafka refused the change to {name}: {exc}") from None
+
+
+async def wait_for_topics(
+    topics: Iterable[str],
+    listed: Callable[[], Awaitable[set[str]]],
+    timeout: float,
+    *,
+    interval: float = 0.2,
+    report_every: float = 5.0,
+) -> list[str]:
+    """Ask `listed` which of the topics the broker lists, again every `interval` seconds, until it lists all of
+    them or `timeout` seconds have passed; returns the ones still missing, sorted (none: all are there).
+
+    A request that fails counts as listing none of them. Every `report_every` seconds of waiting, the missing
+    ones are logged."""
+    wanted = set(topics)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reported = started
+    while True:
+        try:
+            missing = sorted(wanted - await listed())
+        except Exception as error:  # a broker not answering yet: wait as for a topic not listed yet
+            missing, why = sorted(wanted), f" ({error})"
+        else:
+            why = ""
+        now = loop.time()
+        if not missing or now - started >= timeout:
+            return missing
+        if now - reported >= report_every:
+            log.info("waiting for the broker to list %d topic(s): %s%s", len(missing), ", ".join(missing), why)
+            reported = now
+        await asyncio.sleep(interval)

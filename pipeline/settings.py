@@ -75,6 +75,11 @@ class Settings(BaseSettings):
         ge=30,
         description="a partition with waiting records that stands still this long restarts the worker",
     )
+    topic_wait_seconds: int = Field(
+        default=60,
+        ge=0,
+        description="how long a starting worker waits for the broker to list the topics it subscribes to",
+    )
     park_limit_seconds: int = Field(default=3600, ge=1, description="how long a resource waits for a reference")
     app_id: str = Field(default="cdrsync", description="Faust app id: the workers' Kafka consumer group")
     log_format: Literal["json", "text"] = Field(default="json", description="worker logs: JSON lines or text")
