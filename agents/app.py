@@ -94,8 +94,43 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
     offset and reads the skipped records. (Changelog topics are read without acks and never get here.)
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._holes: dict[Any, tuple[int, int]] = {}  # tp → (committed, first acknowledged) of a hole reported
+
     def _new_consumer_thread(self) -> Any:
         return ShortPollConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _new_offset(self, tp: Any) -> int | None:
+        """The offset to commit for tp: never past a record that was not acknowledged.
+
+        Faust commits the first run of consecutive acknowledged offsets. It checks that the run starts at the
+        committed offset, but off by one (the committed offset is the next record to read, so a run starting
+        one past it leaves that record out). A record its stream passed over (Faust's streams drop a record
+        fetched in an earlier generation or while flow control is suspended, unacknowledged) would then be
+        committed over, i.e. lost. So while the acknowledged offsets do not start at the committed one, nothing
+        of tp is committed: it stands still, and the watchdog (agents/watchdog.py) restarts the worker, which
+        reads again from the committed offset. (A partition the group never committed, or committed at 0, has
+        no committed offset here: there, as in Faust, the first run is taken as it is.)
+        """
+        acked, committed = self._acked[tp], self._committed_offset[tp]
+        if acked and committed is not None and min(acked) > committed:
+            first = min(acked)
+            if self._holes.get(tp) != (committed, first):
+                self._holes[tp] = (committed, first)
+                log.error(
+                    "%s[%d]: offsets %d..%d were not acknowledged but later ones were; not committing past %d "
+                    "(the watchdog restarts the worker if they do not come)",
+                    tp.topic,
+                    tp.partition,
+                    committed,
+                    first - 1,
+                    committed,
+                )
+            return None
+        self._holes.pop(tp, None)
+        offset: int | None = super()._new_offset(tp)
+        return offset
 
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
         log.critical(

@@ -1,0 +1,66 @@
+"""The worker never commits past a record that was not acknowledged (agents/app.py GapRefusingConsumer)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
+
+from agents.app import GapRefusingConsumer, app
+
+pytestmark = pytest.mark.wiring
+
+
+@pytest.fixture
+def consumer() -> Iterator[GapRefusingConsumer]:
+    worker_consumer = app.consumer  # built, not started: no broker needed for its bookkeeping
+    assert isinstance(worker_consumer, GapRefusingConsumer)
+    yield worker_consumer
+    for tp in [tp for tp in worker_consumer._acked if tp.topic == "fhir.ready.v1-test"]:
+        worker_consumer._acked.pop(tp, None)
+        worker_consumer._acked_index.pop(tp, None)
+        worker_consumer._committed_offset.pop(tp, None)
+
+
+def _acked(consumer: GapRefusingConsumer, tp: TP, committed: int, offsets: list[int]) -> None:
+    consumer._committed_offset[tp] = committed
+    consumer._acked[tp] = list(offsets)
+    consumer._acked_index[tp] = set(offsets)
+
+
+def test_a_record_left_unacknowledged_at_the_committed_offset_is_not_committed_over(consumer, caplog) -> None:
+    tp = TP("fhir.ready.v1-test", 5)
+    _acked(consumer, tp, committed=3, offsets=[4, 5, 6])
+    assert aiokafka_driver.Consumer._new_offset(consumer, tp) == 7  # Faust's own rule: offset 3 would be lost
+    _acked(consumer, tp, committed=3, offsets=[4, 5, 6])
+    with caplog.at_level(logging.ERROR, logger="cdrsync"):
+        assert consumer._new_offset(tp) is None
+        assert consumer._new_offset(tp) is None  # still held, reported once
+    reports = [r.getMessage() for r in caplog.records if "were not acknowledged" in r.getMessage()]
+    assert reports == [
+        "fhir.ready.v1-test[5]: offsets 3..3 were not acknowledged but later ones were; not committing past 3 "
+        "(the watchdog restarts the worker if they do not come)"
+    ]
+
+
+def test_two_records_missing_hold_the_commit_until_both_are_acknowledged(consumer) -> None:
+    tp = TP("fhir.ready.v1-test", 1)
+    _acked(consumer, tp, committed=3, offsets=[5, 6, 7])
+    assert consumer._new_offset(tp) is None
+    consumer._acked[tp].append(3)
+    consumer._acked_index[tp].add(3)
+    assert consumer._new_offset(tp) == 4  # 3 is done; 4 is not
+    consumer._committed_offset[tp] = 4  # as the commit of 4 sets it
+    assert consumer._new_offset(tp) is None
+    consumer._acked[tp].append(4)
+    consumer._acked_index[tp].add(4)
+    assert consumer._new_offset(tp) == 8
+
+
+def test_acknowledged_records_from_the_committed_offset_on_are_committed(consumer) -> None:
+    tp = TP("fhir.ready.v1-test", 2)
+    _acked(consumer, tp, committed=3, offsets=[3, 4, 5, 9])
+    assert consumer._new_offset(tp) == 6  # up to the first unacknowledged one, as Faust does
