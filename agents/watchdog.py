@@ -8,6 +8,12 @@ partitions of a topic in one stream: while the sink waits for a target that is d
 the other partitions of its topic wait too, rightly), the committed offset unchanged for
 CDRSYNC_STALL_SECONDS: then the worker exits, and its service manager starts it again from the
 committed offsets. Never during a rebalance or recovery.
+
+A hole is caught sooner and whatever the rest of its topic does: a partition whose acknowledged records start
+past its committed offset (agents/app.py GapRefusingConsumer commits nothing of it then), none of the missing
+ones in processing, for HOLE_SECONDS. Faust delivers a partition's records in order, so those it passed over
+never come in this worker; records of the topic's other partitions keep its stream busy, which would keep the
+stall rule above from ever firing, while the missing records wait unwritten.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .app import app, settings
@@ -22,6 +29,42 @@ from .app import app, settings
 log = logging.getLogger("cdrsync.watchdog")
 _EXIT_STALLED = 70
 _since: dict[Any, tuple[int | None, float]] = {}  # tp → (committed offset, since when it stands still)
+_hole_since: dict[Any, tuple[tuple[int, int], float]] = {}  # tp → (hole, since when it is seen)
+HOLE_SECONDS = 30.0
+
+
+def standing_holes(
+    holes: Mapping[Any, tuple[int, int]],
+    committed: Mapping[Any, int | None],
+    assigned: set[Any],
+    in_processing: Iterable[tuple[Any, int]],
+    seen: dict[Any, tuple[tuple[int, int], float]],
+    now: float,
+    after: float = HOLE_SECONDS,
+) -> list[tuple[Any, int, int]]:
+    """(tp, committed, first acknowledged) of each hole that has stood `after` seconds with none of its missing
+    offsets in processing. holes: tp → (committed, first acknowledged) as the consumer reported them; seen is
+    kept by the caller from one call to the next."""
+    busy: dict[Any, list[int]] = {}
+    for tp, offset in in_processing:
+        busy.setdefault(tp, []).append(offset)
+    standing = []
+    for tp in list(seen):
+        if tp not in holes:
+            del seen[tp]
+    for tp, hole in holes.items():
+        start, first = hole
+        current = tp in assigned and committed.get(tp) == start
+        if not current or any(start <= offset < first for offset in busy.get(tp, ())):
+            seen.pop(tp, None)
+            continue
+        previous, since = seen.get(tp, (hole, now))
+        if previous != hole:
+            since = now
+        seen[tp] = (hole, since)
+        if now - since >= after:
+            standing.append((tp, start, first))
+    return standing
 
 
 def _stalled_partitions(now: float) -> list[tuple[Any, int | None, int]]:
@@ -52,7 +95,29 @@ async def watch_stream_partitions() -> None:
     recovery: Any = app.tables.recovery
     if app.rebalancing or not recovery.completed.is_set():
         _since.clear()
+        _hole_since.clear()
         return
+    consumer: Any = app.consumer
+    holes = standing_holes(
+        getattr(consumer, "_holes", {}),
+        consumer._committed_offset,
+        set(consumer.assignment()),
+        [(message.tp, message.offset) for message in list(consumer._unacked_messages)],
+        _hole_since,
+        time.monotonic(),
+    )
+    if holes:
+        for tp, committed, first in holes:
+            log.critical(
+                "%s[%d]: offsets %d..%d were passed over, later ones acknowledged, for %ds; exiting so a new "
+                "worker reads them from the committed offset",
+                tp.topic,
+                tp.partition,
+                committed,
+                first - 1,
+                HOLE_SECONDS,
+            )
+        os._exit(_EXIT_STALLED)
     stalled = _stalled_partitions(time.monotonic())
     if stalled:
         for tp, committed, highwater in stalled:

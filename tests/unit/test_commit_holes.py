@@ -1,4 +1,5 @@
-"""The worker never commits past a record that was not acknowledged (agents/app.py GapRefusingConsumer)."""
+"""The worker never commits past a record that was not acknowledged (agents/app.py GapRefusingConsumer), and
+restarts when such records stay missing (agents/watchdog.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 
 from agents.app import GapRefusingConsumer, app
+from agents.watchdog import standing_holes
 
 pytestmark = pytest.mark.wiring
 
@@ -64,3 +66,34 @@ def test_acknowledged_records_from_the_committed_offset_on_are_committed(consume
     tp = TP("fhir.ready.v1-test", 2)
     _acked(consumer, tp, committed=3, offsets=[3, 4, 5, 9])
     assert consumer._new_offset(tp) == 6  # up to the first unacknowledged one, as Faust does
+
+
+READY5, READY3 = TP("fhir.ready.v1", 5), TP("fhir.ready.v1", 3)
+
+
+def test_a_hole_standing_with_nothing_of_it_in_processing_restarts_the_worker() -> None:
+    seen: dict = {}
+    holes, committed = {READY5: (3, 5)}, {READY5: 3, READY3: 219}
+    busy_elsewhere = [(READY3, 219), (READY5, 7)]  # the topic's stream stays busy, past the hole too
+    assert standing_holes(holes, committed, {READY5, READY3}, busy_elsewhere, seen, now=100.0) == []
+    assert standing_holes(holes, committed, {READY5, READY3}, busy_elsewhere, seen, now=129.0) == []
+    assert standing_holes(holes, committed, {READY5, READY3}, busy_elsewhere, seen, now=130.0) == [(READY5, 3, 5)]
+
+
+def test_a_missing_record_in_processing_is_not_a_hole_yet() -> None:
+    seen: dict = {}
+    holes, committed = {READY5: (3, 5)}, {READY5: 3}
+    assert standing_holes(holes, committed, {READY5}, [], seen, now=100.0) == []
+    assert standing_holes(holes, committed, {READY5}, [(READY5, 4)], seen, now=140.0) == []
+    assert standing_holes(holes, committed, {READY5}, [], seen, now=150.0) == []  # the wait starts again
+    assert standing_holes(holes, committed, {READY5}, [], seen, now=180.0) == [(READY5, 3, 5)]
+
+
+def test_a_hole_that_moves_or_is_no_longer_this_workers_starts_over() -> None:
+    seen: dict = {}
+    assert standing_holes({READY5: (3, 5)}, {READY5: 3}, {READY5}, [], seen, now=100.0) == []
+    assert standing_holes({READY5: (5, 9)}, {READY5: 5}, {READY5}, [], seen, now=130.0) == []  # another one
+    assert standing_holes({READY5: (5, 9)}, {READY5: 5}, set(), [], seen, now=170.0) == []  # revoked
+    assert READY5 not in seen
+    assert standing_holes({READY5: (5, 9)}, {READY5: 9}, {READY5}, [], seen, now=200.0) == []  # committed since
+    assert standing_holes({}, {READY5: 9}, {READY5}, [], seen, now=300.0) == [] and not seen
