@@ -69,31 +69,63 @@ def test_acknowledged_records_from_the_committed_offset_on_are_committed(consume
 
 
 READY5, READY3 = TP("fhir.ready.v1", 5), TP("fhir.ready.v1", 3)
+DELIVERED = {READY5: 49, READY3: 219}  # the last offset the consumer handed to the stream
 
 
 def test_a_hole_standing_with_nothing_of_it_in_processing_restarts_the_worker() -> None:
     seen: dict = {}
     holes, committed = {READY5: (3, 5)}, {READY5: 3, READY3: 219}
     busy_elsewhere = [(READY3, 219), (READY5, 7)]  # the topic's stream stays busy, past the hole too
-    assert standing_holes(holes, committed, {READY5, READY3}, busy_elsewhere, seen, now=100.0) == []
-    assert standing_holes(holes, committed, {READY5, READY3}, busy_elsewhere, seen, now=129.0) == []
-    assert standing_holes(holes, committed, {READY5, READY3}, busy_elsewhere, seen, now=130.0) == [(READY5, 3, 5)]
+    both = {READY5, READY3}
+    assert standing_holes(holes, committed, DELIVERED, both, busy_elsewhere, seen, now=100.0) == []
+    assert standing_holes(holes, committed, DELIVERED, both, busy_elsewhere, seen, now=129.0) == []
+    assert standing_holes(holes, committed, DELIVERED, both, busy_elsewhere, seen, now=130.0) == [(READY5, 3, 5)]
 
 
 def test_a_missing_record_in_processing_is_not_a_hole_yet() -> None:
     seen: dict = {}
     holes, committed = {READY5: (3, 5)}, {READY5: 3}
-    assert standing_holes(holes, committed, {READY5}, [], seen, now=100.0) == []
-    assert standing_holes(holes, committed, {READY5}, [(READY5, 4)], seen, now=140.0) == []
-    assert standing_holes(holes, committed, {READY5}, [], seen, now=150.0) == []  # the wait starts again
-    assert standing_holes(holes, committed, {READY5}, [], seen, now=180.0) == [(READY5, 3, 5)]
+    assert standing_holes(holes, committed, DELIVERED, {READY5}, [], seen, now=100.0) == []
+    assert standing_holes(holes, committed, DELIVERED, {READY5}, [(READY5, 4)], seen, now=140.0) == []
+    assert standing_holes(holes, committed, DELIVERED, {READY5}, [], seen, now=150.0) == []  # the wait starts again
+    assert standing_holes(holes, committed, DELIVERED, {READY5}, [], seen, now=180.0) == [(READY5, 3, 5)]
 
 
 def test_a_hole_that_moves_or_is_no_longer_this_workers_starts_over() -> None:
     seen: dict = {}
-    assert standing_holes({READY5: (3, 5)}, {READY5: 3}, {READY5}, [], seen, now=100.0) == []
-    assert standing_holes({READY5: (5, 9)}, {READY5: 5}, {READY5}, [], seen, now=130.0) == []  # another one
-    assert standing_holes({READY5: (5, 9)}, {READY5: 5}, set(), [], seen, now=170.0) == []  # revoked
+    assert standing_holes({READY5: (3, 5)}, {READY5: 3}, DELIVERED, {READY5}, [], seen, now=100.0) == []
+    assert standing_holes({READY5: (5, 9)}, {READY5: 5}, DELIVERED, {READY5}, [], seen, now=130.0) == []  # another one
+    assert standing_holes({READY5: (5, 9)}, {READY5: 5}, DELIVERED, set(), [], seen, now=170.0) == []  # revoked
     assert READY5 not in seen
-    assert standing_holes({READY5: (5, 9)}, {READY5: 9}, {READY5}, [], seen, now=200.0) == []  # committed since
-    assert standing_holes({}, {READY5: 9}, {READY5}, [], seen, now=300.0) == [] and not seen
+    committed_since = {READY5: 9}
+    assert standing_holes({READY5: (5, 9)}, committed_since, DELIVERED, {READY5}, [], seen, now=200.0) == []
+    assert standing_holes({}, {READY5: 9}, DELIVERED, {READY5}, [], seen, now=300.0) == [] and not seen
+
+
+def test_missing_records_the_consumer_has_not_handed_over_yet_are_not_a_hole() -> None:
+    seen: dict = {}
+    holes, committed = {READY5: (3, 5)}, {READY5: 3}
+    refetching = {READY5: 3}  # sought back to the committed offset: 3 and 4 are on their way
+    assert standing_holes(holes, committed, refetching, {READY5}, [], seen, now=100.0) == []
+    assert standing_holes(holes, committed, refetching, {READY5}, [], seen, now=200.0) == []
+    assert standing_holes(holes, committed, DELIVERED, {READY5}, [], seen, now=210.0) == []
+    assert standing_holes(holes, committed, DELIVERED, {READY5}, [], seen, now=240.0) == [(READY5, 3, 5)]
+
+
+def test_records_waiting_in_a_streams_queue_are_seen_as_pending() -> None:
+    """_queued reads Faust's own structures (the conductor's index, a channel's queue): an upgrade that changes
+    them fails here rather than leaving the hole rule blind."""
+    from faust.events import Event
+    from faust.types.tuples import Message
+
+    from agents import watchdog
+
+    channel = app.topic("fhir.ready.v1-queued-test")
+    tp = TP("fhir.ready.v1-queued-test", 5)
+    message = Message(tp.topic, tp.partition, 4, 0.0, 0, [], b"k", b"v", None, tp=tp)
+    channel.queue.put_nowait(Event(app, b"k", b"v", [], message))
+    app.topics._tp_index[tp].add(channel)
+    try:
+        assert (tp, 4) in watchdog._queued()
+    finally:
+        app.topics._tp_index.pop(tp, None)
