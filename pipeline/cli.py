@@ -105,10 +105,10 @@ def _tap(args: argparse.Namespace, settings: Settings, config: Config) -> int:
 
 
 def _dlq_filter(args: argparse.Namespace) -> Any:
-    from .dlq import DeadLetterFilter, parse_time
+    from .dlq import DeadLetterFilter, parse_time, record_ids
 
     return DeadLetterFilter(
-        ids=frozenset(getattr(args, "ids", None) or []),
+        ids=record_ids(getattr(args, "ids", None)),
         site=args.site,
         stage=args.stage,
         error_class=args.error_class,
@@ -143,9 +143,9 @@ def _dlq_list(args: argparse.Namespace, settings: Settings, config: Config) -> i
 
 
 def _dlq_show(args: argparse.Namespace, settings: Settings, config: Config) -> int:
-    from .dlq import read_dead_letters, redacted
+    from .dlq import read_dead_letters, record_ids, redacted
 
-    found = [letter for letter in read_dead_letters(settings.kafka_bootstrap, config) if letter.id == args.id]
+    found = read_dead_letters(settings.kafka_bootstrap, config, ids=record_ids([args.id]))
     if not found:
         raise CdrsyncError(f"no dead letter {args.id} (ids are partition:offset, as `cdrsync dlq list` shows)")
     sys.stdout.buffer.write(orjson.dumps(redacted(found[0], args.with_patient_data), option=orjson.OPT_INDENT_2))
@@ -160,7 +160,8 @@ def _dlq_resolve(action: str) -> Handler:
         chosen = _dlq_filter(args)
         if not (chosen.ids or args.all or chosen.site or chosen.stage or chosen.error_class or chosen.since_ms):
             raise CdrsyncError(f"name dead letters to {action} (ids, a filter such as --stage, or --all)")
-        letters = [letter for letter in read_dead_letters(settings.kafka_bootstrap, config) if chosen.matches(letter)]
+        everything = read_dead_letters(settings.kafka_bootstrap, config, ids=chosen.ids or None)
+        letters = [letter for letter in everything if chosen.matches(letter)]
         missing = chosen.ids - {letter.id for letter in letters}
         if missing:
             raise CdrsyncError(f"no dead letter {', '.join(sorted(missing))} (ids are partition:offset)")
@@ -183,14 +184,14 @@ def _dlq_resolve(action: str) -> Handler:
 
 def _chosen_conflicts(args: argparse.Namespace, settings: Settings, config: Config) -> list[Any]:
     from .conflicts import read_conflicts
-    from .dlq import parse_time
+    from .dlq import parse_time, record_ids
 
-    ids = frozenset(getattr(args, "ids", None) or [])
+    ids = record_ids(getattr(args, "ids", None))
     since = parse_time(args.since) if args.since else None
     include_resolved = getattr(args, "include_resolved", False) or bool(ids)
     found = [
         c
-        for c in read_conflicts(settings.kafka_bootstrap, config)
+        for c in read_conflicts(settings.kafka_bootstrap, config, ids=ids or None)
         if (not ids or c.id in ids)
         and (include_resolved or c.resolution is None)
         and (args.site is None or c.value.get("site") == args.site)

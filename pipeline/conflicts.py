@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 
 from .config import Config
-from .dlq import iso_time, operator_name, read_all, resolutions
+from .dlq import iso_time, operator_name, read_all, read_at, resolutions
 from .errors import CdrsyncError, EnvelopeError
 from .kafkaadmin import AcknowledgedProducer
 from .records import RoutedResource
@@ -151,11 +151,12 @@ class Conflict:
         }
 
 
-def read_conflicts(bootstrap: str, config: Config) -> list[Conflict]:
-    """Every conflict record, with the decision taken on it, if any."""
+def read_conflicts(bootstrap: str, config: Config, ids: Iterable[str] | None = None) -> list[Conflict]:
+    """Every conflict record, with the decision taken on it, if any; with ids, only those (read where they are)."""
     done = resolutions(bootstrap, config.topics.name("conflicts_resolved"))
+    topic = config.topics.name("conflicts")
     found = []
-    for message in read_all(bootstrap, config.topics.name("conflicts")):
+    for message in read_all(bootstrap, topic) if ids is None else read_at(bootstrap, topic, ids):
         try:
             value = orjson.loads(message.value() or b"null")
         except orjson.JSONDecodeError:

@@ -34,8 +34,11 @@ __all__ = [
     "DeadLetterFilter",
     "iso_time",
     "operator_name",
+    "parse_position",
     "read_all",
+    "read_at",
     "read_dead_letters",
+    "record_ids",
     "resolutions",
     "resolve",
 ]
@@ -139,9 +142,8 @@ def parse_time(text: str, now: float | None = None) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def read_all(bootstrap: str, topic: str) -> Iterator[Any]:
-    """Every record of a topic up to its current end (not waiting for more)."""
-    consumer = Consumer(
+def _reader(bootstrap: str) -> Consumer:
+    return Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": "cdrsync-topic-reader",
@@ -149,12 +151,62 @@ def read_all(bootstrap: str, topic: str) -> Iterator[Any]:
             "enable.partition.eof": True,
         }
     )
+
+
+def _partitions(consumer: Consumer, topic: str) -> Any:
+    metadata = consumer.list_topics(topic, timeout=15).topics.get(topic)
+    if metadata is None or metadata.error is not None:
+        raise CdrsyncError(f"topic {topic!r} does not exist (cdrsync topics apply creates it)")
+    return metadata.partitions
+
+
+def parse_position(record_id: str) -> tuple[int, int]:
+    """A record id `<partition>:<offset>` (what `dlq list` and `conflicts list` show) as (partition, offset)."""
+    partition, sep, offset = record_id.strip().partition(":")
+    if not sep or not partition.isdigit() or not offset.isdigit():
+        raise CdrsyncError(f"{record_id!r} is not a record id: ids are partition:offset, e.g. 3:1207")
+    return int(partition), int(offset)
+
+
+def record_ids(given: Iterable[str] | None) -> frozenset[str]:
+    """Record ids as typed (`3:1207`, ` 3:01207`) in the form `list` shows them; CdrsyncError for one malformed."""
+    return frozenset("{}:{}".format(*parse_position(record_id)) for record_id in given or ())
+
+
+def read_at(bootstrap: str, topic: str, record_ids: Iterable[str]) -> Iterator[Any]:
+    """The records of a topic at the given ids (`<partition>:<offset>`), each read where it is, not the whole
+    topic; an id no record has (past the end, before the start, no such partition) is left out."""
+    positions = sorted({parse_position(record_id) for record_id in record_ids})
+    consumer = _reader(bootstrap)
     try:
-        metadata = consumer.list_topics(topic, timeout=15).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            raise CdrsyncError(f"topic {topic!r} does not exist (cdrsync topics apply creates it)")
+        partitions = _partitions(consumer, topic)
+        for partition, offset in positions:
+            if partition not in partitions:
+                continue
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=15)
+            if not low <= offset < high:
+                continue
+            consumer.assign([TopicPartition(topic, partition, offset)])
+            batch = consumer.consume(1, timeout=10)
+            if not batch:
+                raise CdrsyncError(f"reading {topic}[{partition}]@{offset}: no answer from Kafka in 10 s")
+            message = batch[0]
+            error = message.error()
+            if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                raise CdrsyncError(f"reading {topic}[{partition}]@{offset}: {error}")
+            if error is None and message.offset() == offset:  # a compacted topic may have moved on past it
+                yield message
+    finally:
+        consumer.close()
+
+
+def read_all(bootstrap: str, topic: str) -> Iterator[Any]:
+    """Every record of a topic up to its current end (not waiting for more)."""
+    consumer = _reader(bootstrap)
+    try:
+        partitions = _partitions(consumer, topic)
         assignments, remaining = [], set()
-        for p in metadata.partitions:
+        for p in partitions:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
             if high > low:
                 assignments.append(TopicPartition(topic, p, low))
@@ -194,11 +246,12 @@ def resolutions(bootstrap: str, topic: str) -> dict[str, dict[str, Any]]:
     return result
 
 
-def read_dead_letters(bootstrap: str, config: Config) -> list[DeadLetter]:
-    """Every dead letter, with what was done about it."""
+def read_dead_letters(bootstrap: str, config: Config, ids: Iterable[str] | None = None) -> list[DeadLetter]:
+    """Every dead letter, with what was done about it; with ids, only those (read where they are)."""
     done = resolutions(bootstrap, config.topics.name("dlq_resolved"))
+    topic = config.topics.name("dlq")
     letters = []
-    for message in read_all(bootstrap, config.topics.name("dlq")):
+    for message in read_all(bootstrap, topic) if ids is None else read_at(bootstrap, topic, ids):
         headers = [(k, v if isinstance(v, bytes) else b"") for k, v in (message.headers() or [])]
         failure = parse_failure_headers(headers)
         decoded = decode_value(message.value())
@@ -231,9 +284,11 @@ def _site_and_type(config: Config, decoded: Any, failure: FailureInfo | None) ->
     if failure is not None:
         try:
             site = config.site_of_topic(failure.origin_topic).site
-        except CdrsyncError:
+        except KeyError:  # not a site's source topic: an audit event the audit store could not store, say
             site = ""
     row = (decoded.get("after") or decoded.get("before")) if isinstance(decoded, dict) else None
+    if row is None and isinstance(decoded, dict):  # an audit event names its site and resource type itself
+        return str(decoded.get("site") or site), str(decoded.get("resource_type") or "")
     resource_type = str(row.get("resource_type") or "") if isinstance(row, dict) else ""
     return site, resource_type
 

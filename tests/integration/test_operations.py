@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.cli import main
 from pipeline.config import Config
+from pipeline.dlq import read_at
 from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient
 from tests.conftest import bundle_resources
@@ -70,3 +73,45 @@ def test_topics_apply_twice_changes_nothing_the_second_time(stack: Central, caps
     capsys.readouterr()
     assert main(["topics", "apply"]) == 0
     assert capsys.readouterr().out.strip().endswith("0 change(s) applied")
+
+
+def test_records_are_read_by_id_where_they_are(stack: Central, run_id: str) -> None:
+    """`dlq show`, `dlq replay <id>` and `conflicts show` read the records they name, not the whole topic."""
+    topic = f"test.read-at.{run_id}"
+    admin = AdminClient({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(timeout=30)
+    try:
+        producer = Producer({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+        for n in range(6):
+            producer.produce(topic, f"record {n}".encode(), partition=n % 2)
+        assert producer.flush(30) == 0
+        found = {
+            f"{m.partition()}:{m.offset()}": m.value()
+            for m in read_at(SETTINGS.kafka_bootstrap, topic, ["0:1", " 1:02", "0:99", "7:0", "0:1"])
+        }
+        assert found == {"0:1": b"record 2", "1:2": b"record 5"}  # past the end, no such partition: left out
+    finally:
+        admin.delete_topics([topic])
+
+
+def test_dlq_show_names_a_dead_letter_by_id_and_refuses_what_is_not_one(
+    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    invalid = next(r for r in bundle_resources("VXU-V04-01") if r["resourceType"] == "DocumentReference")
+    invalid = {**invalid, "id": f"{run_id}-show-docref"}
+    site_a.upsert(invalid)
+    target = central_id("DocumentReference", invalid["id"])
+
+    def listed() -> dict | None:
+        assert main(["dlq", "list", "--json", "--site", "site-a", "--stage", "normalize"]) == 0
+        rows = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return next((row for row in rows if (row["target_ref"] or "").endswith(target)), None)
+
+    letter = wait_for(listed, timeout=120, what="the dead letter in `dlq list`")
+    assert main(["dlq", "show", letter["id"]]) == 0
+    shown = orjson.loads(capsys.readouterr().out)
+    assert shown["id"] == letter["id"] and shown["target_ref"].endswith(target)
+    assert main(["dlq", "show", "0:999999999"]) == 2
+    assert "no dead letter 0:999999999" in capsys.readouterr().err
+    assert main(["dlq", "show", "latest"]) == 2
+    assert "'latest' is not a record id" in capsys.readouterr().err
