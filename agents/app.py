@@ -181,6 +181,10 @@ app = App(
     # A worker that died (SIGKILL, or its own exit rather than a loss) holds its partitions until the
     # broker gives up on it; Faust's 60 s default kept a restarted worker waiting that long.
     broker_session_timeout=30.0,
+    # A static member (KIP-345) restarted within the session takes its partitions back at once, without a
+    # rebalance: after a SIGKILL the worker was back in 2 to 6 s instead of 28 to 33 s. It does not leave the
+    # group when it stops, so a worker stopped for good holds its partitions for the session first.
+    consumer_group_instance_id=settings.group_instance_id or None,
     broker_heartbeat_interval=3.0,
     broker_commit_interval=1.0,
     table_standby_replicas=0,

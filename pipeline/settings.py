@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     )
     park_limit_seconds: int = Field(default=3600, ge=1, description="how long a resource waits for a reference")
     app_id: str = Field(default="cdrsync", description="Faust app id: the workers' Kafka consumer group")
+    group_instance_id: str = Field(
+        default="",
+        description="a worker's static member name in its consumer group, unique to it and the same across its"
+        " restarts (empty: a dynamic member)",
+    )
     log_format: Literal["json", "text"] = Field(default="json", description="worker logs: JSON lines or text")
     monitor_port: int = Field(default=6067, description="port of `cdrsync monitor`'s /metrics")
     monitor_volumes: str = Field(default="", description="name=path,... file systems `cdrsync monitor` reports")

@@ -9,6 +9,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 CDRSYNC_BIN="${CDRSYNC_BIN:-$REPO_ROOT/.venv/bin/cdrsync}"
 export CDRSYNC_STATE_DIR="${CDRSYNC_STATE_DIR:-$CDRSYNC_HOME/worker}"
 export CDRSYNC_WEB_PORT="${CDRSYNC_WEB_PORT:-6066}"
+# A static group member: restarted, it takes its partitions back at once instead of after the 30 s session.
+export CDRSYNC_GROUP_INSTANCE_ID="${CDRSYNC_GROUP_INSTANCE_ID:-${CDRSYNC_APP_ID:-cdrsync}@$(hostname):$CDRSYNC_WEB_PORT}"
 
 case "${1:-}" in
   start)

@@ -140,6 +140,7 @@ class Worker:
             "CDRSYNC_APP_ID": self.app_id,
             "CDRSYNC_STATE_DIR": str(self.state_dir),
             "CDRSYNC_WEB_PORT": str(self.port),
+            "CDRSYNC_GROUP_INSTANCE_ID": f"{self.app_id}@{self.port}",  # as compose/native/worker.sh names it
             **self.env,
         }
         self._log_mark = self.log_path.stat().st_size if self.log_path.exists() else 0
