@@ -96,7 +96,7 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._holes: dict[Any, tuple[int, int]] = {}  # tp → (committed, first acknowledged) of a hole reported
+        self._reported: dict[Any, tuple[int, int]] = {}  # tp → the hole last logged for it
 
     def _new_consumer_thread(self) -> Any:
         return ShortPollConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -113,11 +113,11 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
         reads again from the committed offset. (A partition the group never committed, or committed at 0, has
         no committed offset here: there, as in Faust, the first run is taken as it is.)
         """
-        acked, committed = self._acked[tp], self._committed_offset[tp]
-        if acked and committed is not None and min(acked) > committed:
-            first = min(acked)
-            if self._holes.get(tp) != (committed, first):
-                self._holes[tp] = (committed, first)
+        hole = self._hole(tp)
+        if hole is not None:
+            committed, first = hole
+            if self._reported.get(tp) != hole:
+                self._reported[tp] = hole
                 log.error(
                     "%s[%d]: offsets %d..%d were not acknowledged but later ones were; not committing past %d "
                     "(the watchdog restarts the worker if they do not come)",
@@ -128,9 +128,21 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
                     committed,
                 )
             return None
-        self._holes.pop(tp, None)
+        self._reported.pop(tp, None)
         offset: int | None = super()._new_offset(tp)
         return offset
+
+    def _hole(self, tp: Any) -> tuple[int, int] | None:
+        """(committed, first acknowledged) when tp's acknowledged offsets start past its committed one."""
+        acked, committed = self._acked.get(tp), self._committed_offset.get(tp)
+        if not acked or committed is None:
+            return None
+        first = min(acked)
+        return (committed, first) if first > committed else None
+
+    def holes(self) -> dict[Any, tuple[int, int]]:
+        """Every partition with a hole, as _hole gives it (agents/watchdog.py)."""
+        return {tp: hole for tp in list(self._acked) if (hole := self._hole(tp)) is not None}
 
     async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
         log.critical(

@@ -47,7 +47,7 @@ def standing_holes(
     """(tp, committed, first acknowledged) of each hole that has stood `after` seconds: the consumer has handed
     its streams records past it (delivered: the last offset handed over per partition) and none of its missing
     offsets is pending (in processing, or waiting in a stream's queue). holes: tp → (committed, first
-    acknowledged) as the consumer reported them; seen is kept by the caller from one call to the next."""
+    acknowledged), from GapRefusingConsumer.holes(); seen is kept by the caller from one call to the next."""
     busy: dict[Any, list[int]] = {}
     for tp, offset in pending:
         busy.setdefault(tp, []).append(offset)
@@ -102,7 +102,7 @@ def _standing_holes() -> list[tuple[Any, int, int]]:
         return []
     pending = [(message.tp, message.offset) for message in list(consumer._unacked_messages)] + queued
     return standing_holes(
-        getattr(consumer, "_holes", {}),
+        consumer.holes(),
         consumer._committed_offset,
         consumer._read_offset,
         set(consumer.assignment()),

@@ -173,10 +173,10 @@ def record_ids(given: Iterable[str] | None) -> frozenset[str]:
     return frozenset("{}:{}".format(*parse_position(record_id)) for record_id in given or ())
 
 
-def read_at(bootstrap: str, topic: str, record_ids: Iterable[str]) -> Iterator[Any]:
+def read_at(bootstrap: str, topic: str, ids: Iterable[str]) -> Iterator[Any]:
     """The records of a topic at the given ids (`<partition>:<offset>`), each read where it is, not the whole
     topic; an id no record has (past the end, before the start, no such partition) is left out."""
-    positions = sorted({parse_position(record_id) for record_id in record_ids})
+    positions = sorted({parse_position(record_id) for record_id in ids})
     consumer = _reader(bootstrap)
     try:
         partitions = _partitions(consumer, topic)

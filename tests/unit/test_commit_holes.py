@@ -51,6 +51,7 @@ def test_a_record_left_unacknowledged_at_the_committed_offset_is_not_committed_o
 def test_two_records_missing_hold_the_commit_until_both_are_acknowledged(consumer) -> None:
     tp = TP("fhir.ready.v1-test", 1)
     _acked(consumer, tp, committed=3, offsets=[5, 6, 7])
+    assert consumer.holes()[tp] == (3, 5)  # what the watchdog reads
     assert consumer._new_offset(tp) is None
     consumer._acked[tp].append(3)
     consumer._acked_index[tp].add(3)
@@ -60,6 +61,7 @@ def test_two_records_missing_hold_the_commit_until_both_are_acknowledged(consume
     consumer._acked[tp].append(4)
     consumer._acked_index[tp].add(4)
     assert consumer._new_offset(tp) == 8
+    assert tp not in consumer.holes()
 
 
 def test_acknowledged_records_from_the_committed_offset_on_are_committed(consumer) -> None:
