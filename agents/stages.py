@@ -12,14 +12,14 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from faust.types import EventT, StreamT
 
 from pipeline import identity
 from pipeline.backflow import flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
-from pipeline.breaker import CircuitBreaker
+from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolution
 from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
 from pipeline.errors import (
@@ -98,6 +98,7 @@ from .trigger import report_selection, select_for_route, staged_trigger_tables, 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
 _EXIT_SINK_BUG = 71
+_EXIT_HOLD_GIVEN_UP = 75  # EX_TEMPFAIL: a rebalance came while a write waited for an unreachable target
 _order_state = OrderState(
     released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference, positions_by_reference
 )
@@ -353,7 +354,10 @@ async def _attempt(
             WRITES.labels(*labels, error.error_class).inc()
             breaker = _breaker(record.target)
             if await breaker.target_down():
-                await breaker.wait_until_reachable()
+                try:
+                    await breaker.wait_until_reachable(give_up=_hold_interrupted)
+                except HoldAbandoned as interrupted:
+                    _exit_holding(record, str(interrupted))
                 continue
             return "retrying" if await retry_later(stage, carried, error, _made(error, attempts)) else "dead"
         except RetryableError as error:
@@ -369,6 +373,32 @@ async def _attempt(
             log.exception("sink failed unexpectedly at %s[%d]@%d", *carried.origin)
             await dead_letter(stage, carried, error, _made(error, attempts))
             return "dead"
+
+
+def _hold_interrupted() -> str | None:
+    """Why a write held for an unreachable target must not hold on, if it must not."""
+    if app.should_stop:
+        return "the worker is stopping"
+    if not app.consumer.flow_active:  # Faust stops the flow when partitions are revoked, before it waits for them
+        return "its partitions are being reassigned"
+    return None
+
+
+def _exit_holding(record: RoutedResource, reason: str) -> NoReturn:
+    """End a hold the worker cannot keep: Faust waits for every record in processing before it gives partitions up
+    or stops, so a hold would keep the whole group (or the stop) waiting for the target. Exiting without
+    acknowledging leaves the held record, and everything after it, to be read again by the partition's next owner;
+    on a rebalance the worker exits with an error so that its service manager starts it again."""
+    stopping = app.should_stop
+    log.warning(
+        "%s: holding its write until %s answers, but %s; exiting without acknowledging it (it is read again%s)",
+        record.target_ref,
+        record.target,
+        reason,
+        "" if stopping else "; this worker, started again, rejoins its group",
+        extra=record_fields(record),
+    )
+    os._exit(0 if stopping else _EXIT_HOLD_GIVEN_UP)
 
 
 def _made(error: BaseException, default: int) -> int:

@@ -6,6 +6,11 @@ breaker probes the target (GET metadata). If the target answers, the problem is 
 it goes to a retry tier. If it does not, the breaker opens: the sink holds the record (its offset is
 not committed, nothing is lost) and probes with exponential backoff until the target answers, then
 closes, and the sink tries the same record again. While it is open, a gauge says so (alert TargetDown).
+
+A hold can last as long as the outage, so whoever holds can say when to give it up (give_up): the breaker
+checks it at least every GIVE_UP_CHECK_SECONDS and raises HoldAbandoned with its reason. The sink gives a
+hold up when the worker stops or its partitions are being reassigned: a hold there would keep the whole
+consumer group waiting for the target.
 """
 
 from __future__ import annotations
@@ -16,9 +21,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-__all__ = ["CircuitBreaker", "reachable"]
+__all__ = ["GIVE_UP_CHECK_SECONDS", "CircuitBreaker", "HoldAbandoned", "reachable"]
 
 log = logging.getLogger("cdrsync.breaker")
+GIVE_UP_CHECK_SECONDS = 0.5
+
+
+class HoldAbandoned(Exception):
+    """A hold given up before the target answered; the message is the holder's reason."""
 
 
 def reachable(status: int) -> bool:
@@ -51,11 +61,16 @@ class CircuitBreaker:
         """Probe once: True when the target cannot be reached."""
         return not reachable(await self._probe())
 
-    async def wait_until_reachable(self) -> float:
-        """Hold until a probe succeeds; the seconds spent waiting (0 when the target answers at once)."""
+    async def wait_until_reachable(self, give_up: Callable[[], str | None] | None = None) -> float:
+        """Hold until a probe succeeds; the seconds spent waiting (0 when the target answers at once).
+
+        give_up: asked before every probe and at least every GIVE_UP_CHECK_SECONDS while waiting; a reason
+        it returns ends the hold with HoldAbandoned(reason), the breaker still open.
+        """
         started = time.monotonic()
         delay = self.initial_seconds
         while True:
+            _check(give_up)
             status = await self._probe()
             if reachable(status):
                 if self.is_open:
@@ -70,5 +85,22 @@ class CircuitBreaker:
                 self.outages += 1
                 self._on_change(True)
                 log.error("target %s unreachable (probe %d); holding writes until it answers", self.target, status)
-            await self._sleep(delay * random.uniform(0.8, 1.2))
+            await self._pause(delay * random.uniform(0.8, 1.2), give_up)
             delay = min(delay * 2, self.max_seconds)
+
+    async def _pause(self, seconds: float, give_up: Callable[[], str | None] | None) -> None:
+        if give_up is None:
+            await self._sleep(seconds)
+            return
+        left = seconds
+        while left > 0:
+            step = min(left, GIVE_UP_CHECK_SECONDS)
+            await self._sleep(step)
+            left -= step
+            _check(give_up)
+
+
+def _check(give_up: Callable[[], str | None] | None) -> None:
+    reason = give_up() if give_up is not None else None
+    if reason:
+        raise HoldAbandoned(reason)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pipeline.breaker import CircuitBreaker, reachable
+from pipeline.breaker import GIVE_UP_CHECK_SECONDS, CircuitBreaker, HoldAbandoned, reachable
 from pipeline.deadletter import FailureInfo, retry_schedule
 from pipeline.errors import TargetUnavailableError
 
@@ -80,6 +80,50 @@ def test_breaker_holds_until_the_target_answers_and_backs_off_meanwhile() -> Non
     assert len(sleeps) == 4
     nominal = [1, 2, 4, 4]  # doubling, capped, each with ±20 % jitter
     assert all(0.8 * n <= s <= 1.2 * n for s, n in zip(sleeps, nominal, strict=True))
+
+
+def test_a_hold_is_given_up_within_a_check_of_the_holder_saying_so() -> None:
+    """A rebalance or a stop must not wait out the breaker's backoff (up to 30 s) nor the outage."""
+    slept: list[float] = []
+    changes: list[bool] = []
+
+    async def probe() -> int:
+        return 0  # the target stays unreachable
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    def give_up() -> str | None:
+        return "its partitions are being reassigned" if sum(slept) >= 7 else None
+
+    breaker = CircuitBreaker("central", probe, initial_seconds=4, max_seconds=30, on_change=changes.append, sleep=sleep)
+    with pytest.raises(HoldAbandoned, match="its partitions are being reassigned"):
+        asyncio.run(breaker.wait_until_reachable(give_up=give_up))
+    assert all(0 < s <= GIVE_UP_CHECK_SECONDS for s in slept)
+    assert 7 <= sum(slept) < 7 + GIVE_UP_CHECK_SECONDS + 1e-9  # the first check after it said so
+    assert breaker.is_open and changes == [True]  # the outage is not over: nothing says it is
+
+
+def test_a_hold_asked_whether_to_give_up_still_ends_when_the_target_answers() -> None:
+    answers = iter([0, 0, 200])
+    slept: list[float] = []
+    asked: list[int] = []
+
+    async def probe() -> int:
+        return next(answers)
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    def give_up() -> str | None:
+        asked.append(1)
+        return None
+
+    breaker = CircuitBreaker("central", probe, initial_seconds=1, max_seconds=4, sleep=sleep)
+    asyncio.run(breaker.wait_until_reachable(give_up=give_up))
+    assert not breaker.is_open and breaker.outages == 1
+    assert 0.8 * 3 <= sum(slept) <= 1.2 * 3  # the same backoff (1 s, then 2 s), in slices
+    assert len(asked) >= len(slept) + 3  # after every slice and before every probe
 
 
 def test_breaker_does_not_wait_when_the_target_answers() -> None:
