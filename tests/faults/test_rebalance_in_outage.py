@@ -1,11 +1,13 @@
-"""A second worker joins the group while the central server is down and the first worker holds its writes.
+"""The consumer group changes, or a worker stops, while the central server is down and writes are held.
 
 Faust gives partitions up only once every record in processing is acknowledged, and a write held by the
 circuit breaker is not, for as long as the outage lasts. Unless the hold gives way, the rebalance waits
 for the target: the group stands still until the broker drops the holding worker, which then waits,
 out of the group, for the target to come back. The hold must end at the rebalance (the worker exits
 without acknowledging, its supervisor starts it again), both workers must share the partitions while
-the target is still down, and once it is back every change is there exactly once.
+the target is still down, and once it is back every change is there exactly once. Likewise a worker
+stopped during an outage stops at once instead of waiting for the target (or for its service manager's
+SIGKILL).
 """
 
 from __future__ import annotations
@@ -78,3 +80,24 @@ def test_a_worker_joining_during_an_outage_does_not_wait_for_the_target(
             settle(stack, workload, timeout=600)
             print(f"\nfirst worker restarts: {first.restarts}, second: {second.restarts}")
     assert_clean(reconcile(stack, workload, dead_refs=set()), "a worker joining while the target is down")
+
+
+def test_a_worker_stopped_during_an_outage_stops_without_waiting_for_the_target(
+    proxy: FaultProxy, stack: Central, site_a: SiteDatabase, run_id: str, tmp_path: Path
+) -> None:
+    workload = Workload(f"{run_id}-s", patients=4)
+    with worker_behind(proxy, tmp_path, CENTRAL_FHIR_TIMEOUT_SECONDS="3", CDRSYNC_SINK_ATTEMPTS="2") as worker:
+        proxy.down()
+        workload.load(site_a, workload.transactions(), pause=0.05)
+        wait_for(
+            lambda: worker.metric("cdrsync_target_breaker_open", target="central") == 1,
+            timeout=120,
+            what="the worker to hold its writes for the unreachable target",
+        )
+        worker.stop()  # SIGTERM; Worker.stop kills it if it has not stopped after 60 s
+        assert worker.process is not None and worker.process.returncode == 0, "the stop waited for the target"
+        assert _log_has(worker, b"but the worker is stopping; exiting without acknowledging it (it is read again)")
+        proxy.up()
+        worker.start()
+        settle(stack, workload, timeout=300)
+    assert_clean(reconcile(stack, workload, dead_refs=set()), "a worker stopped while the target is down")
