@@ -71,7 +71,7 @@ class CircuitBreaker:
         delay = self.initial_seconds
         while True:
             _check(give_up)
-            status = await self._probe()
+            status = await self._probe_unless(give_up)
             if reachable(status):
                 if self.is_open:
                     self.is_open = False
@@ -87,6 +87,21 @@ class CircuitBreaker:
                 log.error("target %s unreachable (probe %d); holding writes until it answers", self.target, status)
             await self._pause(delay * random.uniform(0.8, 1.2), give_up)
             delay = min(delay * 2, self.max_seconds)
+
+    async def _probe_unless(self, give_up: Callable[[], str | None] | None) -> int:
+        """A probe, given up with the hold: against a target that accepts connections and never answers, a probe
+        lasts the client's whole timeout (30 s by default)."""
+        if give_up is None:
+            return await self._probe()
+        probe = asyncio.ensure_future(self._probe())
+        try:
+            while True:
+                done, _ = await asyncio.wait({probe}, timeout=GIVE_UP_CHECK_SECONDS)
+                if done:
+                    return probe.result()
+                _check(give_up)
+        finally:
+            probe.cancel()  # a no-op once it is done
 
     async def _pause(self, seconds: float, give_up: Callable[[], str | None] | None) -> None:
         if give_up is None:

@@ -104,6 +104,27 @@ def test_a_hold_is_given_up_within_a_check_of_the_holder_saying_so() -> None:
     assert breaker.is_open and changes == [True]  # the outage is not over: nothing says it is
 
 
+def test_a_hold_is_given_up_while_a_probe_hangs() -> None:
+    """A target that accepts connections and never answers: the probe lasts the client's timeout (30 s)."""
+    asked: list[int] = []
+
+    async def probe() -> int:
+        await asyncio.sleep(3600)
+        return 0
+
+    async def sleep(seconds: float) -> None:
+        raise AssertionError("the hold must end during the probe")
+
+    def give_up() -> str | None:
+        asked.append(1)
+        return "the worker is stopping" if len(asked) > 2 else None
+
+    breaker = CircuitBreaker("central", probe, sleep=sleep)
+    with pytest.raises(HoldAbandoned, match="the worker is stopping"):
+        asyncio.run(breaker.wait_until_reachable(give_up=give_up))
+    assert len(asked) == 3  # before the probe, then after each half second of it
+
+
 def test_a_hold_asked_whether_to_give_up_still_ends_when_the_target_answers() -> None:
     answers = iter([0, 0, 200])
     slept: list[float] = []
