@@ -210,6 +210,7 @@ class Worker:
                     self.process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     self.process.kill()
+                    self.process.wait(timeout=30)
 
 
 def _free_port() -> int:
