@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import faust
@@ -44,6 +44,18 @@ class ShortPollConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # read when its fetcher starts
         return consumer
+
+    async def seek_to_committed(self) -> Mapping[Any, int]:
+        """Faust seeks every partition back to its committed offset after a rebalance: the records it had
+        fetched but not processed are dropped (its streams' queues are cleared) and must be read again."""
+        consumer = self._ensure_consumer()
+        is_changelog = self.consumer._is_changelog_tp
+        return await self.call_thread(
+            seek_to_committed_or_reset,
+            consumer,
+            lambda tp: not is_changelog(tp),
+            self.app.conf.consumer_auto_offset_reset,
+        )
 
     async def subscribe(self, topics: Iterable[str]) -> None:
         """Join the group only once the broker lists every topic subscribed to.
@@ -86,6 +98,35 @@ class ShortPollConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
             )
 
 
+async def seek_to_committed_or_reset(
+    consumer: Any, resets: Callable[[Any], bool], policy: str = "earliest"
+) -> dict[Any, int | None]:
+    """aiokafka's seek_to_committed, and for the partitions it leaves where they are, what it should have done.
+
+    aiokafka seeks a partition only when its committed offset is above 0. A partition the group never
+    committed (or committed at 0) keeps its fetch position: after a rebalance, the records fetched there but
+    dropped unprocessed would be passed over without a trace (no gap, as nothing was read before them), and
+    committed over once later ones are processed. Those partitions (of the ones resets() picks: not the
+    changelogs, whose positions recovery sets) go to 0, or, never committed, where the reset policy says.
+    Returns the committed offsets, as aiokafka's does.
+    """
+    committed: dict[Any, int | None] = await consumer.seek_to_committed()
+    at_zero = [tp for tp, offset in committed.items() if offset == 0 and resets(tp)]
+    for tp in at_zero:
+        consumer.seek(tp, 0)
+    never = [tp for tp, offset in committed.items() if offset is None and resets(tp)]
+    if never:
+        await (consumer.seek_to_end(*never) if policy == "latest" else consumer.seek_to_beginning(*never))
+    if at_zero or never:
+        log.info(
+            "sought %d partition(s) committed at 0 to 0 and %d never committed to their %s",
+            len(at_zero),
+            len(never),
+            "end" if policy == "latest" else "start",
+        )
+    return committed
+
+
 class GapRefusingConsumer(aiokafka_driver.Consumer):
     """Faust fills a jump in offsets with a "gap" it then commits as if processed (meant for compacted or
     transactional topics, which cdrsync's stream topics are not). After a rebalance its fetcher can hand
@@ -111,7 +152,8 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
         committed over, i.e. lost. So while the acknowledged offsets do not start at the committed one, nothing
         of tp is committed: it stands still, and the watchdog (agents/watchdog.py) restarts the worker, which
         reads again from the committed offset. (A partition the group never committed, or committed at 0, has
-        no committed offset here: there, as in Faust, the first run is taken as it is.)
+        no committed offset here: there, as in Faust, the first run is taken as it is; after a rebalance such a
+        partition is read again from its start, see seek_to_committed_or_reset.)
         """
         hole = self._hole(tp)
         if hole is not None:
