@@ -303,7 +303,7 @@ async def _write(
     only what follows a write (version, metrics, audit) is left to do.
     """
     if prewritten is None:
-        client, policy = _client(event_record.target), RetryPolicy(attempts)
+        client, policy = _client(event_record.target), RetryPolicy(attempts, give_up=_hold_interrupted)
         outcome, used = await write_with_retries(client, event_record, policy, versions)
     else:
         outcome, used = prewritten, 1
@@ -353,6 +353,9 @@ async def _attempt(
         except TargetUnavailableError as error:
             WRITES.labels(*labels, error.error_class).inc()
             breaker = _breaker(record.target)
+            interrupted = _hold_interrupted()
+            if interrupted is not None:  # its retries were cut short for it: no probe (up to 30 s) either
+                _exit_holding(record, interrupted)
             if await breaker.target_down():
                 try:
                     await breaker.wait_until_reachable(give_up=_hold_interrupted)

@@ -32,8 +32,10 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
+    stop_any,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 
 from .errors import CdrsyncError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
@@ -67,8 +69,12 @@ class RetryPolicy:
         initial_seconds: float = 0.5,
         max_seconds: float = 8.0,
         max_retry_after_seconds: float = 120.0,
+        give_up: Callable[[], str | None] | None = None,
     ) -> None:
         self.attempts = attempts
+        # Asked after each failed attempt: a reason ends the retries there (the last error is raised). The
+        # sink's says the worker is stopping or handing its partitions over, which waits for this record.
+        self.give_up = give_up
         self.initial_seconds = initial_seconds
         self.max_seconds = max_seconds
         self.max_retry_after_seconds = max_retry_after_seconds  # longer: the retry tiers take over
@@ -222,6 +228,14 @@ def retry_wait(policy: RetryPolicy) -> Callable[[RetryCallState], float]:
     return wait
 
 
+class _StopWhenGivenUp(stop_base):
+    def __init__(self, give_up: Callable[[], str | None]) -> None:
+        self.give_up = give_up
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.give_up() is not None
+
+
 async def write_with_retries(
     client: FhirClient, record: RoutedResource, policy: RetryPolicy, versions: Versions | None = None
 ) -> tuple[WriteOutcome, int]:
@@ -231,8 +245,11 @@ async def write_with_retries(
     """
     attempts = 0
     try:
+        stop: stop_base = stop_after_attempt(policy.attempts)
+        if policy.give_up is not None:
+            stop = stop_any(stop, _StopWhenGivenUp(policy.give_up))
         async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(policy.attempts),
+            stop=stop,
             wait=retry_wait(policy),
             retry=retry_if_exception_type(RetryableError),
             reraise=True,

@@ -166,3 +166,44 @@ def test_a_tier_record_waits_until_due_but_never_longer_than_the_tier_delay() ->
     assert wait_seconds(due_ms=70_000, delay_seconds=60, now_ms=40_000) == 30
     assert wait_seconds(due_ms=40_000, delay_seconds=60, now_ms=70_000) == 0  # overdue: at once
     assert wait_seconds(due_ms=3_640_000, delay_seconds=5, now_ms=40_000) == 5  # the delay was shortened since
+
+
+@pytest.mark.parametrize("interrupted_after", [None, 2])
+def test_in_process_retries_end_when_the_holder_gives_up(
+    monkeypatch: pytest.MonkeyPatch, interrupted_after: int | None
+) -> None:
+    """A target that never answers costs a timeout per attempt (5 x 30 s by default): a rebalance or a stop must
+    not wait for all of them. Without a reason to give up, every attempt is made."""
+    from pipeline import sink
+    from pipeline.records import RoutedResource
+
+    calls: list[int] = []
+
+    async def unavailable(client: object, record: object, versions: object) -> None:
+        calls.append(1)
+        raise TargetUnavailableError("PUT Observation/x: TimeoutError")
+
+    def give_up() -> str | None:
+        return "its partitions are being reassigned" if interrupted_after and len(calls) >= interrupted_after else None
+
+    monkeypatch.setattr(sink, "write_record", unavailable)
+    record = RoutedResource(
+        source_commit_ms=1,
+        captured_ms=2,
+        origin_topic="cdc.site-a.fhir.resource",
+        origin_partition=0,
+        origin_offset=1,
+        source_lsn=1,
+        site="site-a",
+        target="central",
+        resource_type="Observation",
+        source_id="obs-1",
+        target_id="0f7c2b4e-0000-5000-8000-000000000001",
+        patient_key="p",
+        resource='{"resourceType":"Observation"}',
+    )
+    policy = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, give_up=give_up)
+    with pytest.raises(TargetUnavailableError) as raised:
+        asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
+    made = interrupted_after or 4
+    assert len(calls) == made and raised.value.attempts_made == made  # type: ignore[attr-defined]
