@@ -85,7 +85,7 @@ def test_a_worker_joining_during_an_outage_does_not_wait_for_the_target(
 def test_a_worker_stopped_during_an_outage_stops_without_waiting_for_the_target(
     proxy: FaultProxy, stack: Central, site_a: SiteDatabase, run_id: str, tmp_path: Path
 ) -> None:
-    workload = Workload(f"{run_id}-s", patients=4)
+    workload = Workload(f"{run_id}-o", patients=4)  # its own ids: -s is the state-loss scenario's
     with worker_behind(proxy, tmp_path, CENTRAL_FHIR_TIMEOUT_SECONDS="3", CDRSYNC_SINK_ATTEMPTS="2") as worker:
         proxy.down()
         workload.load(site_a, workload.transactions(), pause=0.05)
