@@ -359,8 +359,8 @@ async def _attempt(
             if await breaker.target_down():
                 try:
                     await breaker.wait_until_reachable(give_up=_hold_interrupted)
-                except HoldAbandoned as interrupted:
-                    _exit_holding(record, str(interrupted))
+                except HoldAbandoned as abandoned:
+                    _exit_holding(record, str(abandoned))
                 continue
             return "retrying" if await retry_later(stage, carried, error, _made(error, attempts)) else "dead"
         except RetryableError as error:

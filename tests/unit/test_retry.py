@@ -175,7 +175,7 @@ def test_in_process_retries_end_when_the_holder_gives_up(
     """A target that never answers costs a timeout per attempt (5 x 30 s by default): a rebalance or a stop must
     not wait for all of them. Without a reason to give up, every attempt is made."""
     from pipeline import sink
-    from pipeline.records import RoutedResource
+    from tests.casebuilder import routed_record
 
     calls: list[int] = []
 
@@ -187,21 +187,7 @@ def test_in_process_retries_end_when_the_holder_gives_up(
         return "its partitions are being reassigned" if interrupted_after and len(calls) >= interrupted_after else None
 
     monkeypatch.setattr(sink, "write_record", unavailable)
-    record = RoutedResource(
-        source_commit_ms=1,
-        captured_ms=2,
-        origin_topic="cdc.site-a.fhir.resource",
-        origin_partition=0,
-        origin_offset=1,
-        source_lsn=1,
-        site="site-a",
-        target="central",
-        resource_type="Observation",
-        source_id="obs-1",
-        target_id="0f7c2b4e-0000-5000-8000-000000000001",
-        patient_key="p",
-        resource='{"resourceType":"Observation"}',
-    )
+    record = routed_record({"resourceType": "Observation", "id": "obs-1"}, patient_key="p")
     policy = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, give_up=give_up)
     with pytest.raises(TargetUnavailableError) as raised:
         asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
