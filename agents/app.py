@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 from agents import store as _store  # noqa: F401  (registers the "cdrsync" table store)
 from agents.sending import send_now
@@ -142,6 +144,33 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
     def _new_consumer_thread(self) -> Any:
         return ShortPollConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        """Faust's fetched records, each of a stream partition handed over even when it is below the last offset
+        handed over there.
+
+        Faust drops a record below its read offset (the last one it handed over) as read already. But after a
+        rebalance it resumes the stream partitions before it seeks them to their committed offsets, with its
+        fetcher running: records fetched in between are handed over (and may be skipped by a stream still held
+        by the rebalance), moving the read offset past them; the seek then takes the position back, and the
+        same records, fetched again while the seek finishes, were dropped. The position was then past them
+        and nothing acknowledged after them: the partition stood still with its records unwritten. So such a
+        record lowers the read offset and goes on: handled twice at worst, which every stage is built for.
+        (Changelog partitions are left to Faust: recovery reads them in order.)
+        """
+        read = self._read_offset
+        async for tp, message in super().getmany(timeout):
+            last = read.get(tp)
+            if last is not None and message.offset < last and not self._is_changelog_tp(tp):
+                log.info(
+                    "%s[%d]: offset %d fetched again after the last one handed over (%d); handing it over again",
+                    tp.topic,
+                    tp.partition,
+                    message.offset,
+                    last,
+                )
+                read[tp] = message.offset
+            yield tp, message
+
     def _new_offset(self, tp: Any) -> int | None:
         """The offset to commit for tp: never past a record that was not acknowledged.
 
@@ -203,7 +232,37 @@ class IdempotentTransport(aiokafka_driver.Transport):
     Consumer = GapRefusingConsumer
 
 
+class KeepingFlowControl(FlowControlEvent):
+    """Faust's flow control, except that resuming the flow keeps what the streams' queues hold.
+
+    Faust empties the queues when a rebalance starts (suspend, then clear), rightly: their records may be of
+    partitions this worker loses. Mode's flow control also empties them whenever the flow resumes, and Faust
+    resumes it once more at the very end of a rebalance, after it has resumed the stream partitions and sought
+    them to their committed offsets with its fetcher running: records handed over to the queues by then (its
+    read offset moved past them) were thrown away, never handled and never read again. The fault suite's worker
+    joining during an outage lost whole patients that way. Records of the new assignment are now kept to be
+    handled. The queue of table changelog records (clears_on_resume) is still emptied, as Faust's recovery
+    expects.
+    """
+
+    def __init__(self, *, clears_on_resume: Callable[[Any], bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._clears_on_resume = clears_on_resume
+
+    def resume(self) -> None:
+        self._suspend.clear()
+        self._resume.set()
+        for queue in list(self._queues):
+            if self._clears_on_resume(queue):
+                queue.clear()
+
+
 class App(faust.App):
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        """The streams' flow control (KeepingFlowControl)."""
+        return KeepingFlowControl(loop=self.loop, clears_on_resume=lambda queue: queue is self.tables.changelog_queue)
+
     def _new_producer_transport(self) -> Any:
         return IdempotentTransport(self.conf.broker_producer, self)
 

@@ -72,7 +72,7 @@ def standing_holes(
 
 def _stalled_partitions(now: float) -> list[tuple[Any, int | None, int]]:
     consumer: Any = app.consumer
-    busy_topics = {message.tp.topic for message in list(consumer._unacked_messages)}
+    busy_topics = {message.tp.topic for message in _in_processing(consumer)}
     stalled = []
     assigned = {tp for tp in consumer.assignment() if not tp.topic.endswith("-changelog")}
     for tp in list(_since):
@@ -92,6 +92,16 @@ def _stalled_partitions(now: float) -> list[tuple[Any, int | None, int]]:
     return stalled
 
 
+def _in_processing(consumer: Any) -> list[Any]:
+    """The messages a stream has taken and not acknowledged.
+
+    Faust's set of unacknowledged messages keeps one acknowledged below its partition's committed offset (a
+    record handled a second time after a seek back): it drops it from the set only on its way to a commit.
+    Counted as in processing, such a message kept its whole topic "busy" for as long as anything referenced it,
+    and a partition standing still beside it was never restarted."""
+    return [message for message in list(consumer._unacked_messages) if not message.acked]
+
+
 def _standing_holes() -> list[tuple[Any, int, int]]:
     consumer: Any = app.consumer
     try:
@@ -100,7 +110,7 @@ def _standing_holes() -> list[tuple[Any, int, int]]:
         log.exception("cannot see what waits in the streams' queues; holes are left to the stall rule")
         _hole_since.clear()
         return []
-    pending = [(message.tp, message.offset) for message in list(consumer._unacked_messages)] + queued
+    pending = [(message.tp, message.offset) for message in _in_processing(consumer)] + queued
     return standing_holes(
         consumer.holes(),
         consumer._committed_offset,

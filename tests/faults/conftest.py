@@ -261,15 +261,21 @@ def _conflict_refs() -> set[str]:
 
 
 def settle(central: Central, workload: Workload, timeout: float) -> None:
-    """Wait until the target holds the latest content of every resource of the workload."""
+    """Wait until the target holds the latest content of every resource of the workload; a timeout names the
+    resources missing or stale at the target (by source id)."""
+
+    def at_target(resource_type: str, source_id: str, resource: dict[str, Any]) -> str | None:
+        body = central.read(resource_type, central_id(resource_type, source_id))
+        return "missing" if body is None else None if _expected_matches(resource, body) else "stale"
 
     def done() -> bool:
-        return all(
-            (body := central.read(t, central_id(t, i))) is not None and _expected_matches(r, body)
-            for (t, i), r in workload.latest.items()
-        )
+        return all(at_target(t, i, r) is None for (t, i), r in workload.latest.items())
 
-    wait_for(done, timeout=timeout, what=f"{len(workload.latest)} resources with their latest content", interval=3)
+    try:
+        wait_for(done, timeout=timeout, what=f"{len(workload.latest)} resources with their latest content", interval=3)
+    except pytest.fail.Exception:
+        behind = [f"{state} {t}/{i}" for (t, i), r in workload.latest.items() if (state := at_target(t, i, r))]
+        pytest.fail(f"after {timeout:.0f}s, {len(behind)} resource(s) not at the target as last changed: {behind[:20]}")
 
 
 def assert_clean(result: Reconciliation, scenario: str) -> None:

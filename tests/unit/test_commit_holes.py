@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 from faust.transport.drivers import aiokafka as aiokafka_driver
-from faust.types import TP
+from faust.types import TP, Message
 
 from agents.app import GapRefusingConsumer, app
-from agents.watchdog import standing_holes
+from agents.watchdog import _in_processing, standing_holes
 
 pytestmark = pytest.mark.wiring
 
@@ -131,3 +131,18 @@ def test_records_waiting_in_a_streams_queue_are_seen_as_pending() -> None:
         assert (tp, 4) in watchdog._queued()
     finally:
         app.topics._tp_index.pop(tp, None)
+
+
+def test_a_record_acknowledged_below_the_committed_offset_is_not_in_processing(consumer) -> None:
+    """Handled a second time after a seek back, it stays in Faust's unacknowledged set; the stall rule must not
+    read its topic as busy for it (agents/watchdog.py _in_processing)."""
+    tp = TP("fhir.ready.v1-test", 0)
+    consumer._committed_offset[tp] = 1307
+    again, waiting = (Message(tp.topic, tp.partition, offset, 0.0, 0, [], b"k", b"v", None) for offset in (1303, 1308))
+    for message in (again, waiting):
+        consumer._unacked_messages.add(message)
+    consumer.ack(again)
+    assert again.acked and again in consumer._unacked_messages  # Faust keeps it there
+    assert [m for m in _in_processing(consumer) if m.tp == tp] == [waiting]
+    consumer.ack(waiting)
+    assert [m for m in _in_processing(consumer) if m.tp == tp] == []
