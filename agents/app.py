@@ -140,31 +140,6 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._reported: dict[Any, tuple[int, int]] = {}  # tp → the hole last logged for it
-        self._resume_after_seek: set[Any] = set()  # stream partitions resumed by a rebalance, until its seek
-
-    def resume_partitions(self, tps: Iterable[Any]) -> None:
-        """Resume fetching; during a rebalance, a stream partition's only once it is sought (perform_seek).
-
-        At the end of a rebalance Faust resumes the stream partitions, then seeks them to their committed offsets,
-        with its fetcher running (tables/recovery.py on_recovery_completed, _resume_streams). Records fetched in
-        between, from wherever the position was, were handed to the streams and moved Faust's read offset; the
-        seek then reset it under them: a record handed over twice, or a jump Faust reads as a gap (the worker
-        then exits, see _add_gap), or, with the queue emptied when the flow resumed, records lost (see
-        KeepingFlowControl and getmany). Held until the seek, the stream partitions are read from their
-        committed offsets, once.
-        """
-        tps = set(tps)
-        if self.app.rebalancing:
-            streams = {tp for tp in tps if not self._is_changelog_tp(tp)}
-            self._resume_after_seek |= streams
-            tps -= streams
-        super().resume_partitions(tps)
-
-    async def perform_seek(self) -> None:
-        """Faust's seek to the committed offsets; then the stream partitions held by resume_partitions resume."""
-        await super().perform_seek()
-        held, self._resume_after_seek = self._resume_after_seek, set()
-        super().resume_partitions(held & set(self.assignment()))
 
     def _new_consumer_thread(self) -> Any:
         return ShortPollConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -180,8 +155,7 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
         same records, fetched again while the seek finishes, were dropped. The position was then past them
         and nothing acknowledged after them: the partition stood still with its records unwritten. So such a
         record lowers the read offset and goes on: handled twice at worst, which every stage is built for.
-        (resume_partitions now holds stream partitions until the seek; this stays for any other fetch of records
-        again. Changelog partitions are left to Faust: recovery reads them in order.)
+        (Changelog partitions are left to Faust: recovery reads them in order.)
         """
         read = self._read_offset
         async for tp, message in super().getmany(timeout):

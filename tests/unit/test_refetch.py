@@ -34,9 +34,6 @@ def consumer() -> Iterator[GapRefusingConsumer]:
     yield worker_consumer
     worker_consumer.callback = callback
     worker_consumer._read_offset.pop(READY, None)
-    worker_consumer._paused_partitions.clear()
-    worker_consumer._active_partitions = None  # Faust's: recomputed from the assignment when next asked
-    worker_consumer._resume_after_seek.clear()
 
 
 def _message(offset: int) -> Message:
@@ -126,30 +123,3 @@ def test_resuming_the_flow_keeps_what_the_streams_queues_hold() -> None:
     assert flow.is_active()
     assert [stream.get_nowait(), stream.get_nowait()] == [1437, 1438]
     assert changelogs.empty()
-
-
-async def test_a_rebalance_resumes_a_stream_partition_only_once_it_is_sought(consumer, monkeypatch) -> None:
-    """Faust resumes the stream partitions before it seeks them: held until the seek, they are read from their
-    committed offsets only. Changelog partitions (recovery's) resume at once."""
-    changelog = TP("cdrsync-refetch-test-changelog", 2)
-    monkeypatch.setattr(consumer, "_is_changelog_tp", lambda tp: tp.topic.endswith("-changelog"))
-    monkeypatch.setattr(consumer, "assignment", lambda: {READY, changelog})
-    monkeypatch.setattr(app, "rebalancing", True)
-    consumer.pause_partitions({READY, changelog})
-    consumer._read_offset[READY] = 1493  # handed over before the rebalance
-
-    async def committed() -> dict[TP, int]:
-        assert READY not in consumer._get_active_partitions()  # nothing of it fetched while it is sought
-        return {READY: 1437}
-
-    monkeypatch.setattr(consumer, "seek_to_committed", committed)
-    consumer.resume_partitions({READY, changelog})
-    assert changelog in consumer._get_active_partitions()
-    assert READY not in consumer._get_active_partitions()
-    await consumer.perform_seek()
-    assert READY in consumer._get_active_partitions()
-    assert consumer._read_offset[READY] == 1437
-    consumer.pause_partitions({READY, changelog})
-    monkeypatch.setattr(app, "rebalancing", False)
-    consumer.resume_partitions({READY})  # outside a rebalance, as Faust asks
-    assert READY in consumer._get_active_partitions()
