@@ -150,9 +150,9 @@ class GapRefusingConsumer(aiokafka_driver.Consumer):
 
         Faust drops a record below its read offset (the last one it handed over) as read already. But after a
         rebalance it resumes the stream partitions before it seeks them to their committed offsets, with its
-        fetcher running: records fetched in between are handed over (and may be skipped by a stream still held
-        by the rebalance), moving the read offset past them; the seek then takes the position back, and the
-        same records, fetched again while the seek finishes, were dropped. The position was then past them
+        fetcher running: records fetched in between are handed over (and were then thrown away with the queues,
+        see KeepingFlowControl), moving the read offset past them; the seek then takes the position back, and
+        the same records, fetched again while the seek finishes, were dropped. The position was then past them
         and nothing acknowledged after them: the partition stood still with its records unwritten. So such a
         record lowers the read offset and goes on: handled twice at worst, which every stage is built for.
         (Changelog partitions are left to Faust: recovery reads them in order.)
