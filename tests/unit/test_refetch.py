@@ -73,6 +73,7 @@ async def _handed_over(consumer: GapRefusingConsumer, fetched: list[int], monkey
     monkeypatch.setattr(aiokafka_driver.Consumer, "getmany", fetch)  # the fetch under GapRefusingConsumer's
     monkeypatch.setattr(consumer, "wait_first", first_of)  # its events belong to the worker's loop
     monkeypatch.setattr(consumer, "sleep", pause)
+    monkeypatch.setattr(app.topics, "acks_enabled_for", lambda topic: True)  # a stream topic: its jumps are gaps
     consumer.callback = on_message
     await asyncio.wait_for(consumer._drain_messages(fetcher), timeout=10)
     return handed
@@ -123,3 +124,68 @@ def test_resuming_the_flow_keeps_what_the_streams_queues_hold() -> None:
     assert flow.is_active()
     assert [stream.get_nowait(), stream.get_nowait()] == [1437, 1438]
     assert changelogs.empty()
+
+
+async def _sought(consumer: GapRefusingConsumer, monkeypatch: Any, committed: dict[TP, int | None]) -> None:
+    async def seek() -> dict[TP, int | None]:
+        return committed
+
+    monkeypatch.setattr(consumer, "seek_to_committed", seek)
+    await consumer.perform_seek()
+
+
+async def test_records_handed_over_during_the_seek_are_not_read_as_a_gap(consumer, monkeypatch) -> None:
+    """Faust's fetcher runs while it seeks: 1437 to 1453 were handed over from the new position before the seek
+    returned. The read offset stays there, so 1454 is the next record, not a jump over 1438..1453."""
+    changelog = TP("cdrsync-refetch-test-changelog", 2)
+    monkeypatch.setattr(consumer, "_is_changelog_tp", lambda tp: tp.topic.endswith("-changelog"))
+    consumer._read_offset[READY] = 1453
+    consumer._read_offset[changelog] = 90
+    await _sought(consumer, monkeypatch, {READY: 1437, changelog: 40})
+    assert consumer._read_offset[READY] == 1453
+    assert consumer._committed_offset[READY] == 1437
+    assert consumer._read_offset[changelog] == 40  # recovery's partitions: as Faust sets them
+    gaps: list[tuple[int, int]] = []
+
+    async def gap(tp: TP, offset_from: int, offset_to: int) -> None:
+        gaps.append((offset_from, offset_to))
+
+    monkeypatch.setattr(consumer, "_add_gap", gap)
+    assert await _handed_over(consumer, [1454, 1455], monkeypatch) == [1454, 1455]
+    assert gaps == []
+    consumer._read_offset.pop(changelog, None)
+    consumer._committed_offset.pop(READY, None)
+    consumer._committed_offset.pop(changelog, None)
+
+
+async def test_a_read_offset_behind_the_committed_one_moves_up_to_it(consumer, monkeypatch) -> None:
+    """Another worker went further while this one did not hold the partition: reading goes on from there."""
+    never = TP("fhir.ready.v1-refetch-test", 4)
+    consumer._read_offset[READY] = 1200
+    consumer._read_offset[never] = 17
+    await _sought(consumer, monkeypatch, {READY: 1437, never: None})
+    assert consumer._read_offset[READY] == 1437
+    assert consumer._read_offset[never] is None  # never committed: read from the start, as Faust does
+    consumer._read_offset.pop(never, None)
+    consumer._committed_offset.pop(READY, None)
+
+
+async def test_faust_alone_sets_the_read_offset_back_under_them(consumer, monkeypatch) -> None:
+    """What the override is for: Faust's own seek leaves 1454 to read as a jump over 1438..1453."""
+    consumer._read_offset[READY] = 1453
+
+    async def seek() -> dict[TP, int]:
+        return {READY: 1437}
+
+    monkeypatch.setattr(consumer, "seek_to_committed", seek)
+    await aiokafka_driver.Consumer.perform_seek(consumer)
+    assert consumer._read_offset[READY] == 1437
+    gaps: list[tuple[int, int]] = []
+
+    async def gap(tp: TP, offset_from: int, offset_to: int) -> None:
+        gaps.append((offset_from, offset_to))
+
+    monkeypatch.setattr(consumer, "_add_gap", gap)
+    assert await _handed_over(consumer, [1454], monkeypatch) == [1454]
+    assert gaps == [(1438, 1454)]  # the worker would exit (GapRefusingConsumer._add_gap) for records it has
+    consumer._committed_offset.pop(READY, None)
