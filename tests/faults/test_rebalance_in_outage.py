@@ -8,9 +8,10 @@ again and rejoin, and both workers share the partitions while the target is stil
 change is there exactly once.
 
 The rebalance scenario also caught Faust losing records of a partition a worker took over: it resumes the
-partitions before it seeks them to their committed offsets, with its fetcher running, and dropped the records
-fetched again after the seek as read already (agents/app.py GapRefusingConsumer.getmany); whole patients were
-missing at the target, nothing in processing, the partition standing still.
+partitions before it seeks them to their committed offsets, with its fetcher running, emptied the queues holding
+the records handed over meanwhile, and dropped the same records fetched again after the seek as read already
+(agents/app.py KeepingFlowControl, GapRefusingConsumer.getmany and perform_seek); whole patients were missing at
+the target, nothing in processing, the partition standing still.
 """
 
 from __future__ import annotations

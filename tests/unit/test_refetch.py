@@ -1,4 +1,5 @@
-"""Records fetched again after a seek back reach the streams (agents/app.py GapRefusingConsumer.getmany).
+"""Records fetched again after a seek back reach the streams, and records handed over during the seek neither
+vanish nor read as a gap (agents/app.py GapRefusingConsumer.getmany and perform_seek, KeepingFlowControl).
 
 After a rebalance Faust resumes the stream partitions before it seeks them to their committed offsets, with its
 fetcher running. Records fetched in between move its read offset past them; the seek takes the position back,
@@ -33,7 +34,9 @@ def consumer() -> Iterator[GapRefusingConsumer]:
     callback = worker_consumer.callback
     yield worker_consumer
     worker_consumer.callback = callback
-    worker_consumer._read_offset.pop(READY, None)
+    for offsets in (worker_consumer._read_offset, worker_consumer._committed_offset):
+        for tp in [tp for tp in offsets if "refetch-test" in tp.topic]:
+            del offsets[tp]
 
 
 def _message(offset: int) -> Message:
@@ -126,12 +129,27 @@ def test_resuming_the_flow_keeps_what_the_streams_queues_hold() -> None:
     assert changelogs.empty()
 
 
-async def _sought(consumer: GapRefusingConsumer, monkeypatch: Any, committed: dict[TP, int | None]) -> None:
+async def _sought(
+    consumer: GapRefusingConsumer, monkeypatch: Any, committed: dict[TP, int | None], faust_only: bool = False
+) -> None:
+    """The consumer's seek after a rebalance (Faust's own with faust_only), the committed offsets being these."""
+
     async def seek() -> dict[TP, int | None]:
         return committed
 
     monkeypatch.setattr(consumer, "seek_to_committed", seek)
-    await consumer.perform_seek()
+    await (aiokafka_driver.Consumer.perform_seek(consumer) if faust_only else consumer.perform_seek())
+
+
+def _recording_gaps(consumer: GapRefusingConsumer, monkeypatch: Any) -> list[tuple[int, int]]:
+    """The gaps Faust's fetch loop reports (offset_from, offset_to), recorded instead of exiting the worker."""
+    gaps: list[tuple[int, int]] = []
+
+    async def gap(tp: TP, offset_from: int, offset_to: int) -> None:
+        gaps.append((offset_from, offset_to))
+
+    monkeypatch.setattr(consumer, "_add_gap", gap)
+    return gaps
 
 
 async def test_records_handed_over_during_the_seek_are_not_read_as_a_gap(consumer, monkeypatch) -> None:
@@ -145,17 +163,9 @@ async def test_records_handed_over_during_the_seek_are_not_read_as_a_gap(consume
     assert consumer._read_offset[READY] == 1453
     assert consumer._committed_offset[READY] == 1437
     assert consumer._read_offset[changelog] == 40  # recovery's partitions: as Faust sets them
-    gaps: list[tuple[int, int]] = []
-
-    async def gap(tp: TP, offset_from: int, offset_to: int) -> None:
-        gaps.append((offset_from, offset_to))
-
-    monkeypatch.setattr(consumer, "_add_gap", gap)
+    gaps = _recording_gaps(consumer, monkeypatch)
     assert await _handed_over(consumer, [1454, 1455], monkeypatch) == [1454, 1455]
     assert gaps == []
-    consumer._read_offset.pop(changelog, None)
-    consumer._committed_offset.pop(READY, None)
-    consumer._committed_offset.pop(changelog, None)
 
 
 async def test_a_read_offset_behind_the_committed_one_moves_up_to_it(consumer, monkeypatch) -> None:
@@ -166,26 +176,13 @@ async def test_a_read_offset_behind_the_committed_one_moves_up_to_it(consumer, m
     await _sought(consumer, monkeypatch, {READY: 1437, never: None})
     assert consumer._read_offset[READY] == 1437
     assert consumer._read_offset[never] is None  # never committed: read from the start, as Faust does
-    consumer._read_offset.pop(never, None)
-    consumer._committed_offset.pop(READY, None)
 
 
 async def test_faust_alone_sets_the_read_offset_back_under_them(consumer, monkeypatch) -> None:
     """What the override is for: Faust's own seek leaves 1454 to read as a jump over 1438..1453."""
     consumer._read_offset[READY] = 1453
-
-    async def seek() -> dict[TP, int]:
-        return {READY: 1437}
-
-    monkeypatch.setattr(consumer, "seek_to_committed", seek)
-    await aiokafka_driver.Consumer.perform_seek(consumer)
+    await _sought(consumer, monkeypatch, {READY: 1437}, faust_only=True)
     assert consumer._read_offset[READY] == 1437
-    gaps: list[tuple[int, int]] = []
-
-    async def gap(tp: TP, offset_from: int, offset_to: int) -> None:
-        gaps.append((offset_from, offset_to))
-
-    monkeypatch.setattr(consumer, "_add_gap", gap)
+    gaps = _recording_gaps(consumer, monkeypatch)
     assert await _handed_over(consumer, [1454], monkeypatch) == [1454]
-    assert gaps == [(1438, 1454)]  # the worker would exit (GapRefusingConsumer._add_gap) for records it has
-    consumer._committed_offset.pop(READY, None)
+    assert gaps == [(1438, 1454)]  # the worker would exit (GapRefusingConsumer._add_gap) for records it handed over
