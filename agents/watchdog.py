@@ -74,7 +74,7 @@ def _stalled_partitions(now: float) -> list[tuple[Any, int | None, int]]:
     consumer: Any = app.consumer
     busy_topics = {message.tp.topic for message in _in_processing(consumer)}
     stalled = []
-    assigned = {tp for tp in consumer.assignment() if not tp.topic.endswith("-changelog")}
+    assigned = {tp for tp in consumer.assignment() if not consumer._is_changelog_tp(tp)}  # recovery reads those
     for tp in list(_since):
         if tp not in assigned:
             del _since[tp]

@@ -146,3 +146,26 @@ def test_a_record_acknowledged_below_the_committed_offset_is_not_in_processing(c
     assert [m for m in _in_processing(consumer) if m.tp == tp] == [waiting]
     consumer.ack(waiting)
     assert [m for m in _in_processing(consumer) if m.tp == tp] == []
+
+
+def test_a_partition_standing_still_behind_waiting_records_is_stalled_but_a_changelog_is_not(
+    consumer, monkeypatch
+) -> None:
+    """The stall rule (agents/watchdog.py _stalled_partitions): a stream partition whose committed offset stays
+    below its high watermark for stall_seconds is reported; a table's changelog partition, read by recovery and
+    never committed, is not."""
+    from agents import stages, watchdog  # noqa: F401  (stages: the tables, and so their changelogs)
+
+    stream_tp = TP("fhir.ready.v1-test", 2)
+    changelog = next(iter(app.tables.changelog_topics))
+    changelog_tp = TP(changelog, 2)
+    monkeypatch.setitem(consumer._committed_offset, stream_tp, 10)
+    monkeypatch.setattr(consumer, "assignment", lambda: {stream_tp, changelog_tp})
+    monkeypatch.setattr(consumer, "highwater", lambda tp: 25)
+    monkeypatch.setattr(watchdog, "_since", {})
+    start = 1000.0
+    assert watchdog._stalled_partitions(start) == []  # first seen: the clock starts
+    assert watchdog._stalled_partitions(start + watchdog.settings.stall_seconds - 1) == []
+    assert watchdog._stalled_partitions(start + watchdog.settings.stall_seconds) == [(stream_tp, 10, 25)]
+    monkeypatch.setitem(consumer._committed_offset, stream_tp, 11)  # it moved: the clock starts again
+    assert watchdog._stalled_partitions(start + watchdog.settings.stall_seconds + 1) == []
