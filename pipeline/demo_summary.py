@@ -71,6 +71,8 @@ async def wait_and_summarize(settings: Settings, config: Config, *, timeout: flo
     gate = asyncio.Semaphore(16)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    live = sys.stdout.isatty()  # one line rewritten in place; in a log, a line each time the figures change
+    shown = ""
     async with FhirClient(config.target("central")) as client:
         while True:
             dead = dead_letter_reasons(config, tap(settings.kafka_bootstrap, config.topics.name("dlq"), idle_seconds=1))
@@ -78,16 +80,20 @@ async def wait_and_summarize(settings: Settings, config: Config, *, timeout: flo
             results = await asyncio.gather(*(_arrived(client, r, expected[r], gate) for r in pending))
             latencies |= {ref: lat for ref, lat in zip(pending, results, strict=True) if lat is not None}
             accounted = len(latencies) + sum(ref in dead for ref in expected if ref not in latencies)
-            print(
-                f"\rcentral CDR has {len(latencies)}/{len(expected)} source resources, "
-                f"{accounted - len(latencies)} dead-lettered",
-                end="",
-                flush=True,
+            line = (
+                f"central CDR has {len(latencies)}/{len(expected)} source resources, "
+                f"{accounted - len(latencies)} dead-lettered"
             )
+            if live:
+                print(f"\r{line}", end="", flush=True)
+            elif line != shown:
+                print(line, flush=True)
+            shown = line
             if accounted == len(expected) or loop.time() > deadline:
                 break
             await asyncio.sleep(2)
-        print()
+        if live:
+            print()
         missing = type_counts(ref for ref in expected if ref not in latencies and ref not in dead)
         for ref in sorted(ref for ref in expected if ref not in latencies and ref in dead):
             print(f"dead letter (ops: cdrsync tap dlq): {ref}: {dead[ref]}")
