@@ -98,8 +98,8 @@ async def update_worker_gauges() -> None:
     """Refresh cdrsync_ready and cdrsync_held_records from this worker's tables."""
     await readiness()
     try:
-        counts = held_counts(held_by_local_patient.items(), parked_by_reference.values())
-    except Exception:  # a table being recovered or revoked: keep the last values
+        counts = await held_counts(held_by_local_patient.items(), parked_by_reference.values())
+    except Exception:  # a table being recovered or revoked (during the scan too): keep the last values
         log.debug("held records not counted this time", exc_info=True)
         return
     for site in config.source_sites():

@@ -6,6 +6,7 @@ LSNs and deterministic target ids (uuid5 hashes), never names, birth dates or re
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -54,20 +55,29 @@ def record_fields(record: NormalizedResource | RoutedResource) -> dict[str, Any]
     return fields
 
 
-def held_counts(
-    held: Iterable[tuple[str, list[Any]]], parked: Iterable[list[Mapping[str, Any]]]
+async def held_counts(
+    held: Iterable[tuple[str, list[Any]]], parked: Iterable[list[Mapping[str, Any]]], *, every: int = 256
 ) -> Counter[tuple[str, str]]:
     """Records waiting now, by (site, reason).
 
     held:   the identity stage's "site|local patient" → records waiting for the shared identifier
     parked: the order stage's park lists, whose entries carry the encoded record
+
+    The worker counts its tables this way every 15 s, in its event loop. A back-load can park tens of
+    thousands of records (about 12 µs each to decode, 0.6 s for 50 000, before reading them from RocksDB),
+    so the count lets the loop run after every `every` table entries instead of holding up every stage
+    for the whole scan.
     """
     counts: Counter[tuple[str, str]] = Counter()
-    for key, records in held:
+    for n, (key, records) in enumerate(held, 1):
         counts[(key.split("|", 1)[0], "missing_identifier")] += len(records)
-    for entries in parked:
+        if n % every == 0:
+            await asyncio.sleep(0)
+    for n, entries in enumerate(parked, 1):
         for entry in entries:
             counts[(_site_of_parked(entry), "reference")] += 1
+        if n % every == 0:
+            await asyncio.sleep(0)
     return counts
 
 

@@ -89,6 +89,10 @@ def test_patient_without_the_shared_number_is_held_then_released_when_it_is_adde
 ) -> None:
     person = {"resourceType": "Patient", "id": f"{run_id}-nokvnr", "gender": "male", "birthDate": "1950-07-01"}
     weight = observation_for(f"{run_id}-nokvnr", person["id"], 1, 80.2)
+    # What ops see of it: cdrsync_held_records, counted from the worker's tables every 15 s. Earlier tests may
+    # have left records of their own held at site-a, so the gauge is read against where it stood before.
+    held_gauge = {"site": "site-a", "reason": "missing_identifier"}
+    held_before = worker.metric("cdrsync_held_records", **held_gauge)
     site_a.upsert_many([person, weight])
 
     def held_ids():
@@ -97,6 +101,12 @@ def test_patient_without_the_shared_number_is_held_then_released_when_it_is_adde
 
     wait_for(lambda: {person["id"], weight["id"]} <= held_ids(), timeout=120, what="both records on the held topic")
     assert stack.read("Observation", target_id("site-a", "Observation", weight["id"])) is None
+    wait_for(
+        lambda: worker.metric("cdrsync_held_records", **held_gauge) >= held_before + 2,
+        timeout=60,
+        what="cdrsync_held_records to count the two held records",
+    )
+    held_before_release = worker.metric("cdrsync_held_records", **held_gauge)
 
     kvnr = f"Y{run_id}"
     site_a.upsert(with_kvnr(person, kvnr))  # the admission desk adds the insurance number
@@ -108,3 +118,8 @@ def test_patient_without_the_shared_number_is_held_then_released_when_it_is_adde
         what="the released observation",
     )
     assert observation["subject"]["reference"] == f"Patient/{key}"
+    wait_for(
+        lambda: worker.metric("cdrsync_held_records", **held_gauge) <= held_before_release - 2,
+        timeout=60,
+        what="cdrsync_held_records to drop by the two released records",
+    )

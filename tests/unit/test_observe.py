@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 
@@ -75,7 +78,7 @@ def test_held_counts_by_site_and_reason() -> None:
         [{"record": base64.b64encode(encode(ROUTED)).decode(), "ref": "Observation/x"}],
         [{"record": "not base64 avro", "ref": "Condition/y"}],
     ]
-    counts = held_counts(held, parked)
+    counts = asyncio.run(held_counts(held, parked))
     assert counts == {
         ("site-a", "missing_identifier"): 2,
         ("site-b", "missing_identifier"): 1,
@@ -101,3 +104,32 @@ def test_refused_credentials_have_their_own_error_class(status: int) -> None:
     with pytest.raises(TargetAuthError) as err:
         classify_response("PUT", status, b'{"resourceType":"OperationOutcome"}')
     assert err.value.error_class == "target_auth"
+
+
+def test_counting_held_records_lets_the_event_loop_run_during_the_scan() -> None:
+    """The worker counts its held and parked records in its event loop: a long scan must not hold up the stages
+    for its whole length."""
+    entry = {"record": base64.b64encode(encode(ROUTED)).decode(), "ref": "Observation/x"}
+    scanned = 0
+    seen_by_other_task: list[int] = []
+
+    def parked() -> Iterator[list[dict[str, str]]]:
+        nonlocal scanned
+        for _ in range(1000):
+            scanned += 1
+            yield [entry]
+
+    async def other_task() -> None:  # a stage, say: runs whenever the loop gets control
+        while scanned < 1000:
+            seen_by_other_task.append(scanned)
+            await asyncio.sleep(0)
+
+    async def both() -> Counter[tuple[str, str]]:
+        other = asyncio.ensure_future(other_task())
+        counts = await held_counts([("site-a|p1", ["r1"])], parked(), every=100)
+        await other
+        return counts
+
+    counts = asyncio.run(both())
+    assert counts == {("site-a", "missing_identifier"): 1, ("site-b", "reference"): 1000}
+    assert any(0 < n < 1000 for n in seen_by_other_task)  # it ran in the middle of the scan
