@@ -17,17 +17,25 @@ start_bg() {
   echo $! > "$STACK_RUN/$name.pid"
 }
 
-# wait_until NAME SECONDS CMD...: poll CMD once a second until it succeeds; fail with the log tail.
-wait_until() {
+# poll_until NAME SECONDS CMD...: poll CMD once a second until it succeeds (0) or SECONDS pass (1); fail with
+# the log tail if NAME's process exits meanwhile.
+poll_until() {
   local name="$1" limit="$2"; shift 2
   local i
   for ((i = 0; i < limit; i++)); do
-    if "$@" >/dev/null 2>&1; then log "$name is healthy"; return 0; fi
+    if "$@" >/dev/null 2>&1; then return 0; fi
     if [ -f "$STACK_RUN/$name.pid" ] && ! is_running "$name"; then
       tail -n 40 "$STACK_LOGS/$name.log" >&2 || true; die "$name exited during start-up"
     fi
     sleep 1
   done
+  return 1
+}
+
+# wait_until NAME SECONDS CMD...: poll_until, and fail with the log tail if CMD never succeeds.
+wait_until() {
+  local name="$1" limit="$2"
+  if poll_until "$@"; then log "$name is healthy"; return 0; fi
   tail -n 40 "$STACK_LOGS/$name.log" >&2 || true
   die "$name not healthy after ${limit}s"
 }

@@ -25,13 +25,12 @@ case "${1:-}" in
     # what is written next is handled by a running pipeline, not left waiting on its start. Not ready in time
     # (a target down, say) is no failure: the worker runs and catches up once it is ready.
     ready_url="http://localhost:$CDRSYNC_WEB_PORT/readyz"
-    for ((i = 0; i < ${CDRSYNC_READY_WAIT_SECONDS:-120}; i++)); do
-      if http_ok "$ready_url" 2>/dev/null; then log "worker is ready (partitions assigned, tables recovered, targets reachable)"; break; fi
-      if ! is_running worker; then tail -n 40 "$STACK_LOGS/worker.log" >&2 || true; die "worker exited during start-up"; fi
-      sleep 1
-    done
-    http_ok "$ready_url" 2>/dev/null || log "WARNING: worker not ready after ${CDRSYNC_READY_WAIT_SECONDS:-120} s; it runs on and \
-catches up once ready: $(curl -sS --max-time 5 "$ready_url" 2>&1)"
+    if poll_until worker "${CDRSYNC_READY_WAIT_SECONDS:-120}" http_ok "$ready_url"; then
+      log "worker is ready (partitions assigned, tables recovered, targets reachable)"
+    else
+      log "WARNING: worker not ready after ${CDRSYNC_READY_WAIT_SECONDS:-120} s; it runs on and catches up once" \
+        "ready: $(curl -sS --max-time 5 "$ready_url" 2>&1)"
+    fi
     ;;
   stop) stop_bg worker 60 ;;
   status)
