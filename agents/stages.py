@@ -8,6 +8,7 @@ an exception escape: Faust would ack the message that raised, and it would be lo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -51,11 +52,19 @@ from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
 from pipeline.normalize import SourcePosition
 from pipeline.normalize import normalize_changes as normalize_batch
 from pipeline.observe import record_fields
-from pipeline.ordering import OrderState, expire_parked, is_stale, order_record, staged, staged_tables
+from pipeline.ordering import (
+    OrderState,
+    ParkDeadlines,
+    expire_parked,
+    is_stale,
+    order_record,
+    staged,
+    staged_tables,
+)
 from pipeline.provenance import runs_alongside
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
-from pipeline.staging import Staged, current
+from pipeline.staging import Staged, current, pending
 
 from .app import app, config, settings
 from .audit import emit_audit
@@ -99,8 +108,14 @@ log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
 _EXIT_SINK_BUG = 71
 _EXIT_HOLD_GIVEN_UP = 75  # EX_TEMPFAIL: a rebalance came while a write waited for an unreachable target
+_park_deadlines = ParkDeadlines()
 _order_state = OrderState(
-    released_by_reference, parked_by_reference, waiting_by_reference, referrers_by_reference, positions_by_reference
+    released_by_reference,
+    parked_by_reference,
+    waiting_by_reference,
+    referrers_by_reference,
+    positions_by_reference,
+    _park_deadlines,
 )
 _clients: dict[str, FhirClient] = {}
 _breakers: dict[str, CircuitBreaker] = {}
@@ -244,16 +259,50 @@ async def order_resources(stream: StreamT) -> None:
 
 async def _expire_parks(partition: int) -> None:
     limit_ms = settings.park_limit_seconds * 1000
+    if not _park_deadlines.built and not await _index_parks():
+        return  # the next tick tries again; the parks stay in the table meanwhile
     changes = staged(_order_state)
-    for parked in expire_parked(changes, now_ms(), limit_ms, partition):
-        if parked.missing.startswith("~"):
-            reason = f"{parked.missing[1:]} still references it at the target after {settings.park_limit_seconds}s"
-        else:
-            reason = f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived"
-        error = PermanentError(reason)
-        error.error_class = "park_expired"
-        await dead_letter_record("order", parked.record, error)
-    await apply_tables(*staged_tables(changes))
+    try:
+        for parked in expire_parked(changes, now_ms(), limit_ms, partition):
+            if parked.missing.startswith("~"):
+                reason = f"{parked.missing[1:]} still references it at the target after {settings.park_limit_seconds}s"
+            else:
+                reason = f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived"
+            error = PermanentError(reason)
+            error.error_class = "park_expired"
+            await dead_letter_record("order", parked.record, error)
+        await apply_tables(*staged_tables(changes))
+    except BaseException:
+        _park_deadlines.invalidate()  # the keys it handed out were not all expired: read them from the table again
+        raise
+
+
+async def _index_parks() -> bool:
+    """Build the park deadlines from this worker's parked table (after a start or a rebalance)."""
+    started = time.monotonic()
+    parked = itertools.chain(
+        parked_by_reference.items(),  # what is applied
+        ((key, value) for key, value in pending(parked_by_reference).items() if value),  # and what this batch parked
+    )
+    try:
+        built = await _park_deadlines.rebuild(parked)
+    except Exception:  # a table being recovered or revoked during the scan
+        _park_deadlines.invalidate()
+        log.warning("parked records not indexed for expiry this time; the next check tries again", exc_info=True)
+        return False
+    if built:
+        log.info("indexed %d parks for expiry in %.2fs", len(_park_deadlines), time.monotonic() - started)
+    return built
+
+
+@app.on_partitions_revoked.connect
+async def _forget_park_deadlines_on_revoke(sender: Any, revoked: set[Any], **_: Any) -> None:
+    _park_deadlines.invalidate()
+
+
+@app.on_partitions_assigned.connect
+async def _forget_park_deadlines_on_assign(sender: Any, assigned: set[Any], **_: Any) -> None:
+    _park_deadlines.invalidate()  # another worker may have parked records in these partitions
 
 
 async def dead_letter_record(stage: str, record: RoutedResource, error: PermanentError) -> None:

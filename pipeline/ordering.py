@@ -29,9 +29,11 @@ writes as one transaction.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import heapq
 from collections import deque
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +47,7 @@ from .staging import Staged
 __all__ = [
     "PENDING_REFERENCE_SYSTEM",
     "OrderState",
+    "ParkDeadlines",
     "Parked",
     "Staged",
     "expire_parked",
@@ -70,6 +73,69 @@ class OrderState:
     #: Per source row: two local records of one person merge into one central Patient, and their
     #: changes may reach this stage in any order.
     positions: MutableMapping[str, dict[str, int]] = field(default_factory=dict)
+    #: when parks fall due, so that expiry need not read every parked record (None: it scans them all)
+    deadlines: ParkDeadlines | None = None
+
+
+class ParkDeadlines:
+    """When each partition's parks fall due: an index, so that expiry reads only the parks it expires.
+
+    Without it, every partition's expiry check read and decoded every parked record of the worker (a
+    back-load can park tens of thousands) in the order stage, holding up every stage each time.
+
+    Per partition, a heap of (since_ms, park key) for every record parked to wait (completions never
+    expire and are not in it). The index may hold more than is parked (a key released or parked again
+    since): each key is checked against the table when it falls due. It must never hold less: `_park`
+    notes every park, and after each rebalance (`invalidate`) the worker rebuilds it from its table
+    before it expires anything, since another worker may have parked records in the partitions it gets.
+    """
+
+    def __init__(self) -> None:
+        self._heaps: dict[int, list[tuple[int, str]]] = {}
+        self._generation = 0
+        self.built = False
+
+    def __len__(self) -> int:
+        return sum(len(heap) for heap in self._heaps.values())
+
+    def invalidate(self) -> None:
+        """Forget everything: the next expiry check must `rebuild` first."""
+        self._heaps = {}
+        self._generation += 1
+        self.built = False
+
+    def note(self, partition: int, since_ms: int, missing: str) -> None:
+        """A record parked on `missing` in `partition` at `since_ms`."""
+        heapq.heappush(self._heaps.setdefault(partition, []), (since_ms, missing))
+
+    async def rebuild(self, parked: Iterable[tuple[str, list[dict[str, Any]]]], *, every: int = 256) -> bool:
+        """Index every park of `parked` (park key → entries), letting the event loop run after every
+        `every` keys. False if `invalidate` was called meanwhile (a rebalance): the index stays unbuilt."""
+        generation = self._generation
+        for n, (missing, entries) in enumerate(parked, 1):
+            since = _waiting_since(entries)
+            if since is not None:
+                self.note(entries[0]["partition"], since, missing)
+            if n % every == 0:
+                await asyncio.sleep(0)
+        if generation != self._generation:
+            return False
+        self.built = True
+        return True
+
+    def due(self, partition: int, now_ms: int, limit_ms: int) -> list[str]:
+        """Remove and return the park keys of `partition` noted at least `limit_ms` before `now_ms`,
+        oldest first, each once. The caller checks each against the table (`expire_parked`)."""
+        heap = self._heaps.get(partition, [])
+        keys: dict[str, None] = {}
+        while heap and heap[0][0] + limit_ms <= now_ms:
+            keys[heapq.heappop(heap)[1]] = None
+        return list(keys)
+
+
+def _waiting_since(entries: list[dict[str, Any]]) -> int | None:
+    """When the oldest record of a park list that waits (not a completion) was parked; None if none waits."""
+    return next((entry["since_ms"] for entry in entries if not entry["completion"]), None)
 
 
 def staged(state: OrderState) -> OrderState:
@@ -80,6 +146,7 @@ def staged(state: OrderState) -> OrderState:
         Staged(state.waiting),
         Staged(state.referrers),
         Staged(state.positions),
+        state.deadlines,
     )
 
 
@@ -116,6 +183,8 @@ def _park(
     }
     state.parked[missing] = [*state.parked.get(missing, []), entry]
     state.waiting[record.target_ref] = missing
+    if state.deadlines is not None and not completion:
+        state.deadlines.note(partition, now_ms, missing)
 
 
 def _parked_entry(state: OrderState, ref: str) -> dict[str, Any] | None:
@@ -272,27 +341,34 @@ def order_record(state: OrderState, record: RoutedResource, now_ms: int, partiti
 
 
 def expire_parked(state: OrderState, now_ms: int, limit_ms: int, partition: int = 0) -> list[Parked]:
-    """Remove and return this partition's hard-parked records older than the limit, oldest wait first.
+    """Remove and return this partition's parked records that have waited longer than the limit.
 
-    Completions are not expired: their resource is already written, with a pending reference.
-    Only the given partition's entries are touched: table changes are written to the changelog
-    partition of the record being processed, so another partition's keys must not change here.
+    A park list is due when its oldest waiting record has waited `limit_ms`; all its waiting records go
+    together (what they wait for never came). Completions are not expired: their resource is already
+    written, with a pending reference. Only the given partition's entries are touched: table changes are
+    written to the changelog partition of the record being processed, so another partition's keys must
+    not change here. With `state.deadlines` built, only the keys it says are due are read; without,
+    every park list is.
     """
+    deadlines = state.deadlines if state.deadlines is not None and state.deadlines.built else None
+    lists: Iterable[tuple[str, list[dict[str, Any]]]]
+    if deadlines is not None:
+        lists = ((missing, state.parked.get(missing) or []) for missing in deadlines.due(partition, now_ms, limit_ms))
+    else:
+        lists = list(state.parked.items())
     expired: list[Parked] = []
-    due = [
-        missing
-        for missing, entries in list(state.parked.items())
-        if entries
-        and entries[0]["partition"] == partition
-        and entries[0]["since_ms"] + limit_ms <= now_ms
-        and not all(entry["completion"] for entry in entries)
-    ]
-    for missing in due:
-        entries = state.parked.get(missing, [])
+    for missing, entries in lists:
+        since = _waiting_since(entries)
+        if since is None:
+            continue  # released, or only completions left
+        if entries[0]["partition"] != partition or since + limit_ms > now_ms:
+            if deadlines is not None:
+                deadlines.note(entries[0]["partition"], since, missing)  # not due here, or not yet: keep it
+            continue
         keep = [entry for entry in entries if entry["completion"]]
-        since = [entry["since_ms"] for entry in entries if not entry["completion"]]
+        waited = [entry["since_ms"] for entry in entries if not entry["completion"]]
         state.parked[missing] = [entry for entry in entries if not entry["completion"]]
-        for record, parked_ms in zip(_unpark(state, missing), since, strict=True):
+        for record, parked_ms in zip(_unpark(state, missing), waited, strict=True):
             expired.append(Parked(record, missing, parked_ms))
         if keep:
             state.parked[missing] = keep

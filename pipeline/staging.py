@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-__all__ = ["Staged", "StagedBatch", "current", "staged_batch"]
+__all__ = ["Staged", "StagedBatch", "current", "pending", "staged_batch"]
 
 _ABSENT = object()
 
@@ -131,3 +131,9 @@ def current(table: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A table as the records before this one left it: through the batch's changes when in a batch."""
     batch = _batch.get()
     return batch.overlay(table) if batch is not None else table
+
+
+def pending(table: MutableMapping[str, Any]) -> dict[str, Any]:
+    """The changes the batch being processed made to a table and has not applied yet (None: deleted)."""
+    overlay = current(table)
+    return dict(overlay.changes) if isinstance(overlay, _Overlay) else {}

@@ -174,3 +174,45 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
         return {step for step, detail in rows if any(detail.startswith(i + " ") for i in ids)}
 
     assert wait_for(lambda: audited() == {"replayed", "discarded"}, timeout=60, what="audit events of both")
+
+
+def test_a_park_that_outlives_its_limit_is_a_dead_letter_even_across_a_restart(
+    proxy: FaultProxy, stack: Central, site_a: SiteDatabase, run_id: str, tmp_path: Path
+) -> None:
+    prefix = f"{run_id}-k"
+    person = patient(prefix)
+    encounter = {
+        "resourceType": "Encounter",
+        "id": f"{prefix}-enc",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{person['id']}"},
+    }
+    waiting = {**observation_for(prefix, person["id"], 0, 1.0), "encounter": {"reference": f"Encounter/{prefix}-enc"}}
+    other = observation_for(prefix, person["id"], 1, 2.0)
+    waiting_ref, encounter_ref = ref_of(waiting), ref_of(encounter)
+    with worker_behind(proxy, tmp_path, CDRSYNC_PARK_LIMIT_SECONDS="5") as worker:
+        # 1. An Observation whose Encounter never comes waits for it; the rest of the patient is written.
+        site_a.upsert_many([person, waiting, other])
+        wait_for(lambda: stack.read(*ref_of(other).split("/")), timeout=120, what="the patient's other Observation")
+
+        def parked() -> bool:
+            return worker.metric("cdrsync_parked_total", resource_type="Observation") >= 1
+
+        wait_for(parked, timeout=60, what="the Observation to wait for its Encounter")
+        # 2. A restarted worker finds the park in its table (its index of park deadlines is rebuilt) and,
+        #    once the limit has passed, dead-letters it with the reason: nothing waits for good in silence.
+        worker.stop()
+        worker.start()
+        letter = wait_for(
+            lambda: letter_for(waiting_ref, "--stage", "order"), timeout=240, what="the expired park's dead letter"
+        )
+        assert letter["error_class"] == "park_expired"
+        assert f"waited 5s for {encounter_ref}, which never arrived" in letter["reason"]
+        assert stack.read(*waiting_ref.split("/")) is None
+        # 3. The Encounter comes after all; ops replay the dead letter and the Observation follows it.
+        site_a.upsert(encounter)
+        wait_for(lambda: stack.read(*encounter_ref.split("/")), timeout=120, what="the late Encounter")
+        assert "1 dead letters replayed and audited" in cdrsync("dlq", "replay", letter["id"], "--execute")
+        written = wait_for(lambda: stack.read(*waiting_ref.split("/")), timeout=120, what="the replayed Observation")
+        assert written["encounter"]["reference"] == encounter_ref
