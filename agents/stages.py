@@ -291,7 +291,7 @@ async def _index_parks() -> bool:
         log.warning("parked records not indexed for expiry this time; the next check tries again", exc_info=True)
         return False
     if built:
-        log.info("indexed %d parks for expiry in %.2fs", len(_park_deadlines), time.monotonic() - started)
+        log.info("indexed %d parks for expiry in %.2fs", _park_deadlines.size, time.monotonic() - started)
     return built
 
 

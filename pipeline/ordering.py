@@ -95,7 +95,9 @@ class ParkDeadlines:
         self._generation = 0
         self.built = False
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """Entries held (stale ones included, until they fall due)."""
         return sum(len(heap) for heap in self._heaps.values())
 
     def invalidate(self) -> None:

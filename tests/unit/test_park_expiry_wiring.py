@@ -21,4 +21,4 @@ def test_a_rebalance_makes_the_order_stage_rebuild_its_park_deadlines(signal: st
         await getattr(app, signal).send(set())  # what Faust sends during a rebalance
 
     asyncio.run(rebalance())
-    assert not _park_deadlines.built and len(_park_deadlines) == 0
+    assert not _park_deadlines.built and _park_deadlines.size == 0
