@@ -18,9 +18,9 @@ from pipeline.records import NormalizedResource, RoutedResource
 
 from .app import app, config, settings
 from .routing import deliver
+from .topics import audit_events as audit_topic
 
 log = logging.getLogger("cdrsync.audit")
-audit_topic = app.topic(config.topics.name("audit"))
 _EXIT_UNDELIVERABLE = 70
 
 

@@ -141,8 +141,7 @@ async def _write_back(event: EventT) -> None:
                 result = await _write_back_once(record)
     except Exception as error:  # transient beyond the attempts, or permanent: dead letter with the reason
         BACKFLOW.labels(*labels, "failed").inc()
-        await dead_letter("writeback", event, error, settings.sink_attempts)
-        await emit_audit("dead_lettered", record, trigger="backflow", detail=f"{type(error).__name__}"[:500])
+        await dead_letter("writeback", event, error, settings.sink_attempts)  # audited there
         return
     BACKFLOW.labels(*labels, "written_back").inc()
     await emit_audit("written_back", record, trigger="backflow", detail=result)

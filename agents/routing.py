@@ -13,17 +13,19 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from faust.exceptions import PartitionsMismatch
 from faust.streams import _current_event, current_event
 from faust.types import EventT, TopicT
 
+from pipeline.audit import Step, failure_event
 from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers, retry_schedule
 from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
 from pipeline.staging import Staged, StagedBatch, staged_batch
 
 from .app import IdempotentProducer, app, config
-from .topics import dead_letters, retry_tiers
+from .topics import audit_events, dead_letters, retry_tiers
 
 log = logging.getLogger("cdrsync.routing")
 _EXIT_UNDELIVERABLE = 70
@@ -194,7 +196,7 @@ async def dead_letter(stage: str, event: EventT | Carried, error: BaseException,
     info = failure_info(
         stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=carried.failure
     )
-    await _dead_letter_info(carried, info)
+    await dead_letter_info(carried, info)
 
 
 def _log_fields(info: FailureInfo, site: str, target: str) -> dict[str, object]:
@@ -211,7 +213,8 @@ def _log_fields(info: FailureInfo, site: str, target: str) -> dict[str, object]:
     }
 
 
-async def _dead_letter_info(carried: Carried, info: FailureInfo) -> None:
+async def dead_letter_info(carried: Carried, info: FailureInfo) -> None:
+    """Send a record to the dead-letter topic with its failure, count, log and audit it."""
     site, target = route_labels(config, carried.origin[0], carried.value)
     DEAD_LETTERS.labels(info.stage, site, target, info.error_class).inc()
     log.error(
@@ -226,6 +229,27 @@ async def _dead_letter_info(carried: Carried, info: FailureInfo) -> None:
         extra=_log_fields(info, site, target),
     )
     await deliver(dead_letters, carried.key, carried.value, failure_headers(info))
+    await _audit_failure("dead_lettered", carried, info, site, f"{info.stage} {info.error_class}: {info.message}")
+
+
+_BACKFLOW_STAGES = ("backflow", "writeback")
+
+
+async def _audit_failure(step: Step, carried: Carried, info: FailureInfo, site: str, detail: str) -> None:
+    """The audit event of a record sent to a retry tier or the dead-letter topic (DESIGN.md decision 9), once
+    Kafka has it there: whichever stage it failed in, whatever it is (the stages' own audit events need a
+    decoded record; this one names even a record that could not be read)."""
+    event = failure_event(
+        step,
+        carried.value,
+        (info.origin_topic, info.origin_partition, info.origin_offset),
+        site=site,
+        detail=detail,
+        trigger="backflow" if info.stage in _BACKFLOW_STAGES else "all",
+        at_ms=info.last_failure_ms,
+    )
+    key = str(event["target_id"] or event["source_id"]).encode()
+    await deliver(audit_events, key, orjson.dumps(event))
 
 
 async def retry_later(stage: str, event: EventT | Carried, error: BaseException, attempts: int) -> bool:
@@ -235,7 +259,7 @@ async def retry_later(stage: str, event: EventT | Carried, error: BaseException,
     info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=previous)
     schedule = retry_schedule(previous, [tier.delay_seconds for tier in config.topics.retry_tiers])
     if schedule is None:
-        await _dead_letter_info(carried, info)
+        await dead_letter_info(carried, info)
         return False
     tier, delay_seconds = schedule
     tiers = config.topics.retry_tiers
@@ -255,4 +279,6 @@ async def retry_later(stage: str, event: EventT | Carried, error: BaseException,
         extra={**_log_fields(info, site, target), "tier": tier},
     )
     await deliver(retry_tiers[tier], carried.key, carried.value, failure_headers(info))
+    detail = f"{stage} {info.error_class}, attempt {info.attempts}: tier {tier} ({tiers[tier].name})"
+    await _audit_failure("retried", carried, info, site, f"{detail}: {info.message}")
     return True

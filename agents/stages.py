@@ -22,7 +22,7 @@ from pipeline.backflow import flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolution
-from pipeline.deadletter import DISCARD_HEADER, failure_headers, failure_info
+from pipeline.deadletter import DISCARD_HEADER, failure_info
 from pipeline.errors import (
     CdrsyncError,
     MappingError,
@@ -36,7 +36,6 @@ from pipeline.merge import merge_patient
 from pipeline.metrics import (
     BREAKER_OPEN,
     BUNDLES,
-    DEAD_LETTERS,
     END_TO_END_LATENCY,
     HELD,
     HELD_BEHIND,
@@ -76,6 +75,7 @@ from .routing import (
     apply_tables,
     batched,
     dead_letter,
+    dead_letter_info,
     deliver,
     headers_of,
     now_ms,
@@ -86,7 +86,6 @@ from .routing import (
 from .topics import (
     blocked_by_reference,
     conflicts,
-    dead_letters,
     held_by_local_patient,
     held_records,
     identified,
@@ -307,15 +306,9 @@ async def _forget_park_deadlines_on_assign(sender: Any, assigned: set[Any], **_:
 
 async def dead_letter_record(stage: str, record: RoutedResource, error: PermanentError) -> None:
     """Dead-letter a record that is not the message being processed (an expired park)."""
-    info = failure_info(
-        stage,
-        error,
-        attempts=0,
-        now_ms=now_ms(),
-        origin=(record.origin_topic, record.origin_partition, record.origin_offset),
-    )
-    DEAD_LETTERS.labels(stage, record.site, record.target, info.error_class).inc()
-    await deliver(dead_letters, record.patient_key.encode(), encode(record), failure_headers(info))
+    origin = (record.origin_topic, record.origin_partition, record.origin_offset)
+    info = failure_info(stage, error, attempts=0, now_ms=now_ms(), origin=origin)
+    await dead_letter_info(Carried(record.patient_key.encode(), encode(record), [], origin), info)
 
 
 @app.timer(interval=60.0)
@@ -417,8 +410,7 @@ async def _attempt(
             return "retrying" if await retry_later(stage, carried, error, _made(error, attempts)) else "dead"
         except PermanentError as error:
             WRITES.labels(*labels, error.error_class).inc()
-            await dead_letter(stage, carried, error, _made(error, attempts))
-            await emit_audit("dead_lettered", record, detail=f"{error.error_class}: {error}"[:500])
+            await dead_letter(stage, carried, error, _made(error, attempts))  # audited there
             return "dead"
         except Exception as error:
             WRITES.labels(*labels, "internal").inc()

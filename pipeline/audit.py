@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 import orjson
 
-from .records import NormalizedResource, RoutedResource
+from .errors import CdrsyncError
+from .records import NormalizedResource, RoutedResource, decode_any
 
-__all__ = ["AUDIT_TABLE_DDL", "Step", "audit_event", "insert_events"]
+__all__ = ["AUDIT_TABLE_DDL", "Step", "audit_event", "failure_event", "insert_events"]
 
 Step = Literal[
     "written",
@@ -88,6 +89,78 @@ def audit_event(
         "trigger": trigger,
         "detail": detail,
     }
+
+
+def failure_event(
+    step: Step,
+    value: bytes | None,
+    origin: tuple[str, int, int],
+    *,
+    site: str,
+    detail: str,
+    trigger: str = "all",
+    at_ms: int | None = None,
+) -> dict[str, Any]:
+    """The audit event of a record a stage could not pass on (dead-lettered, or sent to a retry tier), from
+    the record as it was read from Kafka: one of cdrsync's own records names itself; a source change (a
+    Debezium envelope) names the captured row's type and id where it has them; anything else is named by
+    where it was read (`origin`) alone. `site` is what the caller knows of it (from the topic)."""
+    topic, partition, offset = origin
+    where = f"{topic}[{partition}]@{offset}"
+    event: dict[str, Any] = {
+        "at_ms": at_ms if at_ms is not None else int(time.time() * 1000),
+        "step": step,
+        "site": site,
+        "target": None,
+        "resource_type": "",
+        "source_id": where,
+        "target_id": None,
+        "source_lsn": None,
+        "source_commit_ms": None,
+        "origin": where,
+        "content_hash": None,
+        "trigger": trigger,
+        "detail": detail[:500],
+    }
+    if not value:
+        return event
+    try:
+        _, datum = decode_any(value)
+    except CdrsyncError:
+        return {**event, **_source_row_fields(value)}
+    for field in ("site", "target", "resource_type", "source_id", "target_id", "source_lsn", "content_hash"):
+        if datum.get(field) not in (None, ""):
+            event[field] = datum[field]
+    if datum.get("source_commit_ms"):
+        event["source_commit_ms"] = datum["source_commit_ms"]
+    if datum.get("origin_topic"):
+        event["origin"] = f"{datum['origin_topic']}[{datum.get('origin_partition')}]@{datum.get('origin_offset')}"
+    return event
+
+
+def _source_row_fields(value: bytes) -> dict[str, Any]:
+    """What a Debezium change says of itself, where it is one: its row's resource_type and id, and the source
+    LSN and commit time."""
+    try:
+        envelope = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return {}
+    payload = envelope.get("payload", envelope) if isinstance(envelope, dict) else None
+    row = (payload.get("after") or payload.get("before")) if isinstance(payload, dict) else None
+    if not isinstance(row, dict):
+        return {}
+    fields: dict[str, Any] = {}
+    if isinstance(row.get("resource_type"), str) and row["resource_type"]:
+        fields["resource_type"] = row["resource_type"]
+    if row.get("id") not in (None, ""):
+        fields["source_id"] = str(row["id"])
+    source = payload.get("source") if isinstance(payload, dict) else None
+    if isinstance(source, dict):
+        if isinstance(source.get("lsn"), int):
+            fields["source_lsn"] = source["lsn"]
+        if isinstance(source.get("ts_ms"), int):
+            fields["source_commit_ms"] = source["ts_ms"]
+    return fields
 
 
 def _row(topic: str, partition: int, offset: int, event: dict[str, Any]) -> tuple[Any, ...]:

@@ -30,7 +30,7 @@ from tests.faults.conftest import (
     worker_behind,
 )
 from tests.faults.proxy import Fault, FaultProxy
-from tests.integration.conftest import ROOT
+from tests.integration.conftest import ROOT, audit_rows
 
 pytestmark = pytest.mark.faults
 
@@ -127,6 +127,15 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
     wait_for(lambda: stack.read(*ref_of(other).split("/")), timeout=120, what="the patient's other Observation")
     letter = wait_for(lambda: letter_for(stuck_ref, "--stage", "sink"), timeout=180, what="the dead letter")
     assert letter["error_class"] == "target_unavailable" and letter["status"] == "open"
+
+    # Each move to a retry tier and the dead letter are audited (DESIGN.md decision 9).
+    def audited_steps() -> list[str]:
+        steps = [row[0] for row in audit_rows(stuck["id"])]
+        return steps if "dead_lettered" in steps else []
+
+    steps = wait_for(audited_steps, timeout=60, what="the audit rows of its retries and dead letter")
+    # One per retry tier of topics.yaml, then the dead letter (at least once: a record read again is audited again).
+    assert steps.count("retried") >= 3 and steps[-1] == "dead_lettered" and set(steps) == {"retried", "dead_lettered"}
     # 2. A later version waits behind it: not written while the first is a dead letter.
     site_a.upsert({**stuck, "valueQuantity": {**stuck["valueQuantity"], "value": 2.0}})
     wait_for(lambda: worker.metric("cdrsync_held_behind_total") >= 1, timeout=120, what="the new version to wait")
@@ -210,6 +219,8 @@ def test_a_park_that_outlives_its_limit_is_a_dead_letter_even_across_a_restart(
         assert letter["error_class"] == "park_expired"
         assert f"waited 5s for {encounter_ref}, which never arrived" in letter["reason"]
         assert stack.read(*waiting_ref.split("/")) is None
+        audited = wait_for(lambda: audit_rows(waiting["id"]), timeout=60, what="the expired park's audit row")
+        assert [row[0] for row in audited] == ["dead_lettered"]
         # 3. The Encounter comes after all; ops replay the dead letter and the Observation follows it.
         site_a.upsert(encounter)
         wait_for(lambda: stack.read(*encounter_ref.split("/")), timeout=120, what="the late Encounter")

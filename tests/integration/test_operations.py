@@ -13,7 +13,7 @@ from pipeline.dlq import read_at
 from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient
 from tests.conftest import bundle_resources
-from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, central_id, wait_for
+from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, audit_rows, central_id, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +50,9 @@ def test_invalid_resource_is_dead_lettered_with_its_reason_and_the_rest_flows(
         what="the observation written after the poison record",
     )
     assert stack.read("DocumentReference", central_id("DocumentReference", invalid["id"])) is None
+    # And it is audited, named by the row it came from (DESIGN.md decision 9: every dead letter).
+    audited = wait_for(lambda: audit_rows(invalid["id"]), timeout=60, what="the dead letter's audit row")
+    assert [step for step, _, _ in audited] == ["dead_lettered"]
 
 
 def test_tap_prints_decoded_records_filtered_by_site_and_type(
