@@ -97,9 +97,9 @@ def tumour_case(prefix: str) -> list[Resource]:
     return case
 
 
-def observation_for(prefix: str, patient_id: str, n: int, value: float) -> Resource:
-    """A body-weight Observation (LOINC 29463-7) of a patient."""
-    return {
+def observation_for(prefix: str, patient_id: str, n: int, value: float, encounter_id: str | None = None) -> Resource:
+    """A body-weight Observation (LOINC 29463-7) of a patient, in an encounter if given."""
+    observation: Resource = {
         "resourceType": "Observation",
         "id": f"{prefix}-obs-{n}",
         "status": "final",
@@ -107,6 +107,20 @@ def observation_for(prefix: str, patient_id: str, n: int, value: float) -> Resou
         "subject": {"reference": f"Patient/{patient_id}"},
         "effectiveDateTime": f"2026-11-{1 + n % 28:02d}T08:00:00Z",
         "valueQuantity": {"value": value, "unit": "kg", "system": "http://unitsofmeasure.org", "code": "kg"},
+    }
+    if encounter_id is not None:
+        observation["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    return observation
+
+
+def encounter_for(prefix: str, patient_id: str, n: int = 0) -> Resource:
+    """A finished ambulatory Encounter of a patient."""
+    return {
+        "resourceType": "Encounter",
+        "id": f"{prefix}-enc-{n}",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{patient_id}"},
     }
 
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from tests.casebuilder import observation_for, patient
+from tests.casebuilder import encounter_for, observation_for, patient
 from tests.faults.conftest import (
     SETTINGS,
     Central,
@@ -190,14 +190,8 @@ def test_a_park_that_outlives_its_limit_is_a_dead_letter_even_across_a_restart(
 ) -> None:
     prefix = f"{run_id}-k"
     person = patient(prefix)
-    encounter = {
-        "resourceType": "Encounter",
-        "id": f"{prefix}-enc",
-        "status": "finished",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-        "subject": {"reference": f"Patient/{person['id']}"},
-    }
-    waiting = {**observation_for(prefix, person["id"], 0, 1.0), "encounter": {"reference": f"Encounter/{prefix}-enc"}}
+    encounter = encounter_for(prefix, person["id"])
+    waiting = observation_for(prefix, person["id"], 0, 1.0, encounter_id=encounter["id"])
     other = observation_for(prefix, person["id"], 1, 2.0)
     waiting_ref, encounter_ref = ref_of(waiting), ref_of(encounter)
     with worker_behind(proxy, tmp_path, CDRSYNC_PARK_LIMIT_SECONDS="5") as worker:

@@ -9,7 +9,7 @@ from pipeline.identity import ORIGIN_TAG_SYSTEM
 from pipeline.references import logical_system
 from pipeline.resources import SUPPORTED_TYPES
 from pipeline.tap import tap
-from tests.casebuilder import observation_for, patient, tumour_case
+from tests.casebuilder import encounter_for, observation_for, patient, tumour_case
 from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, central_id, wait_for
 
 pytestmark = pytest.mark.integration
@@ -111,4 +111,32 @@ def test_observation_whose_patient_arrives_later_waits_for_it(
     written_observation = stack.read("Observation", central_id("Observation", observation["id"]))
     assert written_patient["meta"]["lastUpdated"] <= written_observation["meta"]["lastUpdated"]
     ids = {central_id("Observation", observation["id"]), central_id("Patient", person["id"])}
+    assert _failures_for(config, ids) == [], "the observation was rejected or retried instead of waiting"
+
+
+def test_observation_whose_encounter_arrives_later_is_parked_and_written_right_after_it(
+    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, config: Config
+) -> None:
+    prefix = f"{run_id}-park"
+    person = patient(prefix)
+    encounter = encounter_for(prefix, person["id"])
+    observation = observation_for(prefix, person["id"], 1, 72.0, encounter_id=encounter["id"])
+    site_a.upsert(person)
+    wait_for(lambda: stack.read("Patient", central_id("Patient", person["id"])), timeout=SYNC_TIMEOUT, what="patient")
+    parked_before = worker.metric("cdrsync_parked_total", resource_type="Observation")
+    # Its Encounter is not written yet: the server would refuse the reference, so the order stage parks it.
+    site_a.upsert(observation)
+    wait_for(
+        lambda: worker.metric("cdrsync_parked_total", resource_type="Observation") > parked_before,
+        timeout=60,
+        what="the observation to be parked for its encounter",
+    )
+    assert stack.read("Observation", central_id("Observation", observation["id"])) is None
+    site_a.upsert(encounter)
+    wait_for(lambda: not _arrived(stack, [encounter, observation]), timeout=SYNC_TIMEOUT, what="encounter, observation")
+    written_encounter = stack.read("Encounter", central_id("Encounter", encounter["id"]))
+    written_observation = stack.read("Observation", central_id("Observation", observation["id"]))
+    assert written_observation["encounter"]["reference"] == f"Encounter/{central_id('Encounter', encounter['id'])}"
+    assert written_encounter["meta"]["lastUpdated"] <= written_observation["meta"]["lastUpdated"]
+    ids = {central_id("Observation", observation["id"]), central_id("Encounter", encounter["id"])}
     assert _failures_for(config, ids) == [], "the observation was rejected or retried instead of waiting"
