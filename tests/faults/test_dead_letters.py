@@ -130,7 +130,8 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
 
     # Each move to a retry tier and the dead letter are audited (DESIGN.md decision 9).
     def audited_steps() -> list[str]:
-        steps = [row[0] for row in audit_rows(stuck["id"])]
+        target_id = central_id("Observation", stuck["id"])  # not its Provenance's rows, which share the source id
+        steps = [step for step, row_target_id, _ in audit_rows(stuck["id"]) if row_target_id == target_id]
         return steps if "dead_lettered" in steps else []
 
     steps = wait_for(audited_steps, timeout=60, what="the audit rows of its retries and dead letter")
@@ -214,7 +215,7 @@ def test_a_park_that_outlives_its_limit_is_a_dead_letter_even_across_a_restart(
         assert f"waited 5s for {encounter_ref}, which never arrived" in letter["reason"]
         assert stack.read(*waiting_ref.split("/")) is None
         audited = wait_for(lambda: audit_rows(waiting["id"]), timeout=60, what="the expired park's audit row")
-        assert [row[0] for row in audited] == ["dead_lettered"]
+        assert [(step, target_id) for step, target_id, _ in audited] == [("dead_lettered", waiting_ref.split("/")[1])]
         # 3. The Encounter comes after all; ops replay the dead letter and the Observation follows it.
         site_a.upsert(encounter)
         wait_for(lambda: stack.read(*encounter_ref.split("/")), timeout=120, what="the late Encounter")
