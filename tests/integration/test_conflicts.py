@@ -114,6 +114,17 @@ def test_central_edit_then_hospital_update_gives_a_conflict_and_no_overwrite(
         what="a later observation",
     )
     assert _value(stack, target_id) == 72.5  # still not overwritten
+    # The same row changed again before anyone decided: a second conflict, never a write over the clinician's.
+    site_a.upsert({**weight, "valueQuantity": {**weight["valueQuantity"], "value": 68.0}})
+
+    def two_conflicts() -> list[dict[str, Any]]:
+        items = _conflicts(config, ref)
+        return items if len(items) >= 2 else []
+
+    [_, second] = wait_for(two_conflicts, timeout=120, what="a second conflict record")
+    assert second["value"]["incoming"]["valueQuantity"]["value"] == 68.0
+    assert second["value"]["current"]["valueQuantity"]["value"] == 72.5
+    assert _value(stack, target_id) == 72.5
 
 
 def test_a_reviewer_takes_the_hospitals_version(
