@@ -9,6 +9,7 @@ import orjson
 import psycopg
 import pytest
 
+from pipeline.cli import main as cdrsync
 from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
 from pipeline.ids import target_id
 from pipeline.references import logical_system
@@ -129,3 +130,23 @@ def test_central_decision_reaches_both_hospitals_with_their_local_patient_and_do
         assert stack.read("QuestionnaireResponse", target_id(site_name, "QuestionnaireResponse", row_id)) is None
     for site in (site_a, site_b):
         assert _row(site, "QuestionnaireResponse", row_id)[1] == 1, "written back more than once"
+
+
+def test_a_decision_for_a_patient_no_hospital_sent_is_a_dead_letter_with_the_reason(
+    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A patient registered at central only (no hospital sent it): its decision has nowhere to flow back to.
+    person = _post(stack, with_kvnr({"resourceType": "Patient", "gender": "male"}, f"Z{run_id}"))
+    created = _post(stack, decision_response(f"Patient/{person['id']}"))
+    row_id = target_id("central", "QuestionnaireResponse", created["id"])
+
+    def letter() -> dict[str, Any] | None:
+        assert cdrsync(["dlq", "list", "--json", "--stage", "backflow", "--since", "30m"]) == 0
+        lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        return next((d for d in lines if f"QuestionnaireResponse/{created['id']}" in (d["reason"] or "")), None)
+
+    found = wait_for(letter, timeout=120, what="the decision's dead letter")
+    assert found["error_class"] == "no_hospital" and "no hospital sent this patient" in found["reason"]
+    steps = wait_for(lambda: {row[0] for row in audit_rows(created["id"])}, timeout=60, what="its audit row")
+    assert "dead_lettered" in steps and "written_back" not in steps
+    assert _row(site_a, "QuestionnaireResponse", row_id) is None
