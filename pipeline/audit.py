@@ -152,8 +152,9 @@ def _source_row_fields(value: bytes) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     if isinstance(row.get("resource_type"), str) and row["resource_type"]:
         fields["resource_type"] = row["resource_type"]
-    if row.get("id") not in (None, ""):
-        fields["source_id"] = str(row["id"])
+    row_id = next((row[k] for k in ("id", "uid") if row.get(k) not in (None, "")), None)  # fhir, hl7v2; openehr
+    if row_id is not None:
+        fields["source_id"] = str(row_id)
     source = payload.get("source") if isinstance(payload, dict) else None
     if isinstance(source, dict):
         if isinstance(source.get("lsn"), int):

@@ -13,13 +13,14 @@ import pytest
 
 from pipeline.adapters.hl7v2 import Hl7Context, message_to_resources
 from pipeline.adapters.openehr import CompositionSource, composition_to_resources
+from pipeline.cli import main as cdrsync
 from pipeline.config import Config, SiteConfig
 from pipeline.demo import site_dsn
 from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
 from pipeline.ids import target_id
 from tests.casebuilder import KVNR_SYSTEM
 from tests.golden.openehr_cases import COMPOSITIONS
-from tests.integration.conftest import SETTINGS, Central, Worker, wait_for
+from tests.integration.conftest import SETTINGS, Central, Worker, audit_rows, wait_for
 
 pytestmark = pytest.mark.integration
 SYNC_TIMEOUT = 240
@@ -121,6 +122,47 @@ def test_an_openehr_composition_arrives_and_its_next_version_deletes_what_it_dro
         what="the dropped entry's DiagnosticReport and Observation deleted at central",
     )
     assert not _missing(stack, site, expected[:2], kvnr), "the Patient and Encounter must stay"
+
+
+def test_a_composition_with_unmapped_archetypes_writes_what_maps_and_dead_letters_the_rest(
+    worker: Worker, stack: Central, config: Config, connect, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = config.sites["site-d"]
+    kvnr = _kvnr(f"{run_id}-partial")
+    source = CompositionSource(f"{run_id}-corona", "site-d.example", 1, f"ehr-{run_id}-p", kvnr, "kvid-10")
+    corona = orjson.loads((COMPOSITIONS / "compo_corona.json").read_bytes())
+    mapped = composition_to_resources(corona, source, site.zone, site.identifier_systems)
+    expected = [mapped.patient, *mapped.resources]
+    assert [r["resourceType"] for r in expected] == ["Patient", "Encounter", "Observation"] and mapped.unmapped
+
+    _write_composition(connect("site-d"), source, corona)
+    wait_for(lambda: not _missing(stack, site, expected, kvnr), timeout=SYNC_TIMEOUT, what="what maps, at central")
+
+    def letters() -> list[dict[str, Any]]:
+        assert cdrsync(["dlq", "list", "--json", "--stage", "normalize", "--include-resolved", "--since", "30m"]) == 0
+        lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        return [d for d in lines if f"composition {source.uid}::" in (d["reason"] or "")]
+
+    [letter] = wait_for(letters, timeout=120, what="one dead letter naming the parts not mapped")
+    assert letter["error_class"] == "mapping" and letter["status"] == "open"
+    assert "part(s) not mapped: composition " in letter["reason"]
+    assert "no mapping rule for archetype openEHR-EHR-OBSERVATION.story.v1" in letter["reason"]
+    audited = wait_for(lambda: audit_rows(source.uid), timeout=60, what="the dead letter's audit row")
+    assert [row[0] for row in audited] == ["dead_lettered"]
+
+    # Replayed (say, once a mapping rule is added; here none is): the mapped part is written again under the
+    # same ids, never a second copy, and what still does not map is a new dead letter.
+    assert cdrsync(["dlq", "replay", letter["id"], "--execute"]) == 0
+    capsys.readouterr()
+    statuses = wait_for(
+        lambda: sorted(d["status"] for d in letters()) if len(letters()) == 2 else None,
+        timeout=120,
+        what="the replayed dead letter and the new one",
+    )
+    assert statuses == ["open", "replayed"]
+    patient_ref = f"Patient/{_central_id(site, mapped.patient, kvnr)}"
+    status, found = stack.get(f"Observation?subject={patient_ref}&_summary=count")
+    assert status == 200 and found["total"] == 1
 
 
 def _message(*segments: str) -> str:

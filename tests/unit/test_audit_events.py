@@ -56,3 +56,9 @@ def test_a_record_that_cannot_be_read_is_named_by_where_it_was_read(value: bytes
     assert (event["source_id"], event["origin"]) == ("cdc.site-a.fhir.resource[2]@41",) * 2
     assert event["resource_type"] == "" and event["site"] == "site-a"
     assert len(event["detail"]) == 500
+
+
+def test_a_composition_is_named_by_its_uid() -> None:
+    row = {"uid": "8a0f-compo", "system_id": "site-d.example", "version": 2, "content": "{}"}
+    event = failure_event("dead_lettered", debezium_value("c", None, row), ORIGIN, site="site-d", detail="x")
+    assert (event["source_id"], event["resource_type"]) == ("8a0f-compo", "")
