@@ -123,3 +123,37 @@ def test_patient_without_the_shared_number_is_held_then_released_when_it_is_adde
         timeout=60,
         what="cdrsync_held_records to drop by the two released records",
     )
+
+
+def test_a_changed_shared_number_goes_to_review_and_the_patients_records_stay_with_the_person(
+    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, config: Config
+) -> None:
+    kvnr, typo = f"V{run_id}", f"W{run_id}"
+    person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-rev", "gender": "female"}, kvnr)
+    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    site_a.upsert(person)
+    wait_for(lambda: stack.read("Patient", key), timeout=120, what="the patient at central")
+    reviews_before = worker.metric("cdrsync_identity_reviews_total", site="site-a")
+
+    # The hospital changes the patient's insurance number: which person the records belong to is now in question.
+    site_a.upsert(with_kvnr({**person, "gender": "other"}, typo))
+
+    def reviewed() -> list[dict]:
+        items = tap(SETTINGS.kafka_bootstrap, config.topics.name("identity_review"), idle_seconds=2)
+        return [i for i in items if isinstance(i["value"], dict) and i["value"].get("source_id") == person["id"]]
+
+    [review] = wait_for(reviewed, timeout=120, what="the change on the identity review topic")
+    assert review["value"]["resource_type"] == "Patient" and typo in review["value"]["resource"]  # the change itself
+    assert worker.metric("cdrsync_identity_reviews_total", site="site-a") == reviews_before + 1
+    # Not applied: no second central Patient under the new number, the first one unchanged.
+    assert stack.read("Patient", global_patient_key(KVNR_SYSTEM, typo)) is None
+    assert stack.read("Patient", key)["gender"] == "female"
+    # Her later records still go to the person they were filed under.
+    weight = observation_for(f"{run_id}-rev", person["id"], 1, 64.0)
+    site_a.upsert(weight)
+    written = wait_for(
+        lambda: stack.read("Observation", target_id("site-a", "Observation", weight["id"])),
+        timeout=120,
+        what="a later observation",
+    )
+    assert written["subject"]["reference"] == f"Patient/{key}"
