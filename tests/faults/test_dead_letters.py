@@ -135,8 +135,10 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
         return steps if "dead_lettered" in steps else []
 
     steps = wait_for(audited_steps, timeout=60, what="the audit rows of its retries and dead letter")
-    # One per retry tier of topics.yaml, then the dead letter (at least once: a record read again is audited again).
-    assert steps.count("retried") >= 3 and steps[-1] == "dead_lettered" and set(steps) == {"retried", "dead_lettered"}
+    # One per retry tier of topics.yaml, then the dead letter (at least once: a record read again is audited again);
+    # before them perhaps `held` and `released` (it can reach identity before its Patient), and never `written`.
+    failures = [step for step in steps if step in ("retried", "dead_lettered")]
+    assert failures.count("retried") >= 3 and failures[-1] == "dead_lettered" and "written" not in steps
     # 2. A later version waits behind it: not written while the first is a dead letter.
     site_a.upsert({**stuck, "valueQuantity": {**stuck["valueQuantity"], "value": 2.0}})
     wait_for(lambda: worker.metric("cdrsync_held_behind_total") >= 1, timeout=120, what="the new version to wait")
@@ -214,8 +216,13 @@ def test_a_park_that_outlives_its_limit_is_a_dead_letter_even_across_a_restart(
         assert letter["error_class"] == "park_expired"
         assert f"waited 5s for {encounter_ref}, which never arrived" in letter["reason"]
         assert stack.read(*waiting_ref.split("/")) is None
-        audited = wait_for(lambda: audit_rows(waiting["id"]), timeout=60, what="the expired park's audit row")
-        assert [(step, target_id) for step, target_id, _ in audited] == [("dead_lettered", waiting_ref.split("/")[1])]
+
+        def audited() -> list[tuple[str, str | None]]:
+            rows = [(step, target_id) for step, target_id, _ in audit_rows(waiting["id"])]
+            return rows if any(step == "dead_lettered" for step, _ in rows) else []
+
+        rows = wait_for(audited, timeout=60, what="the expired park's audit row")
+        assert ("dead_lettered", waiting_ref.split("/")[1]) in rows and "written" not in {step for step, _ in rows}
         # 3. The Encounter comes after all; ops replay the dead letter and the Observation follows it.
         site_a.upsert(encounter)
         wait_for(lambda: stack.read(*encounter_ref.split("/")), timeout=120, what="the late Encounter")
