@@ -92,7 +92,7 @@ def test_tumorboard_flag_sends_its_encounter_with_earlier_observations_and_nothi
     assert stack.read("Observation", _at_b("Observation", other_obs["id"])) is None
 
 
-def test_inactive_flag_stops_new_sends_and_what_was_sent_stays(
+def test_inactive_flag_stops_new_sends_what_was_sent_stays_and_reactivation_sends_what_waited(
     worker: Worker, stack: Central, site_b: SiteDatabase, run_id: str
 ) -> None:
     person = patient(f"{run_id}-tbi", 1)
@@ -113,3 +113,15 @@ def test_inactive_flag_stops_new_sends_and_what_was_sent_stays(
     _wait_held(after["id"])
     assert stack.read("Observation", _at_b("Observation", after["id"])) is None
     assert stack.read("Observation", _at_b("Observation", first["id"])) is not None, "what was sent stays"
+
+    # The board takes the case up again: the Flag active once more sends what waited while it was withdrawn.
+    site_b.upsert({**flag, "status": "active"})
+    body = wait_for(
+        lambda: stack.read("Observation", _at_b("Observation", after["id"])), timeout=120, what="what waited"
+    )
+    assert body["valueQuantity"]["value"] == 71.0
+    wait_for(
+        lambda: (stack.read("Flag", _at_b("Flag", flag["id"])) or {}).get("status") == "active",
+        timeout=120,
+        what="the flag active again at central",
+    )
