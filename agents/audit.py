@@ -9,7 +9,6 @@ import os
 import threading
 from typing import Any
 
-import orjson
 from mode import Service
 
 from pipeline.audit import Step, audit_event
@@ -17,7 +16,7 @@ from pipeline.auditstore import AuditStore, run_in_thread
 from pipeline.records import NormalizedResource, RoutedResource
 
 from .app import app, config, settings
-from .routing import deliver
+from .routing import deliver_audit
 from .topics import audit_events as audit_topic
 
 log = logging.getLogger("cdrsync.audit")
@@ -26,8 +25,7 @@ _EXIT_UNDELIVERABLE = 70
 
 async def emit_audit(step: Step, record: NormalizedResource | RoutedResource, **fields: Any) -> None:
     """Send one audit event and wait for Kafka's acknowledgement."""
-    key = (getattr(record, "target_id", "") or record.source_id).encode()
-    await deliver(audit_topic, key, orjson.dumps(audit_event(step, record, **fields)))
+    await deliver_audit(audit_event(step, record, **fields))
 
 
 def _dsn() -> str:

@@ -248,6 +248,12 @@ async def _audit_failure(step: Step, carried: Carried, info: FailureInfo, site: 
         trigger="backflow" if info.stage in _BACKFLOW_STAGES else "all",
         at_ms=info.last_failure_ms,
     )
+    await deliver_audit(event)
+
+
+async def deliver_audit(event: dict[str, Any]) -> None:
+    """Send one audit event (pipeline/audit.py) to the audit topic, keyed by the resource it is about, and wait
+    for Kafka's acknowledgement."""
     key = str(event["target_id"] or event["source_id"]).encode()
     await deliver(audit_events, key, orjson.dumps(event))
 

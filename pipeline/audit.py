@@ -14,7 +14,7 @@ from typing import Any, Literal
 import orjson
 
 from .errors import CdrsyncError
-from .records import NormalizedResource, RoutedResource, decode_any
+from .records import NormalizedResource, RoutedResource, decode_resource
 
 __all__ = ["AUDIT_TABLE_DDL", "Step", "audit_event", "failure_event", "insert_events"]
 
@@ -105,6 +105,12 @@ def failure_event(
     the record as it was read from Kafka: one of cdrsync's own records names itself; a source change (a
     Debezium envelope) names the captured row's type and id where it has them; anything else is named by
     where it was read (`origin`) alone. `site` is what the caller knows of it (from the topic)."""
+    try:
+        record = decode_resource(value) if value else None
+    except CdrsyncError:
+        record = None
+    if record is not None:
+        return audit_event(step, record, trigger=trigger, detail=detail[:500], at_ms=at_ms)
     topic, partition, offset = origin
     where = f"{topic}[{partition}]@{offset}"
     event: dict[str, Any] = {
@@ -122,20 +128,7 @@ def failure_event(
         "trigger": trigger,
         "detail": detail[:500],
     }
-    if not value:
-        return event
-    try:
-        _, datum = decode_any(value)
-    except CdrsyncError:
-        return {**event, **_source_row_fields(value)}
-    for field in ("site", "target", "resource_type", "source_id", "target_id", "source_lsn", "content_hash"):
-        if datum.get(field) not in (None, ""):
-            event[field] = datum[field]
-    if datum.get("source_commit_ms"):
-        event["source_commit_ms"] = datum["source_commit_ms"]
-    if datum.get("origin_topic"):
-        event["origin"] = f"{datum['origin_topic']}[{datum.get('origin_partition')}]@{datum.get('origin_offset')}"
-    return event
+    return {**event, **_source_row_fields(value)} if value else event
 
 
 def _source_row_fields(value: bytes) -> dict[str, Any]:

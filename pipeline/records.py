@@ -33,6 +33,7 @@ __all__ = [
     "canonical_hash",
     "decode",
     "decode_any",
+    "decode_resource",
     "encode",
     "schema_fingerprint",
 ]
@@ -184,5 +185,19 @@ def decode(data: bytes, kind: type[Record]) -> Record:
     name, datum = decode_any(data)
     if name != kind.schema_name:
         raise SchemaError(f"expected {kind.schema_name}, got {name}")
+    return _from_datum(kind, datum)
+
+
+def decode_resource(data: bytes) -> NormalizedResource | RoutedResource:
+    """Decode a normalized or a routed resource, whichever it is (SchemaError for anything else)."""
+    name, datum = decode_any(data)
+    if name == NormalizedResource.schema_name:
+        return _from_datum(NormalizedResource, datum)
+    if name == RoutedResource.schema_name:
+        return _from_datum(RoutedResource, datum)
+    raise SchemaError(f"expected a normalized or routed resource, got {name}")
+
+
+def _from_datum(kind: type[Record], datum: dict[str, Any]) -> Record:
     names = _field_names(kind)
     return kind(**{k: v for k, v in datum.items() if k in names})
