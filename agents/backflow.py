@@ -2,12 +2,17 @@
 
 `route_back` runs inside the order stage (it needs `patient_sources_by_patient_key`, partitioned like it);
 `write_back` writes each record into the hospital's own source table (or its FHIR endpoint), with short
-retries, then the dead-letter topic: nothing is dropped silently.
+retries. While the hospital cannot be reached it holds (circuit breaker, alert TargetUnreachable with the
+hospital as target) up to CDRSYNC_WRITEBACK_HOLD_SECONDS, so that one hospital's long outage does not keep
+the decisions for the others waiting forever; then, and for a failure of the record itself, the dead-letter
+topic: nothing is dropped silently, and a replayed dead letter never replaces a newer version.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import psycopg
@@ -15,7 +20,8 @@ from faust.types import EventT, StreamT
 from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from pipeline.backflow import suppressed_routes, write_back_records
+from pipeline.backflow import SOURCE_VERSION_TAG_SYSTEM, suppressed_routes, write_back_records
+from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.config import SiteConfig, TargetEndpoint
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError
 from pipeline.fhirclient import FhirClient
@@ -26,6 +32,7 @@ from pipeline.staging import current
 
 from .app import app, config, settings
 from .audit import emit_audit
+from .holding import breaker, exit_holding, hold_interrupted
 from .routing import dead_letter, deliver
 from .topics import patient_sources_by_patient_key
 
@@ -35,6 +42,9 @@ log = logging.getLogger("cdrsync.backflow")
 writeback_topic = app.topic(config.topics.name("writeback"), partitions=config.topics.partitions_of("writeback"))
 _connections: dict[str, psycopg.AsyncConnection[Any]] = {}
 _clients: dict[str, FhirClient] = {}
+_unreachable: set[str] = set()  # hospitals whose hold ran out and that have not answered since
+_watchers: dict[str, asyncio.Future[None]] = {}  # probing each of them until it answers (_watch)
+_CONNECT_TIMEOUT_SECONDS = 10
 
 
 class NoHospitalError(PermanentError):
@@ -63,9 +73,10 @@ async def report_echoes(record: NormalizedResource) -> None:
 
 
 def _dsn(site: SiteConfig) -> str:
-    assert site.source is not None
+    assert site.source is not None and site.writeback is not None
+    host, port = site.writeback.host or settings.pg_host, site.writeback.port or settings.pg_port
     secret = f" password={settings.pg_password_value}" if settings.pg_password_value else ""
-    where = f"host={settings.pg_host} port={settings.pg_port} user={settings.pg_user}"
+    where = f"host={host} port={port} user={settings.pg_user} connect_timeout={_CONNECT_TIMEOUT_SECONDS}"
     return f"{where} dbname={site.source.database}{secret}"
 
 
@@ -80,34 +91,65 @@ async def _connection(site: SiteConfig) -> psycopg.AsyncConnection[Any]:
     return current
 
 
+def _version_of(column: sql.Composable) -> sql.Composed:
+    """SQL: the central version a row's content was written from (its source-version tag), -1 without one."""
+    return sql.SQL(
+        "COALESCE((SELECT (t->>'code')::bigint FROM jsonb_array_elements(CASE WHEN jsonb_typeof({c}->'meta'->'tag') "
+        "= 'array' THEN {c}->'meta'->'tag' ELSE '[]'::jsonb END) t WHERE t->>'system' = {system} "
+        "AND t->>'code' ~ '^[0-9]{{1,18}}$' LIMIT 1), -1)"
+    ).format(c=column, system=sql.Literal(SOURCE_VERSION_TAG_SYSTEM))
+
+
 async def _write_table(site: SiteConfig, record: RoutedResource) -> str:
-    """Upsert (or delete) the row in the hospital's source table; an unchanged row is not rewritten."""
+    """Upsert (or delete) the row in the hospital's source table. An unchanged row is not rewritten, and a row
+    written from a newer central version than the record's is left as it is (a late or replayed record)."""
     assert site.source is not None
     table = sql.Identifier(site.source.schema_name, site.source.table)
     connection = await _connection(site)
+    key = (record.resource_type, record.target_id)
     try:
         async with connection.cursor() as cursor:
             if record.is_delete:
-                query = sql.SQL("DELETE FROM {} WHERE resource_type = %s AND id = %s").format(table)
-                await cursor.execute(query, (record.resource_type, record.target_id))
-                return "deleted"
-            query = sql.SQL(
-                "INSERT INTO {t} AS r (resource_type, id, version, content) VALUES (%s, %s, 1, %s) "
-                "ON CONFLICT (resource_type, id) DO UPDATE SET content = EXCLUDED.content, "
-                "version = r.version + 1, updated_at = now() WHERE r.content IS DISTINCT FROM EXCLUDED.content"
-            ).format(t=table)
-            await cursor.execute(query, (record.resource_type, record.target_id, record.resource))
-            return "upserted" if cursor.rowcount else "unchanged"
+                query = sql.SQL(
+                    "DELETE FROM {t} WHERE resource_type = %s AND id = %s AND (%s::bigint IS NULL OR {v} <= %s)"
+                ).format(t=table, v=_version_of(sql.Identifier("content")))
+                await cursor.execute(query, (*key, record.source_version, record.source_version))
+                if cursor.rowcount:
+                    return "deleted"
+            else:
+                query = sql.SQL(
+                    "INSERT INTO {t} AS r (resource_type, id, version, content) VALUES (%s, %s, 1, %s) "
+                    "ON CONFLICT (resource_type, id) DO UPDATE SET content = EXCLUDED.content, "
+                    "version = r.version + 1, updated_at = now() WHERE r.content IS DISTINCT FROM EXCLUDED.content "
+                    "AND ({new} < 0 OR {old} <= {new})"
+                ).format(t=table, new=_version_of(sql.SQL("EXCLUDED.content")), old=_version_of(sql.SQL("r.content")))
+                await cursor.execute(query, (*key, record.resource))
+                if cursor.rowcount:
+                    return "upserted"
+            there = sql.SQL("SELECT {v} FROM {t} WHERE resource_type = %s AND id = %s").format(
+                t=table, v=_version_of(sql.Identifier("content"))
+            )
+            await cursor.execute(there, key)
+            row = await cursor.fetchone()
     except psycopg.OperationalError as exc:
         _connections.pop(site.site, None)
         raise TargetUnavailableError(f"{site.site} database: {type(exc).__name__}") from None
+    if row is None:
+        return "absent" if record.is_delete else "unchanged"  # (an upsert that wrote nothing found its row)
+    if record.source_version is not None and row[0] > record.source_version:
+        return f"superseded (version {row[0]} there)"
+    return "unchanged"
 
 
-async def _write_fhir(site: SiteConfig, record: RoutedResource) -> str:
+def _fhir_client(site: SiteConfig) -> FhirClient:
     assert site.writeback is not None and site.writeback.fhir_base_url is not None
     if site.site not in _clients:
         _clients[site.site] = FhirClient(TargetEndpoint(fhir_base_url=site.writeback.fhir_base_url))
-    client = _clients[site.site]
+    return _clients[site.site]
+
+
+async def _write_fhir(site: SiteConfig, record: RoutedResource) -> str:
+    client = _fhir_client(site)
     if record.is_delete:
         outcome = await client.delete(record.resource_type, record.target_id)
     else:
@@ -116,33 +158,118 @@ async def _write_fhir(site: SiteConfig, record: RoutedResource) -> str:
     return f"status {outcome.status}"
 
 
-async def _write_back_once(record: RoutedResource) -> str:
-    site = config.sites[record.target]
-    if site.writeback is not None and site.writeback.method == "fhir":
-        return await _write_fhir(site, record)
-    return await _write_table(site, record)
+def _by_fhir(site: SiteConfig) -> bool:
+    return site.writeback is not None and site.writeback.method == "fhir"
+
+
+async def _probe(site: SiteConfig) -> int:
+    """200 when the hospital's database answers a query (or its FHIR endpoint its metadata), 0 when it does not."""
+    if _by_fhir(site):
+        return await _fhir_client(site).probe()
+    try:
+        connection = await _connection(site)
+        async with connection.cursor() as cursor:
+            await cursor.execute("SELECT 1")
+        return 200
+    except (TargetUnavailableError, psycopg.OperationalError):
+        _connections.pop(site.site, None)
+        return 0
+
+
+def _hospital(site: SiteConfig) -> CircuitBreaker:
+    return breaker(site.site, lambda: _probe(site))
+
+
+def _interrupted(retry_state: Any) -> bool:
+    return hold_interrupted() is not None
+
+
+async def _write_back_once(site: SiteConfig, record: RoutedResource) -> str:
+    """Write with short retries (one try while the hospital is known to be unreachable)."""
+    attempts = 1 if site.site in _unreachable else settings.sink_attempts
+    async for attempt in AsyncRetrying(
+        stop=stop_after_attempt(attempts) | _interrupted,
+        wait=wait_exponential_jitter(initial=0.5, max=8.0),
+        retry=retry_if_exception_type(RetryableError),
+        reraise=True,
+    ):
+        with attempt:
+            return await (_write_fhir(site, record) if _by_fhir(site) else _write_table(site, record))
+    raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+
+async def _hold(site: SiteConfig, record: RoutedResource) -> str | None:
+    """After a transient failure: hold while the hospital cannot be reached, up to CDRSYNC_WRITEBACK_HOLD_SECONDS.
+
+    None: it answers again, write again. A reason: dead-letter the record with it (the hospital answers, so the
+    failure is this record's; or the hold ran out, or had run out for an earlier record and it still does not
+    answer). A hold that a rebalance or a stop interrupts ends the worker without acknowledging the record.
+    """
+    interrupted = hold_interrupted()
+    if interrupted is not None:
+        exit_holding(record, interrupted)
+    hospital = _hospital(site)
+    if not await hospital.target_down():
+        return "the hospital answers; the write itself failed"
+    if site.site in _unreachable:
+        return f"{site.site} still unreachable; an earlier hold ran out after {settings.writeback_hold_seconds:.0f} s"
+    limit, started = settings.writeback_hold_seconds, time.monotonic()
+
+    def give_up() -> str | None:
+        return hold_interrupted() or (f"held {limit:.0f} s" if time.monotonic() - started >= limit else None)
+
+    try:
+        await hospital.wait_until_reachable(give_up=give_up)
+        return None
+    except HoldAbandoned as abandoned:
+        interrupted = hold_interrupted()
+        if interrupted is not None:
+            exit_holding(record, interrupted)
+        _unreachable.add(site.site)
+        _watchers[site.site] = asyncio.ensure_future(_watch(site, hospital))
+        log.error(
+            "%s unreachable: gave up holding write-back after %s; its records go to the dead letters until it "
+            "answers (replay them: cdrsync dlq replay --stage writeback --error-class target_unavailable)",
+            site.site,
+            abandoned,
+        )
+        return f"{site.site} unreachable, {abandoned}"
+
+
+async def _watch(site: SiteConfig, hospital: CircuitBreaker) -> None:
+    """Probe a hospital whose hold ran out until it answers, so its records hold again and its alert clears."""
+    try:
+        await hospital.wait_until_reachable()
+    finally:
+        _unreachable.discard(site.site)
+        _watchers.pop(site.site, None)
 
 
 async def _write_back(event: EventT) -> None:
     try:
         record = decode(event.message.value, RoutedResource)
+        site = config.sites.get(record.target)
+        if site is None or site.writeback is None:
+            raise PermanentError(f"{record.target_ref}: site {record.target!r} does not declare writeback")
     except PermanentError as error:
         await dead_letter("writeback", event, error)
         return
     labels = (record.site, record.target, record.resource_type)
-    try:
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(settings.sink_attempts),
-            wait=wait_exponential_jitter(initial=0.5, max=8.0),
-            retry=retry_if_exception_type(RetryableError),
-            reraise=True,
-        ):
-            with attempt:
-                result = await _write_back_once(record)
-    except Exception as error:  # transient beyond the attempts, or permanent: dead letter with the reason
+    while True:
+        try:
+            result = await _write_back_once(site, record)
+            break
+        except RetryableError as error:
+            reason = await _hold(site, record)
+            if reason is None:
+                continue
+            failure: Exception = TargetUnavailableError(f"{record.target_ref} to {site.site}: {error}; {reason}")
+        except Exception as error:  # permanent: dead letter with the reason
+            failure = error
         BACKFLOW.labels(*labels, "failed").inc()
-        await dead_letter("writeback", event, error, settings.sink_attempts)  # audited there
+        await dead_letter("writeback", event, failure, settings.sink_attempts)  # audited there
         return
+    _hospital(site).note_reachable()
     BACKFLOW.labels(*labels, "written_back").inc()
     await emit_audit("written_back", record, trigger="backflow", detail=result)
     log.info("wrote back %s to %s (%s)", record.target_ref, record.target, result, extra=record_fields(record))

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 from faust.types import EventT, StreamT
 
@@ -34,7 +34,6 @@ from pipeline.errors import (
 from pipeline.fhirclient import FhirClient, WriteOutcome
 from pipeline.merge import merge_patient
 from pipeline.metrics import (
-    BREAKER_OPEN,
     BUNDLES,
     END_TO_END_LATENCY,
     HELD,
@@ -44,7 +43,6 @@ from pipeline.metrics import (
     LAST_SUCCESS,
     NORMALIZED,
     PARKED,
-    TARGET_OUTAGES,
     WRITES,
 )
 from pipeline.metrics import CONFLICTS as CONFLICT_RECORDS
@@ -69,6 +67,7 @@ from .app import app, config, settings
 from .audit import emit_audit
 from .backflow import report_echoes, route_back
 from .batches import take_batches
+from .holding import breaker, exit_holding, hold_interrupted
 from .provenance import with_provenance
 from .routing import (
     Carried,
@@ -106,7 +105,6 @@ from .trigger import report_selection, select_for_route, staged_trigger_tables, 
 log = logging.getLogger("cdrsync.stages")
 TICK_HEADER = "cdrsync-tick"
 _EXIT_SINK_BUG = 71
-_EXIT_HOLD_GIVEN_UP = 75  # EX_TEMPFAIL: a rebalance came while a write waited for an unreachable target
 _park_deadlines = ParkDeadlines()
 _order_state = OrderState(
     released_by_reference,
@@ -117,7 +115,6 @@ _order_state = OrderState(
     _park_deadlines,
 )
 _clients: dict[str, FhirClient] = {}
-_breakers: dict[str, CircuitBreaker] = {}
 
 
 async def _normalize_one(event: EventT) -> None:
@@ -325,15 +322,7 @@ def _client(target: str) -> FhirClient:
 
 
 def _breaker(target: str) -> CircuitBreaker:
-    if target not in _breakers:
-
-        def changed(is_open: bool) -> None:
-            BREAKER_OPEN.labels(target).set(1 if is_open else 0)
-            if is_open:
-                TARGET_OUTAGES.labels(target).inc()
-
-        _breakers[target] = CircuitBreaker(target, _client(target).probe, on_change=changed)
-    return _breakers[target]
+    return breaker(target, _client(target).probe)
 
 
 async def _write(
@@ -345,7 +334,7 @@ async def _write(
     only what follows a write (version, metrics, audit) is left to do.
     """
     if prewritten is None:
-        client, policy = _client(event_record.target), RetryPolicy(attempts, give_up=_hold_interrupted)
+        client, policy = _client(event_record.target), RetryPolicy(attempts, give_up=hold_interrupted)
         outcome, used = await write_with_retries(client, event_record, policy, versions)
     else:
         outcome, used = prewritten, 1
@@ -394,15 +383,15 @@ async def _attempt(
             return "conflict"
         except TargetUnavailableError as error:
             WRITES.labels(*labels, error.error_class).inc()
-            breaker = _breaker(record.target)
-            interrupted = _hold_interrupted()
+            target_breaker = _breaker(record.target)
+            interrupted = hold_interrupted()
             if interrupted is not None:  # its retries were cut short for it: no probe (up to 30 s) either
-                _exit_holding(record, interrupted)
-            if await breaker.target_down():
+                exit_holding(record, interrupted)
+            if await target_breaker.target_down():
                 try:
-                    await breaker.wait_until_reachable(give_up=_hold_interrupted)
+                    await target_breaker.wait_until_reachable(give_up=hold_interrupted)
                 except HoldAbandoned as abandoned:
-                    _exit_holding(record, str(abandoned))
+                    exit_holding(record, str(abandoned))
                 continue
             return "retrying" if await retry_later(stage, carried, error, _made(error, attempts)) else "dead"
         except RetryableError as error:
@@ -417,32 +406,6 @@ async def _attempt(
             log.exception("sink failed unexpectedly at %s[%d]@%d", *carried.origin)
             await dead_letter(stage, carried, error, _made(error, attempts))
             return "dead"
-
-
-def _hold_interrupted() -> str | None:
-    """Why a write held for an unreachable target must not hold on, if it must not."""
-    if app.should_stop:
-        return "the worker is stopping"
-    if not app.consumer.flow_active:  # Faust stops the flow when partitions are revoked, before it waits for them
-        return "its partitions are being reassigned"
-    return None
-
-
-def _exit_holding(record: RoutedResource, reason: str) -> NoReturn:
-    """End a hold the worker cannot keep: Faust waits for every record in processing before it gives partitions up
-    or stops, so a hold would keep the whole group (or the stop) waiting for the target. Exiting without
-    acknowledging leaves the held record, and everything after it, to be read again by the partition's next owner;
-    on a rebalance the worker exits with an error so that its service manager starts it again."""
-    stopping = app.should_stop
-    log.warning(
-        "%s: holding its write until %s answers, but %s; exiting without acknowledging it (it is read again%s)",
-        record.target_ref,
-        record.target,
-        reason,
-        "" if stopping else "; this worker, started again, rejoins its group",
-        extra=record_fields(record),
-    )
-    os._exit(0 if stopping else _EXIT_HOLD_GIVEN_UP)
 
 
 def _made(error: BaseException, default: int) -> int:

@@ -10,7 +10,9 @@ hospital that declares `writeback`, with:
   * every other literal reference made logical (identifier urn:cdrsync:central:<type>), since the hospital has
     no copy of central's other resources;
   * a deterministic id at the hospital (uuid5 over central, type and central id), so a replay rewrites;
-  * the central id kept as identifier, and meta.tag urn:cdrsync:origin-site = central.
+  * the central id kept as identifier, and meta.tag urn:cdrsync:origin-site = central;
+  * the central version it was made from as meta.tag urn:cdrsync:source-version, so that a version written
+    late (a replayed dead letter, a record read again) never replaces a newer one at the hospital.
 Loop prevention: that tag makes the hospital's own capture of the written row stop at identity resolution
 (`echo_targets`: never routed back to the site that wrote it), and central's capture skips versions that
 cdrsync wrote there for a hospital (`capture.is_own_change`).
@@ -30,6 +32,7 @@ from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, rewrite_references
 
 __all__ = [
+    "SOURCE_VERSION_TAG_SYSTEM",
     "WriteBack",
     "central_record",
     "echo_targets",
@@ -38,7 +41,10 @@ __all__ = [
     "local_patient_id",
     "suppressed_routes",
     "write_back_records",
+    "written_version",
 ]
+
+SOURCE_VERSION_TAG_SYSTEM = "urn:cdrsync:source-version"
 
 
 def flows_back(config: Config, site: str) -> bool:
@@ -94,8 +100,11 @@ def local_patient_id(patient_version: str, site: str) -> str | None:
     return None
 
 
-def hospital_form(resource: dict[str, Any], central: str, patient_key: str, local_patient: str) -> dict[str, Any]:
-    """The central resource as a hospital stores it: its patient reference local, the rest logical, tagged."""
+def hospital_form(
+    resource: dict[str, Any], central: str, patient_key: str, local_patient: str, version: int | None = None
+) -> dict[str, Any]:
+    """The central resource as a hospital stores it: its patient reference local, the rest logical, tagged
+    with where it came from and (when known) the central version it was made from."""
 
     def to_local(resource_type: str, resource_id: str) -> str | None:
         return local_patient if resource_type == "Patient" and resource_id == patient_key else None
@@ -107,8 +116,11 @@ def hospital_form(resource: dict[str, Any], central: str, patient_key: str, loca
     else:
         body["identifier"] = [*(body.get("identifier") or []), central_id]
     meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in SERVER_META}
-    tags = [t for t in meta.get("tag", []) if t.get("system") != ORIGIN_TAG_SYSTEM]
+    ours = (ORIGIN_TAG_SYSTEM, SOURCE_VERSION_TAG_SYSTEM)
+    tags = [t for t in meta.get("tag", []) if t.get("system") not in ours]
     meta["tag"] = [*tags, {"system": ORIGIN_TAG_SYSTEM, "code": central}]
+    if version is not None:
+        meta["tag"].append({"system": SOURCE_VERSION_TAG_SYSTEM, "code": str(version)})
     meta["source"] = f"urn:cdrsync:site:{central}"
     body["meta"] = meta
     body["id"] = target_id(central, resource["resourceType"], resource["id"])
@@ -138,7 +150,8 @@ def write_back_records(config: Config, patients: Mapping[str, dict[str, Any]], r
             continue
         body = None
         if record.resource is not None:
-            body = hospital_form(orjson.loads(record.resource), record.site, record.patient_key, local)
+            resource = orjson.loads(record.resource)
+            body = hospital_form(resource, record.site, record.patient_key, local, record.source_version)
         out.append(
             replace(
                 record,
@@ -150,3 +163,12 @@ def write_back_records(config: Config, patients: Mapping[str, dict[str, Any]], r
             )
         )
     return WriteBack(out, missing)
+
+
+def written_version(resource: dict[str, Any] | None) -> int | None:
+    """The central version a written-back resource was made from (its urn:cdrsync:source-version tag), if any."""
+    for tag in ((resource or {}).get("meta") or {}).get("tag") or []:
+        if isinstance(tag, dict) and tag.get("system") == SOURCE_VERSION_TAG_SYSTEM:
+            code = str(tag.get("code") or "")
+            return int(code) if code.isdigit() else None
+    return None

@@ -57,6 +57,13 @@ class CircuitBreaker:
         self.is_open = False
         self.outages = 0
 
+    def note_reachable(self) -> None:
+        """A write got through: close the breaker if it was open (a hold given up leaves it open)."""
+        if self.is_open:
+            self.is_open = False
+            self._on_change(False)
+            log.warning("target %s reachable again (a write went through); resuming", self.target)
+
     async def target_down(self) -> bool:
         """Probe once: True when the target cannot be reached."""
         return not reachable(await self._probe())

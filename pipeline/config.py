@@ -170,6 +170,15 @@ class WritebackConfig(_Strict):
 
     method: Literal["source-table", "fhir"] = "source-table"
     fhir_base_url: str | None = Field(default=None, pattern=r"^https?://")
+    # Where the worker reaches the hospital's database for "source-table" (default PG_HOST, PG_PORT): a hospital's
+    # database is usually a server of its own. User and password still come from the environment.
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+
+    @field_validator("host", "port", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return None if value in ("", None) else value
 
     @model_validator(mode="after")
     def _endpoint_for_fhir(self) -> WritebackConfig:

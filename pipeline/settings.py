@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default=_REPO_ROOT / ".stack" / "worker", description="RocksDB tables")
     web_port: int = 6066
     sink_attempts: int = Field(default=5, ge=1, description="in-process write attempts before a retry topic")
+    writeback_hold_seconds: float = Field(
+        default=600,
+        gt=0,
+        description="how long write-back holds a record for a hospital it cannot reach before the dead letters",
+    )
     stage_batch_max: int = Field(
         default=500, ge=1, description="records normalize, identity and order each take at once (outputs sent together)"
     )

@@ -3,7 +3,7 @@
 Faust gives partitions up, or stops, only once every record in processing is acknowledged, and a write held by
 the circuit breaker is not, for as long as the outage lasts: the stop waited for the target (or its service
 manager's SIGKILL), a rebalance for the target or the broker's session timeout. The hold gives way
-(agents/stages.py _exit_holding): on a stop the worker exits at once, on a rebalance it exits to be started
+(agents/holding.py exit_holding): on a stop the worker exits at once, on a rebalance it exits to be started
 again and rejoin, and both workers share the partitions while the target is still down. Once it is back every
 change is there exactly once.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ from pipeline.backflow import (
     local_patient_id,
     suppressed_routes,
     write_back_records,
+    written_version,
 )
 from pipeline.capture import (
     CaptureCursor,
@@ -174,3 +176,18 @@ def test_central_is_a_back_flow_source_and_hospitals_are_not() -> None:
     assert flows_back(CONFIG, "central") and not flows_back(CONFIG, "site-a")
     assert local_patient_id(_patient_version("site-b", "b-4711"), "site-b") == "b-4711"
     assert local_patient_id(_patient_version("site-b", "b-4711"), "site-a") is None
+
+
+def test_each_hospital_record_names_the_central_version_it_was_made_from() -> None:
+    """The tag lets the hospital's table refuse a late (replayed) version over a newer one."""
+    record = replace(_central_record(), source_version=7)
+    out = write_back_records(CONFIG, PATIENTS, record)
+    assert [written_version(orjson.loads(r.resource or "")) for r in out.records] == [7, 7]
+    again = hospital_form(orjson.loads(out.records[0].resource or ""), "central", KEY, "a-17", 8)
+    assert written_version(again) == 8  # made again from a newer version: one tag, the newer one
+    assert [t["system"] for t in again["meta"]["tag"]].count("urn:cdrsync:source-version") == 1
+    assert (
+        written_version(orjson.loads(write_back_records(CONFIG, PATIENTS, _central_record()).records[0].resource or ""))
+        is None
+    )
+    assert written_version({"meta": {"tag": [{"system": "urn:cdrsync:source-version", "code": "x"}]}}) is None

@@ -78,3 +78,20 @@ def test_a_site_with_routes_must_name_its_shared_identifier(tmp_path: Path) -> N
     bad = write(tmp_path, "h.yaml", text)
     with pytest.raises(ConfigError, match=r"identity\.shared_identifier_system"):
         load_sites([bad])
+
+
+def test_a_hospital_database_of_its_own_for_write_back_and_an_empty_value_means_the_default(tmp_path: Path) -> None:
+    source = "source: {database: d, schema: s, table: t, connector: c}\n"
+    own = write(
+        tmp_path, "own.yaml", f"site: h\nadapter: fhir\n{source}writeback: {{host: db.h.example, port: 6543}}\n"
+    )
+    unset = write(tmp_path, "unset.yaml", f"site: k\nadapter: fhir\n{source}writeback: {{host: '', port: ''}}\n")
+    sites = load_sites([own, unset])
+    assert sites["h"].writeback is not None and (sites["h"].writeback.host, sites["h"].writeback.port) == (
+        "db.h.example",
+        6543,
+    )
+    assert sites["k"].writeback is not None and (sites["k"].writeback.host, sites["k"].writeback.port) == (None, None)
+    bad = write(tmp_path, "bad.yaml", f"site: x\nadapter: fhir\n{source}writeback: {{port: 70000}}\n")
+    with pytest.raises(ConfigError, match=r"writeback.port"):
+        load_sites([bad])

@@ -1,12 +1,12 @@
 """A write held for an unreachable target gives way when Faust stops the flow to hand partitions over
-(agents/stages.py _hold_interrupted): Faust waits for every record in processing before it gives them up."""
+(agents/holding.py hold_interrupted): Faust waits for every record in processing before it gives them up."""
 
 from __future__ import annotations
 
 import pytest
 
 from agents.app import app
-from agents.stages import _hold_interrupted
+from agents.holding import hold_interrupted
 
 pytestmark = pytest.mark.wiring
 
@@ -14,10 +14,10 @@ pytestmark = pytest.mark.wiring
 def test_a_hold_gives_way_when_faust_stops_the_flow_for_a_rebalance() -> None:
     consumer = app.consumer  # built, not started: its flow flag is what Faust's revocation turns off
     consumer.resume_flow()
-    assert _hold_interrupted() is None
+    assert hold_interrupted() is None
     consumer.stop_flow()  # what Faust's on_partitions_revoked does first
     try:
-        assert _hold_interrupted() == "its partitions are being reassigned"
+        assert hold_interrupted() == "its partitions are being reassigned"
     finally:
         consumer.resume_flow()
-    assert _hold_interrupted() is None
+    assert hold_interrupted() is None

@@ -193,3 +193,28 @@ def test_in_process_retries_end_when_the_holder_gives_up(
         asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
     made = interrupted_after or 4
     assert len(calls) == made and raised.value.attempts_made == made  # type: ignore[attr-defined]
+
+
+def test_a_write_that_goes_through_closes_a_breaker_left_open_by_a_hold_given_up() -> None:
+    """Write-back gives a hold up after its limit with the breaker open (the alert stays on); the next write
+    that gets through closes it, once."""
+    changes: list[bool] = []
+
+    async def probe() -> int:
+        return 0
+
+    async def sleep(seconds: float) -> None:
+        return None
+
+    breaker = CircuitBreaker("site-a", probe, on_change=changes.append, sleep=sleep)
+    breaker.note_reachable()
+    assert changes == [] and not breaker.is_open  # closed already: nothing to report
+    with pytest.raises(HoldAbandoned):
+        asyncio.run(breaker.wait_until_reachable(give_up=lambda: "held 600 s"))
+    assert breaker.is_open is False and changes == []  # given up before its first probe: never opened
+    with pytest.raises(HoldAbandoned):
+        asyncio.run(breaker.wait_until_reachable(give_up=lambda: "held 600 s" if changes else None))
+    assert breaker.is_open and changes == [True]
+    breaker.note_reachable()
+    breaker.note_reachable()
+    assert not breaker.is_open and changes == [True, False]
