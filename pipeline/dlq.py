@@ -92,6 +92,7 @@ class DeadLetter:
             "site": self.site,
             "resource_type": self.resource_type,
             "target_ref": self.target_ref,
+            "target": self.decoded.get("target") or None if isinstance(self.decoded, dict) else None,
             "source": f"{f.origin_topic}[{f.origin_partition}]@{f.origin_offset}" if f else None,
             "reason": f.message if f else None,
             "status": self.resolution["action"] if self.resolution else "open",

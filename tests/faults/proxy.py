@@ -1,4 +1,5 @@
-"""A fault-injecting HTTP proxy in front of the FHIR server, for the fault suite.
+"""A fault-injecting HTTP proxy in front of the FHIR server, and a TCP forwarder that can go down (for a
+hospital database), for the fault suite.
 
 It forwards every request to the real server, unless a fault is set: answer a status (500, 503, 429
 with Retry-After), hang past the client's timeout, close the connection without answering, apply the
@@ -9,6 +10,7 @@ Faults apply to writes (PUT, POST, DELETE) or to every request, for the next N r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import weakref
@@ -150,3 +152,76 @@ class FaultProxy:
 
         self._call(stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+class TcpProxy:
+    """A plain TCP forwarder (for a database), in threads of its own: down() refuses new connections and cuts the
+    open ones, as a database server that went away; up() listens again on the same port."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                return
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            cut, self._open = self._open, set()
+        for sock in [*([listener] if listener else []), *cut]:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    close = down
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed by down()
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                if self._listener is not listener:  # went down meanwhile
+                    client.close()
+                    server.close()
+                    return
+                self._open |= {client, server}
+                self.connections += 1
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._open -= {source, sink}
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,197 @@
+"""A hospital's database goes away while the tumour board's decisions flow back to it.
+
+Site-a's write-back reaches its database through a TCP proxy (`writeback.host/port` in a configuration root of
+the test's own); the proxy going down is the database going away: new connections refused, open ones cut.
+
+* A short outage: the decision is held for the hospital (its circuit breaker open, the TargetUnreachable
+  gauge on), not dead-lettered, and written once the database is back; the other hospital's copy, behind it in
+  the patient's partition, follows.
+* An outage past CDRSYNC_WRITEBACK_HOLD_SECONDS: the held decision goes to the dead letters with the reason,
+  the other hospital gets its copy, a later version for the hospital goes to the dead letters at once, and
+  when the database is back the breaker closes by itself. Replayed newest first, the older version does not
+  replace the newer one in the hospital's table.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from pipeline.identity import global_patient_key
+from pipeline.ids import target_id
+from pipeline.references import logical_system
+from tests.casebuilder import KVNR_SYSTEM, decision_response, with_kvnr
+from tests.faults.conftest import GROUP, ROOT, SETTINGS, Central, SiteDatabase, Worker, wait_for
+from tests.faults.proxy import TcpProxy
+
+pytestmark = pytest.mark.faults
+HOLD_SECONDS = 20
+
+
+def _config_root(dest: Path, proxy: TcpProxy) -> Path:
+    """The shipped configuration, with site-a's write-back going through the proxy."""
+    shutil.copy(ROOT / "topics.yaml", dest / "topics.yaml")
+    shutil.copytree(ROOT / "sites", dest / "sites")
+    shutil.copytree(ROOT / "connectors", dest / "connectors")
+    site_a = dest / "sites" / "site-a.yaml"
+    text = site_a.read_text(encoding="utf-8")
+    assert "  method: source-table\n" in text
+    site_a.write_text(
+        text.replace("  method: source-table\n", f"  method: source-table\n  host: 127.0.0.1\n  port: {proxy.port}\n")
+    )
+    return dest
+
+
+@pytest.fixture
+def database_proxy() -> Iterator[TcpProxy]:
+    proxy = TcpProxy(SETTINGS.pg_host, SETTINGS.pg_port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def worker(stack: Central, database_proxy: TcpProxy, tmp_path: Path) -> Iterator[Worker]:
+    root = _config_root(tmp_path, database_proxy)
+    env = {"CDRSYNC_CONFIG_ROOT": str(root), "CDRSYNC_WRITEBACK_HOLD_SECONDS": str(HOLD_SECONDS)}
+    process = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log", env=env)
+    process.start()
+    yield process
+    process.stop()
+    print(f"\nworker log: {process.log_path}")
+
+
+def _send(central: Central, resource: dict[str, Any], method: str = "POST") -> dict[str, Any]:
+    url = f"{central.base_url}/{resource['resourceType']}" + (f"/{resource['id']}" if method == "PUT" else "")
+    request = urllib.request.Request(
+        url,
+        data=orjson.dumps(resource),
+        method=method,
+        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        sent: dict[str, Any] = orjson.loads(response.read())
+        return sent
+
+
+def _row(site: SiteDatabase, row_id: str) -> dict[str, Any] | None:
+    with site.conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT content FROM fhir.resource WHERE resource_type = 'QuestionnaireResponse' AND id = %s", (row_id,)
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _breaker_open(worker: Worker, target: str) -> float | None:
+    with urllib.request.urlopen(f"http://localhost:{worker.port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'cdrsync_target_breaker_open{{target="{target}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _cdrsync(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"cdrsync {' '.join(args)} failed: {done.stderr}"
+    return done.stdout
+
+
+def _letters(row_id: str) -> list[dict[str, Any]]:
+    """Open write-back dead letters of this decision for site-a, oldest first."""
+    lines = _cdrsync("dlq", "list", "--json", "--stage", "writeback").splitlines()
+    letters = [orjson.loads(line) for line in lines if line.strip()]
+    mine = [d for d in letters if d["target_ref"] == f"QuestionnaireResponse/{row_id}" and d.get("target") == "site-a"]
+    return sorted(mine, key=lambda d: d["failed_at"])
+
+
+def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_past_the_limit(
+    worker: Worker,
+    database_proxy: TcpProxy,
+    stack: Central,
+    site_a: SiteDatabase,
+    site_b: SiteDatabase,
+    run_id: str,
+) -> None:
+    kvnr = f"W{run_id}"
+    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    site_a.upsert(with_kvnr({"resourceType": "Patient", "id": f"{run_id}-wb-a", "gender": "male"}, kvnr))
+    site_b.upsert(with_kvnr({"resourceType": "Patient", "id": f"{run_id}-wb-b", "gender": "male"}, kvnr))
+
+    def both_hospitals() -> bool:
+        systems = {i.get("system") for i in (stack.read("Patient", key) or {}).get("identifier", [])}
+        return {logical_system("site-a", "Patient"), logical_system("site-b", "Patient")} <= systems
+
+    wait_for(both_hospitals, timeout=120, what="both hospitals' identifiers on the central patient")
+
+    # 1. A short outage: held, not dead-lettered, written when the database is back.
+    database_proxy.down()
+    first = _send(stack, decision_response(f"Patient/{key}"))
+    first_row = target_id("central", "QuestionnaireResponse", first["id"])
+    wait_for(lambda: _breaker_open(worker, "site-a") == 1, timeout=90, what="site-a's breaker to open")
+    assert _row(site_a, first_row) is None
+    assert _row(site_b, first_row) is None, "site-b's copy is behind site-a's in the patient's partition"
+    database_proxy.up()
+    content = wait_for(lambda: _row(site_a, first_row), timeout=90, what="the held decision at site-a")
+    assert content["subject"] == {"reference": f"Patient/{run_id}-wb-a"}
+    wait_for(lambda: _row(site_b, first_row), timeout=60, what="the decision at site-b")
+    wait_for(lambda: _breaker_open(worker, "site-a") == 0, timeout=30, what="site-a's breaker to close")
+    assert _letters(first_row) == []
+
+    # 2. Past the hold limit: dead letters, site-b served, site-a's later version dead-lettered at once.
+    database_proxy.down()
+    second = _send(stack, decision_response(f"Patient/{key}"))
+    second_row = target_id("central", "QuestionnaireResponse", second["id"])
+    letters = wait_for(
+        lambda: _letters(second_row) or None, timeout=HOLD_SECONDS + 90, what="the held decision's dead letter"
+    )
+    assert letters[0]["error_class"] == "target_unavailable" and "site-a unreachable, held 20 s" in letters[0]["reason"]
+    wait_for(lambda: _row(site_b, second_row), timeout=60, what="site-b's copy once site-a's hold ran out")
+    amended = _send(stack, {**second, "status": "amended"}, method="PUT")
+    assert amended["meta"]["versionId"] == "2"
+    both = wait_for(
+        lambda: _letters(second_row) if len(_letters(second_row)) == 2 else None,
+        timeout=90,
+        what="version 2's dead letter",
+    )
+    assert "still unreachable" in both[1]["reason"]
+    wait_for(
+        lambda: (_row(site_b, second_row) or {}).get("status") == "amended", timeout=60, what="version 2 at site-b"
+    )
+    assert _breaker_open(worker, "site-a") == 1  # the alert stays on while the hospital does not answer
+    assert _row(site_a, second_row) is None
+
+    database_proxy.up()
+    wait_for(lambda: _breaker_open(worker, "site-a") == 0, timeout=90, what="site-a's breaker to close on its own")
+    older, newer = both
+    assert "1 dead letters replayed" in _cdrsync("dlq", "replay", newer["id"], "--execute")
+    wait_for(
+        lambda: (_row(site_a, second_row) or {}).get("status") == "amended", timeout=60, what="version 2 at site-a"
+    )
+    assert "1 dead letters replayed" in _cdrsync("dlq", "replay", older["id"], "--execute")
+
+    def audited_superseded() -> bool:
+        dsn = (
+            f"host={SETTINGS.pg_host} port={SETTINGS.pg_port} user={SETTINGS.pg_user} dbname={SETTINGS.audit_database}"
+        )
+        with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT detail FROM audit.event WHERE target_id = %s AND step = 'written_back' AND target = 'site-a'",
+                (second_row,),
+            )
+            return any("superseded (version 2 there)" in (row[0] or "") for row in cursor.fetchall())
+
+    wait_for(audited_superseded, timeout=60, what="the replayed version 1 audited as superseded at site-a")
+    assert (_row(site_a, second_row) or {}).get("status") == "amended", "version 1 replaced version 2"
+    assert _letters(second_row) == []  # both replayed: resolved
