@@ -29,7 +29,7 @@ import pytest
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from pipeline.references import logical_system
-from tests.casebuilder import KVNR_SYSTEM, decision_response, with_kvnr
+from tests.casebuilder import KVNR_SYSTEM, decision_response, encounter_for, tumorboard_flag, with_kvnr
 from tests.faults.conftest import GROUP, ROOT, SETTINGS, Central, SiteDatabase, Worker, wait_for
 from tests.faults.proxy import TcpProxy
 
@@ -127,7 +127,9 @@ def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_p
     kvnr = f"W{run_id}"
     key = global_patient_key(KVNR_SYSTEM, kvnr)
     site_a.upsert(with_kvnr({"resourceType": "Patient", "id": f"{run_id}-wb-a", "gender": "male"}, kvnr))
-    site_b.upsert(with_kvnr({"resourceType": "Patient", "id": f"{run_id}-wb-b", "gender": "male"}, kvnr))
+    at_b = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-wb-b", "gender": "male"}, kvnr)
+    encounter_b = encounter_for(f"{run_id}-wb", at_b["id"])  # site-b sends a patient on the tumour-board Flag
+    site_b.upsert_many([at_b, encounter_b, tumorboard_flag(f"{run_id}-wb-tb", at_b["id"], encounter_b["id"])])
 
     def both_hospitals() -> bool:
         systems = {i.get("system") for i in (stack.read("Patient", key) or {}).get("identifier", [])}
