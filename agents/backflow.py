@@ -184,9 +184,8 @@ def _interrupted(retry_state: Any) -> bool:
     return hold_interrupted() is not None
 
 
-async def _write_back_once(site: SiteConfig, record: RoutedResource) -> str:
+async def _write_back_once(site: SiteConfig, record: RoutedResource, attempts: int) -> str:
     """Write with short retries (one try while the hospital is known to be unreachable)."""
-    attempts = 1 if site.site in _unreachable else settings.sink_attempts
     async for attempt in AsyncRetrying(
         stop=stop_after_attempt(attempts) | _interrupted,
         wait=wait_exponential_jitter(initial=0.5, max=8.0),
@@ -256,8 +255,9 @@ async def _write_back(event: EventT) -> None:
         return
     labels = (record.site, record.target, record.resource_type)
     while True:
+        attempts = 1 if site.site in _unreachable else settings.sink_attempts
         try:
-            result = await _write_back_once(site, record)
+            result = await _write_back_once(site, record, attempts)
             break
         except RetryableError as error:
             reason = await _hold(site, record)
@@ -267,7 +267,7 @@ async def _write_back(event: EventT) -> None:
         except Exception as error:  # permanent: dead letter with the reason
             failure = error
         BACKFLOW.labels(*labels, "failed").inc()
-        await dead_letter("writeback", event, failure, settings.sink_attempts)  # audited there
+        await dead_letter("writeback", event, failure, attempts)  # audited there
         return
     _hospital(site).note_reachable()
     BACKFLOW.labels(*labels, "written_back").inc()
