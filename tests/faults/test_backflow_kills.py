@@ -74,7 +74,7 @@ def test_decisions_survive_sigkills_of_the_capturing_worker(
     def decide() -> None:
         for _ in range(DECISIONS):
             created.append(_post(stack, decision_response(f"Patient/{key}"))["id"])
-            time.sleep(rng.uniform(0.3, 1.5))
+            time.sleep(rng.uniform(1.0, 4.0))  # spread over the kills
 
     board = threading.Thread(target=decide, daemon=True)
     board.start()
@@ -82,7 +82,7 @@ def test_decisions_survive_sigkills_of_the_capturing_worker(
         time.sleep(rng.uniform(1.0, 4.0))  # capture polls every 2 s: some kills land between a send and its cursor
         fault_worker.kill()
         fault_worker.start()
-    board.join(timeout=120)
+    board.join(timeout=180)
     assert len(created) == DECISIONS
 
     def all_rows(site: SiteDatabase) -> dict[str, int] | None:
