@@ -228,9 +228,10 @@ async def _hold(site: SiteConfig, record: RoutedResource) -> str | None:
         _watchers[site.site] = asyncio.ensure_future(_watch(site, hospital))
         log.error(
             "%s unreachable: gave up holding write-back after %s; its records go to the dead letters until it "
-            "answers (replay them: cdrsync dlq replay --stage writeback --error-class target_unavailable)",
+            "answers (replay them: cdrsync dlq replay --stage writeback --target %s --error-class target_unavailable)",
             site.site,
             abandoned,
+            site.site,
         )
         return f"{site.site} unreachable, {abandoned}"
 

@@ -110,6 +110,7 @@ def _dlq_filter(args: argparse.Namespace) -> Any:
     return DeadLetterFilter(
         ids=record_ids(getattr(args, "ids", None)),
         site=args.site,
+        target=args.target,
         stage=args.stage,
         error_class=args.error_class,
         since_ms=parse_time(args.since) if args.since else None,
@@ -135,7 +136,8 @@ def _dlq_list(args: argparse.Namespace, settings: Settings, config: Config) -> i
             f"{s['id']:>9}  {s['failed_at'][:19]:19}  {s['stage'] or '?':9} {s['error_class'] or '?':19} "
             f"{s['site'] or '?':7} {(s['target_ref'] or s['resource_type'] or '?')[:56]:56} {s['status']}"
         )
-        print(f"{'':11}{(s['reason'] or '')[:150]}")
+        bound = f"for {s['target']}: " if letter.failure is not None and letter.failure.stage == "writeback" else ""
+        print(f"{'':11}{(bound + (s['reason'] or ''))[:150]}")
     print(f"\n{len(letters)} dead letters" + ("" if chosen.include_resolved else " still open") + " by reason:")
     for (stage, error_class), count in counts_by_reason(letters):
         print(f"  {count:6}  {stage}/{error_class}")
@@ -158,7 +160,8 @@ def _dlq_resolve(action: str) -> Handler:
         from .dlq import destination, read_dead_letters, resolve
 
         chosen = _dlq_filter(args)
-        if not (chosen.ids or args.all or chosen.site or chosen.stage or chosen.error_class or chosen.since_ms):
+        named = chosen.site or chosen.target or chosen.stage or chosen.error_class or chosen.since_ms
+        if not (chosen.ids or args.all or named):
             raise CdrsyncError(f"name dead letters to {action} (ids, a filter such as --stage, or --all)")
         everything = read_dead_letters(settings.kafka_bootstrap, config, ids=chosen.ids or None)
         letters = [letter for letter in everything if chosen.matches(letter)]
@@ -412,6 +415,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def dlq_filters(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--site", help="only dead letters of this site")
+        sub.add_argument("--target", help="only records bound for this site (write-back: the hospital)")
         sub.add_argument(
             "--stage",
             choices=["normalize", "identity", "order", "backflow", "sink", "writeback", "audit"],

@@ -76,6 +76,12 @@ class DeadLetter:
         return f"{self.partition}:{self.offset}"
 
     @property
+    def target(self) -> str | None:
+        """Where the record was bound (a write-back record: the hospital), when it is a record of ours."""
+        routed = isinstance(self.decoded, dict) and self.decoded.get("_schema") == "routed_resource"
+        return str(self.decoded.get("target") or "") or None if routed else None
+
+    @property
     def failed_ms(self) -> int:
         return self.failure.last_failure_ms if self.failure else self.timestamp_ms
 
@@ -92,7 +98,7 @@ class DeadLetter:
             "site": self.site,
             "resource_type": self.resource_type,
             "target_ref": self.target_ref,
-            "target": self.decoded.get("target") or None if isinstance(self.decoded, dict) else None,
+            "target": self.target,
             "source": f"{f.origin_topic}[{f.origin_partition}]@{f.origin_offset}" if f else None,
             "reason": f.message if f else None,
             "status": self.resolution["action"] if self.resolution else "open",
@@ -105,6 +111,7 @@ class DeadLetterFilter:
 
     ids: frozenset[str] = frozenset()
     site: str | None = None
+    target: str | None = None
     stage: str | None = None
     error_class: str | None = None
     since_ms: int | None = None
@@ -117,6 +124,7 @@ class DeadLetterFilter:
             (not self.ids or letter.id in self.ids)
             and (self.include_resolved or bool(self.ids) or letter.resolution is None)
             and (self.site is None or letter.site == self.site)
+            and (self.target is None or letter.target == self.target)
             and (self.stage is None or (f is not None and f.stage == self.stage))
             and (self.error_class is None or (f is not None and f.error_class == self.error_class))
             and (self.since_ms is None or letter.failed_ms >= self.since_ms)

@@ -110,9 +110,10 @@ def _cdrsync(*args: str) -> str:
 
 def _letters(row_id: str) -> list[dict[str, Any]]:
     """Open write-back dead letters of this decision for site-a, oldest first."""
-    lines = _cdrsync("dlq", "list", "--json", "--stage", "writeback").splitlines()
+    lines = _cdrsync("dlq", "list", "--json", "--stage", "writeback", "--target", "site-a").splitlines()
     letters = [orjson.loads(line) for line in lines if line.strip()]
-    mine = [d for d in letters if d["target_ref"] == f"QuestionnaireResponse/{row_id}" and d.get("target") == "site-a"]
+    assert all(d["target"] == "site-a" for d in letters)
+    mine = [d for d in letters if d["target_ref"] == f"QuestionnaireResponse/{row_id}"]
     return sorted(mine, key=lambda d: d["failed_at"])
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.deadletter import FailureInfo
-from pipeline.dlq import _site_and_type, parse_position, record_ids
+from pipeline.dlq import DeadLetter, DeadLetterFilter, _site_and_type, parse_position, record_ids
 from pipeline.errors import CdrsyncError
 
 pytestmark = pytest.mark.unit
@@ -43,3 +43,20 @@ def test_a_dead_letter_from_another_topic_is_listed_not_a_crash(config: Config) 
     event = {"step": "written", "site": "site-b", "resource_type": "Condition", "target_id": "c-1"}
     assert _site_and_type(config, event, _failed_at("audit.v1", "audit")) == ("site-b", "Condition")
     assert _site_and_type(config, b"\x00garbage", _failed_at("audit.v1", "audit")) == ("", "")
+
+
+def _letter(decoded: object, stage: str = "writeback") -> DeadLetter:
+    failure = _failed_at("fhir.writeback.v1", stage)
+    return DeadLetter(2, 40, 0, None, None, [], failure, decoded, "central", "QuestionnaireResponse", None)
+
+
+def test_write_back_dead_letters_are_chosen_by_the_hospital_they_were_bound_for() -> None:
+    """After one hospital's outage ops replay its write-backs alone (`dlq replay --target site-a`)."""
+    for_a = _letter({"_schema": "routed_resource", "site": "central", "target": "site-a"})
+    for_b = _letter({"_schema": "routed_resource", "site": "central", "target": "site-b"})
+    envelope = _letter({"after": {"target": "site-a"}}, stage="normalize")  # a row's column is not a target
+    only_a = DeadLetterFilter(target="site-a")
+    assert [only_a.matches(x) for x in (for_a, for_b, envelope)] == [True, False, False]
+    assert (for_a.target, for_b.target, envelope.target) == ("site-a", "site-b", None)
+    assert for_a.summary()["target"] == "site-a" and envelope.summary()["target"] is None
+    assert DeadLetterFilter(site="central", target="site-b").matches(for_b)
