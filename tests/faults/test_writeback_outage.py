@@ -4,8 +4,8 @@ Site-a's write-back reaches its database through a TCP proxy (`writeback.host/po
 the test's own); the proxy going down is the database going away: new connections refused, open ones cut.
 
 * A short outage: the decision is held for the hospital (its circuit breaker open, the TargetUnreachable
-  gauge on), not dead-lettered, and written once the database is back; the other hospital's copy, behind it in
-  the patient's partition, follows.
+  gauge on), not dead-lettered, and written once the database is back; the other hospital gets its copy too
+  (before it or after it: the two are in the patient's partition in the order the hospitals sent the patient).
 * An outage past CDRSYNC_WRITEBACK_HOLD_SECONDS: the held decision goes to the dead letters with the reason,
   the other hospital gets its copy, a later version for the hospital goes to the dead letters at once, and
   when the database is back the breaker closes by itself. Replayed newest first, the older version does not
@@ -144,7 +144,6 @@ def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_p
     first_row = target_id("central", "QuestionnaireResponse", first["id"])
     wait_for(lambda: _breaker_open(worker, "site-a") == 1, timeout=90, what="site-a's breaker to open")
     assert _row(site_a, first_row) is None
-    assert _row(site_b, first_row) is None, "site-b's copy is behind site-a's in the patient's partition"
     database_proxy.up()
     content = wait_for(lambda: _row(site_a, first_row), timeout=90, what="the held decision at site-a")
     assert content["subject"] == {"reference": f"Patient/{run_id}-wb-a"}
@@ -160,7 +159,9 @@ def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_p
         lambda: _letters(second_row) or None, timeout=HOLD_SECONDS + 90, what="the held decision's dead letter"
     )
     assert letters[0]["error_class"] == "target_unavailable" and "site-a unreachable, held 20 s" in letters[0]["reason"]
-    wait_for(lambda: _row(site_b, second_row), timeout=60, what="site-b's copy once site-a's hold ran out")
+    wait_for(
+        lambda: _row(site_b, second_row), timeout=60, what="site-b's copy, at the latest once site-a's hold ran out"
+    )
     amended = _send(stack, {**second, "status": "amended"}, method="PUT")
     assert amended["meta"]["versionId"] == "2"
     both = wait_for(
