@@ -42,8 +42,8 @@ log = logging.getLogger("cdrsync.backflow")
 writeback_topic = app.topic(config.topics.name("writeback"), partitions=config.topics.partitions_of("writeback"))
 _connections: dict[str, psycopg.AsyncConnection[Any]] = {}
 _clients: dict[str, FhirClient] = {}
-_unreachable: set[str] = set()  # hospitals whose hold ran out and that have not answered since
-_watchers: dict[str, asyncio.Future[None]] = {}  # probing each of them until it answers (_watch)
+# Hospitals whose hold ran out and that have not answered since, each probed until it answers (_watch).
+_unreachable: dict[str, asyncio.Future[None]] = {}
 _CONNECT_TIMEOUT_SECONDS = 10
 
 
@@ -224,8 +224,7 @@ async def _hold(site: SiteConfig, record: RoutedResource) -> str | None:
         interrupted = hold_interrupted()
         if interrupted is not None:
             exit_holding(record, interrupted)
-        _unreachable.add(site.site)
-        _watchers[site.site] = asyncio.ensure_future(_watch(site, hospital))
+        _unreachable[site.site] = asyncio.ensure_future(_watch(site, hospital))
         log.error(
             "%s unreachable: gave up holding write-back after %s; its records go to the dead letters until it "
             "answers (replay them: cdrsync dlq replay --stage writeback --target %s --error-class target_unavailable)",
@@ -241,8 +240,7 @@ async def _watch(site: SiteConfig, hospital: CircuitBreaker) -> None:
     try:
         await hospital.wait_until_reachable()
     finally:
-        _unreachable.discard(site.site)
-        _watchers.pop(site.site, None)
+        _unreachable.pop(site.site, None)
 
 
 async def _write_back(event: EventT) -> None:

@@ -57,12 +57,12 @@ class CircuitBreaker:
         self.is_open = False
         self.outages = 0
 
-    def note_reachable(self) -> None:
-        """A write got through: close the breaker if it was open (a hold given up leaves it open)."""
+    def note_reachable(self, how: str = "a write went through") -> None:
+        """The target answered: close the breaker if it was open (a hold given up leaves it open)."""
         if self.is_open:
             self.is_open = False
             self._on_change(False)
-            log.warning("target %s reachable again (a write went through); resuming", self.target)
+            log.warning("target %s reachable again (%s); resuming", self.target, how)
 
     async def target_down(self) -> bool:
         """Probe once: True when the target cannot be reached."""
@@ -80,12 +80,7 @@ class CircuitBreaker:
             _check(give_up)
             status = await self._probe_unless(give_up)
             if reachable(status):
-                if self.is_open:
-                    self.is_open = False
-                    self._on_change(False)
-                    log.warning(
-                        "target %s reachable again after %.0fs; resuming", self.target, time.monotonic() - started
-                    )
+                self.note_reachable(f"after {time.monotonic() - started:.0f}s")
                 return time.monotonic() - started
             if not self.is_open:
                 self.is_open = True
