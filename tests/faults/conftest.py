@@ -69,6 +69,15 @@ def _commit_when_the_group_is_empty(consumer: Consumer, offsets: list[TopicParti
             time.sleep(3)
 
 
+def cdrsync(*args: str) -> str:
+    """Run a `cdrsync` command as ops would (with the suite's topic prefix); its output, or fail with its errors."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"cdrsync {' '.join(args)} failed: {done.stderr}"
+    return done.stdout
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fault_topics() -> Iterator[None]:
     """The suite's own pipeline topics, and its consumer groups at the end of every topic.

@@ -7,32 +7,17 @@ from __future__ import annotations
 import random
 import threading
 import time
-import urllib.request
-from typing import Any
 
-import orjson
 import pytest
 
-from pipeline.identity import global_patient_key
 from pipeline.references import logical_system
-from tests.casebuilder import KVNR_SYSTEM, decision_response, encounter_for, tumorboard_flag, with_kvnr
+from tests.casebuilder import decision_response
 from tests.faults.conftest import SOAK, Central, SiteDatabase, Worker, wait_for
+from tests.integration.conftest import patient_at_both_hospitals
 
 pytestmark = pytest.mark.faults
 DECISIONS = 30 if SOAK else 12
 KILLS = 8 if SOAK else 4
-
-
-def _post(central: Central, resource: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(
-        f"{central.base_url}/{resource['resourceType']}",
-        data=orjson.dumps(resource),
-        method="POST",
-        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        created: dict[str, Any] = orjson.loads(response.read())
-        return created
 
 
 def _rows(site: SiteDatabase, central_ids: list[str]) -> dict[str, int]:
@@ -54,26 +39,15 @@ def _rows(site: SiteDatabase, central_ids: list[str]) -> dict[str, int]:
 def test_decisions_survive_sigkills_of_the_capturing_worker(
     fault_worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str
 ) -> None:
-    kvnr = f"K{run_id}"
-    key = global_patient_key(KVNR_SYSTEM, kvnr)
     fault_worker.start()
-    site_a.upsert(with_kvnr({"resourceType": "Patient", "id": f"{run_id}-bk-a", "gender": "female"}, kvnr))
-    at_b = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-bk-b", "gender": "female"}, kvnr)
-    encounter_b = encounter_for(f"{run_id}-bk", at_b["id"])
-    site_b.upsert_many([at_b, encounter_b, tumorboard_flag(f"{run_id}-bk-tb", at_b["id"], encounter_b["id"])])
-
-    def both_hospitals() -> bool:
-        systems = {i.get("system") for i in (stack.read("Patient", key) or {}).get("identifier", [])}
-        return {logical_system("site-a", "Patient"), logical_system("site-b", "Patient")} <= systems
-
-    wait_for(both_hospitals, timeout=120, what="both hospitals' identifiers on the central patient")
+    key = patient_at_both_hospitals(stack, site_a, site_b, f"K{run_id}", f"{run_id}-bk").key
 
     rng = random.Random(23)
     created: list[str] = []
 
     def decide() -> None:
         for _ in range(DECISIONS):
-            created.append(_post(stack, decision_response(f"Patient/{key}"))["id"])
+            created.append(stack.send(decision_response(f"Patient/{key}"))["id"])
             time.sleep(rng.uniform(1.0, 4.0))  # spread over the kills
 
     board = threading.Thread(target=decide, daemon=True)

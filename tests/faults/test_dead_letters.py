@@ -4,8 +4,6 @@ everything else keeps flowing, and ops can list, show, replay and discard, audit
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from tests.faults.conftest import (
     Worker,
     Workload,
     assert_clean,
+    cdrsync,
     central_id,
     reconcile,
     settle,
@@ -30,7 +29,7 @@ from tests.faults.conftest import (
     worker_behind,
 )
 from tests.faults.proxy import Fault, FaultProxy
-from tests.integration.conftest import ROOT, audit_rows
+from tests.integration.conftest import audit_rows
 
 pytestmark = pytest.mark.faults
 
@@ -46,14 +45,6 @@ def worker(proxy: FaultProxy, tmp_path: Path) -> Iterator[Worker]:
         CDRSYNC_RETRY_TIER3_SECONDS="1",
     ) as worker:
         yield worker
-
-
-def cdrsync(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, f"cdrsync {' '.join(args)} failed: {done.stderr}"
-    return done.stdout
 
 
 def dead_letters(*args: str) -> list[dict[str, Any]]:

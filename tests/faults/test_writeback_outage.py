@@ -15,9 +15,6 @@ the test's own); the proxy going down is the database going away: new connection
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,12 +23,11 @@ import orjson
 import psycopg
 import pytest
 
-from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
-from pipeline.references import logical_system
-from tests.casebuilder import KVNR_SYSTEM, decision_response, encounter_for, tumorboard_flag, with_kvnr
-from tests.faults.conftest import GROUP, ROOT, SETTINGS, Central, SiteDatabase, Worker, wait_for
+from tests.casebuilder import decision_response
+from tests.faults.conftest import GROUP, ROOT, SETTINGS, Central, SiteDatabase, Worker, cdrsync, wait_for
 from tests.faults.proxy import TcpProxy
+from tests.integration.conftest import patient_at_both_hospitals
 
 pytestmark = pytest.mark.faults
 HOLD_SECONDS = 20
@@ -69,19 +65,6 @@ def worker(stack: Central, database_proxy: TcpProxy, tmp_path: Path) -> Iterator
     print(f"\nworker log: {process.log_path}")
 
 
-def _send(central: Central, resource: dict[str, Any], method: str = "POST") -> dict[str, Any]:
-    url = f"{central.base_url}/{resource['resourceType']}" + (f"/{resource['id']}" if method == "PUT" else "")
-    request = urllib.request.Request(
-        url,
-        data=orjson.dumps(resource),
-        method=method,
-        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        sent: dict[str, Any] = orjson.loads(response.read())
-        return sent
-
-
 def _row(site: SiteDatabase, row_id: str) -> dict[str, Any] | None:
     with site.conn.cursor() as cursor:
         cursor.execute(
@@ -91,26 +74,9 @@ def _row(site: SiteDatabase, row_id: str) -> dict[str, Any] | None:
     return row[0] if row else None
 
 
-def _breaker_open(worker: Worker, target: str) -> float | None:
-    with urllib.request.urlopen(f"http://localhost:{worker.port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for line in text.splitlines():
-        if line.startswith(f'cdrsync_target_breaker_open{{target="{target}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def _cdrsync(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, f"cdrsync {' '.join(args)} failed: {done.stderr}"
-    return done.stdout
-
-
 def _letters(row_id: str) -> list[dict[str, Any]]:
     """Open write-back dead letters of this decision for site-a, oldest first."""
-    lines = _cdrsync("dlq", "list", "--json", "--stage", "writeback", "--target", "site-a").splitlines()
+    lines = cdrsync("dlq", "list", "--json", "--stage", "writeback", "--target", "site-a").splitlines()
     letters = [orjson.loads(line) for line in lines if line.strip()]
     assert all(d["target"] == "site-a" for d in letters)
     mine = [d for d in letters if d["target_ref"] == f"QuestionnaireResponse/{row_id}"]
@@ -125,35 +91,27 @@ def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_p
     site_b: SiteDatabase,
     run_id: str,
 ) -> None:
-    kvnr = f"W{run_id}"
-    key = global_patient_key(KVNR_SYSTEM, kvnr)
-    site_a.upsert(with_kvnr({"resourceType": "Patient", "id": f"{run_id}-wb-a", "gender": "male"}, kvnr))
-    at_b = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-wb-b", "gender": "male"}, kvnr)
-    encounter_b = encounter_for(f"{run_id}-wb", at_b["id"])  # site-b sends a patient on the tumour-board Flag
-    site_b.upsert_many([at_b, encounter_b, tumorboard_flag(f"{run_id}-wb-tb", at_b["id"], encounter_b["id"])])
+    key = patient_at_both_hospitals(stack, site_a, site_b, f"W{run_id}", f"{run_id}-wb").key
 
-    def both_hospitals() -> bool:
-        systems = {i.get("system") for i in (stack.read("Patient", key) or {}).get("identifier", [])}
-        return {logical_system("site-a", "Patient"), logical_system("site-b", "Patient")} <= systems
-
-    wait_for(both_hospitals, timeout=120, what="both hospitals' identifiers on the central patient")
+    def breaker_open() -> float:
+        return worker.metric("cdrsync_target_breaker_open", target="site-a")
 
     # 1. A short outage: held, not dead-lettered, written when the database is back.
     database_proxy.down()
-    first = _send(stack, decision_response(f"Patient/{key}"))
+    first = stack.send(decision_response(f"Patient/{key}"))
     first_row = target_id("central", "QuestionnaireResponse", first["id"])
-    wait_for(lambda: _breaker_open(worker, "site-a") == 1, timeout=90, what="site-a's breaker to open")
+    wait_for(lambda: breaker_open() == 1, timeout=90, what="site-a's breaker to open")
     assert _row(site_a, first_row) is None
     database_proxy.up()
     content = wait_for(lambda: _row(site_a, first_row), timeout=90, what="the held decision at site-a")
     assert content["subject"] == {"reference": f"Patient/{run_id}-wb-a"}
     wait_for(lambda: _row(site_b, first_row), timeout=60, what="the decision at site-b")
-    wait_for(lambda: _breaker_open(worker, "site-a") == 0, timeout=30, what="site-a's breaker to close")
+    wait_for(lambda: breaker_open() == 0, timeout=30, what="site-a's breaker to close")
     assert _letters(first_row) == []
 
     # 2. Past the hold limit: dead letters, site-b served, site-a's later version dead-lettered at once.
     database_proxy.down()
-    second = _send(stack, decision_response(f"Patient/{key}"))
+    second = stack.send(decision_response(f"Patient/{key}"))
     second_row = target_id("central", "QuestionnaireResponse", second["id"])
     letters = wait_for(
         lambda: _letters(second_row) or None, timeout=HOLD_SECONDS + 90, what="the held decision's dead letter"
@@ -162,7 +120,7 @@ def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_p
     wait_for(
         lambda: _row(site_b, second_row), timeout=60, what="site-b's copy, at the latest once site-a's hold ran out"
     )
-    amended = _send(stack, {**second, "status": "amended"}, method="PUT")
+    amended = stack.send({**second, "status": "amended"}, method="PUT")
     assert amended["meta"]["versionId"] == "2"
     both = wait_for(
         lambda: _letters(second_row) if len(_letters(second_row)) == 2 else None,
@@ -173,17 +131,17 @@ def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_p
     wait_for(
         lambda: (_row(site_b, second_row) or {}).get("status") == "amended", timeout=60, what="version 2 at site-b"
     )
-    assert _breaker_open(worker, "site-a") == 1  # the alert stays on while the hospital does not answer
+    assert breaker_open() == 1  # the alert stays on while the hospital does not answer
     assert _row(site_a, second_row) is None
 
     database_proxy.up()
-    wait_for(lambda: _breaker_open(worker, "site-a") == 0, timeout=90, what="site-a's breaker to close on its own")
+    wait_for(lambda: breaker_open() == 0, timeout=90, what="site-a's breaker to close on its own")
     older, newer = both
-    assert "1 dead letters replayed" in _cdrsync("dlq", "replay", newer["id"], "--execute")
+    assert "1 dead letters replayed" in cdrsync("dlq", "replay", newer["id"], "--execute")
     wait_for(
         lambda: (_row(site_a, second_row) or {}).get("status") == "amended", timeout=60, what="version 2 at site-a"
     )
-    assert "1 dead letters replayed" in _cdrsync("dlq", "replay", older["id"], "--execute")
+    assert "1 dead letters replayed" in cdrsync("dlq", "replay", older["id"], "--execute")
 
     def audited_superseded() -> bool:
         dsn = (

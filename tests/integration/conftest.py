@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,9 @@ from pipeline.config import Config
 from pipeline.demo import site_dsn
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
+from pipeline.references import logical_system
 from pipeline.settings import Settings
-from tests.casebuilder import KVNR_SYSTEM, kvnr_of
+from tests.casebuilder import KVNR_SYSTEM, encounter_for, kvnr_of, tumorboard_flag, with_kvnr
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = Settings()
@@ -62,6 +64,20 @@ class Central:
         except urllib.error.HTTPError as exc:
             return exc.code, None
 
+    def send(self, resource: dict[str, Any], method: str = "POST") -> dict[str, Any]:
+        """Create a resource (POST: the server assigns its id) or update it (PUT at its id), the way the
+        tumour-board application does; the resource as the server stored it."""
+        at = f"/{resource['id']}" if method == "PUT" else ""
+        request = urllib.request.Request(
+            f"{self.base_url}/{resource['resourceType']}{at}",
+            data=orjson.dumps(resource),
+            method=method,
+            headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            stored: dict[str, Any] = orjson.loads(response.read())
+            return stored
+
     def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         status, body = self.get(f"{resource_type}/{resource_id}")
         return body if status == 200 else None
@@ -79,6 +95,37 @@ class Central:
         status, body = self.get(f"{resource_type}?identifier={system}|{value}&_summary=count")
         assert status == 200, f"search failed with {status}"
         return int((body or {}).get("total", 0))
+
+
+@dataclass(frozen=True)
+class SharedPatient:
+    """One person at site-a and site-b (patient_at_both_hospitals)."""
+
+    key: str  # the central Patient's id
+    at_a: dict[str, Any]
+    at_b: dict[str, Any]
+    encounter_b: dict[str, Any]  # the encounter of site-b's tumour-board Flag
+
+
+def patient_at_both_hospitals(
+    stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, kvnr: str, prefix: str
+) -> SharedPatient:
+    """A person site-a sends, then site-b (on a tumour-board Flag, its route's trigger), under one shared number:
+    once it returns, the central Patient holds both hospitals' local ids, so central's decisions flow back to both."""
+    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    at_a = with_kvnr({"resourceType": "Patient", "id": f"{prefix}-a", "gender": "female"}, kvnr)
+    at_b = with_kvnr({"resourceType": "Patient", "id": f"{prefix}-b", "gender": "female"}, kvnr)
+    encounter_b = encounter_for(prefix, at_b["id"])
+    site_a.upsert(at_a)
+    wait_for(lambda: stack.read("Patient", key), timeout=120, what="site-a's patient at central")
+    site_b.upsert_many([at_b, encounter_b, tumorboard_flag(f"{prefix}-tb", at_b["id"], encounter_b["id"])])
+    both = {logical_system("site-a", "Patient"), logical_system("site-b", "Patient")}
+
+    def known_to_both() -> bool:
+        return both <= {i.get("system") for i in (stack.read("Patient", key) or {}).get("identifier", [])}
+
+    wait_for(known_to_both, timeout=120, what="both hospitals' local ids on the central patient")
+    return SharedPatient(key, at_a, at_b, encounter_b)
 
 
 class SiteDatabase:

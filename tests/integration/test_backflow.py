@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from typing import Any
 
 import orjson
@@ -10,26 +9,21 @@ import psycopg
 import pytest
 
 from pipeline.cli import main as cdrsync
-from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
+from pipeline.identity import ORIGIN_TAG_SYSTEM
 from pipeline.ids import target_id
 from pipeline.references import logical_system
-from tests.casebuilder import KVNR_SYSTEM, decision_response, observation_for, tumorboard_flag, with_kvnr
-from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, audit_rows, wait_for
+from tests.casebuilder import decision_response, observation_for, with_kvnr
+from tests.integration.conftest import (
+    SETTINGS,
+    Central,
+    SiteDatabase,
+    Worker,
+    audit_rows,
+    patient_at_both_hospitals,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
-
-
-def _post(central: Central, resource: dict[str, Any]) -> dict[str, Any]:
-    """Create a resource at central the way the tumour-board application does (POST, server-assigned id)."""
-    request = urllib.request.Request(
-        f"{central.base_url}/{resource['resourceType']}",
-        data=orjson.dumps(resource),
-        method="POST",
-        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        created: dict[str, Any] = orjson.loads(response.read())
-        return created
 
 
 def _row(site: SiteDatabase, resource_type: str, row_id: str) -> tuple[dict[str, Any], int] | None:
@@ -55,36 +49,13 @@ def _leaves(items: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _encounter(encounter_id: str, patient_id: str) -> dict[str, Any]:
-    return {
-        "resourceType": "Encounter",
-        "id": encounter_id,
-        "status": "in-progress",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
-        "subject": {"reference": f"Patient/{patient_id}"},
-    }
-
-
 def test_central_decision_reaches_both_hospitals_with_their_local_patient_and_does_not_come_back(
     worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str
 ) -> None:
-    kvnr = f"Q{run_id}"
-    key = global_patient_key(KVNR_SYSTEM, kvnr)
-    at_a = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-bf-a", "gender": "female"}, kvnr)
-    at_b = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-bf-b", "gender": "female"}, kvnr)
-    encounter_b = _encounter(f"{run_id}-bf-enc", at_b["id"])
-    site_a.upsert(at_a)
-    wait_for(lambda: stack.read("Patient", key), timeout=120, what="site-a's patient at central")
-    site_b.upsert_many([at_b, encounter_b, tumorboard_flag(f"{run_id}-bf-tb", at_b["id"], encounter_b["id"])])
+    shared = patient_at_both_hospitals(stack, site_a, site_b, f"Q{run_id}", f"{run_id}-bf")
+    key, at_a, at_b, encounter_b = shared.key, shared.at_a, shared.at_b, shared.encounter_b
 
-    def both_hospitals() -> bool:
-        body = stack.read("Patient", key) or {}
-        systems = {i.get("system") for i in body.get("identifier", [])}
-        return logical_system("site-b", "Patient") in systems
-
-    wait_for(both_hospitals, timeout=120, what="site-b's identifiers on the central patient")
-
-    created = _post(stack, decision_response(f"Patient/{key}"))
+    created = stack.send(decision_response(f"Patient/{key}"))
     row_id = target_id("central", "QuestionnaireResponse", created["id"])
     for site, local in ((site_a, at_a["id"]), (site_b, at_b["id"])):
         content, version = wait_for(
@@ -136,8 +107,8 @@ def test_a_decision_for_a_patient_no_hospital_sent_is_a_dead_letter_with_the_rea
     worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A patient registered at central only (no hospital sent it): its decision has nowhere to flow back to.
-    person = _post(stack, with_kvnr({"resourceType": "Patient", "gender": "male"}, f"Z{run_id}"))
-    created = _post(stack, decision_response(f"Patient/{person['id']}"))
+    person = stack.send(with_kvnr({"resourceType": "Patient", "gender": "male"}, f"Z{run_id}"))
+    created = stack.send(decision_response(f"Patient/{person['id']}"))
     row_id = target_id("central", "QuestionnaireResponse", created["id"])
 
     def letter() -> dict[str, Any] | None:
