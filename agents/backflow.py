@@ -20,7 +20,7 @@ from faust.types import EventT, StreamT
 from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from pipeline.backflow import SOURCE_VERSION_TAG_SYSTEM, suppressed_routes, write_back_records
+from pipeline.backflow import SOURCE_VERSION_TAG_SYSTEM, suppressed_routes, write_back_records, write_fhir_copy
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.config import SiteConfig, TargetEndpoint
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError
@@ -92,11 +92,12 @@ async def _connection(site: SiteConfig) -> psycopg.AsyncConnection[Any]:
 
 
 def _version_of(column: sql.Composable) -> sql.Composed:
-    """SQL: the central version a row's content was written from (its source-version tag), -1 without one."""
+    """SQL: the central version a row's content was written from (its highest source-version tag, as
+    written_version), -1 without one."""
     return sql.SQL(
-        "COALESCE((SELECT (t->>'code')::bigint FROM jsonb_array_elements(CASE WHEN jsonb_typeof({c}->'meta'->'tag') "
-        "= 'array' THEN {c}->'meta'->'tag' ELSE '[]'::jsonb END) t WHERE t->>'system' = {system} "
-        "AND t->>'code' ~ '^[0-9]{{1,18}}$' LIMIT 1), -1)"
+        "COALESCE((SELECT MAX((t->>'code')::bigint) FROM jsonb_array_elements("
+        "CASE WHEN jsonb_typeof({c}->'meta'->'tag') = 'array' THEN {c}->'meta'->'tag' ELSE '[]'::jsonb END) t "
+        "WHERE t->>'system' = {system} AND t->>'code' ~ '^[0-9]{{1,18}}$'), -1)"
     ).format(c=column, system=sql.Literal(SOURCE_VERSION_TAG_SYSTEM))
 
 
@@ -149,13 +150,7 @@ def _fhir_client(site: SiteConfig) -> FhirClient:
 
 
 async def _write_fhir(site: SiteConfig, record: RoutedResource) -> str:
-    client = _fhir_client(site)
-    if record.is_delete:
-        outcome = await client.delete(record.resource_type, record.target_id)
-    else:
-        assert record.resource is not None
-        outcome = await client.put(record.resource_type, record.target_id, record.resource.encode())
-    return f"status {outcome.status}"
+    return await write_fhir_copy(_fhir_client(site), record)
 
 
 def _by_fhir(site: SiteConfig) -> bool:

@@ -27,7 +27,9 @@ from typing import Any
 import orjson
 
 from .config import Config, SiteConfig
-from .ids import ORIGIN_TAG_SYSTEM, SERVER_META, target_id
+from .errors import VersionConflictError
+from .fhirclient import FhirClient
+from .ids import CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM, SERVER_META, target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, rewrite_references
 
@@ -41,10 +43,12 @@ __all__ = [
     "local_patient_id",
     "suppressed_routes",
     "write_back_records",
+    "write_fhir_copy",
     "written_version",
 ]
 
 SOURCE_VERSION_TAG_SYSTEM = "urn:cdrsync:source-version"
+_RACES = 3  # reads and conditional writes in a row that found the resource changed in between, at most
 
 
 def flows_back(config: Config, site: str) -> bool:
@@ -121,7 +125,7 @@ def hospital_form(
     meta["tag"] = [*tags, {"system": ORIGIN_TAG_SYSTEM, "code": central}]
     if version is not None:
         meta["tag"].append({"system": SOURCE_VERSION_TAG_SYSTEM, "code": str(version)})
-    meta["source"] = f"urn:cdrsync:site:{central}"
+    meta["source"] = f"{CDRSYNC_SOURCE_PREFIX}{central}"
     body["meta"] = meta
     body["id"] = target_id(central, resource["resourceType"], resource["id"])
     return body
@@ -166,9 +170,55 @@ def write_back_records(config: Config, patients: Mapping[str, dict[str, Any]], r
 
 
 def written_version(resource: dict[str, Any] | None) -> int | None:
-    """The central version a written-back resource was made from (its urn:cdrsync:source-version tag), if any."""
-    for tag in ((resource or {}).get("meta") or {}).get("tag") or []:
-        if isinstance(tag, dict) and tag.get("system") == SOURCE_VERSION_TAG_SYSTEM:
-            code = str(tag.get("code") or "")
-            return int(code) if code.isdigit() else None
-    return None
+    """The central version a written-back resource was made from (its urn:cdrsync:source-version tag), if any.
+
+    The highest such tag: a FHIR server may keep the tags of earlier versions on the resource (HAPI does, by
+    default), and a copy is never written over a newer one, so the highest is that of the current content.
+    """
+    versions = [
+        int(code)
+        for tag in ((resource or {}).get("meta") or {}).get("tag") or []
+        if isinstance(tag, dict) and tag.get("system") == SOURCE_VERSION_TAG_SYSTEM
+        for code in [str(tag.get("code") or "")]
+        if code.isdigit()
+    ]
+    return max(versions, default=None)
+
+
+async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
+    """Write a hospital's copy to its FHIR server (writeback.method fhir), never over a copy made from a newer
+    central version: as the table write-back, a late or replayed record leaves a newer decision in place.
+
+    The copy there is read first. Written from a newer version (its source-version tag): nothing is written.
+    Otherwise the write names the version read (If-Match; a create names "none there", as the sink's first
+    write), so a copy written by someone else in between is not overwritten: it is read again and decided
+    anew. Returns what happened, for the audit: upserted, deleted, absent or superseded (version N there).
+    """
+    for _ in range(_RACES):
+        current = await client.read(record.resource_type, record.target_id)
+        there = written_version(current)
+        if there is not None and record.source_version is not None and there > record.source_version:
+            return f"superseded (version {there} there)"
+        if record.is_delete:
+            if current is None:
+                return "absent"
+            await client.delete(record.resource_type, record.target_id)
+            return "deleted"
+        assert record.resource is not None
+        body = record.resource.encode()
+        stored = str((current or {}).get("meta", {}).get("versionId") or "") or None
+        try:
+            if current is None:
+                created = await client.create_if_absent(record.resource_type, record.target_id, body)
+                if created is None:  # something is there after all: created meanwhile, or a deleted copy
+                    if await client.read(record.resource_type, record.target_id) is not None:
+                        continue
+                    created = await client.put(record.resource_type, record.target_id, body)  # over a deleted one
+                return f"upserted (FHIR version {created.version_id})"
+            written = await client.put(record.resource_type, record.target_id, body, if_match=stored)
+            return f"upserted (FHIR version {written.version_id})"
+        except VersionConflictError:
+            continue  # changed since it was read: read again
+    raise VersionConflictError(
+        f"{record.resource_type}/{record.target_id} changed at {record.target} between read and write {_RACES} times"
+    )

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .ids import ORIGIN_TAG_SYSTEM
+from .ids import CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM
 
 __all__ = [
     "CAPTURE_CURSOR_DDL",
@@ -136,8 +136,20 @@ def advance(cursor: CaptureCursor, emitted: list[HistoryEntry]) -> CaptureCursor
 
 
 def is_own_change(resource: dict[str, Any] | None, site: str) -> bool:
-    """False for a version cdrsync wrote there on behalf of another site (loop prevention)."""
-    tags = ((resource or {}).get("meta") or {}).get("tag") or []
+    """False for a version cdrsync wrote there on behalf of another site (loop prevention).
+
+    Told by the version's meta.source, urn:cdrsync:site:<site> (HAPI appends #<request id>), which cdrsync
+    sets on every write and a FHIR server keeps per version: any other source is the site's own change. The
+    origin tags decide only when a server keeps no meta.source. HAPI keeps a resource's tags when it is
+    updated, so a tumour board's edit of a resource cdrsync wrote there for a hospital still carries that
+    hospital's tag: judged by its tags, the edit would never flow back.
+    """
+    meta = (resource or {}).get("meta") or {}
+    source = meta.get("source")
+    if isinstance(source, str) and source:
+        uri = source.split("#", 1)[0]
+        return not uri.startswith(CDRSYNC_SOURCE_PREFIX) or uri.removeprefix(CDRSYNC_SOURCE_PREFIX) == site
+    tags = meta.get("tag") or []
     origins = {t.get("code") for t in tags if isinstance(t, dict) and t.get("system") == ORIGIN_TAG_SYSTEM}
     return not (origins - {site})
 

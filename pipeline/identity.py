@@ -26,7 +26,7 @@ import orjson
 
 from .backflow import central_record, echo_targets
 from .config import Route, SiteConfig
-from .ids import CDRSYNC_NAMESPACE, ORIGIN_TAG_SYSTEM, SERVER_META, target_id
+from .ids import CDRSYNC_NAMESPACE, CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM, SERVER_META, target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
 from .references import logical_system, rewrite_references
 
@@ -167,7 +167,7 @@ def _with_origin_meta(resource: dict[str, Any], site: str) -> dict[str, Any]:
     meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in SERVER_META}
     tags = [t for t in meta.get("tag", []) if t.get("system") != ORIGIN_TAG_SYSTEM]
     meta["tag"] = [*tags, {"system": ORIGIN_TAG_SYSTEM, "code": site}]
-    meta["source"] = f"urn:cdrsync:site:{site}"
+    meta["source"] = f"{CDRSYNC_SOURCE_PREFIX}{site}"
     return {**resource, "meta": meta}
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import uuid
 
-__all__ = ["CDRSYNC_NAMESPACE", "ORIGIN_TAG_SYSTEM", "SERVER_META", "target_id"]
+__all__ = ["CDRSYNC_NAMESPACE", "CDRSYNC_SOURCE_PREFIX", "ORIGIN_TAG_SYSTEM", "SERVER_META", "target_id"]
 
 #: meta.tag system naming the site a resource came from: loop prevention, merging and provenance read it
 ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
+#: meta.source of every version cdrsync writes, followed by the site it writes for (urn:cdrsync:site:site-a)
+CDRSYNC_SOURCE_PREFIX = "urn:cdrsync:site:"
 #: meta elements a FHIR server sets itself; never carried from one server to another
 SERVER_META = ("versionId", "lastUpdated", "source")
 

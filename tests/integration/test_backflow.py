@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     SiteDatabase,
     Worker,
     audit_rows,
+    central_id,
     patient_at_both_hospitals,
     wait_for,
 )
@@ -121,3 +122,27 @@ def test_a_decision_for_a_patient_no_hospital_sent_is_a_dead_letter_with_the_rea
     steps = wait_for(lambda: {row[0] for row in audit_rows(created["id"])}, timeout=60, what="its audit row")
     assert "dead_lettered" in steps and "written_back" not in steps
     assert _row(site_a, "QuestionnaireResponse", row_id) is None
+
+
+def test_the_board_s_edit_of_a_hospital_s_questionnaire_response_flows_back(
+    worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str
+) -> None:
+    """A QuestionnaireResponse site-a sent, then amended by the board at central. HAPI keeps the site-a tag of
+    cdrsync's write on the board's version; the version's own source says it is central's, and it flows back."""
+    shared = patient_at_both_hospitals(stack, site_a, site_b, f"E{run_id}", f"{run_id}-ed")
+    sent = {**decision_response(f"Patient/{shared.at_a['id']}"), "id": f"{run_id}-ed-qr", "status": "in-progress"}
+    site_a.upsert(sent)
+    at_central = central_id("QuestionnaireResponse", sent["id"])
+    arrived = wait_for(lambda: stack.read("QuestionnaireResponse", at_central), timeout=120, what="site-a's form")
+    assert {"system": ORIGIN_TAG_SYSTEM, "code": "site-a"} in arrived["meta"]["tag"]
+
+    amended = {**decision_response(f"Patient/{shared.key}"), "id": at_central, "status": "amended"}
+    stored = stack.send(amended, method="PUT")  # the board's application: a resource of its own, no cdrsync meta
+    assert {"system": ORIGIN_TAG_SYSTEM, "code": "site-a"} in stored["meta"]["tag"]  # kept by the server
+
+    row_id = target_id("central", "QuestionnaireResponse", at_central)
+    for site, local in ((site_a, shared.at_a["id"]), (site_b, shared.at_b["id"])):
+        content, _version = wait_for(
+            lambda s=site: _row(s, "QuestionnaireResponse", row_id), timeout=120, what=f"the amended form at {local}"
+        )
+        assert content["status"] == "amended" and content["subject"] == {"reference": f"Patient/{local}"}

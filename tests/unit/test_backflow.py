@@ -118,6 +118,21 @@ def test_versions_cdrsync_wrote_for_a_hospital_are_not_central_changes() -> None
     assert is_own_change(_qr("q1", 1, "2026-11-21T07:00:00Z"), "central")
 
 
+def test_a_version_is_told_by_its_source_and_a_board_edit_keeping_a_hospital_tag_is_central_s() -> None:
+    """HAPI keeps a resource's tags across updates: the board's edit of a QuestionnaireResponse cdrsync wrote
+    for site-a still carries site-a's tag. Its meta.source (kept per version) says who wrote that version."""
+    hospital = [{"system": "urn:cdrsync:origin-site", "code": "site-a"}]
+    written = _qr("q1", 1, "2026-11-21T07:00:00Z", hospital)
+    written["meta"]["source"] = "urn:cdrsync:site:site-a#Zq3k9"  # HAPI appends the request id
+    edited = _qr("q1", 2, "2026-11-21T07:05:00Z", hospital)
+    edited["meta"]["source"] = "#h82qgmjCcpQVts1L"  # the board's application sent no source
+    by_app = _qr("q1", 3, "2026-11-21T07:06:00Z", hospital)
+    by_app["meta"]["source"] = "https://tumour-board.example/app"
+    assert not is_own_change(written, "central")
+    assert is_own_change(edited, "central")
+    assert is_own_change(by_app, "central")
+
+
 def _central_record(op: str = "CREATE") -> RoutedResource:
     body = {**decision_response(f"Patient/{KEY}"), "id": "q1", "encounter": {"reference": "Encounter/e-central"}}
     return RoutedResource(
@@ -191,3 +206,11 @@ def test_each_hospital_record_names_the_central_version_it_was_made_from() -> No
         is None
     )
     assert written_version({"meta": {"tag": [{"system": "urn:cdrsync:source-version", "code": "x"}]}}) is None
+
+
+def test_a_copy_holding_the_tags_of_earlier_versions_is_of_the_highest() -> None:
+    """HAPI keeps a resource's earlier tags when it is updated: the copy then carries 2 and 3 and is of 3."""
+    tag = "urn:cdrsync:source-version"
+    tags = [{"system": tag, "code": "2"}, {"system": "other", "code": "9"}, {"system": tag, "code": "3"}]
+    kept = {"meta": {"tag": tags}}
+    assert written_version(kept) == 3

@@ -1,0 +1,107 @@
+"""A hospital's copy written to its FHIR server (writeback.method fhir, pipeline/backflow.py write_fhir_copy),
+against the real FHIR server: a late or replayed record never replaces a copy made from a newer central version.
+
+The copies are Basic resources (the guard does not depend on the type): central's capture reads every type
+from this server's _history, and a QuestionnaireResponse tagged as central's would flow back as a decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.backflow import hospital_form, write_fhir_copy, written_version
+from pipeline.config import TargetEndpoint
+from pipeline.fhirclient import FhirClient
+from pipeline.records import RoutedResource
+
+from .conftest import Central
+
+pytestmark = pytest.mark.integration
+
+
+def _copy(central_id: str, version: int, decision: str | None) -> RoutedResource:
+    """Central's version `version` of a resource as the hospital's copy; decision None: its deletion."""
+    central = {"resourceType": "Basic", "id": central_id, "code": {"text": decision or "deleted"}}
+    body = hospital_form(central, "central", "patient-key", "local-patient", version)
+    return RoutedResource(
+        source_commit_ms=0,
+        captured_ms=0,
+        origin_topic="cdc.central.fhir.resource",
+        origin_partition=0,
+        origin_offset=version,
+        source_version=version,
+        site="central",
+        target="site-x",
+        resource_type="Basic",
+        source_id=central_id,
+        target_id=body["id"],
+        patient_key="patient-key",
+        op="DELETE" if decision is None else "UPDATE",
+        resource=None if decision is None else orjson.dumps(body).decode(),
+    )
+
+
+def _write_all(stack: Central, copies: list[RoutedResource]) -> list[str]:
+    async def run() -> list[str]:
+        async with FhirClient(TargetEndpoint(fhir_base_url=stack.base_url)) as client:
+            return [await write_fhir_copy(client, copy) for copy in copies]
+
+    return asyncio.run(run())
+
+
+def _there(stack: Central, copy: RoutedResource) -> dict[str, Any] | None:
+    return stack.read("Basic", copy.target_id)
+
+
+def test_a_late_version_never_replaces_a_newer_copy(stack: Central) -> None:
+    central_id = f"wb-{uuid.uuid4().hex[:12]}"
+    v1, v2, v3 = (_copy(central_id, n, f"decision {n}") for n in (1, 2, 3))
+
+    outcomes = _write_all(stack, [v2, v1])  # version 1 arrives late (a replayed dead letter)
+
+    assert outcomes[0].startswith("upserted")
+    assert outcomes[1] == "superseded (version 2 there)"
+    there = _there(stack, v2)
+    assert there is not None and there["code"]["text"] == "decision 2" and written_version(there) == 2
+
+    assert _write_all(stack, [v3, v3])[0].startswith("upserted")  # newer ones are written, again without harm
+    there = _there(stack, v3)
+    assert there is not None and there["code"]["text"] == "decision 3" and written_version(there) == 3
+
+
+def test_a_late_deletion_leaves_a_newer_copy_and_a_current_one_deletes(stack: Central) -> None:
+    central_id = f"wb-{uuid.uuid4().hex[:12]}"
+    v3 = _copy(central_id, 3, "decision 3")
+    deleted_at_2, deleted_at_4 = _copy(central_id, 2, None), _copy(central_id, 4, None)
+
+    outcomes = _write_all(stack, [v3, deleted_at_2])
+
+    assert outcomes[1] == "superseded (version 3 there)"
+    assert _there(stack, v3) is not None
+    assert _write_all(stack, [deleted_at_4, deleted_at_4]) == ["deleted", "absent"]
+    assert _there(stack, v3) is None
+
+    v5 = _copy(central_id, 5, "decision 5")  # decided again after the deletion: written over the deleted copy
+    assert _write_all(stack, [v5])[0].startswith("upserted")
+    there = _there(stack, v5)
+    assert there is not None and there["code"]["text"] == "decision 5"
+
+
+def test_a_copy_without_a_version_is_replaced(stack: Central) -> None:
+    """A copy written before versions were tagged (or by hand) holds no version: any version replaces it."""
+    central_id = f"wb-{uuid.uuid4().hex[:12]}"
+    v1 = _copy(central_id, 1, "decision 1")
+    assert v1.resource is not None
+    untagged = orjson.loads(v1.resource)
+    untagged["meta"]["tag"] = [t for t in untagged["meta"]["tag"] if t["system"] != "urn:cdrsync:source-version"]
+    untagged["code"]["text"] = "untagged"
+    stack.send(untagged, method="PUT")
+
+    assert _write_all(stack, [v1])[0].startswith("upserted")
+    there = _there(stack, v1)
+    assert there is not None and there["code"]["text"] == "decision 1"
