@@ -2,16 +2,18 @@
 
 `route_back` runs inside the order stage (it needs `patient_sources_by_patient_key`, partitioned like it);
 `write_back` writes each record into the hospital's own source table (or its FHIR endpoint), with short
-retries. While the hospital cannot be reached it holds (circuit breaker, alert TargetUnreachable with the
-hospital as target) up to CDRSYNC_WRITEBACK_HOLD_SECONDS, so that one hospital's long outage does not keep
-the decisions for the others waiting forever; then, and for a failure of the record itself, the dead-letter
-topic: nothing is dropped silently, and a replayed dead letter never replaces a newer version.
+retries, in one lane per hospital (_Lanes). While a hospital cannot be reached its lane holds (circuit
+breaker, alert TargetUnreachable with the hospital as target) and the other hospitals' lanes go on, up to
+CDRSYNC_WRITEBACK_HOLD_SECONDS, so that a long outage does not fill the lane; then, and for a failure of
+the record itself, the dead-letter topic: nothing is dropped silently, and a replayed dead letter never
+replaces a newer version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -25,7 +27,7 @@ from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.config import SiteConfig, TargetEndpoint
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError
 from pipeline.fhirclient import FhirClient
-from pipeline.flowmetrics import BACKFLOW
+from pipeline.flowmetrics import BACKFLOW, WRITEBACK_WAITING
 from pipeline.observe import record_fields
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.staging import current
@@ -33,7 +35,7 @@ from pipeline.staging import current
 from .app import app, config, settings
 from .audit import emit_audit
 from .holding import breaker, exit_holding, hold_interrupted
-from .routing import dead_letter, deliver
+from .routing import dead_letter, deliver, processing
 from .topics import patient_sources_by_patient_key
 
 __all__ = ["report_echoes", "route_back", "write_back", "writeback_topic"]
@@ -45,6 +47,7 @@ _clients: dict[str, FhirClient] = {}
 # Hospitals whose hold ran out and that have not answered since, each probed until it answers (_watch).
 _unreachable: dict[str, asyncio.Future[None]] = {}
 _CONNECT_TIMEOUT_SECONDS = 10
+_EXIT_WRITEBACK_BUG = 71  # as the sink's: a bug, not an outage
 
 
 class NoHospitalError(PermanentError):
@@ -238,15 +241,7 @@ async def _watch(site: SiteConfig, hospital: CircuitBreaker) -> None:
         _unreachable.pop(site.site, None)
 
 
-async def _write_back(event: EventT) -> None:
-    try:
-        record = decode(event.message.value, RoutedResource)
-        site = config.sites.get(record.target)
-        if site is None or site.writeback is None:
-            raise PermanentError(f"{record.target_ref}: site {record.target!r} does not declare writeback")
-    except PermanentError as error:
-        await dead_letter("writeback", event, error)
-        return
+async def _write_back(event: EventT, record: RoutedResource, site: SiteConfig) -> None:
     labels = (record.site, record.target, record.resource_type)
     while True:
         attempts = 1 if site.site in _unreachable else settings.sink_attempts
@@ -269,8 +264,64 @@ async def _write_back(event: EventT) -> None:
     log.info("wrote back %s to %s (%s)", record.target_ref, record.target, result, extra=record_fields(record))
 
 
+class _Lanes:
+    """One lane per hospital: its records written in the order read, each acknowledged once written (or
+    dead-lettered). A hospital held while unreachable holds only its own lane; the others go on.
+
+    Faust commits a partition's offset only up to its oldest record not yet acknowledged, so a held record
+    keeps its partition's commit where it is: after a restart the records behind it are read again and
+    written again (a row whose content is unchanged is not rewritten, an older version never replaces a
+    newer one). A lane takes at most CDRSYNC_WRITEBACK_LANE_RECORDS records ahead of what it has written;
+    a full lane makes the stream wait, so a long outage cannot fill the worker's memory.
+    """
+
+    def __init__(self, stream: StreamT, capacity: int) -> None:
+        self._stream = stream
+        self._capacity = capacity
+        self._queues: dict[str, asyncio.Queue[tuple[EventT, RoutedResource]]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def put(self, site: SiteConfig, event: EventT, record: RoutedResource) -> None:
+        queue = self._queues.get(site.site)
+        if queue is None:
+            queue = self._queues[site.site] = asyncio.Queue(self._capacity)
+            self._tasks[site.site] = asyncio.create_task(self._drain(site, queue), name=f"writeback-{site.site}")
+        WRITEBACK_WAITING.labels(site.site).inc()
+        await queue.put((event, record))
+
+    async def _drain(self, site: SiteConfig, queue: asyncio.Queue[tuple[EventT, RoutedResource]]) -> None:
+        while True:
+            event, record = await queue.get()
+            try:
+                with processing(event):
+                    await _write_back(event, record, site)
+                await self._stream.ack(event)
+            except asyncio.CancelledError:  # the worker stops: what is not acknowledged is read again
+                raise
+            except Exception:  # a bug: acknowledging would lose the record, waiting would stall the hospital
+                log.critical(
+                    "write-back to %s failed unexpectedly; exiting without acknowledging", site.site, exc_info=True
+                )
+                os._exit(_EXIT_WRITEBACK_BUG)
+            finally:
+                WRITEBACK_WAITING.labels(site.site).dec()
+
+
 @app.agent(writeback_topic, concurrency=1)
 async def write_back(stream: StreamT) -> None:
-    """Write central's decisions into each hospital; commit only after the hospital has it (or a dead letter)."""
+    """Write central's decisions into each hospital, one lane per hospital (_Lanes); a record's offset is
+    committed only after its hospital has it (or its dead letter is written)."""
+    lanes = _Lanes(stream, settings.writeback_lane_records)
+    stream.enable_acks = False  # each record is acknowledged by its lane
     async for event in stream.events():
-        await _write_back(event)
+        try:
+            record = decode(event.message.value, RoutedResource)
+            site = config.sites.get(record.target)
+            if site is None or site.writeback is None:
+                raise PermanentError(f"{record.target_ref}: site {record.target!r} does not declare writeback")
+        except PermanentError as error:
+            with processing(event):
+                await dead_letter("writeback", event, error)
+            await stream.ack(event)
+            continue
+        await lanes.put(site, event, record)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-__all__ = ["BACKFLOW", "CAPTURE_LAST_SUCCESS", "CAPTURE_POLLS", "TRIGGER_SELECTIONS"]
+__all__ = ["BACKFLOW", "CAPTURE_LAST_SUCCESS", "CAPTURE_POLLS", "TRIGGER_SELECTIONS", "WRITEBACK_WAITING"]
 
 TRIGGER_SELECTIONS = Counter(
     "cdrsync_trigger_selections_total",
@@ -20,6 +20,11 @@ BACKFLOW = Counter(
     "Central changes flowing back to hospitals by outcome: written_back, failed, no_hospital (patient unknown "
     "to every hospital), echo_suppressed (a change cdrsync itself made, not sent back), captured",
     ["site", "target", "resource_type", "outcome"],
+)
+WRITEBACK_WAITING = Gauge(
+    "cdrsync_writeback_waiting",
+    "Central changes read for a hospital and not yet written there (or dead-lettered): its write-back lane",
+    ["target"],
 )
 CAPTURE_POLLS = Counter(
     "cdrsync_capture_polls_total",

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         gt=0,
         description="how long write-back holds a record for a hospital it cannot reach before the dead letters",
     )
+    writeback_lane_records: int = Field(
+        default=1000,
+        ge=1,
+        description="records read for one hospital ahead of what was written there; the others go on meanwhile",
+    )
     stage_batch_max: int = Field(
         default=500, ge=1, description="records normalize, identity and order each take at once (outputs sent together)"
     )

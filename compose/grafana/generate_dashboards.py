@@ -393,6 +393,12 @@ def error_analysis() -> dict:
                 "written_back, failed, no_hospital, echo_suppressed.",
             ),
             panel(
+                "Back-flow waiting, by hospital",
+                ("sum by (target) (cdrsync_writeback_waiting)", "{{target}}"),
+                description="central changes read for a hospital and not yet written there: grows while the hospital "
+                "is held unreachable (the other hospitals' lanes go on).",
+            ),
+            panel(
                 "Normalize failures (per hour), by site",
                 ('sum by (site) (increase(cdrsync_normalized_total{outcome="failed"}[1h]))', "{{site}}"),
             ),
