@@ -20,6 +20,7 @@ cdrsync wrote there for a hospital (`capture.is_own_change`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,7 +28,7 @@ from typing import Any
 import orjson
 
 from .config import Config, SiteConfig
-from .errors import VersionConflictError
+from .errors import RejectedByTargetError, VersionConflictError
 from .fhirclient import FhirClient
 from .ids import CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM, SERVER_META, target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 SOURCE_VERSION_TAG_SYSTEM = "urn:cdrsync:source-version"
+log = logging.getLogger("cdrsync.backflow")
 _RACES = 3  # reads and conditional writes in a row that found the resource changed in between, at most
 
 
@@ -192,33 +194,53 @@ async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
     The copy there is read first. Written from a newer version (its source-version tag): nothing is written.
     Otherwise the write names the version read (If-Match; a create names "none there", as the sink's first
     write), so a copy written by someone else in between is not overwritten: it is read again and decided
-    anew. Returns what happened, for the audit: upserted, deleted, absent or superseded (version N there).
+    anew. A deletion first tags the copy with its own version (_tag_deletion), so that a deleted copy still
+    refuses older versions. Returns what happened, for the audit: upserted, deleted, absent or superseded
+    (version N there).
     """
+    rtype, rid = record.resource_type, record.target_id
     for _ in range(_RACES):
-        current = await client.read(record.resource_type, record.target_id)
-        there = written_version(current)
+        current = await client.read(rtype, rid)
+        # A deleted copy: its last version, which carries the deletion's version (tagged just before it).
+        there = written_version(current if current is not None else await client.last_stored(rtype, rid))
         if there is not None and record.source_version is not None and there > record.source_version:
             return f"superseded (version {there} there)"
         if record.is_delete:
             if current is None:
                 return "absent"
-            await client.delete(record.resource_type, record.target_id)
+            if record.source_version is not None:
+                await _tag_deletion(client, record)
+            await client.delete(rtype, rid)
             return "deleted"
         assert record.resource is not None
         body = record.resource.encode()
         stored = str((current or {}).get("meta", {}).get("versionId") or "") or None
         try:
             if current is None:
-                created = await client.create_if_absent(record.resource_type, record.target_id, body)
+                created = await client.create_if_absent(rtype, rid, body)
                 if created is None:  # something is there after all: created meanwhile, or a deleted copy
-                    if await client.read(record.resource_type, record.target_id) is not None:
+                    if await client.read(rtype, rid) is not None:
                         continue
-                    created = await client.put(record.resource_type, record.target_id, body)  # over a deleted one
+                    created = await client.put(rtype, rid, body)  # over a deleted one
                 return f"upserted (FHIR version {created.version_id})"
-            written = await client.put(record.resource_type, record.target_id, body, if_match=stored)
+            written = await client.put(rtype, rid, body, if_match=stored)
             return f"upserted (FHIR version {written.version_id})"
         except VersionConflictError:
             continue  # changed since it was read: read again
-    raise VersionConflictError(
-        f"{record.resource_type}/{record.target_id} changed at {record.target} between read and write {_RACES} times"
-    )
+    raise VersionConflictError(f"{rtype}/{rid} changed at {record.target} between read and write {_RACES} times")
+
+
+async def _tag_deletion(client: FhirClient, record: RoutedResource) -> None:
+    """Tag the copy with the deletion's central version before deleting it ($meta-add: no new version). A
+    FHIR server keeps a deleted resource's history, and with it this tag, so an older version's upsert
+    arriving later is refused (write_fhir_copy reads it there). A server without $meta-add: deleted untagged."""
+    tag = {"system": SOURCE_VERSION_TAG_SYSTEM, "code": str(record.source_version)}
+    try:
+        await client.meta_add(record.resource_type, record.target_id, [tag])
+    except RejectedByTargetError as error:
+        log.warning(
+            "%s at %s: $meta-add refused (%s); deleted without its version, a late older upsert would recreate it",
+            record.target_ref,
+            record.target,
+            error.status,
+        )

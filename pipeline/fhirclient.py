@@ -250,6 +250,26 @@ class FhirClient:
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise TargetUnavailableError(f"GET {path_or_url.split('?')[0]}: {exc}") from None
 
+    async def meta_add(self, resource_type: str, resource_id: str, tags: list[dict[str, str]]) -> None:
+        """Add tags to a resource's meta without a new version (the FHIR $meta-add operation)."""
+        parameters = {"resourceType": "Parameters", "parameter": [{"name": "meta", "valueMeta": {"tag": tags}}]}
+        await self._send("POST", f"{resource_type}/{resource_id}/$meta-add", orjson.dumps(parameters))
+
+    async def last_stored(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
+        """The latest version holding content, also of a deleted resource (from its _history); None if the
+        target never held one."""
+        try:
+            bundle = await self.get_json(f"{resource_type}/{resource_id}/_history?_count=10")
+        except RejectedByTargetError as error:
+            if error.status in (404, 410):
+                return None
+            raise
+        for entry in bundle.get("entry") or []:
+            if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+                found: dict[str, Any] = entry["resource"]
+                return found
+        return None
+
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Read a resource, None if the target does not have it (or it was deleted)."""
         try:

@@ -74,7 +74,7 @@ def test_a_late_version_never_replaces_a_newer_copy(stack: Central) -> None:
     assert there is not None and there["code"]["text"] == "decision 3" and written_version(there) == 3
 
 
-def test_a_late_deletion_leaves_a_newer_copy_and_a_current_one_deletes(stack: Central) -> None:
+def test_a_late_deletion_leaves_a_newer_copy_and_a_deleted_copy_refuses_older_versions(stack: Central) -> None:
     central_id = f"wb-{uuid.uuid4().hex[:12]}"
     v3 = _copy(central_id, 3, "decision 3")
     deleted_at_2, deleted_at_4 = _copy(central_id, 2, None), _copy(central_id, 4, None)
@@ -84,6 +84,8 @@ def test_a_late_deletion_leaves_a_newer_copy_and_a_current_one_deletes(stack: Ce
     assert outcomes[1] == "superseded (version 3 there)"
     assert _there(stack, v3) is not None
     assert _write_all(stack, [deleted_at_4, deleted_at_4]) == ["deleted", "absent"]
+    assert _there(stack, v3) is None
+    assert _write_all(stack, [v3]) == ["superseded (version 4 there)"]  # v3 read again: the copy stays deleted
     assert _there(stack, v3) is None
 
     v5 = _copy(central_id, 5, "decision 5")  # decided again after the deletion: written over the deleted copy
