@@ -279,7 +279,7 @@ class _Lanes:
         self._stream = stream
         self._capacity = capacity
         self._queues: dict[str, asyncio.Queue[tuple[EventT, RoutedResource]]] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # kept: the event loop holds its tasks only weakly
 
     async def put(self, site: SiteConfig, event: EventT, record: RoutedResource) -> None:
         queue = self._queues.get(site.site)

@@ -202,7 +202,8 @@ async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
     for _ in range(_RACES):
         current = await client.read(rtype, rid)
         # A deleted copy: its last version, which carries the deletion's version (tagged just before it).
-        there = written_version(current if current is not None else await client.last_stored(rtype, rid))
+        last = current if current is not None else await client.last_stored(rtype, rid)
+        there = written_version(last)
         if there is not None and record.source_version is not None and there > record.source_version:
             return f"superseded (version {there} there)"
         if record.is_delete:
@@ -214,16 +215,17 @@ async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
             return "deleted"
         assert record.resource is not None
         body = record.resource.encode()
-        stored = str((current or {}).get("meta", {}).get("versionId") or "") or None
         try:
-            if current is None:
+            if current is not None:  # over the version read (a server that numbers none: unconditionally)
+                version = (current.get("meta") or {}).get("versionId")
+                written = await client.put(rtype, rid, body, if_match=str(version) if version else None)
+            elif last is not None:  # a deleted copy (a create-only write refuses it): written over
+                written = await client.put(rtype, rid, body)
+            else:
                 created = await client.create_if_absent(rtype, rid, body)
-                if created is None:  # something is there after all: created meanwhile, or a deleted copy
-                    if await client.read(rtype, rid) is not None:
-                        continue
-                    created = await client.put(rtype, rid, body)  # over a deleted one
-                return f"upserted (FHIR version {created.version_id})"
-            written = await client.put(rtype, rid, body, if_match=stored)
+                if created is None and client.create_only_version is not None:
+                    continue  # created meanwhile: decide again against it
+                written = created or await client.put(rtype, rid, body)  # a target that cannot create only-if-absent
             return f"upserted (FHIR version {written.version_id})"
         except VersionConflictError:
             continue  # changed since it was read: read again
