@@ -19,15 +19,15 @@ from typing import Any
 
 import psycopg
 from faust.types import EventT, StreamT
-from psycopg import sql
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from pipeline.backflow import SOURCE_VERSION_TAG_SYSTEM, suppressed_routes, write_back_records, write_fhir_copy
+from pipeline.backflow import suppressed_routes, write_back_records, write_fhir_copy
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.config import SiteConfig, TargetEndpoint
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError
 from pipeline.fhirclient import FhirClient
 from pipeline.flowmetrics import BACKFLOW, WRITEBACK_WAITING
+from pipeline.hospitaltable import WriteBackSetupError, connect, write_table_copy
 from pipeline.observe import record_fields
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.staging import current
@@ -86,63 +86,19 @@ def _dsn(site: SiteConfig) -> str:
 async def _connection(site: SiteConfig) -> psycopg.AsyncConnection[Any]:
     current = _connections.get(site.site)
     if current is None or current.closed:
-        try:
-            current = await psycopg.AsyncConnection.connect(_dsn(site), autocommit=True)
-        except psycopg.OperationalError as exc:
-            raise TargetUnavailableError(f"{site.site} database: {type(exc).__name__}") from None
+        current = await connect(site.site, _dsn(site), settings.pg_user)
         _connections[site.site] = current
     return current
 
 
-def _version_of(column: sql.Composable) -> sql.Composed:
-    """SQL: the central version a row's content was written from (its highest source-version tag, as
-    written_version), -1 without one."""
-    return sql.SQL(
-        "COALESCE((SELECT MAX((t->>'code')::bigint) FROM jsonb_array_elements("
-        "CASE WHEN jsonb_typeof({c}->'meta'->'tag') = 'array' THEN {c}->'meta'->'tag' ELSE '[]'::jsonb END) t "
-        "WHERE t->>'system' = {system} AND t->>'code' ~ '^[0-9]{{1,18}}$'), -1)"
-    ).format(c=column, system=sql.Literal(SOURCE_VERSION_TAG_SYSTEM))
-
-
 async def _write_table(site: SiteConfig, record: RoutedResource) -> str:
-    """Upsert (or delete) the row in the hospital's source table. An unchanged row is not rewritten, and a row
-    written from a newer central version than the record's is left as it is (a late or replayed record)."""
     assert site.source is not None
-    table = sql.Identifier(site.source.schema_name, site.source.table)
     connection = await _connection(site)
-    key = (record.resource_type, record.target_id)
     try:
-        async with connection.cursor() as cursor:
-            if record.is_delete:
-                query = sql.SQL(
-                    "DELETE FROM {t} WHERE resource_type = %s AND id = %s AND (%s::bigint IS NULL OR {v} <= %s)"
-                ).format(t=table, v=_version_of(sql.Identifier("content")))
-                await cursor.execute(query, (*key, record.source_version, record.source_version))
-                if cursor.rowcount:
-                    return "deleted"
-            else:
-                query = sql.SQL(
-                    "INSERT INTO {t} AS r (resource_type, id, version, content) VALUES (%s, %s, 1, %s) "
-                    "ON CONFLICT (resource_type, id) DO UPDATE SET content = EXCLUDED.content, "
-                    "version = r.version + 1, updated_at = now() WHERE r.content IS DISTINCT FROM EXCLUDED.content "
-                    "AND ({new} < 0 OR {old} <= {new})"
-                ).format(t=table, new=_version_of(sql.SQL("EXCLUDED.content")), old=_version_of(sql.SQL("r.content")))
-                await cursor.execute(query, (*key, record.resource))
-                if cursor.rowcount:
-                    return "upserted"
-            there = sql.SQL("SELECT {v} FROM {t} WHERE resource_type = %s AND id = %s").format(
-                t=table, v=_version_of(sql.Identifier("content"))
-            )
-            await cursor.execute(there, key)
-            row = await cursor.fetchone()
+        return await write_table_copy(connection, site.source.schema_name, site.source.table, record)
     except psycopg.OperationalError as exc:
         _connections.pop(site.site, None)
         raise TargetUnavailableError(f"{site.site} database: {type(exc).__name__}") from None
-    if row is None:
-        return "absent" if record.is_delete else "unchanged"  # (an upsert that wrote nothing found its row)
-    if record.source_version is not None and row[0] > record.source_version:
-        return f"superseded (version {row[0]} there)"
-    return "unchanged"
 
 
 def _fhir_client(site: SiteConfig) -> FhirClient:
@@ -172,6 +128,8 @@ async def _probe(site: SiteConfig) -> int:
     except (TargetUnavailableError, psycopg.OperationalError):
         _connections.pop(site.site, None)
         return 0
+    except WriteBackSetupError:
+        return 200  # it answers; what it lacks is the records' own failure (dead-lettered with the reason)
 
 
 def _hospital(site: SiteConfig) -> CircuitBreaker:
