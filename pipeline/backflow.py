@@ -77,24 +77,7 @@ def suppressed_routes(record: NormalizedResource, site: SiteConfig) -> list[str]
 def central_record(record: NormalizedResource) -> RoutedResource:
     """A central change, keyed by its patient's global key (central ids are global); target set per hospital."""
     patient_key = (record.patient_ref or "").removeprefix("Patient/") or record.source_id
-    return RoutedResource(
-        site=record.site,
-        target="",
-        resource_type=record.resource_type,
-        source_id=record.source_id,
-        target_id=record.source_id,
-        patient_key=patient_key,
-        op=record.op,
-        resource=record.resource,
-        content_hash=record.content_hash,
-        source_version=record.source_version,
-        source_lsn=record.source_lsn,
-        source_commit_ms=record.source_commit_ms,
-        captured_ms=record.captured_ms,
-        origin_topic=record.origin_topic,
-        origin_partition=record.origin_partition,
-        origin_offset=record.origin_offset,
-    )
+    return RoutedResource.of(record, target="", target_id=record.source_id, patient_key=patient_key)
 
 
 def local_patient_id(patient_version: str, site: str) -> str | None:

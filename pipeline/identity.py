@@ -208,29 +208,20 @@ def route_resource(record: NormalizedResource, site: SiteConfig, patient_keys: P
         carried = _carried(site, route)
         if record.resource_type not in carried or route.target in echoes:
             continue  # not carried, or written here by cdrsync from that very target: never echoed back
-        body, dependencies = None, frozenset[str]()
+        body, digest, dependencies = None, None, frozenset[str]()
         if record.resource is not None:
             form, dependencies = to_target_form(orjson.loads(record.resource), site.site, carried, patient_keys)
-            body = orjson.dumps(form).decode()
+            body, digest = orjson.dumps(form).decode(), canonical_hash(form)
         routed.append(
-            RoutedResource(
+            RoutedResource.of(
+                record,
                 site=site.site,
                 target=route.target,
-                resource_type=record.resource_type,
-                source_id=record.source_id,
                 target_id=own_id,
                 patient_key=patient_key,
-                op=record.op,
                 resource=body,
-                content_hash=canonical_hash(orjson.loads(body)) if body else None,
+                content_hash=digest,
                 dependencies=sorted(dependencies),
-                source_version=record.source_version,
-                source_lsn=record.source_lsn,
-                source_commit_ms=record.source_commit_ms,
-                captured_ms=record.captured_ms,
-                origin_topic=record.origin_topic,
-                origin_partition=record.origin_partition,
-                origin_offset=record.origin_offset,
             )
         )
     return routed

@@ -106,6 +106,16 @@ class RoutedResource(_Origin):
         """The resource's reference at the target: Type/id."""
         return f"{self.resource_type}/{self.target_id}"
 
+    @classmethod
+    def of(cls, record: NormalizedResource, **routing: Any) -> RoutedResource:
+        """`record`'s change bound for a target: where it came from (every origin field) and what it is (site,
+        type, source id, operation, content) carried over; `routing` sets the rest (target, target_id,
+        patient_key, ...) and may replace what is carried (the content in target form, its hash)."""
+        carried: dict[str, Any] = {f.name: getattr(record, f.name) for f in fields(_Origin)}
+        for name in ("site", "resource_type", "source_id", "op", "resource", "content_hash"):
+            carried[name] = getattr(record, name)
+        return cls(**(carried | routing))
+
 
 Record = TypeVar("Record", NormalizedResource, RoutedResource)
 _TYPES: dict[str, type[NormalizedResource] | type[RoutedResource]] = {
