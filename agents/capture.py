@@ -19,6 +19,7 @@ from pipeline.capture import (
     CAPTURE_CURSOR_DDL,
     CaptureCursor,
     HistoryEntry,
+    RequestIds,
     advance,
     change_event,
     history_entries,
@@ -28,7 +29,7 @@ from pipeline.capture import (
 from pipeline.config import SiteConfig
 from pipeline.errors import CdrsyncError
 from pipeline.fhirclient import FhirClient
-from pipeline.flowmetrics import BACKFLOW, CAPTURE_LAST_SUCCESS, CAPTURE_POLLS
+from pipeline.flowmetrics import BACKFLOW, CAPTURE_LAST_SUCCESS, CAPTURE_POLLS, CAPTURE_REQUEST_IDS
 
 from .app import app, config, settings
 from .routing import deliver
@@ -41,6 +42,9 @@ _topics: dict[str, TopicT] = {site.site: app.topic(config.source_topic(site)) fo
 _clients: dict[str, FhirClient] = {}
 _state: dict[str, Any] = {}
 _started: set[str] = set()
+_request_ids: dict[str, RequestIds] = {}
+_said_unknown: set[str] = set()
+_CLOCK_MARGIN_SECONDS = 5.0  # between the worker's clock and the server's lastUpdated
 _INTERVAL = min((s.capture.poll_seconds for s in config.capture_sites() if s.capture), default=60.0)
 
 
@@ -95,14 +99,45 @@ async def _previous(client: FhirClient, entry: HistoryEntry) -> dict[str, Any] |
     return await client.get_json(f"{entry.resource_type}/{entry.resource_id}/_history/{entry.version - 1}")
 
 
-async def _capture_type(site: SiteConfig, client: FhirClient, resource_type: str) -> None:
+async def _check_request_ids(site: SiteConfig, client: FhirClient) -> RequestIds:
+    """Whether the server gets cdrsync's X-Request-ID, checked before each poll (one small GET). While it does
+    not, versions are judged by source URI alone: no echo of cdrsync's own writes, but an application's edit
+    that writes meta.source back is taken for cdrsync's; the gauge is 0 and CaptureRequestIdsLost alerts."""
+    state = _request_ids.setdefault(site.site, RequestIds())
+    was = state.kept
+    state.note(await client.request_ids_kept(), time.time(), margin=2 * _INTERVAL + _CLOCK_MARGIN_SECONDS)
+    CAPTURE_REQUEST_IDS.labels(site.site).set({True: 1, False: 0, None: -1}[state.kept])
+    if state.kept is False and was is not False:
+        log.error(
+            "%s does not receive cdrsync's X-Request-ID header (a proxy drops or replaces it?): until it does, "
+            "an edit there that writes meta.source back is taken for cdrsync's own write and does not flow back",
+            client.base_url,
+        )
+    elif state.kept is None and was is None and site.site not in _said_unknown:
+        _said_unknown.add(site.site)
+        log.warning(
+            "%s does not say which request id it used: versions there are told from cdrsync's writes by their "
+            "source URI alone (an edit that writes meta.source back is taken for cdrsync's)",
+            client.base_url,
+        )
+    elif state.kept and was is False:
+        log.warning("%s receives cdrsync's X-Request-ID again", client.base_url)
+    return state
+
+
+def _written_at(entry: HistoryEntry, judged: dict[str, Any] | None) -> str:
+    return str(((judged or {}).get("meta") or {}).get("lastUpdated") or entry.last_updated)
+
+
+async def _capture_type(site: SiteConfig, client: FhirClient, ids: RequestIds, resource_type: str) -> None:
     assert site.capture is not None
     cursor = await _load_cursor(site.site, resource_type)
     fresh = new_entries(await _history(client, resource_type, cursor.since), cursor)
     emitted = 0
     for entry in fresh:
         previous = await _previous(client, entry) if entry.resource is None else None
-        if not is_own_change(entry.resource or previous, site.site):
+        judged = entry.resource or previous
+        if not is_own_change(judged, site.site, by_request_id=ids.by_request_id(_written_at(entry, judged))):
             BACKFLOW.labels(site.site, "", resource_type, "echo_suppressed").inc()
             continue
         key, value = change_event(site.site, site.capture.schema_name, site.capture.table, entry, previous)
@@ -131,8 +166,9 @@ async def capture_history() -> None:
             CAPTURE_LAST_SUCCESS.labels(site.site).set(time.time())
         client = _clients.setdefault(site.site, FhirClient(site.target))
         try:
+            ids = await _check_request_ids(site, client)
             for resource_type in site.resource_types:
-                await _capture_type(site, client, resource_type)
+                await _capture_type(site, client, ids, resource_type)
         except (CdrsyncError, psycopg.Error) as error:  # the cursor did not move: next tick retries
             CAPTURE_POLLS.labels(site.site, "failed").inc()
             log.error("capture at %s failed: %s: %s", site.site, type(error).__name__, error)

@@ -27,12 +27,13 @@ from typing import Any
 
 import orjson
 
-from .ids import CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM
+from .ids import CDRSYNC_REQUEST_PREFIX, CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM
 
 __all__ = [
     "CAPTURE_CURSOR_DDL",
     "CaptureCursor",
     "HistoryEntry",
+    "RequestIds",
     "change_event",
     "history_entries",
     "is_own_change",
@@ -135,23 +136,59 @@ def advance(cursor: CaptureCursor, emitted: list[HistoryEntry]) -> CaptureCursor
     return CaptureCursor(since=last.last_updated, seen=sorted({*previous, *at_last}))
 
 
-def is_own_change(resource: dict[str, Any] | None, site: str) -> bool:
+def is_own_change(resource: dict[str, Any] | None, site: str, *, by_request_id: bool = True) -> bool:
     """False for a version cdrsync wrote there on behalf of another site (loop prevention).
 
-    Told by the version's meta.source, urn:cdrsync:site:<site> (HAPI appends #<request id>), which cdrsync
-    sets on every write and a FHIR server keeps per version: any other source is the site's own change. The
-    origin tags decide only when a server keeps no meta.source. HAPI keeps a resource's tags when it is
-    updated, so a tumour board's edit of a resource cdrsync wrote there for a hospital still carries that
-    hospital's tag: judged by its tags, the edit would never flow back.
+    Told by the version's meta.source, urn:cdrsync:site:<site>, which cdrsync sets on every write and a FHIR
+    server keeps per version: any other source is the site's own change. HAPI appends "#" and the request's
+    id, and cdrsync's requests carry ids of its own (ids.CDRSYNC_REQUEST_PREFIX): a version with cdrsync's
+    source URI but another request id is an application's edit of a resource cdrsync wrote, read and
+    written back whole (meta included), and it is the site's own change too. by_request_id False (the server
+    did not get cdrsync's request ids when the version was written): the URI alone decides. The origin tags
+    decide only when a server keeps no meta.source. HAPI keeps a resource's tags when it is updated, so a
+    tumour board's edit of a resource cdrsync wrote there for a hospital still carries that hospital's tag:
+    judged by its tags, the edit would never flow back.
     """
     meta = (resource or {}).get("meta") or {}
     source = meta.get("source")
     if isinstance(source, str) and source:
-        uri = source.split("#", 1)[0]
-        return not uri.startswith(CDRSYNC_SOURCE_PREFIX) or uri.removeprefix(CDRSYNC_SOURCE_PREFIX) == site
+        uri, marked, request = source.partition("#")
+        if not uri.startswith(CDRSYNC_SOURCE_PREFIX) or uri.removeprefix(CDRSYNC_SOURCE_PREFIX) == site:
+            return True
+        return by_request_id and bool(marked) and not request.startswith(CDRSYNC_REQUEST_PREFIX)
     tags = meta.get("tag") or []
     origins = {t.get("code") for t in tags if isinstance(t, dict) and t.get("system") == ORIGIN_TAG_SYSTEM}
     return not (origins - {site})
+
+
+@dataclass
+class RequestIds:
+    """Whether a capture site's server gets cdrsync's request ids, as checked before each poll.
+
+    While it does not (a proxy drops or replaces X-Request-ID), cdrsync's own writes there carry ids the
+    server made, like an application's, so versions are judged by their source URI alone. Versions written
+    up to `unmarked_until` (a Unix time: when the ids were first seen arriving again, plus a margin for the
+    poll and the clocks) may still be such writes and are judged the same way.
+    """
+
+    kept: bool | None = None
+    unmarked_until: float = 0.0
+
+    def note(self, kept: bool | None, now: float, margin: float) -> None:
+        """Record a check's outcome (None: the server does not say which id it used)."""
+        if kept and self.kept is False:
+            self.unmarked_until = now + margin
+        self.kept = kept
+
+    def by_request_id(self, last_updated: str) -> bool:
+        """Whether a version written at `last_updated` (the server's instant) is judged by its request id."""
+        if not self.kept:
+            return False
+        try:
+            written = datetime.fromisoformat(last_updated.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return False
+        return written > self.unmarked_until
 
 
 def _row(entry: HistoryEntry, resource: dict[str, Any], version: int) -> dict[str, Any]:

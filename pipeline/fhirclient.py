@@ -18,6 +18,7 @@ from .errors import (
     TargetUnavailableError,
     VersionConflictError,
 )
+from .ids import request_id
 
 __all__ = ["FhirClient", "WriteOutcome", "classify_response"]
 
@@ -125,7 +126,9 @@ class FhirClient:
     async def _send(
         self, method: str, path: str, body: bytes | None = None, *, if_match: str | None = None
     ) -> WriteOutcome:
-        headers = {"Content-Type": _FHIR_JSON} if body is not None else {}
+        headers = {"X-Request-ID": request_id()}
+        if body is not None:
+            headers["Content-Type"] = _FHIR_JSON
         if if_match is not None:
             headers["If-Match"] = f'W/"{if_match}"'  # FHIR R4 3.1.0.5.4: version-aware updates
         try:
@@ -204,7 +207,7 @@ class FhirClient:
         bundle = b"".join(
             [b'{"resourceType":"Bundle","type":"', kind.encode(), b'","entry":[', b",".join(entries), b"]}"]
         )
-        headers = {"Content-Type": _FHIR_JSON}
+        headers = {"Content-Type": _FHIR_JSON, "X-Request-ID": request_id()}
         try:
             async with self._session_or_new().post(self.base_url, data=bundle, headers=headers) as response:
                 payload = await response.read()
@@ -224,6 +227,21 @@ class FhirClient:
             "entry": [{"request": {"method": "DELETE", "url": ref}} for ref in references],
         }
         return await self._send("POST", "", orjson.dumps(bundle))
+
+    async def request_ids_kept(self) -> bool | None:
+        """Whether the server gets cdrsync's X-Request-ID (HAPI answers with the id it used: ours, or one it
+        made when none arrived, e.g. behind a proxy that drops it); None for a server that does not say."""
+        sent = request_id()
+        try:
+            async with self._session_or_new().get(
+                f"{self.base_url}/metadata?_elements=fhirVersion", headers={"X-Request-ID": sent}
+            ) as response:
+                await response.read()
+                classify_response("GET", response.status, b"")
+                used = response.headers.get("X-Request-ID")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TargetUnavailableError(f"GET metadata: {type(exc).__name__}: {exc}") from None
+        return None if used is None else used == sent
 
     async def probe(self) -> int:
         """HTTP status of the capability statement (GET metadata); 0 when the target cannot be reached.

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
-__all__ = ["BACKFLOW", "CAPTURE_LAST_SUCCESS", "CAPTURE_POLLS", "TRIGGER_SELECTIONS", "WRITEBACK_WAITING"]
+__all__ = [
+    "BACKFLOW",
+    "CAPTURE_LAST_SUCCESS",
+    "CAPTURE_POLLS",
+    "CAPTURE_REQUEST_IDS",
+    "TRIGGER_SELECTIONS",
+    "WRITEBACK_WAITING",
+]
 
 TRIGGER_SELECTIONS = Counter(
     "cdrsync_trigger_selections_total",
@@ -30,6 +37,13 @@ CAPTURE_POLLS = Counter(
     "cdrsync_capture_polls_total",
     "Polls of a capture site's _history (central's own changes) by result (succeeded, failed)",
     ["site", "result"],
+)
+CAPTURE_REQUEST_IDS = Gauge(
+    "cdrsync_capture_request_ids_kept",
+    "1 while a capture site's server gets cdrsync's X-Request-ID (its own writes told from edits there by request "
+    "id), 0 while it does not (by source URI alone: an edit that writes meta.source back is missed), -1 when "
+    "the server does not say",
+    ["site"],
 )
 CAPTURE_LAST_SUCCESS = Gauge(
     "cdrsync_capture_last_success_timestamp_seconds",

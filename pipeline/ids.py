@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 
-__all__ = ["CDRSYNC_NAMESPACE", "CDRSYNC_SOURCE_PREFIX", "ORIGIN_TAG_SYSTEM", "SERVER_META", "target_id"]
+__all__ = [
+    "CDRSYNC_NAMESPACE",
+    "CDRSYNC_REQUEST_PREFIX",
+    "CDRSYNC_SOURCE_PREFIX",
+    "ORIGIN_TAG_SYSTEM",
+    "SERVER_META",
+    "request_id",
+    "target_id",
+]
 
 #: meta.tag system naming the site a resource came from: loop prevention, merging and provenance read it
 ORIGIN_TAG_SYSTEM = "urn:cdrsync:origin-site"
 #: meta.source of every version cdrsync writes, followed by the site it writes for (urn:cdrsync:site:site-a)
 CDRSYNC_SOURCE_PREFIX = "urn:cdrsync:site:"
+#: X-Request-ID of every request cdrsync sends to a FHIR server. HAPI stores a version's meta.source as the
+#: source URI the client sent, then "#" and the request's id: an application that reads a resource cdrsync
+#: wrote and writes it back whole keeps cdrsync's source URI, but its request id is its own (a HAPI-made id
+#: is 16 letters and digits, never with a "-"), so this prefix tells cdrsync's versions from its edits.
+CDRSYNC_REQUEST_PREFIX = "cdrsync-"
 #: meta elements a FHIR server sets itself; never carried from one server to another
 SERVER_META = ("versionId", "lastUpdated", "source")
 
@@ -21,3 +35,8 @@ def target_id(site: str, resource_type: str, source_id: str) -> str:
     """uuid5 over site, type and source id: stable across replays, distinct across sites."""
     # A separator that cannot occur in a site name or a FHIR type keeps ("a", "b|c") ≠ ("a|b", "c").
     return str(uuid.uuid5(CDRSYNC_NAMESPACE, f"{site}|{resource_type}|{source_id}"))
+
+
+def request_id() -> str:
+    """An X-Request-ID for one request: cdrsync's prefix and 8 random hex digits (16 characters, as HAPI keeps)."""
+    return f"{CDRSYNC_REQUEST_PREFIX}{secrets.token_hex(4)}"

@@ -5,6 +5,7 @@ It forwards every request to the real server, unless a fault is set: answer a st
 with Retry-After), hang past the client's timeout, close the connection without answering, apply the
 request and then drop the answer (an ambiguous write), or be down altogether (connection refused).
 Faults apply to writes (PUT, POST, DELETE) or to every request, for the next N requests or until cleared.
+It can also leave out request headers, as a gateway may (dropped_headers).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class FaultProxy:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.fault: Fault | None = None
+        self.dropped_headers: set[str] = set()  # request headers not forwarded (lower case), as a gateway may
         self.counts: dict[str, int] = {"forwarded": 0, "faulted": 0, "applied_then_dropped": 0}
         self._transports: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
         self._loop = asyncio.new_event_loop()
@@ -115,7 +117,8 @@ class FaultProxy:
         assert self._session is not None
         self.counts["forwarded"] += 1
         body = await request.read()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        dropped = _HOP_HEADERS | self.dropped_headers
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
         url = self.upstream + request.path_qs.removeprefix("/fhir")
         async with self._session.request(request.method, url, data=body or None, headers=headers) as upstream:
             payload = await upstream.read()

@@ -215,10 +215,14 @@ class Worker:
             return b"Worker ready" in log.read()
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of a metric's samples on the worker's /metrics whose labels include the given ones.
+        """Sum of a metric's samples on the worker's /metrics whose labels include the given ones (0 for none).
 
         A worker being restarted by its supervisor does not answer for a moment: that is waited for.
         """
+        return sum(self.samples(name, **labels))
+
+    def samples(self, name: str, **labels: str) -> list[float]:
+        """A metric's samples on the worker's /metrics whose labels include the given ones."""
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -229,14 +233,14 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        total = 0.0
+        found = []
         for line in text.splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):
                 continue
             series, _, value = line.rpartition(" ")
             if all(f'{k}="{v}"' in series for k, v in labels.items()):
-                total += float(value)
-        return total
+                found.append(float(value))
+        return found
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown, no final commit (and no restart)."""

@@ -124,25 +124,34 @@ def test_a_decision_for_a_patient_no_hospital_sent_is_a_dead_letter_with_the_rea
     assert _row(site_a, "QuestionnaireResponse", row_id) is None
 
 
+@pytest.mark.parametrize("edit", ["its own resource", "the stored resource, changed"])
 def test_the_board_s_edit_of_a_hospital_s_questionnaire_response_flows_back(
-    worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str
+    worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str, edit: str
 ) -> None:
-    """A QuestionnaireResponse site-a sent, then amended by the board at central. HAPI keeps the site-a tag of
-    cdrsync's write on the board's version; the version's own source says it is central's, and it flows back."""
-    shared = patient_at_both_hospitals(stack, site_a, site_b, f"E{run_id}", f"{run_id}-ed")
-    sent = {**decision_response(f"Patient/{shared.at_a['id']}"), "id": f"{run_id}-ed-qr", "status": "in-progress"}
+    """A QuestionnaireResponse site-a sent, then amended by the board at central, either with a resource of the
+    application's own or as most clients update: read, changed, written back whole, meta.source included. HAPI
+    keeps the site-a tag of cdrsync's write on the board's version, and in the second case cdrsync's source
+    URI as well: the version's request id says it is central's, and it flows back; site-a's own form did not."""
+    tag = "ed" if edit == "its own resource" else "rw"
+    shared = patient_at_both_hospitals(stack, site_a, site_b, f"E{run_id}{tag}", f"{run_id}-{tag}")
+    sent = {**decision_response(f"Patient/{shared.at_a['id']}"), "id": f"{run_id}-{tag}-qr", "status": "in-progress"}
     site_a.upsert(sent)
     at_central = central_id("QuestionnaireResponse", sent["id"])
     arrived = wait_for(lambda: stack.read("QuestionnaireResponse", at_central), timeout=120, what="site-a's form")
     assert {"system": ORIGIN_TAG_SYSTEM, "code": "site-a"} in arrived["meta"]["tag"]
+    assert arrived["meta"]["source"].startswith("urn:cdrsync:site:site-a#cdrsync-")  # its request id: cdrsync's
 
-    amended = {**decision_response(f"Patient/{shared.key}"), "id": at_central, "status": "amended"}
-    stored = stack.send(amended, method="PUT")  # the board's application: a resource of its own, no cdrsync meta
+    if edit == "its own resource":
+        amended = {**decision_response(f"Patient/{shared.key}"), "id": at_central, "status": "amended"}
+    else:
+        amended = {**arrived, "status": "amended"}
+    stored = stack.send(amended, method="PUT")
     assert {"system": ORIGIN_TAG_SYSTEM, "code": "site-a"} in stored["meta"]["tag"]  # kept by the server
 
     row_id = target_id("central", "QuestionnaireResponse", at_central)
     for site, local in ((site_a, shared.at_a["id"]), (site_b, shared.at_b["id"])):
-        content, _version = wait_for(
+        content, version = wait_for(
             lambda s=site: _row(s, "QuestionnaireResponse", row_id), timeout=120, what=f"the amended form at {local}"
         )
         assert content["status"] == "amended" and content["subject"] == {"reference": f"Patient/{local}"}
+        assert version == 1, f"site-a's own form flowed back to {local} before the board's edit"

@@ -22,6 +22,7 @@ from pipeline.backflow import (
 from pipeline.capture import (
     CaptureCursor,
     HistoryEntry,
+    RequestIds,
     advance,
     change_event,
     history_entries,
@@ -31,7 +32,7 @@ from pipeline.capture import (
 from pipeline.config import load_config
 from pipeline.envelope import parse_envelope
 from pipeline.identity import route_resource
-from pipeline.ids import target_id
+from pipeline.ids import CDRSYNC_REQUEST_PREFIX, request_id, target_id
 from pipeline.normalize import SourcePosition, normalize_change
 from pipeline.records import NormalizedResource, RoutedResource
 from pipeline.references import logical_system
@@ -123,7 +124,7 @@ def test_a_version_is_told_by_its_source_and_a_board_edit_keeping_a_hospital_tag
     for site-a still carries site-a's tag. Its meta.source (kept per version) says who wrote that version."""
     hospital = [{"system": "urn:cdrsync:origin-site", "code": "site-a"}]
     written = _qr("q1", 1, "2026-11-21T07:00:00Z", hospital)
-    written["meta"]["source"] = "urn:cdrsync:site:site-a#Zq3k9"  # HAPI appends the request id
+    written["meta"]["source"] = "urn:cdrsync:site:site-a#cdrsync-5e0c1a9f"  # HAPI appends the request id
     edited = _qr("q1", 2, "2026-11-21T07:05:00Z", hospital)
     edited["meta"]["source"] = "#h82qgmjCcpQVts1L"  # the board's application sent no source
     by_app = _qr("q1", 3, "2026-11-21T07:06:00Z", hospital)
@@ -131,6 +132,54 @@ def test_a_version_is_told_by_its_source_and_a_board_edit_keeping_a_hospital_tag
     assert not is_own_change(written, "central")
     assert is_own_change(edited, "central")
     assert is_own_change(by_app, "central")
+
+
+def test_an_application_s_edit_that_writes_back_cdrsync_s_source_is_central_s() -> None:
+    """The usual update: read the resource, change it, write it back whole, meta.source included. HAPI keeps
+    the source URI sent and appends the request's id, which is the application's (or one HAPI made)."""
+    hospital = [{"system": "urn:cdrsync:origin-site", "code": "site-a"}]
+    for request in ("h82qgmjCcpQVts1L", "board-app-7731"):
+        copied = _qr("q1", 4, "2026-11-21T07:07:00Z", hospital)
+        copied["meta"]["source"] = f"urn:cdrsync:site:site-a#{request}"
+        assert is_own_change(copied, "central"), request
+    kept_as_sent = _qr("q1", 5, "2026-11-21T07:08:00Z", hospital)
+    kept_as_sent["meta"]["source"] = "urn:cdrsync:site:site-a"  # a server that appends no request id
+    assert not is_own_change(kept_as_sent, "central")
+
+
+def test_while_the_server_gets_no_request_ids_versions_are_judged_by_their_source_uri() -> None:
+    """Through a proxy that drops X-Request-ID, cdrsync's own writes carry ids the server made: judged by
+    request id they would come back as central's changes. So they are judged by URI until well after the ids
+    arrive again (versions written meanwhile may be cdrsync's, read later)."""
+    hospital = [{"system": "urn:cdrsync:origin-site", "code": "site-a"}]
+    unmarked = _qr("q1", 2, "2026-11-21T07:00:05Z", hospital)
+    unmarked["meta"]["source"] = "urn:cdrsync:site:site-a#h82qgmjCcpQVts1L"  # cdrsync's write, the id HAPI's
+    assert not is_own_change(unmarked, "central", by_request_id=False)
+    assert is_own_change(unmarked, "central", by_request_id=True)
+
+    start = 1_795_244_400.0  # 2026-11-21T07:00:00Z
+    ids = RequestIds()
+    assert not ids.by_request_id("2026-11-21T07:00:01.000+00:00")  # not checked yet
+    ids.note(True, start, margin=9.0)
+    assert ids.by_request_id("2026-11-21T07:00:01.000+00:00")  # never lost: every version by its request id
+    ids.note(False, start + 60, margin=9.0)
+    assert not ids.by_request_id("2026-11-21T07:01:05.000+00:00")
+    ids.note(False, start + 62, margin=9.0)
+    ids.note(True, start + 64, margin=9.0)  # arrives again: up to 07:01:13 still by URI
+    assert not ids.by_request_id("2026-11-21T07:01:03.500Z")
+    assert not ids.by_request_id("2026-11-21T07:01:13.000+00:00")
+    assert ids.by_request_id("2026-11-21T07:01:13.100+00:00")
+    ids.note(True, start + 200, margin=9.0)  # kept since: the window stays where it was
+    assert ids.by_request_id("2026-11-21T07:01:14.000+00:00")
+    ids.note(None, start + 300, margin=9.0)  # a server that does not say: by URI
+    assert not ids.by_request_id("2026-11-21T07:05:00.000+00:00")
+    assert not RequestIds(kept=True).by_request_id("not an instant")
+
+
+def test_every_request_to_a_fhir_server_carries_a_request_id_of_cdrsync_s() -> None:
+    ids = {request_id() for _ in range(200)}
+    assert len(ids) == 200
+    assert all(i.startswith(CDRSYNC_REQUEST_PREFIX) and len(i) == 16 for i in ids)  # HAPI keeps 16 characters
 
 
 def _central_record(op: str = "CREATE") -> RoutedResource:
