@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from types import EllipsisType
 from typing import Any
 
 import orjson
 
+from pipeline.backflow import hospital_form
 from pipeline.records import RoutedResource, canonical_hash
 from pipeline.resources import SUPPORTED_TYPES
 from tests.conftest import bundle_resources
@@ -197,30 +200,74 @@ def decision_response(patient_ref: str, board_date: str = "2026-11-20") -> Resou
 
 
 def routed_record(
-    resource: dict[str, Any],
+    resource: Resource | None,
     *,
     patient_key: str,
     op: str = "UPDATE",
+    site: str = "site-a",
+    target: str = "central",
+    resource_type: str | None = None,
+    source_id: str | None = None,
+    target_id: str | None = None,
     origin: tuple[str, int, int] = ("t", 0, 0),
-    source_version: int = 1,
+    source_version: int | None = 1,
     source_lsn: int | None = None,
+    content_hash: str | EllipsisType | None = ...,
+    dependencies: Iterable[str] = (),
+    source_commit_ms: int = 0,
+    captured_ms: int = 0,
 ) -> RoutedResource:
-    """A ready record of site-a for central, the resource written at its own id (tests of the sink)."""
+    """A record of `site` for `target` (by default a ready record of site-a for central), carrying `resource`
+    as JSON; a DELETE carries no resource. Its type and ids are the resource's own unless given;
+    `content_hash` defaults to the resource's canonical hash (None for a DELETE)."""
+    known = resource or {}  # where the type and ids come from when not given
+    body = None if op == "DELETE" else resource
+    if isinstance(content_hash, EllipsisType):
+        content_hash = None if body is None else canonical_hash(body)
     return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
+        source_commit_ms=source_commit_ms,
+        captured_ms=captured_ms,
         origin_topic=origin[0],
         origin_partition=origin[1],
         origin_offset=origin[2],
-        site="site-a",
-        target="central",
-        resource_type=resource["resourceType"],
-        source_id=resource["id"],
-        target_id=resource["id"],
+        site=site,
+        target=target,
+        resource_type=known["resourceType"] if resource_type is None else resource_type,
+        source_id=known["id"] if source_id is None else source_id,
+        target_id=known["id"] if target_id is None else target_id,
         patient_key=patient_key,
         op=op,
-        resource=orjson.dumps(resource).decode(),
-        content_hash=canonical_hash(resource),
+        resource=None if body is None else orjson.dumps(body).decode(),
+        content_hash=content_hash,
+        dependencies=list(dependencies),
         source_version=source_version,
         source_lsn=source_lsn,
     )
+
+
+def hospital_copy(central_id: str, version: int, decision: str | None, *, target: str) -> RoutedResource:
+    """Central's version `version` of a decision (a Basic resource) as the write-back record of `target`'s
+    copy, in the hospital's form; decision None: its deletion."""
+    central = {"resourceType": "Basic", "id": central_id, "code": {"text": decision or "deleted"}}
+    body = hospital_form(central, "central", "patient-key", "local-patient", version)
+    return routed_record(
+        body,
+        site="central",
+        target=target,
+        source_id=central_id,
+        patient_key="patient-key",
+        op="DELETE" if decision is None else "UPDATE",
+        origin=("cdc.central.fhir.resource", 0, version),
+        source_version=version,
+        content_hash=None,
+    )
+
+
+def untagged_copy(copy: RoutedResource) -> Resource:
+    """A hospital copy's body as written before versions were tagged (or by hand): no version tag, and
+    its decision text "untagged"."""
+    assert copy.resource is not None
+    untagged: Resource = orjson.loads(copy.resource)
+    untagged["meta"]["tag"] = [t for t in untagged["meta"]["tag"] if t["system"] != "urn:cdrsync:source-version"]
+    untagged["code"]["text"] = "untagged"
+    return untagged

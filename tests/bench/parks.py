@@ -26,6 +26,7 @@ import rocksdict
 
 from pipeline.ordering import OrderState, ParkDeadlines, expire_parked, order_record
 from pipeline.records import RoutedResource
+from tests.casebuilder import routed_record
 
 from .machine import describe_machine, load_average
 
@@ -82,23 +83,13 @@ class RocksTable(MutableMapping[str, Any]):
 def _record(n: int) -> RoutedResource:
     """An Observation of a back-loaded patient whose Encounter has not come yet (about 1 KiB, as the demo's)."""
     body = {"resourceType": "Observation", "id": f"o{n}", "status": "final", "note": [{"text": "x" * 700}]}
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="cdc.site-a.fhir.resource",
-        origin_partition=n % 3,
-        origin_offset=n,
-        site="site-a",
-        target="central",
-        resource_type="Observation",
-        source_id=f"o{n}",
-        target_id=f"o{n}",
+    return routed_record(
+        body,
         patient_key=f"p{n // 10}",
         op="CREATE",
-        resource=orjson.dumps(body).decode(),
+        origin=("cdc.site-a.fhir.resource", n % 3, n),
         content_hash=f"h{n}",
         dependencies=[f"Patient/p{n // 10}", f"Encounter/e{n}"],
-        source_version=1,
     )
 
 

@@ -11,13 +11,13 @@ import asyncio
 import uuid
 from typing import Any
 
-import orjson
 import pytest
 
-from pipeline.backflow import hospital_form, write_fhir_copy, written_version
+from pipeline.backflow import write_fhir_copy, written_version
 from pipeline.config import TargetEndpoint
 from pipeline.fhirclient import FhirClient
 from pipeline.records import RoutedResource
+from tests.casebuilder import hospital_copy, untagged_copy
 
 from .conftest import Central
 
@@ -25,25 +25,7 @@ pytestmark = pytest.mark.integration
 
 
 def _copy(central_id: str, version: int, decision: str | None) -> RoutedResource:
-    """Central's version `version` of a resource as the hospital's copy; decision None: its deletion."""
-    central = {"resourceType": "Basic", "id": central_id, "code": {"text": decision or "deleted"}}
-    body = hospital_form(central, "central", "patient-key", "local-patient", version)
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="cdc.central.fhir.resource",
-        origin_partition=0,
-        origin_offset=version,
-        source_version=version,
-        site="central",
-        target="site-x",
-        resource_type="Basic",
-        source_id=central_id,
-        target_id=body["id"],
-        patient_key="patient-key",
-        op="DELETE" if decision is None else "UPDATE",
-        resource=None if decision is None else orjson.dumps(body).decode(),
-    )
+    return hospital_copy(central_id, version, decision, target="site-x")
 
 
 def _write_all(stack: Central, copies: list[RoutedResource]) -> list[str]:
@@ -98,10 +80,7 @@ def test_a_copy_without_a_version_is_replaced(stack: Central) -> None:
     """A copy written before versions were tagged (or by hand) holds no version: any version replaces it."""
     central_id = f"wb-{uuid.uuid4().hex[:12]}"
     v1 = _copy(central_id, 1, "decision 1")
-    assert v1.resource is not None
-    untagged = orjson.loads(v1.resource)
-    untagged["meta"]["tag"] = [t for t in untagged["meta"]["tag"] if t["system"] != "urn:cdrsync:source-version"]
-    untagged["code"]["text"] = "untagged"
+    untagged = untagged_copy(v1)
     stack.send(untagged, method="PUT")
 
     assert _write_all(stack, [v1])[0].startswith("upserted")

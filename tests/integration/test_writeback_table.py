@@ -17,11 +17,12 @@ import orjson
 import psycopg
 import pytest
 
-from pipeline.backflow import hospital_form, written_version
+from pipeline.backflow import written_version
 from pipeline.config import Config
 from pipeline.demo import site_dsn
 from pipeline.hospitaltable import WRITEBACK_DELETION_DDL, WriteBackSetupError, connect, write_table_copy
 from pipeline.records import RoutedResource
+from tests.casebuilder import hospital_copy, untagged_copy
 
 from .conftest import SETTINGS
 
@@ -68,25 +69,7 @@ def hospital(config: Config) -> Iterator[HospitalTable]:
 
 
 def _copy(central_id: str, version: int, decision: str | None) -> RoutedResource:
-    """Central's version `version` of a decision as the hospital's copy; decision None: its deletion."""
-    central = {"resourceType": "Basic", "id": central_id, "code": {"text": decision or "deleted"}}
-    body = hospital_form(central, "central", "patient-key", "local-patient", version)
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="cdc.central.fhir.resource",
-        origin_partition=0,
-        origin_offset=version,
-        source_version=version,
-        site="central",
-        target="site-a",
-        resource_type="Basic",
-        source_id=central_id,
-        target_id=body["id"],
-        patient_key="patient-key",
-        op="DELETE" if decision is None else "UPDATE",
-        resource=None if decision is None else orjson.dumps(body).decode(),
-    )
+    return hospital_copy(central_id, version, decision, target="site-a")
 
 
 def _decision(row: tuple[int, dict[str, Any]] | None) -> str | None:
@@ -136,10 +119,7 @@ def test_a_row_without_a_version_is_replaced(hospital: HospitalTable) -> None:
     """A row written before versions were tagged (or by hand) holds no version: any version replaces it."""
     central_id = f"wb-{uuid.uuid4().hex[:12]}"
     v1 = _copy(central_id, 1, "decision 1")
-    assert v1.resource is not None
-    untagged = orjson.loads(v1.resource)
-    untagged["meta"]["tag"] = [t for t in untagged["meta"]["tag"] if t["system"] != "urn:cdrsync:source-version"]
-    untagged["code"]["text"] = "untagged"
+    untagged = untagged_copy(v1)
     with hospital.conn.cursor() as cursor:
         cursor.execute(
             f'INSERT INTO {SCHEMA}."{hospital.table}" (resource_type, id, content) VALUES (%s, %s, %s)',

@@ -36,7 +36,7 @@ from pipeline.ids import CDRSYNC_REQUEST_PREFIX, request_id, target_id
 from pipeline.normalize import SourcePosition, normalize_change
 from pipeline.records import NormalizedResource, RoutedResource
 from pipeline.references import logical_system
-from tests.casebuilder import decision_response
+from tests.casebuilder import decision_response, routed_record
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -184,10 +184,9 @@ def test_every_request_to_a_fhir_server_carries_a_request_id_of_cdrsync_s() -> N
 
 def _central_record(op: str = "CREATE") -> RoutedResource:
     body = {**decision_response(f"Patient/{KEY}"), "id": "q1", "encounter": {"reference": "Encounter/e-central"}}
-    return RoutedResource(
-        0, 0, "t", 0, 0, site="central", resource_type="QuestionnaireResponse", source_id="q1", target_id="q1",
-        patient_key=KEY, op=op, resource=None if op == "DELETE" else orjson.dumps(body).decode(),
-    )  # fmt: skip
+    return routed_record(
+        body, site="central", target="", patient_key=KEY, op=op, source_version=None, content_hash=None
+    )
 
 
 def _patient_version(site: str, local: str) -> str:

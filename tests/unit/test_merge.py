@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 
 from pipeline.merge import merge_patient
 from pipeline.records import RoutedResource
+from tests.casebuilder import routed_record
 
 pytestmark = pytest.mark.unit
 KEY = "9b0a1f5e-0000-5000-8000-000000000001"
@@ -23,21 +24,15 @@ def patient(site: str, version: int, family: str, mrn: str, op: str = "UPDATE") 
         ],
         "meta": {"tag": [{"system": "urn:cdrsync:origin-site", "code": site}]},
     }
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="t",
-        origin_partition=0,
-        origin_offset=version,
+    return routed_record(
+        body,
         site=site,
-        target="central",
-        resource_type="Patient",
         source_id=mrn,
-        target_id=KEY,
         patient_key=KEY,
         op=op,
-        resource=None if op == "DELETE" else orjson.dumps(body).decode(),
+        origin=("t", 0, version),
         source_version=version,
+        content_hash=None,
     )
 
 

@@ -13,23 +13,23 @@ from pipeline.config import Config
 from pipeline.errors import TargetAuthError
 from pipeline.fhirclient import classify_response
 from pipeline.observe import Readiness, held_counts, record_fields, route_labels
-from pipeline.records import NormalizedResource, RoutedResource, encode
+from pipeline.records import NormalizedResource, encode
+from tests.casebuilder import routed_record
 
 pytestmark = pytest.mark.unit
-ROUTED = RoutedResource(
-    source_commit_ms=1,
-    captured_ms=2,
-    origin_topic="cdc.site-b.fhir.resource",
-    origin_partition=2,
-    origin_offset=41,
-    source_lsn=987654,
+ROUTED = routed_record(
+    {"resourceType": "Observation", "subject": {"display": "Jane Doe"}},
     site="site-b",
-    target="central",
-    resource_type="Observation",
     source_id="obs-1",
     target_id="0f7c2b4e-0000-5000-8000-000000000001",
     patient_key="p",
-    resource='{"resourceType":"Observation","subject":{"display":"Jane Doe"}}',
+    op="CREATE",
+    origin=("cdc.site-b.fhir.resource", 2, 41),
+    source_version=None,
+    source_lsn=987654,
+    content_hash=None,
+    source_commit_ms=1,
+    captured_ms=2,
 )
 NORMALIZED = NormalizedResource(
     source_commit_ms=1,

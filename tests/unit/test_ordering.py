@@ -6,29 +6,24 @@ from hypothesis import strategies as st
 
 from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, expire_parked, is_stale, order_record
 from pipeline.records import RoutedResource
+from tests.casebuilder import routed_record
 
 pytestmark = pytest.mark.unit
 
 
 def rec(ref: str, deps: tuple[str, ...] = (), op: str = "CREATE", version: int = 1) -> RoutedResource:
     resource_type, target_id = ref.split("/")
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="t",
-        origin_partition=0,
-        origin_offset=version,
-        site="site-a",
-        target="central",
+    return routed_record(
+        {},
         resource_type=resource_type,
         source_id=target_id,
         target_id=target_id,
         patient_key="p1",
         op=op,
-        resource=None if op == "DELETE" else "{}",
-        content_hash=f"h{version}",
-        dependencies=list(deps),
+        origin=("t", 0, version),
         source_version=version,
+        content_hash=f"h{version}",
+        dependencies=deps,
     )
 
 

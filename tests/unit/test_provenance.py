@@ -11,17 +11,25 @@ from fhir.resources.R4B import get_fhir_model_class
 from pipeline.provenance import add_provenance, provenance_for, provenance_id, runs_alongside
 from pipeline.records import RoutedResource
 from pipeline.references import logical_system
+from tests.casebuilder import routed_record
 
 pytestmark = pytest.mark.unit
 
 
 def rec(ref: str, site: str = "site-a", op: str = "CREATE") -> RoutedResource:
     resource_type, target_id = ref.split("/")
-    return RoutedResource(
-        1_700_000_000_000, 0, "t", 0, 0, site=site, target="central", resource_type=resource_type,
-        source_id=f"local-{target_id}", target_id=target_id, patient_key="k", op=op,
-        resource=None if op == "DELETE" else "{}",
-    )  # fmt: skip
+    return routed_record(
+        {},
+        site=site,
+        resource_type=resource_type,
+        source_id=f"local-{target_id}",
+        target_id=target_id,
+        patient_key="k",
+        op=op,
+        source_version=None,
+        content_hash=None,
+        source_commit_ms=1_700_000_000_000,
+    )
 
 
 def test_provenance_points_at_the_central_resource_and_its_source_site_and_id() -> None:

@@ -21,6 +21,7 @@ from pipeline.trigger import (
     select_records,
     tumorboard_flag,
 )
+from tests.casebuilder import routed_record
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -37,23 +38,18 @@ def rec(
 ) -> RoutedResource:
     resource_type, target_id = ref.split("/")
     content = body if body is not None else {"resourceType": resource_type, "id": target_id}
-    return RoutedResource(
-        source_commit_ms=0,
-        captured_ms=0,
-        origin_topic="t",
-        origin_partition=0,
-        origin_offset=version,
+    return routed_record(
+        content,
         site="site-b",
-        target="central",
         resource_type=resource_type,
         source_id=target_id,
         target_id=target_id,
         patient_key=patient,
         op=op,
-        resource=None if op == "DELETE" else orjson.dumps(content).decode(),
-        content_hash=f"h{version}",
-        dependencies=list(deps),
+        origin=("t", 0, version),
         source_version=version,
+        content_hash=f"h{version}",
+        dependencies=deps,
     )
 
 
