@@ -23,7 +23,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from pipeline.backflow import suppressed_routes, write_back_records, write_fhir_copy
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
-from pipeline.config import SiteConfig, TargetEndpoint
+from pipeline.config import SiteConfig
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError
 from pipeline.fhirclient import FhirClient
 from pipeline.flowmetrics import BACKFLOW, WRITEBACK_WAITING
@@ -102,9 +102,9 @@ async def _write_table(site: SiteConfig, record: RoutedResource) -> str:
 
 
 def _fhir_client(site: SiteConfig) -> FhirClient:
-    assert site.writeback is not None and site.writeback.fhir_base_url is not None
+    assert site.writeback is not None
     if site.site not in _clients:
-        _clients[site.site] = FhirClient(TargetEndpoint(fhir_base_url=site.writeback.fhir_base_url))
+        _clients[site.site] = FhirClient(site.writeback.endpoint())
     return _clients[site.site]
 
 

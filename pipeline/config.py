@@ -170,12 +170,17 @@ class WritebackConfig(_Strict):
 
     method: Literal["source-table", "fhir"] = "source-table"
     fhir_base_url: str | None = Field(default=None, pattern=r"^https?://")
+    # For "fhir", as a target's (TargetEndpoint): a bearer token (from the environment: ${SITE_B_FHIR_TOKEN:-}),
+    # the timeout of one request, and how a copy the endpoint does not hold yet is created.
+    auth_token: SecretStr | None = None
+    timeout_seconds: float = Field(default=30, gt=0)
+    first_write: Literal["guarded", "read"] = "guarded"
     # Where the worker reaches the hospital's database for "source-table" (default PG_HOST, PG_PORT): a hospital's
     # database is usually a server of its own. User and password still come from the environment.
     host: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
 
-    @field_validator("host", "port", mode="before")
+    @field_validator("host", "port", "auth_token", "fhir_base_url", mode="before")
     @classmethod
     def _empty_is_default(cls, value: object) -> object:
         return None if value in ("", None) else value
@@ -185,6 +190,16 @@ class WritebackConfig(_Strict):
         if self.method == "fhir" and not self.fhir_base_url:
             raise ValueError("writeback.method 'fhir' needs writeback.fhir_base_url")
         return self
+
+    def endpoint(self) -> TargetEndpoint:
+        """The hospital's FHIR endpoint (method "fhir")."""
+        assert self.fhir_base_url is not None
+        return TargetEndpoint(
+            fhir_base_url=self.fhir_base_url,
+            auth_token=self.auth_token,
+            timeout_seconds=self.timeout_seconds,
+            first_write=self.first_write,
+        )
 
 
 # --- end back-flow ---------------------------------------------------------------------------------------

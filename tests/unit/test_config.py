@@ -95,3 +95,26 @@ def test_a_hospital_database_of_its_own_for_write_back_and_an_empty_value_means_
     bad = write(tmp_path, "bad.yaml", f"site: x\nadapter: fhir\n{source}writeback: {{port: 70000}}\n")
     with pytest.raises(ConfigError, match=r"writeback.port"):
         load_sites([bad])
+
+
+def test_a_hospital_fhir_endpoint_for_write_back_takes_its_token_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = "source: {database: d, schema: s, table: t, connector: c}\n"
+    text = (
+        f"site: h\nadapter: fhir\n{source}writeback:\n  method: fhir\n  fhir_base_url: https://fhir.h.example/r4\n"
+        "  auth_token: ${H_FHIR_TOKEN:-}\n  timeout_seconds: 12\n  first_write: read\n"
+    )
+    monkeypatch.setenv("H_FHIR_TOKEN", "s3cret")
+    endpoint = load_sites([write(tmp_path, "h.yaml", text)])["h"].writeback.endpoint()  # type: ignore[union-attr]
+    assert endpoint.fhir_base_url == "https://fhir.h.example/r4" and endpoint.timeout_seconds == 12
+    assert endpoint.auth_token is not None and endpoint.auth_token.get_secret_value() == "s3cret"
+    assert endpoint.first_write == "read" and "s3cret" not in repr(endpoint)
+    monkeypatch.delenv("H_FHIR_TOKEN")
+    assert load_sites([write(tmp_path, "h.yaml", text)])["h"].writeback.endpoint().auth_token is None  # type: ignore[union-attr]
+
+    no_url = write(
+        tmp_path, "n.yaml", f"site: n\nadapter: fhir\n{source}writeback: {{method: fhir, fhir_base_url: ''}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"needs writeback.fhir_base_url"):
+        load_sites([no_url])
