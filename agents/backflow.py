@@ -21,6 +21,7 @@ import psycopg
 from faust.types import EventT, StreamT
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from pipeline.acks import InOrderAcks
 from pipeline.backflow import suppressed_routes, write_back_records, write_fhir_copy
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.config import SiteConfig
@@ -226,15 +227,17 @@ class _Lanes:
     """One lane per hospital: its records written in the order read, each acknowledged once written (or
     dead-lettered). A hospital held while unreachable holds only its own lane; the others go on.
 
-    Faust commits a partition's offset only up to its oldest record not yet acknowledged, so a held record
-    keeps its partition's commit where it is: after a restart the records behind it are read again and
+    Records finish out of order across lanes, and Faust commits the first run of acknowledged offsets even
+    when it does not start at the oldest record (on a partition never committed), so each record is
+    acknowledged only once every record before it in its partition is done (InOrderAcks): a held record
+    keeps its partition's commit where it is, and after a restart the records behind it are read again and
     written again (a row whose content is unchanged is not rewritten, an older version never replaces a
     newer one). A lane takes at most CDRSYNC_WRITEBACK_LANE_RECORDS records ahead of what it has written;
     a full lane makes the stream wait, so a long outage cannot fill the worker's memory.
     """
 
     def __init__(self, stream: StreamT, capacity: int) -> None:
-        self._stream = stream
+        self.acks: InOrderAcks[EventT] = InOrderAcks(lambda event: event.message.tp, stream.ack)
         self._capacity = capacity
         self._queues: dict[str, asyncio.Queue[tuple[EventT, RoutedResource]]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}  # kept: the event loop holds its tasks only weakly
@@ -253,7 +256,7 @@ class _Lanes:
             try:
                 with processing(event):
                     await _write_back(event, record, site)
-                await self._stream.ack(event)
+                await self.acks.done(event)
             except asyncio.CancelledError:  # the worker stops: what is not acknowledged is read again
                 raise
             except Exception:  # a bug: acknowledging would lose the record, waiting would stall the hospital
@@ -272,6 +275,7 @@ async def write_back(stream: StreamT) -> None:
     lanes = _Lanes(stream, settings.writeback_lane_records)
     stream.enable_acks = False  # each record is acknowledged by its lane
     async for event in stream.events():
+        lanes.acks.track(event)
         try:
             record = decode(event.message.value, RoutedResource)
             site = config.sites.get(record.target)
@@ -280,6 +284,6 @@ async def write_back(stream: StreamT) -> None:
         except PermanentError as error:
             with processing(event):
                 await dead_letter("writeback", event, error)
-            await stream.ack(event)
+            await lanes.acks.done(event)
             continue
         await lanes.put(site, event, record)
