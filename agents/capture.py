@@ -25,6 +25,7 @@ from pipeline.capture import (
     history_entries,
     is_own_change,
     new_entries,
+    query_since,
 )
 from pipeline.config import SiteConfig
 from pipeline.errors import CdrsyncError
@@ -132,7 +133,8 @@ def _written_at(entry: HistoryEntry, judged: dict[str, Any] | None) -> str:
 async def _capture_type(site: SiteConfig, client: FhirClient, ids: RequestIds, resource_type: str) -> None:
     assert site.capture is not None
     cursor = await _load_cursor(site.site, resource_type)
-    fresh = new_entries(await _history(client, resource_type, cursor.since), cursor)
+    lookback_ms = int(site.capture.lookback_seconds * 1000)
+    fresh = new_entries(await _history(client, resource_type, query_since(cursor, lookback_ms)), cursor, lookback_ms)
     emitted = 0
     for entry in fresh:
         previous = await _previous(client, entry) if entry.resource is None else None
@@ -145,7 +147,7 @@ async def _capture_type(site: SiteConfig, client: FhirClient, ids: RequestIds, r
         BACKFLOW.labels(site.site, "", resource_type, "captured").inc()
         emitted += 1
     if fresh:
-        await _store_cursor(site.site, resource_type, advance(cursor, fresh))
+        await _store_cursor(site.site, resource_type, advance(cursor, fresh, lookback_ms))
         log.info(
             "%s at %s: %d new version(s), %d captured, %d written there by cdrsync for a hospital (skipped)",
             resource_type,

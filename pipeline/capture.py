@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -34,10 +34,12 @@ __all__ = [
     "CaptureCursor",
     "HistoryEntry",
     "RequestIds",
+    "advance",
     "change_event",
     "history_entries",
     "is_own_change",
     "new_entries",
+    "query_since",
 ]
 
 
@@ -77,10 +79,32 @@ class HistoryEntry:
 
 @dataclass
 class CaptureCursor:
-    """Where capture of one site's type stands: the last instant read and the versions seen at it."""
+    """Where capture of one site's type stands: the newest instant read, and the versions seen from `lookback`
+    before it on ("<Type/id/_history/n>@<epoch ms>"; a bare key, as older cursors kept it: seen at `since`)."""
 
     since: str | None = None
     seen: list[str] = field(default_factory=list)
+
+    def seen_at(self) -> dict[str, int]:
+        """Key → lastUpdated (epoch ms) of each version seen."""
+        at_since = _instant_ms(self.since) if self.since else 0
+        out = {}
+        for item in self.seen:
+            key, _, at = item.rpartition("@")
+            out[key or item] = int(at) if key and at.isdigit() else at_since
+        return out
+
+
+def query_since(cursor: CaptureCursor, lookback_ms: int = 0) -> str | None:
+    """The `_since` to ask for: `lookback_ms` before the newest instant read. A server may stamp a version's
+    lastUpdated when its request starts and make it visible when it commits, after a version stamped later
+    (HAPI does): read only from the newest instant, such a version would never be seen."""
+    if cursor.since is None:
+        return None
+    if not lookback_ms:
+        return cursor.since
+    start = datetime.fromtimestamp((_instant_ms(cursor.since) - lookback_ms) / 1000, tz=UTC)
+    return start.isoformat(timespec="milliseconds")
 
 
 def _instant_ms(value: str) -> int:
@@ -115,25 +139,29 @@ def history_entries(bundle: dict[str, Any]) -> list[HistoryEntry]:
     return entries
 
 
-def new_entries(entries: list[HistoryEntry], cursor: CaptureCursor) -> list[HistoryEntry]:
-    """Versions not emitted yet, oldest first (by lastUpdated, then version)."""
+def new_entries(entries: list[HistoryEntry], cursor: CaptureCursor, lookback_ms: int = 0) -> list[HistoryEntry]:
+    """Versions not emitted yet, oldest first (by lastUpdated, then version): the ones not seen, from
+    `lookback_ms` before the cursor's instant on (query_since)."""
     since_ms = _instant_ms(cursor.since) if cursor.since else None
-    seen = set(cursor.seen)
-    fresh = [
-        e for e in entries if since_ms is None or e.at_ms > since_ms or (e.at_ms == since_ms and e.key not in seen)
-    ]
+    seen = cursor.seen_at()
+    fresh = [e for e in entries if since_ms is None or (e.at_ms >= since_ms - lookback_ms and e.key not in seen)]
     unique = {e.key: e for e in fresh}
     return sorted(unique.values(), key=lambda e: (e.at_ms, e.resource_type, e.resource_id, e.version))
 
 
-def advance(cursor: CaptureCursor, emitted: list[HistoryEntry]) -> CaptureCursor:
-    """The cursor after the given (oldest-first) versions were acknowledged by Kafka."""
+def advance(cursor: CaptureCursor, emitted: list[HistoryEntry], lookback_ms: int = 0) -> CaptureCursor:
+    """The cursor after the given versions were acknowledged by Kafka (or skipped): the newest instant read,
+    and every version seen within `lookback_ms` of it."""
     if not emitted:
         return cursor
-    last = emitted[-1]
-    at_last = [e.key for e in emitted if e.at_ms == last.at_ms]
-    previous = cursor.seen if cursor.since and _instant_ms(cursor.since) == last.at_ms else []
-    return CaptureCursor(since=last.last_updated, seen=sorted({*previous, *at_last}))
+    newest = max(emitted, key=lambda e: e.at_ms)
+    since = cursor.since
+    if since is None or newest.at_ms > _instant_ms(since):
+        since = newest.last_updated
+    since_ms = _instant_ms(since)
+    seen = {**cursor.seen_at(), **{e.key: e.at_ms for e in emitted}}
+    kept = sorted(f"{key}@{at}" for key, at in seen.items() if at >= since_ms - lookback_ms)
+    return CaptureCursor(since=since, seen=kept)
 
 
 def is_own_change(resource: dict[str, Any] | None, site: str, *, by_request_id: bool = True) -> bool:

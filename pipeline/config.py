@@ -161,6 +161,9 @@ class CaptureConfig(_Strict):
 
     method: Literal["fhir-history"]
     poll_seconds: float = Field(default=2.0, gt=0)
+    # Each poll reads again this far back before the newest version read: a version the server stamped
+    # earlier but committed later (a slow request) is still found (pipeline/capture.py query_since).
+    lookback_seconds: float = Field(default=60.0, ge=0)
     schema_name: str = Field(default="fhir", alias="schema")  # the Debezium-shaped topic and source block
     table: str = "resource"
 

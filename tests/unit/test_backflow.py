@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ from pipeline.capture import (
     history_entries,
     is_own_change,
     new_entries,
+    query_since,
 )
 from pipeline.config import load_config
 from pipeline.envelope import parse_envelope
@@ -90,7 +92,7 @@ def test_cursor_rereads_its_instant_and_skips_what_it_emitted() -> None:
     first = new_entries(history_entries(_bundle(_qr("q2", 1, t2), _qr("q1", 1, t1))), CaptureCursor())
     assert [e.resource_id for e in first] == ["q1", "q2"]  # oldest first, whatever the bundle's order
     cursor = advance(CaptureCursor(), first)
-    assert cursor.since == t2 and cursor.seen == ["QuestionnaireResponse/q2/_history/1"]
+    assert cursor.since == t2 and list(cursor.seen_at()) == ["QuestionnaireResponse/q2/_history/1"]
     again = history_entries(_bundle(_qr("q2", 1, t2), _qr("q3", 1, t2), _qr("q2", 2, "2026-11-21T07:00:05Z")))
     assert [(e.resource_id, e.version) for e in new_entries(again, cursor)] == [("q3", 1), ("q2", 2)]
 
@@ -111,6 +113,46 @@ def test_polling_in_any_slices_emits_every_version_exactly_once(versions: list[A
         emitted += [e.key for e in fresh]
         cursor = advance(cursor, fresh)
     assert sorted(emitted) == sorted({f"QuestionnaireResponse/{i}/_history/{v}" for i, v, _ in ordered})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 40), st.integers(0, 20)), min_size=1, max_size=25),
+    st.lists(st.integers(0, 80), max_size=6),
+)
+def test_a_version_stamped_before_one_already_read_but_committed_after_it_is_still_emitted_once(
+    versions: list[tuple[int, int]], polls: list[int]
+) -> None:
+    """HAPI stamps lastUpdated when a request starts and shows the version when it commits: a slow edit can
+    appear after a later-stamped one was read and the cursor moved past it. Each version here is stamped at
+    `at` seconds and becomes visible up to 20 s later (within the 60 s look-back); polls at any moments."""
+    stamped = [
+        HistoryEntry("QuestionnaireResponse", f"q{i}", 1, f"2026-11-21T07:0{at // 60}:{at % 60:02d}.000+00:00", {})
+        for i, (at, _) in enumerate(versions)
+    ]
+    visible_at = [at + delay for at, delay in versions]
+    cursor, emitted = CaptureCursor(), []
+    for now in [*sorted(polls), 1_000]:  # the last poll sees everything
+        asked = query_since(cursor, 60_000)
+        since_ms = None if asked is None else int(datetime.fromisoformat(asked).timestamp() * 1000)
+        shown = [  # what the server answers to _since: versions committed by now, stamped at or after it
+            e
+            for e, t in zip(stamped, visible_at, strict=True)
+            if t <= now and (since_ms is None or e.at_ms >= since_ms)
+        ]
+        fresh = new_entries(shown, cursor, 60_000)
+        emitted += [e.key for e in fresh]
+        cursor = advance(cursor, fresh, 60_000)
+    assert sorted(emitted) == sorted(e.key for e in stamped)
+
+
+def test_a_cursor_stored_before_the_look_back_is_read_as_seen_at_its_instant() -> None:
+    old = CaptureCursor(since="2026-11-21T07:00:01.000+00:00", seen=["QuestionnaireResponse/q2/_history/1"])
+    assert old.seen_at() == {"QuestionnaireResponse/q2/_history/1": 1_795_244_401_000}
+    assert query_since(old, 60_000) == "2026-11-21T06:59:01.000+00:00"
+    assert query_since(old) == old.since and query_since(CaptureCursor(), 60_000) is None
+    again = history_entries(_bundle(_qr("q2", 1, old.since), _qr("q1", 1, "2026-11-21T07:00:00.500+00:00")))
+    assert [e.resource_id for e in new_entries(again, old, 60_000)] == ["q1"]
 
 
 def test_versions_cdrsync_wrote_for_a_hospital_are_not_central_changes() -> None:
