@@ -31,7 +31,16 @@ __all__ = [
     "TargetAuthError",
     "TargetUnavailableError",
     "VersionConflictError",
+    "shape",
 ]
+
+
+def shape(value: object, limit: int = 40) -> str:
+    """A value's shape, for an error message that must not carry patient data (a birth date, a result): each
+    digit as 9, each letter as A, the rest as it is, quoted ('9999-99-99' for a date written with dashes)."""
+    text = str(value)
+    masked = "".join("9" if c.isdigit() else "A" if c.isalpha() else c for c in text[:limit])
+    return repr(masked + ("..." if len(text) > limit else ""))
 
 
 class CdrsyncError(Exception):

@@ -68,6 +68,16 @@ def test_hl7_times_keep_their_offset_and_local_times_take_the_site_zone() -> Non
         hl7_datetime("01.07.2024", berlin)
 
 
+def test_a_malformed_birth_date_is_named_by_its_shape_never_its_value() -> None:
+    """The message goes into logs, dead-letter headers and the audit: a birth date there is patient data."""
+    pid = PID.split("|")
+    pid[7] = "1962-04-17"
+    with pytest.raises(MappingError) as raised:
+        message_to_resources(_message("|".join(pid), PV1), CTX)
+    assert "1962" not in str(raised.value) and "04-17" not in str(raised.value)
+    assert "'9999-99-99' is not an HL7 v2 date/time" in str(raised.value)
+
+
 def test_identifier_systems_come_from_the_site_file_by_assigning_authority() -> None:
     patient = message_to_resources(_message(PID, PV1), CTX).resources[0]
     assert {"system": "http://fhir.de/sid/gkv/kvid-10", "value": "A123456789"} in [

@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 
 import hl7
 
-from ...errors import MappingError
+from ...errors import MappingError, shape
 
 __all__ = ["NULL", "Message", "Rep", "Segment", "hl7_datetime", "parse_er7"]
 
@@ -111,7 +111,7 @@ class Message:
         try:
             self._parsed = hl7.parse("\r".join(lines))
         except Exception as exc:  # python-hl7 raises several types on malformed input
-            raise MappingError(f"HL7 v2 message cannot be parsed: {exc}") from None
+            raise MappingError(f"HL7 v2 message cannot be parsed ({type(exc).__name__})") from None
         self.segments = [self._segment(s) for s in self._parsed]
 
     def _segment(self, parsed: Any) -> Segment:
@@ -181,12 +181,12 @@ def hl7_datetime(value: str | None, tz: ZoneInfo) -> str | None:
         return None
     match = _TS.match(value.strip())
     if not match:
-        raise MappingError(f"{value!r} is not an HL7 v2 date/time")
+        raise MappingError(f"{shape(value)} is not an HL7 v2 date/time")
     year, month, day, hour, minute, second, fraction, offset = match.groups()
     if hour is None:
         return "-".join(p for p in (year, month, day) if p)
     if month is None or day is None:
-        raise MappingError(f"{value!r}: a time needs a full date")
+        raise MappingError(f"{shape(value)}: a time needs a full date")
     stamp = datetime(int(year), int(month), int(day), int(hour), int(minute or 0), int(second or 0))
     text = stamp.isoformat()
     if fraction:

@@ -6,7 +6,7 @@ import base64
 import re
 from typing import Any
 
-from ...errors import MappingError
+from ...errors import MappingError, shape
 from .datatypes import UCUM, Hl7Context, clean, cwe_to_codeable, hl7_source_id, xcn_to_reference
 from .er7 import Rep, Segment
 from .segments import order_status, report_status
@@ -30,7 +30,7 @@ _V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterp
 
 def _number(text: str, where: str) -> int | float:
     if not _NUMBER.match(text.strip()):
-        raise MappingError(f"{where}: {text!r} is not a number")
+        raise MappingError(f"{where}: {shape(text)} is not a number")
     value = float(text)
     return int(value) if value.is_integer() and "." not in text else value
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from ...errors import MappingError
+from ...errors import MappingError, shape
 
 __all__ = [
     "TERMINOLOGY_SYSTEMS",
@@ -200,7 +200,7 @@ def fhir_datetime(value: str, tz: ZoneInfo) -> str:
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise MappingError(f"{value!r} is not an ISO 8601 date/time") from None
+        raise MappingError(f"{shape(value)} is not an ISO 8601 date/time") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=tz)
     return parsed.isoformat()
