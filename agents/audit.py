@@ -29,9 +29,7 @@ async def emit_audit(step: Step, record: NormalizedResource | RoutedResource, **
 
 
 def _dsn() -> str:
-    secret = f" password={settings.pg_password_value}" if settings.pg_password_value else ""
-    where = f"host={settings.pg_host} port={settings.pg_port} user={settings.pg_user}"
-    return f"{where} dbname={settings.audit_database}{secret}"
+    return settings.pg_dsn(settings.audit_database)
 
 
 @app.service

@@ -78,10 +78,12 @@ async def report_echoes(record: NormalizedResource) -> None:
 
 def _dsn(site: SiteConfig) -> str:
     assert site.source is not None and site.writeback is not None
-    host, port = site.writeback.host or settings.pg_host, site.writeback.port or settings.pg_port
-    secret = f" password={settings.pg_password_value}" if settings.pg_password_value else ""
-    where = f"host={host} port={port} user={settings.pg_user} connect_timeout={_CONNECT_TIMEOUT_SECONDS}"
-    return f"{where} dbname={site.source.database}{secret}"
+    return settings.pg_dsn(
+        site.source.database,
+        host=site.writeback.host,
+        port=site.writeback.port,
+        connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+    )
 
 
 async def _connection(site: SiteConfig) -> psycopg.AsyncConnection[Any]:

@@ -52,11 +52,7 @@ _INTERVAL = min((s.capture.poll_seconds for s in config.capture_sites() if s.cap
 async def _cursor_db() -> psycopg.AsyncConnection[Any]:
     connection = _state.get("db")
     if connection is None or connection.closed:
-        secret = f" password={settings.pg_password_value}" if settings.pg_password_value else ""
-        dsn = (
-            f"host={settings.pg_host} port={settings.pg_port} user={settings.pg_user} dbname={settings.audit_database}"
-        )
-        connection = await psycopg.AsyncConnection.connect(dsn + secret, autocommit=True)
+        connection = await psycopg.AsyncConnection.connect(settings.pg_dsn(settings.audit_database), autocommit=True)
         async with connection.cursor() as cursor:
             await cursor.execute(CAPTURE_CURSOR_DDL)
         _state["db"] = connection

@@ -18,6 +18,7 @@ from .identity import global_patient_key, route_resource, shared_identifier
 from .ids import target_id
 from .records import NormalizedResource, canonical_hash
 from .resources import SUPPORTED_TYPES, patient_reference
+from .settings import pg_dsn
 from .trigger import TRIGGER_ALL, TriggerTables, select_records
 
 __all__ = ["DEMO_ASSIGNMENT", "Row", "bundle_rows", "site_dsn", "upsert_rows"]
@@ -117,8 +118,7 @@ def demo_flags(site: str) -> list[Row]:
 def site_dsn(site: SiteConfig, host: str, port: int, user: str, password: str | None) -> str:
     """libpq connection string for a site's source database."""
     assert site.source is not None
-    secret = f" password={password}" if password else ""
-    return f"host={host} port={port} user={user} dbname={site.source.database}{secret}"
+    return pg_dsn(host, port, user, site.source.database, password)
 
 
 def upsert_rows(dsn: str, rows: Iterable[Row], *, table: str = "fhir.resource") -> int:

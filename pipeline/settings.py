@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from psycopg.conninfo import make_conninfo
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -118,3 +119,24 @@ class Settings(BaseSettings):
     def pg_password_value(self) -> str | None:
         """The database password, if one is set (demo and test tooling only)."""
         return self.pg_password.get_secret_value() if self.pg_password else None
+
+    def pg_dsn(self, dbname: str, *, host: str | None = None, port: int | None = None, **options: str | int) -> str:
+        """libpq connection string for a database of PG_HOST:PG_PORT (or host, port), as PG_SUPERUSER with
+        PG_PASSWORD, every value quoted as libpq needs (a password with a space or a quote stays whole and
+        never shows up in a parse error)."""
+        return pg_dsn(
+            self.pg_host if host is None else host,
+            self.pg_port if port is None else port,
+            self.pg_user,
+            dbname,
+            self.pg_password_value,
+            **options,
+        )
+
+
+def pg_dsn(host: str, port: int, user: str, dbname: str, password: str | None, **options: str | int) -> str:
+    """libpq connection string, each value quoted (psycopg's make_conninfo)."""
+    values: dict[str, str | int] = {"host": host, "port": port, "user": user, "dbname": dbname, **options}
+    if password:
+        values["password"] = password
+    return make_conninfo("", **values)
