@@ -125,15 +125,19 @@ async def batched(size: int) -> AsyncIterator[None]:
         os._exit(_EXIT_UNDELIVERABLE)
     finally:
         _pending.reset(token)
-    if pending and isinstance(app.producer, IdempotentProducer):
-        app.producer.send_now()  # the outputs go now, not after the producer's linger (agents/sending.py)
-    for topic, future in pending:
-        try:
-            await future
-        except Exception:
-            log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
-            os._exit(_EXIT_UNDELIVERABLE)
-    await _apply_batch(tables)
+    try:
+        if pending and isinstance(app.producer, IdempotentProducer):
+            app.producer.send_now()  # the outputs go now, not after the producer's linger (agents/sending.py)
+        for topic, future in pending:
+            try:
+                await future
+            except Exception:
+                log.critical("cannot deliver to %s; exiting so the input is not committed", topic, exc_info=True)
+                os._exit(_EXIT_UNDELIVERABLE)
+        await _apply_batch(tables)
+    except asyncio.CancelledError:  # as in the body: the batch's table changes would be lost, its inputs acked
+        log.warning("stopped while a batch of %d was delivered or applied; exiting without acknowledging it", size)
+        os._exit(0)
 
 
 @contextmanager

@@ -169,3 +169,40 @@ def test_a_partition_standing_still_behind_waiting_records_is_stalled_but_a_chan
     assert watchdog._stalled_partitions(start + watchdog.settings.stall_seconds) == [(stream_tp, 10, 25)]
     monkeypatch.setitem(consumer._committed_offset, stream_tp, 11)  # it moved: the clock starts again
     assert watchdog._stalled_partitions(start + watchdog.settings.stall_seconds + 1) == []
+
+
+def test_on_a_partition_never_committed_write_back_acks_in_order_so_a_held_record_is_not_committed_over(
+    consumer,
+) -> None:
+    """Faust (and GapRefusingConsumer) take the first run of acknowledged offsets of a partition the group
+    never committed wherever it starts: write-back's lanes finish out of order, so they acknowledge through
+    InOrderAcks (agents/backflow.py _Lanes), which holds a record's acknowledgement behind an earlier one."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipeline.acks import InOrderAcks
+
+    tp = TP("fhir.ready.v1-test", 7)
+    consumer._committed_offset.pop(tp, None)
+    consumer._acked[tp], consumer._acked_index[tp] = [], set()
+    assert consumer._hole(tp) is None  # no committed offset: nothing to compare with
+    consumer._acked[tp], consumer._acked_index[tp] = [1], {1}
+    assert consumer._new_offset(tp) == 2  # acknowledged directly: offset 0, still held, would be committed over
+    consumer._acked[tp], consumer._acked_index[tp] = [], set()
+
+    async def ack(event: SimpleNamespace) -> None:
+        consumer._acked[tp].append(event.offset)
+        consumer._acked_index[tp].add(event.offset)
+
+    held, written = SimpleNamespace(tp=tp, offset=0), SimpleNamespace(tp=tp, offset=1)
+    acks: InOrderAcks[SimpleNamespace] = InOrderAcks(lambda e: e.tp, ack)
+    acks.track(held)
+    acks.track(written)
+
+    async def run() -> None:
+        await acks.done(written)  # the other hospital's copy is written
+        assert consumer._new_offset(tp) is None  # nothing to commit while offset 0 is held
+        await acks.done(held)
+        assert consumer._new_offset(tp) == 2
+
+    asyncio.run(run())
