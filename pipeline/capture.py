@@ -117,7 +117,15 @@ def _version(value: Any) -> int:
 
 
 def history_entries(bundle: dict[str, Any]) -> list[HistoryEntry]:
-    """The versions of a history bundle (any order), deletes included."""
+    """The versions of a history bundle (any order), deletes included.
+
+    A deleted version has no resource, so its instant is the entry's response.lastModified; a server that
+    gives none (HAPI 8 does not) gets the bundle's own lastUpdated (when the server answered: at or after
+    the deletion), else the present moment: never left out, which would lose the board's deletion.
+    """
+    answered = str((bundle.get("meta") or {}).get("lastUpdated") or "") or datetime.now(UTC).isoformat(
+        timespec="milliseconds"
+    )
     entries = []
     for entry in bundle.get("entry") or []:
         resource = entry.get("resource")
@@ -126,16 +134,15 @@ def history_entries(bundle: dict[str, Any]) -> list[HistoryEntry]:
         if isinstance(resource, dict):
             meta = resource.get("meta") or {}
             rtype, rid = str(resource.get("resourceType")), str(resource.get("id"))
-            version, updated = _version(meta.get("versionId")), str(meta.get("lastUpdated") or "")
+            version, updated = _version(meta.get("versionId")), str(meta.get("lastUpdated") or answered)
         else:  # a deleted version: only the request says what was deleted
             parts = str(request.get("url") or entry.get("fullUrl") or "").split("/")
             idx = parts.index("_history") if "_history" in parts else len(parts)
             rtype, rid = parts[idx - 2], parts[idx - 1]
             version = _version(response.get("etag")) or (int(parts[idx + 1]) if idx + 1 < len(parts) else 0)
-            updated = str(response.get("lastModified") or "")
+            updated = str(response.get("lastModified") or answered)
             resource = None
-        if updated:
-            entries.append(HistoryEntry(rtype, rid, version, updated, resource))
+        entries.append(HistoryEntry(rtype, rid, version, updated, resource))
     return entries
 
 

@@ -65,6 +65,31 @@ def _bundle(*resources: dict[str, Any], deleted: tuple[str, int, str] | None = N
     return {"resourceType": "Bundle", "type": "history", "entry": entries}
 
 
+def test_a_deletion_without_an_instant_is_read_at_the_bundle_s_and_not_left_out() -> None:
+    """HAPI 8's _history gives a deleted version no lastModified (as the server answered it, trimmed): it
+    was left out, so the board's deletion of a decision never reached the hospitals."""
+    bundle = {
+        "resourceType": "Bundle",
+        "meta": {"lastUpdated": "2026-12-06T21:20:35.439+00:00"},
+        "type": "history",
+        "entry": [
+            {
+                "fullUrl": "http://localhost:8080/fhir/QuestionnaireResponse/9a5f",
+                "request": {"method": "DELETE", "url": "QuestionnaireResponse/9a5f/_history/4"},
+                "response": {"status": "200 OK", "etag": 'W/"4"'},
+            },
+            {"resource": _qr("9a5f", 3, "2026-12-06T21:17:49.306+00:00"), "request": {"method": "PUT"}},
+        ],
+    }
+    entries = history_entries(bundle)
+    assert [(e.resource_id, e.version, e.resource is None) for e in entries] == [("9a5f", 4, True), ("9a5f", 3, False)]
+    assert entries[0].last_updated == "2026-12-06T21:20:35.439+00:00"
+    cursor = CaptureCursor(since="2026-12-06T21:17:49.306+00:00", seen=["QuestionnaireResponse/9a5f/_history/3"])
+    assert [e.key for e in new_entries(entries, cursor, 60_000)] == ["QuestionnaireResponse/9a5f/_history/4"]
+    without_meta = history_entries({**bundle, "meta": {}})
+    assert without_meta[0].version == 4 and without_meta[0].at_ms > entries[0].at_ms  # the present moment
+
+
 def test_history_versions_become_debezium_events_the_normalize_stage_reads() -> None:
     entries = history_entries(_bundle(_qr("q1", 1, "2026-11-21T07:00:00.000+00:00")))
     key, value = change_event("central", "fhir", "resource", entries[0], None, now_ms=1)
