@@ -182,6 +182,7 @@ async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
     (version N there).
     """
     rtype, rid = record.resource_type, record.target_id
+    create_refused = False
     for _ in range(_RACES):
         current = await client.read(rtype, rid)
         # A deleted copy: its last version, which carries the deletion's version (tagged just before it).
@@ -202,12 +203,15 @@ async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
             if current is not None:  # over the version read (a server that numbers none: unconditionally)
                 version = (current.get("meta") or {}).get("versionId")
                 written = await client.put(rtype, rid, body, if_match=str(version) if version else None)
-            elif last is not None:  # a deleted copy (a create-only write refuses it): written over
+            elif last is not None or create_refused:
+                # A deleted copy (a create-only write refuses it): written over. Or a create refused while
+                # nothing was there, and still nothing: a plain write, whose own answer says why (a 400, a 403).
                 written = await client.put(rtype, rid, body)
             else:
                 created = await client.create_if_absent(rtype, rid, body)
                 if created is None and client.create_only_version is not None:
-                    continue  # created meanwhile: decide again against it
+                    create_refused = True
+                    continue  # created meanwhile, or refused: decide again against what is there now
                 written = created or await client.put(rtype, rid, body)  # a target that cannot create only-if-absent
             return f"upserted (FHIR version {written.version_id})"
         except VersionConflictError:

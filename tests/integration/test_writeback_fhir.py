@@ -8,13 +8,16 @@ from this server's _history, and a QuestionnaireResponse tagged as central's wou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any
 
+import orjson
 import pytest
 
 from pipeline.backflow import write_fhir_copy, written_version
 from pipeline.config import TargetEndpoint
+from pipeline.errors import RejectedByTargetError
 from pipeline.fhirclient import FhirClient
 from pipeline.records import RoutedResource
 from tests.casebuilder import hospital_copy, untagged_copy
@@ -86,3 +89,16 @@ def test_a_copy_without_a_version_is_replaced(stack: Central) -> None:
     assert _write_all(stack, [v1])[0].startswith("upserted")
     there = _there(stack, v1)
     assert there is not None and there["code"]["text"] == "decision 1"
+
+
+def test_a_copy_the_server_refuses_is_dead_lettered_with_the_server_s_reason(stack: Central) -> None:
+    """A create-only write refused while nothing is there is not a race: the copy is written plainly, and the
+    server's own answer (here a 400: the body's id is not the one in the URL) is what the dead letter says."""
+    copy = _copy(f"wb-{uuid.uuid4().hex[:12]}", 1, "decision 1")
+    assert copy.resource is not None
+    broken = orjson.loads(copy.resource)
+    broken["id"] = f"other-{uuid.uuid4().hex[:12]}"
+    with pytest.raises(RejectedByTargetError) as refused:
+        _write_all(stack, [dataclasses.replace(copy, resource=orjson.dumps(broken).decode())])
+    assert refused.value.status == 400 and refused.value.error_class == "rejected_by_target"
+    assert _there(stack, copy) is None
