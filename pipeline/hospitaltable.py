@@ -22,7 +22,7 @@ from .backflow import SOURCE_VERSION_TAG_SYSTEM
 from .errors import PermanentError, TargetUnavailableError
 from .records import RoutedResource
 
-__all__ = ["WRITEBACK_DELETION_DDL", "WriteBackSetupError", "connect", "write_table_copy"]
+__all__ = ["WRITEBACK_DELETION_DDL", "RefusedByHospitalError", "WriteBackSetupError", "connect", "write_table_copy"]
 
 WRITEBACK_DELETION_DDL = """
 CREATE SCHEMA IF NOT EXISTS cdrsync;
@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS cdrsync.writeback_deletion (
   PRIMARY KEY (source_table, resource_type, id)
 );
 """
+
+
+class RefusedByHospitalError(PermanentError):
+    """The hospital's database refused the row (a constraint, a type): named by its SQLSTATE and primary
+    message only, since PostgreSQL's detail quotes the row."""
+
+    error_class = "rejected_by_target"
 
 
 class WriteBackSetupError(PermanentError):
@@ -92,9 +99,21 @@ async def write_table_copy(
     written from a newer central version than the record's, or deleted at one, is left as it is.
 
     Returns what happened, for the audit: upserted, unchanged, deleted, absent, superseded (version N
-    there) or superseded (deleted at version N there). The connection is one from connect(); psycopg's
-    errors are the caller's to sort (an OperationalError: the hospital is down).
+    there) or superseded (deleted at version N there). The connection is one from connect(). An
+    OperationalError (the hospital is down) is the caller's; any other refusal raises RefusedByHospitalError.
     """
+    try:
+        return await _write(connection, schema, table, record)
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        primary = exc.diag.message_primary or type(exc).__name__
+        raise RefusedByHospitalError(
+            f"{record.target_ref} refused by {schema}.{table} at {record.target} (SQLSTATE {exc.sqlstate}): {primary}"
+        ) from None
+
+
+async def _write(connection: psycopg.AsyncConnection[Any], schema: str, table: str, record: RoutedResource) -> str:
     target = sql.Identifier(schema, table)
     marks = (f"{schema}.{table}", record.resource_type, record.target_id)
     key = (record.resource_type, record.target_id)

@@ -20,7 +20,13 @@ import pytest
 from pipeline.backflow import written_version
 from pipeline.config import Config
 from pipeline.demo import site_dsn
-from pipeline.hospitaltable import WRITEBACK_DELETION_DDL, WriteBackSetupError, connect, write_table_copy
+from pipeline.hospitaltable import (
+    WRITEBACK_DELETION_DDL,
+    RefusedByHospitalError,
+    WriteBackSetupError,
+    connect,
+    write_table_copy,
+)
 from pipeline.records import RoutedResource
 from tests.casebuilder import hospital_copy, untagged_copy
 
@@ -174,3 +180,21 @@ def test_a_database_user_without_create_rights_needs_the_marks_table_made_for_it
         with psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
             admin.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_a_row_the_hospital_refuses_is_named_without_its_content(hospital: HospitalTable) -> None:
+    """PostgreSQL's detail quotes the failing row (the decision itself): the dead letter's reason, logged and
+    audited, carries the SQLSTATE and the primary message only."""
+    with hospital.conn.cursor() as cursor:
+        cursor.execute(
+            f'ALTER TABLE {SCHEMA}."{hospital.table}" ADD CONSTRAINT no_refused '
+            "CHECK (content->'code'->>'text' <> 'refused decision')"
+        )
+    copy = _copy(f"wb-{uuid.uuid4().hex[:12]}", 1, "refused decision")
+    with pytest.raises(RefusedByHospitalError) as refused:
+        hospital.write([copy])
+    message = str(refused.value)
+    assert "refused decision" not in message and "Failing row" not in message
+    assert "SQLSTATE 23514" in message and "no_refused" in message and copy.target_id in message
+    assert refused.value.error_class == "rejected_by_target"
+    assert hospital.row(copy) is None
