@@ -7,14 +7,17 @@
 #   fhir.sh status    one line; exit 0 only when /metadata answers 200
 # Settings live in compose/fhir/fhir-server.properties; env.sh's FHIR_PORT and the path of FHIR_BASE_URL override
 # the port and base path there. Also: FHIR_JAVA_OPTS (heap, default -Xms256m -Xmx2g), FHIR_BIND_HOST (default
-# 127.0.0.1), FHIR_START_TIMEOUT (seconds, default 300: a cold first start creates the schema).
+# 127.0.0.1), FHIR_START_TIMEOUT (seconds, default 300: a cold first start creates the schema). A second server
+# of the same build (the fault suite's hospital FHIR endpoint): FHIR_NAME (service name for its pid and log,
+# default fhir) with FHIR_PORT, FHIR_BASE_URL and FHIR_DATA (its database directory, default $STACK_DATA/$FHIR_NAME).
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 FHIR_SRC="$REPO_ROOT/compose/fhir"
 FHIR_LIB="$STACK_LIB/fhir"
 FHIR_JAR="$FHIR_LIB/cdrsync-fhir-server.jar"
-FHIR_DATA="$STACK_DATA/fhir"
+FHIR_NAME="${FHIR_NAME:-fhir}"
+FHIR_DATA="${FHIR_DATA:-$STACK_DATA/$FHIR_NAME}"
 FHIR_STAMP="$FHIR_LIB/.build-stamp"
 FHIR_START_TIMEOUT="${FHIR_START_TIMEOUT:-300}"
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
@@ -44,8 +47,8 @@ cmd_install() {
   local want
   want="$(fhir_source_hash)"
   if [ -f "$FHIR_JAR" ] && [ -f "$FHIR_STAMP" ] && [ "$(cat "$FHIR_STAMP")" = "$want" ]; then return 0; fi
-  if is_running fhir; then  # never swap the jars under a running server
-    log "compose/fhir changed but fhir is running (pid $(pid_of fhir)): rebuild skipped; fhir.sh stop && fhir.sh start rebuilds"
+  if is_running fhir || is_running "$FHIR_NAME"; then  # never swap the jars under a running server
+    log "compose/fhir changed but a server of it is running: rebuild skipped; fhir.sh stop && fhir.sh start rebuilds"
     return 0
   fi
   log "building the FHIR server (compose/fhir, HAPI FHIR JPA from Maven Central) into $FHIR_LIB"
@@ -60,27 +63,27 @@ cmd_install() {
 }
 
 cmd_start() {
-  is_running fhir || cmd_install
-  if is_running fhir; then
-    log "fhir already running (pid $(pid_of fhir))"
+  is_running "$FHIR_NAME" || cmd_install
+  if is_running "$FHIR_NAME"; then
+    log "$FHIR_NAME already running (pid $(pid_of "$FHIR_NAME"))"
   else
     port_open "$FHIR_PORT" && die "port $FHIR_PORT is already taken by another process (set FHIR_PORT)"
     mkdir -p "$FHIR_DATA"
-    start_bg fhir "${FHIR_JVM[@]}"
+    start_bg "$FHIR_NAME" "${FHIR_JVM[@]}"
   fi
-  wait_until fhir "$FHIR_START_TIMEOUT" metadata_ok
+  wait_until "$FHIR_NAME" "$FHIR_START_TIMEOUT" metadata_ok
 }
 
-cmd_stop() { stop_bg fhir 60; }
+cmd_stop() { stop_bg "$FHIR_NAME" 60; }
 
 cmd_status() {
   if metadata_ok; then
-    if is_running fhir; then echo "fhir: up (pid $(pid_of fhir), $FHIR_BASE_URL)"
-    else echo "fhir: up ($FHIR_BASE_URL answers, but not started by this stack: no pid in $STACK_RUN)"; fi
-  elif is_running fhir; then
-    echo "fhir: down (pid $(pid_of fhir) running but $FHIR_BASE_URL/metadata does not answer 200 yet)"; return 1
+    if is_running "$FHIR_NAME"; then echo "$FHIR_NAME: up (pid $(pid_of "$FHIR_NAME"), $FHIR_BASE_URL)"
+    else echo "$FHIR_NAME: up ($FHIR_BASE_URL answers, but not started by this stack: no pid in $STACK_RUN)"; fi
+  elif is_running "$FHIR_NAME"; then
+    echo "$FHIR_NAME: down (pid $(pid_of "$FHIR_NAME") running but $FHIR_BASE_URL/metadata does not answer 200 yet)"; return 1
   else
-    echo "fhir: down ($FHIR_BASE_URL)"; return 1
+    echo "$FHIR_NAME: down ($FHIR_BASE_URL)"; return 1
   fi
 }
 

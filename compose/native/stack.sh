@@ -43,7 +43,12 @@ cmd_up() {
 }
 
 cmd_down() {
-  local s rc=0
+  local s rc=0 f
+  for f in "$STACK_RUN"/fhir-*.pid; do  # a second FHIR server a test started (FHIR_NAME) and left running
+    [ -e "$f" ] || continue
+    s="$(basename "$f" .pid)"
+    FHIR_NAME="$s" bash "$NATIVE_DIR/fhir.sh" stop || { log "stopping $s failed"; rc=1; }
+  done
   for s in $(services | tac); do svc "$s" stop || { log "stopping $s failed"; rc=1; }; done
   return $rc
 }
