@@ -8,6 +8,7 @@ Validation only checks; the JSON we forward is the source's, never a re-serialis
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -97,14 +98,45 @@ def validate_resource(resource: dict[str, Any]) -> None:
         raise MappingError(f"invalid FHIR R4 {resource_type}: {problems}") from None
 
 
+_PATIENT_REFERENCE = re.compile(r"^Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+
+
 def patient_reference(resource: dict[str, Any]) -> str | None:
-    """The literal reference to the resource's patient ("Patient/<id>"), itself for a Patient."""
+    """The literal reference to the resource's patient ("Patient/<id>", a version suffix left out), itself
+    for a Patient; None for a resource that names no patient (its element absent, or naming a Group, a
+    Device, a Location).
+
+    A patient named in a way identity resolution cannot follow (an absolute URL, a contained Patient, an
+    identifier alone) raises MappingError: written as it is, the resource would hang off no central Patient.
+    """
     resource_type = resource.get("resourceType")
     if resource_type == "Patient":
         return f"Patient/{resource.get('id')}"
     for element in _PATIENT_ELEMENTS.get(str(resource_type), ()):
         value = resource.get(element)
-        reference = value.get("reference") if isinstance(value, dict) else None
-        if isinstance(reference, str) and reference.startswith("Patient/"):
-            return reference
+        if not isinstance(value, dict):
+            continue
+        reference = value.get("reference")
+        if isinstance(reference, str):
+            match = _PATIENT_REFERENCE.match(reference)
+            if match:
+                return f"Patient/{match.group(1)}"
+            if reference.startswith(("#", "urn:")) or "Patient/" in reference:
+                raise MappingError(
+                    f"{resource_type}.{element} names its patient as {_reference_kind(reference)}; "
+                    "cdrsync follows only a relative reference (Patient/<id>) to the hospital's own Patient"
+                )
+        elif value.get("type") == "Patient" or (value.get("identifier") and value.get("type") in (None, "Patient")):
+            raise MappingError(
+                f"{resource_type}.{element} names its patient by identifier only; cdrsync follows only a "
+                "relative reference (Patient/<id>) to the hospital's own Patient"
+            )
     return None
+
+
+def _reference_kind(reference: str) -> str:
+    if reference.startswith("#"):
+        return "a contained resource"
+    if "://" in reference or reference.startswith("urn:"):
+        return "an absolute URL"
+    return "a reference it cannot read"

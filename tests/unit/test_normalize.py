@@ -103,3 +103,12 @@ def test_a_change_larger_than_the_limit_is_oversize(config) -> None:
     with pytest.raises(OversizeError, match=f"{len(value)} bytes exceeds the limit of {len(value) - 1} bytes"):
         normalize_change(config.sites["site-a"], value, POS, max_bytes=len(value) - 1)
     assert normalize_change(config.sites["site-a"], value, POS, max_bytes=len(value)) is not None
+
+
+def test_an_observation_whose_patient_is_an_absolute_url_is_a_mapping_error(config) -> None:
+    """Through the stage it is dead-lettered with this reason (stage normalize, class mapping), never written
+    to central attached to no Patient."""
+    observation = first_of("ORU-R01-01", "Observation")
+    absolute = {**observation, "subject": {"reference": "https://fhir.site-a.example/Patient/123"}}
+    with pytest.raises(MappingError, match=r"Observation.subject names its patient as an absolute URL"):
+        normalize_change(config.sites["site-a"], debezium_value("c", None, row(absolute)), POS)
