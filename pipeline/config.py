@@ -349,7 +349,27 @@ def load_sites(paths: Iterable[Path]) -> dict[str, SiteConfig]:
                     f"{origin[name]}: field 'routes.{index}.target': '{route.target}' is not a site with a "
                     "'target' endpoint"
                 )
+    _one_shared_identifier_per_target(sites, origin)
     return sites
+
+
+def _one_shared_identifier_per_target(sites: dict[str, SiteConfig], origin: dict[str, Path]) -> None:
+    """Every site routing to one target matches patients by the same identifier system: the central Patient's
+    id derives from system and value, so two spellings of one system (an old NamingSystem URI, a trailing
+    slash) would make every shared patient two central Patients."""
+    for target in {route.target for site in sites.values() for route in site.routes}:
+        systems = {
+            name: site.identity.shared_identifier_system
+            for name, site in sites.items()
+            if site.identity is not None and any(route.target == target for route in site.routes)
+        }
+        if len(set(systems.values())) > 1:
+            named = "; ".join(f"{origin[name]}: {system}" for name, system in sorted(systems.items()))
+            raise ConfigError(
+                f"sites routing to '{target}' match patients by different shared identifier systems ({named}): "
+                "the same person would become one central Patient per system; declare the same "
+                "identity.shared_identifier_system in each"
+            )
 
 
 def load_config(root: Path) -> Config:

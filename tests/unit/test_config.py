@@ -118,3 +118,19 @@ def test_a_hospital_fhir_endpoint_for_write_back_takes_its_token_from_the_enviro
     )
     with pytest.raises(ConfigError, match=r"needs writeback.fhir_base_url"):
         load_sites([no_url])
+
+
+def test_sites_routing_to_one_target_must_match_patients_by_the_same_identifier_system(tmp_path: Path) -> None:
+    source = "source: {database: d, schema: s, table: t, connector: c}\n"
+    central = write(tmp_path, "central.yaml", "site: central\nadapter: fhir\ntarget: {fhir_base_url: http://c/fhir}\n")
+
+    def hospital(name: str, system: str) -> Path:
+        text = f"site: {name}\nadapter: fhir\n{source}identity: {{shared_identifier_system: '{system}'}}\n"
+        return write(tmp_path, f"{name}.yaml", text + "routes: [{target: central}]\n")
+
+    same = [central, hospital("a", "http://fhir.de/sid/gkv/kvid-10"), hospital("b", "http://fhir.de/sid/gkv/kvid-10")]
+    assert set(load_sites(same)) == {"central", "a", "b"}
+    old_uri = hospital("b", "http://fhir.de/NamingSystem/gkv/kvid-10")
+    with pytest.raises(ConfigError, match=r"sites routing to 'central' match patients by different shared") as err:
+        load_sites([central, same[1], old_uri])
+    assert "http://fhir.de/NamingSystem/gkv/kvid-10" in str(err.value) and "b.yaml" in str(err.value)
