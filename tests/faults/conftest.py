@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -130,17 +131,52 @@ def proxy(stack: Central) -> Iterator[FaultProxy]:
 
 
 @contextmanager
-def worker_behind(proxy: FaultProxy, tmp_path: Path, **env: str) -> Iterator[Worker]:
-    """A started worker of the suite's group that reaches the central server through the proxy."""
-    worker = Worker(
-        GROUP, tmp_path / "state", tmp_path / "worker.log", env={"CENTRAL_FHIR_BASE_URL": proxy.base_url, **env}
-    )
+def started_worker(tmp_path: Path, **env: str) -> Iterator[Worker]:
+    """A started worker of the suite's group with these environment variables, stopped at the end."""
+    worker = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log", env=env)
     worker.start()
     try:
         yield worker
     finally:
         worker.stop()
         print(f"\nworker log: {worker.log_path}")
+
+
+@contextmanager
+def worker_behind(proxy: FaultProxy, tmp_path: Path, **env: str) -> Iterator[Worker]:
+    """A started worker of the suite's group that reaches the central server through the proxy."""
+    with started_worker(tmp_path, CENTRAL_FHIR_BASE_URL=proxy.base_url, **env) as worker:
+        yield worker
+
+
+def config_root_with(dest: Path, site: str, old: str, new: str) -> Path:
+    """The shipped configuration under dest (a CDRSYNC_CONFIG_ROOT of a test's own), with one site file's line
+    `old` replaced by `new` (e.g. its write-back going elsewhere)."""
+    shutil.copy(ROOT / "topics.yaml", dest / "topics.yaml")
+    shutil.copytree(ROOT / "sites", dest / "sites")
+    shutil.copytree(ROOT / "connectors", dest / "connectors")
+    path = dest / "sites" / f"{site}.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert old in text, f"{site}.yaml no longer holds {old!r}"
+    path.write_text(text.replace(old, new), encoding="utf-8")
+    return dest
+
+
+@contextmanager
+def worker_with_config(root: Path, tmp_path: Path, **env: str) -> Iterator[Worker]:
+    """A started worker of the suite's group reading the configuration under root."""
+    with started_worker(tmp_path, CDRSYNC_CONFIG_ROOT=str(root), **env) as worker:
+        yield worker
+
+
+def decision_row(site: SiteDatabase, row_id: str) -> dict[str, Any] | None:
+    """A decision written back into a hospital's table, or None."""
+    with site.conn.cursor() as cursor:
+        cursor.execute(
+            "SELECT content FROM fhir.resource WHERE resource_type = 'QuestionnaireResponse' AND id = %s", (row_id,)
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
 
 
 @dataclass

@@ -10,7 +10,6 @@ central deletes the hospital's copy.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import urllib.request
@@ -23,7 +22,16 @@ import pytest
 from pipeline.backflow import written_version
 from pipeline.ids import target_id
 from tests.casebuilder import decision_response
-from tests.faults.conftest import GROUP, ROOT, Central, SiteDatabase, Worker, wait_for
+from tests.faults.conftest import (
+    ROOT,
+    Central,
+    SiteDatabase,
+    Worker,
+    config_root_with,
+    decision_row,
+    wait_for,
+    worker_with_config,
+)
 from tests.faults.proxy import FaultProxy
 from tests.integration.conftest import patient_at_both_hospitals
 
@@ -64,36 +72,17 @@ def endpoint_proxy(hospital_fhir: Central) -> Iterator[FaultProxy]:
     proxy.close()
 
 
-def _config_root(dest: Path, endpoint: str) -> Path:
-    """The shipped configuration, with site-b's write-back going to a FHIR endpoint."""
-    shutil.copy(ROOT / "topics.yaml", dest / "topics.yaml")
-    shutil.copytree(ROOT / "sites", dest / "sites")
-    shutil.copytree(ROOT / "connectors", dest / "connectors")
-    site_b = dest / "sites" / "site-b.yaml"
-    text = site_b.read_text(encoding="utf-8")
-    assert "  method: source-table\n" in text
-    site_b.write_text(text.replace("  method: source-table\n", f"  method: fhir\n  fhir_base_url: {endpoint}\n"))
-    return dest
-
-
 @pytest.fixture
 def worker(stack: Central, endpoint_proxy: FaultProxy, tmp_path: Path) -> Iterator[Worker]:
-    root = _config_root(tmp_path, endpoint_proxy.base_url)
-    env = {"CDRSYNC_CONFIG_ROOT": str(root), "CDRSYNC_WRITEBACK_HOLD_SECONDS": str(HOLD_SECONDS)}
-    process = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log", env=env)
-    process.start()
-    yield process
-    process.stop()
-    print(f"\nworker log: {process.log_path}")
+    """Site-b's decisions go to its FHIR endpoint (through the proxy)."""
+    root = config_root_with(
+        tmp_path, "site-b", "  method: source-table\n", f"  method: fhir\n  fhir_base_url: {endpoint_proxy.base_url}\n"
+    )
+    with worker_with_config(root, tmp_path, CDRSYNC_WRITEBACK_HOLD_SECONDS=str(HOLD_SECONDS)) as process:
+        yield process
 
 
-def _row(site: SiteDatabase, row_id: str) -> dict[str, Any] | None:
-    with site.conn.cursor() as cursor:
-        cursor.execute(
-            "SELECT content FROM fhir.resource WHERE resource_type = 'QuestionnaireResponse' AND id = %s", (row_id,)
-        )
-        row = cursor.fetchone()
-    return row[0] if row else None
+_row = decision_row
 
 
 def _delete(server: Central, resource_type: str, resource_id: str) -> None:

@@ -14,7 +14,6 @@ the test's own); the proxy going down is the database going away: new connection
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,26 +24,22 @@ import pytest
 
 from pipeline.ids import target_id
 from tests.casebuilder import decision_response
-from tests.faults.conftest import GROUP, ROOT, SETTINGS, Central, SiteDatabase, Worker, cdrsync, wait_for
+from tests.faults.conftest import (
+    SETTINGS,
+    Central,
+    SiteDatabase,
+    Worker,
+    cdrsync,
+    config_root_with,
+    decision_row,
+    wait_for,
+    worker_with_config,
+)
 from tests.faults.proxy import TcpProxy
 from tests.integration.conftest import patient_at_both_hospitals
 
 pytestmark = pytest.mark.faults
 HOLD_SECONDS = 20
-
-
-def _config_root(dest: Path, proxy: TcpProxy) -> Path:
-    """The shipped configuration, with site-a's write-back going through the proxy."""
-    shutil.copy(ROOT / "topics.yaml", dest / "topics.yaml")
-    shutil.copytree(ROOT / "sites", dest / "sites")
-    shutil.copytree(ROOT / "connectors", dest / "connectors")
-    site_a = dest / "sites" / "site-a.yaml"
-    text = site_a.read_text(encoding="utf-8")
-    assert "  method: source-table\n" in text
-    site_a.write_text(
-        text.replace("  method: source-table\n", f"  method: source-table\n  host: 127.0.0.1\n  port: {proxy.port}\n")
-    )
-    return dest
 
 
 @pytest.fixture
@@ -56,22 +51,18 @@ def database_proxy() -> Iterator[TcpProxy]:
 
 @pytest.fixture
 def worker(stack: Central, database_proxy: TcpProxy, tmp_path: Path) -> Iterator[Worker]:
-    root = _config_root(tmp_path, database_proxy)
-    env = {"CDRSYNC_CONFIG_ROOT": str(root), "CDRSYNC_WRITEBACK_HOLD_SECONDS": str(HOLD_SECONDS)}
-    process = Worker(GROUP, tmp_path / "state", tmp_path / "worker.log", env=env)
-    process.start()
-    yield process
-    process.stop()
-    print(f"\nworker log: {process.log_path}")
+    """Site-a's write-back reaches its database through the proxy."""
+    root = config_root_with(
+        tmp_path,
+        "site-a",
+        "  method: source-table\n",
+        f"  method: source-table\n  host: 127.0.0.1\n  port: {database_proxy.port}\n",
+    )
+    with worker_with_config(root, tmp_path, CDRSYNC_WRITEBACK_HOLD_SECONDS=str(HOLD_SECONDS)) as process:
+        yield process
 
 
-def _row(site: SiteDatabase, row_id: str) -> dict[str, Any] | None:
-    with site.conn.cursor() as cursor:
-        cursor.execute(
-            "SELECT content FROM fhir.resource WHERE resource_type = 'QuestionnaireResponse' AND id = %s", (row_id,)
-        )
-        row = cursor.fetchone()
-    return row[0] if row else None
+_row = decision_row
 
 
 def _letters(row_id: str) -> list[dict[str, Any]]:
