@@ -6,10 +6,16 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RewriteResult", "logical_system", "map_references", "rewrite_references"]
+__all__ = ["RewriteResult", "logical_system", "map_references", "relative_reference", "rewrite_references"]
 
 # A relative literal reference: Type/id, optionally with a version (FHIR R4 3.1.1.2, Reference.reference).
 _RELATIVE = re.compile(r"^([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+
+
+def relative_reference(reference: str) -> tuple[str, str] | None:
+    """(type, id) of a relative literal reference (a version suffix left out); None for any other form."""
+    match = _RELATIVE.match(reference)
+    return (match.group(1), match.group(2)) if match else None
 
 
 def logical_system(site: str, resource_type: str) -> str:
@@ -71,10 +77,10 @@ def rewrite_references(
     def replace(node: dict[str, Any], reference: str) -> dict[str, Any] | None:
         if reference.startswith("#"):
             return None
-        match = _RELATIVE.match(reference)
-        target = to_target(match.group(1), match.group(2)) if match and match.group(1) in carried else None
-        if match and target is not None:
-            rewritten = f"{match.group(1)}/{target}"
+        parsed = relative_reference(reference)
+        target = to_target(*parsed) if parsed and parsed[0] in carried else None
+        if parsed and target is not None:
+            rewritten = f"{parsed[0]}/{target}"
             dependencies.add(rewritten)
             return {**node, "reference": rewritten}
         return _logical(site, node, reference)

@@ -8,7 +8,6 @@ Validation only checks; the JSON we forward is the source's, never a re-serialis
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -16,6 +15,7 @@ from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from .errors import MappingError
+from .references import relative_reference
 
 __all__ = [
     "DEPENDENCY_RANK",
@@ -98,9 +98,6 @@ def validate_resource(resource: dict[str, Any]) -> None:
         raise MappingError(f"invalid FHIR R4 {resource_type}: {problems}") from None
 
 
-_PATIENT_REFERENCE = re.compile(r"^Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
-
-
 def patient_reference(resource: dict[str, Any]) -> str | None:
     """The literal reference to the resource's patient ("Patient/<id>", a version suffix left out), itself
     for a Patient; None for a resource that names no patient (its element absent, or naming a Group, a
@@ -118,9 +115,9 @@ def patient_reference(resource: dict[str, Any]) -> str | None:
             continue
         reference = value.get("reference")
         if isinstance(reference, str):
-            match = _PATIENT_REFERENCE.match(reference)
-            if match:
-                return f"Patient/{match.group(1)}"
+            parsed = relative_reference(reference)
+            if parsed is not None and parsed[0] == "Patient":
+                return f"Patient/{parsed[1]}"
             if reference.startswith(("#", "urn:")) or "Patient/" in reference:
                 raise MappingError(
                     f"{resource_type}.{element} names its patient as {_reference_kind(reference)}; "
