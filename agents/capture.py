@@ -44,7 +44,6 @@ _clients: dict[str, FhirClient] = {}
 _state: dict[str, Any] = {}
 _started: set[str] = set()
 _request_ids: dict[str, RequestIds] = {}
-_said_unknown: set[str] = set()
 _CLOCK_MARGIN_SECONDS = 5.0  # between the worker's clock and the server's lastUpdated
 _INTERVAL = min((s.capture.poll_seconds for s in config.capture_sites() if s.capture), default=60.0)
 
@@ -100,9 +99,11 @@ async def _check_request_ids(site: SiteConfig, client: FhirClient) -> RequestIds
     """Whether the server gets cdrsync's X-Request-ID, checked before each poll (one small GET). While it does
     not, versions are judged by source URI alone: no echo of cdrsync's own writes, but an application's edit
     that writes meta.source back is taken for cdrsync's; the gauge is 0 and CaptureRequestIdsLost alerts."""
+    kept = await client.request_ids_kept()
+    first = site.site not in _request_ids  # the first check that got an answer
     state = _request_ids.setdefault(site.site, RequestIds())
     was = state.kept
-    state.note(await client.request_ids_kept(), time.time(), margin=2 * _INTERVAL + _CLOCK_MARGIN_SECONDS)
+    state.note(kept, time.time(), margin=2 * _INTERVAL + _CLOCK_MARGIN_SECONDS)
     CAPTURE_REQUEST_IDS.labels(site.site).set({True: 1, False: 0, None: -1}[state.kept])
     if state.kept is False and was is not False:
         log.error(
@@ -110,8 +111,7 @@ async def _check_request_ids(site: SiteConfig, client: FhirClient) -> RequestIds
             "an edit there that writes meta.source back is taken for cdrsync's own write and does not flow back",
             client.base_url,
         )
-    elif state.kept is None and was is None and site.site not in _said_unknown:
-        _said_unknown.add(site.site)
+    elif state.kept is None and first:
         log.warning(
             "%s does not say which request id it used: versions there are told from cdrsync's writes by their "
             "source URI alone (an edit that writes meta.source back is taken for cdrsync's)",

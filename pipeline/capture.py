@@ -220,10 +220,9 @@ class RequestIds:
         if not self.kept:
             return False
         try:
-            written = datetime.fromisoformat(last_updated.replace("Z", "+00:00")).timestamp()
+            return _instant_ms(last_updated) / 1000 > self.unmarked_until
         except ValueError:
             return False
-        return written > self.unmarked_until
 
 
 def _row(entry: HistoryEntry, resource: dict[str, Any], version: int) -> dict[str, Any]:
