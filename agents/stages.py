@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
@@ -39,6 +40,7 @@ from pipeline.metrics import (
     HELD,
     HELD_BEHIND,
     HELD_RELEASED,
+    IDENTITY_DECISIONS,
     IDENTITY_REVIEWS,
     LAST_SUCCESS,
     NORMALIZED,
@@ -88,6 +90,7 @@ from .topics import (
     held_by_local_patient,
     held_records,
     identified,
+    identity_resolved,
     identity_review,
     normalized,
     parked_by_reference,
@@ -175,7 +178,12 @@ async def _resolve_one(event: EventT) -> None:
     state = identity.IdentityState(Staged(patient_key_by_local_patient), Staged(held_by_local_patient))
     try:
         record = decode(event.message.value, NormalizedResource)
-        outcome = identity.resolve_identity(state, record, config.sites[record.site])
+        site = config.sites[record.site]
+        decision = identity.parse_decision(headers_of(event))  # `cdrsync identity accept|reject`
+        if decision is None:
+            outcome = identity.resolve_identity(state, record, site)
+        else:
+            outcome = identity.apply_decision(state, record, site, decision)
     except Exception as error:
         await dead_letter("identity", event, error)
         return
@@ -189,6 +197,11 @@ async def _resolve_one(event: EventT) -> None:
         log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
         await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
         await emit_audit("identity_review", item, detail=reason)
+    for item, reason in outcome.not_applied:
+        log.warning("not applied: %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
+        await emit_audit("identity_not_applied", item, detail=reason)
+    if outcome.closed is not None:
+        await _review_closed(record, outcome.closed)
     for routed in outcome.routed:
         await deliver(identified, routed.patient_key.encode(), encode(routed))
     await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
@@ -198,6 +211,20 @@ async def _resolve_one(event: EventT) -> None:
         await emit_audit("released", released, detail="its patient's shared identifier arrived")
     assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
     await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
+
+
+async def _review_closed(record: NormalizedResource, closed: dict[str, Any]) -> None:
+    """Record how a patient's identity review closed (`cdrsync identity list` reads it) and audit it."""
+    closed = {**closed, "at_ms": now_ms()}
+    IDENTITY_DECISIONS.labels(record.site, closed["action"]).inc()
+    detail = (
+        f"identity review of {closed['local_patient']} {closed['action']} by {closed['by']}: patient key "
+        f"{closed['previous_key']} -> {closed['key']} ({closed['reason']})"
+    )
+    log.warning("%s", detail)
+    await deliver(identity_resolved, closed["local_patient"].encode(), orjson.dumps(closed))
+    trigger = "operator" if closed["decided_ms"] is not None else "all"
+    await emit_audit("identity_decided", record, detail=detail[:500], trigger=trigger)
 
 
 @app.agent(normalized, concurrency=1)

@@ -17,6 +17,7 @@ audit_events = app.topic(_t.name("audit"))
 held_records = app.topic(_t.name("held"))
 conflicts = app.topic(_t.name("conflicts"))
 identity_review = app.topic(_t.name("identity_review"))
+identity_resolved = app.topic(_t.name("identity_resolved"))
 retry_tiers = [app.topic(tier.name) for tier in _t.retry_tiers]
 
 _partitions = _t.partitions_of("identified")  # tables are co-partitioned with the identified topic

@@ -24,12 +24,12 @@ from pipeline.observe import Readiness, held_counts
 
 from .app import app, config, settings
 from .store import worker_memory
-from .topics import held_by_local_patient, parked_by_reference
+from .topics import held_by_local_patient, parked_by_reference, patient_key_by_local_patient
 
 log = logging.getLogger("cdrsync.web")
 _PROBE_EVERY_SECONDS = 10.0
 _PROBE_TIMEOUT_SECONDS = 5.0
-_REASONS = ("missing_identifier", "reference")
+_REASONS = ("missing_identifier", "identity_review", "reference")
 _targets = sorted({route.target for site in config.source_sites() for route in site.routes})
 _probe = {"at": 0.0, "reachable": False}
 
@@ -93,12 +93,18 @@ async def metrics(self: web.View, request: web.Request) -> web.Response:
     return self.bytes(generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _under_review(local: str) -> bool:
+    return "review" in (patient_key_by_local_patient.get(local) or {})
+
+
 @app.timer(interval=15.0)
 async def update_worker_gauges() -> None:
     """Refresh cdrsync_ready and cdrsync_held_records from this worker's tables."""
     await readiness()
     try:
-        counts = await held_counts(held_by_local_patient.items(), parked_by_reference.values())
+        counts = await held_counts(
+            held_by_local_patient.items(), parked_by_reference.values(), under_review=_under_review
+        )
     except Exception:  # a table being recovered or revoked (during the scan too): keep the last values
         log.debug("held records not counted this time", exc_info=True)
         return

@@ -27,6 +27,8 @@ Step = Literal[
     "dead_lettered",
     "retried",
     "identity_review",
+    "identity_decided",
+    "identity_not_applied",
     "held_behind",
     "duplicate_skipped",
     "discarded",

@@ -11,8 +11,16 @@ partition:
 A record whose patient has no known shared identifier is held (never written without it, never
 dropped) and released, in arrival order, when the Patient arrives with it. A Patient whose shared
 identifier changes (or disappears) is not applied: it goes to identity review, because moving a
-record from one person to another is a clinical decision, not a sync step. The same holds for an
-HL7 v2 merge (two local ids found to be one person): it is rejected to review, not applied.
+record from one person to another is a clinical decision, not a sync step. Until a person decides
+(`cdrsync identity accept|reject`, which reaches this stage as a decision record on the normalized topic,
+in the patient's partition), every later record of that local patient is held as well, so nothing goes
+to either person in the meantime. The same question for an HL7 v2 merge (two local ids found to be one
+person) is rejected to the dead letters, not applied.
+
+A local patient's entry in patient_key_by_local_patient:
+  {"key": K}                              its records go to the central Patient K
+  {"key": K, "review": {"proposed": P}}   its Patient now names P (None: no identifier): all held
+  {"key": K, "rejected": P}               a reviewer kept K: Patient versions naming P are not applied
 """
 
 from __future__ import annotations
@@ -26,16 +34,22 @@ import orjson
 
 from .backflow import central_record, echo_targets
 from .config import Route, SiteConfig
+from .errors import EnvelopeError, PermanentError
 from .ids import CDRSYNC_NAMESPACE, CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM, SERVER_META, target_id
 from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
 from .references import logical_system, rewrite_references
 
 __all__ = [
+    "DECISION_HEADER",
     "ORIGIN_TAG_SYSTEM",
+    "IdentityDecision",
+    "IdentityDecisionError",
     "IdentityOutcome",
     "IdentityState",
+    "apply_decision",
     "global_patient_key",
     "local_patient",
+    "parse_decision",
     "resolve_identity",
     "route_resource",
     "shared_identifier",
@@ -66,6 +80,58 @@ def local_patient(record: NormalizedResource) -> str | None:
 
 
 PatientKeys = Callable[[str], "str | None"]
+DECISION_HEADER = "cdrsync-identity-decision"  # JSON: action, proposed key, by, reason, at_ms
+NO_KEY = "-"  # the proposed key of a Patient that lost its shared identifier, as the decision names it
+
+
+class IdentityDecisionError(PermanentError):
+    """A reviewer's decision that does not fit the review open now (decided already, or superseded)."""
+
+    error_class = "identity_decision"
+
+
+@dataclass(frozen=True)
+class IdentityDecision:
+    """`cdrsync identity accept|reject` on one local patient's open review."""
+
+    action: str  # "accept": the Patient is the person it now names; "reject": it stays the person it was
+    proposed: str | None  # the global key the review proposed (None: the identifier disappeared)
+    by: str
+    reason: str
+    at_ms: int
+
+    def header(self) -> bytes:
+        return orjson.dumps(
+            {
+                "action": self.action,
+                "proposed": self.proposed or NO_KEY,
+                "by": self.by,
+                "reason": self.reason,
+                "at_ms": self.at_ms,
+            }
+        )
+
+
+def parse_decision(headers: list[tuple[str, bytes]]) -> IdentityDecision | None:
+    """The decision a normalized record carries, None for an ordinary change."""
+    for name, value in headers:
+        if name != DECISION_HEADER:
+            continue
+        try:
+            d = orjson.loads(value)
+            decision = IdentityDecision(
+                str(d["action"]),
+                None if d["proposed"] == NO_KEY else str(d["proposed"]),
+                str(d["by"]),
+                str(d["reason"]),
+                int(d["at_ms"]),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise EnvelopeError(f"malformed {DECISION_HEADER} header: {error}") from None
+        if decision.action not in ("accept", "reject"):
+            raise EnvelopeError(f"malformed {DECISION_HEADER} header: action {decision.action!r}")
+        return decision
+    return None
 
 
 @dataclass
@@ -83,8 +149,18 @@ class IdentityOutcome:
     routed: list[RoutedResource] = field(default_factory=list)
     held: list[tuple[NormalizedResource, str]] = field(default_factory=list)  # (record, reason)
     review: list[tuple[NormalizedResource, str]] = field(default_factory=list)
+    not_applied: list[tuple[NormalizedResource, str]] = field(default_factory=list)  # a reviewer rejected them
     released: int = 0  # held records released by this one
     released_records: list[RoutedResource] = field(default_factory=list)
+    closed: dict[str, Any] | None = None  # a review this record closed: what the resolutions topic keeps
+
+    def merge(self, other: IdentityOutcome) -> None:
+        self.routed += other.routed
+        self.held += other.held
+        self.review += other.review
+        self.not_applied += other.not_applied
+        self.released += other.released
+        self.released_records += other.released_records
 
 
 def _hold(state: IdentityState, local: str, record: NormalizedResource, reason: str, out: IdentityOutcome) -> None:
@@ -102,27 +178,116 @@ def resolve_identity(state: IdentityState, record: NormalizedResource, site: Sit
     if local is None:  # not about a patient (e.g. a Flag on a Location): keyed by itself
         out.routed = route_resource(record, site, lambda _: None)
         return out
-    known = state.keys.get(local, {}).get("key")
+    _resolve_local(state, local, record, site, out)
+    return out
+
+
+def _resolve_local(
+    state: IdentityState, local: str, record: NormalizedResource, site: SiteConfig, out: IdentityOutcome
+) -> None:
+    entry = state.keys.get(local, {})
+    known, review = entry.get("key"), entry.get("review")
     if record.resource_type == "Patient" and not record.is_delete:
         assert site.identity is not None and record.resource is not None
         value = shared_identifier(orjson.loads(record.resource), site.identity.shared_identifier_system)
         key = global_patient_key(site.identity.shared_identifier_system, value) if value else None
+        if review is not None and key == known:  # the hospital took the change back before anyone decided
+            _close_review(state, local, {"key": known}, "withdrawn", review, site, out, last=record)
+            return
+        if review is not None:
+            if key != review["proposed"]:  # a different change again: the review is about this one now
+                state.keys[local] = {"key": known, "review": {"proposed": key}}
+                out.review.append((record, f"shared identifier of {local} changed: patient key {known} -> {key}"))
+            _hold(state, local, record, f"patient under identity review: patient key {known} -> {key}", out)
+            return
+        if known is not None and key != known and key is not None and key == entry.get("rejected"):
+            out.not_applied.append((record, f"names patient key {key}, which identity review rejected for {local}"))
+            return
         if known is not None and key != known:
+            state.keys[local] = {"key": known, "review": {"proposed": key}}
             out.review.append((record, f"shared identifier of {local} changed: patient key {known} -> {key}"))
-            return out
+            _hold(state, local, record, f"patient under identity review: patient key {known} -> {key}", out)
+            return
         if key is None:
             _hold(state, local, record, f"Patient has no {site.identity.shared_identifier_system} identifier", out)
-            return out
-        state.keys[local] = {"key": key}
+            return
+        if key != known or "rejected" in entry:
+            state.keys[local] = {"key": key}
         known = key
+    if review is not None:  # nothing of this patient goes anywhere until a person has decided who it is
+        _hold(state, local, record, f"patient under identity review: patient key {known} -> {review['proposed']}", out)
+        return
     waiting = local in state.held and record.resource_type != "Patient"
     if known is None or waiting:  # unknown patient, or its earlier records still wait: keep their order
         _hold(state, local, record, "patient has no shared identifier yet", out)
-        return out
-    out.routed = route_resource(record, site, _keys_of(state, site.site))
+        return
+    out.routed += route_resource(record, site, _keys_of(state, site.site))
     if record.resource_type == "Patient":
         _release_held(state, local, site, out)
+
+
+def apply_decision(
+    state: IdentityState, record: NormalizedResource, site: SiteConfig, decision: IdentityDecision
+) -> IdentityOutcome:
+    """A reviewer's decision on the open review of the record's local patient: the held records go on,
+    under the key decided (accept: the one the Patient now names; reject: the one it had)."""
+    local = local_patient(record)
+    entry = state.keys.get(local or "", {})
+    review = entry.get("review")
+    if local is None or review is None:
+        raise IdentityDecisionError(f"no identity review is open for {local}: it was decided or withdrawn already")
+    if review["proposed"] != decision.proposed:
+        raise IdentityDecisionError(
+            f"the identity review of {local} now proposes patient key {review['proposed']}, not "
+            f"{decision.proposed}: the hospital changed it again; decide on the current proposal"
+        )
+    out = IdentityOutcome()
+    if decision.action == "accept":
+        after = {"key": review["proposed"]} if review["proposed"] is not None else {}
+        _close_review(state, local, after, "accepted", review, site, out, decision=decision)
+    else:
+        after = {"key": entry["key"]} | ({"rejected": review["proposed"]} if review["proposed"] else {})
+        _close_review(state, local, after, "rejected", review, site, out, decision=decision)
     return out
+
+
+def _close_review(
+    state: IdentityState,
+    local: str,
+    after: dict[str, Any],
+    action: str,
+    review: dict[str, Any],
+    site: SiteConfig,
+    out: IdentityOutcome,
+    *,
+    last: NormalizedResource | None = None,
+    decision: IdentityDecision | None = None,
+) -> None:
+    """Set the local patient's entry, then take its held records again, in their order, under it."""
+    previous = state.keys[local].get("key")
+    if after:
+        state.keys[local] = after
+    else:
+        del state.keys[local]
+    held = [decode(bytes.fromhex(item), NormalizedResource) for item in state.held.pop(local, [])]
+    if last is not None:  # withdrawn by this Patient version: the versions held before it are superseded
+        held = [r for r in held if r.resource_type != "Patient" or r.is_delete] + [last]
+    for record in held:
+        again = IdentityOutcome()
+        _resolve_local(state, local, record, site, again)
+        if again.routed and not again.held:
+            again.released, again.released_records = again.released + 1, again.released_records + again.routed
+        out.merge(again)
+    out.closed = {
+        "local_patient": local,
+        "action": action,
+        "previous_key": previous,
+        "proposed_key": review["proposed"],
+        "key": after.get("key"),
+        "by": decision.by if decision else local.split("|", 1)[0],
+        "reason": decision.reason if decision else "the hospital's Patient names its previous identifier again",
+        "decided_ms": decision.at_ms if decision else None,
+    }
 
 
 def _keys_of(state: IdentityState, site: str) -> PatientKeys:

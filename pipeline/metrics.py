@@ -122,6 +122,11 @@ HELD_RELEASED = Counter("cdrsync_held_released_total", "Held records released wh
 IDENTITY_REVIEWS = Counter(
     "cdrsync_identity_reviews_total", "Patient identity changes sent to review instead of being applied", ["site"]
 )
+IDENTITY_DECISIONS = Counter(
+    "cdrsync_identity_decisions_total",
+    "Identity reviews closed, by how: accepted, rejected (by a reviewer), withdrawn (by the hospital)",
+    ["site", "action"],
+)
 
 BUNDLES = Counter(
     "cdrsync_bundles_total",

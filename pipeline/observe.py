@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +56,17 @@ def record_fields(record: NormalizedResource | RoutedResource) -> dict[str, Any]
 
 
 async def held_counts(
-    held: Iterable[tuple[str, list[Any]]], parked: Iterable[list[Mapping[str, Any]]], *, every: int = 256
+    held: Iterable[tuple[str, list[Any]]],
+    parked: Iterable[list[Mapping[str, Any]]],
+    *,
+    under_review: Callable[[str], bool] = lambda local: False,
+    every: int = 256,
 ) -> Counter[tuple[str, str]]:
     """Records waiting now, by (site, reason).
 
     held:   the identity stage's "site|local patient" → records waiting for the shared identifier
+            (missing_identifier), or for a person's decision on the patient's identity (identity_review:
+            under_review tells which)
     parked: the order stage's park lists, whose entries carry the encoded record
 
     The worker counts its tables this way every 15 s, in its event loop. A back-load can park tens of
@@ -70,7 +76,8 @@ async def held_counts(
     """
     counts: Counter[tuple[str, str]] = Counter()
     for n, (key, records) in enumerate(held, 1):
-        counts[(key.split("|", 1)[0], "missing_identifier")] += len(records)
+        reason = "identity_review" if under_review(key) else "missing_identifier"
+        counts[(key.split("|", 1)[0], reason)] += len(records)
         if n % every == 0:
             await asyncio.sleep(0)
     for n, entries in enumerate(parked, 1):

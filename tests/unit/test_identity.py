@@ -3,10 +3,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.errors import EnvelopeError
 from pipeline.identity import (
+    DECISION_HEADER,
     ORIGIN_TAG_SYSTEM,
+    IdentityDecision,
+    IdentityDecisionError,
     IdentityState,
+    apply_decision,
     global_patient_key,
+    parse_decision,
     resolve_identity,
 )
 from pipeline.ids import target_id
@@ -110,14 +116,134 @@ def test_patient_without_shared_identifier_is_held_with_its_records_then_release
     assert out.released == 1 and s.held == {}
 
 
-def test_changed_shared_identifier_goes_to_review_and_is_not_applied(config) -> None:
+OTHER_KEY = global_patient_key(KVNR, "Z000000001")
+LOCAL = f"site-a|{PATIENT['id']}"
+ENCOUNTER = first_of("ADT-A01-01", "Encounter")
+
+
+def resolve(config, s, resource, op="u", version=2):
+    return resolve_identity(s, normalized(config, resource, op=op, version=version), config.sites["site-a"])
+
+
+def under_review(config):
+    """A patient written under KEY whose hospital then names Z000000001 instead, and an Encounter after that."""
     s = state()
     routed(config, s, PATIENT)
-    out = resolve_identity(
-        s, normalized(config, with_kvnr(PATIENT, "Z000000001"), op="u", version=2), config.sites["site-a"]
-    )
+    changed = resolve(config, s, with_kvnr(PATIENT, "Z000000001"))
+    encounter = resolve(config, s, ENCOUNTER, op="c", version=3)
+    return s, changed, encounter
+
+
+def decide(config, s, action, proposed=OTHER_KEY, patient=None):
+    record = normalized(config, patient or with_kvnr(PATIENT, "Z000000001"), op="u", version=2)
+    decision = IdentityDecision(action, proposed, "dr-review", "checked with the hospital", 1_700_000_000_000)
+    return apply_decision(s, record, config.sites["site-a"], decision)
+
+
+def test_changed_shared_identifier_goes_to_review_and_is_not_applied(config) -> None:
+    s, out, _ = under_review(config)
     assert out.routed == [] and "changed" in out.review[0][1]
-    assert s.keys[f"site-a|{PATIENT['id']}"] == {"key": KEY}
+    assert s.keys[LOCAL] == {"key": KEY, "review": {"proposed": OTHER_KEY}}
+
+
+def test_records_after_an_identity_change_wait_for_the_review_instead_of_going_to_either_patient(config) -> None:
+    s, _, encounter = under_review(config)
+    assert encounter.routed == [] and "identity review" in encounter.held[0][1]
+    assert [r.resource_type for r in (decode_held(s))] == ["Patient", "Encounter"]
+    again = resolve(config, s, with_kvnr(PATIENT, "Z000000001"), version=4)  # the same change, a new version
+    assert again.routed == [] and again.review == [] and len(again.held) == 1
+
+
+def decode_held(s):
+    from pipeline.records import NormalizedResource, decode
+
+    return [decode(bytes.fromhex(item), NormalizedResource) for item in s.held[LOCAL]]
+
+
+def test_accepted_change_sends_the_held_records_to_the_patient_now_named(config) -> None:
+    s, _, _ = under_review(config)
+    out = decide(config, s, "accept")
+    assert [(r.resource_type, r.patient_key) for r in out.routed] == [("Patient", OTHER_KEY), ("Encounter", OTHER_KEY)]
+    assert orjson.loads(out.routed[0].resource)["id"] == OTHER_KEY
+    assert out.released == 2 and LOCAL not in s.held and s.keys[LOCAL] == {"key": OTHER_KEY}
+    assert out.closed["action"] == "accepted" and out.closed["previous_key"] == KEY
+    assert out.closed["key"] == OTHER_KEY and out.closed["by"] == "dr-review"
+    [later] = routed(config, s, {**ENCOUNTER, "id": "enc-later"})
+    assert later.patient_key == OTHER_KEY
+
+
+def test_rejected_change_keeps_the_patient_and_never_applies_the_identifier_it_named(config) -> None:
+    s, _, _ = under_review(config)
+    out = decide(config, s, "reject")
+    assert [(r.resource_type, r.patient_key) for r in out.routed] == [("Encounter", KEY)]
+    assert [r.resource_type for r, _ in out.not_applied] == ["Patient"] and out.review == []
+    assert out.closed["action"] == "rejected" and out.closed["key"] == KEY
+    again = resolve(config, s, with_kvnr(PATIENT, "Z000000001"), version=5)  # the hospital has not fixed it yet
+    assert again.routed == [] and again.review == [] and "rejected" in again.not_applied[0][1]
+    fixed = resolve(config, s, PATIENT, version=6)
+    assert [r.patient_key for r in fixed.routed] == [KEY] and s.keys[LOCAL] == {"key": KEY}
+
+
+def test_a_third_identifier_after_a_rejection_is_a_new_review(config) -> None:
+    s, _, _ = under_review(config)
+    decide(config, s, "reject")
+    out = resolve(config, s, with_kvnr(PATIENT, "Y000000002"), version=5)
+    assert out.routed == [] and len(out.review) == 1
+    assert s.keys[LOCAL]["review"] == {"proposed": global_patient_key(KVNR, "Y000000002")}
+
+
+def test_hospital_taking_the_change_back_closes_the_review_and_releases_under_the_old_patient(config) -> None:
+    s, _, _ = under_review(config)
+    out = resolve(config, s, PATIENT, version=4)
+    assert [(r.resource_type, r.patient_key) for r in out.routed] == [("Encounter", KEY), ("Patient", KEY)]
+    assert out.closed["action"] == "withdrawn" and out.closed["by"] == "site-a"
+    assert s.keys[LOCAL] == {"key": KEY} and LOCAL not in s.held
+
+
+def test_a_decision_on_a_proposal_the_hospital_changed_since_is_refused(config) -> None:
+    s, _, _ = under_review(config)
+    third = global_patient_key(KVNR, "Y000000002")
+    resolve(config, s, with_kvnr(PATIENT, "Y000000002"), version=4)
+    with pytest.raises(IdentityDecisionError, match=f"now proposes patient key {third}"):
+        decide(config, s, "accept")
+    assert s.keys[LOCAL]["review"] == {"proposed": third} and len(s.held[LOCAL]) == 3
+
+
+def test_a_decision_without_an_open_review_is_refused(config) -> None:
+    s = state()
+    routed(config, s, PATIENT)
+    with pytest.raises(IdentityDecisionError, match="no identity review is open"):
+        decide(config, s, "accept")
+
+
+def test_accepting_a_lost_identifier_holds_the_patient_until_it_has_one_again(config) -> None:
+    s = state()
+    routed(config, s, PATIENT)
+    resolve(config, s, with_kvnr(PATIENT, None))
+    resolve(config, s, ENCOUNTER, op="c", version=3)
+    out = decide(config, s, "accept", proposed=None, patient=with_kvnr(PATIENT, None))
+    assert out.routed == [] and LOCAL not in s.keys
+    assert [reason for _, reason in out.held] == [
+        f"Patient has no {KVNR} identifier",
+        "patient has no shared identifier yet",
+    ]
+    found = resolve(config, s, with_kvnr(PATIENT, "Z000000001"), version=4)
+    assert [(r.resource_type, r.patient_key) for r in found.routed] == [
+        ("Patient", OTHER_KEY),
+        ("Encounter", OTHER_KEY),
+    ]
+
+
+def test_decision_header_round_trips_and_a_malformed_one_is_a_clear_error() -> None:
+    decision = IdentityDecision("reject", None, "dr-review", "typo at registration", 1)
+    assert parse_decision([("other", b"x"), (DECISION_HEADER, decision.header())]) == decision
+    assert parse_decision([("other", b"x")]) is None
+    with pytest.raises(EnvelopeError, match=DECISION_HEADER):
+        parse_decision(
+            [(DECISION_HEADER, b'{"action": "merge", "proposed": "-", "by": "x", "reason": "", "at_ms": 1}')]
+        )
+    with pytest.raises(EnvelopeError, match=DECISION_HEADER):
+        parse_decision([(DECISION_HEADER, b"accept")])
 
 
 def test_delete_is_routed_to_the_same_id_without_body(config) -> None:

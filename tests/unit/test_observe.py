@@ -87,6 +87,12 @@ def test_held_counts_by_site_and_reason() -> None:
     }
 
 
+def test_held_counts_tell_patients_under_identity_review_from_those_without_an_identifier() -> None:
+    held = [("site-a|p1", ["r1", "r2"]), ("site-a|p2", ["r3"])]
+    counts = asyncio.run(held_counts(held, [], under_review=lambda local: local == "site-a|p2"))
+    assert counts == {("site-a", "missing_identifier"): 2, ("site-a", "identity_review"): 1}
+
+
 def test_readiness_needs_all_three_checks() -> None:
     assert Readiness(True, True, True).ready
     for state in (Readiness(False, True, True), Readiness(True, False, True), Readiness(True, True, False)):
