@@ -192,10 +192,11 @@ async def _resolve_one(event: EventT) -> None:
         log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
         await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
         await emit_audit("held", held, detail=reason)
-    for item, reason in outcome.review:
+    for review in outcome.review:
+        item, reason = review.record, review.reason
         IDENTITY_REVIEWS.labels(item.site).inc()
         log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
-        await deliver(identity_review, event.message.key, encode(item), [("cdrsync-reason", reason.encode())])
+        await deliver(identity_review, event.message.key, encode(item), review.headers())
         await emit_audit("identity_review", item, detail=reason)
     for item, reason in outcome.not_applied:
         log.warning("not applied: %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)

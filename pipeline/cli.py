@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from .cli_identity import add_identity_commands
 from .config import Config, load_config
 from .errors import CdrsyncError
 from .settings import Settings
@@ -489,6 +490,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     resolve.add_argument("--reason", required=True, help="the review's decision, for the audit trail (no patient data)")
     resolve.add_argument("--execute", action="store_true", help="do it (without: a dry run listing what would happen)")
+
+    add_identity_commands(group, leaf)
 
     definitions = group("definitions", "FHIR definitions cdrsync ships in fhir/ (the tumour-board Questionnaire)")
     leaf(definitions, "apply", "PUT every fhir/*.json to the central CDR (idempotent)", _definitions_apply)

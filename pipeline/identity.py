@@ -28,7 +28,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -41,11 +41,15 @@ from .references import logical_system, rewrite_references
 
 __all__ = [
     "DECISION_HEADER",
+    "NO_KEY",
     "ORIGIN_TAG_SYSTEM",
+    "PREVIOUS_KEY_HEADER",
+    "PROPOSED_KEY_HEADER",
     "IdentityDecision",
     "IdentityDecisionError",
     "IdentityOutcome",
     "IdentityState",
+    "Review",
     "apply_decision",
     "global_patient_key",
     "local_patient",
@@ -81,7 +85,9 @@ def local_patient(record: NormalizedResource) -> str | None:
 
 PatientKeys = Callable[[str], "str | None"]
 DECISION_HEADER = "cdrsync-identity-decision"  # JSON: action, proposed key, by, reason, at_ms
-NO_KEY = "-"  # the proposed key of a Patient that lost its shared identifier, as the decision names it
+NO_KEY = "-"  # the proposed key of a Patient that lost its shared identifier, as headers name it
+PREVIOUS_KEY_HEADER = "cdrsync-previous-patient-key"  # on a review record: the key its patient had
+PROPOSED_KEY_HEADER = "cdrsync-proposed-patient-key"  # on a review record: the key its Patient now names
 
 
 class IdentityDecisionError(PermanentError):
@@ -142,13 +148,33 @@ class IdentityState:
     held: MutableMapping[str, list[str]]
 
 
+class Review(NamedTuple):
+    """A Patient version whose shared identifier changed: what the review topic gets."""
+
+    record: NormalizedResource
+    reason: str
+    previous_key: str
+    proposed_key: str | None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("cdrsync-reason", self.reason.encode()),
+            (PREVIOUS_KEY_HEADER, self.previous_key.encode()),
+            (PROPOSED_KEY_HEADER, (self.proposed_key or NO_KEY).encode()),
+        ]
+
+
+def _review(record: NormalizedResource, local: str, known: str, key: str | None) -> Review:
+    return Review(record, f"shared identifier of {local} changed: patient key {known} -> {key}", known, key)
+
+
 @dataclass
 class IdentityOutcome:
     """What one normalized record led to."""
 
     routed: list[RoutedResource] = field(default_factory=list)
     held: list[tuple[NormalizedResource, str]] = field(default_factory=list)  # (record, reason)
-    review: list[tuple[NormalizedResource, str]] = field(default_factory=list)
+    review: list[Review] = field(default_factory=list)
     not_applied: list[tuple[NormalizedResource, str]] = field(default_factory=list)  # a reviewer rejected them
     released: int = 0  # held records released by this one
     released_records: list[RoutedResource] = field(default_factory=list)
@@ -195,9 +221,10 @@ def _resolve_local(
             _close_review(state, local, {"key": known}, "withdrawn", review, site, out, last=record)
             return
         if review is not None:
+            assert known is not None, "a review is opened only for a patient with a key"
             if key != review["proposed"]:  # a different change again: the review is about this one now
                 state.keys[local] = {"key": known, "review": {"proposed": key}}
-                out.review.append((record, f"shared identifier of {local} changed: patient key {known} -> {key}"))
+                out.review.append(_review(record, local, known, key))
             _hold(state, local, record, f"patient under identity review: patient key {known} -> {key}", out)
             return
         if known is not None and key != known and key is not None and key == entry.get("rejected"):
@@ -205,7 +232,7 @@ def _resolve_local(
             return
         if known is not None and key != known:
             state.keys[local] = {"key": known, "review": {"proposed": key}}
-            out.review.append((record, f"shared identifier of {local} changed: patient key {known} -> {key}"))
+            out.review.append(_review(record, local, known, key))
             _hold(state, local, record, f"patient under identity review: patient key {known} -> {key}", out)
             return
         if key is None:

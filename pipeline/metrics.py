@@ -140,7 +140,7 @@ CONFLICTS = Counter(
 )
 HELD_RECORDS = Gauge(
     "cdrsync_held_records",
-    "Records waiting in this worker's tables now, by reason (missing_identifier, reference)",
+    "Records waiting in this worker's tables now, by reason (missing_identifier, identity_review, reference)",
     ["site", "reason"],
 )
 HELD_BEHIND = Counter(

@@ -128,6 +128,7 @@ class RouteStatus:
     writes_failed: float = 0
     lag: float | None = None
     held_identifier: float = 0
+    held_review: float = 0
     held_reference: float = 0
     retries: float = 0
     dead_letters: float = 0
@@ -167,6 +168,7 @@ def _route_from_workers(status: RouteStatus, samples: list[Sample], now: float) 
     status.writes_succeeded = _total(samples, "cdrsync_writes_total", result="succeeded", **route)
     status.writes_failed = _total(samples, "cdrsync_writes_total", result="failed", **route)
     status.held_identifier = _total(samples, "cdrsync_held_records", site=status.site, reason="missing_identifier")
+    status.held_review = _total(samples, "cdrsync_held_records", site=status.site, reason="identity_review")
     status.held_reference = _total(samples, "cdrsync_held_records", site=status.site, reason="reference")
     status.retries = _total(samples, "cdrsync_retries_total", **route)
     status.dead_letters = _total(samples, "cdrsync_dead_letters_total", site=status.site)
@@ -206,6 +208,8 @@ def _judge(status: RouteStatus, uptime: float | None) -> None:
         status.warnings.append("dead letters")
     if status.held_identifier:
         status.warnings.append("patients without the shared identifier")
+    if status.held_review:
+        status.warnings.append("patients under identity review (cdrsync identity list)")
     if status.retries:
         status.warnings.append("retries")
     if status.slot_lag_bytes is not None and status.slot_lag_bytes > SLOT_WARN_BYTES:
@@ -271,7 +275,7 @@ def _render_route(status: RouteStatus) -> list[str]:
         f"  latency p50 / p99      {_seconds(status.latency_p50)} / {_seconds(status.latency_p99)}  ({writes})",
         f"  lag                    {'?' if status.lag is None else f'{status.lag:.0f}'} changes not yet read",
         f"  held                   {status.held_identifier:.0f} without shared identifier, "
-        f"{status.held_reference:.0f} waiting for a reference",
+        f"{status.held_review:.0f} under identity review, {status.held_reference:.0f} waiting for a reference",
         f"  retrying               {status.retries:.0f} sent to a retry tier",
         f"  dead letters           {status.dead_letters:.0f}",
         f"  conflicts              {status.conflicts:.0f}",

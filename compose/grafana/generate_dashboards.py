@@ -382,6 +382,10 @@ def error_analysis() -> dict:
                 "Conflicts and identity reviews (per hour)",
                 ("sum by (site) (increase(cdrsync_conflicts_total[1h]))", "conflicts {{site}}"),
                 ("sum by (site) (increase(cdrsync_identity_reviews_total[1h]))", "identity reviews {{site}}"),
+                (
+                    "sum by (site, action) (increase(cdrsync_identity_decisions_total[1h]))",
+                    "identity reviews closed {{site}} {{action}}",
+                ),
                 width=6,
             ),
             panel(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
@@ -125,12 +127,31 @@ def test_patient_without_the_shared_number_is_held_then_released_when_it_is_adde
     )
 
 
-def test_a_changed_shared_number_goes_to_review_and_the_patients_records_stay_with_the_person(
-    worker: Worker, stack: Central, site_a: SiteDatabase, run_id: str, config: Config
+def _cdrsync(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def _reviews(capsys: pytest.CaptureFixture[str], local_id: str) -> list[dict]:
+    code, out = _cdrsync(capsys, "identity", "list", "--site", "site-a", "--include-closed", "--json")
+    assert code == 0
+    return [r for r in map(orjson.loads, out.splitlines()) if r["local_patient_id"] == local_id]
+
+
+@pytest.mark.parametrize("action", ["accept", "reject"])
+def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_decides(
+    worker: Worker,
+    stack: Central,
+    site_a: SiteDatabase,
+    run_id: str,
+    config: Config,
+    action: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    kvnr, typo = f"V{run_id}", f"W{run_id}"
-    person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-rev", "gender": "female"}, kvnr)
-    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    kvnr, typo = f"V{run_id}{action[0]}", f"W{run_id}{action[0]}"
+    person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-rev-{action}", "gender": "female"}, kvnr)
+    key, other_key = global_patient_key(KVNR_SYSTEM, kvnr), global_patient_key(KVNR_SYSTEM, typo)
     site_a.upsert(person)
     wait_for(lambda: stack.read("Patient", key), timeout=120, what="the patient at central")
     reviews_before = worker.metric("cdrsync_identity_reviews_total", site="site-a")
@@ -138,22 +159,53 @@ def test_a_changed_shared_number_goes_to_review_and_the_patients_records_stay_wi
     # The hospital changes the patient's insurance number: which person the records belong to is now in question.
     site_a.upsert(with_kvnr({**person, "gender": "other"}, typo))
 
-    def reviewed() -> list[dict]:
-        items = tap(SETTINGS.kafka_bootstrap, config.topics.name("identity_review"), idle_seconds=2)
-        return [i for i in items if isinstance(i["value"], dict) and i["value"].get("source_id") == person["id"]]
+    def on_topic(name: str) -> list[dict]:
+        items = tap(SETTINGS.kafka_bootstrap, config.topics.name(name), idle_seconds=2)
+        mine = f"Patient/{person['id']}"  # a Patient's own record names it as its patient too
+        return [i for i in items if isinstance(i["value"], dict) and i["value"].get("patient_ref") == mine]
 
-    [review] = wait_for(reviewed, timeout=120, what="the change on the identity review topic")
+    [review] = wait_for(
+        lambda: on_topic("identity_review"), timeout=120, what="the change on the identity review topic"
+    )
     assert review["value"]["resource_type"] == "Patient" and typo in review["value"]["resource"]  # the change itself
     assert worker.metric("cdrsync_identity_reviews_total", site="site-a") == reviews_before + 1
     # Not applied: no second central Patient under the new number, the first one unchanged.
-    assert stack.read("Patient", global_patient_key(KVNR_SYSTEM, typo)) is None
+    assert stack.read("Patient", other_key) is None
     assert stack.read("Patient", key)["gender"] == "female"
-    # Her later records still go to the person they were filed under.
-    weight = observation_for(f"{run_id}-rev", person["id"], 1, 64.0)
+
+    # Her later records go to neither person until someone has decided which one she is.
+    weight = observation_for(f"{run_id}-rev-{action}", person["id"], 1, 64.0)
     site_a.upsert(weight)
-    written = wait_for(
-        lambda: stack.read("Observation", target_id("site-a", "Observation", weight["id"])),
+    wait_for(
+        lambda: any(i["value"].get("source_id") == weight["id"] for i in on_topic("held")),
         timeout=120,
-        what="a later observation",
+        what="the later observation on the held topic",
     )
-    assert written["subject"]["reference"] == f"Patient/{key}"
+    observation_id = target_id("site-a", "Observation", weight["id"])
+    assert stack.read("Observation", observation_id) is None
+    [listed] = _reviews(capsys, person["id"])
+    assert listed["status"] == "open"
+    assert (listed["previous_patient"], listed["proposed_patient"]) == (f"Patient/{key}", f"Patient/{other_key}")
+
+    code, out = _cdrsync(capsys, "identity", action, "site-a", person["id"], "--reason", "checked the card")
+    assert code == 0 and "dry run" in out
+    assert _reviews(capsys, person["id"])[0]["status"] == "open"  # a dry run decides nothing
+    code, out = _cdrsync(
+        capsys, "identity", action, "site-a", person["id"], "--reason", "checked the card", "--execute"
+    )
+    assert code == 0, out
+
+    decided = wait_for(lambda: stack.read("Observation", observation_id), timeout=120, what="the released observation")
+    [closed] = _reviews(capsys, person["id"])
+    assert closed["status"] == f"{action}ed"
+    if action == "accept":
+        assert decided["subject"]["reference"] == f"Patient/{other_key}"
+        assert (
+            wait_for(lambda: stack.read("Patient", other_key), timeout=120, what="the Patient now named")["gender"]
+            == "other"
+        )
+    else:
+        assert decided["subject"]["reference"] == f"Patient/{key}"
+        assert stack.read("Patient", other_key) is None and stack.read("Patient", key)["gender"] == "female"
+        site_a.upsert({**with_kvnr(person, kvnr), "gender": "other"})  # the hospital corrects the number
+        wait_for(lambda: stack.read("Patient", key)["gender"] == "other", timeout=120, what="the corrected Patient")

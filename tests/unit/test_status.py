@@ -24,7 +24,9 @@ SOURCE_SITES = [site.site for site in load_config(Path(__file__).resolve().paren
 ROUTE_A = 'site="site-a",target="central"'
 
 
-def worker_metrics(last_write_ago: float = 30, dead_letters: int = 0, held_identifier: int = 0) -> str:
+def worker_metrics(
+    last_write_ago: float = 30, dead_letters: int = 0, held_identifier: int = 0, held_review: int = 0
+) -> str:
     """A worker's /metrics as prometheus-client writes it: site-a wrote 10 Observations, 8 fast and 2 slow."""
     lines = [
         "# TYPE process_start_time_seconds gauge",
@@ -45,6 +47,7 @@ def worker_metrics(last_write_ago: float = 30, dead_letters: int = 0, held_ident
         "# TYPE cdrsync_held_records gauge",
         f'cdrsync_held_records{{site="site-a",reason="missing_identifier"}} {held_identifier}',
         'cdrsync_held_records{site="site-a",reason="reference"} 2',
+        f'cdrsync_held_records{{site="site-a",reason="identity_review"}} {held_review}',
         "# TYPE cdrsync_dead_letters_total counter",
         f'cdrsync_dead_letters_total{{stage="normalize",site="site-a",target="",error_class="mapping"}} {dead_letters}',
     ]
@@ -117,6 +120,13 @@ def test_dead_letters_and_missing_identifiers_warn(config: Config) -> None:
     status = statuses(config, worker_metrics(dead_letters=2, held_identifier=1), monitor_metrics())["site-a->central"]
     assert status.verdict == "WARNING"  # type: ignore[attr-defined]
     assert status.warnings == ["dead letters", "patients without the shared identifier"]  # type: ignore[attr-defined]
+
+
+def test_patients_under_identity_review_warn_and_are_counted_apart(config: Config) -> None:
+    status = statuses(config, worker_metrics(held_review=3), monitor_metrics())["site-a->central"]
+    assert status.verdict == "WARNING"  # type: ignore[attr-defined]
+    assert status.warnings == ["patients under identity review (cdrsync identity list)"]  # type: ignore[attr-defined]
+    assert (status.held_identifier, status.held_review) == (0, 3)  # type: ignore[attr-defined]
 
 
 def test_no_worker_answering_fails_every_route(config: Config) -> None:

@@ -1,0 +1,187 @@
+"""`cdrsync identity`: the patients whose shared identifier changed, and a reviewer's decision on each.
+
+When a hospital's Patient names another shared identifier than before (or none), the identity stage
+(pipeline/identity.py) does not move the patient: it copies that Patient version to the review topic and
+holds every later record of that local patient. A reviewer then decides, for the local patient:
+
+* `accept`: the Patient is the person it now names. The held records go to that central Patient; so do
+  the hospital's later ones. (Records written before the change stay with the previous central Patient;
+  `list` names it, so they can be reviewed there.)
+* `reject`: the Patient stays the person it was. The held records go to the previous central Patient;
+  Patient versions naming the rejected identifier are not applied (audited) until the hospital corrects it.
+
+The decision travels as a record on the normalized topic, keyed like that patient's changes (so in their
+partition, after the ones already held), carrying the Patient version reviewed and a decision header. The
+identity stage checks that the review it names is still the open one (the hospital may have changed the
+identifier again, or taken the change back), applies it, and records how the review closed on a compacted
+topic, which `list` reads. Dry run unless --execute.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .config import Config
+from .dlq import iso_time, operator_name, read_all, resolutions
+from .errors import CdrsyncError
+from .identity import DECISION_HEADER, NO_KEY, PREVIOUS_KEY_HEADER, PROPOSED_KEY_HEADER, IdentityDecision
+from .kafkaadmin import AcknowledgedProducer
+from .records import NormalizedResource, decode
+
+__all__ = ["IdentityReview", "decide", "read_reviews", "wait_for_closing"]
+
+_LEGACY_REASON = re.compile(r"patient key (\S+) -> (\S+)$")
+
+
+@dataclass(frozen=True)
+class IdentityReview:
+    """The latest review record of one local patient, and how its review closed, if it did after it."""
+
+    local_patient: str  # "site|local id"
+    partition: int
+    offset: int
+    timestamp_ms: int
+    value: bytes
+    reason: str
+    previous_key: str | None
+    proposed_key: str | None
+    versions: int  # review records of this local patient (each a change the hospital made)
+    closed: dict[str, Any] | None
+
+    @property
+    def site(self) -> str:
+        return self.local_patient.split("|", 1)[0]
+
+    @property
+    def local_id(self) -> str:
+        return self.local_patient.split("|", 1)[1]
+
+    @property
+    def status(self) -> str:
+        return str(self.closed["action"]) if self.closed else "open"
+
+    def summary(self) -> dict[str, Any]:
+        """Ids, keys and status; no clinical content."""
+        return {
+            "site": self.site,
+            "local_patient_id": self.local_id,
+            "reviewed_at": iso_time(self.timestamp_ms),
+            "previous_patient": f"Patient/{self.previous_key}" if self.previous_key else None,
+            "proposed_patient": f"Patient/{self.proposed_key}" if self.proposed_key else None,
+            "changes": self.versions,
+            "status": self.status,
+            "closed": self.closed,
+            "review_record": f"{self.partition}:{self.offset}",
+        }
+
+    def shown(self, with_patient_data: bool) -> dict[str, Any]:
+        """For `show`: the Patient version under review only when asked for."""
+        record = decode(self.value, NormalizedResource)
+        patient = orjson.loads(record.resource) if record.resource else None
+        return {
+            **self.summary(),
+            "reason": self.reason,
+            "source_version": record.source_version,
+            "patient": patient if with_patient_data else "<withheld: patient data; add --with-patient-data>",
+        }
+
+
+def _header(headers: list[tuple[str, bytes]] | None, name: str) -> str | None:
+    for key, value in headers or []:
+        if key == name:
+            return value.decode()
+    return None
+
+
+def _key(text: str | None) -> str | None:
+    return None if text in (None, NO_KEY, "None") else text
+
+
+def read_reviews(bootstrap: str, config: Config) -> list[IdentityReview]:
+    """One entry per local patient ever sent to review: its latest review record and, if it closed since,
+    how (the compacted resolutions topic, written by the identity stage)."""
+    closed = resolutions(bootstrap, config.topics.name("identity_resolved"))
+    latest: dict[str, Any] = {}
+    versions: dict[str, int] = {}
+    for message in read_all(bootstrap, config.topics.name("identity_review")):
+        local = (message.key() or b"").decode()
+        if "|" not in local or message.value() is None:
+            raise CdrsyncError(
+                f"identity review record {message.partition()}:{message.offset()} has no site|local patient key"
+            )
+        latest[local] = message
+        versions[local] = versions.get(local, 0) + 1
+    found = []
+    for local, message in latest.items():
+        headers = message.headers()
+        reason = _header(headers, "cdrsync-reason") or ""
+        previous, proposed = _header(headers, PREVIOUS_KEY_HEADER), _header(headers, PROPOSED_KEY_HEADER)
+        if previous is None and (legacy := _LEGACY_REASON.search(reason)):  # written before the keys had headers
+            previous, proposed = legacy.groups()
+        timestamp = message.timestamp()[1]
+        closing = closed.get(local)
+        after = closing is not None and int(closing.get("at_ms") or 0) >= timestamp
+        found.append(
+            IdentityReview(
+                local,
+                message.partition(),
+                message.offset(),
+                timestamp,
+                message.value(),
+                reason,
+                _key(previous),
+                _key(proposed),
+                versions[local],
+                closing if after else None,
+            )
+        )
+    return sorted(found, key=lambda r: (r.timestamp_ms, r.local_patient))
+
+
+def decide(bootstrap: str, config: Config, review: IdentityReview, action: str, reason: str) -> IdentityDecision:
+    """Send the decision to the identity stage, in the patient's partition of the normalized topic."""
+    if review.closed is not None:
+        raise CdrsyncError(
+            f"the identity review of {review.local_patient} was {review.status} already "
+            f"({iso_time(int(review.closed.get('at_ms') or 0))})"
+        )
+    decision = IdentityDecision(action, review.proposed_key, operator_name(), reason, int(time.time() * 1000))
+    producer = AcknowledgedProducer(bootstrap)
+    producer.produce(
+        config.topics.name("normalized"),
+        review.value,
+        review.local_patient.encode(),
+        headers=[(DECISION_HEADER, decision.header())],
+    )
+    producer.finish("decision")
+    return decision
+
+
+def wait_for_closing(
+    bootstrap: str,
+    config: Config,
+    local_patient: str,
+    decision: IdentityDecision,
+    timeout: float,
+    *,
+    tick: Callable[[float], None] = lambda waited: None,
+) -> dict[str, Any] | None:
+    """How the review closed once the identity stage has applied this decision; None if it has not within
+    the timeout (the worker is down or behind, or it refused the decision: a dead letter)."""
+    topic = config.topics.name("identity_resolved")
+    started = time.monotonic()
+    while True:
+        closing = resolutions(bootstrap, topic).get(local_patient)
+        if closing is not None and closing.get("decided_ms") == decision.at_ms:
+            return closing
+        waited = time.monotonic() - started
+        if waited >= timeout:
+            return None
+        tick(waited)
+        time.sleep(min(2.0, max(0.0, timeout - waited)))
