@@ -58,9 +58,19 @@ def _list(args: argparse.Namespace, settings: Settings, config: Config) -> int:
     return 0
 
 
+def _left_behind(config: Config, review: Any) -> dict[str, list[str]]:
+    """The site's resources at the Patient the review started from (none if it had none)."""
+    from .identityreview import written_before
+
+    if review.previous_key is None:
+        return {}
+    return written_before(config, config.sites[review.site], review.previous_key)
+
+
 def _show(args: argparse.Namespace, settings: Settings, config: Config) -> int:
     review = _one(args, settings, config)
-    sys.stdout.buffer.write(orjson.dumps(review.shown(args.with_patient_data), option=orjson.OPT_INDENT_2))
+    shown = {**review.shown(args.with_patient_data), "site_records_at_previous_patient": _left_behind(config, review)}
+    sys.stdout.buffer.write(orjson.dumps(shown, option=orjson.OPT_INDENT_2))
     print()
     return 0
 
@@ -88,6 +98,12 @@ def _decide(action: str) -> Handler:
         if review.closed is not None:
             raise CdrsyncError(f"the identity review of {review.local_patient} is {review.status} already")
         print(f"{review.local_patient}: {action}: {_effect(review, action)}")
+        if action == "accept":
+            for target, refs in _left_behind(config, review).items():
+                print(
+                    f"  at {target}, Patient/{review.previous_key} holds {len(refs)} earlier resources of "
+                    f"{review.site} that stay there (`cdrsync identity show` lists them)"
+                )
         if not args.execute:
             print("dry run: add --execute to send the decision")
             return 0

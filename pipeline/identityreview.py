@@ -19,6 +19,7 @@ topic, which `list` reads. Dry run unless --execute.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -27,14 +28,16 @@ from typing import Any
 
 import orjson
 
-from .config import Config
+from .config import Config, SiteConfig
 from .dlq import iso_time, operator_name, read_all, resolutions
-from .errors import CdrsyncError
+from .errors import CdrsyncError, PermanentError
+from .fhirclient import FhirClient
 from .identity import DECISION_HEADER, NO_KEY, PREVIOUS_KEY_HEADER, PROPOSED_KEY_HEADER, IdentityDecision
+from .ids import ORIGIN_TAG_SYSTEM
 from .kafkaadmin import AcknowledgedProducer
 from .records import NormalizedResource, decode
 
-__all__ = ["IdentityReview", "decide", "read_reviews", "wait_for_closing"]
+__all__ = ["IdentityReview", "decide", "read_reviews", "wait_for_closing", "written_before"]
 
 _LEGACY_REASON = re.compile(r"patient key (\S+) -> (\S+)$")
 
@@ -185,3 +188,36 @@ def wait_for_closing(
             return None
         tick(waited)
         time.sleep(min(2.0, max(0.0, timeout - waited)))
+
+
+async def _everything_of_site(client: FhirClient, patient_key: str, site: str) -> list[str]:
+    """References of the resources of one origin site in a central Patient's compartment ($everything)."""
+    found: list[str] = []
+    page: str | None = f"Patient/{patient_key}/$everything?_count=200&_elements=meta"
+    while page is not None:
+        try:
+            bundle = await client.get_json(page)
+        except PermanentError:  # no such Patient (never written, or deleted): nothing of the site is there
+            return found
+        for entry in bundle.get("entry") or []:
+            resource = entry.get("resource") or {}
+            tags = (resource.get("meta") or {}).get("tag") or []
+            mine = any(t.get("system") == ORIGIN_TAG_SYSTEM and t.get("code") == site for t in tags)
+            if mine and resource.get("resourceType") != "Patient":
+                found.append(f"{resource['resourceType']}/{resource['id']}")
+        page = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+    return found
+
+
+def written_before(config: Config, site: SiteConfig, patient_key: str) -> dict[str, list[str]]:
+    """Per target: the site's resources that the central Patient patient_key holds, written before a change
+    of identity (accepting it does not move them: a reviewer does, at the target)."""
+
+    async def run() -> dict[str, list[str]]:
+        result = {}
+        for target in sorted({route.target for route in site.routes}):
+            async with FhirClient(config.target(target)) as client:
+                result[target] = sorted(await _everything_of_site(client, patient_key, site.site))
+        return result
+
+    return asyncio.run(run())

@@ -152,8 +152,10 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
     kvnr, typo = f"V{run_id}{action[0]}", f"W{run_id}{action[0]}"
     person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-rev-{action}", "gender": "female"}, kvnr)
     key, other_key = global_patient_key(KVNR_SYSTEM, kvnr), global_patient_key(KVNR_SYSTEM, typo)
-    site_a.upsert(person)
-    wait_for(lambda: stack.read("Patient", key), timeout=120, what="the patient at central")
+    earlier = observation_for(f"{run_id}-rev-{action}-0", person["id"], 1, 63.0)
+    site_a.upsert_many([person, earlier])
+    earlier_ref = f"Observation/{target_id('site-a', 'Observation', earlier['id'])}"
+    wait_for(lambda: stack.read(*earlier_ref.split("/")), timeout=120, what="the patient's first record at central")
     reviews_before = worker.metric("cdrsync_identity_reviews_total", site="site-a")
 
     # The hospital changes the patient's insurance number: which person the records belong to is now in question.
@@ -198,6 +200,10 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
     decided = wait_for(lambda: stack.read("Observation", observation_id), timeout=120, what="the released observation")
     [closed] = _reviews(capsys, person["id"])
     assert closed["status"] == f"{action}ed"
+    # What the reviewer is shown of the central Patient the review started from: the records filed there before.
+    code, out = _cdrsync(capsys, "identity", "show", "site-a", person["id"])
+    assert code == 0 and orjson.loads(out)["site_records_at_previous_patient"] == {"central": [earlier_ref]}
+    assert "gender" not in out  # no patient data unless asked for
     if action == "accept":
         assert decided["subject"]["reference"] == f"Patient/{other_key}"
         assert (
