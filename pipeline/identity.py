@@ -241,6 +241,9 @@ def _resolve_local(
         if key != known or "rejected" in entry:
             state.keys[local] = {"key": key}
         known = key
+    if record.resource_type == "Patient" and known is None:  # a delete: the Patient never had a shared identifier
+        _drop_held(state, local, record, out)
+        return
     if review is not None:  # nothing of this patient goes anywhere until a person has decided who it is
         _hold(state, local, record, f"patient under identity review: patient key {known} -> {review['proposed']}", out)
         return
@@ -251,6 +254,15 @@ def _resolve_local(
     out.routed += route_resource(record, site, _keys_of(state, site.site))
     if record.resource_type == "Patient":
         _release_held(state, local, site, out)
+
+
+def _drop_held(state: IdentityState, local: str, deleted: NormalizedResource, out: IdentityOutcome) -> None:
+    """The hospital deleted a Patient that never had a shared identifier: nothing of it was sent, and what waits
+    for it is not released to whoever is given that local id next."""
+    reason = f"{local} was deleted at the hospital before it had a shared identifier: never sent"
+    for item in state.held.pop(local, []):
+        out.not_applied.append((decode(bytes.fromhex(item), NormalizedResource), reason))
+    out.not_applied.append((deleted, reason))
 
 
 def apply_decision(

@@ -140,6 +140,18 @@ def decide(config, s, action, proposed=OTHER_KEY, patient=None):
     return apply_decision(s, record, config.sites["site-a"], decision)
 
 
+def test_records_of_a_patient_deleted_before_it_had_an_identifier_never_go_to_the_next_one_given_its_id(config) -> None:
+    s = state()
+    anonymous = with_kvnr(PATIENT, None)
+    resolve(config, s, anonymous, op="c", version=1)
+    resolve(config, s, ENCOUNTER, op="c", version=2)
+    gone = resolve(config, s, anonymous, op="d", version=3)
+    assert gone.routed == [] and [r.resource_type for r, _ in gone.not_applied] == ["Patient", "Encounter", "Patient"]
+    assert all("deleted at the hospital" in reason for _, reason in gone.not_applied) and LOCAL not in s.held
+    newcomer = resolve(config, s, with_kvnr(PATIENT, "Z000000001"), op="c", version=4)  # the id, given again
+    assert [(r.resource_type, r.patient_key, r.is_delete) for r in newcomer.routed] == [("Patient", OTHER_KEY, False)]
+
+
 def test_changed_shared_identifier_goes_to_review_and_is_not_applied(config) -> None:
     s, out, _ = under_review(config)
     assert out.routed == [] and "changed" in out.review[0][1]
