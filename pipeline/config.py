@@ -153,6 +153,9 @@ class IdentityConfig(_Strict):
     # The identifier every site shares for a person (e.g. the German statutory insurance number
     # http://fhir.de/sid/gkv/kvid-10): the central Patient's id derives from it (DESIGN.md decision 4).
     shared_identifier_system: str = Field(min_length=1)
+    # How a value is compared: as written (only trimmed), or in capitals with every space removed, so that
+    # "a123 456 789" and "A123456789" are one person. Sites routing to one target must agree (checked).
+    shared_identifier_form: Literal["as-written", "uppercase-no-spaces"] = "as-written"
 
 
 # --- back-flow (pipeline/capture.py, pipeline/backflow.py) ---------------------------------------------
@@ -354,12 +357,18 @@ def load_sites(paths: Iterable[Path]) -> dict[str, SiteConfig]:
 
 
 def _one_shared_identifier_per_target(sites: dict[str, SiteConfig], origin: dict[str, Path]) -> None:
-    """Every site routing to one target matches patients by the same identifier system: the central Patient's
-    id derives from system and value, so two spellings of one system (an old NamingSystem URI, a trailing
-    slash) would make every shared patient two central Patients."""
+    """Every site routing to one target matches patients by the same identifier system, compared in the same
+    form: the central Patient's id derives from system and value, so two spellings of one system (an old
+    NamingSystem URI, a trailing slash), or one site folding case and another not, would make a shared
+    patient two central Patients."""
     for target in {route.target for site in sites.values() for route in site.routes}:
         systems = {
             name: site.identity.shared_identifier_system
+            + (
+                ""
+                if site.identity.shared_identifier_form == "as-written"
+                else f" ({site.identity.shared_identifier_form})"
+            )
             for name, site in sites.items()
             if site.identity is not None and any(route.target == target for route in site.routes)
         }
@@ -368,7 +377,7 @@ def _one_shared_identifier_per_target(sites: dict[str, SiteConfig], origin: dict
             raise ConfigError(
                 f"sites routing to '{target}' match patients by different shared identifier systems ({named}): "
                 "the same person would become one central Patient per system; declare the same "
-                "identity.shared_identifier_system in each"
+                "identity.shared_identifier_system (and shared_identifier_form) in each"
             )
 
 

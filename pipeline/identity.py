@@ -66,11 +66,14 @@ def global_patient_key(system: str, value: str) -> str:
     return str(uuid.uuid5(CDRSYNC_NAMESPACE, f"patient|{system}|{value.strip()}"))
 
 
-def shared_identifier(resource: dict[str, Any], system: str) -> str | None:
-    """The value of the shared identifier in a Patient, None if it has none (or an empty one)."""
+def shared_identifier(resource: dict[str, Any], system: str, form: str = "as-written") -> str | None:
+    """The value of the shared identifier in a Patient, in the form compared (IdentityConfig), None if it has
+    none (or an empty one)."""
     for identifier in resource.get("identifier") or []:
         if isinstance(identifier, dict) and identifier.get("system") == system:
             value = str(identifier.get("value") or "").strip()
+            if form == "uppercase-no-spaces":
+                value = "".join(value.split()).upper()
             if value:
                 return value
     return None
@@ -215,7 +218,10 @@ def _resolve_local(
     known, review = entry.get("key"), entry.get("review")
     if record.resource_type == "Patient" and not record.is_delete:
         assert site.identity is not None and record.resource is not None
-        value = shared_identifier(orjson.loads(record.resource), site.identity.shared_identifier_system)
+        shared = site.identity
+        value = shared_identifier(
+            orjson.loads(record.resource), shared.shared_identifier_system, shared.shared_identifier_form
+        )
         key = global_patient_key(site.identity.shared_identifier_system, value) if value else None
         if review is not None and key == known:  # the hospital took the change back before anyone decided
             _close_review(state, local, {"key": known}, "withdrawn", review, site, out, last=record)

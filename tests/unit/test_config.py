@@ -124,8 +124,9 @@ def test_sites_routing_to_one_target_must_match_patients_by_the_same_identifier_
     source = "source: {database: d, schema: s, table: t, connector: c}\n"
     central = write(tmp_path, "central.yaml", "site: central\nadapter: fhir\ntarget: {fhir_base_url: http://c/fhir}\n")
 
-    def hospital(name: str, system: str) -> Path:
-        text = f"site: {name}\nadapter: fhir\n{source}identity: {{shared_identifier_system: '{system}'}}\n"
+    def hospital(name: str, system: str, form: str = "as-written") -> Path:
+        identity = f"{{shared_identifier_system: '{system}', shared_identifier_form: {form}}}"
+        text = f"site: {name}\nadapter: fhir\n{source}identity: {identity}\n"
         return write(tmp_path, f"{name}.yaml", text + "routes: [{target: central}]\n")
 
     same = [central, hospital("a", "http://fhir.de/sid/gkv/kvid-10"), hospital("b", "http://fhir.de/sid/gkv/kvid-10")]
@@ -134,3 +135,8 @@ def test_sites_routing_to_one_target_must_match_patients_by_the_same_identifier_
     with pytest.raises(ConfigError, match=r"sites routing to 'central' match patients by different shared") as err:
         load_sites([central, same[1], old_uri])
     assert "http://fhir.de/NamingSystem/gkv/kvid-10" in str(err.value) and "b.yaml" in str(err.value)
+    folding = hospital("b", "http://fhir.de/sid/gkv/kvid-10", "uppercase-no-spaces")
+    with pytest.raises(ConfigError, match=r"kvid-10 \(uppercase-no-spaces\)") as err:
+        load_sites([central, same[1], folding])
+    both = hospital("a", "http://fhir.de/sid/gkv/kvid-10", "uppercase-no-spaces")
+    assert set(load_sites([central, both, folding])) == {"central", "a", "b"}

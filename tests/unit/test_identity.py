@@ -14,6 +14,7 @@ from pipeline.identity import (
     global_patient_key,
     parse_decision,
     resolve_identity,
+    shared_identifier,
 )
 from pipeline.ids import target_id
 from pipeline.normalize import SourcePosition, normalize_change
@@ -150,6 +151,25 @@ def test_records_of_a_patient_deleted_before_it_had_an_identifier_never_go_to_th
     assert all("deleted at the hospital" in reason for _, reason in gone.not_applied) and LOCAL not in s.held
     newcomer = resolve(config, s, with_kvnr(PATIENT, "Z000000001"), op="c", version=4)  # the id, given again
     assert [(r.resource_type, r.patient_key, r.is_delete) for r in newcomer.routed] == [("Patient", OTHER_KEY, False)]
+
+
+def test_shared_identifier_in_capitals_without_spaces_when_the_sites_agree_on_that_form() -> None:
+    patient = with_kvnr(PATIENT, " a123 456 789 ")
+    assert shared_identifier(patient, KVNR) == "a123 456 789"  # as written: another person than A123456789
+    assert shared_identifier(patient, KVNR, "uppercase-no-spaces") == "A123456789"
+    assert shared_identifier(with_kvnr(PATIENT, " \t "), KVNR, "uppercase-no-spaces") is None
+
+
+def test_a_site_folding_its_identifiers_routes_a_number_written_in_small_letters_to_the_same_patient(config) -> None:
+    from pipeline.config import IdentityConfig
+
+    site = config.sites["site-a"]
+    folding = site.model_copy(
+        update={"identity": IdentityConfig(shared_identifier_system=KVNR, shared_identifier_form="uppercase-no-spaces")}
+    )
+    record = normalized(config, with_kvnr(PATIENT, "a 123456789"))
+    assert [r.target_id for r in resolve_identity(state(), record, folding).routed] == [KEY]
+    assert [r.target_id for r in resolve_identity(state(), record, site).routed] != [KEY]
 
 
 def test_changed_shared_identifier_goes_to_review_and_is_not_applied(config) -> None:
