@@ -184,19 +184,31 @@ async def _resolve_one(event: EventT) -> None:
             outcome = identity.resolve_identity(state, record, site)
         else:
             outcome = identity.apply_decision(state, record, site, decision)
+    except identity.IdentityDecisionError as refused:  # an operator's command, answered: replaying it means nothing
+        assert decision is not None
+        await _decision_refused(record, decision, refused)
+        return
     except Exception as error:
         await dead_letter("identity", event, error)
         return
+    await _deliver_identity(event.message.key, record, outcome)
+    if decision is None:
+        await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
+    assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
+    await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
+
+
+async def _deliver_identity(key: bytes | None, record: NormalizedResource, outcome: identity.IdentityOutcome) -> None:
     for held, reason in outcome.held:
         HELD.labels(held.site, held.resource_type).inc()
         log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
-        await deliver(held_records, event.message.key, encode(held), [("cdrsync-reason", reason.encode())])
+        await deliver(held_records, key, encode(held), [("cdrsync-reason", reason.encode())])
         await emit_audit("held", held, detail=reason)
     for review in outcome.review:
         item, reason = review.record, review.reason
         IDENTITY_REVIEWS.labels(item.site).inc()
         log.error("identity review for %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
-        await deliver(identity_review, event.message.key, encode(item), review.headers())
+        await deliver(identity_review, key, encode(item), review.headers())
         await emit_audit("identity_review", item, detail=reason)
     for item, reason in outcome.not_applied:
         log.warning("not applied: %s/%s of %s: %s", item.resource_type, item.source_id, item.site, reason)
@@ -205,13 +217,10 @@ async def _resolve_one(event: EventT) -> None:
         await _review_closed(record, outcome.closed)
     for routed in outcome.routed:
         await deliver(identified, routed.patient_key.encode(), encode(routed))
-    await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
     if outcome.released:
         HELD_RELEASED.labels(record.site).inc(outcome.released)
     for released in outcome.released_records:
         await emit_audit("released", released, detail="its patient's shared identifier arrived")
-    assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
-    await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
 
 
 async def _review_closed(record: NormalizedResource, closed: dict[str, Any]) -> None:
@@ -219,13 +228,25 @@ async def _review_closed(record: NormalizedResource, closed: dict[str, Any]) -> 
     closed = {**closed, "at_ms": now_ms()}
     IDENTITY_DECISIONS.labels(record.site, closed["action"]).inc()
     detail = (
-        f"identity review of {closed['local_patient']} {closed['action']} by {closed['by']}: patient key "
-        f"{closed['previous_key']} -> {closed['key']} ({closed['reason']})"
+        f"identity review {closed['review_number']} of {closed['local_patient']} {closed['action']} by "
+        f"{closed['by']}: patient key {closed['previous_key']} -> {closed['key']}"
     )
-    log.warning("%s", detail)
+    log.warning("%s", detail)  # the reviewer's reason is free text: kept in the audit trail, not in logs
     await deliver(identity_resolved, closed["local_patient"].encode(), orjson.dumps(closed))
     trigger = "operator" if closed["decided_ms"] is not None else "all"
-    await emit_audit("identity_decided", record, detail=detail[:500], trigger=trigger)
+    await emit_audit("identity_decided", record, detail=f"{detail} ({closed['reason']})"[:500], trigger=trigger)
+
+
+async def _decision_refused(
+    record: NormalizedResource, decision: identity.IdentityDecision, refused: identity.IdentityDecisionError
+) -> None:
+    """Tell the operator who sent it (`cdrsync identity accept|reject` waits for this) and audit it."""
+    local = identity.local_patient(record) or ""
+    log.error("identity decision by %s refused: %s", decision.by, refused)
+    answer = {"local_patient": local, "action": "refused", "decided_ms": decision.at_ms, "reason": str(refused)}
+    await deliver(identity_resolved, identity.refusal_key(local, decision).encode(), orjson.dumps(answer))
+    detail = f"{decision.action} by {decision.by} refused: {refused}"[:500]
+    await emit_audit("identity_decided", record, detail=detail, trigger="operator")
 
 
 @app.agent(normalized, concurrency=1)

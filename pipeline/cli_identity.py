@@ -111,10 +111,10 @@ def _decide(action: str) -> Handler:
         print(f"decision sent; waiting up to {args.wait:.0f} s for the identity stage to apply it", flush=True)
         closing = wait_for_closing(settings.kafka_bootstrap, config, review.local_patient, decision, args.wait)
         if closing is None:
-            print(
-                "not applied yet: the worker is down or behind, or it refused the decision (the hospital changed "
-                "the identifier again): see `cdrsync identity list` and `cdrsync dlq list --stage identity`"
-            )
+            print("not applied yet: the worker is down or behind; `cdrsync identity list` shows it once it is")
+            return 1
+        if closing["action"] == "refused":
+            print(f"refused by the identity stage: {closing['reason']}")
             return 1
         print(
             f"{closing['action']}: {review.local_patient} is Patient/{closing['key']} now"

@@ -18,9 +18,12 @@ to either person in the meantime. The same question for an HL7 v2 merge (two loc
 person) is rejected to the dead letters, not applied.
 
 A local patient's entry in patient_key_by_local_patient:
-  {"key": K}                              its records go to the central Patient K
-  {"key": K, "review": {"proposed": P}}   its Patient now names P (None: no identifier): all held
-  {"key": K, "rejected": P}               a reviewer kept K: Patient versions naming P are not applied
+  {"key": K}                    its records go to the central Patient K
+  {"key": K, "review": {"proposed": P, "number": n}}
+                                its Patient now names P (None: no identifier): all its records are held
+  {"key": K, "rejected": P}     a reviewer kept K: Patient versions naming P ("-": none) are not applied
+  {}                            a reviewer accepted that it has no identifier: held as any patient without
+and "reviews": n, how many reviews it has had (each review record and its closing name their number).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "ORIGIN_TAG_SYSTEM",
     "PREVIOUS_KEY_HEADER",
     "PROPOSED_KEY_HEADER",
+    "REVIEW_NUMBER_HEADER",
     "IdentityDecision",
     "IdentityDecisionError",
     "IdentityOutcome",
@@ -54,6 +58,7 @@ __all__ = [
     "global_patient_key",
     "local_patient",
     "parse_decision",
+    "refusal_key",
     "resolve_identity",
     "route_resource",
     "shared_identifier",
@@ -91,6 +96,7 @@ DECISION_HEADER = "cdrsync-identity-decision"  # JSON: action, proposed key, by,
 NO_KEY = "-"  # the proposed key of a Patient that lost its shared identifier, as headers name it
 PREVIOUS_KEY_HEADER = "cdrsync-previous-patient-key"  # on a review record: the key its patient had
 PROPOSED_KEY_HEADER = "cdrsync-proposed-patient-key"  # on a review record: the key its Patient now names
+REVIEW_NUMBER_HEADER = "cdrsync-review-number"  # on a review record: which review of its local patient it is
 
 
 class IdentityDecisionError(PermanentError):
@@ -104,6 +110,7 @@ class IdentityDecision:
     """`cdrsync identity accept|reject` on one local patient's open review."""
 
     action: str  # "accept": the Patient is the person it now names; "reject": it stays the person it was
+    previous: str  # the global key the patient had when the review opened
     proposed: str | None  # the global key the review proposed (None: the identifier disappeared)
     by: str
     reason: str
@@ -113,12 +120,19 @@ class IdentityDecision:
         return orjson.dumps(
             {
                 "action": self.action,
+                "previous": self.previous,
                 "proposed": self.proposed or NO_KEY,
                 "by": self.by,
                 "reason": self.reason,
                 "at_ms": self.at_ms,
             }
         )
+
+
+def refusal_key(local: str, decision: IdentityDecision) -> str:
+    """Where the identity stage answers a decision it refused, on the resolutions topic (beside the closings,
+    which are keyed by the local patient alone)."""
+    return f"refused|{decision.at_ms}|{local}"
 
 
 def parse_decision(headers: list[tuple[str, bytes]]) -> IdentityDecision | None:
@@ -130,6 +144,7 @@ def parse_decision(headers: list[tuple[str, bytes]]) -> IdentityDecision | None:
             d = orjson.loads(value)
             decision = IdentityDecision(
                 str(d["action"]),
+                str(d["previous"]),
                 None if d["proposed"] == NO_KEY else str(d["proposed"]),
                 str(d["by"]),
                 str(d["reason"]),
@@ -158,17 +173,15 @@ class Review(NamedTuple):
     reason: str
     previous_key: str
     proposed_key: str | None
+    number: int  # the local patient's reviews so far, this one included
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [
             ("cdrsync-reason", self.reason.encode()),
             (PREVIOUS_KEY_HEADER, self.previous_key.encode()),
             (PROPOSED_KEY_HEADER, (self.proposed_key or NO_KEY).encode()),
+            (REVIEW_NUMBER_HEADER, str(self.number).encode()),
         ]
-
-
-def _review(record: NormalizedResource, local: str, known: str, key: str | None) -> Review:
-    return Review(record, f"shared identifier of {local} changed: patient key {known} -> {key}", known, key)
 
 
 @dataclass
@@ -222,30 +235,24 @@ def _resolve_local(
         value = shared_identifier(
             orjson.loads(record.resource), shared.shared_identifier_system, shared.shared_identifier_form
         )
-        key = global_patient_key(site.identity.shared_identifier_system, value) if value else None
+        key = global_patient_key(shared.shared_identifier_system, value) if value else None
         if review is not None and key == known:  # the hospital took the change back before anyone decided
-            _close_review(state, local, {"key": known}, "withdrawn", review, site, out, last=record)
-            return
-        if review is not None:
-            assert known is not None, "a review is opened only for a patient with a key"
-            if key != review["proposed"]:  # a different change again: the review is about this one now
-                state.keys[local] = {"key": known, "review": {"proposed": key}}
-                out.review.append(_review(record, local, known, key))
-            _hold(state, local, record, f"patient under identity review: patient key {known} -> {key}", out)
-            return
-        if known is not None and key != known and key is not None and key == entry.get("rejected"):
-            out.not_applied.append((record, f"names patient key {key}, which identity review rejected for {local}"))
+            _close_review(state, local, _with(entry, key=known), "withdrawn", site, out, last=record)
             return
         if known is not None and key != known:
-            state.keys[local] = {"key": known, "review": {"proposed": key}}
-            out.review.append(_review(record, local, known, key))
+            if review is None and (key or NO_KEY) == entry.get("rejected"):
+                why = f"names patient key {key}, which identity review rejected for {local}"
+                out.not_applied.append((record, why))
+                return
+            if review is None or key != review["proposed"]:  # a change, or a different change again
+                _open_review(state, local, entry, record, key, out)
             _hold(state, local, record, f"patient under identity review: patient key {known} -> {key}", out)
             return
         if key is None:
-            _hold(state, local, record, f"Patient has no {site.identity.shared_identifier_system} identifier", out)
+            _hold(state, local, record, f"Patient has no {shared.shared_identifier_system} identifier", out)
             return
         if key != known or "rejected" in entry:
-            state.keys[local] = {"key": key}
+            state.keys[local] = _with(entry, key=key)
         known = key
     if record.resource_type == "Patient" and known is None:  # a delete: the Patient never had a shared identifier
         _drop_held(state, local, record, out)
@@ -260,6 +267,26 @@ def _resolve_local(
     out.routed += route_resource(record, site, _keys_of(state, site.site))
     if record.resource_type == "Patient":
         _release_held(state, local, site, out)
+
+
+def _with(entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A local patient's entry after a change: its count of reviews kept, review and rejection only if given."""
+    kept = {"reviews": entry["reviews"]} if "reviews" in entry else {}
+    return {**kept, **{name: value for name, value in fields.items() if value is not None}}
+
+
+def _open_review(
+    state: IdentityState,
+    local: str,
+    entry: dict[str, Any],
+    record: NormalizedResource,
+    key: str | None,
+    out: IdentityOutcome,
+) -> None:
+    number = int(entry.get("reviews", 0)) + 1  # names the review: `cdrsync identity list` matches closings to it
+    state.keys[local] = {"key": entry["key"], "reviews": number, "review": {"proposed": key, "number": number}}
+    reason = f"shared identifier of {local} changed: patient key {entry['key']} -> {key}"
+    out.review.append(Review(record, reason, entry["key"], key, number))
 
 
 def _drop_held(state: IdentityState, local: str, deleted: NormalizedResource, out: IdentityOutcome) -> None:
@@ -281,18 +308,17 @@ def apply_decision(
     review = entry.get("review")
     if local is None or review is None:
         raise IdentityDecisionError(f"no identity review is open for {local}: it was decided or withdrawn already")
-    if review["proposed"] != decision.proposed:
+    if (review["proposed"], entry["key"]) != (decision.proposed, decision.previous):
         raise IdentityDecisionError(
-            f"the identity review of {local} now proposes patient key {review['proposed']}, not "
-            f"{decision.proposed}: the hospital changed it again; decide on the current proposal"
+            f"the identity review of {local} is now patient key {entry['key']} -> {review['proposed']}, not "
+            f"{decision.previous} -> {decision.proposed}: the hospital changed it again; decide on the current one"
         )
     out = IdentityOutcome()
     if decision.action == "accept":
-        after = {"key": review["proposed"]} if review["proposed"] is not None else {}
-        _close_review(state, local, after, "accepted", review, site, out, decision=decision)
+        _close_review(state, local, _with(entry, key=review["proposed"]), "accepted", site, out, decision=decision)
     else:
-        after = {"key": entry["key"]} | ({"rejected": review["proposed"]} if review["proposed"] else {})
-        _close_review(state, local, after, "rejected", review, site, out, decision=decision)
+        after = _with(entry, key=entry["key"], rejected=review["proposed"] or NO_KEY)
+        _close_review(state, local, after, "rejected", site, out, decision=decision)
     return out
 
 
@@ -301,22 +327,26 @@ def _close_review(
     local: str,
     after: dict[str, Any],
     action: str,
-    review: dict[str, Any],
     site: SiteConfig,
     out: IdentityOutcome,
     *,
     last: NormalizedResource | None = None,
     decision: IdentityDecision | None = None,
 ) -> None:
-    """Set the local patient's entry, then take its held records again, in their order, under it."""
-    previous = state.keys[local].get("key")
-    if after:
-        state.keys[local] = after
-    else:
-        del state.keys[local]
+    """Set the local patient's entry, then take its held records again, in their order, under it.
+
+    Only the newest held version of the Patient is taken again (last, if it closed the review): the versions
+    before it are superseded, and each would otherwise be judged afresh, an older identifier included.
+    """
+    entry = state.keys[local]
+    state.keys[local] = after
     held = [decode(bytes.fromhex(item), NormalizedResource) for item in state.held.pop(local, [])]
-    if last is not None:  # withdrawn by this Patient version: the versions held before it are superseded
-        held = [r for r in held if r.resource_type != "Patient" or r.is_delete] + [last]
+    versions = [n for n, r in enumerate(held) if r.resource_type == "Patient" and not r.is_delete]
+    newest = versions[-1] if versions and last is None else None
+    for n in versions:
+        if n != newest:
+            out.not_applied.append((held[n], f"a version of {local}'s Patient superseded while under identity review"))
+    held = [r for n, r in enumerate(held) if n not in versions or n == newest] + ([last] if last else [])
     for record in held:
         again = IdentityOutcome()
         _resolve_local(state, local, record, site, again)
@@ -325,9 +355,10 @@ def _close_review(
         out.merge(again)
     out.closed = {
         "local_patient": local,
+        "review_number": entry["review"]["number"],
         "action": action,
-        "previous_key": previous,
-        "proposed_key": review["proposed"],
+        "previous_key": entry["key"],
+        "proposed_key": entry["review"]["proposed"],
         "key": after.get("key"),
         "by": decision.by if decision else local.split("|", 1)[0],
         "reason": decision.reason if decision else "the hospital's Patient names its previous identifier again",

@@ -32,7 +32,15 @@ from .config import Config, SiteConfig
 from .dlq import iso_time, operator_name, read_all, resolutions
 from .errors import CdrsyncError, PermanentError
 from .fhirclient import FhirClient
-from .identity import DECISION_HEADER, NO_KEY, PREVIOUS_KEY_HEADER, PROPOSED_KEY_HEADER, IdentityDecision
+from .identity import (
+    DECISION_HEADER,
+    NO_KEY,
+    PREVIOUS_KEY_HEADER,
+    PROPOSED_KEY_HEADER,
+    REVIEW_NUMBER_HEADER,
+    IdentityDecision,
+    refusal_key,
+)
 from .ids import ORIGIN_TAG_SYSTEM
 from .kafkaadmin import AcknowledgedProducer
 from .records import NormalizedResource, decode
@@ -40,6 +48,7 @@ from .records import NormalizedResource, decode
 __all__ = ["IdentityReview", "decide", "read_reviews", "wait_for_closing", "written_before"]
 
 _LEGACY_REASON = re.compile(r"patient key (\S+) -> (\S+)$")
+_CLOSINGS = ("accepted", "rejected", "withdrawn")
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class IdentityReview:
     proposed_key: str | None
     versions: int  # review records of this local patient (each a change the hospital made)
     closed: dict[str, Any] | None
+    number: int | None = None  # which review of the local patient it is (None: written before reviews held)
 
     @property
     def site(self) -> str:
@@ -78,6 +88,7 @@ class IdentityReview:
             "previous_patient": f"Patient/{self.previous_key}" if self.previous_key else None,
             "proposed_patient": f"Patient/{self.proposed_key}" if self.proposed_key else None,
             "changes": self.versions,
+            "review_number": self.number,
             "status": self.status,
             "closed": self.closed,
             "review_record": f"{self.partition}:{self.offset}",
@@ -128,8 +139,8 @@ def read_reviews(bootstrap: str, config: Config) -> list[IdentityReview]:
         if previous is None and (legacy := _LEGACY_REASON.search(reason)):  # written before the keys had headers
             previous, proposed = legacy.groups()
         timestamp = message.timestamp()[1]
+        number = _header(headers, REVIEW_NUMBER_HEADER)
         closing = closed.get(local)
-        after = closing is not None and int(closing.get("at_ms") or 0) >= timestamp
         found.append(
             IdentityReview(
                 local,
@@ -141,10 +152,21 @@ def read_reviews(bootstrap: str, config: Config) -> list[IdentityReview]:
                 _key(previous),
                 _key(proposed),
                 versions[local],
-                closing if after else None,
+                closing if _closes(closing, number, timestamp) else None,
+                int(number) if number else None,
             )
         )
     return sorted(found, key=lambda r: (r.timestamp_ms, r.local_patient))
+
+
+def _closes(closing: dict[str, Any] | None, number: str | None, timestamp_ms: int) -> bool:
+    """Whether the latest closing of a local patient's review closed the review record read (later reviews have
+    higher numbers; a record from before they were numbered is compared by time)."""
+    if closing is None or closing.get("action") not in _CLOSINGS:
+        return False
+    if number is not None and closing.get("review_number") is not None:
+        return int(closing["review_number"]) >= int(number)
+    return int(closing.get("at_ms") or 0) >= timestamp_ms
 
 
 def decide(bootstrap: str, config: Config, review: IdentityReview, action: str, reason: str) -> IdentityDecision:
@@ -154,7 +176,13 @@ def decide(bootstrap: str, config: Config, review: IdentityReview, action: str, 
             f"the identity review of {review.local_patient} was {review.status} already "
             f"({iso_time(int(review.closed.get('at_ms') or 0))})"
         )
-    decision = IdentityDecision(action, review.proposed_key, operator_name(), reason, int(time.time() * 1000))
+    if review.number is None or review.previous_key is None:
+        raise CdrsyncError(
+            f"the review of {review.local_patient} was recorded before reviews held a patient's records: its "
+            "records went on to the Patient it had; the hospital's next version of the Patient opens a new review"
+        )
+    at_ms = int(time.time() * 1000)
+    decision = IdentityDecision(action, review.previous_key, review.proposed_key, operator_name(), reason, at_ms)
     producer = AcknowledgedProducer(bootstrap)
     producer.produce(
         config.topics.name("normalized"),
@@ -175,14 +203,18 @@ def wait_for_closing(
     *,
     tick: Callable[[float], None] = lambda waited: None,
 ) -> dict[str, Any] | None:
-    """How the review closed once the identity stage has applied this decision; None if it has not within
-    the timeout (the worker is down or behind, or it refused the decision: a dead letter)."""
+    """The identity stage's answer to this decision: how the review closed, or why it refused it (action
+    "refused"); None if none came within the timeout (the worker is down or behind)."""
     topic = config.topics.name("identity_resolved")
     started = time.monotonic()
     while True:
-        closing = resolutions(bootstrap, topic).get(local_patient)
+        answers = resolutions(bootstrap, topic)
+        closing = answers.get(local_patient)
         if closing is not None and closing.get("decided_ms") == decision.at_ms:
             return closing
+        refusal = answers.get(refusal_key(local_patient, decision))
+        if refusal is not None:
+            return refusal
         waited = time.monotonic() - started
         if waited >= timeout:
             return None
@@ -203,7 +235,7 @@ async def _everything_of_site(client: FhirClient, patient_key: str, site: str) -
             resource = entry.get("resource") or {}
             tags = (resource.get("meta") or {}).get("tag") or []
             mine = any(t.get("system") == ORIGIN_TAG_SYSTEM and t.get("code") == site for t in tags)
-            if mine and resource.get("resourceType") != "Patient":
+            if mine and resource.get("resourceType") not in ("Patient", "Provenance"):  # Provenance: of those listed
                 found.append(f"{resource['resourceType']}/{resource['id']}")
         page = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
     return found

@@ -137,7 +137,7 @@ def under_review(config):
 
 def decide(config, s, action, proposed=OTHER_KEY, patient=None):
     record = normalized(config, patient or with_kvnr(PATIENT, "Z000000001"), op="u", version=2)
-    decision = IdentityDecision(action, proposed, "dr-review", "checked with the hospital", 1_700_000_000_000)
+    decision = IdentityDecision(action, KEY, proposed, "dr-review", "checked with the hospital", 1_700_000_000_000)
     return apply_decision(s, record, config.sites["site-a"], decision)
 
 
@@ -175,7 +175,9 @@ def test_a_site_folding_its_identifiers_routes_a_number_written_in_small_letters
 def test_changed_shared_identifier_goes_to_review_and_is_not_applied(config) -> None:
     s, out, _ = under_review(config)
     assert out.routed == [] and "changed" in out.review[0][1]
-    assert s.keys[LOCAL] == {"key": KEY, "review": {"proposed": OTHER_KEY}}
+    assert s.keys[LOCAL] == {"key": KEY, "reviews": 1, "review": {"proposed": OTHER_KEY, "number": 1}}
+    [review] = out.review
+    assert (review.previous_key, review.proposed_key, review.number) == (KEY, OTHER_KEY, 1)
 
 
 def test_records_after_an_identity_change_wait_for_the_review_instead_of_going_to_either_patient(config) -> None:
@@ -197,7 +199,7 @@ def test_accepted_change_sends_the_held_records_to_the_patient_now_named(config)
     out = decide(config, s, "accept")
     assert [(r.resource_type, r.patient_key) for r in out.routed] == [("Patient", OTHER_KEY), ("Encounter", OTHER_KEY)]
     assert orjson.loads(out.routed[0].resource)["id"] == OTHER_KEY
-    assert out.released == 2 and LOCAL not in s.held and s.keys[LOCAL] == {"key": OTHER_KEY}
+    assert out.released == 2 and LOCAL not in s.held and s.keys[LOCAL] == {"key": OTHER_KEY, "reviews": 1}
     assert out.closed["action"] == "accepted" and out.closed["previous_key"] == KEY
     assert out.closed["key"] == OTHER_KEY and out.closed["by"] == "dr-review"
     [later] = routed(config, s, {**ENCOUNTER, "id": "enc-later"})
@@ -213,7 +215,7 @@ def test_rejected_change_keeps_the_patient_and_never_applies_the_identifier_it_n
     again = resolve(config, s, with_kvnr(PATIENT, "Z000000001"), version=5)  # the hospital has not fixed it yet
     assert again.routed == [] and again.review == [] and "rejected" in again.not_applied[0][1]
     fixed = resolve(config, s, PATIENT, version=6)
-    assert [r.patient_key for r in fixed.routed] == [KEY] and s.keys[LOCAL] == {"key": KEY}
+    assert [r.patient_key for r in fixed.routed] == [KEY] and s.keys[LOCAL] == {"key": KEY, "reviews": 1}
 
 
 def test_a_third_identifier_after_a_rejection_is_a_new_review(config) -> None:
@@ -221,7 +223,7 @@ def test_a_third_identifier_after_a_rejection_is_a_new_review(config) -> None:
     decide(config, s, "reject")
     out = resolve(config, s, with_kvnr(PATIENT, "Y000000002"), version=5)
     assert out.routed == [] and len(out.review) == 1
-    assert s.keys[LOCAL]["review"] == {"proposed": global_patient_key(KVNR, "Y000000002")}
+    assert s.keys[LOCAL]["review"] == {"proposed": global_patient_key(KVNR, "Y000000002"), "number": 2}
 
 
 def test_hospital_taking_the_change_back_closes_the_review_and_releases_under_the_old_patient(config) -> None:
@@ -229,16 +231,16 @@ def test_hospital_taking_the_change_back_closes_the_review_and_releases_under_th
     out = resolve(config, s, PATIENT, version=4)
     assert [(r.resource_type, r.patient_key) for r in out.routed] == [("Encounter", KEY), ("Patient", KEY)]
     assert out.closed["action"] == "withdrawn" and out.closed["by"] == "site-a"
-    assert s.keys[LOCAL] == {"key": KEY} and LOCAL not in s.held
+    assert s.keys[LOCAL] == {"key": KEY, "reviews": 1} and LOCAL not in s.held
 
 
 def test_a_decision_on_a_proposal_the_hospital_changed_since_is_refused(config) -> None:
     s, _, _ = under_review(config)
     third = global_patient_key(KVNR, "Y000000002")
     resolve(config, s, with_kvnr(PATIENT, "Y000000002"), version=4)
-    with pytest.raises(IdentityDecisionError, match=f"now proposes patient key {third}"):
+    with pytest.raises(IdentityDecisionError, match=f"is now patient key {KEY} -> {third}"):
         decide(config, s, "accept")
-    assert s.keys[LOCAL]["review"] == {"proposed": third} and len(s.held[LOCAL]) == 3
+    assert s.keys[LOCAL]["review"] == {"proposed": third, "number": 2} and len(s.held[LOCAL]) == 3
 
 
 def test_a_decision_without_an_open_review_is_refused(config) -> None:
@@ -254,7 +256,7 @@ def test_accepting_a_lost_identifier_holds_the_patient_until_it_has_one_again(co
     resolve(config, s, with_kvnr(PATIENT, None))
     resolve(config, s, ENCOUNTER, op="c", version=3)
     out = decide(config, s, "accept", proposed=None, patient=with_kvnr(PATIENT, None))
-    assert out.routed == [] and LOCAL not in s.keys
+    assert out.routed == [] and "key" not in s.keys[LOCAL]
     assert [reason for _, reason in out.held] == [
         f"Patient has no {KVNR} identifier",
         "patient has no shared identifier yet",
@@ -266,8 +268,47 @@ def test_accepting_a_lost_identifier_holds_the_patient_until_it_has_one_again(co
     ]
 
 
+THIRD_KEY = global_patient_key(KVNR, "Y000000002")
+
+
+@pytest.mark.parametrize(
+    ("numbers", "action", "key_after", "observation_to"),
+    [
+        # accepting the newest change (no number) must not let an older held version (Z...) name the patient
+        (["Z000000001", None], "accept", None, None),
+        # rejecting a lost number: the patient stays K, and versions without the number are not applied
+        ([None], "reject", KEY, KEY),
+        # rejecting the newest proposal must not re-open the review on an older held version
+        (["Z000000001", "Y000000002"], "reject", KEY, KEY),
+        (["Z000000001", "Y000000002", "Z000000001"], "reject", KEY, KEY),
+        # accepting the newest proposal must not open a review of the older held version against it
+        (["Z000000001", "Y000000002"], "accept", THIRD_KEY, THIRD_KEY),
+    ],
+)
+def test_a_decision_takes_the_newest_held_patient_version_and_closes_the_review_for_good(
+    config, numbers, action, key_after, observation_to
+) -> None:
+    s = state()
+    routed(config, s, PATIENT)
+    resolve(config, s, with_kvnr(PATIENT, numbers[0]), version=2)
+    resolve(config, s, ENCOUNTER, op="c", version=3)
+    for n, number in enumerate(numbers[1:], start=4):
+        resolve(config, s, with_kvnr(PATIENT, number), version=n)
+    proposed = s.keys[LOCAL]["review"]["proposed"]
+    out = decide(config, s, action, proposed=proposed, patient=with_kvnr(PATIENT, numbers[-1]))
+    assert out.review == [] and "review" not in s.keys[LOCAL] and s.keys[LOCAL].get("key") == key_after
+    assert [r.patient_key for r in out.routed if r.resource_type == "Encounter"] == (
+        [observation_to] if observation_to else []
+    )
+    superseded = [r.source_version for r, _ in out.not_applied if r.resource_type == "Patient"]
+    assert len(superseded) == len(numbers) - (0 if action == "reject" else 1)
+    if action == "reject":
+        again = resolve(config, s, with_kvnr(PATIENT, numbers[-1]), version=9)  # the hospital has not fixed it yet
+        assert again.routed == [] and again.review == [] and len(again.not_applied) == 1
+
+
 def test_decision_header_round_trips_and_a_malformed_one_is_a_clear_error() -> None:
-    decision = IdentityDecision("reject", None, "dr-review", "typo at registration", 1)
+    decision = IdentityDecision("reject", KEY, None, "dr-review", "typo at registration", 1)
     assert parse_decision([("other", b"x"), (DECISION_HEADER, decision.header())]) == decision
     assert parse_decision([("other", b"x")]) is None
     with pytest.raises(EnvelopeError, match=DECISION_HEADER):
