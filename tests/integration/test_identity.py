@@ -200,9 +200,11 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
     decided = wait_for(lambda: stack.read("Observation", observation_id), timeout=120, what="the released observation")
     [closed] = _reviews(capsys, person["id"])
     assert closed["status"] == f"{action}ed"
-    # What the reviewer is shown of the central Patient the review started from: the records filed there before.
+    # What the reviewer is shown of the central Patient the review started from: the site's records there (after
+    # a rejection, the released one too).
     code, out = _cdrsync(capsys, "identity", "show", "site-a", person["id"])
-    assert code == 0 and orjson.loads(out)["site_records_at_previous_patient"] == {"central": [earlier_ref]}
+    there = sorted([earlier_ref] + ([f"Observation/{observation_id}"] if action == "reject" else []))
+    assert code == 0 and orjson.loads(out)["site_records_at_previous_patient"] == {"central": there}
     assert "gender" not in out  # no patient data unless asked for
     if action == "accept":
         assert decided["subject"]["reference"] == f"Patient/{other_key}"
