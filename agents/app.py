@@ -16,7 +16,7 @@ from mode.utils.queues import FlowControlEvent
 
 from agents import store as _store  # noqa: F401  (registers the "cdrsync" table store)
 from agents.sending import send_now
-from pipeline.config import load_config
+from pipeline.config import UNKEYED_WARNING, load_config
 from pipeline.kafkaadmin import wait_for_topics
 from pipeline.logs import logging_config
 from pipeline.settings import Settings
@@ -297,6 +297,8 @@ class App(faust.App):
 
 settings = Settings()
 config = load_config(settings.config_root)
+if _unkeyed := config.unkeyed_patient_sites():
+    log.warning(UNKEYED_WARNING.format(sites=", ".join(_unkeyed)))
 
 app = App(
     os.environ.get("CDRSYNC_APP_ID", "cdrsync"),

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from .cli_identity import add_identity_commands
-from .config import Config, load_config
+from .config import UNKEYED_WARNING, Config, load_config
 from .errors import CdrsyncError
 from .settings import Settings
 
@@ -27,6 +27,8 @@ def _config_check(args: argparse.Namespace, settings: Settings, config: Config) 
         role = "target" if site.target else "source"
         print(f"ok  {site.site:10} adapter={site.adapter} {role} routes: {routes}")
     print(f"ok  topics.yaml: {len(config.topics.topics)} topics, {len(config.topics.retry_tiers)} retry tiers")
+    if unkeyed := config.unkeyed_patient_sites():
+        print("warn " + UNKEYED_WARNING.format(sites=", ".join(unkeyed)))
     return 0
 
 

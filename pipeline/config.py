@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable
@@ -149,6 +150,13 @@ class TargetEndpoint(_Strict):
         return None if value in ("", None) else value
 
 
+UNKEYED_WARNING = (
+    "central Patient ids of {sites} derive from the shared identifier without a secret: anyone holding such an "
+    "id could recover the insurance number by trying every possible one. Set CDRSYNC_PATIENT_KEY_SECRET "
+    "(identity.patient_key_secret) before the first sync, and never change it"
+)
+
+
 class IdentityConfig(_Strict):
     # The identifier every site shares for a person (e.g. the German statutory insurance number
     # http://fhir.de/sid/gkv/kvid-10): the central Patient's id derives from it (DESIGN.md decision 4).
@@ -156,6 +164,34 @@ class IdentityConfig(_Strict):
     # How a value is compared: as written (only trimmed), or in capitals with every space removed, so that
     # "a123 456 789" and "A123456789" are one person. Sites routing to one target must agree (checked).
     shared_identifier_form: Literal["as-written", "uppercase-no-spaces"] = "as-written"
+    # A secret (from the environment: ${CDRSYNC_PATIENT_KEY_SECRET:-}) the central Patient's id is derived
+    # with. Without it the id is uuid5 over the number alone, and an insurance number has so few possible
+    # values that anyone holding an id (in a log, a Kafka key, an audit row) could find it by trying them all.
+    # Set it before the first sync and never change it: every central Patient id depends on it.
+    patient_key_secret: SecretStr | None = None
+
+    @field_validator("patient_key_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    def patient_key(self, resource: dict[str, Any]) -> str | None:
+        """The global patient key of a Patient (its central id), None if it has no shared identifier."""
+        from .identity import global_patient_key, shared_identifier
+
+        value = shared_identifier(resource, self.shared_identifier_system, self.shared_identifier_form)
+        if value is None:
+            return None
+        secret = self.patient_key_secret.get_secret_value() if self.patient_key_secret else None
+        return global_patient_key(self.shared_identifier_system, value, secret)
+
+    def matching(self) -> str:
+        """How patients are matched, as far as sites sharing a target must agree (never the secret itself)."""
+        form = "" if self.shared_identifier_form == "as-written" else f" ({self.shared_identifier_form})"
+        if self.patient_key_secret is None:
+            return f"{self.shared_identifier_system}{form}, no patient key secret"
+        digest = hashlib.sha256(self.patient_key_secret.get_secret_value().encode()).hexdigest()[:8]
+        return f"{self.shared_identifier_system}{form}, patient key secret sha256 {digest}..."
 
 
 # --- back-flow (pipeline/capture.py, pipeline/backflow.py) ---------------------------------------------
@@ -284,6 +320,12 @@ class Config:
         """Target sites whose own changes are captured by cdrsync (back-flow sources)."""
         return [s for s in self.sites.values() if s.capture is not None and s.source is None]
 
+    def unkeyed_patient_sites(self) -> list[str]:
+        """Sites whose central Patient ids derive from the shared number without a secret (IdentityConfig)."""
+        return sorted(
+            s.site for s in self.sites.values() if s.routes and s.identity and s.identity.patient_key_secret is None
+        )
+
     def source_sites(self) -> list[SiteConfig]:
         """Sites that have a captured source table."""
         return [s for s in self.sites.values() if s.source is not None]
@@ -363,12 +405,7 @@ def _one_shared_identifier_per_target(sites: dict[str, SiteConfig], origin: dict
     patient two central Patients."""
     for target in {route.target for site in sites.values() for route in site.routes}:
         systems = {
-            name: site.identity.shared_identifier_system
-            + (
-                ""
-                if site.identity.shared_identifier_form == "as-written"
-                else f" ({site.identity.shared_identifier_form})"
-            )
+            name: site.identity.matching()
             for name, site in sites.items()
             if site.identity is not None and any(route.target == target for route in site.routes)
         }
@@ -377,7 +414,7 @@ def _one_shared_identifier_per_target(sites: dict[str, SiteConfig], origin: dict
             raise ConfigError(
                 f"sites routing to '{target}' match patients by different shared identifier systems ({named}): "
                 "the same person would become one central Patient per system; declare the same "
-                "identity.shared_identifier_system (and shared_identifier_form) in each"
+                "identity.shared_identifier_system, shared_identifier_form and patient_key_secret in each"
             )
 
 

@@ -14,7 +14,7 @@ import orjson
 import psycopg
 
 from .config import SiteConfig
-from .identity import global_patient_key, route_resource, shared_identifier
+from .identity import route_resource
 from .ids import target_id
 from .records import NormalizedResource, canonical_hash
 from .resources import SUPPORTED_TYPES, patient_reference
@@ -178,6 +178,10 @@ def source_rows(dsn: str, *, table: str = "fhir.resource") -> list[SourceRow]:
         return [(t, i, float(ts), content) for t, i, ts, content in cur.fetchall()]
 
 
+def _patient_key(site: SiteConfig, content: dict[str, Any] | None) -> str | None:
+    return site.identity.patient_key(content or {}) if site.identity else None
+
+
 def expected_targets(site: SiteConfig, rows: Iterable[SourceRow]) -> tuple[dict[str, float], int]:
     """Target reference → source commit time for a site's rows, and how many wait for a shared identifier.
 
@@ -185,20 +189,15 @@ def expected_targets(site: SiteConfig, rows: Iterable[SourceRow]) -> tuple[dict[
     """
     expected: dict[str, float] = {}
     waiting = 0
-    system = site.identity.shared_identifier_system if site.identity else ""
     rows = list(rows)
     if any(route.trigger != TRIGGER_ALL for route in site.routes):
-        keys = {
-            i: global_patient_key(system, v)
-            for t, i, _, c in rows
-            if t == "Patient" and (v := shared_identifier(c or {}, system))
-        }
+        keys = {i: k for t, i, _, c in rows if t == "Patient" and (k := _patient_key(site, c))}
         rows = [row for row in _selected_rows(site, rows, keys) if row[0] != "Patient" or row[1] in keys]
     for resource_type, source_id, committed, content in rows:
         if resource_type != "Patient":
             ref = f"{resource_type}/{target_id(site.site, resource_type, source_id)}"
-        elif value := shared_identifier(content or {}, system):
-            ref = f"Patient/{global_patient_key(system, value)}"
+        elif key := _patient_key(site, content):
+            ref = f"Patient/{key}"
         else:
             waiting += 1
             continue

@@ -14,8 +14,9 @@ import psycopg
 from .adapters.hl7v2 import Hl7Context, message_to_resources
 from .adapters.openehr import CompositionSource, composition_to_resources
 from .config import SiteConfig
-from .demo import DEMO_SHARED_SYSTEM, FIXTURES, SourceRow, bundle_rows, demo_kvnr, shared_identifier
+from .demo import DEMO_SHARED_SYSTEM, FIXTURES, SourceRow, bundle_rows, demo_kvnr
 from .errors import MappingError
+from .identity import shared_identifier
 
 __all__ = ["adapter_source_rows", "demo_compositions", "demo_messages", "write_compositions", "write_messages"]
 

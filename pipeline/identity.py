@@ -28,6 +28,8 @@ and "reviews": n, how many reviews it has had (each review record and its closin
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import uuid
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -66,9 +68,13 @@ __all__ = [
 ]
 
 
-def global_patient_key(system: str, value: str) -> str:
-    """The global patient key (and central Patient id) of a shared identifier."""
-    return str(uuid.uuid5(CDRSYNC_NAMESPACE, f"patient|{system}|{value.strip()}"))
+def global_patient_key(system: str, value: str, secret: str | None = None) -> str:
+    """The global patient key (and central Patient id) of a shared identifier; with a secret, keyed
+    (HMAC-SHA256), so that the id does not give the number away to whoever tries every possible one."""
+    name = f"patient|{system}|{value.strip()}"
+    if secret is not None:
+        name = "patient-hmac|" + hmac.new(secret.encode(), name.encode(), hashlib.sha256).hexdigest()
+    return str(uuid.uuid5(CDRSYNC_NAMESPACE, name))
 
 
 def shared_identifier(resource: dict[str, Any], system: str, form: str = "as-written") -> str | None:
@@ -232,10 +238,7 @@ def _resolve_local(
     if record.resource_type == "Patient" and not record.is_delete:
         assert site.identity is not None and record.resource is not None
         shared = site.identity
-        value = shared_identifier(
-            orjson.loads(record.resource), shared.shared_identifier_system, shared.shared_identifier_form
-        )
-        key = global_patient_key(shared.shared_identifier_system, value) if value else None
+        key = shared.patient_key(orjson.loads(record.resource))
         if review is not None and key == known:  # the hospital took the change back before anyone decided
             _close_review(state, local, _with(entry, key=known), "withdrawn", site, out, last=record)
             return

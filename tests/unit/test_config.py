@@ -4,6 +4,7 @@ import pytest
 
 from pipeline.config import expand_env, load_config, load_sites, load_topics
 from pipeline.errors import ConfigError
+from pipeline.identity import global_patient_key
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -140,3 +141,30 @@ def test_sites_routing_to_one_target_must_match_patients_by_the_same_identifier_
         load_sites([central, same[1], folding])
     both = hospital("a", "http://fhir.de/sid/gkv/kvid-10", "uppercase-no-spaces")
     assert set(load_sites([central, both, folding])) == {"central", "a", "b"}
+
+
+def test_sites_routing_to_one_target_must_key_patients_with_the_same_secret_and_it_is_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = "source: {database: d, schema: s, table: t, connector: c}\n"
+    central = write(tmp_path, "central.yaml", "site: central\nadapter: fhir\ntarget: {fhir_base_url: http://c/fhir}\n")
+
+    def hospital(name: str, secret: str) -> Path:
+        identity = f"{{shared_identifier_system: urn:k, patient_key_secret: '{secret}'}}"
+        return write(
+            tmp_path,
+            f"{name}.yaml",
+            f"site: {name}\nadapter: fhir\n{source}identity: {identity}\nroutes: [{{target: central}}]\n",
+        )
+
+    monkeypatch.setenv("KEY_A", "first-secret-value")
+    monkeypatch.setenv("KEY_B", "another-secret-value")
+    sites = load_sites([central, hospital("a", "${KEY_A:-}"), hospital("b", "${KEY_A:-}")])
+    assert sites["a"].identity.patient_key({"identifier": [{"system": "urn:k", "value": "A1"}]}) == global_patient_key(
+        "urn:k", "A1", "first-secret-value"
+    )
+    with pytest.raises(ConfigError, match="patient key secret sha256") as err:
+        load_sites([central, hospital("a", "${KEY_A:-}"), hospital("b", "${KEY_B:-}")])
+    assert "secret-value" not in str(err.value)
+    unset = load_sites([central, hospital("a", "${KEY_UNSET:-}")])
+    assert unset["a"].identity.patient_key_secret is None

@@ -153,6 +153,16 @@ def test_records_of_a_patient_deleted_before_it_had_an_identifier_never_go_to_th
     assert [(r.resource_type, r.patient_key, r.is_delete) for r in newcomer.routed] == [("Patient", OTHER_KEY, False)]
 
 
+def test_a_keyed_patient_id_depends_on_the_secret_and_is_not_the_unkeyed_one() -> None:
+    keyed = global_patient_key(KVNR, "A123456789", "s3cret")
+    assert keyed == global_patient_key(KVNR, " A123456789 ", "s3cret")  # deterministic: one person, one Patient
+    assert keyed not in (
+        KEY,
+        global_patient_key(KVNR, "A123456789", "other"),
+        global_patient_key(KVNR, "A123456780", "s3cret"),
+    )
+
+
 def test_shared_identifier_in_capitals_without_spaces_when_the_sites_agree_on_that_form() -> None:
     patient = with_kvnr(PATIENT, " a123 456 789 ")
     assert shared_identifier(patient, KVNR) == "a123 456 789"  # as written: another person than A123456789
