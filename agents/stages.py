@@ -26,6 +26,7 @@ from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolut
 from pipeline.deadletter import DISCARD_HEADER, failure_info
 from pipeline.errors import (
     CdrsyncError,
+    EnvelopeError,
     MappingError,
     PermanentError,
     RetryableError,
@@ -176,26 +177,42 @@ async def normalize_changes(stream: StreamT) -> None:
 
 async def _resolve_one(event: EventT) -> None:
     state = identity.IdentityState(Staged(patient_key_by_local_patient), Staged(held_by_local_patient))
+    headers = headers_of(event)
+    decided = identity.carries_decision(headers)  # `cdrsync identity accept|reject`
     try:
         record = decode(event.message.value, NormalizedResource)
         site = config.sites[record.site]
-        decision = identity.parse_decision(headers_of(event))  # `cdrsync identity accept|reject`
-        if decision is None:
-            outcome = identity.resolve_identity(state, record, site)
+        if decided:
+            outcome = await _decide(state, record, site, headers)
+            if outcome is None:
+                return
         else:
-            outcome = identity.apply_decision(state, record, site, decision)
-    except identity.IdentityDecisionError as refused:  # an operator's command, answered: replaying it means nothing
-        assert decision is not None
-        await _decision_refused(record, decision, refused)
-        return
+            outcome = identity.resolve_identity(state, record, site)
     except Exception as error:
         await dead_letter("identity", event, error)
         return
     await _deliver_identity(event.message.key, record, outcome)
-    if decision is None:
+    if not decided:
         await report_echoes(record)  # back-flow rows captured at a hospital are not sent back (agents/backflow.py)
     assert isinstance(state.keys, Staged) and isinstance(state.held, Staged)
     await apply_tables(state.keys, state.held)  # only now: outputs are acknowledged
+
+
+async def _decide(
+    state: identity.IdentityState, record: NormalizedResource, site: Any, headers: list[tuple[str, bytes]]
+) -> identity.IdentityOutcome | None:
+    """An operator's decision, applied; or refused and answered (None). Never a dead letter: a replay would send
+    it without its header, as an old Patient version."""
+    decision = None
+    try:
+        decision = identity.parse_decision(headers)
+        assert decision is not None
+        return identity.apply_decision(state, record, site, decision)
+    except Exception as refused:  # stale, or malformed, or a bug: the held records stay held (tables not applied)
+        if not isinstance(refused, identity.IdentityDecisionError | EnvelopeError):
+            log.exception("identity decision could not be applied")
+        await _decision_refused(record, decision, refused)
+        return None
 
 
 async def _deliver_identity(key: bytes | None, record: NormalizedResource, outcome: identity.IdentityOutcome) -> None:
@@ -238,14 +255,20 @@ async def _review_closed(record: NormalizedResource, closed: dict[str, Any]) -> 
 
 
 async def _decision_refused(
-    record: NormalizedResource, decision: identity.IdentityDecision, refused: identity.IdentityDecisionError
+    record: NormalizedResource, decision: identity.IdentityDecision | None, refused: Exception
 ) -> None:
     """Tell the operator who sent it (`cdrsync identity accept|reject` waits for this) and audit it."""
     local = identity.local_patient(record) or ""
-    log.error("identity decision by %s refused: %s", decision.by, refused)
-    answer = {"local_patient": local, "action": "refused", "decided_ms": decision.at_ms, "reason": str(refused)}
+    by = decision.by if decision else "unknown"
+    log.error("identity decision by %s on %s refused: %s", by, local, refused)
+    answer = {
+        "local_patient": local,
+        "action": "refused",
+        "decided_ms": decision.at_ms if decision else None,
+        "reason": str(refused),
+    }
     await deliver(identity_resolved, identity.refusal_key(local, decision).encode(), orjson.dumps(answer))
-    detail = f"{decision.action} by {decision.by} refused: {refused}"[:500]
+    detail = f"{decision.action if decision else 'decision'} by {by} refused: {refused}"[:500]
     await emit_audit("identity_decided", record, detail=detail, trigger="operator")
 
 

@@ -71,6 +71,9 @@ def _connectors_status(args: argparse.Namespace, settings: Settings, config: Con
 
 
 def _worker(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .keycheck import check_patient_keys
+
+    check_patient_keys(settings.kafka_bootstrap, config, wait_seconds=settings.topic_wait_seconds)
     argv = [
         sys.executable,
         "-m",

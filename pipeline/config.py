@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Iterable
@@ -16,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -153,7 +153,7 @@ class TargetEndpoint(_Strict):
 UNKEYED_WARNING = (
     "central Patient ids of {sites} derive from the shared identifier without a secret: anyone holding such an "
     "id could recover the insurance number by trying every possible one. Set CDRSYNC_PATIENT_KEY_SECRET "
-    "(identity.patient_key_secret) before the first sync, and never change it"
+    "(identity.patient_key_secret_env) before the first sync, and never change it"
 )
 
 
@@ -164,34 +164,45 @@ class IdentityConfig(_Strict):
     # How a value is compared: as written (only trimmed), or in capitals with every space removed, so that
     # "a123 456 789" and "A123456789" are one person. Sites routing to one target must agree (checked).
     shared_identifier_form: Literal["as-written", "uppercase-no-spaces"] = "as-written"
-    # A secret (from the environment: ${CDRSYNC_PATIENT_KEY_SECRET:-}) the central Patient's id is derived
-    # with. Without it the id is uuid5 over the number alone, and an insurance number has so few possible
-    # values that anyone holding an id (in a log, a Kafka key, an audit row) could find it by trying them all.
-    # Set it before the first sync and never change it: every central Patient id depends on it.
-    patient_key_secret: SecretStr | None = None
+    # The environment variable holding a secret the central Patient's id is keyed with (the value is read from
+    # the environment itself, never pasted into the YAML). Without it the id is uuid5 over the number alone,
+    # and an insurance number has so few possible values that anyone holding an id (in a log, a Kafka key, an
+    # audit row) could find it by trying them all. Set before the first sync and never changed: every central
+    # Patient id depends on it (`cdrsync worker` refuses to start when it differs from the one recorded).
+    patient_key_secret_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    _secret: str | None = PrivateAttr(default=None)
 
-    @field_validator("patient_key_secret", mode="before")
-    @classmethod
-    def _empty_secret_is_none(cls, value: object) -> object:
-        return None if value in ("", None) else value
+    @model_validator(mode="after")
+    def _read_secret(self) -> IdentityConfig:
+        self._secret = (os.environ.get(self.patient_key_secret_env) or None) if self.patient_key_secret_env else None
+        return self
+
+    @property
+    def keyed(self) -> bool:
+        return self._secret is not None
 
     def patient_key(self, resource: dict[str, Any]) -> str | None:
         """The global patient key of a Patient (its central id), None if it has no shared identifier."""
         from .identity import global_patient_key, shared_identifier
 
         value = shared_identifier(resource, self.shared_identifier_system, self.shared_identifier_form)
-        if value is None:
-            return None
-        secret = self.patient_key_secret.get_secret_value() if self.patient_key_secret else None
-        return global_patient_key(self.shared_identifier_system, value, secret)
+        return None if value is None else global_patient_key(self.shared_identifier_system, value, self._secret)
+
+    def key_check(self) -> str:
+        """What the patient ids of this configuration are made with, without giving the secret away: the key
+        of a fixed number that is no one's (the same with the same system, form and secret, else different)."""
+        from .identity import global_patient_key
+
+        form = "" if self.shared_identifier_form == "as-written" else f"|{self.shared_identifier_form}"
+        return global_patient_key(
+            f"urn:cdrsync:patient-key-check|{self.shared_identifier_system}{form}", "0", self._secret
+        )
 
     def matching(self) -> str:
         """How patients are matched, as far as sites sharing a target must agree (never the secret itself)."""
         form = "" if self.shared_identifier_form == "as-written" else f" ({self.shared_identifier_form})"
-        if self.patient_key_secret is None:
-            return f"{self.shared_identifier_system}{form}, no patient key secret"
-        digest = hashlib.sha256(self.patient_key_secret.get_secret_value().encode()).hexdigest()[:8]
-        return f"{self.shared_identifier_system}{form}, patient key secret sha256 {digest}..."
+        keyed = f"patient key check {self.key_check()[:8]}" if self.keyed else "no patient key secret"
+        return f"{self.shared_identifier_system}{form}, {keyed}"
 
 
 # --- back-flow (pipeline/capture.py, pipeline/backflow.py) ---------------------------------------------
@@ -322,9 +333,7 @@ class Config:
 
     def unkeyed_patient_sites(self) -> list[str]:
         """Sites whose central Patient ids derive from the shared number without a secret (IdentityConfig)."""
-        return sorted(
-            s.site for s in self.sites.values() if s.routes and s.identity and s.identity.patient_key_secret is None
-        )
+        return sorted(s.site for s in self.sites.values() if s.routes and s.identity and not s.identity.keyed)
 
     def source_sites(self) -> list[SiteConfig]:
         """Sites that have a captured source table."""
@@ -414,7 +423,7 @@ def _one_shared_identifier_per_target(sites: dict[str, SiteConfig], origin: dict
             raise ConfigError(
                 f"sites routing to '{target}' match patients by different shared identifier systems ({named}): "
                 "the same person would become one central Patient per system; declare the same "
-                "identity.shared_identifier_system, shared_identifier_form and patient_key_secret in each"
+                "identity.shared_identifier_system, shared_identifier_form and patient key secret in each"
             )
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "IdentityState",
     "Review",
     "apply_decision",
+    "carries_decision",
     "global_patient_key",
     "local_patient",
     "parse_decision",
@@ -116,6 +117,7 @@ class IdentityDecision:
     """`cdrsync identity accept|reject` on one local patient's open review."""
 
     action: str  # "accept": the Patient is the person it now names; "reject": it stays the person it was
+    review: int  # which review of the local patient it decides (the reviewer saw that one)
     previous: str  # the global key the patient had when the review opened
     proposed: str | None  # the global key the review proposed (None: the identifier disappeared)
     by: str
@@ -126,6 +128,7 @@ class IdentityDecision:
         return orjson.dumps(
             {
                 "action": self.action,
+                "review": self.review,
                 "previous": self.previous,
                 "proposed": self.proposed or NO_KEY,
                 "by": self.by,
@@ -135,10 +138,14 @@ class IdentityDecision:
         )
 
 
-def refusal_key(local: str, decision: IdentityDecision) -> str:
+def refusal_key(local: str, decision: IdentityDecision | None) -> str:
     """Where the identity stage answers a decision it refused, on the resolutions topic (beside the closings,
-    which are keyed by the local patient alone)."""
-    return f"refused|{decision.at_ms}|{local}"
+    which are keyed by the local patient alone); a decision it could not even read: under "malformed"."""
+    return f"refused|{decision.at_ms if decision else 'malformed'}|{local}"
+
+
+def carries_decision(headers: list[tuple[str, bytes]]) -> bool:
+    return any(name == DECISION_HEADER for name, _ in headers)
 
 
 def parse_decision(headers: list[tuple[str, bytes]]) -> IdentityDecision | None:
@@ -150,6 +157,7 @@ def parse_decision(headers: list[tuple[str, bytes]]) -> IdentityDecision | None:
             d = orjson.loads(value)
             decision = IdentityDecision(
                 str(d["action"]),
+                int(d["review"]),
                 str(d["previous"]),
                 None if d["proposed"] == NO_KEY else str(d["proposed"]),
                 str(d["by"]),
@@ -311,10 +319,11 @@ def apply_decision(
     review = entry.get("review")
     if local is None or review is None:
         raise IdentityDecisionError(f"no identity review is open for {local}: it was decided or withdrawn already")
-    if (review["proposed"], entry["key"]) != (decision.proposed, decision.previous):
+    if (review["number"], review["proposed"], entry["key"]) != (decision.review, decision.proposed, decision.previous):
         raise IdentityDecisionError(
-            f"the identity review of {local} is now patient key {entry['key']} -> {review['proposed']}, not "
-            f"{decision.previous} -> {decision.proposed}: the hospital changed it again; decide on the current one"
+            f"the identity review of {local} is now review {review['number']}, patient key {entry['key']} -> "
+            f"{review['proposed']}, not review {decision.review}, {decision.previous} -> {decision.proposed}: "
+            "the hospital changed it since; decide on the current one"
         )
     out = IdentityOutcome()
     if decision.action == "accept":

@@ -63,7 +63,7 @@ class IdentityReview:
     reason: str
     previous_key: str | None
     proposed_key: str | None
-    versions: int  # review records of this local patient (each a change the hospital made)
+    versions: int  # records of this review (the change, and each different change the hospital made while open)
     closed: dict[str, Any] | None
     number: int | None = None  # which review of the local patient it is (None: written before reviews held)
 
@@ -130,7 +130,8 @@ def read_reviews(bootstrap: str, config: Config) -> list[IdentityReview]:
                 f"identity review record {message.partition()}:{message.offset()} has no site|local patient key"
             )
         latest[local] = message
-        versions[local] = versions.get(local, 0) + 1
+        number = _header(message.headers(), REVIEW_NUMBER_HEADER)
+        versions[f"{local}#{number}"] = versions.get(f"{local}#{number}", 0) + 1
     found = []
     for local, message in latest.items():
         headers = message.headers()
@@ -151,7 +152,7 @@ def read_reviews(bootstrap: str, config: Config) -> list[IdentityReview]:
                 reason,
                 _key(previous),
                 _key(proposed),
-                versions[local],
+                versions[f"{local}#{number}"],
                 closing if _closes(closing, number, timestamp) else None,
                 int(number) if number else None,
             )
@@ -182,7 +183,9 @@ def decide(bootstrap: str, config: Config, review: IdentityReview, action: str, 
             "records went on to the Patient it had; the hospital's next version of the Patient opens a new review"
         )
     at_ms = int(time.time() * 1000)
-    decision = IdentityDecision(action, review.previous_key, review.proposed_key, operator_name(), reason, at_ms)
+    decision = IdentityDecision(
+        action, review.number, review.previous_key, review.proposed_key, operator_name(), reason, at_ms
+    )
     producer = AcknowledgedProducer(bootstrap)
     producer.produce(
         config.topics.name("normalized"),

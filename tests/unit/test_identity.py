@@ -137,7 +137,10 @@ def under_review(config):
 
 def decide(config, s, action, proposed=OTHER_KEY, patient=None):
     record = normalized(config, patient or with_kvnr(PATIENT, "Z000000001"), op="u", version=2)
-    decision = IdentityDecision(action, KEY, proposed, "dr-review", "checked with the hospital", 1_700_000_000_000)
+    number = s.keys[LOCAL]["review"]["number"] if "review" in s.keys.get(LOCAL, {}) else 1
+    decision = IdentityDecision(
+        action, number, KEY, proposed, "dr-review", "checked with the hospital", 1_700_000_000_000
+    )
     return apply_decision(s, record, config.sites["site-a"], decision)
 
 
@@ -248,9 +251,20 @@ def test_a_decision_on_a_proposal_the_hospital_changed_since_is_refused(config) 
     s, _, _ = under_review(config)
     third = global_patient_key(KVNR, "Y000000002")
     resolve(config, s, with_kvnr(PATIENT, "Y000000002"), version=4)
-    with pytest.raises(IdentityDecisionError, match=f"is now patient key {KEY} -> {third}"):
+    with pytest.raises(IdentityDecisionError, match=f"is now review 2, patient key {KEY} -> {third}"):
         decide(config, s, "accept")
     assert s.keys[LOCAL]["review"] == {"proposed": third, "number": 2} and len(s.held[LOCAL]) == 3
+
+
+def test_a_decision_on_an_earlier_review_with_the_same_keys_is_refused(config) -> None:
+    s, _, _ = under_review(config)  # review 1: KEY -> OTHER_KEY, seen by the reviewer
+    resolve(config, s, PATIENT, version=4)  # the hospital takes it back (withdrawn) ...
+    resolve(config, s, with_kvnr(PATIENT, "Z000000001"), version=5)  # ... and makes the same change again
+    record = normalized(config, with_kvnr(PATIENT, "Z000000001"), op="u", version=2)
+    seen = IdentityDecision("accept", 1, KEY, OTHER_KEY, "dr-review", "checked", 1)
+    with pytest.raises(IdentityDecisionError, match="is now review 2"):
+        apply_decision(s, record, config.sites["site-a"], seen)
+    assert s.keys[LOCAL]["review"] == {"proposed": OTHER_KEY, "number": 2}
 
 
 def test_a_decision_without_an_open_review_is_refused(config) -> None:
@@ -318,7 +332,7 @@ def test_a_decision_takes_the_newest_held_patient_version_and_closes_the_review_
 
 
 def test_decision_header_round_trips_and_a_malformed_one_is_a_clear_error() -> None:
-    decision = IdentityDecision("reject", KEY, None, "dr-review", "typo at registration", 1)
+    decision = IdentityDecision("reject", 3, KEY, None, "dr-review", "typo at registration", 1)
     assert parse_decision([("other", b"x"), (DECISION_HEADER, decision.header())]) == decision
     assert parse_decision([("other", b"x")]) is None
     with pytest.raises(EnvelopeError, match=DECISION_HEADER):

@@ -68,8 +68,8 @@ def decision_on(entry: dict, action: str, current: bool, version: int) -> Identi
     """On the review open now (current), or on one that is not (the hospital changed it since)."""
     review = entry.get("review")
     if current and review is not None:
-        return IdentityDecision(action, entry["key"], review["proposed"], "reviewer", "x", version)
-    return IdentityDecision(action, KEYS["K"], KEYS["P"], "reviewer", "x", version)
+        return IdentityDecision(action, review["number"], entry["key"], review["proposed"], "reviewer", "x", version)
+    return IdentityDecision(action, 1, KEYS["K"], KEYS["P"], "reviewer", "x", version)
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
