@@ -151,6 +151,9 @@ def parse_time(text: str, now: float | None = None) -> int:
     return int(moment.timestamp() * 1000)
 
 
+_STALL_SECONDS = 10.0  # no record, and no end of partition, for this long: the read has stalled
+
+
 def _reader(bootstrap: str) -> Consumer:
     return Consumer(
         {
@@ -224,9 +227,14 @@ def read_all(bootstrap: str, topic: str) -> Iterator[Any]:
             return
         consumer.assign(assignments)
         ends = {tp.partition: consumer.get_watermark_offsets(tp, cached=True)[1] for tp in assignments}
+        stalled_at = time.monotonic() + _STALL_SECONDS
         while remaining:
-            batch = consumer.consume(500, timeout=10)
-            if not batch:
+            # A short wait per call: librdkafka's consume() waits out its whole timeout unless the batch fills,
+            # which made every read of a small topic take that long.
+            batch = consumer.consume(500, timeout=0.2)
+            if batch:
+                stalled_at = time.monotonic() + _STALL_SECONDS
+            elif time.monotonic() >= stalled_at:
                 raise CdrsyncError(f"reading {topic} stalled with partitions {sorted(remaining)} unfinished")
             for message in batch:
                 error = message.error()
