@@ -390,7 +390,10 @@ def error_analysis() -> dict:
             ),
             panel(
                 "Tumour-board trigger and back-flow (per hour)",
-                ("sum by (site, outcome) (increase(cdrsync_trigger_selections_total[1h]))", "trigger {{site}} {{outcome}}"),
+                (
+                    "sum by (site, outcome) (increase(cdrsync_trigger_selections_total[1h]))",
+                    "trigger {{site}} {{outcome}}",
+                ),
                 ("sum by (target, outcome) (increase(cdrsync_backflow_total[1h]))", "back-flow {{target}} {{outcome}}"),
                 ("sum by (site, result) (increase(cdrsync_capture_polls_total[1h]))", "capture {{site}} {{result}}"),
                 description="trigger: sent / backfilled / held (no active tumour-board flag); back-flow: captured, "
