@@ -59,7 +59,8 @@ def check_patient_keys(
             raise ConfigError(
                 f"the patient ids at '{target}' were made with another patient key secret (or none) since {since}: "
                 "with this one every known patient would be held for identity review and each new person "
-                "become a second central Patient. Restore the secret (identity.patient_key_secret_env) it was"
+                "become a second central Patient. Restore the secret they were made with "
+                "(the variable identity.patient_key_secret_env names)"
             )
     if missing:
         producer = AcknowledgedProducer(bootstrap)
