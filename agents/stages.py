@@ -219,7 +219,7 @@ async def _deliver_identity(key: bytes | None, record: NormalizedResource, outco
     for held, reason in outcome.held:
         HELD.labels(held.site, held.resource_type).inc()
         log.warning("held %s/%s of %s: %s", held.resource_type, held.source_id, held.site, reason)
-        await deliver(held_records, key, encode(held), [("cdrsync-reason", reason.encode())])
+        await deliver(held_records, key, encode(held), [(identity.REASON_HEADER, reason.encode())])
         await emit_audit("held", held, detail=reason)
     for review in outcome.review:
         item, reason = review.record, review.reason

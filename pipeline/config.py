@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .ids import global_patient_key, shared_identifier
 from .resources import SUPPORTED_TYPES
 
 __all__ = [
@@ -183,16 +184,12 @@ class IdentityConfig(_Strict):
 
     def patient_key(self, resource: dict[str, Any]) -> str | None:
         """The global patient key of a Patient (its central id), None if it has no shared identifier."""
-        from .identity import global_patient_key, shared_identifier
-
         value = shared_identifier(resource, self.shared_identifier_system, self.shared_identifier_form)
         return None if value is None else global_patient_key(self.shared_identifier_system, value, self._secret)
 
     def key_check(self) -> str:
         """What the patient ids of this configuration are made with, without giving the secret away: the key
         of a fixed number that is no one's (the same with the same system, form and secret, else different)."""
-        from .identity import global_patient_key
-
         form = "" if self.shared_identifier_form == "as-written" else f"|{self.shared_identifier_form}"
         return global_patient_key(
             f"urn:cdrsync:patient-key-check|{self.shared_identifier_system}{form}", "0", self._secret

@@ -28,9 +28,6 @@ and "reviews": n, how many reviews it has had (each review record and its closin
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import uuid
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -40,7 +37,14 @@ import orjson
 from .backflow import central_record, echo_targets
 from .config import Route, SiteConfig
 from .errors import EnvelopeError, PermanentError
-from .ids import CDRSYNC_NAMESPACE, CDRSYNC_SOURCE_PREFIX, ORIGIN_TAG_SYSTEM, SERVER_META, target_id
+from .ids import (
+    CDRSYNC_SOURCE_PREFIX,
+    ORIGIN_TAG_SYSTEM,
+    SERVER_META,
+    global_patient_key,
+    shared_identifier,
+    target_id,
+)
 from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
 from .references import logical_system, rewrite_references
 
@@ -50,6 +54,7 @@ __all__ = [
     "ORIGIN_TAG_SYSTEM",
     "PREVIOUS_KEY_HEADER",
     "PROPOSED_KEY_HEADER",
+    "REASON_HEADER",
     "REVIEW_NUMBER_HEADER",
     "IdentityDecision",
     "IdentityDecisionError",
@@ -69,28 +74,6 @@ __all__ = [
 ]
 
 
-def global_patient_key(system: str, value: str, secret: str | None = None) -> str:
-    """The global patient key (and central Patient id) of a shared identifier; with a secret, keyed
-    (HMAC-SHA256), so that the id does not give the number away to whoever tries every possible one."""
-    name = f"patient|{system}|{value.strip()}"
-    if secret is not None:
-        name = "patient-hmac|" + hmac.new(secret.encode(), name.encode(), hashlib.sha256).hexdigest()
-    return str(uuid.uuid5(CDRSYNC_NAMESPACE, name))
-
-
-def shared_identifier(resource: dict[str, Any], system: str, form: str = "as-written") -> str | None:
-    """The value of the shared identifier in a Patient, in the form compared (IdentityConfig), None if it has
-    none (or an empty one)."""
-    for identifier in resource.get("identifier") or []:
-        if isinstance(identifier, dict) and identifier.get("system") == system:
-            value = str(identifier.get("value") or "").strip()
-            if form == "uppercase-no-spaces":
-                value = "".join(value.split()).upper()
-            if value:
-                return value
-    return None
-
-
 def local_patient(record: NormalizedResource) -> str | None:
     """ "site|local patient id" of the patient a record belongs to, None if it names no patient."""
     if not record.patient_ref:
@@ -99,6 +82,7 @@ def local_patient(record: NormalizedResource) -> str | None:
 
 
 PatientKeys = Callable[[str], "str | None"]
+REASON_HEADER = "cdrsync-reason"  # on a held or review record: why it waits
 DECISION_HEADER = "cdrsync-identity-decision"  # JSON: action, proposed key, by, reason, at_ms
 NO_KEY = "-"  # the proposed key of a Patient that lost its shared identifier, as headers name it
 PREVIOUS_KEY_HEADER = "cdrsync-previous-patient-key"  # on a review record: the key its patient had
@@ -191,7 +175,7 @@ class Review(NamedTuple):
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [
-            ("cdrsync-reason", self.reason.encode()),
+            (REASON_HEADER, self.reason.encode()),
             (PREVIOUS_KEY_HEADER, self.previous_key.encode()),
             (PROPOSED_KEY_HEADER, (self.proposed_key or NO_KEY).encode()),
             (REVIEW_NUMBER_HEADER, str(self.number).encode()),
@@ -217,6 +201,11 @@ class IdentityOutcome:
         self.not_applied += other.not_applied
         self.released += other.released
         self.released_records += other.released_records
+
+
+def _pop_held(state: IdentityState, local: str) -> list[NormalizedResource]:
+    """The records held for a local patient, in their order, taken out of the table."""
+    return [decode(bytes.fromhex(item), NormalizedResource) for item in state.held.pop(local, [])]
 
 
 def _hold(state: IdentityState, local: str, record: NormalizedResource, reason: str, out: IdentityOutcome) -> None:
@@ -304,8 +293,7 @@ def _drop_held(state: IdentityState, local: str, deleted: NormalizedResource, ou
     """The hospital deleted a Patient that never had a shared identifier: nothing of it was sent, and what waits
     for it is not released to whoever is given that local id next."""
     reason = f"{local} was deleted at the hospital before it had a shared identifier: never sent"
-    for item in state.held.pop(local, []):
-        out.not_applied.append((decode(bytes.fromhex(item), NormalizedResource), reason))
+    out.not_applied += [(held, reason) for held in _pop_held(state, local)]
     out.not_applied.append((deleted, reason))
 
 
@@ -352,7 +340,7 @@ def _close_review(
     """
     entry = state.keys[local]
     state.keys[local] = after
-    held = [decode(bytes.fromhex(item), NormalizedResource) for item in state.held.pop(local, [])]
+    held = _pop_held(state, local)
     versions = [n for n, r in enumerate(held) if r.resource_type == "Patient" and not r.is_delete]
     newest = versions[-1] if versions and last is None else None
     for n in versions:
@@ -362,9 +350,10 @@ def _close_review(
     for record in held:
         again = IdentityOutcome()
         _resolve_local(state, local, record, site, again)
-        if again.routed and not again.held:
-            again.released, again.released_records = again.released + 1, again.released_records + again.routed
         out.merge(again)
+        if again.routed and not again.held:
+            out.released += 1
+            out.released_records += again.routed
     out.closed = {
         "local_patient": local,
         "review_number": entry["review"]["number"],
@@ -389,7 +378,7 @@ def _keys_of(state: IdentityState, site: str) -> PatientKeys:
 
 
 def _release_held(state: IdentityState, local: str, site: SiteConfig, out: IdentityOutcome) -> None:
-    waiting = [decode(bytes.fromhex(item), NormalizedResource) for item in state.held.pop(local, [])]
+    waiting = _pop_held(state, local)
     keys = _keys_of(state, site.site)
     for held in waiting:
         if held.resource_type == "Patient" and not held.is_delete:

@@ -37,6 +37,7 @@ from .identity import (
     NO_KEY,
     PREVIOUS_KEY_HEADER,
     PROPOSED_KEY_HEADER,
+    REASON_HEADER,
     REVIEW_NUMBER_HEADER,
     IdentityDecision,
     refusal_key,
@@ -135,7 +136,7 @@ def read_reviews(bootstrap: str, config: Config) -> list[IdentityReview]:
     found = []
     for local, message in latest.items():
         headers = message.headers()
-        reason = _header(headers, "cdrsync-reason") or ""
+        reason = _header(headers, REASON_HEADER) or ""
         previous, proposed = _header(headers, PREVIOUS_KEY_HEADER), _header(headers, PROPOSED_KEY_HEADER)
         if previous is None and (legacy := _LEGACY_REASON.search(reason)):  # written before the keys had headers
             previous, proposed = legacy.groups()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import uuid
+from typing import Any
 
 __all__ = [
     "CDRSYNC_NAMESPACE",
@@ -11,7 +14,9 @@ __all__ = [
     "CDRSYNC_SOURCE_PREFIX",
     "ORIGIN_TAG_SYSTEM",
     "SERVER_META",
+    "global_patient_key",
     "request_id",
+    "shared_identifier",
     "target_id",
 ]
 
@@ -35,6 +40,28 @@ def target_id(site: str, resource_type: str, source_id: str) -> str:
     """uuid5 over site, type and source id: stable across replays, distinct across sites."""
     # A separator that cannot occur in a site name or a FHIR type keeps ("a", "b|c") ≠ ("a|b", "c").
     return str(uuid.uuid5(CDRSYNC_NAMESPACE, f"{site}|{resource_type}|{source_id}"))
+
+
+def global_patient_key(system: str, value: str, secret: str | None = None) -> str:
+    """The global patient key (and central Patient id) of a shared identifier; with a secret, keyed
+    (HMAC-SHA256), so that the id does not give the number away to whoever tries every possible one."""
+    name = f"patient|{system}|{value.strip()}"
+    if secret is not None:
+        name = "patient-hmac|" + hmac.new(secret.encode(), name.encode(), hashlib.sha256).hexdigest()
+    return str(uuid.uuid5(CDRSYNC_NAMESPACE, name))
+
+
+def shared_identifier(resource: dict[str, Any], system: str, form: str = "as-written") -> str | None:
+    """The value of the shared identifier in a Patient, in the form compared (IdentityConfig), None if it has
+    none (or an empty one)."""
+    for identifier in resource.get("identifier") or []:
+        if isinstance(identifier, dict) and identifier.get("system") == system:
+            value = str(identifier.get("value") or "").strip()
+            if form == "uppercase-no-spaces":
+                value = "".join(value.split()).upper()
+            if value:
+                return value
+    return None
 
 
 def request_id() -> str:
