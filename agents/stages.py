@@ -61,6 +61,7 @@ from pipeline.ordering import (
     staged,
     staged_tables,
 )
+from pipeline.patientmove import MOVE, MoveOutcome, move_site_records, moved_to, order_move
 from pipeline.provenance import runs_alongside
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
@@ -234,6 +235,10 @@ async def _deliver_identity(key: bytes | None, record: NormalizedResource, outco
         await _review_closed(record, outcome.closed)
     for routed in outcome.routed:
         await deliver(identified, routed.patient_key.encode(), encode(routed))
+    for move in outcome.moves:  # an accepted review: the site's records at the previous Patient follow
+        log.warning("moving %s's records from Patient/%s to Patient/%s", move.site, move.target_id, moved_to(move))
+        await deliver(identified, move.patient_key.encode(), encode(move))
+        await emit_audit("identity_move", move, detail=f"requested: to Patient/{moved_to(move)}")
     if outcome.released:
         HELD_RELEASED.labels(record.site).inc(outcome.released)
     for released in outcome.released_records:
@@ -300,6 +305,12 @@ async def _order_one(event: EventT) -> None:
             )
             detail = f"stale re-send, source LSN {incoming.source_lsn}"
             await emit_audit("duplicate_skipped", incoming, detail=detail)
+            return
+        if incoming.op == MOVE:  # not a change of a resource: what an accepted identity review moves
+            releasable = order_move(changes, patients, incoming, now_ms(), event.message.partition)
+            for item in with_provenance(releasable):
+                await deliver(ready, item.patient_key.encode(), encode(item))
+            await apply_tables(*staged_tables(changes), patients)
             return
         selection = select_for_route(triggers, incoming)
         releasable = []
@@ -407,18 +418,22 @@ async def _write(
     """
     if prewritten is None:
         client, policy = _client(event_record.target), RetryPolicy(attempts, give_up=hold_interrupted)
-        outcome, used = await write_with_retries(client, event_record, policy, versions)
+        writer = move_site_records if event_record.op == MOVE else None
+        outcome, used = await write_with_retries(client, event_record, policy, versions, writer)
     else:
         outcome, used = prewritten, 1
         if outcome.version_id is not None:
             versions[event_record.target_ref] = {"version": outcome.version_id}
     labels = (event_record.site, event_record.target, event_record.resource_type)
     WRITES.labels(*labels, "succeeded", "").inc()
-    END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))
+    if event_record.op != MOVE:  # a move's origin is the Patient version reviewed, hours ago perhaps
+        END_TO_END_LATENCY.labels(*labels).observe(max(0.0, time.time() - event_record.source_commit_ms / 1000))
     LAST_SUCCESS.labels(event_record.site, event_record.target).set(time.time())
-    await emit_audit(
-        "written", event_record, detail=f"{event_record.op} status {outcome.status} version {outcome.version_id}"
-    )
+    if isinstance(outcome, MoveOutcome):
+        await _moved(event_record, outcome)
+    else:
+        detail = f"{event_record.op} status {outcome.status} version {outcome.version_id}"
+        await emit_audit("written", event_record, detail=detail)
     log.info(
         "wrote %s %s to %s (status %d, version %s, attempts %d)",
         event_record.op,
@@ -429,6 +444,16 @@ async def _write(
         used,
         extra={**record_fields(event_record), "status": outcome.status, "attempts": used, "op": event_record.op},
     )
+
+
+async def _moved(move: RoutedResource, outcome: MoveOutcome) -> None:
+    """Audit a move done: how many resources moved, which of them had been edited at the target (their edit
+    kept, and still told from cdrsync's writes, see pipeline/patientmove.py)."""
+    detail = f"moved {len(outcome.moved)} resource(s) to Patient/{moved_to(move)}"
+    if outcome.edited:
+        detail += f"; edited at the target before, edit kept: {', '.join(outcome.edited)}"
+    log.warning("%s of %s at Patient/%s: %s", move.target, move.site, move.target_id, detail)
+    await emit_audit("identity_move", move, detail=f"done: {detail}"[:500])
 
 
 async def _attempt(
@@ -584,7 +609,7 @@ async def _report_conflict(
 def _bundle_candidate(event: EventT, record: RoutedResource | None) -> RoutedResource | None:
     """The record (decoded by _plain_record), if it can go into a transaction bundle: an upsert the sink
     would write right now (nothing queued before it, not superseded, no operator decision on it); else None."""
-    if record is None or record.is_delete or record.resource is None:
+    if record is None or record.is_delete or record.resource is None or record.op == MOVE:
         return None
     order = SinkOrder(current(blocked_by_reference))  # as the records before it in the batch left it
     ref = record.target_ref

@@ -29,6 +29,7 @@ Step = Literal[
     "identity_review",
     "identity_decided",
     "identity_not_applied",
+    "identity_move",
     "held_behind",
     "duplicate_skipped",
     "discarded",

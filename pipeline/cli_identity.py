@@ -85,8 +85,8 @@ def _effect(review: Any, action: str) -> str:
     if review.proposed_key is None:
         return f"the patient is no longer {previous}: its records are held until the hospital records an identifier"
     return (
-        f"the held records and all later ones go to Patient/{review.proposed_key}; records written before the "
-        f"change stay with {previous} (review them there)"
+        f"the held records and all later ones go to Patient/{review.proposed_key}; the worker moves the records "
+        f"written before the change there from {previous}"
     )
 
 
@@ -98,11 +98,12 @@ def _decide(action: str) -> Handler:
         if review.closed is not None:
             raise CdrsyncError(f"the identity review of {review.local_patient} is {review.status} already")
         print(f"{review.local_patient}: {action}: {_effect(review, action)}")
-        if action == "accept":
+        if action == "accept" and review.proposed_key is not None:
             for target, refs in _left_behind(config, review).items():
                 print(
                     f"  at {target}, Patient/{review.previous_key} holds {len(refs)} earlier resources of "
-                    f"{review.site} that stay there (`cdrsync identity show` lists them)"
+                    f"{review.site}: they move to Patient/{review.proposed_key} (`cdrsync identity show` lists "
+                    "what is still there)"
                 )
         if not args.execute:
             print("dry run: add --execute to send the decision")
@@ -145,7 +146,7 @@ def add_identity_commands(group: Any, leaf: Leaf) -> None:
     site_and_id(show)
     show.add_argument("--with-patient-data", action="store_true", help="include the Patient version under review")
     for action, text in (
-        ("accept", "the patient is the person its hospital now names: held and later records go there; audited"),
+        ("accept", "the patient is the person its hospital now names: earlier, held and later records go there"),
         ("reject", "the patient stays the person it was: held records go there, the new identifier is not applied"),
     ):
         sub = leaf(identity, action, text, _decide(action))

@@ -45,6 +45,7 @@ from .ids import (
     shared_identifier,
     target_id,
 )
+from .patientmove import move_request
 from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
 from .references import logical_system, rewrite_references
 
@@ -192,6 +193,7 @@ class IdentityOutcome:
     not_applied: list[tuple[NormalizedResource, str]] = field(default_factory=list)  # a reviewer rejected them
     released: int = 0  # held records released by this one
     released_records: list[RoutedResource] = field(default_factory=list)
+    moves: list[RoutedResource] = field(default_factory=list)  # an accepted review: the records before it move
     closed: dict[str, Any] | None = None  # a review this record closed: what the resolutions topic keeps
 
     def merge(self, other: IdentityOutcome) -> None:
@@ -316,6 +318,9 @@ def apply_decision(
     out = IdentityOutcome()
     if decision.action == "accept":
         _close_review(state, local, _with(entry, key=review["proposed"]), "accepted", site, out, decision=decision)
+        if review["proposed"] is not None:  # what the hospital sent before the change goes to that person too
+            targets = sorted({r.target for r in site.routes if "Patient" in _carried(site, r)})
+            out.moves = [move_request(record, t, entry["key"], review["proposed"]) for t in targets]
     else:
         after = _with(entry, key=entry["key"], rejected=review["proposed"] or NO_KEY)
         _close_review(state, local, after, "rejected", site, out, decision=decision)

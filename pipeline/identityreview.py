@@ -5,8 +5,8 @@ When a hospital's Patient names another shared identifier than before (or none),
 holds every later record of that local patient. A reviewer then decides, for the local patient:
 
 * `accept`: the Patient is the person it now names. The held records go to that central Patient; so do
-  the hospital's later ones. (Records written before the change stay with the previous central Patient;
-  `list` names it, so they can be reviewed there.)
+  the hospital's later ones, and the worker moves the records written before the change there from the
+  previous central Patient (pipeline/patientmove.py).
 * `reject`: the Patient stays the person it was. The held records go to the previous central Patient;
   Patient versions naming the rejected identifier are not applied (audited) until the hospital corrects it.
 
@@ -30,7 +30,7 @@ import orjson
 
 from .config import Config, SiteConfig
 from .dlq import iso_time, operator_name, read_all, resolutions
-from .errors import CdrsyncError, PermanentError
+from .errors import CdrsyncError
 from .fhirclient import FhirClient
 from .identity import (
     DECISION_HEADER,
@@ -42,8 +42,8 @@ from .identity import (
     IdentityDecision,
     refusal_key,
 )
-from .ids import ORIGIN_TAG_SYSTEM
 from .kafkaadmin import AcknowledgedProducer
+from .patientmove import everything_of_site
 from .records import NormalizedResource, decode
 
 __all__ = ["IdentityReview", "decide", "read_reviews", "wait_for_closing", "written_before"]
@@ -226,34 +226,15 @@ def wait_for_closing(
         time.sleep(min(2.0, max(0.0, timeout - waited)))
 
 
-async def _everything_of_site(client: FhirClient, patient_key: str, site: str) -> list[str]:
-    """References of the resources of one origin site in a central Patient's compartment ($everything)."""
-    found: list[str] = []
-    page: str | None = f"Patient/{patient_key}/$everything?_count=200&_elements=meta"
-    while page is not None:
-        try:
-            bundle = await client.get_json(page)
-        except PermanentError:  # no such Patient (never written, or deleted): nothing of the site is there
-            return found
-        for entry in bundle.get("entry") or []:
-            resource = entry.get("resource") or {}
-            tags = (resource.get("meta") or {}).get("tag") or []
-            mine = any(t.get("system") == ORIGIN_TAG_SYSTEM and t.get("code") == site for t in tags)
-            if mine and resource.get("resourceType") not in ("Patient", "Provenance"):  # Provenance: of those listed
-                found.append(f"{resource['resourceType']}/{resource['id']}")
-        page = next((link["url"] for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
-    return found
-
-
 def written_before(config: Config, site: SiteConfig, patient_key: str) -> dict[str, list[str]]:
-    """Per target: the site's resources that the central Patient patient_key holds, written before a change
-    of identity (accepting it does not move them: a reviewer does, at the target)."""
+    """Per target: the site's resources that the central Patient patient_key holds (before an accepted change
+    of identity, what the worker is to move; after it, what it has not moved yet)."""
 
     async def run() -> dict[str, list[str]]:
         result = {}
         for target in sorted({route.target for route in site.routes}):
             async with FhirClient(config.target(target)) as client:
-                result[target] = sorted(await _everything_of_site(client, patient_key, site.site))
+                result[target] = await everything_of_site(client, patient_key, site.site)
         return result
 
     return asyncio.run(run())

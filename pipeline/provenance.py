@@ -126,6 +126,8 @@ def add_provenance(
             continue
         out.append(record)
         key = f"{record.site}|{record.target_ref}"
+        if record.op == "MOVE":  # not a resource: a move of the site's resources (pipeline/patientmove.py)
+            continue
         if key not in seen and _first_contribution(record, released, patients):
             seen.add(key)
             provenances.append(provenance_for(record, (displays or {}).get(record.site, "")))

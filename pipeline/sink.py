@@ -23,7 +23,7 @@ read again after its row came back does not undo the later version.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -45,9 +45,12 @@ __all__ = [
     "CONTENT_HASH_EXTENSION",
     "WRITTEN_BY_EXTENSION",
     "RetryPolicy",
+    "Versions",
+    "Writer",
     "body_to_write",
     "content_hash_of",
     "is_our_write",
+    "remarked",
     "retry_wait",
     "untouched_write",
     "write_record",
@@ -114,6 +117,22 @@ def untouched_write(resource: dict[str, Any] | None) -> tuple[str, int | None] |
             return None
         return f"{site}|{source_id}", int(lsn) if lsn.isdigit() else None
     return None
+
+
+def remarked(written: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
+    """`changed` (a copy of `written` with some of its content changed by cdrsync itself, e.g. a Patient
+    reference moved) with the written-by mark's hash made to match it, when `written` is exactly as cdrsync
+    wrote it; else `changed` as it is, so that an edit made at the target stays recognisable as one."""
+    if untouched_write(written) is None:
+        return changed
+    digest = canonical_hash(_own_extensions_removed(changed))
+    extensions = []
+    for extension in changed.get("extension", []):
+        if extension.get("url") == WRITTEN_BY_EXTENSION:
+            site, source_id, lsn = str(extension.get("valueString")).split("|")[:3]
+            extension = {**extension, "valueString": f"{site}|{source_id}|{lsn}|{digest}"}
+        extensions.append(extension)
+    return {**changed, "extension": extensions}
 
 
 def content_hash_of(resource: dict[str, Any] | None) -> str | None:
@@ -236,10 +255,18 @@ class _StopWhenGivenUp(stop_base):
         return self.give_up() is not None
 
 
+Writer = Callable[[FhirClient, RoutedResource, Versions | None], Awaitable[WriteOutcome]]
+
+
 async def write_with_retries(
-    client: FhirClient, record: RoutedResource, policy: RetryPolicy, versions: Versions | None = None
+    client: FhirClient,
+    record: RoutedResource,
+    policy: RetryPolicy,
+    versions: Versions | None = None,
+    write: Writer | None = None,
 ) -> tuple[WriteOutcome, int]:
-    """Write with exponential backoff and jitter on retryable errors; (outcome, attempts used).
+    """Write with exponential backoff and jitter on retryable errors; (outcome, attempts used). `write` does
+    the writing (write_record unless given: a MOVE record's is pipeline/patientmove.py move_site_records).
 
     An error raised carries the number of attempts made in `attempts_made` (for the dead-letter headers).
     """
@@ -256,7 +283,7 @@ async def write_with_retries(
         ):
             with attempt:
                 attempts = attempt.retry_state.attempt_number
-                return await write_record(client, record, versions), attempts
+                return await (write or write_record)(client, record, versions), attempts
     except CdrsyncError as error:
         error.attempts_made = attempts  # type: ignore[attr-defined]
         raise

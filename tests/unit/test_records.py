@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from pipeline.errors import SchemaError
-from pipeline.records import NormalizedResource, RoutedResource, decode, decode_any, encode, schema_fingerprint
+from pipeline.records import SCHEMA_DIR, NormalizedResource, RoutedResource, decode, decode_any, encode, schema_fingerprint
 
 pytestmark = pytest.mark.unit
 RECORD = NormalizedResource(
@@ -39,16 +41,15 @@ def test_wrong_record_type_and_garbage_are_schema_errors() -> None:
         decode_any(b"\xc3\x01" + b"\x00" * 8 + b"\x02")
 
 
-def test_records_written_with_a_superseded_schema_still_decode() -> None:
+@pytest.mark.parametrize(
+    "old", sorted(Path(SCHEMA_DIR, "history").glob("routed_resource.*.avsc")), ids=lambda path: path.name
+)
+def test_records_written_with_a_superseded_schema_still_decode(old: Path) -> None:
     import io
     import json
-    from pathlib import Path
 
     import fastavro
 
-    from pipeline.records import SCHEMA_DIR
-
-    [old] = sorted(Path(SCHEMA_DIR, "history").glob("routed_resource.*.avsc"))
     writer = fastavro.parse_schema(json.loads(old.read_text()))
     datum = {
         "site": "site-a",
