@@ -200,19 +200,37 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
     decided = wait_for(lambda: stack.read("Observation", observation_id), timeout=120, what="the released observation")
     [closed] = _reviews(capsys, person["id"])
     assert closed["status"] == f"{action}ed"
-    # What the reviewer is shown of the central Patient the review started from: the site's records there (after
-    # a rejection, the released one too).
-    code, out = _cdrsync(capsys, "identity", "show", "site-a", person["id"])
-    there = sorted([earlier_ref] + ([f"Observation/{observation_id}"] if action == "reject" else []))
-    assert code == 0 and orjson.loads(out)["site_records_at_previous_patient"] == {"central": there}
-    assert "gender" not in out  # no patient data unless asked for
     if action == "accept":
         assert decided["subject"]["reference"] == f"Patient/{other_key}"
         assert (
             wait_for(lambda: stack.read("Patient", other_key), timeout=120, what="the Patient now named")["gender"]
             == "other"
         )
+        # What she had before the change follows her: the earlier observation moves to the Patient now named, and
+        # the previous Patient, which no other hospital holds, is deleted once nothing references it.
+        moved = wait_for(
+            lambda: (o := stack.read(*earlier_ref.split("/"))) and o["subject"]["reference"].endswith(other_key) and o,
+            timeout=120,
+            what="the earlier observation at the Patient now named",
+        )
+        assert moved["valueQuantity"] == earlier["valueQuantity"]
+        wait_for(lambda: stack.read("Patient", key) is None, timeout=120, what="the previous Patient deleted")
+        code, out = _cdrsync(capsys, "identity", "show", "site-a", person["id"])
+        assert code == 0 and orjson.loads(out)["site_records_at_previous_patient"] == {"central": []}
+        # The hospital's next version of the moved observation is written over the moved one, not held as a conflict.
+        site_a.upsert({**earlier, "valueQuantity": {**earlier["valueQuantity"], "value": 63.5}})
+        wait_for(
+            lambda: stack.read(*earlier_ref.split("/"))["valueQuantity"]["value"] == 63.5,
+            timeout=120,
+            what="the next version of the moved observation",
+        )
+        assert stack.read(*earlier_ref.split("/"))["subject"]["reference"] == f"Patient/{other_key}"
     else:
+        # What the reviewer is shown of the central Patient the review started from: the site's records there.
+        code, out = _cdrsync(capsys, "identity", "show", "site-a", person["id"])
+        there = sorted([earlier_ref, f"Observation/{observation_id}"])
+        assert code == 0 and orjson.loads(out)["site_records_at_previous_patient"] == {"central": there}
+        assert "gender" not in out  # no patient data unless asked for
         assert decided["subject"]["reference"] == f"Patient/{key}"
         assert stack.read("Patient", other_key) is None and stack.read("Patient", key)["gender"] == "female"
         site_a.upsert({**with_kvnr(person, kvnr), "gender": "other"})  # the hospital corrects the number

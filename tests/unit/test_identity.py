@@ -219,6 +219,35 @@ def test_accepted_change_sends_the_held_records_to_the_patient_now_named(config)
     assert later.patient_key == OTHER_KEY
 
 
+def test_accepting_asks_for_the_records_sent_before_the_change_to_move_to_the_patient_now_named(config) -> None:
+    from pipeline.patientmove import moved_to
+
+    s, _, _ = under_review(config)
+    out = decide(config, s, "accept")
+    targets = sorted({r.target for r in config.sites["site-a"].routes})
+    assert [m.target for m in out.moves] == targets  # one per target the site's Patients go to
+    for move in out.moves:
+        # Keyed by the Patient it moves from: in that Patient's partition, the order stage takes the site out of it.
+        assert (move.op, move.resource_type, move.target_id, move.patient_key) == ("MOVE", "Patient", KEY, KEY)
+        assert (move.site, move.source_id, moved_to(move)) == ("site-a", PATIENT["id"], OTHER_KEY)
+        assert move.source_lsn is None  # not a position of the source row: never "newer" than a change of it
+
+
+@pytest.mark.parametrize("how", ["reject", "withdrawn", "accept a lost identifier"])
+def test_only_accepting_a_new_identifier_moves_earlier_records(config, how) -> None:
+    s, _, _ = under_review(config)
+    if how == "reject":
+        out = decide(config, s, "reject")
+    elif how == "withdrawn":
+        out = resolve(config, s, PATIENT, version=4)
+    else:
+        s = state()
+        routed(config, s, PATIENT)
+        resolve(config, s, with_kvnr(PATIENT, None))
+        out = decide(config, s, "accept", proposed=None, patient=with_kvnr(PATIENT, None))
+    assert out.closed is not None and out.moves == []
+
+
 def test_rejected_change_keeps_the_patient_and_never_applies_the_identifier_it_named(config) -> None:
     s, _, _ = under_review(config)
     out = decide(config, s, "reject")

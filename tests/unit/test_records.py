@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SchemaError
-from pipeline.records import SCHEMA_DIR, NormalizedResource, RoutedResource, decode, decode_any, encode, schema_fingerprint
+from pipeline.records import (
+    SCHEMA_DIR,
+    NormalizedResource,
+    RoutedResource,
+    decode,
+    decode_any,
+    encode,
+    schema_fingerprint,
+)
 
 pytestmark = pytest.mark.unit
 RECORD = NormalizedResource(
