@@ -14,7 +14,9 @@ identifier changes (or disappears) is not applied: it goes to identity review, b
 record from one person to another is a clinical decision, not a sync step. Until a person decides
 (`cdrsync identity accept|reject`, which reaches this stage as a decision record on the normalized topic,
 in the patient's partition), every later record of that local patient is held as well, so nothing goes
-to either person in the meantime. The same question for an HL7 v2 merge (two local ids found to be one
+to either person in the meantime. Accepting also moves what the hospital sent before the change from the
+previous central Patient to the one now named (a MOVE record for the order stage and the sink,
+pipeline/patientmove.py). The same question for an HL7 v2 merge (two local ids found to be one
 person) is rejected to the dead letters, not applied.
 
 A local patient's entry in patient_key_by_local_patient:
