@@ -1,4 +1,4 @@
-"""`cdrsync identity list|show|accept|reject`: the command line of identity review (pipeline/identityreview.py)."""
+"""`cdrsync identity list|show|accept|reject|move`: the command line of identity review (pipeline/identityreview.py)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,36 @@ def _decide(action: str) -> Handler:
     return run
 
 
+def _move(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .identityreview import request_move
+
+    review = _one(args, settings, config)
+    closed = review.closed or {}
+    if review.status != "accepted" or not closed.get("key"):
+        raise CdrsyncError(
+            f"the identity review of {review.local_patient} is {review.status}: only an accepted review of a new "
+            "identifier moves a patient's records (nothing to move)"
+        )
+    previous, new = f"Patient/{closed['previous_key']}", f"Patient/{closed['key']}"
+    left = _left_behind(config, review)
+    for target, refs in left.items():
+        print(f"at {target}, {previous} holds {len(refs)} resources of {review.site}" + (":" if refs else ""))
+        for ref in refs:
+            print(f"  {ref}")
+    if not any(left.values()):
+        print(f"nothing of {review.site} at {previous}: nothing to move")
+        return 0
+    if not args.execute:
+        print(f"dry run: add --execute to have the worker move them to {new}")
+        return 0
+    targets = request_move(settings.kafka_bootstrap, config, review)
+    print(
+        f"move to {new} sent to the worker ({', '.join(targets)}); `cdrsync identity show` lists what is still at "
+        f"{previous}, the audit trail (step identity_move) what was moved"
+    )
+    return 0
+
+
 def add_identity_commands(group: Any, leaf: Leaf) -> None:
     """The `identity` command group, on the parser's own group() and leaf() helpers."""
     identity = group(
@@ -154,3 +184,12 @@ def add_identity_commands(group: Any, leaf: Leaf) -> None:
         sub.add_argument("--reason", required=True, help="the review's finding, for the audit trail (no patient data)")
         sub.add_argument("--execute", action="store_true", help="do it (without: a dry run saying what would happen)")
         sub.add_argument("--wait", type=float, default=60, help="seconds to wait for the worker to apply it (60)")
+    move = leaf(
+        identity,
+        "move",
+        "after an accepted review: move what of the site reached the previous Patient since (the worker moves "
+        "the earlier records by itself on accepting)",
+        _move,
+    )
+    site_and_id(move)
+    move.add_argument("--execute", action="store_true", help="do it (without: list what would move)")

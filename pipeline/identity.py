@@ -50,6 +50,7 @@ from .ids import (
 from .patientmove import move_request
 from .records import NormalizedResource, RoutedResource, canonical_hash, decode, encode
 from .references import logical_system, rewrite_references
+from .trigger import TRIGGER_ALL
 
 __all__ = [
     "DECISION_HEADER",
@@ -68,6 +69,7 @@ __all__ = [
     "carries_decision",
     "global_patient_key",
     "local_patient",
+    "moving_targets",
     "parse_decision",
     "refusal_key",
     "resolve_identity",
@@ -321,12 +323,22 @@ def apply_decision(
     if decision.action == "accept":
         _close_review(state, local, _with(entry, key=review["proposed"]), "accepted", site, out, decision=decision)
         if review["proposed"] is not None:  # what the hospital sent before the change goes to that person too
-            targets = sorted({r.target for r in site.routes if "Patient" in _carried(site, r)})
-            out.moves = [move_request(record, t, entry["key"], review["proposed"]) for t in targets]
+            out.moves = [
+                move_request(record, target, entry["key"], review["proposed"], decision.at_ms)
+                for target in moving_targets(site)
+            ]
     else:
         after = _with(entry, key=entry["key"], rejected=review["proposed"] or NO_KEY)
         _close_review(state, local, after, "rejected", site, out, decision=decision)
     return out
+
+
+def moving_targets(site: SiteConfig) -> list[str]:
+    """The targets an accepted review moves the site's earlier records at: those its Patients go to, on routes
+    that carry everything. (A `tumorboard-flag` route sent them because a flag was set under the previous
+    Patient: under the one now named nothing is sent before the hospital flags the patient again, so the
+    records sent stay where they are, and `cdrsync identity show` lists them.)"""
+    return sorted({r.target for r in site.routes if "Patient" in _carried(site, r) and r.trigger == TRIGGER_ALL})
 
 
 def _close_review(

@@ -44,9 +44,9 @@ from .identity import (
 )
 from .kafkaadmin import AcknowledgedProducer
 from .patientmove import everything_of_site
-from .records import NormalizedResource, decode
+from .records import NormalizedResource, decode, encode
 
-__all__ = ["IdentityReview", "decide", "read_reviews", "wait_for_closing", "written_before"]
+__all__ = ["IdentityReview", "decide", "read_reviews", "request_move", "wait_for_closing", "written_before"]
 
 _LEGACY_REASON = re.compile(r"patient key (\S+) -> (\S+)$")
 _CLOSINGS = ("accepted", "rejected", "withdrawn")
@@ -224,6 +224,29 @@ def wait_for_closing(
             return None
         tick(waited)
         time.sleep(min(2.0, max(0.0, timeout - waited)))
+
+
+def request_move(bootstrap: str, config: Config, review: IdentityReview) -> list[str]:
+    """Send the MOVE of an accepted review again (what reached the previous Patient after the first move, e.g. a
+    record that waited in a retry topic): to the order stage, keyed by that Patient; the targets it went to."""
+    from .identity import moving_targets
+    from .patientmove import move_request
+
+    closed = review.closed or {}
+    previous, new = closed.get("previous_key"), closed.get("key")
+    if review.status != "accepted" or not previous or not new:
+        raise CdrsyncError(
+            f"the identity review of {review.local_patient} is {review.status}: only an accepted review of a new "
+            "identifier moves a patient's records"
+        )
+    patient = decode(review.value, NormalizedResource)
+    targets = moving_targets(config.sites[review.site])
+    producer = AcknowledgedProducer(bootstrap)
+    for target in targets:
+        move = move_request(patient, target, str(previous), str(new), int(time.time() * 1000))
+        producer.produce(config.topics.name("identified"), encode(move), str(previous).encode())
+    producer.finish("move")
+    return targets
 
 
 def written_before(config: Config, site: SiteConfig, patient_key: str) -> dict[str, list[str]]:

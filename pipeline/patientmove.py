@@ -35,13 +35,14 @@ from typing import Any
 
 import orjson
 
-from .errors import PermanentError, RetryableError, VersionConflictError
+from .errors import RejectedByTargetError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
 from .merge import merge_patient
 from .ordering import OrderState, order_record
+from .provenance import provenance_id
 from .records import NormalizedResource, RoutedResource
-from .references import map_references, relative_reference
+from .references import logical_system, map_references, relative_reference
 from .sink import Versions, remarked, untouched_write
 
 __all__ = [
@@ -68,12 +69,17 @@ class MoveOutcome(WriteOutcome):
     edited: list[str] = field(default_factory=list)
 
 
-def move_request(patient: NormalizedResource, target: str, previous_key: str, new_key: str) -> RoutedResource:
+def move_request(
+    patient: NormalizedResource, target: str, previous_key: str, new_key: str, decided_ms: int
+) -> RoutedResource:
     """The MOVE record for one target, from the Patient version whose review was accepted: the site's resources
     at Patient/previous_key go to Patient/new_key. Keyed (patient_key) by the previous Patient, in whose
-    partition the order stage and the sink handle it."""
+    partition the order stage and the sink handle it. Its time is the decision's (the latency of what it leads
+    to is counted from there, not from the Patient version reviewed, perhaps hours before)."""
     return RoutedResource.of(
         patient,
+        source_commit_ms=decided_ms,
+        captured_ms=decided_ms,
         target=target,
         target_id=previous_key,
         patient_key=previous_key,
@@ -115,11 +121,17 @@ async def everything_of_site(client: FhirClient, patient_key: str, site: str) ->
     the Patient itself and Provenances left out."""
     found: list[str] = []
     page: str | None = f"Patient/{patient_key}/$everything?_count=200&_elements=meta"
+    first = True
     while page is not None:
         try:
             bundle = await client.get_json(page)
-        except PermanentError:  # no such Patient (never written, or deleted): nothing of the site is there
-            return found
+        except RejectedByTargetError as error:
+            if first and error.status in (404, 410):  # no such Patient (never written, or deleted): nothing there
+                return found
+            if error.status == 410:  # a page the server no longer keeps: list again from the start
+                raise RetryableError(f"the listing of Patient/{patient_key}'s compartment expired: {error}") from None
+            raise
+        first = False
         for entry in bundle.get("entry") or []:
             resource = entry.get("resource") or {}
             tags = (resource.get("meta") or {}).get("tag") or []
@@ -133,22 +145,22 @@ async def everything_of_site(client: FhirClient, patient_key: str, site: str) ->
 async def move_site_records(
     client: FhirClient, record: RoutedResource, versions: Versions | None = None
 ) -> MoveOutcome:
-    """Carry out a MOVE record (see the module docstring). `versions` (the sink's table of the versions it
-    wrote) gets each moved resource's new version."""
+    """Carry out a MOVE record (see the module docstring); done only once a listing of the previous Patient's
+    compartment finds nothing of the site to move. `versions` (the sink's table of the versions it wrote) gets
+    each moved resource's new version."""
     previous_key, new_key, site = record.target_id, moved_to(record), record.site
-    if await client.read("Patient", new_key) is None:
-        why = f"Patient/{new_key} is not written yet: {site}'s records at Patient/{previous_key} move after it"
-        raise RetryableError(why)
+    await _check_destination(client, record, new_key)
     moved: list[str] = []
     edited: list[str] = []
     for _ in range(_ROUNDS):
-        changed_meanwhile = []
+        changed_meanwhile, to_move = [], 0
         for ref in await everything_of_site(client, previous_key, site):
             resource_type, resource_id = ref.split("/", 1)
             current = await client.read(resource_type, resource_id)
             body = None if current is None else rewritten(current, previous_key, new_key)
             if current is None or body is None:  # deleted since, or in the compartment without naming the Patient
                 continue
+            to_move += 1
             version = str((current.get("meta") or {}).get("versionId"))
             try:
                 outcome = await client.put(resource_type, resource_id, orjson.dumps(body), if_match=version)
@@ -160,12 +172,30 @@ async def move_site_records(
             moved.append(ref)
             if untouched_write(current) is None:
                 edited.append(ref)  # not re-marked: edited at the target since cdrsync wrote it
-        if not changed_meanwhile:
+        if to_move == 0:
             return MoveOutcome(200, None, moved, edited)
     raise RetryableError(
-        f"{len(changed_meanwhile)} resource(s) of {site} at Patient/{previous_key} changed while being moved to "
-        f"Patient/{new_key}, {_ROUNDS} times, e.g. {changed_meanwhile[0]}"
+        f"{site}'s resources at Patient/{previous_key} kept changing while being moved to Patient/{new_key} "
+        f"({_ROUNDS} rounds; moved {len(moved)}, e.g. {(changed_meanwhile or moved or ['?'])[0]} changed)"
     )
+
+
+async def _check_destination(client: FhirClient, record: RoutedResource, new_key: str) -> None:
+    """The Patient moved to must be written, and must hold the site's local patient: a move that a later review
+    overtook (the hospital changed the identifier back, and that was accepted too) must not move anything."""
+    patient = await client.read("Patient", new_key)
+    if patient is None:
+        where = f"{record.site}'s records at Patient/{record.target_id}"
+        raise RetryableError(f"Patient/{new_key} is not written yet: {where} move after it")
+    local = {"system": logical_system(record.site, "Patient"), "value": record.source_id}
+    if not any(
+        isinstance(i, dict) and (i.get("system"), i.get("value")) == (local["system"], local["value"])
+        for i in patient.get("identifier") or []
+    ):
+        raise RetryableError(
+            f"Patient/{new_key} does not hold {record.site}'s patient {record.source_id} (not written yet, or a later "
+            f"identity review took it elsewhere): {record.site}'s records at Patient/{record.target_id} are not moved"
+        )
 
 
 def order_move(
@@ -175,17 +205,26 @@ def order_move(
     now_ms: int,
     partition: int = 0,
 ) -> list[RoutedResource]:
-    """The order stage's part of a MOVE: the MOVE itself, then the previous Patient without the site (updated,
-    or deleted when no hospital holds it any more). The sink writes them in this order, one after the other
-    (both are Patient/previous_key), so the Patient is deleted only once nothing of the site references it.
+    """The order stage's part of a MOVE: the MOVE itself, then the previous Patient without the site: updated,
+    with the site's Provenance of it deleted, or deleted with every Provenance of it when no hospital holds it
+    any more. The sink writes them in this order, one after the other (MOVE and Patient are both
+    Patient/previous_key), so the Patient loses the site only once nothing of the site references it.
 
-    When it is deleted, the resources released as referencing it were the site's, and are moved: they are
-    noted as referencing the new Patient, so that the delete does not wait for them."""
+    When it is deleted, the resources released as referencing it are taken to be the site's, moved: they are
+    noted as referencing the new Patient, so that the delete does not wait for them (anything else still
+    referencing it at the target makes the target refuse the delete: a dead letter naming it, for review).
+    A site no longer in the previous Patient (a MOVE sent again: after a crash, or by `cdrsync identity move`
+    for what reached it after the first) leaves it unchanged: only the MOVE goes on."""
     previous, new = f"Patient/{move.target_id}", f"Patient/{moved_to(move)}"
+    if move.site not in (patients.get(move.target_id) or {}).get("sites", []):
+        return [move]
     leaving = merge_patient(patients, replace(move, op="DELETE", resource=None))
-    if leaving.is_delete:
-        for ref in state.referrers.pop(previous, []):
-            entry = state.released.get(ref)
-            if entry is not None and previous in entry.get("deps", []):
-                state.released[ref] = {**entry, "deps": [new if d == previous else d for d in entry["deps"]]}
+    if not leaving.is_delete:
+        provenance = provenance_id(move.site, previous)
+        gone = replace(move, resource_type="Provenance", target_id=provenance, op="DELETE", resource=None)
+        return [move, *order_record(state, leaving, now_ms, partition), gone]
+    for ref in state.referrers.pop(previous, []):
+        entry = state.released.get(ref)
+        if entry is not None and previous in entry.get("deps", []):
+            state.released[ref] = {**entry, "deps": [new if d == previous else d for d in entry["deps"]]}
     return [move, *order_record(state, leaving, now_ms, partition)]

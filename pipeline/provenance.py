@@ -115,6 +115,9 @@ def add_provenance(
     provenances: list[RoutedResource] = []
     seen: set[str] = set()
     for record in releasable:
+        if record.is_delete and record.resource_type == "Provenance":  # a site leaving a Patient: its Provenance
+            out.append(record)
+            continue
         if record.is_delete:
             owners = list(sites) if record.resource_type == "Patient" else [record.site]
             extra = [

@@ -9,10 +9,11 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
+from pipeline.provenance import provenance_id
 from pipeline.references import logical_system
 from pipeline.tap import tap
 from tests.casebuilder import KVNR_SYSTEM, observation_for, tumorboard_flag, with_kvnr
-from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, wait_for
+from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, patient_at_both_hospitals, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -235,3 +236,72 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
         assert stack.read("Patient", other_key) is None and stack.read("Patient", key)["gender"] == "female"
         site_a.upsert({**with_kvnr(person, kvnr), "gender": "other"})  # the hospital corrects the number
         wait_for(lambda: stack.read("Patient", key)["gender"] == "other", timeout=120, what="the corrected Patient")
+
+
+def test_accepting_moves_a_hospital_out_of_a_patient_another_hospital_still_holds(
+    worker: Worker,
+    stack: Central,
+    site_a: SiteDatabase,
+    site_b: SiteDatabase,
+    run_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    kvnr, corrected = f"M{run_id}", f"N{run_id}"
+    shared = patient_at_both_hospitals(stack, site_a, site_b, kvnr, f"{run_id}-mv")
+    key, new_key = shared.key, global_patient_key(KVNR_SYSTEM, corrected)
+    earlier = observation_for(f"{run_id}-mv", shared.at_a["id"], 1, 71.0)
+    site_a.upsert(earlier)
+    earlier_id = target_id("site-a", "Observation", earlier["id"])
+    wait_for(lambda: stack.read("Observation", earlier_id), timeout=120, what="site-a's observation at central")
+
+    # site-a finds its patient was given someone else's number: hers is another one. A reviewer accepts that.
+    site_a.upsert(with_kvnr(shared.at_a, corrected))
+    wait_for(lambda: _reviews(capsys, shared.at_a["id"]), timeout=120, what="the identity review")
+    code, out = _cdrsync(capsys, "identity", "accept", "site-a", shared.at_a["id"], "--reason", "card", "--execute")
+    assert code == 0, out
+
+    moved = wait_for(
+        lambda: (o := stack.read("Observation", earlier_id)) and o["subject"]["reference"].endswith(new_key) and o,
+        timeout=120,
+        what="site-a's observation at the Patient now named",
+    )
+    assert moved["valueQuantity"]["value"] == 71.0
+
+    def without_site_a() -> dict | None:
+        body = stack.read("Patient", key)
+        systems = {i.get("system") for i in (body or {}).get("identifier", [])}
+        return body if body and logical_system("site-a", "Patient") not in systems else None
+
+    # The person site-b holds keeps her Patient and her own records; site-a is no source of it any more.
+    remaining = wait_for(without_site_a, timeout=120, what="the previous Patient without site-a")
+    assert logical_system("site-b", "Patient") in {i.get("system") for i in remaining["identifier"]}
+    assert stack.read("Encounter", target_id("site-b", "Encounter", shared.encounter_b["id"]))["subject"] == {
+        "reference": f"Patient/{key}"
+    }
+    wait_for(
+        lambda: stack.read("Provenance", provenance_id("site-a", f"Patient/{key}")) is None,
+        timeout=60,
+        what="site-a's Provenance of the previous Patient deleted",
+    )
+
+    # A record of site-a that reached the previous Patient after the move (as one waiting in a retry topic would):
+    # `identity show` names it and `identity move` moves it too.
+    late = {
+        **moved,
+        "id": target_id("site-a", "Observation", f"{earlier['id']}-late"),
+        "subject": {"reference": f"Patient/{key}"},
+        "meta": {"tag": moved["meta"]["tag"]},
+    }
+    stack.send(late, method="PUT")
+    code, out = _cdrsync(capsys, "identity", "show", "site-a", shared.at_a["id"])
+    assert orjson.loads(out)["site_records_at_previous_patient"] == {"central": [f"Observation/{late['id']}"]}
+    code, out = _cdrsync(capsys, "identity", "move", "site-a", shared.at_a["id"])
+    assert code == 0 and "dry run" in out and f"Observation/{late['id']}" in out
+    code, out = _cdrsync(capsys, "identity", "move", "site-a", shared.at_a["id"], "--execute")
+    assert code == 0, out
+    wait_for(
+        lambda: stack.read("Observation", late["id"])["subject"]["reference"] == f"Patient/{new_key}",
+        timeout=120,
+        what="the late observation moved",
+    )
+    assert stack.read("Patient", key) is not None  # site-b's patient is untouched by the second move

@@ -233,6 +233,18 @@ def test_accepting_asks_for_the_records_sent_before_the_change_to_move_to_the_pa
         assert move.source_lsn is None  # not a position of the source row: never "newer" than a change of it
 
 
+def test_a_route_that_sends_only_flagged_patients_gets_no_move(config) -> None:
+    from pipeline.config import Route
+
+    site = config.sites["site-a"]
+    flagged = site.model_copy(update={"routes": [Route(target="central", trigger="tumorboard-flag")]})
+    s, _, _ = under_review(config)
+    record = normalized(config, with_kvnr(PATIENT, "Z000000001"), op="u", version=2)
+    decision = IdentityDecision("accept", 1, KEY, OTHER_KEY, "dr-review", "checked", 1)
+    out = apply_decision(s, record, flagged, decision)
+    assert out.closed["action"] == "accepted" and out.moves == []
+
+
 @pytest.mark.parametrize("how", ["reject", "withdrawn", "accept a lost identifier"])
 def test_only_accepting_a_new_identifier_moves_earlier_records(config, how) -> None:
     s, _, _ = under_review(config)

@@ -9,7 +9,7 @@ import pytest
 from pipeline.merge import merge_patient
 from pipeline.ordering import OrderState, order_record
 from pipeline.patientmove import move_request, moved_to, order_move, rewritten
-from pipeline.provenance import add_provenance
+from pipeline.provenance import add_provenance, provenance_id
 from pipeline.records import NormalizedResource, decode, encode
 from pipeline.sink import body_to_write, untouched_write
 from tests.casebuilder import routed_record
@@ -89,12 +89,13 @@ def request(site: str = "site-a", local: str = "a-1"):
         resource="{}",
         source_lsn=99,
     )
-    return move_request(patient, "central", OLD, NEW)
+    return move_request(patient, "central", OLD, NEW, 1_700_000_000_000)
 
 
 def test_a_move_request_survives_its_topic_and_names_where_it_goes() -> None:
     move = decode(encode(request()), type(request()))
     assert move.op == "MOVE" and move.target_ref == f"Patient/{OLD}" and moved_to(move) == NEW
+    assert move.source_commit_ms == 1_700_000_000_000  # the decision's time, not the reviewed version's
 
 
 def released_observation(state: OrderState, name: str) -> None:
@@ -127,10 +128,28 @@ def test_a_previous_patient_other_hospitals_hold_loses_only_the_leaving_sites_id
     for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
         merge_patient(patients, site_patient(site, mrn))
     out = order_move(state, patients, request(), 1)
-    assert [(r.op, r.target_ref) for r in out] == [("MOVE", f"Patient/{OLD}"), ("UPDATE", f"Patient/{OLD}")]
+    site_a_provenance = f"Provenance/{provenance_id('site-a', f'Patient/{OLD}')}"
+    assert [(r.op, r.target_ref) for r in out] == [
+        ("MOVE", f"Patient/{OLD}"),
+        ("UPDATE", f"Patient/{OLD}"),
+        ("DELETE", site_a_provenance),  # site-a is no source of that person any more
+    ]
     body = orjson.loads(out[1].resource)
     assert body["identifier"] == [{"system": "urn:mrn:site-b", "value": "b-1"}]
     assert body["name"] == [{"family": "from site-b"}] and patients[OLD]["sites"] == ["site-b"]
+    # Provenance wiring leaves that delete as it is (no Provenance of a Provenance to delete with it).
+    assert add_provenance(out[2:], {}, patients, ["site-a", "site-b"]) == out[2:]
+
+
+def test_a_move_sent_again_after_the_site_left_changes_nothing_but_moves_what_reached_the_patient_since() -> None:
+    state, patients = OrderState({}, {}, {}, {}), {}
+    for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
+        merge_patient(patients, site_patient(site, mrn))
+    order_move(state, patients, request(), 1)
+    before = {k: dict(v) for k, v in patients.items()}
+    again = order_move(state, patients, request(), 2)
+    assert [(r.op, r.target_ref) for r in again] == [("MOVE", f"Patient/{OLD}")]
+    assert patients == before
 
 
 def test_a_move_gets_no_provenance_of_its_own() -> None:
