@@ -1,0 +1,75 @@
+"""An accepted identity review moves a patient's earlier records to the Patient now named: through lost answers of
+the target and SIGKILLs of the worker mid-move, every record ends at the right Patient, once, and nothing is
+dead-lettered or reported as a conflict."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipeline.identity import global_patient_key
+from pipeline.ids import target_id
+from tests.casebuilder import KVNR_SYSTEM, observation_for, with_kvnr
+from tests.faults.conftest import Central, SiteDatabase, _conflict_refs, cdrsync, wait_for, worker_behind
+from tests.faults.proxy import Fault, FaultProxy
+
+pytestmark = pytest.mark.faults
+RECORDS = 40
+
+
+def test_a_move_through_lost_answers_and_worker_kills_moves_every_record_once(
+    proxy: FaultProxy, stack: Central, site_a: SiteDatabase, run_id: str, tmp_path: Path
+) -> None:
+    kvnr, corrected = f"F{run_id}", f"G{run_id}"
+    key, new_key = global_patient_key(KVNR_SYSTEM, kvnr), global_patient_key(KVNR_SYSTEM, corrected)
+    person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-fm", "gender": "female"}, kvnr)
+    observations = [observation_for(f"{run_id}-fm", person["id"], n, 50.0 + n) for n in range(RECORDS)]
+    ids = [target_id("site-a", "Observation", o["id"]) for o in observations]
+
+    def reviews() -> list[dict]:
+        listed = cdrsync("identity", "list", "--site", "site-a", "--include-closed", "--json")
+        return [r for r in map(orjson.loads, listed.splitlines()) if r["local_patient_id"] == person["id"]]
+
+    with worker_behind(proxy, tmp_path) as worker:
+        site_a.upsert_many([person, *observations])
+        wait_for(lambda: all(stack.read("Observation", i) for i in ids), timeout=300, what="her records at central")
+        site_a.upsert(with_kvnr(person, corrected))  # the hospital corrects her insurance number
+        wait_for(reviews, timeout=120, what="the identity review")
+        # The target applies some of the move's writes but their answers are lost; the worker dies twice mid-move.
+        proxy.set(Fault("ambiguous", remaining=6, path_contains="Observation"))
+        cdrsync("identity", "accept", "site-a", person["id"], "--reason", "fault test", "--execute")
+        for _ in range(2):
+            time.sleep(2.0)
+            worker.kill()
+            worker.start()
+
+        def at_new_patient() -> bool:
+            return all(
+                (stack.read("Observation", i) or {}).get("subject", {}).get("reference") == f"Patient/{new_key}"
+                for i in ids
+            )
+
+        wait_for(at_new_patient, timeout=400, what=f"all {RECORDS} records at the Patient now named", interval=3)
+        wait_for(lambda: stack.read("Patient", key) is None, timeout=120, what="the previous Patient deleted")
+    assert stack.read("Patient", new_key) is not None
+    moved_twice = []
+    for observation, resource_id in zip(observations, ids, strict=True):
+        versions = [v for v in stack.history("Observation", resource_id) if v is not None]
+        subjects = [v["subject"]["reference"] for v in versions]
+        assert set(subjects) == {f"Patient/{key}", f"Patient/{new_key}"}, subjects
+        assert subjects == sorted(subjects, key=lambda s: s.endswith(new_key)), f"moved back: {subjects}"
+        assert versions[-1]["valueQuantity"] == observation["valueQuantity"]  # only the reference changed
+        moved_twice += [resource_id] if subjects.count(f"Patient/{new_key}") > 1 else []
+    refs = {f"Observation/{i}" for i in ids}
+    assert not refs & _conflict_refs(), "a moved record reported as a conflict"
+    letters = [orjson.loads(line) for line in cdrsync("dlq", "list", "--json", "--since", "30m").splitlines() if line]
+    assert not [d for d in letters if d.get("target_ref") in refs | {f"Patient/{key}"}], "dead-lettered"
+    lost_answers = proxy.counts["applied_then_dropped"]
+    assert lost_answers >= 1, "no write of the move was faulted"
+    print(
+        f"\nRECONCILIATION identity move: {RECORDS} records moved, {lost_answers} answers lost, 2 SIGKILLs, "
+        f"{len(moved_twice)} written twice at the new Patient"
+    )
