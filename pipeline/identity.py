@@ -62,6 +62,7 @@ __all__ = [
     "REVIEW_NUMBER_HEADER",
     "IdentityDecision",
     "IdentityDecisionError",
+    "IdentityMergeError",
     "IdentityOutcome",
     "IdentityState",
     "Review",
@@ -69,6 +70,7 @@ __all__ = [
     "carries_decision",
     "global_patient_key",
     "local_patient",
+    "merged_into",
     "moving_targets",
     "parse_decision",
     "refusal_key",
@@ -93,6 +95,29 @@ NO_KEY = "-"  # the proposed key of a Patient that lost its shared identifier, a
 PREVIOUS_KEY_HEADER = "cdrsync-previous-patient-key"  # on a review record: the key its patient had
 PROPOSED_KEY_HEADER = "cdrsync-proposed-patient-key"  # on a review record: the key its Patient now names
 REVIEW_NUMBER_HEADER = "cdrsync-review-number"  # on a review record: which review of its local patient it is
+
+
+class IdentityMergeError(PermanentError):
+    """A merge (a Patient replaced by another record of its hospital) that names no shared identifier: where the
+    merged record's patient is now cannot be told."""
+
+    error_class = "identity_merge"
+
+
+def merged_into(patient: dict[str, Any]) -> str | None:
+    """The local id of the record a Patient was merged into (`link` of type replaced-by), None if it was not."""
+    for link in patient.get("link") or []:
+        if isinstance(link, dict) and link.get("type") == "replaced-by":
+            reference = str((link.get("other") or {}).get("reference") or "")
+            if reference.startswith("Patient/"):
+                return reference.removeprefix("Patient/")
+    return None
+
+
+def _current(patient: dict[str, Any]) -> dict[str, Any]:
+    """A merged Patient with only its current identifiers (the surviving record's): its own earlier ones (`old`)
+    do not say where its records belong now."""
+    return {**patient, "identifier": [i for i in patient.get("identifier") or [] if i.get("use") != "old"]}
 
 
 class IdentityDecisionError(PermanentError):
@@ -241,7 +266,14 @@ def _resolve_local(
     if record.resource_type == "Patient" and not record.is_delete:
         assert site.identity is not None and record.resource is not None
         shared = site.identity
-        key = shared.patient_key(orjson.loads(record.resource))
+        body = orjson.loads(record.resource)
+        survivor = merged_into(body)
+        key = shared.patient_key(_current(body) if survivor else body)
+        if survivor is not None and key is None:
+            raise IdentityMergeError(
+                f"{local} was merged into {site.site}|{survivor} at the hospital, and the merge names no "
+                f"{shared.shared_identifier_system} of the surviving record: where its records belong is not known"
+            )
         if review is not None and key == known:  # the hospital took the change back before anyone decided
             _close_review(state, local, _with(entry, key=known), "withdrawn", site, out, last=record)
             return
@@ -270,9 +302,17 @@ def _resolve_local(
     if known is None or waiting:  # unknown patient, or its earlier records still wait: keep their order
         _hold(state, local, record, "patient has no shared identifier yet", out)
         return
-    out.routed += route_resource(record, site, _keys_of(state, site.site))
+    if record.resource_type == "Patient" and not record.is_delete and _survivor(record) is not None:
+        # A merged record: its patient is the surviving record's, whose own Patient the central one keeps.
+        out.not_applied.append((record, f"{local} was merged into {site.site}|{_survivor(record)} at the hospital"))
+    else:
+        out.routed += route_resource(record, site, _keys_of(state, site.site))
     if record.resource_type == "Patient":
         _release_held(state, local, site, out)
+
+
+def _survivor(record: NormalizedResource) -> str | None:
+    return merged_into(orjson.loads(record.resource)) if record.resource else None
 
 
 def _with(entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -291,7 +331,9 @@ def _open_review(
 ) -> None:
     number = int(entry.get("reviews", 0)) + 1  # names the review: `cdrsync identity list` matches closings to it
     state.keys[local] = {"key": entry["key"], "reviews": number, "review": {"proposed": key, "number": number}}
-    reason = f"shared identifier of {local} changed: patient key {entry['key']} -> {key}"
+    survivor = _survivor(record)
+    what = f"{local} was merged into {record.site}|{survivor}" if survivor else f"shared identifier of {local} changed"
+    reason = f"{what}: patient key {entry['key']} -> {key}"
     out.review.append(Review(record, reason, entry["key"], key, number))
 
 
@@ -323,8 +365,9 @@ def apply_decision(
     if decision.action == "accept":
         _close_review(state, local, _with(entry, key=review["proposed"]), "accepted", site, out, decision=decision)
         if review["proposed"] is not None:  # what the hospital sent before the change goes to that person too
+            holder = _survivor(record) or record.source_id  # the local patient the Patient now named holds
             out.moves = [
-                move_request(record, target, entry["key"], review["proposed"], decision.at_ms)
+                move_request(record, target, entry["key"], review["proposed"], decision.at_ms, holder)
                 for target in moving_targets(site)
             ]
     else:

@@ -70,7 +70,7 @@ class MoveOutcome(WriteOutcome):
 
 
 def move_request(
-    patient: NormalizedResource, target: str, previous_key: str, new_key: str, decided_ms: int
+    patient: NormalizedResource, target: str, previous_key: str, new_key: str, decided_ms: int, holder: str = ""
 ) -> RoutedResource:
     """The MOVE record for one target, from the Patient version whose review was accepted: the site's resources
     at Patient/previous_key go to Patient/new_key. Keyed (patient_key) by the previous Patient, in whose
@@ -84,7 +84,7 @@ def move_request(
         target_id=previous_key,
         patient_key=previous_key,
         op=MOVE,
-        resource=orjson.dumps({"to": new_key}).decode(),
+        resource=orjson.dumps({"to": new_key, "holder": holder or patient.source_id}).decode(),
         content_hash=None,
         source_version=None,
         source_lsn=None,
@@ -187,13 +187,14 @@ async def _check_destination(client: FhirClient, record: RoutedResource, new_key
     if patient is None:
         where = f"{record.site}'s records at Patient/{record.target_id}"
         raise RetryableError(f"Patient/{new_key} is not written yet: {where} move after it")
-    local = {"system": logical_system(record.site, "Patient"), "value": record.source_id}
+    holder = str(orjson.loads(record.resource or "{}").get("holder") or record.source_id)
+    local = {"system": logical_system(record.site, "Patient"), "value": holder}
     if not any(
         isinstance(i, dict) and (i.get("system"), i.get("value")) == (local["system"], local["value"])
         for i in patient.get("identifier") or []
     ):
         raise RetryableError(
-            f"Patient/{new_key} does not hold {record.site}'s patient {record.source_id} (not written yet, or a later "
+            f"Patient/{new_key} does not hold {record.site}'s patient {holder} (not written yet, or a later "
             f"identity review took it elsewhere): {record.site}'s records at Patient/{record.target_id} are not moved"
         )
 

@@ -18,6 +18,7 @@ from pipeline.config import Config, SiteConfig
 from pipeline.demo import site_dsn
 from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
 from pipeline.ids import target_id
+from pipeline.references import logical_system
 from tests.casebuilder import KVNR_SYSTEM
 from tests.golden.openehr_cases import COMPOSITIONS
 from tests.integration.conftest import SETTINGS, Central, Worker, audit_rows, wait_for
@@ -227,3 +228,75 @@ def test_hl7_messages_arrive_with_the_tumour_board_flag(
         "system": "http://unitsofmeasure.org",
         "code": "g/dL",
     }
+
+
+def test_an_hl7_merge_across_two_insurance_numbers_moves_the_merged_record_s_results_once_a_reviewer_accepts(
+    worker: Worker, stack: Central, config: Config, connect, run_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = config.sites["site-c"]
+    kvnr_kept, kvnr_merged = _kvnr(f"{run_id}-kept"), _kvnr(f"{run_id}-merged")
+    kept_pid = f"PID|1||{run_id}K^^^SITEC^MR~{kvnr_kept}^^^KVK^NI||Muster^Erika||19640812|F"
+    merged_pid = f"PID|1||{run_id}M^^^SITEC^MR~{kvnr_merged}^^^KVK^NI||Muster^Erika||19640812|F"
+    header = "MSH|^~\\&|HIS|SITEC|CDRSYNC|CENTRAL|20240301101500+0100||{type}|{id}|P|2.5"
+    registered = [
+        _message(header.format(type="ADT^A04", id=f"R1-{run_id}"), kept_pid),
+        _message(header.format(type="ADT^A04", id=f"R2-{run_id}"), merged_pid),
+        _message(
+            header.format(type="ORU^R01", id=f"O-{run_id}"),
+            merged_pid,
+            f"OBR|1||{run_id}-M1^LAB|24317-0^Hemogram^LN|||20240301110000||||||||||||||||F",
+            "OBX|1|NM|718-7^Hemoglobin^LN||11.9|g/dL^g/dL^UCUM|12-16|L|||F|||20240301110000",
+        ),
+    ]
+    # The hospital finds the second registration was the same woman: it merges it into the first (ADT^A40).
+    merge = _message(header.format(type="ADT^A40", id=f"M-{run_id}"), kept_pid, f"MRG|{run_id}M^^^SITEC^MR")
+    context = Hl7Context(site.site, site.zone, site.identifier_systems)
+    result = message_to_resources(registered[2], context).resources
+    observation = next(r for r in result if r["resourceType"] == "Observation")
+    _, merged = message_to_resources(merge, context).resources
+    observation_id = target_id("site-c", "Observation", observation["id"])
+    kept_key, merged_key = global_patient_key(KVNR_SYSTEM, kvnr_kept), global_patient_key(KVNR_SYSTEM, kvnr_merged)
+
+    conn = connect("site-c")
+
+    def insert(raw: str) -> None:
+        conn.execute(
+            "INSERT INTO hl7v2.message (control_id, message_type, message) VALUES (%s, %s, %s)",
+            (raw.split("|")[9], raw.split("|")[8], raw),
+        )
+
+    for raw in registered:
+        insert(raw)
+
+    def subject() -> str | None:
+        return (stack.read("Observation", observation_id) or {}).get("subject", {}).get("reference")
+
+    wait_for(
+        lambda: subject() == f"Patient/{merged_key}",
+        timeout=SYNC_TIMEOUT,
+        what="the second registration's result at its own central Patient",
+    )
+    assert stack.read("Patient", kept_key) is not None
+    insert(merge)
+
+    def review() -> list[dict[str, Any]]:
+        capsys.readouterr()
+        assert cdrsync(["identity", "list", "--site", "site-c", "--json"]) == 0
+        found = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return [r for r in found if r["local_patient_id"] == merged["id"]]
+
+    [listed] = wait_for(review, timeout=SYNC_TIMEOUT, what="the merge under identity review")
+    assert (listed["previous_patient"], listed["proposed_patient"]) == (f"Patient/{merged_key}", f"Patient/{kept_key}")
+    # Not applied by itself: the result stays where it was until a person decides.
+    assert subject() == f"Patient/{merged_key}"
+    capsys.readouterr()
+    assert cdrsync(["identity", "accept", "site-c", merged["id"], "--reason", "same woman", "--execute"]) == 0
+    wait_for(
+        lambda: subject() == f"Patient/{kept_key}",
+        timeout=SYNC_TIMEOUT,
+        what="the merged registration's result at the surviving patient",
+    )
+    wait_for(lambda: stack.read("Patient", merged_key) is None, timeout=120, what="the merged record's Patient gone")
+    kept = stack.read("Patient", kept_key)
+    systems = {(i.get("system"), i.get("value")) for i in kept["identifier"]}
+    assert (logical_system("site-c", "Patient"), merged["id"]) not in systems  # only the surviving record's id

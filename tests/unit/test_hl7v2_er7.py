@@ -7,6 +7,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from pipeline.adapters.hl7v2 import Hl7Context, message_to_resources, parse_er7
+from pipeline.adapters.hl7v2.datatypes import hl7_source_id
 from pipeline.adapters.hl7v2.er7 import hl7_datetime
 from pipeline.errors import MappingError
 from pipeline.resources import validate_resource
@@ -111,9 +112,32 @@ def test_a_flag_segment_with_another_code_is_reported() -> None:
     assert "Flag" not in [r["resourceType"] for r in mapped.resources]
 
 
-def test_a_merge_is_rejected_for_identity_review() -> None:
-    with pytest.raises(MappingError, match="identity review"):
-        message_to_resources(_message(PID, "MRG|0815^^^SITEC^MR", type_="ADT^A40"), CTX)
+def test_a_merge_is_the_surviving_patient_and_the_merged_record_replaced_by_it() -> None:
+    survivor, merged = message_to_resources(_message(PID, "MRG|0815^^^SITEC^MR", type_="ADT^A40"), CTX).resources
+    assert survivor == message_to_resources(_message(PID), CTX).resources[0]  # PID as in any ADT
+    assert merged["id"] == hl7_source_id("Patient", "SITEC", "0815")  # the id its own messages gave it
+    assert merged["id"] != survivor["id"] and merged["active"] is False
+    assert merged["link"] == [{"other": {"reference": f"Patient/{survivor['id']}"}, "type": "replaced-by"}]
+    # Where its records belong now (the surviving record's numbers, the shared one among them), and its own.
+    assert {"system": "http://fhir.de/sid/gkv/kvid-10", "value": "A123456789"} in [
+        {k: i[k] for k in ("system", "value")} for i in merged["identifier"] if i.get("use") != "old"
+    ]
+    assert [i["value"] for i in merged["identifier"] if i.get("use") == "old"] == ["0815"]
+    validate_resource(merged)
+
+
+@pytest.mark.parametrize(
+    ("segments", "reason"),
+    [
+        ((PID,), "a PID with 0 MRG segments"),
+        ((PID, "MRG|0815^^^SITEC^MR", "MRG|0816^^^SITEC^MR"), "a PID with 2 MRG segments"),
+        ((PID, "MRG|4711^^^SITEC^MR"), "merges a patient into itself"),
+        ((PID, "MRG|"), "MRG-1 .* is empty"),
+    ],
+)
+def test_a_merge_that_does_not_name_one_other_record_is_rejected(segments, reason) -> None:
+    with pytest.raises(MappingError, match=reason):
+        message_to_resources(_message(*segments, type_="ADT^A40"), CTX)
 
 
 def test_an_unknown_segment_is_reported_not_ignored() -> None:

@@ -428,3 +428,63 @@ def test_held_records_are_released_once_in_order(config, patient_versions, obser
     arrival = [f"obs-{n}" for kind, n, _ in events if kind == "Observation"]
     assert observed == arrival
     assert s.held == {}
+
+
+def merged_record(kvnr: str | None, survivor: str = "survivor-1", own: str | None = "A123456789") -> dict:
+    """PATIENT's record as a hospital merge leaves it: replaced by the survivor, under the survivor's number (and
+    its own earlier one, `old`)."""
+    current = [{"system": KVNR, "value": kvnr}] if kvnr else []
+    return {
+        "resourceType": "Patient",
+        "id": PATIENT["id"],
+        "active": False,
+        "identifier": current + ([{"system": KVNR, "value": own, "use": "old"}] if own else []),
+        "link": [{"other": {"reference": f"Patient/{survivor}"}, "type": "replaced-by"}],
+    }
+
+
+def test_a_merged_record_under_the_same_number_is_not_applied_and_nothing_moves(config) -> None:
+    s = state()
+    routed(config, s, PATIENT)
+    out = resolve(config, s, merged_record("A123456789"))
+    assert out.routed == [] and out.review == [] and out.moves == []
+    assert [why for _, why in out.not_applied] == [f"{LOCAL} was merged into site-a|survivor-1 at the hospital"]
+    assert s.keys[LOCAL] == {"key": KEY}
+    [later] = routed(config, s, {**ENCOUNTER, "id": "enc-after-merge"})
+    assert later.patient_key == KEY
+
+
+def test_a_merge_into_another_person_s_number_is_an_identity_review_and_accepting_moves_to_the_survivor(
+    config,
+) -> None:
+    s = state()
+    routed(config, s, PATIENT)
+    out = resolve(config, s, merged_record("Z000000001"))  # its own number A123456789 is `old`: not where it goes
+    [review] = out.review
+    assert review.reason == f"{LOCAL} was merged into site-a|survivor-1: patient key {KEY} -> {OTHER_KEY}"
+    resolve(config, s, ENCOUNTER, op="c", version=3)  # held while under review
+    decided = decide(config, s, "accept", patient=merged_record("Z000000001"))
+    # The merged record's Patient is not written anywhere (the survivor's is the central one); its records go on.
+    assert [(r.resource_type, r.patient_key) for r in decided.routed] == [("Encounter", OTHER_KEY)]
+    assert s.keys[LOCAL]["key"] == OTHER_KEY
+    [move] = decided.moves
+    assert orjson.loads(move.resource) == {"to": OTHER_KEY, "holder": "survivor-1"}  # the Patient now names it
+
+
+def test_a_merge_that_names_no_shared_identifier_is_an_error_naming_both_records(config) -> None:
+    from pipeline.identity import IdentityMergeError
+
+    s = state()
+    routed(config, s, PATIENT)
+    with pytest.raises(IdentityMergeError, match=f"{LOCAL} was merged into site-a|survivor-1 .* names no {KVNR}"):
+        resolve(config, s, merged_record(None))
+    assert s.keys[LOCAL] == {"key": KEY}
+
+
+def test_a_merged_record_never_sent_for_want_of_a_number_releases_what_waited_to_the_survivor(config) -> None:
+    s = state()
+    resolve(config, s, with_kvnr(PATIENT, None), op="c", version=1)  # held: no insurance number yet
+    resolve(config, s, ENCOUNTER, op="c", version=2)
+    out = resolve(config, s, merged_record("Z000000001", own=None), version=3)
+    assert [(r.resource_type, r.patient_key) for r in out.routed] == [("Encounter", OTHER_KEY)]
+    assert out.review == [] and s.keys[LOCAL] == {"key": OTHER_KEY} and LOCAL not in s.held

@@ -4,8 +4,12 @@ ADT (A01 A02 A03 A04 A05 A06 A07 A08 A11 A12 A13 A28 A31): Patient, Encounter, C
 clinical segments an ADT may carry (AL1, DG1, PR1, OBX), plus cdrsync's tumour-board ZTB → Flag.
 ORU^R01: DiagnosticReport per OBR with its OBX as Observations. ORM^O01 / OML^O21: ServiceRequest per
 ORC. RDE^O11: MedicationRequest per ORC/RXE. MDM (T01-T11): DocumentReference from TXA and its OBX.
-A40 (merge) is never applied here: merging two patients is a clinical identity decision (DESIGN.md
-decision 4), so it is rejected with that reason and lands in the dead-letter topic for review.
+ADT^A40 (merge): each PID (the surviving patient) with its MRG (the record merged into it) becomes the
+surviving Patient, as an update, and the merged record as a Patient that is no longer active and links to
+it (`link.type` replaced-by) under the surviving patient's identifiers. Whether that moves anything between
+central Patients is not decided here but by the identity stage (pipeline/identity.py): moving records from
+one person to another is a clinical decision, so a merge across two shared identifiers goes to identity
+review.
 A segment that cannot be mapped is returned as a problem (segment, position, reason), never dropped.
 """
 
@@ -17,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from ...errors import MappingError
-from .datatypes import Hl7Context
+from .datatypes import Hl7Context, hl7_source_id
 from .er7 import Message, Segment, parse_er7
 from .orders import (
     obr_to_diagnostic_report,
@@ -32,6 +36,8 @@ from .segments import (
     al1_to_allergy,
     dg1_to_condition,
     in1_to_coverage,
+    merged_identifiers,
+    merged_key,
     pid_to_patient,
     pr1_to_procedure,
     pv1_to_encounter,
@@ -218,15 +224,42 @@ _ROOTS: dict[tuple[str, str | None], Callable[[_Frame], None]] = {
 }
 
 
+def _merges(message: Message, ctx: Hl7Context) -> list[dict[str, Any]]:
+    """ADT^A40: per PID and its MRG, the surviving Patient and the merged one (replaced-by the surviving)."""
+    resources = []
+    for pid, members in message.groups("PID", ("PD1", "MRG", "PV1")):
+        merged = [segment for segment in members if segment.name == "MRG"]
+        if len(merged) != 1:
+            raise MappingError(
+                f"ADT^A40 {message.control_id}: a PID with {len(merged)} MRG segments; each merge names one record"
+            )
+        survivor = pid_to_patient(pid, ctx)
+        merged_id = hl7_source_id("Patient", *merged_key(merged[0]))
+        if merged_id == survivor["id"]:
+            raise MappingError(f"ADT^A40 {message.control_id} merges a patient into itself (MRG-1 is PID-3)")
+        replaced = {
+            "resourceType": "Patient",
+            "id": merged_id,
+            "active": False,
+            # where its records belong now (the surviving patient's identifiers, the shared one among them), and
+            # its own earlier ones
+            "identifier": [*survivor.get("identifier", []), *merged_identifiers(merged[0], ctx)],
+            "link": [{"other": {"reference": f"Patient/{survivor['id']}"}, "type": "replaced-by"}],
+        }
+        resources += [survivor, replaced]
+    if not resources:
+        raise MappingError(f"ADT^A40 {message.control_id} has no PID: the message names no patient")
+    return resources
+
+
 def message_to_resources(raw: str, ctx: Hl7Context) -> Hl7Mapped:
     """Map one ER7 message; MappingError for a message type not carried or a message without a patient."""
     message = parse_er7(raw)
     code, event = message.message_type
     out = Hl7Mapped(message_type=f"{code}^{event}")
     if (code, event) == ("ADT", "A40"):
-        raise MappingError(
-            f"ADT^A40 {message.control_id} merges patients: identity review decides merges, the pipeline does not"
-        )
+        out.resources = _merges(message, ctx)
+        return out
     root = _ROOTS.get((code, event)) or (_ROOTS.get((code, None)) if code == "MDM" else None)
     if root is None:
         raise MappingError(f"message type {code}^{event} ({message.control_id}) is not carried by the hl7v2 adapter")

@@ -55,6 +55,21 @@ def patient_key(pid: Segment) -> tuple[str, str]:
     return chosen.c(4, 1) or chosen.c(4, 2) or "", value
 
 
+def merged_key(mrg: Segment) -> tuple[str, str]:
+    """(assigning authority, value) of the record an ADT^A40 merges away: MRG-1 (prior patient identifier
+    list), chosen as PID-3 is (patient_key), so it names the local patient its earlier messages named."""
+    reps = mrg.reps(1)
+    chosen = next((r for r in reps if r.c(5) == "MR"), reps[0] if reps else None)
+    if chosen is None or not chosen.c(1):
+        raise MappingError("MRG-1 (prior patient identifier list) is empty: the merge names no record to merge")
+    return chosen.c(4, 1) or chosen.c(4, 2) or "", str(chosen.c(1))
+
+
+def merged_identifiers(mrg: Segment, ctx: Hl7Context) -> list[dict[str, Any]]:
+    """The merged record's own identifiers (MRG-1), as `old` ones."""
+    return [{**identifier, "use": "old"} for identifier in _identifiers(mrg.reps(1), ctx)]
+
+
 def pid_to_patient(pid: Segment, ctx: Hl7Context) -> dict[str, Any]:
     """PID → Patient: identifiers (PID-3 repeats), names (5), birth date (7), gender (8), address (11),
     phones (13, 14), death (29, 30)."""
