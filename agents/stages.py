@@ -61,7 +61,7 @@ from pipeline.ordering import (
     staged,
     staged_tables,
 )
-from pipeline.patientmove import MOVE, MoveOutcome, move_site_records, moved_to, order_move
+from pipeline.patientmove import MOVE, MoveOutcome, move_site_records, moved_to, order_move, redirect
 from pipeline.provenance import runs_alongside
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
@@ -306,26 +306,35 @@ async def _order_one(event: EventT) -> None:
             detail = f"stale re-send, source LSN {incoming.source_lsn}"
             await emit_audit("duplicate_skipped", incoming, detail=detail)
             return
-        if incoming.op == MOVE:  # not a change of a resource: what an accepted identity review moves
-            releasable = order_move(changes, patients, incoming, now_ms(), event.message.partition)
-            for item in with_provenance(releasable):
-                await deliver(ready, item.patient_key.encode(), encode(item))
-            await apply_tables(*staged_tables(changes), patients)
-            return
-        selection = select_for_route(triggers, incoming)
-        releasable = []
-        for chosen in selection.send:
-            record = merge_patient(patients, chosen)
-            released = order_record(changes, record, now_ms(), event.message.partition)
-            if not released:
-                PARKED.labels(record.site, record.resource_type).inc()
-            releasable += released
+        selection = None
+        redirected: list[RoutedResource] = []  # the site's records moved to another Patient (pipeline/patientmove.py)
+        if incoming.op == MOVE:  # not a change of a resource: an accepted identity review's move
+            releasable, redirected = order_move(changes, patients, incoming, now_ms(), event.message.partition)
+        elif (elsewhere := redirect(patients, incoming)) is not None:  # on its way here when its site's records moved
+            releasable, redirected = [], [elsewhere]
+        else:
+            selection = select_for_route(triggers, incoming)
+            releasable = []
+            for chosen in selection.send:
+                record = merge_patient(patients, chosen)
+                released = order_record(changes, record, now_ms(), event.message.partition)
+                if not released:
+                    PARKED.labels(record.site, record.resource_type).inc()
+                for item in released:  # one parked here before its site's records moved goes after them
+                    elsewhere = redirect(patients, item)
+                    releasable += [item] if elsewhere is None else []
+                    redirected += [elsewhere] if elsewhere is not None else []
     except Exception as error:
         await dead_letter("order", event, error)
         return
     for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
         await deliver(ready, item.patient_key.encode(), encode(item))
-    await report_selection(incoming, selection)
+    for item in redirected:
+        await deliver(identified, item.patient_key.encode(), encode(item))
+        detail = f"redirected to Patient/{item.patient_key}: its site's records there moved after an identity review"
+        await emit_audit("identity_move", item, detail=detail)
+    if selection is not None:
+        await report_selection(incoming, selection)
     # Only now: the tables never claim a release Kafka has not acknowledged.
     await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
 
@@ -450,6 +459,8 @@ async def _moved(move: RoutedResource, outcome: MoveOutcome) -> None:
     """Audit a move done: how many resources moved, which of them had been edited at the target (their edit
     kept, and still told from cdrsync's writes, see pipeline/patientmove.py)."""
     detail = f"moved {len(outcome.moved)} resource(s) to Patient/{moved_to(move)}"
+    if outcome.overtaken:
+        detail = f"nothing moved: Patient/{moved_to(move)} held the patient once and does not now (a later review)"
     if outcome.edited:
         detail += f"; edited at the target before, edit kept: {', '.join(outcome.edited)}"
     log.warning("%s of %s at Patient/%s: %s", move.target, move.site, move.target_id, detail)

@@ -99,7 +99,17 @@ def _decide(action: str) -> Handler:
             raise CdrsyncError(f"the identity review of {review.local_patient} is {review.status} already")
         print(f"{review.local_patient}: {action}: {_effect(review, action)}")
         if action == "accept" and review.proposed_key is not None:
+            from .identity import moving_targets
+
+            moving = moving_targets(config.sites[review.site])
             for target, refs in _left_behind(config, review).items():
+                if target not in moving:
+                    print(
+                        f"  at {target}, Patient/{review.previous_key} holds {len(refs)} earlier resources of "
+                        f"{review.site}: they stay there (a tumour-board route sends nothing under the new Patient "
+                        "before the patient is flagged again)"
+                    )
+                    continue
                 print(
                     f"  at {target}, Patient/{review.previous_key} holds {len(refs)} earlier resources of "
                     f"{review.site}: they move to Patient/{review.proposed_key} (`cdrsync identity show` lists "
@@ -128,6 +138,7 @@ def _decide(action: str) -> Handler:
 
 
 def _move(args: argparse.Namespace, settings: Settings, config: Config) -> int:
+    from .identity import moving_targets
     from .identityreview import request_move
 
     review = _one(args, settings, config)
@@ -138,7 +149,8 @@ def _move(args: argparse.Namespace, settings: Settings, config: Config) -> int:
             "identifier moves a patient's records (nothing to move)"
         )
     previous, new = f"Patient/{closed['previous_key']}", f"Patient/{closed['key']}"
-    left = _left_behind(config, review)
+    moving = moving_targets(config.sites[review.site])
+    left = {target: refs for target, refs in _left_behind(config, review).items() if target in moving}
     for target, refs in left.items():
         print(f"at {target}, {previous} holds {len(refs)} resources of {review.site}" + (":" if refs else ""))
         for ref in refs:
@@ -150,6 +162,9 @@ def _move(args: argparse.Namespace, settings: Settings, config: Config) -> int:
         print(f"dry run: add --execute to have the worker move them to {new}")
         return 0
     targets = request_move(settings.kafka_bootstrap, config, review)
+    if not targets:
+        print(f"nothing sent: {review.site} has no route that moves records (its tumour-board routes do not)")
+        return 1
     print(
         f"move to {new} sent to the worker ({', '.join(targets)}); `cdrsync identity show` lists what is still at "
         f"{previous}, the audit trail (step identity_move) what was moved"

@@ -4,7 +4,8 @@ The site that sent the patient first owns the demographics: the central Patient 
 The other sites' identifiers (their local ids, MRNs) are added to it, and each contributing site
 tags it, so nothing a later hospital sends overwrites name, birth date, gender or address.
 State, partitioned by global patient key like the order stage:
-  patient_sources_by_patient_key   key → {"sites": [in first-arrival order], "versions": {site: JSON}}
+  patient_sources_by_patient_key   key → {"sites": [in first-arrival order], "versions": {site: JSON},
+                                          "moved": {site: key} (pipeline/patientmove.py; when any)}
 """
 
 from __future__ import annotations
@@ -54,18 +55,24 @@ def merge_patient(patients: MutableMapping[str, dict[str, Any]], record: RoutedR
         return record
     entry = patients.get(record.target_id) or {"sites": [], "versions": {}}
     sites, versions = list(entry["sites"]), dict(entry["versions"])
+    # Sites whose records moved to another Patient after an identity review (pipeline/patientmove.py): until the
+    # site sends a Patient here again, its records still on their way here follow them.
+    moved = {site: key for site, key in (entry.get("moved") or {}).items() if site != record.site or record.is_delete}
     if record.is_delete:
         versions.pop(record.site, None)
         sites = [site for site in sites if site != record.site]
         if not sites:  # no hospital holds this person any more
-            patients.pop(record.target_id, None)
+            if moved:
+                patients[record.target_id] = {"sites": [], "versions": {}, "moved": moved}
+            else:
+                patients.pop(record.target_id, None)
             return record
     else:
         assert record.resource is not None
         versions[record.site] = record.resource
         if record.site not in sites:
             sites.append(record.site)
-    patients[record.target_id] = {"sites": sites, "versions": versions}
+    patients[record.target_id] = {"sites": sites, "versions": versions, **({"moved": moved} if moved else {})}
     body = merged_patient(sites, versions)
     op = "UPDATE" if record.is_delete else record.op  # a site leaving updates the central Patient
     return replace(record, op=op, resource=orjson.dumps(body).decode(), content_hash=canonical_hash(body))

@@ -54,6 +54,7 @@ __all__ = [
     "is_stale",
     "order_record",
     "staged",
+    "take_parked",
 ]
 
 # Identifier system of a reference written before its target: the value is the target reference.
@@ -300,6 +301,20 @@ def _unpark(state: OrderState, ref: str) -> list[RoutedResource]:
         if state.waiting.get(entry["ref"]) == ref:
             del state.waiting[entry["ref"]]
     return [decode(base64.b64decode(entry["record"]), RoutedResource) for entry in entries]
+
+
+def take_parked(state: OrderState, ref: str) -> list[RoutedResource]:
+    """Take out every record waiting for ref to be written (not its completions), in order: for a resource that
+    will never be written here (a Patient whose records moved to another, pipeline/patientmove.py)."""
+    entries = state.parked.get(ref, [])
+    keep = [entry for entry in entries if entry["completion"]]
+    state.parked[ref] = [entry for entry in entries if not entry["completion"]]
+    taken = _unpark(state, ref)
+    if keep:
+        state.parked[ref] = keep
+        for entry in keep:
+            state.waiting[entry["ref"]] = ref
+    return taken
 
 
 def is_stale(state: OrderState, record: RoutedResource) -> bool:

@@ -29,30 +29,32 @@ lists what of the site is still at the previous Patient.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import RejectedByTargetError, RetryableError, VersionConflictError
+from .errors import PermanentError, RejectedByTargetError, RetryableError, TargetAuthError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
-from .merge import merge_patient
-from .ordering import OrderState, order_record
+from .merge import merge_patient, merged_patient
+from .ordering import OrderState, order_record, take_parked
 from .provenance import provenance_id
-from .records import NormalizedResource, RoutedResource
+from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, map_references, relative_reference
 from .sink import Versions, remarked, untouched_write
 
 __all__ = [
     "MOVE",
+    "MoveOrder",
     "MoveOutcome",
     "everything_of_site",
     "move_request",
     "move_site_records",
     "moved_to",
     "order_move",
+    "redirect",
     "rewritten",
 ]
 
@@ -67,6 +69,7 @@ class MoveOutcome(WriteOutcome):
 
     moved: list[str] = field(default_factory=list)
     edited: list[str] = field(default_factory=list)
+    overtaken: bool = False  # a later identity review took the patient elsewhere: nothing moved
 
 
 def move_request(
@@ -100,6 +103,16 @@ def moved_to(record: RoutedResource) -> str:
 def rewritten(resource: dict[str, Any], previous_key: str, new_key: str) -> dict[str, Any] | None:
     """The resource with its references to Patient/previous_key pointing at Patient/new_key, re-marked when
     it is exactly as cdrsync wrote it; None when it does not reference Patient/previous_key."""
+    body = _repointed({k: v for k, v in resource.items() if k != "meta"}, previous_key, new_key)
+    if body is None:
+        return None
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k in ("tag", "source", "profile", "security")}
+    return remarked(resource, {**body, "meta": meta} if meta else body)
+
+
+def _repointed(resource: dict[str, Any], previous_key: str, new_key: str) -> dict[str, Any] | None:
+    """A copy of the resource with every reference to Patient/previous_key (a version suffix too) pointing at
+    Patient/new_key; None when it has none."""
     changed = False
 
     def to_new(node: dict[str, Any], reference: str) -> dict[str, Any] | None:
@@ -109,11 +122,8 @@ def rewritten(resource: dict[str, Any], previous_key: str, new_key: str) -> dict
         changed = True
         return {**node, "reference": f"Patient/{new_key}"}
 
-    body = map_references({k: v for k, v in resource.items() if k != "meta"}, to_new)
-    if not changed:
-        return None
-    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k in ("tag", "source", "profile", "security")}
-    return remarked(resource, {**body, "meta": meta} if meta else body)
+    body: dict[str, Any] = map_references(resource, to_new)
+    return body if changed else None
 
 
 async def everything_of_site(client: FhirClient, patient_key: str, site: str) -> list[str]:
@@ -146,15 +156,24 @@ async def move_site_records(
     client: FhirClient, record: RoutedResource, versions: Versions | None = None
 ) -> MoveOutcome:
     """Carry out a MOVE record (see the module docstring); done only once a listing of the previous Patient's
-    compartment finds nothing of the site to move. `versions` (the sink's table of the versions it wrote) gets
-    each moved resource's new version."""
+    compartment finds nothing of the site left to move. `versions` (the sink's table of the versions it wrote)
+    gets each moved resource's new version.
+
+    A resource the target refuses to take with the new reference (e.g. it also references something deleted at
+    the centre since) does not stop the others: they move, and then the MOVE fails as a PermanentError naming
+    it (a dead letter, for review; the previous Patient's update or delete waits behind it until the MOVE is
+    replayed or discarded)."""
     previous_key, new_key, site = record.target_id, moved_to(record), record.site
-    await _check_destination(client, record, new_key)
+    if not await _destination_ready(client, record, new_key):
+        return MoveOutcome(200, None, overtaken=True)
     moved: list[str] = []
     edited: list[str] = []
+    refused: dict[str, str] = {}
     for _ in range(_ROUNDS):
         changed_meanwhile, to_move = [], 0
         for ref in await everything_of_site(client, previous_key, site):
+            if ref in refused:
+                continue
             resource_type, resource_id = ref.split("/", 1)
             current = await client.read(resource_type, resource_id)
             body = None if current is None else rewritten(current, previous_key, new_key)
@@ -167,36 +186,65 @@ async def move_site_records(
             except VersionConflictError:  # written meanwhile (the hospital's next version): read again
                 changed_meanwhile.append(ref)
                 continue
+            except TargetAuthError:
+                raise
+            except RejectedByTargetError as error:
+                refused[ref] = str(error)
+                continue
             if versions is not None and outcome.version_id is not None:
                 versions[ref] = {"version": outcome.version_id}
             moved.append(ref)
             if untouched_write(current) is None:
                 edited.append(ref)  # not re-marked: edited at the target since cdrsync wrote it
         if to_move == 0:
-            return MoveOutcome(200, None, moved, edited)
+            break
+    else:
+        raise RetryableError(
+            f"{site}'s resources at Patient/{previous_key} kept changing while being moved to Patient/{new_key} "
+            f"({_ROUNDS} rounds; moved {len(moved)}, e.g. {(changed_meanwhile or moved or ['?'])[0]} changed)"
+        )
+    if refused:
+        named = "; ".join(f"{ref}: {why}" for ref, why in sorted(refused.items()))
+        raise PermanentError(
+            f"moved {len(moved)} resource(s) of {site} from Patient/{previous_key} to Patient/{new_key}; the target "
+            f"refused {len(refused)}, which stay at Patient/{previous_key}: {named}"[:2000]
+        )
+    return MoveOutcome(200, None, moved, edited)
+
+
+async def _destination_ready(client: FhirClient, record: RoutedResource, new_key: str) -> bool:
+    """Whether the Patient moved to holds the site's local patient (True), or held it once and no longer does, a
+    later review having taken it elsewhere (False: the move is overtaken and moves nothing). RetryableError
+    while it never held it yet: its version is on its way, in its own partition."""
+    holder = str(orjson.loads(record.resource or "{}").get("holder") or record.source_id)
+    local = (logical_system(record.site, "Patient"), holder)
+
+    def holds(patient: dict[str, Any] | None) -> bool:
+        identifiers = (patient or {}).get("identifier") or []
+        return any(isinstance(i, dict) and (i.get("system"), i.get("value")) == local for i in identifiers)
+
+    if holds(await client.read("Patient", new_key)):
+        return True
+    try:
+        history = await client.get_json(f"Patient/{new_key}/_history?_count=100")
+    except RejectedByTargetError as error:
+        if error.status not in (404, 410):
+            raise
+        history = {}
+    if any(holds(entry.get("resource")) for entry in history.get("entry") or [] if isinstance(entry, dict)):
+        return False
     raise RetryableError(
-        f"{site}'s resources at Patient/{previous_key} kept changing while being moved to Patient/{new_key} "
-        f"({_ROUNDS} rounds; moved {len(moved)}, e.g. {(changed_meanwhile or moved or ['?'])[0]} changed)"
+        f"Patient/{new_key} does not hold {record.site}'s patient {holder} yet: {record.site}'s records at "
+        f"Patient/{record.target_id} move once it does"
     )
 
 
-async def _check_destination(client: FhirClient, record: RoutedResource, new_key: str) -> None:
-    """The Patient moved to must be written, and must hold the site's local patient: a move that a later review
-    overtook (the hospital changed the identifier back, and that was accepted too) must not move anything."""
-    patient = await client.read("Patient", new_key)
-    if patient is None:
-        where = f"{record.site}'s records at Patient/{record.target_id}"
-        raise RetryableError(f"Patient/{new_key} is not written yet: {where} move after it")
-    holder = str(orjson.loads(record.resource or "{}").get("holder") or record.source_id)
-    local = {"system": logical_system(record.site, "Patient"), "value": holder}
-    if not any(
-        isinstance(i, dict) and (i.get("system"), i.get("value")) == (local["system"], local["value"])
-        for i in patient.get("identifier") or []
-    ):
-        raise RetryableError(
-            f"Patient/{new_key} does not hold {record.site}'s patient {holder} (not written yet, or a later "
-            f"identity review took it elsewhere): {record.site}'s records at Patient/{record.target_id} are not moved"
-        )
+class MoveOrder(NamedTuple):
+    """What the order stage does with a MOVE: records for the sink, in order; records of the site that waited for
+    the previous Patient, sent on to the new one (the identified topic, keyed by it)."""
+
+    to_sink: list[RoutedResource]
+    redirected: list[RoutedResource]
 
 
 def order_move(
@@ -205,27 +253,62 @@ def order_move(
     move: RoutedResource,
     now_ms: int,
     partition: int = 0,
-) -> list[RoutedResource]:
+) -> MoveOrder:
     """The order stage's part of a MOVE: the MOVE itself, then the previous Patient without the site: updated,
     with the site's Provenance of it deleted, or deleted with every Provenance of it when no hospital holds it
     any more. The sink writes them in this order, one after the other (MOVE and Patient are both
-    Patient/previous_key), so the Patient loses the site only once nothing of the site references it.
+    Patient/previous_key), so the Patient loses the site only once nothing of the site references it. A site
+    no longer in the previous Patient (the MOVE of a second target, or one sent again after a crash or by
+    `cdrsync identity move`) gets the previous Patient as it is now, for this target.
 
-    When it is deleted, the resources released as referencing it are taken to be the site's, moved: they are
-    noted as referencing the new Patient, so that the delete does not wait for them (anything else still
-    referencing it at the target makes the target refuse the delete: a dead letter naming it, for review).
-    A site no longer in the previous Patient (a MOVE sent again: after a crash, or by `cdrsync identity move`
-    for what reached it after the first) leaves it unchanged: only the MOVE goes on."""
+    The previous Patient's entry keeps a note that the site moved (`moved`: site → new key), so that the
+    site's records still on their way to it (parked here, or released later) go to the new Patient instead
+    (`redirected`), until the site sends a Patient to the previous one again (pipeline/merge.py drops the note).
+    When the previous Patient is deleted, the resources released as referencing it are taken to be the site's,
+    moved: they are noted as referencing the new Patient, so that the delete does not wait for them (anything
+    else still referencing it at the target makes the target refuse the delete: a dead letter naming it)."""
     previous, new = f"Patient/{move.target_id}", f"Patient/{moved_to(move)}"
-    if move.site not in (patients.get(move.target_id) or {}).get("sites", []):
-        return [move]
-    leaving = merge_patient(patients, replace(move, op="DELETE", resource=None))
-    if not leaving.is_delete:
+    entry = patients.get(move.target_id)
+    sites = list((entry or {}).get("sites", []))
+    if move.site in sites:
+        leaving = merge_patient(patients, replace(move, op="DELETE", resource=None))
+    elif sites:  # the site left already: the Patient as it is now
+        body = merged_patient(sites, (entry or {})["versions"])
+        leaving = replace(move, op="UPDATE", resource=orjson.dumps(body).decode(), content_hash=canonical_hash(body))
+    else:
+        leaving = replace(move, op="DELETE", resource=None)
+    kept = patients.get(move.target_id) or {"sites": [], "versions": {}}
+    patients[move.target_id] = {**kept, "moved": {**(kept.get("moved") or {}), move.site: moved_to(move)}}
+    waiting: list[RoutedResource] = []
+    if leaving.is_delete:
+        for ref in state.referrers.pop(previous, []):
+            known = state.released.get(ref)
+            if known is not None and previous in known.get("deps", []):
+                state.released[ref] = {**known, "deps": [new if d == previous else d for d in known["deps"]]}
+        waiting = take_parked(state, previous)  # they would wait for a Patient that is going away
+        to_sink = [move, *order_record(state, leaving, now_ms, partition)]
+    else:
         provenance = provenance_id(move.site, previous)
         gone = replace(move, resource_type="Provenance", target_id=provenance, op="DELETE", resource=None)
-        return [move, *order_record(state, leaving, now_ms, partition), gone]
-    for ref in state.referrers.pop(previous, []):
-        entry = state.released.get(ref)
-        if entry is not None and previous in entry.get("deps", []):
-            state.released[ref] = {**entry, "deps": [new if d == previous else d for d in entry["deps"]]}
-    return [move, *order_record(state, leaving, now_ms, partition)]
+        to_sink = [move, *order_record(state, leaving, now_ms, partition), gone]
+    redirected = [r for r in (redirect(patients, w) for w in waiting) if r is not None]
+    return MoveOrder(to_sink, redirected)
+
+
+def redirect(patients: Mapping[str, dict[str, Any]], record: RoutedResource) -> RoutedResource | None:
+    """A record of a site whose records moved away from its Patient (order_move's note), bound for the new
+    Patient instead: its references to the previous one rewritten, keyed by the new one. None for any other
+    record, and for Patients and MOVEs themselves."""
+    if record.resource_type == "Patient" or record.op == MOVE:
+        return None
+    to = ((patients.get(record.patient_key) or {}).get("moved") or {}).get(record.site)
+    if to is None:
+        return None
+    previous = record.patient_key
+    body, digest = None, record.content_hash
+    if record.resource is not None:
+        original = orjson.loads(record.resource)
+        resource = _repointed(original, previous, str(to)) or original
+        body, digest = orjson.dumps(resource).decode(), canonical_hash(resource)
+    dependencies = sorted({f"Patient/{to}" if d == f"Patient/{previous}" else d for d in record.dependencies})
+    return replace(record, patient_key=str(to), resource=body, content_hash=digest, dependencies=dependencies)

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.merge import merge_patient
 from pipeline.ordering import OrderState, order_record
-from pipeline.patientmove import move_request, moved_to, order_move, rewritten
+from pipeline.patientmove import move_request, moved_to, order_move, redirect, rewritten
 from pipeline.provenance import add_provenance, provenance_id
 from pipeline.records import NormalizedResource, decode, encode
 from pipeline.sink import body_to_write, untouched_write
@@ -115,9 +115,9 @@ def test_the_only_hospital_of_the_previous_patient_leaving_deletes_it_after_the_
     merge_patient(patients, site_patient("site-a", "a-1"))
     order_record(state, site_patient("site-a", "a-1"), 0)
     released_observation(state, "obs-1")
-    out = order_move(state, patients, request(), 1)
+    out, redirected = order_move(state, patients, request(), 1)
     assert [(r.op, r.target_ref) for r in out] == [("MOVE", f"Patient/{OLD}"), ("DELETE", f"Patient/{OLD}")]
-    assert OLD not in patients
+    assert patients[OLD] == {"sites": [], "versions": {}, "moved": {"site-a": NEW}} and redirected == []
     # The delete is not held for the observation that referenced the Patient: it is moved, and noted so.
     assert state.released["Observation/obs-1"]["deps"] == [f"Patient/{NEW}"]
     assert state.parked == {}
@@ -127,7 +127,7 @@ def test_a_previous_patient_other_hospitals_hold_loses_only_the_leaving_sites_id
     state, patients = OrderState({}, {}, {}, {}), {}
     for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
         merge_patient(patients, site_patient(site, mrn))
-    out = order_move(state, patients, request(), 1)
+    out, _ = order_move(state, patients, request(), 1)
     site_a_provenance = f"Provenance/{provenance_id('site-a', f'Patient/{OLD}')}"
     assert [(r.op, r.target_ref) for r in out] == [
         ("MOVE", f"Patient/{OLD}"),
@@ -141,15 +141,51 @@ def test_a_previous_patient_other_hospitals_hold_loses_only_the_leaving_sites_id
     assert add_provenance(out[2:], {}, patients, ["site-a", "site-b"]) == out[2:]
 
 
-def test_a_move_sent_again_after_the_site_left_changes_nothing_but_moves_what_reached_the_patient_since() -> None:
+def test_a_move_sent_again_after_the_site_left_writes_the_previous_patient_as_it_is_now() -> None:
+    # The MOVE of a second target, or one sent again (a crash, `cdrsync identity move`): that target gets the
+    # previous Patient without the site too, and nothing in the tables changes.
     state, patients = OrderState({}, {}, {}, {}), {}
     for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
         merge_patient(patients, site_patient(site, mrn))
-    order_move(state, patients, request(), 1)
+    first, _ = order_move(state, patients, request(), 1)
     before = {k: dict(v) for k, v in patients.items()}
-    again = order_move(state, patients, request(), 2)
-    assert [(r.op, r.target_ref) for r in again] == [("MOVE", f"Patient/{OLD}")]
-    assert patients == before
+    again, _ = order_move(state, patients, request(), 2)
+    assert [(r.op, r.target_ref) for r in again] == [(r.op, r.target_ref) for r in first]
+    assert again[1].resource == first[1].resource and patients == before
+
+
+def test_the_site_s_records_on_their_way_to_the_previous_patient_follow_its_move() -> None:
+    state, patients = OrderState({}, {}, {}, {}), {}
+    merge_patient(patients, site_patient("site-a", "a-1"))
+    order_record(state, site_patient("site-a", "a-1"), 0)
+    # An observation waiting for the Patient it names to be written here (e.g. after a crash lost the release).
+    waiting = observation_of("obs-2", "site-a")
+    assert order_record(OrderState({}, state.parked, state.waiting, {}), waiting, 0) == []
+    _, redirected = order_move(state, patients, request(), 1)
+    assert [(r.target_ref, r.patient_key, r.dependencies) for r in redirected] == [
+        ("Observation/obs-2", NEW, [f"Patient/{NEW}"])
+    ]
+    assert orjson.loads(redirected[0].resource)["subject"] == {"reference": f"Patient/{NEW}"}
+    assert state.parked.get(f"Patient/{OLD}", []) == []
+    # One arriving later is sent on as well; another hospital's is not, nor the site's Patient.
+    assert redirect(patients, observation_of("obs-3", "site-a")).patient_key == NEW
+    assert redirect(patients, observation_of("obs-4", "site-b")) is None
+    assert redirect(patients, site_patient("site-a", "a-2")) is None
+
+
+def test_the_site_sending_a_patient_to_the_previous_one_again_ends_the_redirect() -> None:
+    state, patients = OrderState({}, {}, {}, {}), {}
+    merge_patient(patients, site_patient("site-a", "a-1"))
+    order_move(state, patients, request(), 1)
+    merge_patient(patients, site_patient("site-a", "a-7"))  # another of its patients has that number
+    assert "moved" not in patients[OLD] and redirect(patients, observation_of("obs-5", "site-a")) is None
+
+
+def observation_of(name: str, site: str):
+    body = {"resourceType": "Observation", "id": name, "subject": {"reference": f"Patient/{OLD}"}}
+    return routed_record(
+        body, site=site, resource_type="Observation", target_id=name, patient_key=OLD, dependencies=[f"Patient/{OLD}"]
+    )
 
 
 def test_a_move_gets_no_provenance_of_its_own() -> None:
