@@ -231,7 +231,12 @@ async def _destination_ready(client: FhirClient, record: RoutedResource, new_key
         if error.status not in (404, 410):
             raise
         history = {}
-    if any(holds(entry.get("resource")) for entry in history.get("entry") or [] if isinstance(entry, dict)):
+    # Newest first (a deletion is an entry without a resource). The newest is read again here: the version read
+    # above may have been followed by one written since, which holds it.
+    versions = [entry.get("resource") for entry in history.get("entry") or [] if isinstance(entry, dict)]
+    if versions and holds(versions[0]):
+        return True
+    if any(holds(version) for version in versions[1:]):
         return False
     raise RetryableError(
         f"Patient/{new_key} does not hold {record.site}'s patient {holder} yet: {record.site}'s records at "
