@@ -8,23 +8,28 @@ keyed by the previous Patient, through the order stage (which takes the site out
 pipeline/merge.py, so the Patient is updated without the site's identifiers, or deleted when no hospital
 holds it any more, after the move) to the sink, which calls `move_site_records`:
 
-* the Patient now named must be written already (else RetryableError: the move comes back through the retry
-  tiers; the accepted Patient version is on its way in its own partition);
+* the Patient now named must be written already and hold the site's local patient (else RetryableError:
+  the move comes back through the retry tiers; the accepted Patient version is on its way in its own
+  partition); one that held it once and no longer does was emptied by a later review: nothing moves;
 * every resource of the site (by its origin tag) in the previous Patient's compartment (`$everything`) is
   read and written again with its references to the previous Patient pointing at the one now named, over
   the version read (If-Match). Only references change: the content is the hospital's, and the content hash
   stays. A resource exactly as cdrsync wrote it gets its written-by mark again (pipeline/sink.py), so it
   stays recognisably cdrsync's; one edited at the target since keeps its old mark, so a later change from
-  the hospital is still a conflict for review, never a silent overwrite of that edit;
+  the hospital is still a conflict for review, never a silent overwrite of that edit. One the target refuses
+  does not stop the others; the MOVE then fails naming it (a dead letter);
 * the compartment is read again until no resource of the site is left there (a resource changed between
   reading and writing is read again: RetryableError after three rounds). Each step is idempotent, so a move
   repeated after a crash or a retry finds less to do, and finally nothing.
 
+The order stage notes the move on the previous Patient's entry (`moved`), so the site's records still on
+their way there (parked for it, or arriving later) are sent on to the new Patient (`redirect`).
+
 Limits: the target cannot tell two local patients of one hospital apart once both are at one central Patient
 (a duplicate record at the hospital, both with the same insurance number): all of that site's resources
-there move. A record of that patient still on its way to the previous Patient when the review was accepted
-(parked for a reference, or in the retry topics) is written there after the move; `cdrsync identity show`
-lists what of the site is still at the previous Patient.
+there move, and its later records there follow. A record of that patient in the sink's retry topics when the
+review was accepted is written to the previous Patient after the move; `cdrsync identity show` lists what of
+the site is still there and `cdrsync identity move` moves it.
 """
 
 from __future__ import annotations
