@@ -2,7 +2,7 @@
 
 State is four mappings (Faust tables in the worker, dicts in tests), all for one partition, which
 holds every record of the patients keyed to it:
-  released_by_reference   target ref → {hash, deps} of the version released (deps: what it references)
+  released_by_reference   target ref → {hash, deps, site} of the version released (deps: what it references)
   parked_by_reference     park key → records waiting on it, in arrival order
   waiting_by_reference    target ref of a parked record → the park key it waits on
   referrers_by_reference  target ref → refs of released resources that referenced it (may be stale)
@@ -287,7 +287,7 @@ def _admit(state: OrderState, record: RoutedResource, now_ms: int, partition: in
     if unreleased:
         _park(state, record, unreleased[0], now_ms, partition, completion=True)
         record = _with_pending_references(record, set(unreleased))
-    state.released[ref] = {"hash": record.content_hash or "", "deps": record.dependencies}
+    state.released[ref] = {"hash": record.content_hash or "", "deps": record.dependencies, "site": record.site}
     for dependency in record.dependencies:
         known = state.referrers.get(dependency, [])
         if ref not in known:

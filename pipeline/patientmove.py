@@ -290,11 +290,8 @@ def order_move(
     kept = patients.get(move.target_id) or {"sites": [], "versions": {}}
     patients[move.target_id] = {**kept, "moved": {**(kept.get("moved") or {}), move.site: moved_to(move)}}
     waiting: list[RoutedResource] = []
+    _note_moved(state, move.site, previous, new, every=leaving.is_delete)
     if leaving.is_delete:
-        for ref in state.referrers.pop(previous, []):
-            known = state.released.get(ref)
-            if known is not None and previous in known.get("deps", []):
-                state.released[ref] = {**known, "deps": [new if d == previous else d for d in known["deps"]]}
         waiting = take_parked(state, previous)  # they would wait for a Patient that is going away
         to_sink = [move, *order_record(state, leaving, now_ms, partition)]
     else:
@@ -303,6 +300,25 @@ def order_move(
         to_sink = [move, *order_record(state, leaving, now_ms, partition), gone]
     redirected = [r for r in (redirect(patients, w) for w in waiting) if r is not None]
     return MoveOrder(to_sink, redirected)
+
+
+def _note_moved(state: OrderState, site: str, previous: str, new: str, *, every: bool) -> None:
+    """The site's resources released as referencing the previous Patient are moved: note them as referencing the
+    new one, so that a delete of the previous Patient does not wait for them. every: all of its referrers (no
+    hospital holds it any more; a release noted before the site was kept counts as the site's)."""
+    kept = []
+    for ref in state.referrers.get(previous, []):
+        known = state.released.get(ref)
+        if known is None or previous not in known.get("deps", []):
+            continue  # no longer references it
+        if every or known.get("site") == site:
+            state.released[ref] = {**known, "deps": [new if d == previous else d for d in known["deps"]]}
+        else:
+            kept.append(ref)
+    if kept:
+        state.referrers[previous] = kept
+    else:
+        state.referrers.pop(previous, None)
 
 
 def redirect(patients: Mapping[str, dict[str, Any]], record: RoutedResource) -> RoutedResource | None:

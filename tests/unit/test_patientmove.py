@@ -192,3 +192,20 @@ def test_a_move_gets_no_provenance_of_its_own() -> None:
     patients = {OLD: {"sites": ["site-b"], "versions": {}}}  # site-a already taken out of it
     out = add_provenance([request()], {}, patients, ["site-a", "site-b"])
     assert [r.op for r in out] == ["MOVE"]
+
+
+def test_the_moved_records_no_longer_hold_up_a_later_delete_of_the_previous_patient() -> None:
+    state, patients = OrderState({}, {}, {}, {}), {}
+    for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
+        merge_patient(patients, site_patient(site, mrn))
+        order_record(state, site_patient(site, mrn), 0)
+    for name, site in (("obs-a", "site-a"), ("obs-b", "site-b")):
+        assert [r.target_ref for r in order_record(state, observation_of(name, site), 0)] == [f"Observation/{name}"]
+    order_move(state, patients, request(), 1)  # site-b still holds the previous Patient: it is updated
+    assert state.released["Observation/obs-a"]["deps"] == [f"Patient/{NEW}"]
+    assert state.released["Observation/obs-b"]["deps"] == [f"Patient/{OLD}"]
+    # site-b lets the patient go: the Patient's delete waits for site-b's observation only, not the moved one.
+    delete = routed_record(
+        None, resource_type="Patient", source_id="b-1", target_id=OLD, patient_key=OLD, op="DELETE", site="site-b"
+    )
+    assert order_record(state, delete, 2) == [] and set(state.parked) == {"~Observation/obs-b"}
