@@ -42,6 +42,7 @@ from pipeline.metrics import (
     HELD_BEHIND,
     HELD_RELEASED,
     IDENTITY_DECISIONS,
+    IDENTITY_MOVES,
     IDENTITY_REVIEWS,
     LAST_SUCCESS,
     NORMALIZED,
@@ -330,6 +331,7 @@ async def _order_one(event: EventT) -> None:
     for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
         await deliver(ready, item.patient_key.encode(), encode(item))
     for item in redirected:
+        IDENTITY_MOVES.labels(item.site, item.target, "redirected").inc()
         await deliver(identified, item.patient_key.encode(), encode(item))
         detail = f"redirected to Patient/{item.patient_key}: its site's records there moved after an identity review"
         await emit_audit("identity_move", item, detail=detail)
@@ -458,8 +460,10 @@ async def _write(
 async def _moved(move: RoutedResource, outcome: MoveOutcome) -> None:
     """Audit a move done: how many resources moved, which of them had been edited at the target (their edit
     kept, and still told from cdrsync's writes, see pipeline/patientmove.py)."""
+    IDENTITY_MOVES.labels(move.site, move.target, "moved").inc(len(outcome.moved))
     detail = f"moved {len(outcome.moved)} resource(s) to Patient/{moved_to(move)}"
     if outcome.overtaken:
+        IDENTITY_MOVES.labels(move.site, move.target, "overtaken").inc()
         detail = f"nothing moved: Patient/{moved_to(move)} held the patient once and does not now (a later review)"
     if outcome.edited:
         detail += f"; edited at the target before, edit kept: {', '.join(outcome.edited)}"

@@ -128,6 +128,14 @@ IDENTITY_DECISIONS = Counter(
     ["site", "action"],
 )
 
+IDENTITY_MOVES = Counter(
+    "cdrsync_identity_moves_total",
+    "Resources moved to another central Patient after an accepted identity review, by outcome: moved (written "
+    "there), redirected (on their way to the previous Patient, sent on), overtaken (a later review emptied the "
+    "Patient moved to: nothing moved); a resource the target refused makes the move a dead letter (move_refused)",
+    ["site", "target", "outcome"],
+)
+
 BUNDLES = Counter(
     "cdrsync_bundles_total",
     "Transaction bundles the sink sent (one patient's upserts), by result: applied, or split into single writes",

@@ -54,6 +54,7 @@ __all__ = [
     "MOVE",
     "MoveOrder",
     "MoveOutcome",
+    "MoveRefusedError",
     "everything_of_site",
     "move_request",
     "move_site_records",
@@ -66,6 +67,12 @@ __all__ = [
 MOVE = "MOVE"
 _ROUNDS = 3
 _SKIPPED = ("Patient", "Provenance")  # the Patient itself; Provenances point at the resources, which keep their ids
+
+
+class MoveRefusedError(PermanentError):
+    """The target refused to take some of a site's resources with the reference to the Patient moved to."""
+
+    error_class = "move_refused"
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,7 @@ async def move_site_records(
         )
     if refused:
         named = "; ".join(f"{ref}: {why}" for ref, why in sorted(refused.items()))
-        raise PermanentError(
+        raise MoveRefusedError(
             f"moved {len(moved)} resource(s) of {site} from Patient/{previous_key} to Patient/{new_key}; the target "
             f"refused {len(refused)}, which stay at Patient/{previous_key}: {named}"[:2000]
         )

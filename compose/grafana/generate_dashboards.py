@@ -386,6 +386,10 @@ def error_analysis() -> dict:
                     "sum by (site, action) (increase(cdrsync_identity_decisions_total[1h]))",
                     "identity reviews closed {{site}} {{action}}",
                 ),
+                (
+                    "sum by (site, outcome) (increase(cdrsync_identity_moves_total[1h]))",
+                    "records moved {{site}} {{outcome}}",
+                ),
                 width=6,
             ),
             panel(
