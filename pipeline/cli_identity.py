@@ -100,6 +100,15 @@ def _decide(action: str) -> Handler:
         print(f"{review.local_patient}: {action}: {_effect(review, action)}")
         if action == "accept" and review.proposed_key is not None:
             from .identity import moving_targets
+            from .identityreview import survivor_not_there
+
+            survivor, missing = survivor_not_there(config, review)
+            for target in missing:
+                print(
+                    f"  warning: at {target}, Patient/{review.proposed_key} does not hold {review.site}|{survivor}, "
+                    "the record this one was merged into (not sent there yet, or under identity review itself): "
+                    "the move waits for it, through the retry topics, then as a dead letter"
+                )
 
             moving = moving_targets(config.sites[review.site])
             for target, refs in _left_behind(config, review).items():

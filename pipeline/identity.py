@@ -16,8 +16,11 @@ record from one person to another is a clinical decision, not a sync step. Until
 in the patient's partition), every later record of that local patient is held as well, so nothing goes
 to either person in the meantime. Accepting also moves what the hospital sent before the change from the
 previous central Patient to the one now named (a MOVE record for the order stage and the sink,
-pipeline/patientmove.py). The same question for an HL7 v2 merge (two local ids found to be one
-person) is rejected to the dead letters, not applied.
+pipeline/patientmove.py). A hospital merging two of its records of one person (an HL7 v2 ADT^A40) sends the
+merged record's Patient with `link` replaced-by the surviving record, under the surviving record's identifiers
+(its own marked `old`): never applied to a central Patient itself, it moves the merged record's patient like
+an identifier change (a review when the central Patient differs); a merge that does not say where the patient
+is now is a dead letter (IdentityMergeError).
 
 A local patient's entry in patient_key_by_local_patient:
   {"key": K}                    its records go to the central Patient K
@@ -269,16 +272,13 @@ def _resolve_local(
         body = orjson.loads(record.resource)
         survivor = merged_into(body)
         key = shared.patient_key(_current(body) if survivor else body)
-        if survivor is not None and key is None:
-            raise IdentityMergeError(
-                f"{local} was merged into {site.site}|{survivor} at the hospital, and the merge names no "
-                f"{shared.shared_identifier_system} of the surviving record: where its records belong is not known"
-            )
+        if survivor is not None:
+            _check_merge(local, site, survivor, body, key, known is not None or local in state.held)
         if review is not None and key == known:  # the hospital took the change back before anyone decided
             _close_review(state, local, _with(entry, key=known), "withdrawn", site, out, last=record)
             return
         if known is not None and key != known:
-            if review is None and (key or NO_KEY) == entry.get("rejected"):
+            if review is None and (key or NO_KEY) == entry.get("rejected") and survivor is None:
                 why = f"names patient key {key}, which identity review rejected for {local}"
                 out.not_applied.append((record, why))
                 return
@@ -313,6 +313,29 @@ def _resolve_local(
 
 def _survivor(record: NormalizedResource) -> str | None:
     return merged_into(orjson.loads(record.resource)) if record.resource else None
+
+
+def _check_merge(
+    local: str, site: SiteConfig, survivor: str, body: dict[str, Any], key: str | None, seen: bool
+) -> None:
+    """A merged record must say where its patient is now: the surviving record's identifiers as its current
+    ones (the shared one among them) and its own as `old` (as the HL7 v2 adapter writes an ADT^A40), and it
+    must be a record cdrsync has received. Else nothing can tell which central Patient its records belong to:
+    an IdentityMergeError (a dead letter, for review), never a guess."""
+    assert site.identity is not None
+    merge = f"{local} was merged into {site.site}|{survivor} at the hospital"
+    if not any(isinstance(i, dict) and i.get("use") == "old" for i in body.get("identifier") or []):
+        raise IdentityMergeError(
+            f"{merge}, but its Patient does not mark its own identifiers `old`: it cannot be told whether its "
+            f"{site.identity.shared_identifier_system} is its own or the surviving record's"
+        )
+    if key is None:
+        raise IdentityMergeError(
+            f"{merge}, and the merge names no {site.identity.shared_identifier_system} of the surviving record: "
+            "where its records belong is not known"
+        )
+    if not seen:
+        raise IdentityMergeError(f"{merge}, but cdrsync never received {local}: the merge names an unknown record")
 
 
 def _with(entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
@@ -365,7 +388,7 @@ def apply_decision(
     if decision.action == "accept":
         _close_review(state, local, _with(entry, key=review["proposed"]), "accepted", site, out, decision=decision)
         if review["proposed"] is not None:  # what the hospital sent before the change goes to that person too
-            holder = _survivor(record) or record.source_id  # the local patient the Patient now named holds
+            holder = out.closed["holder"] if out.closed else record.source_id
             out.moves = [
                 move_request(record, target, entry["key"], review["proposed"], decision.at_ms, holder)
                 for target in moving_targets(site)
@@ -405,6 +428,9 @@ def _close_review(
     held = _pop_held(state, local)
     versions = [n for n, r in enumerate(held) if r.resource_type == "Patient" and not r.is_delete]
     newest = versions[-1] if versions and last is None else None
+    applied = last or (held[newest] if newest is not None else None)
+    # The local patient whose Patient the central one now named holds: the surviving record's, for a merge.
+    holder = (_survivor(applied) if applied else None) or local.split("|", 1)[1]
     for n in versions:
         if n != newest:
             out.not_applied.append((held[n], f"a version of {local}'s Patient superseded while under identity review"))
@@ -426,6 +452,7 @@ def _close_review(
         "by": decision.by if decision else local.split("|", 1)[0],
         "reason": decision.reason if decision else "the hospital's Patient names its previous identifier again",
         "decided_ms": decision.at_ms if decision else None,
+        "holder": holder,
     }
 
 

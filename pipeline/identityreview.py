@@ -46,7 +46,15 @@ from .kafkaadmin import AcknowledgedProducer
 from .patientmove import everything_of_site
 from .records import NormalizedResource, decode, encode
 
-__all__ = ["IdentityReview", "decide", "read_reviews", "request_move", "wait_for_closing", "written_before"]
+__all__ = [
+    "IdentityReview",
+    "decide",
+    "read_reviews",
+    "request_move",
+    "survivor_not_there",
+    "wait_for_closing",
+    "written_before",
+]
 
 _LEGACY_REASON = re.compile(r"patient key (\S+) -> (\S+)$")
 _CLOSINGS = ("accepted", "rejected", "withdrawn")
@@ -243,10 +251,35 @@ def request_move(bootstrap: str, config: Config, review: IdentityReview) -> list
     targets = moving_targets(config.sites[review.site])
     producer = AcknowledgedProducer(bootstrap)
     for target in targets:
-        move = move_request(patient, target, str(previous), str(new), int(time.time() * 1000))
+        holder = str(closed.get("holder") or "")  # the surviving record's local id after a merge
+        move = move_request(patient, target, str(previous), str(new), int(time.time() * 1000), holder)
         producer.produce(config.topics.name("identified"), encode(move), str(previous).encode())
     producer.finish("move")
     return targets
+
+
+def survivor_not_there(config: Config, review: IdentityReview) -> tuple[str | None, list[str]]:
+    """For a merge under review: the surviving record's local id, and the targets whose Patient of the proposed
+    key does not hold it (yet): not sent there, or under identity review itself. The move waits for it."""
+    from .identity import merged_into, moving_targets
+    from .references import logical_system
+
+    record = decode(review.value, NormalizedResource)
+    survivor = merged_into(orjson.loads(record.resource)) if record.resource else None
+    if survivor is None or review.proposed_key is None:
+        return survivor, []
+    wanted = (logical_system(review.site, "Patient"), survivor)
+
+    async def run() -> list[str]:
+        missing = []
+        for target in moving_targets(config.sites[review.site]):
+            async with FhirClient(config.target(target)) as client:
+                patient = await client.read("Patient", str(review.proposed_key)) or {}
+            if not any((i.get("system"), i.get("value")) == wanted for i in patient.get("identifier") or []):
+                missing.append(target)
+        return missing
+
+    return survivor, asyncio.run(run())
 
 
 def written_before(config: Config, site: SiteConfig, patient_key: str) -> dict[str, list[str]]:

@@ -485,6 +485,41 @@ def test_a_merged_record_never_sent_for_want_of_a_number_releases_what_waited_to
     s = state()
     resolve(config, s, with_kvnr(PATIENT, None), op="c", version=1)  # held: no insurance number yet
     resolve(config, s, ENCOUNTER, op="c", version=2)
-    out = resolve(config, s, merged_record("Z000000001", own=None), version=3)
+    out = resolve(config, s, merged_record("Z000000001", own="X000000009"), version=3)
     assert [(r.resource_type, r.patient_key) for r in out.routed] == [("Encounter", OTHER_KEY)]
     assert out.review == [] and s.keys[LOCAL] == {"key": OTHER_KEY} and LOCAL not in s.held
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        # FHIR $merge leaves the merged record's own identifiers as they were: its number may be its own.
+        ({**merged_record("Z000000001"), "identifier": [{"system": KVNR, "value": "Z000000001"}]}, "does not mark"),
+        (merged_record("Z000000001") | {"id": "never-sent"}, "never received site-a|never-sent"),
+    ],
+)
+def test_a_merge_that_cannot_say_where_the_patient_is_now_is_an_error(config, record, reason) -> None:
+    from pipeline.identity import IdentityMergeError
+
+    s = state()
+    routed(config, s, PATIENT)
+    with pytest.raises(IdentityMergeError, match=reason):
+        resolve(config, s, record)
+
+
+def test_a_merge_while_a_change_of_the_same_number_is_under_review_moves_to_the_survivor(config) -> None:
+    s, _, _ = under_review(config)  # KEY -> OTHER_KEY, review 1
+    held = resolve(config, s, merged_record("Z000000001"), version=4)  # then merged into the survivor: same proposal
+    assert held.review == [] and len(s.held[LOCAL]) == 3
+    out = decide(config, s, "accept")
+    # The merged version is the one taken (the newest): the Patient now named holds the survivor, not this record.
+    assert out.closed["holder"] == "survivor-1"
+    assert [orjson.loads(m.resource)["holder"] for m in out.moves] == ["survivor-1"]
+    assert [r.resource_type for r in out.routed] == ["Encounter"]
+
+
+def test_a_merge_into_a_number_a_reviewer_once_rejected_is_a_new_review(config) -> None:
+    s, _, _ = under_review(config)
+    decide(config, s, "reject")  # it stayed KEY; Z000000001 was a typo then
+    out = resolve(config, s, merged_record("Z000000001"), version=5)  # now the hospital merges it into that person
+    assert len(out.review) == 1 and "was merged into site-a|survivor-1" in out.review[0].reason

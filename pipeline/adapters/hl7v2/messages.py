@@ -259,6 +259,7 @@ def message_to_resources(raw: str, ctx: Hl7Context) -> Hl7Mapped:
     out = Hl7Mapped(message_type=f"{code}^{event}")
     if (code, event) == ("ADT", "A40"):
         out.resources = _merges(message, ctx)
+        _check_unique(out)
         return out
     root = _ROOTS.get((code, event)) or (_ROOTS.get((code, None)) if code == "MDM" else None)
     if root is None:
