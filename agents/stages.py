@@ -331,14 +331,20 @@ async def _order_one(event: EventT) -> None:
     for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
         await deliver(ready, item.patient_key.encode(), encode(item))
     for item in redirected:
-        IDENTITY_MOVES.labels(item.site, item.target, "redirected").inc()
-        await deliver(identified, item.patient_key.encode(), encode(item))
-        detail = f"redirected to Patient/{item.patient_key}: its site's records there moved after an identity review"
-        await emit_audit("identity_move", item, detail=detail)
+        await _send_on(item)
     if selection is not None:
         await report_selection(incoming, selection)
     # Only now: the tables never claim a release Kafka has not acknowledged.
     await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
+
+
+async def _send_on(item: RoutedResource) -> None:
+    """A record on its way to a Patient its site's records moved away from (pipeline/patientmove.py redirect),
+    sent on to the new one, through its order stage."""
+    IDENTITY_MOVES.labels(item.site, item.target, "redirected").inc()
+    await deliver(identified, item.patient_key.encode(), encode(item))
+    detail = f"redirected to Patient/{item.patient_key}: its site's records there moved after an identity review"
+    await emit_audit("identity_move", item, detail=detail)
 
 
 @app.agent(identified, concurrency=1)
@@ -585,6 +591,11 @@ async def _sink_one(
     async def attempt(item: Queued, is_head: bool) -> Outcome:
         this = carried if is_head else Carried(item.key, item.value, [], item.origin)
         version = record if is_head else decode(item.value, RoutedResource)  # the head is decoded above
+        if not is_head or this.failure is not None:  # it waited (a retry tier, a dead letter, behind another)
+            elsewhere = redirect(current(patient_sources_by_patient_key), version)
+            if elsewhere is not None:  # meanwhile its site's records moved from this Patient to another
+                await _send_on(elsewhere)
+                return "written"
         row = f"{version.site}|{version.source_id}"
         if order.superseded(ref, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")

@@ -73,3 +73,41 @@ def test_a_move_through_lost_answers_and_worker_kills_moves_every_record_once(
         f"\nRECONCILIATION identity move: {RECORDS} records moved, {lost_answers} answers lost, 2 SIGKILLs, "
         f"{len(moved_twice)} written twice at the new Patient"
     )
+
+
+def test_a_record_waiting_in_a_retry_topic_when_the_review_is_accepted_follows_the_move(
+    proxy: FaultProxy, stack: Central, site_a: SiteDatabase, run_id: str, tmp_path: Path
+) -> None:
+    kvnr, corrected = f"H{run_id}", f"J{run_id}"
+    key, new_key = global_patient_key(KVNR_SYSTEM, kvnr), global_patient_key(KVNR_SYSTEM, corrected)
+    person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-fr", "gender": "male"}, kvnr)
+    earlier = [observation_for(f"{run_id}-fr", person["id"], n, 80.0 + n) for n in range(3)]
+    late = observation_for(f"{run_id}-fr", person["id"], 9, 89.0)
+    late_id = target_id("site-a", "Observation", late["id"])
+    tiers = {f"CDRSYNC_RETRY_TIER{n}_SECONDS": "20" for n in (1, 2, 3)}
+
+    def subject(resource_id: str) -> str | None:
+        return (stack.read("Observation", resource_id) or {}).get("subject", {}).get("reference")
+
+    with worker_behind(proxy, tmp_path, CDRSYNC_SINK_ATTEMPTS="2", **tiers) as worker:
+        site_a.upsert_many([person, *earlier])
+        ids = [target_id("site-a", "Observation", o["id"]) for o in earlier]
+        wait_for(lambda: all(subject(i) for i in ids), timeout=300, what="her first records at central")
+        # One more result, whose writes the target refuses for a while: it waits in a retry topic, bound for Patient K.
+        proxy.set(Fault("status", 500, path_contains=late_id))
+        retried = worker.metric("cdrsync_retries_total")
+        site_a.upsert(late)
+        wait_for(lambda: worker.metric("cdrsync_retries_total") > retried, timeout=120, what="the result retried")
+        site_a.upsert(with_kvnr(person, corrected))
+        wait_for(lambda: person["id"] in cdrsync("identity", "list", "--site", "site-a"), timeout=120, what="review")
+        cdrsync("identity", "accept", "site-a", person["id"], "--reason", "fault test", "--execute")
+        wait_for(lambda: all(subject(i) == f"Patient/{new_key}" for i in ids), timeout=300, what="the move")
+        wait_for(lambda: stack.read("Patient", key) is None, timeout=120, what="the previous Patient deleted")
+        proxy.clear()
+        wait_for(lambda: subject(late_id) == f"Patient/{new_key}", timeout=300, what="the retried result", interval=3)
+    versions = [v for v in stack.history("Observation", late_id) if v is not None]
+    assert {v["subject"]["reference"] for v in versions} == {f"Patient/{new_key}"}  # never at the previous Patient
+    assert versions[-1]["valueQuantity"] == late["valueQuantity"]
+    letters = [orjson.loads(line) for line in cdrsync("dlq", "list", "--json", "--since", "30m").splitlines() if line]
+    assert not [d for d in letters if d.get("target_ref") == f"Observation/{late_id}"], "dead-lettered"
+    print("\nRECONCILIATION identity move: a result in a retry topic during the move followed it, none lost")
