@@ -23,13 +23,13 @@ holds it any more, after the move) to the sink, which calls `move_site_records`:
   repeated after a crash or a retry finds less to do, and finally nothing.
 
 The order stage notes the move on the previous Patient's entry (`moved`), so the site's records still on
-their way there (parked for it, or arriving later) are sent on to the new Patient (`redirect`).
+their way there (parked for it, arriving later; at the sink, one that waited in a retry topic, as a dead
+letter or behind one) are sent on to the new Patient (`redirect`).
 
 Limits: the target cannot tell two local patients of one hospital apart once both are at one central Patient
 (a duplicate record at the hospital, both with the same insurance number): all of that site's resources
-there move, and its later records there follow. A record of that patient in the sink's retry topics when the
-review was accepted is written to the previous Patient after the move; `cdrsync identity show` lists what of
-the site is still there and `cdrsync identity move` moves it.
+there move, and its later records there follow. `cdrsync identity show` lists what of the site is still at the
+previous Patient and `cdrsync identity move` moves it.
 """
 
 from __future__ import annotations
