@@ -266,6 +266,7 @@ def _resolve_local(
 ) -> None:
     entry = state.keys.get(local, {})
     known, review = entry.get("key"), entry.get("review")
+    survivor = None  # for a merged record's Patient: the local id of the record it was merged into
     if record.resource_type == "Patient" and not record.is_delete:
         assert site.identity is not None and record.resource is not None
         shared = site.identity
@@ -283,7 +284,7 @@ def _resolve_local(
                 out.not_applied.append((record, why))
                 return
             if review is None or key != review["proposed"]:  # a change, or a different change again
-                _open_review(state, local, entry, record, key, out)
+                _open_review(state, local, entry, record, key, survivor, out)
             _hold(state, local, record, f"patient under identity review: patient key {known} -> {key}", out)
             return
         if key is None:
@@ -302,9 +303,9 @@ def _resolve_local(
     if known is None or waiting:  # unknown patient, or its earlier records still wait: keep their order
         _hold(state, local, record, "patient has no shared identifier yet", out)
         return
-    if record.resource_type == "Patient" and not record.is_delete and _survivor(record) is not None:
+    if survivor is not None:
         # A merged record: its patient is the surviving record's, whose own Patient the central one keeps.
-        out.not_applied.append((record, f"{local} was merged into {site.site}|{_survivor(record)} at the hospital"))
+        out.not_applied.append((record, f"{local} was merged into {site.site}|{survivor} at the hospital"))
     else:
         out.routed += route_resource(record, site, _keys_of(state, site.site))
     if record.resource_type == "Patient":
@@ -350,11 +351,11 @@ def _open_review(
     entry: dict[str, Any],
     record: NormalizedResource,
     key: str | None,
+    survivor: str | None,
     out: IdentityOutcome,
 ) -> None:
     number = int(entry.get("reviews", 0)) + 1  # names the review: `cdrsync identity list` matches closings to it
     state.keys[local] = {"key": entry["key"], "reviews": number, "review": {"proposed": key, "number": number}}
-    survivor = _survivor(record)
     what = f"{local} was merged into {record.site}|{survivor}" if survivor else f"shared identifier of {local} changed"
     reason = f"{what}: patient key {entry['key']} -> {key}"
     out.review.append(Review(record, reason, entry["key"], key, number))
