@@ -148,16 +148,10 @@ def _decide(action: str) -> Handler:
 
 def _move(args: argparse.Namespace, settings: Settings, config: Config) -> int:
     from .identity import moving_targets
-    from .identityreview import request_move
+    from .identityreview import moved_keys, request_move
 
     review = _one(args, settings, config)
-    closed = review.closed or {}
-    if review.status != "accepted" or not closed.get("key"):
-        raise CdrsyncError(
-            f"the identity review of {review.local_patient} is {review.status}: only an accepted review of a new "
-            "identifier moves a patient's records (nothing to move)"
-        )
-    previous, new = f"Patient/{closed['previous_key']}", f"Patient/{closed['key']}"
+    previous, new = (f"Patient/{key}" for key in moved_keys(review))
     moving = moving_targets(config.sites[review.site])
     left = {target: refs for target, refs in _left_behind(config, review).items() if target in moving}
     for target, refs in left.items():

@@ -49,6 +49,7 @@ from .records import NormalizedResource, decode, encode
 __all__ = [
     "IdentityReview",
     "decide",
+    "moved_keys",
     "read_reviews",
     "request_move",
     "survivor_not_there",
@@ -234,26 +235,32 @@ def wait_for_closing(
         time.sleep(min(2.0, max(0.0, timeout - waited)))
 
 
+def moved_keys(review: IdentityReview) -> tuple[str, str]:
+    """(previous, new) patient key of an accepted review of a new identifier: what a move moves between."""
+    closed = review.closed or {}
+    previous, new = closed.get("previous_key"), closed.get("key")
+    if review.status != "accepted" or not previous or not new:
+        raise CdrsyncError(
+            f"the identity review of {review.local_patient} is {review.status}: only an accepted review of a new "
+            "identifier moves a patient's records (nothing to move)"
+        )
+    return str(previous), str(new)
+
+
 def request_move(bootstrap: str, config: Config, review: IdentityReview) -> list[str]:
     """Send the MOVE of an accepted review again (what reached the previous Patient after the first move, e.g. a
     record that waited in a retry topic): to the order stage, keyed by that Patient; the targets it went to."""
     from .identity import moving_targets
     from .patientmove import move_request
 
-    closed = review.closed or {}
-    previous, new = closed.get("previous_key"), closed.get("key")
-    if review.status != "accepted" or not previous or not new:
-        raise CdrsyncError(
-            f"the identity review of {review.local_patient} is {review.status}: only an accepted review of a new "
-            "identifier moves a patient's records"
-        )
+    previous, new = moved_keys(review)
+    holder = str((review.closed or {}).get("holder") or "")  # the surviving record's local id after a merge
     patient = decode(review.value, NormalizedResource)
     targets = moving_targets(config.sites[review.site])
     producer = AcknowledgedProducer(bootstrap)
     for target in targets:
-        holder = str(closed.get("holder") or "")  # the surviving record's local id after a merge
-        move = move_request(patient, target, str(previous), str(new), int(time.time() * 1000), holder)
-        producer.produce(config.topics.name("identified"), encode(move), str(previous).encode())
+        move = move_request(patient, target, previous, new, int(time.time() * 1000), holder)
+        producer.produce(config.topics.name("identified"), encode(move), previous.encode())
     producer.finish("move")
     return targets
 
@@ -262,20 +269,19 @@ def survivor_not_there(config: Config, review: IdentityReview) -> tuple[str | No
     """For a merge under review: the surviving record's local id, and the targets whose Patient of the proposed
     key does not hold it (yet): not sent there, or under identity review itself. The move waits for it."""
     from .identity import merged_into, moving_targets
-    from .references import logical_system
+    from .patientmove import holds_local_patient
 
     record = decode(review.value, NormalizedResource)
     survivor = merged_into(orjson.loads(record.resource)) if record.resource else None
     if survivor is None or review.proposed_key is None:
         return survivor, []
-    wanted = (logical_system(review.site, "Patient"), survivor)
 
     async def run() -> list[str]:
         missing = []
         for target in moving_targets(config.sites[review.site]):
             async with FhirClient(config.target(target)) as client:
-                patient = await client.read("Patient", str(review.proposed_key)) or {}
-            if not any((i.get("system"), i.get("value")) == wanted for i in patient.get("identifier") or []):
+                patient = await client.read("Patient", str(review.proposed_key))
+            if not holds_local_patient(patient, review.site, survivor):
                 missing.append(target)
         return missing
 

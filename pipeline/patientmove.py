@@ -56,6 +56,8 @@ __all__ = [
     "MoveOutcome",
     "MoveRefusedError",
     "everything_of_site",
+    "holder_of",
+    "holds_local_patient",
     "move_request",
     "move_site_records",
     "moved_to",
@@ -110,6 +112,19 @@ def moved_to(record: RoutedResource) -> str:
     """The key of the Patient a MOVE record moves to."""
     assert record.op == MOVE and record.resource is not None
     return str(orjson.loads(record.resource)["to"])
+
+
+def holder_of(record: RoutedResource) -> str:
+    """The local patient (of the record's site) the Patient a MOVE record moves to must hold."""
+    assert record.op == MOVE and record.resource is not None
+    return str(orjson.loads(record.resource).get("holder") or record.source_id)
+
+
+def holds_local_patient(patient: dict[str, Any] | None, site: str, local_id: str) -> bool:
+    """Whether a central Patient carries a site's local patient id among its identifiers."""
+    local = (logical_system(site, "Patient"), local_id)
+    identifiers = (patient or {}).get("identifier") or []
+    return any(isinstance(i, dict) and (i.get("system"), i.get("value")) == local for i in identifiers)
 
 
 def rewritten(resource: dict[str, Any], previous_key: str, new_key: str) -> dict[str, Any] | None:
@@ -228,12 +243,10 @@ async def _destination_ready(client: FhirClient, record: RoutedResource, new_key
     """Whether the Patient moved to holds the site's local patient (True), or held it once and no longer does, a
     later review having taken it elsewhere (False: the move is overtaken and moves nothing). RetryableError
     while it never held it yet: its version is on its way, in its own partition."""
-    holder = str(orjson.loads(record.resource or "{}").get("holder") or record.source_id)
-    local = (logical_system(record.site, "Patient"), holder)
+    holder = holder_of(record)
 
     def holds(patient: dict[str, Any] | None) -> bool:
-        identifiers = (patient or {}).get("identifier") or []
-        return any(isinstance(i, dict) and (i.get("system"), i.get("value")) == local for i in identifiers)
+        return holds_local_patient(patient, record.site, holder)
 
     if holds(await client.read("Patient", new_key)):
         return True
