@@ -382,13 +382,7 @@ def expire_parked(state: OrderState, now_ms: int, limit_ms: int, partition: int 
             if deadlines is not None:
                 deadlines.note(entries[0]["partition"], since, missing)  # not due here, or not yet: keep it
             continue
-        keep = [entry for entry in entries if entry["completion"]]
         waited = [entry["since_ms"] for entry in entries if not entry["completion"]]
-        state.parked[missing] = [entry for entry in entries if not entry["completion"]]
-        for record, parked_ms in zip(_unpark(state, missing), waited, strict=True):
+        for record, parked_ms in zip(take_parked(state, missing), waited, strict=True):
             expired.append(Parked(record, missing, parked_ms))
-        if keep:
-            state.parked[missing] = keep
-            for entry in keep:
-                state.waiting[entry["ref"]] = missing
     return expired
