@@ -96,12 +96,16 @@ def body_to_write(record: RoutedResource) -> bytes:
     assert record.resource is not None
     body = orjson.loads(record.resource)
     extensions = [e for e in body.get("extension", []) if e.get("url") not in _OWN_EXTENSIONS]
-    plain = _own_extensions_removed(body)
-    mark = f"{record.site}|{record.source_id}|{'' if record.source_lsn is None else record.source_lsn}|"
-    mark += canonical_hash(plain)
+    mark = _written_by(f"{record.site}|{record.source_id}", record.source_lsn, body)
     extensions.append({"url": CONTENT_HASH_EXTENSION, "valueString": record.content_hash})
     extensions.append({"url": WRITTEN_BY_EXTENSION, "valueString": mark})
     return orjson.dumps({**body, "extension": extensions})
+
+
+def _written_by(row: str, lsn: int | None, body: dict[str, Any]) -> str:
+    """The written-by mark: "<site>|<source id>|<source LSN>|<SHA-256 of the body without meta and without
+    cdrsync's own extensions>" (untouched_write reads it)."""
+    return f"{row}|{'' if lsn is None else lsn}|{canonical_hash(_own_extensions_removed(body))}"
 
 
 def untouched_write(resource: dict[str, Any] | None) -> tuple[str, int | None] | None:
@@ -123,15 +127,13 @@ def remarked(written: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]
     """`changed` (a copy of `written` with some of its content changed by cdrsync itself, e.g. a Patient
     reference moved) with the written-by mark's hash made to match it, when `written` is exactly as cdrsync
     wrote it; else `changed` as it is, so that an edit made at the target stays recognisable as one."""
-    if untouched_write(written) is None:
+    mark = untouched_write(written)
+    if mark is None:
         return changed
-    digest = canonical_hash(_own_extensions_removed(changed))
-    extensions = []
-    for extension in changed.get("extension", []):
-        if extension.get("url") == WRITTEN_BY_EXTENSION:
-            site, source_id, lsn = str(extension.get("valueString")).split("|")[:3]
-            extension = {**extension, "valueString": f"{site}|{source_id}|{lsn}|{digest}"}
-        extensions.append(extension)
+    extensions = [
+        {**e, "valueString": _written_by(*mark, changed)} if e.get("url") == WRITTEN_BY_EXTENSION else e
+        for e in changed.get("extension", [])
+    ]
     return {**changed, "extension": extensions}
 
 
