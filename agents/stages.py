@@ -322,9 +322,10 @@ async def _order_one(event: EventT) -> None:
                 if not released:
                     PARKED.labels(record.site, record.resource_type).inc()
                 for item in released:  # one parked here before its site's records moved goes after them
-                    elsewhere = redirect(patients, item)
-                    releasable += [item] if elsewhere is None else []
-                    redirected += [elsewhere] if elsewhere is not None else []
+                    if (elsewhere := redirect(patients, item)) is None:
+                        releasable.append(item)
+                    else:
+                        redirected.append(elsewhere)
     except Exception as error:
         await dead_letter("order", event, error)
         return
