@@ -266,25 +266,17 @@ def _conflicts_resolve(args: argparse.Namespace, settings: Settings, config: Con
 
 
 def _demo_load(args: argparse.Namespace, settings: Settings, config: Config) -> int:
-    from .demo import DEMO_ASSIGNMENT, FIXTURES, bundle_rows, demo_flags, shared_person_row, site_dsn, upsert_rows
+    from .demo import demo_fhir_loads, site_dsn, upsert_rows
 
     def dsn_of(site_name: str) -> str:
         site = config.sites[site_name]
         return site_dsn(site, settings.pg_host, settings.pg_port, settings.pg_user, settings.pg_password_value)
 
-    for site_name, bundles in DEMO_ASSIGNMENT.items():
-        site = config.sites[site_name]
-        dsn = dsn_of(site_name)
-        for bundle in bundles:
-            count = upsert_rows(dsn, bundle_rows(FIXTURES / f"{bundle}.json", site.resource_types))
-            print(f"{site_name}: {bundle:12} {count:3} rows written to {site.source.database}.fhir.resource")  # type: ignore[union-attr]
-    site_name, row = shared_person_row()
-    upsert_rows(dsn_of(site_name), [row])
-    print(f"{site_name}: the same person as site-a's ADT patient, local id {row.id}: one Patient at central")
-    for site_name in DEMO_ASSIGNMENT:
-        if flags := demo_flags(site_name):
-            upsert_rows(dsn_of(site_name), flags)
-            print(f"{site_name}: {len(flags)} tumour-board Flag(s) set: only those cases leave the hospital")
+    for load in demo_fhir_loads(lambda name: config.sites[name].resource_types):
+        count = upsert_rows(dsn_of(load.site), load.rows)
+        database = config.sites[load.site].source.database  # type: ignore[union-attr]
+        written = f"{load.what:12} {count:3} rows written to {database}.fhir.resource" if load.bundle else load.what
+        print(f"{load.site}: {written}")
     from .demo_sources import demo_compositions, demo_messages, write_compositions, write_messages
 
     for site in config.source_sites():

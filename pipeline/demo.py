@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,16 @@ from .resources import SUPPORTED_TYPES, patient_reference
 from .settings import pg_dsn
 from .trigger import TRIGGER_ALL, TriggerTables, select_records
 
-__all__ = ["DEMO_ASSIGNMENT", "Row", "bundle_rows", "site_dsn", "upsert_rows"]
+__all__ = [
+    "DEMO_ASSIGNMENT",
+    "DemoLoad",
+    "Row",
+    "bundle_rows",
+    "demo_fhir_keys",
+    "demo_fhir_loads",
+    "site_dsn",
+    "upsert_rows",
+]
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "fhir-converter"
 # Which sample messages each demo hospital received; several carry the same patient, so later ones
@@ -115,6 +124,45 @@ def demo_flags(site: str) -> list[Row]:
     return rows
 
 
+@dataclass(frozen=True)
+class DemoLoad:
+    """One step of `cdrsync demo load`: rows for one site's fhir.resource table, and what they are."""
+
+    site: str
+    rows: list[Row]
+    what: str  # the bundle's name, or (not a bundle) a sentence on what the rows are
+    bundle: bool = True
+
+
+def demo_fhir_loads(resource_types: Callable[[str], Iterable[str]]) -> list[DemoLoad]:
+    """What `demo load` writes into the FHIR hospitals' tables, in order (`resource_types`: what a site carries).
+
+    `demo wait` expects exactly these rows (and the adapter hospitals' demo rows) at the central CDR, so rows
+    that other runs left in the same databases (tests, a hospital's own trials) do not count.
+    """
+    loads = [
+        DemoLoad(site, bundle_rows(FIXTURES / f"{bundle}.json", resource_types(site)), bundle)
+        for site, bundles in DEMO_ASSIGNMENT.items()
+        for bundle in bundles
+    ]
+    site, row = shared_person_row()
+    same = f"the same person as site-a's ADT patient, local id {row.id}: one Patient at central"
+    loads.append(DemoLoad(site, [row], same, bundle=False))
+    for site in DEMO_ASSIGNMENT:
+        if flags := demo_flags(site):
+            flagged = f"{len(flags)} tumour-board Flag(s) set: only those cases leave the hospital"
+            loads.append(DemoLoad(site, flags, flagged, bundle=False))
+    return loads
+
+
+def demo_fhir_keys(resource_types: Callable[[str], Iterable[str]]) -> dict[str, set[tuple[str, str]]]:
+    """site → the (resource type, id) rows the demo writes there."""
+    keys: dict[str, set[tuple[str, str]]] = {}
+    for load in demo_fhir_loads(resource_types):
+        keys.setdefault(load.site, set()).update((row.resource_type, row.id) for row in load.rows)
+    return keys
+
+
 def site_dsn(site: SiteConfig, host: str, port: int, user: str, password: str | None) -> str:
     """libpq connection string for a site's source database."""
     assert site.source is not None
@@ -169,13 +217,14 @@ def _route_trigger(site: SiteConfig, target: str) -> str:
     return next((route.trigger for route in site.routes if route.target == target), TRIGGER_ALL)
 
 
-def source_rows(dsn: str, *, table: str = "fhir.resource") -> list[SourceRow]:
-    """(resource_type, id, updated_at epoch seconds, content of Patients) of every row in a site table."""
+def source_rows(dsn: str, *, table: str = "fhir.resource", only: set[tuple[str, str]] | None = None) -> list[SourceRow]:
+    """(resource_type, id, updated_at epoch seconds, content) of the rows of a site table (`only`: these keys)."""
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(
             f"SELECT resource_type, id, extract(epoch from updated_at), content FROM {table} ORDER BY updated_at"
         )
-        return [(t, i, float(ts), content) for t, i, ts, content in cur.fetchall()]
+        rows = [(t, i, float(ts), content) for t, i, ts, content in cur.fetchall()]
+    return rows if only is None else [row for row in rows if (row[0], row[1]) in only]
 
 
 def _patient_key(site: SiteConfig, content: dict[str, Any] | None) -> str | None:

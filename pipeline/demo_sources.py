@@ -18,7 +18,14 @@ from .demo import DEMO_SHARED_SYSTEM, FIXTURES, SourceRow, bundle_rows, demo_kvn
 from .errors import MappingError
 from .identity import shared_identifier
 
-__all__ = ["adapter_source_rows", "demo_compositions", "demo_messages", "write_compositions", "write_messages"]
+__all__ = [
+    "adapter_source_rows",
+    "demo_compositions",
+    "demo_messages",
+    "demo_source_keys",
+    "write_compositions",
+    "write_messages",
+]
 
 _ROOT = FIXTURES.parent
 OPENEHR_FIXTURES = _ROOT / "openehr"
@@ -100,21 +107,38 @@ def write_messages(dsn: str, messages: list[str]) -> int:
     return len(messages)
 
 
-def adapter_source_rows(site: SiteConfig, dsn: str) -> list[SourceRow]:
-    """What an openehr or hl7v2 site's rows map to, as (type, id, commit time, Patient content) rows."""
+def demo_source_keys(site: SiteConfig) -> list[str]:
+    """The rows `demo load` writes to an adapter hospital: composition uids, or message control ids."""
+    if site.adapter == "openehr":
+        return [source.uid for source, _ in demo_compositions()]
+    if site.adapter == "hl7v2":
+        return [raw.split("\r", 1)[0].split("|")[9] for raw in demo_messages()]
+    return []
+
+
+def adapter_source_rows(site: SiteConfig, dsn: str, only: list[str] | None = None) -> list[SourceRow]:
+    """What an openehr or hl7v2 site's rows map to, as (type, id, commit time, Patient content) rows.
+
+    `only`: just these compositions (uids) or messages (control ids).
+    """
     out: list[SourceRow] = []
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         if site.adapter == "openehr":
             cur.execute(
                 "SELECT uid, system_id, version, ehr_id, subject_id, subject_namespace, content, "
-                "extract(epoch from updated_at) FROM openehr.composition"
+                "extract(epoch from updated_at) FROM openehr.composition WHERE %(all)s OR uid = ANY(%(only)s)",
+                {"all": only is None, "only": only or []},
             )
             for uid, system_id, version, ehr_id, subject, namespace, content, committed in cur.fetchall():
                 source = CompositionSource(uid, system_id, version, ehr_id, subject, namespace)
                 mapped = composition_to_resources(content, source, site.zone, site.identifier_systems)
                 out += _rows(site, [mapped.patient, *mapped.resources], float(committed))
         elif site.adapter == "hl7v2":
-            cur.execute("SELECT message, extract(epoch from updated_at) FROM hl7v2.message")
+            cur.execute(
+                "SELECT message, extract(epoch from updated_at) FROM hl7v2.message "
+                "WHERE %(all)s OR control_id = ANY(%(only)s)",
+                {"all": only is None, "only": only or []},
+            )
             context = Hl7Context(site.site, site.zone, site.identifier_systems)
             for raw, committed in cur.fetchall():
                 try:
