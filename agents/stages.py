@@ -62,7 +62,16 @@ from pipeline.ordering import (
     staged,
     staged_tables,
 )
-from pipeline.patientmove import MOVE, MoveOutcome, move_site_records, moved_to, order_move, redirect
+from pipeline.patientmove import (
+    MOVE,
+    MoveOutcome,
+    is_handover,
+    move_site_records,
+    moved_to,
+    order_move,
+    redirect,
+    take_over,
+)
 from pipeline.provenance import runs_alongside
 from pipeline.records import NormalizedResource, RoutedResource, decode, encode
 from pipeline.sink import RetryPolicy, body_to_write, write_with_retries
@@ -309,8 +318,13 @@ async def _order_one(event: EventT) -> None:
             return
         selection = None
         redirected: list[RoutedResource] = []  # the site's records moved to another Patient (pipeline/patientmove.py)
-        if incoming.op == MOVE:  # not a change of a resource: an accepted identity review's move
-            releasable, redirected = order_move(changes, patients, incoming, now_ms(), event.message.partition)
+        handover: list[RoutedResource] = []  # what this partition released of them, for the new Patient's partition
+        if is_handover(incoming):  # the MOVE's hand-over, in the partition of the Patient moved to
+            releasable, redirected, _ = take_over(changes, patients, incoming, now_ms(), event.message.partition)
+        elif incoming.op == MOVE:  # not a change of a resource: an accepted identity review's move
+            releasable, redirected, handover = order_move(
+                changes, patients, incoming, now_ms(), event.message.partition
+            )
         elif (elsewhere := redirect(patients, incoming)) is not None:  # on its way here when its site's records moved
             releasable, redirected = [], [elsewhere]
         else:
@@ -331,6 +345,16 @@ async def _order_one(event: EventT) -> None:
         return
     for item in with_provenance(releasable):  # each central resource points at its source (agents/provenance.py)
         await deliver(ready, item.patient_key.encode(), encode(item))
+    for item in handover:  # before the records sent on, which may need it
+        await deliver(identified, item.patient_key.encode(), encode(item))
+    if handover:
+        log.info(
+            "%s's resources released at Patient/%s handed over to Patient/%s's partition",
+            incoming.site,
+            incoming.target_id,
+            handover[0].patient_key,
+            extra=record_fields(incoming),
+        )
     for item in redirected:
         await _send_on(item)
     if selection is not None:

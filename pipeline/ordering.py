@@ -33,7 +33,7 @@ import asyncio
 import base64
 import heapq
 from collections import deque
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -50,8 +50,10 @@ __all__ = [
     "ParkDeadlines",
     "Parked",
     "Staged",
+    "adopt_released",
     "expire_parked",
     "is_stale",
+    "live_referrers",
     "order_record",
     "staged",
     "take_parked",
@@ -230,7 +232,7 @@ def _with_pending_references(record: RoutedResource, pending: set[str]) -> Route
 _AWAITING_DELETE = "~"
 
 
-def _live_referrers(state: OrderState, ref: str) -> list[str]:
+def live_referrers(state: OrderState, ref: str) -> list[str]:
     """Released resources whose released version references ref."""
     return [r for r in state.referrers.get(ref, []) if ref in state.released.get(r, {}).get("deps", ())]
 
@@ -244,7 +246,7 @@ def _delete_group(state: OrderState, ref: str) -> tuple[set[str], str | None]:
     """Resources to delete together with ref, or the first referrer that is not being deleted."""
     group, frontier = {ref}, [ref]
     while frontier:
-        for referrer in _live_referrers(state, frontier.pop()):
+        for referrer in live_referrers(state, frontier.pop()):
             if referrer in group:
                 continue
             if not _parked_delete(state, referrer):
@@ -340,8 +342,12 @@ def order_record(state: OrderState, record: RoutedResource, now_ms: int, partiti
         seen = dict(state.positions.get(record.target_ref, {}))
         if record.source_lsn > seen.get(_source_row(record), -1):
             state.positions[record.target_ref] = {**seen, _source_row(record): record.source_lsn}
+    return _drain(state, deque([record]), now_ms, partition)
+
+
+def _drain(state: OrderState, queue: deque[RoutedResource], now_ms: int, partition: int) -> list[RoutedResource]:
+    """Admit the queued records and, depth first, what each one released; return what was released, in order."""
     released: list[RoutedResource] = []
-    queue = deque([record])
     while queue:
         admitted = _admit(state, queue.popleft(), now_ms, partition)
         if admitted is None:
@@ -354,6 +360,30 @@ def order_record(state: OrderState, record: RoutedResource, now_ms: int, partiti
             queue.extendleft(reversed(_unpark(state, _AWAITING_DELETE + ref)))
             if not admitted.is_delete:
                 queue.extendleft(reversed(_unpark(state, ref)))
+    return released
+
+
+def adopt_released(
+    state: OrderState, entries: Mapping[str, dict[str, Any]], now_ms: int, partition: int = 0
+) -> list[RoutedResource]:
+    """Resources released in another partition, known as released here too (`entries`: target ref → its entry
+    in released_by_reference there); return what waited here for them, now releasable, in order.
+
+    A site's records change partitions when their Patient does (an accepted identity review,
+    pipeline/patientmove.py): its later records reference resources released before, in the previous
+    Patient's partition, whose tables this partition cannot read. A resource released here already is a
+    newer version of it, and stays as it is.
+    """
+    released: list[RoutedResource] = []
+    for ref, entry in entries.items():
+        if ref in state.released:
+            continue
+        state.released[ref] = entry
+        for dependency in entry.get("deps", []):
+            known = state.referrers.get(dependency, [])
+            if ref not in known:
+                state.referrers[dependency] = [*known, ref]
+        released += _drain(state, deque(_unpark(state, ref)), now_ms, partition)
     return released
 
 

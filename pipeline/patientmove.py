@@ -44,7 +44,7 @@ from .errors import PermanentError, RejectedByTargetError, RetryableError, Targe
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
 from .merge import merge_patient, merged_patient
-from .ordering import OrderState, order_record, take_parked
+from .ordering import OrderState, adopt_released, live_referrers, order_record, take_parked
 from .provenance import provenance_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, map_references, relative_reference
@@ -56,14 +56,17 @@ __all__ = [
     "MoveOutcome",
     "MoveRefusedError",
     "everything_of_site",
+    "handover_records",
     "holder_of",
     "holds_local_patient",
+    "is_handover",
     "move_request",
     "move_site_records",
     "moved_to",
     "order_move",
     "redirect",
     "rewritten",
+    "take_over",
 ]
 
 MOVE = "MOVE"
@@ -271,10 +274,12 @@ async def _destination_ready(client: FhirClient, record: RoutedResource, new_key
 
 class MoveOrder(NamedTuple):
     """What the order stage does with a MOVE: records for the sink, in order; records of the site that waited for
-    the previous Patient, sent on to the new one (the identified topic, keyed by it)."""
+    the previous Patient, sent on to the new one (the identified topic, keyed by it); and, sent there before
+    them, the hand-over: what this partition released of the site's resources (`handover_records`)."""
 
     to_sink: list[RoutedResource]
     redirected: list[RoutedResource]
+    handover: list[RoutedResource]
 
 
 def order_move(
@@ -310,6 +315,7 @@ def order_move(
     kept = patients.get(move.target_id) or {"sites": [], "versions": {}}
     patients[move.target_id] = {**kept, "moved": {**(kept.get("moved") or {}), move.site: moved_to(move)}}
     waiting: list[RoutedResource] = []
+    handover = handover_records(move, _released_of_site(state, move.site, previous, new, every=leaving.is_delete))
     _note_moved(state, move.site, previous, new, every=leaving.is_delete)
     if leaving.is_delete:
         waiting = take_parked(state, previous)  # they would wait for a Patient that is going away
@@ -319,7 +325,72 @@ def order_move(
         gone = replace(move, resource_type="Provenance", target_id=provenance, op="DELETE", resource=None)
         to_sink = [move, *order_record(state, leaving, now_ms, partition), gone]
     redirected = [r for r in (redirect(patients, w) for w in waiting) if r is not None]
-    return MoveOrder(to_sink, redirected)
+    return MoveOrder(to_sink, redirected, handover)
+
+
+def _released_of_site(state: OrderState, site: str, previous: str, new: str, *, every: bool) -> dict[str, Any]:
+    """The site's resources released here as referencing the previous Patient (every: all of them, as in
+    `_note_moved`), and the site's resources they reference, released here too: target ref → its entry in
+    released_by_reference, with references to the previous Patient made references to the new one."""
+    chosen: dict[str, Any] = {}
+    frontier = [r for r in live_referrers(state, previous) if every or state.released[r].get("site") == site]
+    while frontier:
+        ref = frontier.pop()
+        known = state.released.get(ref)
+        if ref in chosen or known is None:
+            continue
+        deps = [new if d == previous else d for d in known.get("deps", [])]
+        chosen[ref] = {**known, "deps": deps}
+        frontier += [
+            d for d in deps if not d.startswith("Patient/") and (state.released.get(d) or {}).get("site") == site
+        ]
+    return chosen
+
+
+_HANDOVER_CHUNK = 1000  # entries per hand-over record (about 200 bytes each)
+
+
+def handover_records(move: RoutedResource, released: Mapping[str, Any]) -> list[RoutedResource]:
+    """The MOVE as the new Patient's partition gets it: keyed by the new Patient (its target_id stays the previous
+    one), carrying what the previous Patient's partition released of the site (`released`, in chunks). The
+    site's later records go to the new Patient's partition and reference those resources; that partition cannot
+    read the previous one's tables (in one worker or another), so without them it would hold them until their
+    park expired."""
+    items = sorted(released.items())
+    body = orjson.loads(move.resource or "{}")
+    return [
+        replace(
+            move,
+            patient_key=moved_to(move),
+            resource=orjson.dumps({**body, "released": dict(items[i : i + _HANDOVER_CHUNK])}).decode(),
+        )
+        for i in range(0, len(items), _HANDOVER_CHUNK)
+    ]
+
+
+def is_handover(record: RoutedResource) -> bool:
+    """Whether a record is a hand-over (`handover_records`): a MOVE keyed by the Patient it moves to."""
+    return record.op == MOVE and record.patient_key != record.target_id
+
+
+def take_over(
+    state: OrderState,
+    patients: Mapping[str, dict[str, Any]],
+    handover: RoutedResource,
+    now_ms: int,
+    partition: int = 0,
+) -> MoveOrder:
+    """The new Patient's partition takes over what the previous one released of the site: records parked here
+    for any of it are released (for the sink), or sent on if their site's records moved on again meanwhile."""
+    assert handover.resource is not None
+    released = adopt_released(state, orjson.loads(handover.resource).get("released") or {}, now_ms, partition)
+    to_sink, redirected = [], []
+    for item in released:
+        if (elsewhere := redirect(patients, item)) is None:
+            to_sink.append(item)
+        else:
+            redirected.append(elsewhere)
+    return MoveOrder(to_sink, redirected, [])
 
 
 def _note_moved(state: OrderState, site: str, previous: str, new: str, *, every: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from aiokafka.partitioner import murmur2
 
 from pipeline.cli import main
 from pipeline.config import Config
@@ -12,10 +13,15 @@ from pipeline.ids import target_id
 from pipeline.provenance import provenance_id
 from pipeline.references import logical_system
 from pipeline.tap import tap
-from tests.casebuilder import KVNR_SYSTEM, observation_for, tumorboard_flag, with_kvnr
+from tests.casebuilder import KVNR_SYSTEM, encounter_for, observation_for, tumorboard_flag, with_kvnr
 from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, patient_at_both_hospitals, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+def _partition(config: Config, patient_key: str) -> int:
+    """The partition of the identified topic a patient's records go to (Kafka's default partitioner)."""
+    return (murmur2(patient_key.encode()) & 0x7FFFFFFF) % config.topics.partitions_of("identified")
 
 
 def test_same_person_at_two_hospitals_is_one_central_patient_owned_by_the_first(
@@ -150,11 +156,19 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
     action: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    kvnr, typo = f"V{run_id}{action[0]}", f"W{run_id}{action[0]}"
+    kvnr = f"V{run_id}{action[0]}"
+    key = global_patient_key(KVNR_SYSTEM, kvnr)
+    # The two Patients in different partitions: the move crosses them, as it mostly does (and may cross workers).
+    candidates = (f"W{run_id}{action[0]}{n}" for n in range(100))
+    typo = next(
+        t for t in candidates if _partition(config, global_patient_key(KVNR_SYSTEM, t)) != _partition(config, key)
+    )
+    other_key = global_patient_key(KVNR_SYSTEM, typo)
     person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-rev-{action}", "gender": "female"}, kvnr)
-    key, other_key = global_patient_key(KVNR_SYSTEM, kvnr), global_patient_key(KVNR_SYSTEM, typo)
-    earlier = observation_for(f"{run_id}-rev-{action}-0", person["id"], 1, 63.0)
-    site_a.upsert_many([person, earlier])
+    encounter = encounter_for(f"{run_id}-rev-{action}", person["id"])
+    earlier = observation_for(f"{run_id}-rev-{action}-0", person["id"], 1, 63.0, encounter["id"])
+    site_a.upsert_many([person, encounter, earlier])
+    encounter_ref = f"Encounter/{target_id('site-a', 'Encounter', encounter['id'])}"
     earlier_ref = f"Observation/{target_id('site-a', 'Observation', earlier['id'])}"
     wait_for(lambda: stack.read(*earlier_ref.split("/")), timeout=120, what="the patient's first record at central")
     reviews_before = worker.metric("cdrsync_identity_reviews_total", site="site-a")
@@ -226,10 +240,23 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
             what="the next version of the moved observation",
         )
         assert stack.read(*earlier_ref.split("/"))["subject"]["reference"] == f"Patient/{other_key}"
+        assert stack.read(*encounter_ref.split("/"))["subject"]["reference"] == f"Patient/{other_key}"
+        # A new record in the encounter she had before the change is written at once: the new Patient's partition
+        # knows that encounter as written (handed over by the previous one's), instead of holding the record for it
+        # until its park expires.
+        later = observation_for(f"{run_id}-rev-{action}-2", person["id"], 2, 62.5, encounter["id"])
+        site_a.upsert(later)
+        arrived = wait_for(
+            lambda: stack.read("Observation", target_id("site-a", "Observation", later["id"])),
+            timeout=120,
+            what="a new observation in the earlier encounter",
+        )
+        assert arrived["subject"]["reference"] == f"Patient/{other_key}"
+        assert arrived["encounter"]["reference"] == encounter_ref
     else:
         # What the reviewer is shown of the central Patient the review started from: the site's records there.
         code, out = _cdrsync(capsys, "identity", "show", "site-a", person["id"])
-        there = sorted([earlier_ref, f"Observation/{observation_id}"])
+        there = sorted([earlier_ref, encounter_ref, f"Observation/{observation_id}"])
         assert code == 0 and orjson.loads(out)["site_records_at_previous_patient"] == {"central": there}
         assert "gender" not in out  # no patient data unless asked for
         assert decided["subject"]["reference"] == f"Patient/{key}"
