@@ -24,7 +24,13 @@ holds it any more, after the move) to the sink, which calls `move_site_records`:
 
 The order stage notes the move on the previous Patient's entry (`moved`), so the site's records still on
 their way there (parked for it, arriving later; at the sink, one that waited in a retry topic, as a dead
-letter or behind one) are sent on to the new Patient (`redirect`).
+letter or behind one) are sent on to the new Patient (`redirect`). The new Patient's partition cannot read the
+previous one's tables (the order stage's state is per partition, and the two are mostly in different ones,
+perhaps of different workers), so the previous one hands over what it released of the site's resources
+(`handover_records`: the MOVE again, keyed by the new Patient, carrying their entries); the new one takes them
+as released (`take_over`), and the site's later records naming them are released there, not parked until
+their park expires. (The order stage's LSN positions of those resources are not handed over: a Debezium re-send
+of an older version meeting the move is written, and the newer versions it re-sends follow it.)
 
 Limits: the target cannot tell two local patients of one hospital apart once both are at one central Patient
 (a duplicate record at the hospital, both with the same insurance number): all of that site's resources
