@@ -319,8 +319,8 @@ async def _order_one(event: EventT) -> None:
         selection = None
         redirected: list[RoutedResource] = []  # the site's records moved to another Patient (pipeline/patientmove.py)
         handover: list[RoutedResource] = []  # what this partition released of them, for the new Patient's partition
-        if is_handover(incoming):  # the MOVE's hand-over, in the partition of the Patient moved to
-            releasable, redirected, _ = take_over(changes, patients, incoming, now_ms(), event.message.partition)
+        if is_handover(incoming):  # a MOVE's hand-over, in the partition of the Patient moved to
+            releasable, redirected, handover = take_over(changes, patients, incoming, now_ms(), event.message.partition)
         elif incoming.op == MOVE:  # not a change of a resource: an accepted identity review's move
             releasable, redirected, handover = order_move(
                 changes, patients, incoming, now_ms(), event.message.partition
@@ -349,10 +349,11 @@ async def _order_one(event: EventT) -> None:
         await deliver(identified, item.patient_key.encode(), encode(item))
     if handover:
         log.info(
-            "%s's resources released at Patient/%s handed over to Patient/%s's partition",
+            "what the order stage knew of %s's resources at Patient/%s handed over to Patient/%s's partition (%d)",
             incoming.site,
-            incoming.target_id,
+            handover[0].target_id,
             handover[0].patient_key,
+            len(handover),
             extra=record_fields(incoming),
         )
     for item in redirected:

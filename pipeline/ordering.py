@@ -57,6 +57,7 @@ __all__ = [
     "order_record",
     "staged",
     "take_parked",
+    "take_parked_of",
 ]
 
 # Identifier system of a reference written before its target: the value is the target reference.
@@ -185,6 +186,8 @@ def _park(
         "partition": partition,
         "completion": completion,
         "delete": record.is_delete,
+        "patient": record.patient_key,  # whose it is, without decoding it (entries parked before lack both)
+        "site": record.site,
     }
     state.parked[missing] = [*state.parked.get(missing, []), entry]
     state.waiting[record.target_ref] = missing
@@ -364,27 +367,74 @@ def _drain(state: OrderState, queue: deque[RoutedResource], now_ms: int, partiti
 
 
 def adopt_released(
-    state: OrderState, entries: Mapping[str, dict[str, Any]], now_ms: int, partition: int = 0
+    state: OrderState,
+    entries: Mapping[str, dict[str, Any]],
+    positions: Mapping[str, dict[str, int]],
+    now_ms: int,
+    partition: int = 0,
 ) -> list[RoutedResource]:
     """Resources released in another partition, known as released here too (`entries`: target ref → its entry
-    in released_by_reference there); return what waited here for them, now releasable, in order.
+    in released_by_reference there; `positions`: its source positions there); return what waited here for them,
+    now releasable, in order.
 
     A site's records change partitions when their Patient does (an accepted identity review,
     pipeline/patientmove.py): its later records reference resources released before, in the previous
-    Patient's partition, whose tables this partition cannot read. A resource released here already is a
-    newer version of it, and stays as it is.
+    Patient's partition, whose tables this partition cannot read. What this partition saw of a resource itself
+    (released, or deleted, here since) stands, unless the entry handed over comes from a later change of its
+    source row (by LSN): a hand-over may arrive late, twice, or replayed from a dead letter.
     """
-    released: list[RoutedResource] = []
+    adopted = []
     for ref, entry in entries.items():
-        if ref in state.released:
+        ours, theirs = state.positions.get(ref, {}), positions.get(ref, {})
+        seen_here = ref in state.released or bool(ours)
+        if seen_here and not any(lsn > ours.get(row, -1) for row, lsn in theirs.items()):
             continue
         state.released[ref] = entry
         for dependency in entry.get("deps", []):
             known = state.referrers.get(dependency, [])
             if ref not in known:
                 state.referrers[dependency] = [*known, ref]
-        released += _drain(state, deque(_unpark(state, ref)), now_ms, partition)
-    return released
+        adopted.append(ref)
+    for ref, theirs in positions.items():
+        ours = state.positions.get(ref, {})
+        merged = {**ours, **{row: max(lsn, ours.get(row, lsn)) for row, lsn in theirs.items()}}
+        if merged != ours:
+            state.positions[ref] = merged
+    # All of them released first, then what waited: a record waiting for several of them is released once.
+    waited = deque(record for ref in adopted for record in _unpark(state, ref))
+    return _drain(state, waited, now_ms, partition)
+
+
+def take_parked_of(state: OrderState, patient_key: str, site: str, partition: int) -> list[RoutedResource]:
+    """Take out every record of a site and patient parked in this partition (waiting, completions, deletes
+    waiting for their referrers), each park list's in its order: for a patient whose records moved to another
+    Patient (pipeline/patientmove.py). Reads every park list of the worker once: for a rare event only."""
+    taken: list[dict[str, Any]] = []  # each list's in its order (one resource's versions are in one list)
+    for missing in list(state.parked):
+        entries = state.parked.get(missing) or []
+        if not entries or entries[0]["partition"] != partition:
+            continue
+        mine = [n for n, entry in enumerate(entries) if _owner(entry) == (patient_key, site)]
+        if not mine:
+            continue
+        taken += [entries[n] for n in mine]
+        left = [entry for n, entry in enumerate(entries) if n not in set(mine)]
+        if left:
+            state.parked[missing] = left
+        else:
+            del state.parked[missing]
+        for n in mine:
+            ref = entries[n]["ref"]
+            if state.waiting.get(ref) == missing and not any(entry["ref"] == ref for entry in left):
+                del state.waiting[ref]
+    return [decode(base64.b64decode(entry["record"]), RoutedResource) for entry in taken]
+
+
+def _owner(entry: dict[str, Any]) -> tuple[str, str]:
+    if "patient" in entry:
+        return entry["patient"], entry["site"]
+    record = decode(base64.b64decode(entry["record"]), RoutedResource)
+    return record.patient_key, record.site
 
 
 def expire_parked(state: OrderState, now_ms: int, limit_ms: int, partition: int = 0) -> list[Parked]:

@@ -50,13 +50,14 @@ from .errors import PermanentError, RejectedByTargetError, RetryableError, Targe
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
 from .merge import merge_patient, merged_patient
-from .ordering import OrderState, adopt_released, live_referrers, order_record, take_parked
+from .ordering import OrderState, adopt_released, live_referrers, order_record, take_parked, take_parked_of
 from .provenance import provenance_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, map_references, relative_reference
 from .sink import Versions, remarked, untouched_write
 
 __all__ = [
+    "HANDOVER",
     "MOVE",
     "MoveOrder",
     "MoveOutcome",
@@ -76,6 +77,7 @@ __all__ = [
 ]
 
 MOVE = "MOVE"
+HANDOVER = "HANDOVER"  # a MOVE as the new Patient's partition gets it (`handover_records`)
 _ROUNDS = 3
 _SKIPPED = ("Patient", "Provenance")  # the Patient itself; Provenances point at the resources, which keep their ids
 
@@ -320,11 +322,20 @@ def order_move(
         leaving = replace(move, op="DELETE", resource=None)
     kept = patients.get(move.target_id) or {"sites": [], "versions": {}}
     patients[move.target_id] = {**kept, "moved": {**(kept.get("moved") or {}), move.site: moved_to(move)}}
-    waiting: list[RoutedResource] = []
-    handover = handover_records(move, _released_of_site(state, move.site, previous, new, every=leaving.is_delete))
+    # What this partition holds of the site's records of the previous Patient goes with them: the new Patient's
+    # partition cannot read it here (`handover_records`).
+    waiting = take_parked_of(state, move.target_id, move.site, partition)
+    released = _released_of_site(state, move.site, previous, new)
+    refs = [*released, *(w.target_ref for w in waiting)]
+    positions = {ref: seen for ref in refs if (seen := state.positions.get(ref))}
+    for ref in released:
+        state.released.pop(ref, None)
+    for ref in positions:
+        state.positions.pop(ref, None)
+    handover = handover_records(move, released, positions)
     _note_moved(state, move.site, previous, new, every=leaving.is_delete)
     if leaving.is_delete:
-        waiting = take_parked(state, previous)  # they would wait for a Patient that is going away
+        waiting += take_parked(state, previous)  # they would wait for a Patient that is going away
         to_sink = [move, *order_record(state, leaving, now_ms, partition)]
     else:
         provenance = provenance_id(move.site, previous)
@@ -334,12 +345,17 @@ def order_move(
     return MoveOrder(to_sink, redirected, handover)
 
 
-def _released_of_site(state: OrderState, site: str, previous: str, new: str, *, every: bool) -> dict[str, Any]:
-    """The site's resources released here as referencing the previous Patient (every: all of them, as in
-    `_note_moved`), and the site's resources they reference, released here too: target ref → its entry in
-    released_by_reference, with references to the previous Patient made references to the new one."""
+def _released_of_site(state: OrderState, site: str, previous: str, new: str) -> dict[str, Any]:
+    """The site's resources released here as referencing the previous Patient (and those released before
+    entries named their site), and the site's resources they reference, released here too: target ref → its entry
+    in released_by_reference, with references to the previous Patient made references to the new one. Another
+    hospital's resources stay: the sink moves only the site's."""
+
+    def of_site(ref: str) -> bool:
+        return (state.released.get(ref) or {}).get("site", site) == site
+
     chosen: dict[str, Any] = {}
-    frontier = [r for r in live_referrers(state, previous) if every or state.released[r].get("site") == site]
+    frontier = [ref for ref in live_referrers(state, previous) if of_site(ref)]
     while frontier:
         ref = frontier.pop()
         known = state.released.get(ref)
@@ -347,36 +363,49 @@ def _released_of_site(state: OrderState, site: str, previous: str, new: str, *, 
             continue
         deps = [new if d == previous else d for d in known.get("deps", [])]
         chosen[ref] = {**known, "deps": deps}
-        frontier += [
-            d for d in deps if not d.startswith("Patient/") and (state.released.get(d) or {}).get("site") == site
-        ]
+        frontier += [d for d in deps if not d.startswith("Patient/") and d in state.released and of_site(d)]
     return chosen
 
 
-_HANDOVER_CHUNK = 1000  # entries per hand-over record (about 200 bytes each)
+_HANDOVER_BYTES = 512 * 1024  # per hand-over record, well within the broker's limit for one message
 
 
-def handover_records(move: RoutedResource, released: Mapping[str, Any]) -> list[RoutedResource]:
-    """The MOVE as the new Patient's partition gets it: keyed by the new Patient (its target_id stays the previous
-    one), carrying what the previous Patient's partition released of the site (`released`, in chunks). The
-    site's later records go to the new Patient's partition and reference those resources; that partition cannot
-    read the previous one's tables (in one worker or another), so without them it would hold them until their
-    park expired."""
-    items = sorted(released.items())
+def handover_records(
+    move: RoutedResource, released: Mapping[str, Any], positions: Mapping[str, Any]
+) -> list[RoutedResource]:
+    """The MOVE as the new Patient's partition gets it (op HANDOVER): keyed by the new Patient (its target_id
+    stays the previous one), carrying what the previous Patient's partition released of the site (`released`)
+    and the source positions it saw of the site's resources (`positions`), in records of bounded size; none
+    when there is nothing to hand over. The site's later records go to the new Patient's partition and
+    reference those resources; that partition cannot read the previous one's tables (in one worker or
+    another), so without them it would hold them until their park expired."""
     body = orjson.loads(move.resource or "{}")
+    parts: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    size = _HANDOVER_BYTES
+    for ref in sorted({*released, *positions}):
+        grow = len(ref) + len(orjson.dumps(released.get(ref))) + len(orjson.dumps(positions.get(ref)))
+        if size + grow > _HANDOVER_BYTES:
+            parts.append(({}, {}))
+            size = 0
+        size += grow
+        if ref in released:
+            parts[-1][0][ref] = released[ref]
+        if ref in positions:
+            parts[-1][1][ref] = positions[ref]
     return [
         replace(
             move,
+            op=HANDOVER,
             patient_key=moved_to(move),
-            resource=orjson.dumps({**body, "released": dict(items[i : i + _HANDOVER_CHUNK])}).decode(),
+            resource=orjson.dumps({**body, "released": entries, "positions": seen}).decode(),
         )
-        for i in range(0, len(items), _HANDOVER_CHUNK)
+        for entries, seen in parts
     ]
 
 
 def is_handover(record: RoutedResource) -> bool:
-    """Whether a record is a hand-over (`handover_records`): a MOVE keyed by the Patient it moves to."""
-    return record.op == MOVE and record.patient_key != record.target_id
+    """Whether a record is a hand-over (`handover_records`)."""
+    return record.op == HANDOVER
 
 
 def take_over(
@@ -387,11 +416,26 @@ def take_over(
     partition: int = 0,
 ) -> MoveOrder:
     """The new Patient's partition takes over what the previous one released of the site: records parked here
-    for any of it are released (for the sink), or sent on if their site's records moved on again meanwhile."""
+    for any of it are released (for the sink), or sent on if their site's records moved on again meanwhile. If
+    the site's records moved on from this Patient before the hand-over came (a review after the one it
+    follows), it is handed on to the Patient they moved to."""
     assert handover.resource is not None
-    released = adopt_released(state, orjson.loads(handover.resource).get("released") or {}, now_ms, partition)
+    body = orjson.loads(handover.resource)
+    released, positions = body.get("released") or {}, body.get("positions") or {}
+    here = handover.patient_key
+    onward = ((patients.get(here) or {}).get("moved") or {}).get(handover.site)
+    if onward is not None:
+        at, to = f"Patient/{here}", f"Patient/{onward}"
+        entries = {
+            ref: {**entry, "deps": [to if d == at else d for d in entry.get("deps", [])]}
+            for ref, entry in released.items()
+        }
+        ahead = replace(
+            handover, op=MOVE, target_id=here, patient_key=here, resource=orjson.dumps({**body, "to": onward}).decode()
+        )
+        return MoveOrder([], [], handover_records(ahead, entries, positions))
     to_sink, redirected = [], []
-    for item in released:
+    for item in adopt_released(state, released, positions, now_ms, partition):
         if (elsewhere := redirect(patients, item)) is None:
             to_sink.append(item)
         else:

@@ -3,23 +3,12 @@ references and nothing else, cdrsync's mark kept truthful, and the previous Pati
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import orjson
 import pytest
 
 from pipeline.merge import merge_patient
 from pipeline.ordering import OrderState, order_record
-from pipeline.patientmove import (
-    handover_records,
-    is_handover,
-    move_request,
-    moved_to,
-    order_move,
-    redirect,
-    rewritten,
-    take_over,
-)
+from pipeline.patientmove import move_request, moved_to, order_move, redirect, rewritten
 from pipeline.provenance import add_provenance, provenance_id
 from pipeline.records import NormalizedResource, decode, encode
 from pipeline.sink import body_to_write, untouched_write
@@ -129,8 +118,9 @@ def test_the_only_hospital_of_the_previous_patient_leaving_deletes_it_after_the_
     out, redirected, _ = order_move(state, patients, request(), 1)
     assert [(r.op, r.target_ref) for r in out] == [("MOVE", f"Patient/{OLD}"), ("DELETE", f"Patient/{OLD}")]
     assert patients[OLD] == {"sites": [], "versions": {}, "moved": {"site-a": NEW}} and redirected == []
-    # The delete is not held for the observation that referenced the Patient: it is moved, and noted so.
-    assert state.released["Observation/obs-1"]["deps"] == [f"Patient/{NEW}"]
+    # The delete is not held for the observation that referenced the Patient: it moved, and its entry went with
+    # it to the new Patient's partition (tests/unit/test_handover.py).
+    assert "Observation/obs-1" not in state.released
     assert state.parked == {}
 
 
@@ -213,122 +203,10 @@ def test_the_moved_records_no_longer_hold_up_a_later_delete_of_the_previous_pati
     for name, site in (("obs-a", "site-a"), ("obs-b", "site-b")):
         assert [r.target_ref for r in order_record(state, observation_of(name, site), 0)] == [f"Observation/{name}"]
     order_move(state, patients, request(), 1)  # site-b still holds the previous Patient: it is updated
-    assert state.released["Observation/obs-a"]["deps"] == [f"Patient/{NEW}"]
+    assert "Observation/obs-a" not in state.released  # gone with site-a to the new Patient's partition
     assert state.released["Observation/obs-b"]["deps"] == [f"Patient/{OLD}"]
     # site-b lets the patient go: the Patient's delete waits for site-b's observation only, not the moved one.
     delete = routed_record(
         None, resource_type="Patient", source_id="b-1", target_id=OLD, patient_key=OLD, op="DELETE", site="site-b"
     )
     assert order_record(state, delete, 2) == [] and set(state.parked) == {"~Observation/obs-b"}
-
-
-def encounter_of(name: str, site: str, patient: str = OLD):
-    body = {"resourceType": "Encounter", "id": name, "subject": {"reference": f"Patient/{patient}"}}
-    return routed_record(
-        body,
-        site=site,
-        resource_type="Encounter",
-        target_id=name,
-        patient_key=patient,
-        dependencies=[f"Patient/{patient}"],
-    )
-
-
-def at_new_patient(name: str, encounter: str):
-    """An observation of site-a sent after the review was accepted: keyed by the new Patient, naming an encounter
-    that was written while the patient was the previous one."""
-    body = {
-        "resourceType": "Observation",
-        "id": name,
-        "subject": {"reference": f"Patient/{NEW}"},
-        "encounter": {"reference": f"Encounter/{encounter}"},
-    }
-    return routed_record(
-        body,
-        site="site-a",
-        resource_type="Observation",
-        target_id=name,
-        patient_key=NEW,
-        dependencies=[f"Encounter/{encounter}", f"Patient/{NEW}"],
-    )
-
-
-def new_patient_partition() -> OrderState:
-    """The new Patient's partition: its Patient released there (the accepted version, keyed by it)."""
-    state = OrderState({}, {}, {}, {})
-    patient = routed_record({"resourceType": "Patient", "id": NEW}, site="site-a", source_id="a-1", patient_key=NEW)
-    assert [r.target_ref for r in order_record(state, patient, 0, partition=4)] == [f"Patient/{NEW}"]
-    return state
-
-
-def test_what_the_previous_patient_s_partition_released_of_the_site_is_handed_over_to_the_new_one() -> None:
-    previous, patients = OrderState({}, {}, {}, {}), {}
-    for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
-        merge_patient(patients, site_patient(site, mrn))
-        order_record(previous, site_patient(site, mrn), 0)
-    for record in (encounter_of("enc-a", "site-a"), encounter_of("enc-b", "site-b")):
-        assert len(order_record(previous, record, 0)) == 1
-    observation = observation_of("obs-a", "site-a")
-    observation = replace(observation, dependencies=[*observation.dependencies, "Encounter/enc-a"])
-    assert len(order_record(previous, observation, 0)) == 1
-
-    _, _, handover = order_move(previous, patients, request(), 1)
-    [record] = handover
-    assert is_handover(record) and not is_handover(request())
-    assert (record.op, record.target_id, record.patient_key) == ("MOVE", OLD, NEW)  # goes to the new one's partition
-    record = decode(encode(record), type(record))  # it travels on the identified topic
-    released = orjson.loads(record.resource)["released"]
-    assert set(released) == {"Encounter/enc-a", "Observation/obs-a"}  # site-b's encounter stays where it is
-    assert released["Observation/obs-a"]["deps"] == [f"Patient/{NEW}", "Encounter/enc-a"]
-    assert released["Encounter/enc-a"]["deps"] == [f"Patient/{NEW}"]
-
-
-def test_a_later_record_naming_an_earlier_encounter_is_released_in_the_new_patient_s_partition() -> None:
-    previous, patients = OrderState({}, {}, {}, {}), {}
-    merge_patient(patients, site_patient("site-a", "a-1"))
-    order_record(previous, site_patient("site-a", "a-1"), 0)
-    assert len(order_record(previous, encounter_of("enc-1", "site-a"), 0)) == 1
-    _, _, handover = order_move(previous, patients, request(), 1)
-
-    # Arriving before the hand-over, it waits for the encounter, which that partition never saw released ...
-    new = new_patient_partition()
-    assert order_record(new, at_new_patient("obs-9", "enc-1"), 5, partition=4) == []
-    assert set(new.parked) == {"Encounter/enc-1"}
-    # ... and the hand-over releases it.
-    to_sink, redirected, _ = take_over(new, {}, handover[0], 6, partition=4)
-    assert [r.target_ref for r in to_sink] == ["Observation/obs-9"] and redirected == []
-    assert new.parked == {} and new.waiting == {}
-    # Arriving after it, one is released at once.
-    assert [r.target_ref for r in order_record(new, at_new_patient("obs-10", "enc-1"), 7, partition=4)] == [
-        "Observation/obs-10"
-    ]
-    # The encounter's delete there waits for what references it, as in any partition.
-    delete = replace(encounter_of("enc-1", "site-a", NEW), op="DELETE", resource=None)
-    assert order_record(new, delete, 8, partition=4) == []
-
-
-def test_a_newer_version_released_in_the_new_patient_s_partition_is_kept_over_the_hand_over() -> None:
-    previous, patients = OrderState({}, {}, {}, {}), {}
-    merge_patient(patients, site_patient("site-a", "a-1"))
-    order_record(previous, site_patient("site-a", "a-1"), 0)
-    order_record(previous, encounter_of("enc-2", "site-a"), 0)
-    _, _, handover = order_move(previous, patients, request(), 1)
-    new = new_patient_partition()
-    newer = replace(encounter_of("enc-2", "site-a", NEW), content_hash="newer")
-    assert len(order_record(new, newer, 2, partition=4)) == 1
-    take_over(new, {}, handover[0], 3, partition=4)
-    assert new.released["Encounter/enc-2"]["hash"] == "newer"
-
-
-def test_a_move_of_a_site_with_nothing_released_hands_nothing_over() -> None:
-    state, patients = OrderState({}, {}, {}, {}), {}
-    merge_patient(patients, site_patient("site-a", "a-1"))
-    assert order_move(state, patients, request(), 1).handover == []
-
-
-def test_a_large_hand_over_is_split_into_records_of_bounded_size() -> None:
-    released = {f"Observation/o-{i}": {"hash": "h", "deps": [f"Patient/{NEW}"], "site": "site-a"} for i in range(2500)}
-    records = handover_records(request(), released)
-    assert [len(orjson.loads(r.resource)["released"]) for r in records] == [1000, 1000, 500]
-    assert {k for r in records for k in orjson.loads(r.resource)["released"]} == set(released)
-    assert all(moved_to(r) == NEW for r in records)
