@@ -271,3 +271,24 @@ def untagged_copy(copy: RoutedResource) -> Resource:
     untagged["meta"]["tag"] = [t for t in untagged["meta"]["tag"] if t["system"] != "urn:cdrsync:source-version"]
     untagged["code"]["text"] = "untagged"
     return untagged
+
+
+def partition_of(patient_key: str, partitions: int) -> int:
+    """The partition a patient's records go to on a topic keyed by the patient key (Kafka's default partitioner,
+    murmur2, as the worker's producers use it)."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(patient_key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def key_in_another_partition(prefix: str, other_key: str, partitions: int, system: str = KVNR_SYSTEM) -> str:
+    """A shared identifier, starting with prefix, whose patient key is in another partition than other_key's: a
+    move between the two Patients then crosses partitions (and may cross workers), as it mostly does."""
+    from pipeline.identity import global_patient_key
+
+    where = partition_of(other_key, partitions)
+    return next(
+        value
+        for value in (f"{prefix}{n}" for n in range(1000))
+        if partition_of(global_patient_key(system, value), partitions) != where
+    )

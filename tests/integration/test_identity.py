@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from aiokafka.partitioner import murmur2
 
 from pipeline.cli import main
 from pipeline.config import Config
@@ -13,15 +12,17 @@ from pipeline.ids import target_id
 from pipeline.provenance import provenance_id
 from pipeline.references import logical_system
 from pipeline.tap import tap
-from tests.casebuilder import KVNR_SYSTEM, encounter_for, observation_for, tumorboard_flag, with_kvnr
+from tests.casebuilder import (
+    KVNR_SYSTEM,
+    encounter_for,
+    key_in_another_partition,
+    observation_for,
+    tumorboard_flag,
+    with_kvnr,
+)
 from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, patient_at_both_hospitals, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def _partition(config: Config, patient_key: str) -> int:
-    """The partition of the identified topic a patient's records go to (Kafka's default partitioner)."""
-    return (murmur2(patient_key.encode()) & 0x7FFFFFFF) % config.topics.partitions_of("identified")
 
 
 def test_same_person_at_two_hospitals_is_one_central_patient_owned_by_the_first(
@@ -158,11 +159,7 @@ def test_a_changed_shared_number_holds_the_patients_records_until_a_reviewer_dec
 ) -> None:
     kvnr = f"V{run_id}{action[0]}"
     key = global_patient_key(KVNR_SYSTEM, kvnr)
-    # The two Patients in different partitions: the move crosses them, as it mostly does (and may cross workers).
-    candidates = (f"W{run_id}{action[0]}{n}" for n in range(100))
-    typo = next(
-        t for t in candidates if _partition(config, global_patient_key(KVNR_SYSTEM, t)) != _partition(config, key)
-    )
+    typo = key_in_another_partition(f"W{run_id}{action[0]}", key, config.topics.partitions_of("identified"))
     other_key = global_patient_key(KVNR_SYSTEM, typo)
     person = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-rev-{action}", "gender": "female"}, kvnr)
     encounter = encounter_for(f"{run_id}-rev-{action}", person["id"])
