@@ -37,7 +37,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from .errors import CdrsyncError, RetryableError, VersionConflictError
+from .errors import CdrsyncError, RejectedByTargetError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .records import RoutedResource, canonical_hash
 
@@ -190,9 +190,33 @@ async def _first_write(client: FhirClient, record: RoutedResource, body: bytes) 
     if created is not None:
         return created
     current = await client.read(record.resource_type, record.target_id)
-    if current is None:  # nothing there (or deleted): a first write
+    if current is None:  # nothing there (or deleted): a first write, unless it was deleted after this change
+        if await _deleted_since(client, record):
+            return WriteOutcome(304, None)
         return await client.put(record.resource_type, record.target_id, body)
     return await _over_current(client, record, body, current, "the target holds a version we do not know")
+
+
+async def _deleted_since(client: FhirClient, record: RoutedResource) -> bool:
+    """True when the target deleted the resource after holding this change of its source row, or a later one:
+    the record is an older change arriving late (a re-send of Debezium's meeting an identity review's move, whose
+    partitions do not share what they saw) and must not bring back what the hospital deleted. A deletion leaves
+    no mark, so the last version before it tells: written by cdrsync from the same row, at this position or a
+    later one. Read only when a first write finds the resource deleted."""
+    if record.source_lsn is None:
+        return False
+    try:
+        history = await client.get_json(f"{record.resource_type}/{record.target_id}/_history?_count=20")
+    except RejectedByTargetError as error:
+        if error.status in (404, 410):
+            return False
+        raise
+    versions = [
+        entry["resource"] for entry in history.get("entry") or [] if isinstance(entry, dict) and entry.get("resource")
+    ]
+    last = max(versions, key=lambda v: int(str((v.get("meta") or {}).get("versionId") or 0)), default=None)
+    mark = untouched_write(last)
+    return mark is not None and mark[0] == f"{record.site}|{record.source_id}" and (mark[1] or -1) >= record.source_lsn
 
 
 async def _over_current(

@@ -235,6 +235,33 @@ def test_changes_read_again_after_a_crash_never_put_older_content_back(
 
 
 @FIRST_WRITES
+def test_a_change_older_than_a_deletion_never_brings_the_resource_back(
+    stack: Central, run_id: str, config: Config, first_write: str
+) -> None:
+    """The hospital deleted a resource; an older change of it reaches a sink that holds no version of it (another
+    partition's, after an identity review moved the patient, meeting a re-send of Debezium's): it stays deleted.
+    The hospital's next change of that row brings it back, as it should."""
+    name = f"deleted-{first_write}"
+
+    async def scenario() -> None:
+        async with FhirClient(_central(config, first_write)) as client:
+            versions: dict[str, dict[str, Any]] = {}
+            await write_record(client, _routed(run_id, 1, 30.0, name=name), versions)
+            await write_record(client, _routed(run_id, 2, 31.0, name=name), versions)
+            await write_record(client, _routed(run_id, 3, 31.0, name=name, op="DELETE"), versions)
+            for n, value in ((2, 31.0), (1, 30.0)):
+                outcome = await write_record(client, _routed(run_id, n, value, name=name), {})
+                assert outcome.status == 304, (n, outcome)
+            assert stack.read("Observation", f"{run_id}-{name}") is None
+            assert _history_values(stack, f"{run_id}-{name}") == [30.0, 31.0, None]
+            created = await write_record(client, _routed(run_id, 4, 32.0, name=name), {})
+            assert created.status in (200, 201)
+
+    asyncio.run(scenario())
+    assert _value(stack, f"{run_id}-{name}") == 32.0
+
+
+@FIRST_WRITES
 def test_our_own_writes_that_the_sink_table_lost_are_not_conflicts(
     stack: Central, run_id: str, config: Config, first_write: str
 ) -> None:
