@@ -6,6 +6,7 @@ import ca.uhn.fhir.context.support.IValidationSupport;
 import ca.uhn.fhir.jpa.api.config.JpaStorageSettings;
 import ca.uhn.fhir.jpa.api.config.ThreadPoolFactoryConfig;
 import ca.uhn.fhir.jpa.api.dao.IFhirSystemDao;
+import ca.uhn.fhir.jpa.api.model.HistoryCountModeEnum;
 import ca.uhn.fhir.jpa.batch2.JpaBatch2Config;
 import ca.uhn.fhir.jpa.config.HapiJpaConfig;
 import ca.uhn.fhir.jpa.config.r4.JpaR4Config;
@@ -138,6 +139,9 @@ public class FhirServerConfig {
 		long reuse = env.getProperty("fhir.reuse-cached-search-results-millis", Long.class, 0L);
 		s.setReuseCachedSearchResultsForMillis(reuse > 0 ? reuse : null);
 		s.setFetchSizeDefaultMaximum(env.getProperty("fhir.max-page-size", Integer.class, 500));
+		// HAPI's default caches a history's count for a minute and pages by it: a _history read right after
+		// another one showed only as many versions as the first saw (cdrsync reads histories to decide).
+		s.setHistoryCountMode(HistoryCountModeEnum.valueOf(env.getProperty("fhir.history-count-mode", "COUNT_ACCURATE")));
 		s.setHibernateSearchIndexFullText(false);
 		s.setHibernateSearchIndexSearchParams(false);
 		return s;
