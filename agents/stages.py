@@ -404,7 +404,7 @@ async def _index_parks() -> bool:
     started = time.monotonic()
     parked = itertools.chain(
         parked_by_reference.items(),  # what is applied
-        ((key, value) for key, value in pending(parked_by_reference).items() if value),  # and what this batch parked
+        ((key, value) for key, value in pending(parked_by_reference) if value),  # and what this batch parked
     )
     try:
         built = await _park_deadlines.rebuild(parked)

@@ -87,14 +87,21 @@ class StagedBatch:
     """
 
     def __init__(self, context: Callable[[], Any] = lambda: None) -> None:
-        self.overlays: dict[int, _Overlay] = {}
+        self.overlays: dict[tuple[int, Any], _Overlay] = {}
         self.context = context
         self._final: dict[tuple[int, str], tuple[Any, MutableMapping[str, Any], Any]] = {}
 
+    def _partition(self) -> Any:
+        """The partition of the record being processed (None outside a worker): a table is one per partition."""
+        return getattr(getattr(self.context(), "message", None), "partition", None)
+
     def overlay(self, base: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        """The batch's changes to a table so far, in the partition of the record being processed: a batch holds
+        records of several partitions, and one key may be in two of them (a patient's resources that moved from
+        one central Patient to another, pipeline/patientmove.py), each its own."""
         if isinstance(base, Staged):  # already staged (an overlay, or a record's own Staged)
             return base
-        key = id(base)
+        key = (id(base), self._partition())
         if key not in self.overlays:
             self.overlays[key] = _Overlay(base, self)
         return self.overlays[key]
@@ -104,8 +111,8 @@ class StagedBatch:
         context = self.context()
         for key, value in changes.items():
             overlay.changes[key] = value
-            self._final.pop((id(overlay.base), key), None)  # keep the order of the last changes
-            self._final[(id(overlay.base), key)] = (context, overlay.base, value)
+            self._final.pop((id(overlay), key), None)  # keep the order of the last changes
+            self._final[(id(overlay), key)] = (context, overlay.base, value)
 
     def final_changes(self) -> Iterator[tuple[Any, MutableMapping[str, Any], str, Any]]:
         """(context, table, key, value or None for a delete): the last change of each key, in order."""
@@ -133,7 +140,10 @@ def current(table: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     return batch.overlay(table) if batch is not None else table
 
 
-def pending(table: MutableMapping[str, Any]) -> dict[str, Any]:
-    """The changes the batch being processed made to a table and has not applied yet (None: deleted)."""
-    overlay = current(table)
-    return dict(overlay.changes) if isinstance(overlay, _Overlay) else {}
+def pending(table: MutableMapping[str, Any]) -> list[tuple[str, Any]]:
+    """The changes the batch being processed made to a table and has not applied yet (None: deleted), as
+    (key, value) in every partition (a key may change in two)."""
+    batch = _batch.get()
+    if batch is None:
+        return []
+    return [item for (base, _), o in batch.overlays.items() if base == id(table) for item in o.changes.items()]

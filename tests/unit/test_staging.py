@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.staging import Staged, current, staged_batch
+from pipeline.staging import Staged, current, pending, staged_batch
 
 pytestmark = pytest.mark.unit
 
@@ -55,6 +55,43 @@ def test_each_change_is_applied_as_the_record_that_made_it() -> None:
     assert [(context, key, value) for context, _, key, value in batch.final_changes()] == [
         ("y@p1", "y", 1),
         ("x@p2", "x", 2),
+    ]
+
+
+def test_one_key_in_two_partitions_of_one_batch_stays_two_keys() -> None:
+    """A batch holds records of several partitions, and since identity moves one key can be in two (a resource
+    parked both where its patient was and where it is now): each partition reads and applies its own."""
+    from types import SimpleNamespace
+
+    table: dict[str, list[str]] = {}  # a Faust table is one per partition; applied here per context below
+    record: dict[str, object] = {}
+
+    def at(partition: int) -> None:
+        record["now"] = SimpleNamespace(message=SimpleNamespace(partition=partition), name=f"p{partition}")
+
+    with staged_batch(lambda: record.get("now")) as batch:
+        at(4)
+        staged = Staged(table)
+        staged["Encounter/enc-9"] = ["obs-3 waits in p4"]
+        staged.apply()
+        at(0)
+        staged = Staged(table)
+        assert "Encounter/enc-9" not in staged  # p4's list is not p0's
+        staged["Encounter/enc-9"] = ["obs-1 waits in p0"]
+        staged.apply()
+        at(0)
+        staged = Staged(table)
+        del staged["Encounter/enc-9"]  # p0's record moved away
+        staged.apply()
+        at(4)
+        assert current(table)["Encounter/enc-9"] == ["obs-3 waits in p4"]
+        assert sorted(pending(table), key=str) == [
+            ("Encounter/enc-9", None),
+            ("Encounter/enc-9", ["obs-3 waits in p4"]),
+        ]
+    assert sorted((context.name, key, value) for context, _, key, value in batch.final_changes()) == [
+        ("p0", "Encounter/enc-9", None),
+        ("p4", "Encounter/enc-9", ["obs-3 waits in p4"]),
     ]
 
 
