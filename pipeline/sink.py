@@ -23,6 +23,7 @@ read again after its row came back does not undo the later version.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -56,6 +57,8 @@ __all__ = [
     "write_record",
     "write_with_retries",
 ]
+
+log = logging.getLogger("cdrsync.sink")
 
 CONTENT_HASH_EXTENSION = "urn:cdrsync:content-hash"
 WRITTEN_BY_EXTENSION = "urn:cdrsync:written-by"  # "<site>|<source id>|<source LSN>|<SHA-256 of the body>"
@@ -112,14 +115,18 @@ def untouched_write(resource: dict[str, Any] | None) -> tuple[str, int | None] |
     """(source row, source LSN) when the resource is exactly as cdrsync wrote it; None when it was
     changed since (its body no longer matches the hash cdrsync wrote into it) or cdrsync never wrote it.
     An edit at the target keeps the extensions, but not the match."""
+    mark = _written_by_mark(resource)
+    if mark is None or resource is None or canonical_hash(_own_extensions_removed(resource)) != mark[2]:
+        return None
+    return mark[0], mark[1]
+
+
+def _written_by_mark(resource: dict[str, Any] | None) -> tuple[str, int | None, str] | None:
+    """(source row, source LSN, body hash) of the written-by mark a resource carries, edited since or not."""
     for extension in (resource or {}).get("extension", []):
-        if extension.get("url") != WRITTEN_BY_EXTENSION:
-            continue
-        site, source_id, lsn, digest = [*str(extension.get("valueString")).split("|"), "", "", "", ""][:4]
-        assert resource is not None
-        if canonical_hash(_own_extensions_removed(resource)) != digest:
-            return None
-        return f"{site}|{source_id}", int(lsn) if lsn.isdigit() else None
+        if extension.get("url") == WRITTEN_BY_EXTENSION:
+            site, source_id, lsn, digest = [*str(extension.get("valueString")).split("|"), "", "", "", ""][:4]
+            return f"{site}|{source_id}", int(lsn) if lsn.isdigit() else None, digest
     return None
 
 
@@ -200,23 +207,25 @@ async def _first_write(client: FhirClient, record: RoutedResource, body: bytes) 
 async def _deleted_since(client: FhirClient, record: RoutedResource) -> bool:
     """True when the target deleted the resource after holding this change of its source row, or a later one:
     the record is an older change arriving late (a re-send of Debezium's meeting an identity review's move, whose
-    partitions do not share what they saw) and must not bring back what the hospital deleted. A deletion leaves
-    no mark, so the last version before it tells: written by cdrsync from the same row, at this position or a
-    later one. Read only when a first write finds the resource deleted."""
+    partitions do not share what they saw) and must not bring back what was deleted. A deletion leaves no mark,
+    so the last version before it tells: cdrsync's mark of the same row at this position or a later one (edited
+    at the target since, or not). Read only when a first write finds the resource deleted; a target without
+    instance history cannot tell, and the write goes ahead as before."""
     if record.source_lsn is None:
         return False
     try:
         history = await client.get_json(f"{record.resource_type}/{record.target_id}/_history?_count=20")
     except RejectedByTargetError as error:
-        if error.status in (404, 410):
-            return False
-        raise
+        if error.status not in (404, 410):
+            log.warning("%s: the target's history cannot be read (%s)", record.target_ref, error.status)
+        return False
     versions = [
         entry["resource"] for entry in history.get("entry") or [] if isinstance(entry, dict) and entry.get("resource")
     ]
-    last = max(versions, key=lambda v: int(str((v.get("meta") or {}).get("versionId") or 0)), default=None)
-    mark = untouched_write(last)
-    return mark is not None and mark[0] == f"{record.site}|{record.source_id}" and (mark[1] or -1) >= record.source_lsn
+    last = max(versions, key=lambda v: str((v.get("meta") or {}).get("lastUpdated") or ""), default=None)
+    mark = _written_by_mark(last)
+    row = f"{record.site}|{record.source_id}"
+    return mark is not None and mark[0] == row and mark[1] is not None and mark[1] >= record.source_lsn
 
 
 async def _over_current(

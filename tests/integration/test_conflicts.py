@@ -256,6 +256,14 @@ def test_a_change_older_than_a_deletion_never_brings_the_resource_back(
             assert _history_values(stack, f"{run_id}-{name}") == [30.0, 31.0, None]
             created = await write_record(client, _routed(run_id, 4, 32.0, name=name), {})
             assert created.status in (200, 201)
+            # Edited at the centre before the hospital deleted it: its mark still says which change it held.
+            edited = f"{name}-edited"
+            await write_record(client, _routed(run_id, 1, 40.0, name=edited), {})
+            body = stack.read("Observation", f"{run_id}-{edited}")
+            _put(stack, {**body, "note": [{"text": "checked at the tumour board"}]})
+            await write_record(client, _routed(run_id, 2, 40.0, name=edited, op="DELETE"), {})
+            outcome = await write_record(client, _routed(run_id, 1, 40.0, name=edited), {})
+            assert outcome.status == 304 and stack.read("Observation", f"{run_id}-{edited}") is None
 
     asyncio.run(scenario())
     assert _value(stack, f"{run_id}-{name}") == 32.0
