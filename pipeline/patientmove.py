@@ -29,8 +29,9 @@ previous one's tables (the order stage's state is per partition, and the two are
 perhaps of different workers), so the previous one hands over what it released of the site's resources
 (`handover_records`: the MOVE again, keyed by the new Patient, carrying their entries); the new one takes them
 as released (`take_over`), and the site's later records naming them are released there, not parked until
-their park expires. (The order stage's LSN positions of those resources are not handed over: a Debezium re-send
-of an older version meeting the move is written, and the newer versions it re-sends follow it.)
+their park expires. Their source positions go too, so a Debezium re-send of an older change that reaches the new
+partition after the hand-over is recognised as one; one that overtakes the hand-over is stopped at the sink (never
+written over a later change of its row, nor over the deletion of one: pipeline/sink.py `_deleted_since`).
 
 Limits: the target cannot tell two local patients of one hospital apart once both are at one central Patient
 (a duplicate record at the hospital, both with the same insurance number): all of that site's resources
@@ -307,9 +308,9 @@ def order_move(
     The previous Patient's entry keeps a note that the site moved (`moved`: site → new key), so that the
     site's records still on their way to it (parked here, or released later) go to the new Patient instead
     (`redirected`), until the site sends a Patient to the previous one again (pipeline/merge.py drops the note).
-    When the previous Patient is deleted, the resources released as referencing it are taken to be the site's,
-    moved: they are noted as referencing the new Patient, so that the delete does not wait for them (anything
-    else still referencing it at the target makes the target refuse the delete: a dead letter naming it)."""
+    What this partition knew of the site's records there leaves with them (`handover_records`): its released
+    entries, positions and parked records. So a delete of the previous Patient waits only for what other
+    hospitals still have there (what the sink does not move)."""
     previous, new = f"Patient/{move.target_id}", f"Patient/{moved_to(move)}"
     entry = patients.get(move.target_id)
     sites = list((entry or {}).get("sites", []))
@@ -325,15 +326,14 @@ def order_move(
     # What this partition holds of the site's records of the previous Patient goes with them: the new Patient's
     # partition cannot read it here (`handover_records`).
     waiting = take_parked_of(state, move.target_id, move.site, partition)
-    released = _released_of_site(state, move.site, previous, new)
-    refs = [*released, *(w.target_ref for w in waiting)]
-    positions = {ref: seen for ref in refs if (seen := state.positions.get(ref))}
-    for ref in released:
+    moving, referenced = _released_of_site(state, move.site, previous, new, alone=not (entry or {}).get("sites"))
+    moving_refs = [*moving, *(w.target_ref for w in waiting)]
+    positions = {ref: seen for ref in [*moving_refs, *referenced] if (seen := state.positions.get(ref))}
+    for ref in moving:  # they are the new Patient's now (they no longer hold up a delete of this one)
         state.released.pop(ref, None)
-    for ref in positions:
+    for ref in moving_refs:
         state.positions.pop(ref, None)
-    handover = handover_records(move, released, positions)
-    _note_moved(state, move.site, previous, new, every=leaving.is_delete)
+    handover = handover_records(move, {**referenced, **moving}, positions)
     if leaving.is_delete:
         waiting += take_parked(state, previous)  # they would wait for a Patient that is going away
         to_sink = [move, *order_record(state, leaving, now_ms, partition)]
@@ -345,26 +345,38 @@ def order_move(
     return MoveOrder(to_sink, redirected, handover)
 
 
-def _released_of_site(state: OrderState, site: str, previous: str, new: str) -> dict[str, Any]:
-    """The site's resources released here as referencing the previous Patient (and those released before
-    entries named their site), and the site's resources they reference, released here too: target ref → its entry
-    in released_by_reference, with references to the previous Patient made references to the new one. Another
-    hospital's resources stay: the sink moves only the site's."""
+def _released_of_site(
+    state: OrderState, site: str, previous: str, new: str, *, alone: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What this partition released of the site's resources at the previous Patient, as target ref → its entry in
+    released_by_reference with references to the previous Patient made references to the new one: (those that
+    reference the previous Patient, which move with it; the site's resources they reference, which may be another
+    patient's too, e.g. a mother's encounter a newborn's is part of: copied, not taken). An entry released before
+    entries named their site is the site's by its source positions, or when no other hospital holds the previous
+    Patient (`alone`). Another hospital's resources stay: the sink moves only the site's."""
 
     def of_site(ref: str) -> bool:
-        return (state.released.get(ref) or {}).get("site", site) == site
+        known = (state.released.get(ref) or {}).get("site")
+        if known is not None:
+            return bool(known == site)
+        rows = list(state.positions.get(ref) or {})
+        return all(row.startswith(f"{site}|") for row in rows) if rows else alone
 
-    chosen: dict[str, Any] = {}
-    frontier = [ref for ref in live_referrers(state, previous) if of_site(ref)]
+    def entry(ref: str) -> dict[str, Any]:
+        known = state.released[ref]
+        return {**known, "deps": [new if d == previous else d for d in known.get("deps", [])]}
+
+    moving = {ref: entry(ref) for ref in live_referrers(state, previous) if of_site(ref)}
+    referenced: dict[str, Any] = {}
+    frontier = [d for e in moving.values() for d in e["deps"]]
     while frontier:
         ref = frontier.pop()
-        known = state.released.get(ref)
-        if ref in chosen or known is None:
+        if ref in moving or ref in referenced or ref.startswith("Patient/") or ref not in state.released:
             continue
-        deps = [new if d == previous else d for d in known.get("deps", [])]
-        chosen[ref] = {**known, "deps": deps}
-        frontier += [d for d in deps if not d.startswith("Patient/") and d in state.released and of_site(d)]
-    return chosen
+        if (state.released.get(ref) or {}).get("site", site) == site:
+            referenced[ref] = entry(ref)
+            frontier += referenced[ref]["deps"]
+    return moving, referenced
 
 
 _HANDOVER_BYTES = 512 * 1024  # per hand-over record, well within the broker's limit for one message
@@ -441,25 +453,6 @@ def take_over(
         else:
             redirected.append(elsewhere)
     return MoveOrder(to_sink, redirected, [])
-
-
-def _note_moved(state: OrderState, site: str, previous: str, new: str, *, every: bool) -> None:
-    """The site's resources released as referencing the previous Patient are moved: note them as referencing the
-    new one, so that a delete of the previous Patient does not wait for them. every: all of its referrers (no
-    hospital holds it any more; a release noted before the site was kept counts as the site's)."""
-    kept = []
-    for ref in state.referrers.get(previous, []):
-        known = state.released.get(ref)
-        if known is None or previous not in known.get("deps", []):
-            continue  # no longer references it
-        if every or known.get("site") == site:
-            state.released[ref] = {**known, "deps": [new if d == previous else d for d in known["deps"]]}
-        else:
-            kept.append(ref)
-    if kept:
-        state.referrers[previous] = kept
-    else:
-        state.referrers.pop(previous, None)
 
 
 def redirect(patients: Mapping[str, dict[str, Any]], record: RoutedResource) -> RoutedResource | None:

@@ -118,13 +118,39 @@ def test_only_the_site_s_resources_are_handed_over_when_the_previous_patient_is_
     k = partition(K, pk)
     order_record(k, res("Observation", "obs-b", K, site="site-b"), 0, K_PART)  # another hospital's, left at K
     order_record(k, res("Observation", "obs-a", K), 0, K_PART)
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    out, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
     assert set(handed(handover)) == {"Observation/obs-a"}
     p = partition(P, {})
     take_all(p, {}, handover, P_PART)
     gone = routed_record(None, resource_type="Patient", source_id="a-1", target_id=P, patient_key=P, op="DELETE")
     assert refs(order_record(p, gone, 60, P_PART)) == []  # it waits for obs-a only, which the site deletes
     assert set(p.parked) == {"~Observation/obs-a"}
+    # K's delete waits for site-b's observation, which the sink does not move (the target would refuse it).
+    assert ("DELETE", f"Patient/{K}") not in refs(out) and set(k.parked) == {"~Observation/obs-b"}
+
+
+def test_entries_released_before_they_named_their_site_go_by_their_positions() -> None:
+    pk: dict = {}
+    k = partition(K, pk, "site-a", "site-b")
+    for record in (res("Encounter", "enc-a", K), res("Encounter", "enc-b", K, site="site-b")):
+        order_record(k, record, 0, K_PART)
+        k.released[record.target_ref] = {key: v for key, v in k.released[record.target_ref].items() if key != "site"}
+    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    assert set(handed(handover)) == {"Encounter/enc-a"} and "Encounter/enc-b" in k.released
+
+
+def test_what_the_site_s_records_reference_of_another_patient_is_copied_not_taken() -> None:
+    pk: dict = {}
+    k = partition(K, pk)
+    mother = "m0000000-0000-5000-8000-000000000000"  # another patient, in the same partition
+    order_record(k, patient(mother, "site-a", "a-9"), 0, K_PART)
+    order_record(k, res("Encounter", "enc-mother", mother), 0, K_PART)
+    order_record(k, res("Encounter", "enc-baby", K, "Encounter/enc-mother"), 0, K_PART)  # partOf the mother's
+    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    assert set(handed(handover)) == {"Encounter/enc-baby", "Encounter/enc-mother"}
+    assert "Encounter/enc-mother" in k.released and "Encounter/enc-baby" not in k.released
+    # The mother's next result is released where she is.
+    assert len(order_record(k, res("Observation", "obs-m", mother, "Encounter/enc-mother"), 2, K_PART)) == 1
 
 
 def test_a_later_record_naming_an_earlier_encounter_is_released_in_the_new_partition() -> None:
