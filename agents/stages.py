@@ -694,6 +694,8 @@ async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], 
     present: set[str] = set()
     if unknown:
         try:
+            # Present, or deleted (an empty dict): written alone, which reads it and decides (a change older than
+            # the deletion is not written, pipeline/sink.py _deleted_since).
             present = {ref for ref, found in (await client.read_many(unknown)).items() if found is not None}
         except Exception as error:  # one at a time says which failed, and why
             log.info("reads before a bundle of %d to %s failed (%s); writing one at a time", len(batch), target, error)

@@ -188,15 +188,15 @@ class FhirClient:
         return outcomes
 
     async def read_many(self, references: list[str]) -> dict[str, dict[str, Any] | None]:
-        """Read several resources in one batch: reference -> the resource, None where the target has none
-        (or it was deleted). A read the target refuses raises what its answer means."""
+        """Read several resources in one batch: reference -> the resource, None where the target has none, an
+        empty dict where it was deleted (410 Gone). A read the target refuses raises what its answer means."""
         entry_bytes = [orjson.dumps({"request": {"method": "GET", "url": ref}}) for ref in references]
         answers = await self._post_bundle("batch", entry_bytes, f"batch of {len(references)} reads")
         found: dict[str, dict[str, Any] | None] = {}
         for ref, answer in zip(references, answers, strict=True):
             status = _entry_status(answer)
             if status in (404, 410):
-                found[ref] = None
+                found[ref] = None if status == 404 else {}
                 continue
             classify_response("GET", status, orjson.dumps((answer.get("response") or {}).get("outcome") or {}))
             found[ref] = answer.get("resource")
@@ -290,13 +290,17 @@ class FhirClient:
 
     async def read(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         """Read a resource, None if the target does not have it (or it was deleted)."""
+        return (await self.read_or_gone(resource_type, resource_id))[0]
+
+    async def read_or_gone(self, resource_type: str, resource_id: str) -> tuple[dict[str, Any] | None, bool]:
+        """Read a resource: (it, or None if the target does not have it; whether it says it was deleted, 410)."""
         try:
             async with self._session_or_new().get(f"{self.base_url}/{resource_type}/{resource_id}") as response:
                 payload = await response.read()
                 if response.status in (404, 410):
-                    return None
+                    return None, response.status == 410
                 classify_response("GET", response.status, payload)
                 result: dict[str, Any] = orjson.loads(payload)
-                return result
+                return result, False
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise TargetUnavailableError(f"GET {resource_type}/{resource_id}: {exc}") from None

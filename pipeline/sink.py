@@ -196,9 +196,9 @@ async def _first_write(client: FhirClient, record: RoutedResource, body: bytes) 
     created = await client.create_if_absent(record.resource_type, record.target_id, body)
     if created is not None:
         return created
-    current = await client.read(record.resource_type, record.target_id)
+    current, gone = await client.read_or_gone(record.resource_type, record.target_id)
     if current is None:  # nothing there (or deleted): a first write, unless it was deleted after this change
-        if await _deleted_since(client, record):
+        if gone and await _deleted_since(client, record):
             return WriteOutcome(304, None)
         return await client.put(record.resource_type, record.target_id, body)
     return await _over_current(client, record, body, current, "the target holds a version we do not know")
@@ -209,8 +209,9 @@ async def _deleted_since(client: FhirClient, record: RoutedResource) -> bool:
     the record is an older change arriving late (a re-send of Debezium's meeting an identity review's move, whose
     partitions do not share what they saw) and must not bring back what was deleted. A deletion leaves no mark,
     so the last version before it tells: cdrsync's mark of the same row at this position or a later one (edited
-    at the target since, or not). Read only when a first write finds the resource deleted; a target without
-    instance history cannot tell, and the write goes ahead as before."""
+    at the target since, or not). Read only when a first write finds the resource deleted (410 Gone); a target
+    that answers 404 for a deleted resource, or keeps no instance history, cannot tell, and the write goes
+    ahead as before."""
     if record.source_lsn is None:
         return False
     try:
