@@ -493,10 +493,12 @@ async def _moved(move: RoutedResource, outcome: MoveOutcome) -> None:
     """Audit a move done: how many resources moved, which of them had been edited at the target (their edit
     kept, and still told from cdrsync's writes, see pipeline/patientmove.py)."""
     IDENTITY_MOVES.labels(move.site, move.target, "moved").inc(len(outcome.moved))
-    detail = f"moved {len(outcome.moved)} resource(s) to Patient/{moved_to(move)}"
+    detail = f"moved {len(outcome.moved)} resource(s) to Patient/{outcome.to or moved_to(move)}"
+    if outcome.to and outcome.to != moved_to(move):
+        detail += f" (a later review took the patient on from Patient/{moved_to(move)})"
     if outcome.overtaken:
         IDENTITY_MOVES.labels(move.site, move.target, "overtaken").inc()
-        detail = f"nothing moved: Patient/{moved_to(move)} held the patient once and does not now (a later review)"
+        detail = f"nothing moved: later reviews took the patient from Patient/{moved_to(move)} back to this one"
     if outcome.edited:
         detail += f"; edited at the target before, edit kept: {', '.join(outcome.edited)}"
     log.warning("%s of %s at Patient/%s: %s", move.target, move.site, move.target_id, detail)

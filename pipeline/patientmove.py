@@ -10,7 +10,8 @@ holds it any more, after the move) to the sink, which calls `move_site_records`:
 
 * the Patient now named must be written already and hold the site's local patient (else RetryableError:
   the move comes back through the retry tiers; the accepted Patient version is on its way in its own
-  partition); one that held it once and no longer does was emptied by a later review: nothing moves;
+  partition); one that held it once and no longer does was emptied by a later review: the resources go to the
+  Patient that holds the local patient now (nothing moves if that is the previous one; a dead letter if several);
 * every resource of the site (by its origin tag) in the previous Patient's compartment (`$everything`) is
   read and written again with its references to the previous Patient pointing at the one now named, over
   the version read (If-Match). Only references change: the content is the hospital's, and the content hash
@@ -44,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 import orjson
 
@@ -95,7 +97,8 @@ class MoveOutcome(WriteOutcome):
 
     moved: list[str] = field(default_factory=list)
     edited: list[str] = field(default_factory=list)
-    overtaken: bool = False  # a later identity review took the patient elsewhere: nothing moved
+    overtaken: bool = False  # later identity reviews took the patient back to the previous Patient: nothing moved
+    to: str = ""  # the Patient moved to: the MOVE's, or the one a later review took the patient on to
 
 
 def move_request(
@@ -204,7 +207,12 @@ async def move_site_records(
     replayed or discarded)."""
     previous_key, new_key, site = record.target_id, moved_to(record), record.site
     if not await _destination_ready(client, record, new_key):
-        return MoveOutcome(200, None, overtaken=True)
+        # A later review took the patient on from there (its own move lists only that Patient's compartment):
+        # the site's resources here go to the Patient holding the patient now, or nowhere if it is this one.
+        now = await _holding_now(client, record, new_key)
+        if now == previous_key:
+            return MoveOutcome(200, None, overtaken=True)
+        new_key = now
     moved: list[str] = []
     edited: list[str] = []
     refused: dict[str, str] = {}
@@ -248,12 +256,12 @@ async def move_site_records(
             f"moved {len(moved)} resource(s) of {site} from Patient/{previous_key} to Patient/{new_key}; the target "
             f"refused {len(refused)}, which stay at Patient/{previous_key}: {named}"[:2000]
         )
-    return MoveOutcome(200, None, moved, edited)
+    return MoveOutcome(200, None, moved, edited, to=new_key)
 
 
 async def _destination_ready(client: FhirClient, record: RoutedResource, new_key: str) -> bool:
     """Whether the Patient moved to holds the site's local patient (True), or held it once and no longer does, a
-    later review having taken it elsewhere (False: the move is overtaken and moves nothing). RetryableError
+    later review having taken it elsewhere (False: the move is overtaken, see `_holding_now`). RetryableError
     while it never held it yet: its version is on its way, in its own partition."""
     holder = holder_of(record)
 
@@ -279,6 +287,34 @@ async def _destination_ready(client: FhirClient, record: RoutedResource, new_key
         f"Patient/{new_key} does not hold {record.site}'s patient {holder} yet: {record.site}'s records at "
         f"Patient/{record.target_id} move once it does"
     )
+
+
+async def _holding_now(client: FhirClient, record: RoutedResource, overtaken_key: str) -> str:
+    """The central Patient that holds the MOVE's local patient now, once a later review took it on from the one
+    the MOVE named. RetryableError while none does (its version may be on its way); PermanentError (a dead
+    letter, for review) when several do: the site's resources stay where they are until `cdrsync identity move`
+    is run for it."""
+    holder = holder_of(record)
+    system = logical_system(record.site, "Patient")
+    found = await client.get_json(f"Patient?identifier={quote(system, safe='')}|{quote(holder, safe='')}&_count=5")
+    keys = sorted(
+        str(entry["resource"]["id"])
+        for entry in found.get("entry") or []
+        if isinstance(entry, dict) and holds_local_patient(entry.get("resource"), record.site, holder)
+    )
+    if not keys:  # perhaps on its way (the later review's Patient version is written in its own partition)
+        raise RetryableError(
+            f"{record.site}'s patient {holder} left Patient/{overtaken_key} after a later identity review, and no "
+            f"central Patient holds it yet: its resources at Patient/{record.target_id} move once one does"
+        )
+    if len(keys) != 1:
+        raise MoveRefusedError(
+            f"{record.site}'s patient {holder} left Patient/{overtaken_key} after a later identity review, and "
+            f"{len(keys)} central Patients hold it now: its resources stay at "
+            f"Patient/{record.target_id}; once it is at one, `cdrsync identity move {record.site} {holder} "
+            "--execute` moves them there"
+        )
+    return keys[0]
 
 
 class MoveOrder(NamedTuple):

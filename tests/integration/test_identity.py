@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
 
@@ -9,6 +11,7 @@ from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
+from pipeline.patientmove import move_request
 from pipeline.provenance import provenance_id
 from pipeline.references import logical_system
 from pipeline.tap import tap
@@ -329,3 +332,58 @@ def test_accepting_moves_a_hospital_out_of_a_patient_another_hospital_still_hold
         what="the late observation moved",
     )
     assert stack.read("Patient", key) is not None  # site-b's patient is untouched by the second move
+
+
+def test_a_move_a_later_review_overtook_takes_the_records_to_where_the_patient_is_now(
+    stack: Central, run_id: str, config: Config
+) -> None:
+    """A MOVE K→P waited (P's version was late) while a second review took the patient on from P to Q: P held her
+    once and no longer does. Her earlier records at K go to Q, not stay at K; if the reviews brought her back to
+    K, nothing moves."""
+    from pipeline.fhirclient import FhirClient
+    from pipeline.patientmove import move_site_records
+    from pipeline.records import NormalizedResource
+
+    keys = {name: global_patient_key(KVNR_SYSTEM, f"O{run_id}{name}") for name in "KPQ"}
+    local = f"{run_id}-ov"
+    held = {"system": logical_system("site-a", "Patient"), "value": local}
+    tag = {"meta": {"tag": [{"system": "urn:cdrsync:origin-site", "code": "site-a"}]}}
+
+    def patient(key: str, *identifiers: dict) -> None:
+        stack.send({"resourceType": "Patient", "id": key, "identifier": list(identifiers), **tag}, method="PUT")
+
+    for key in keys.values():
+        patient(key)
+    patient(keys["P"], held)  # P held her once ...
+    patient(keys["P"])  # ... and no longer does
+    observation = {**observation_for(f"{run_id}-ov", "x", 1, 70.0), "id": f"{run_id}-ov-obs", **tag}
+    stack.send({**observation, "subject": {"reference": f"Patient/{keys['K']}"}}, method="PUT")
+    accepted = NormalizedResource(
+        source_commit_ms=1,
+        captured_ms=1,
+        origin_topic="n",
+        origin_partition=0,
+        origin_offset=0,
+        site="site-a",
+        resource_type="Patient",
+        source_id=local,
+        op="UPDATE",
+        resource="{}",
+        source_lsn=1,
+    )
+    move = move_request(accepted, "central", keys["K"], keys["P"], 1)
+
+    async def run() -> object:
+        async with FhirClient(config.target("central")) as client:
+            return await move_site_records(client, move)
+
+    def subject() -> str:
+        return stack.read("Observation", observation["id"])["subject"]["reference"]
+
+    patient(keys["K"], held)  # the reviews brought her back to K: nothing moves
+    outcome = asyncio.run(run())
+    assert outcome.overtaken and subject() == f"Patient/{keys['K']}"
+    patient(keys["K"])
+    patient(keys["Q"], held)  # she is at Q now
+    outcome = asyncio.run(run())
+    assert not outcome.overtaken and outcome.to == keys["Q"] and subject() == f"Patient/{keys['Q']}"
