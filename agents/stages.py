@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -461,7 +462,10 @@ async def _write(
     """
     if prewritten is None:
         client, policy = _client(event_record.target), RetryPolicy(attempts, give_up=hold_interrupted)
-        writer = move_site_records if event_record.op == MOVE else None
+        writer = None
+        if event_record.op == MOVE:  # the order stage's table (this partition's) says whether the patient came back
+            here = current(patient_sources_by_patient_key).get(event_record.target_id) or {}
+            writer = partial(move_site_records, returned=event_record.site in here.get("sites", []))
         outcome, used = await write_with_retries(client, event_record, policy, versions, writer)
     else:
         outcome, used = prewritten, 1
@@ -665,12 +669,13 @@ def _bundle_candidate(event: EventT, record: RoutedResource | None) -> RoutedRes
     would write right now (nothing queued before it, not superseded, no operator decision on it); else None."""
     if record is None or record.is_delete or record.resource is None or record.op == MOVE:
         return None
-    order = SinkOrder(current(blocked_by_reference))  # as the records before it in the batch left it
-    ref = record.target_ref
-    if order.route(ref, Carried.of(event).identity) != "write" or order.blocker(ref) is not None:
-        return None
-    if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
-        return None
+    with processing(event):  # the table as the batch's records before it in its partition left it
+        order = SinkOrder(current(blocked_by_reference))
+        ref = record.target_ref
+        if order.route(ref, Carried.of(event).identity) != "write" or order.blocker(ref) is not None:
+            return None
+        if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
+            return None
     return record
 
 
@@ -686,8 +691,9 @@ async def _write_bundle(stage: str, batch: list[tuple[EventT, RoutedResource]], 
     """
     target = batch[0][1].target
     client = _client(target)
-    versions = TargetVersions(current(blocked_by_reference))
-    known = {r.target_ref: versions.get(r.target_ref, {}).get("version") for _, r in batch}
+    with processing(batch[0][0]):  # one patient's records: one partition, whose table this is
+        versions = TargetVersions(current(blocked_by_reference))
+        known = {r.target_ref: versions.get(r.target_ref, {}).get("version") for _, r in batch}
     unknown = [ref for ref, version in known.items() if version is None]
     guard = client.create_only_version
     if guard is not None:

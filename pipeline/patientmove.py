@@ -53,7 +53,7 @@ from .errors import PermanentError, RejectedByTargetError, RetryableError, Targe
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
 from .merge import merge_patient, merged_patient
-from .ordering import OrderState, adopt_released, live_referrers, order_record, take_parked, take_parked_of
+from .ordering import OrderState, adopt_released, live_referrers, order_record, take_parked_of
 from .provenance import provenance_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, map_references, relative_reference
@@ -195,7 +195,7 @@ async def everything_of_site(client: FhirClient, patient_key: str, site: str) ->
 
 
 async def move_site_records(
-    client: FhirClient, record: RoutedResource, versions: Versions | None = None
+    client: FhirClient, record: RoutedResource, versions: Versions | None = None, *, returned: bool = False
 ) -> MoveOutcome:
     """Carry out a MOVE record (see the module docstring); done only once a listing of the previous Patient's
     compartment finds nothing of the site left to move. `versions` (the sink's table of the versions it wrote)
@@ -204,15 +204,17 @@ async def move_site_records(
     A resource the target refuses to take with the new reference (e.g. it also references something deleted at
     the centre since) does not stop the others: they move, and then the MOVE fails as a PermanentError naming
     it (a dead letter, for review; the previous Patient's update or delete waits behind it until the MOVE is
-    replayed or discarded)."""
+    replayed or discarded).
+
+    returned: the site sent its patient to the previous Patient again since (the order stage's table says so):
+    if a later review took the patient on from the Patient moved to, nothing moves."""
     previous_key, new_key, site = record.target_id, moved_to(record), record.site
     if not await _destination_ready(client, record, new_key):
         # A later review took the patient on from there (its own move lists only that Patient's compartment):
-        # the site's resources here go to the Patient holding the patient now, or nowhere if it is this one.
-        now = await _holding_now(client, record, new_key)
-        if now == previous_key:
+        # the site's resources here go to the Patient holding the patient now, or stay if it is this one.
+        if returned:
             return MoveOutcome(200, None, overtaken=True)
-        new_key = now
+        new_key = await _holding_now(client, record, new_key)
     moved: list[str] = []
     edited: list[str] = []
     refused: dict[str, str] = {}
@@ -290,31 +292,34 @@ async def _destination_ready(client: FhirClient, record: RoutedResource, new_key
 
 
 async def _holding_now(client: FhirClient, record: RoutedResource, overtaken_key: str) -> str:
-    """The central Patient that holds the MOVE's local patient now, once a later review took it on from the one
-    the MOVE named. RetryableError while none does (its version may be on its way); PermanentError (a dead
-    letter, for review) when several do: the site's resources stay where they are until `cdrsync identity move`
-    is run for it."""
+    """The central Patient other than the previous one that holds the MOVE's local patient now, once a later
+    review took it on from the one the MOVE named. (The previous Patient still shows it: its update without the
+    site waits behind this MOVE at the sink.) RetryableError while none or several do: the later review's Patient
+    version may be on its way, or a later move's update still waiting; past the retry tiers, a dead letter."""
     holder = holder_of(record)
-    system = logical_system(record.site, "Patient")
-    found = await client.get_json(f"Patient?identifier={quote(system, safe='')}|{quote(holder, safe='')}&_count=5")
+    value = f"{_escaped(logical_system(record.site, 'Patient'))}|{_escaped(holder)}"
+    found = await client.get_json(f"Patient?identifier={quote(value, safe='')}&_count=5")
     keys = sorted(
         str(entry["resource"]["id"])
         for entry in found.get("entry") or []
-        if isinstance(entry, dict) and holds_local_patient(entry.get("resource"), record.site, holder)
+        if isinstance(entry, dict)
+        and holds_local_patient(entry.get("resource"), record.site, holder)
+        and str(entry["resource"]["id"]) != record.target_id
     )
-    if not keys:  # perhaps on its way (the later review's Patient version is written in its own partition)
-        raise RetryableError(
-            f"{record.site}'s patient {holder} left Patient/{overtaken_key} after a later identity review, and no "
-            f"central Patient holds it yet: its resources at Patient/{record.target_id} move once one does"
-        )
     if len(keys) != 1:
-        raise MoveRefusedError(
+        raise RetryableError(
             f"{record.site}'s patient {holder} left Patient/{overtaken_key} after a later identity review, and "
-            f"{len(keys)} central Patients hold it now: its resources stay at "
-            f"Patient/{record.target_id}; once it is at one, `cdrsync identity move {record.site} {holder} "
-            "--execute` moves them there"
+            f"{len(keys) or 'no'} other central Patient(s) hold it now: its resources at Patient/{record.target_id} "
+            "move once exactly one does"
         )
     return keys[0]
+
+
+def _escaped(value: str) -> str:
+    """A token search parameter's part with FHIR's escapes (`\\`, `\\|`, `\\,`, `\\$`)."""
+    for char in ("\\", "|", ",", "$"):
+        value = value.replace(char, "\\" + char)
+    return value
 
 
 class MoveOrder(NamedTuple):
@@ -362,7 +367,8 @@ def order_move(
     # What this partition holds of the site's records of the previous Patient goes with them: the new Patient's
     # partition cannot read it here (`handover_records`).
     waiting = take_parked_of(state, move.target_id, move.site, partition)
-    moving, referenced = _released_of_site(state, move.site, previous, new, alone=not (entry or {}).get("sites"))
+    others = [s for s in sites if s != move.site]
+    moving, referenced = _released_of_site(state, move.site, previous, new, alone=not others)
     moving_refs = [*moving, *(w.target_ref for w in waiting)]
     positions = {ref: seen for ref in [*moving_refs, *referenced] if (seen := state.positions.get(ref))}
     for ref in moving:  # they are the new Patient's now (they no longer hold up a delete of this one)
@@ -370,8 +376,7 @@ def order_move(
     for ref in moving_refs:
         state.positions.pop(ref, None)
     handover = handover_records(move, {**referenced, **moving}, positions)
-    if leaving.is_delete:
-        waiting += take_parked(state, previous)  # they would wait for a Patient that is going away
+    if leaving.is_delete:  # (another hospital's records parked for it stay, and expire into dead letters)
         to_sink = [move, *order_record(state, leaving, now_ms, partition)]
     else:
         provenance = provenance_id(move.site, previous)

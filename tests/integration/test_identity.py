@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import Config
+from pipeline.errors import RetryableError
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from pipeline.patientmove import move_request
@@ -338,22 +339,21 @@ def test_a_move_a_later_review_overtook_takes_the_records_to_where_the_patient_i
     stack: Central, run_id: str, config: Config
 ) -> None:
     """A MOVE K→P waited (P's version was late) while a second review took the patient on from P to Q: P held her
-    once and no longer does. Her earlier records at K go to Q, not stay at K; if the reviews brought her back to
-    K, nothing moves."""
+    once and no longer does. Her earlier records at K go to Q, not stay at K (which still shows her: its update
+    without her waits behind the MOVE); if the hospital sent her to K again meanwhile, nothing moves."""
     from pipeline.fhirclient import FhirClient
     from pipeline.patientmove import move_site_records
     from pipeline.records import NormalizedResource
 
     keys = {name: global_patient_key(KVNR_SYSTEM, f"O{run_id}{name}") for name in "KPQ"}
-    local = f"{run_id}-ov"
+    local = f"{run_id}-ov,1|x"  # a local id with characters a token search must escape
     held = {"system": logical_system("site-a", "Patient"), "value": local}
     tag = {"meta": {"tag": [{"system": "urn:cdrsync:origin-site", "code": "site-a"}]}}
 
     def patient(key: str, *identifiers: dict) -> None:
         stack.send({"resourceType": "Patient", "id": key, "identifier": list(identifiers), **tag}, method="PUT")
 
-    for key in keys.values():
-        patient(key)
+    patient(keys["K"], held)
     patient(keys["P"], held)  # P held her once ...
     patient(keys["P"])  # ... and no longer does
     observation = {**observation_for(f"{run_id}-ov", "x", 1, 70.0), "id": f"{run_id}-ov-obs", **tag}
@@ -373,17 +373,17 @@ def test_a_move_a_later_review_overtook_takes_the_records_to_where_the_patient_i
     )
     move = move_request(accepted, "central", keys["K"], keys["P"], 1)
 
-    async def run() -> object:
+    async def run(returned: bool) -> object:
         async with FhirClient(config.target("central")) as client:
-            return await move_site_records(client, move)
+            return await move_site_records(client, move, returned=returned)
 
     def subject() -> str:
         return stack.read("Observation", observation["id"])["subject"]["reference"]
 
-    patient(keys["K"], held)  # the reviews brought her back to K: nothing moves
-    outcome = asyncio.run(run())
+    outcome = asyncio.run(run(returned=True))  # the hospital sent her to K again: nothing moves
     assert outcome.overtaken and subject() == f"Patient/{keys['K']}"
-    patient(keys["K"])
+    with pytest.raises(RetryableError, match="no other central Patient"):  # Q's version is on its way
+        asyncio.run(run(returned=False))
     patient(keys["Q"], held)  # she is at Q now
-    outcome = asyncio.run(run())
+    outcome = asyncio.run(run(returned=False))
     assert not outcome.overtaken and outcome.to == keys["Q"] and subject() == f"Patient/{keys['Q']}"

@@ -65,6 +65,7 @@ class Pipeline:
         self.sent: dict[str, RoutedResource] = {}  # each resource's latest version sent by the hospital
         self.named: set[str] = set()  # what any version sent names
         self.history: dict[str, list[tuple[tuple[str | None, ...], bool, int]]] = defaultdict(list)
+        self.decided_at = 0  # the position when the last review was decided
         self.send(self.patient_version(self.key))
         if other_hospital:  # another hospital holds the first Patient too: a move updates it, never deletes it
             body = {"resourceType": "Patient", "id": KEYS[0], "identifier": [{"system": "urn:b", "value": "b-1"}]}
@@ -109,10 +110,13 @@ class Pipeline:
         self.send(record)
 
     def resend(self, name: str) -> None:
-        """Debezium sends the change before the latest again (a re-send after Kafka Connect died)."""
+        """Debezium sends the change before the latest again (a re-send after Kafka Connect died). It re-sends
+        what followed its last flushed offset (flushed every minute): never a change made before a review's
+        decision that came minutes or hours later."""
         if len(self.history[name]) >= 2:
             deps, delete, lsn = self.history[name][-2]
-            self.change(name, *deps, delete=delete, lsn=lsn)
+            if lsn > self.decided_at:
+                self.change(name, *deps, delete=delete, lsn=lsn)
 
     def move(self, new: str) -> None:
         """A reviewer accepts that the hospital's patient is the person of `new`: the identity stage sends the
@@ -140,6 +144,7 @@ class Pipeline:
         self.send(self.patient_version(new))
         self.send(move_request(accepted, "central", self.key, new, 1))
         self.key = new
+        self.decided_at = accepted.source_lsn or 0
 
     def deliver(self, partition: int, sender: Any) -> bool:
         queue = self.inbox[partition].get(sender)
