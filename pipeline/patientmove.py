@@ -11,7 +11,8 @@ holds it any more, after the move) to the sink, which calls `move_site_records`:
 * the Patient now named must be written already and hold the site's local patient (else RetryableError:
   the move comes back through the retry tiers; the accepted Patient version is on its way in its own
   partition); one that held it once and no longer does was emptied by a later review: the resources go to the
-  Patient that holds the local patient now (nothing moves if that is the previous one; a dead letter if several);
+  other Patient that holds the local patient now (retried while none or several do), or stay if the site sent
+  its patient back to the previous one;
 * every resource of the site (by its origin tag) in the previous Patient's compartment (`$everything`) is
   read and written again with its references to the previous Patient pointing at the one now named, over
   the version read (If-Match). Only references change: the content is the hospital's, and the content hash
