@@ -215,15 +215,10 @@ async def _deleted_since(client: FhirClient, record: RoutedResource) -> bool:
     if record.source_lsn is None:
         return False
     try:
-        history = await client.get_json(f"{record.resource_type}/{record.target_id}/_history?_count=20")
+        last = await client.last_stored(record.resource_type, record.target_id)
     except RejectedByTargetError as error:
-        if error.status not in (404, 410):
-            log.warning("%s: the target's history cannot be read (%s)", record.target_ref, error.status)
+        log.warning("%s: the target's history cannot be read (%s)", record.target_ref, error.status)
         return False
-    versions = [
-        entry["resource"] for entry in history.get("entry") or [] if isinstance(entry, dict) and entry.get("resource")
-    ]
-    last = max(versions, key=lambda v: str((v.get("meta") or {}).get("lastUpdated") or ""), default=None)
     mark = _written_by_mark(last)
     row = f"{record.site}|{record.source_id}"
     return mark is not None and mark[0] == row and mark[1] is not None and mark[1] >= record.source_lsn
