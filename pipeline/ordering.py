@@ -414,11 +414,11 @@ def take_parked_of(state: OrderState, patient_key: str, site: str, partition: in
         entries = state.parked.get(missing) or []
         if not entries or entries[0]["partition"] != partition:
             continue
-        mine = [n for n, entry in enumerate(entries) if _owner(entry) == (patient_key, site)]
+        mine = {n for n, entry in enumerate(entries) if _owner(entry) == (patient_key, site)}
         if not mine:
             continue
-        taken += [entries[n] for n in mine]
-        left = [entry for n, entry in enumerate(entries) if n not in set(mine)]
+        taken += [entry for n, entry in enumerate(entries) if n in mine]
+        left = [entry for n, entry in enumerate(entries) if n not in mine]
         if left:
             state.parked[missing] = left
         else:

@@ -406,7 +406,7 @@ def _released_of_site(
 
     def entry(ref: str) -> dict[str, Any]:
         known = state.released[ref]
-        return {**known, "deps": [new if d == previous else d for d in known.get("deps", [])]}
+        return {**known, "deps": _repointed_refs(known.get("deps", []), previous, new)}
 
     moving = {ref: entry(ref) for ref in live_referrers(state, previous) if of_site(ref)}
     referenced: dict[str, Any] = {}
@@ -480,13 +480,9 @@ def take_over(
     onward = ((patients.get(here) or {}).get("moved") or {}).get(handover.site)
     if onward is not None:
         at, to = f"Patient/{here}", f"Patient/{onward}"
-        entries = {
-            ref: {**entry, "deps": [to if d == at else d for d in entry.get("deps", [])]}
-            for ref, entry in released.items()
-        }
-        ahead = replace(
-            handover, op=MOVE, target_id=here, patient_key=here, resource=orjson.dumps({**body, "to": onward}).decode()
-        )
+        entries = {ref: {**e, "deps": _repointed_refs(e.get("deps", []), at, to)} for ref, e in released.items()}
+        request = {"to": onward, "holder": body.get("holder")}
+        ahead = replace(handover, op=MOVE, target_id=here, patient_key=here, resource=orjson.dumps(request).decode())
         return MoveOrder([], [], handover_records(ahead, entries, positions))
     to_sink, redirected = [], []
     for item in adopt_released(state, released, positions, now_ms, partition):
@@ -495,6 +491,11 @@ def take_over(
         else:
             redirected.append(elsewhere)
     return MoveOrder(to_sink, redirected, [])
+
+
+def _repointed_refs(refs: list[str], previous: str, new: str) -> list[str]:
+    """References (Type/id) with the previous Patient's made the new one's, in their order."""
+    return [new if ref == previous else ref for ref in refs]
 
 
 def redirect(patients: Mapping[str, dict[str, Any]], record: RoutedResource) -> RoutedResource | None:
@@ -512,5 +513,5 @@ def redirect(patients: Mapping[str, dict[str, Any]], record: RoutedResource) -> 
         original = orjson.loads(record.resource)
         resource = _repointed(original, previous, str(to)) or original
         body, digest = orjson.dumps(resource).decode(), canonical_hash(resource)
-    dependencies = sorted({f"Patient/{to}" if d == f"Patient/{previous}" else d for d in record.dependencies})
+    dependencies = sorted(set(_repointed_refs(record.dependencies, f"Patient/{previous}", f"Patient/{to}")))
     return replace(record, patient_key=str(to), resource=body, content_hash=digest, dependencies=dependencies)
