@@ -10,7 +10,8 @@ from typing import Any
 import orjson
 
 from pipeline.backflow import hospital_form
-from pipeline.records import RoutedResource, canonical_hash
+from pipeline.patientmove import move_request
+from pipeline.records import NormalizedResource, RoutedResource, canonical_hash
 from pipeline.resources import SUPPORTED_TYPES
 from tests.conftest import bundle_resources
 
@@ -292,3 +293,30 @@ def key_in_another_partition(prefix: str, other_key: str, partitions: int, syste
         for value in (f"{prefix}{n}" for n in range(1000))
         if partition_of(global_patient_key(system, value), partitions) != where
     )
+
+
+def move_of(
+    previous: str,
+    new: str,
+    *,
+    site: str = "site-a",
+    local: str = "a-1",
+    lsn: int = 9,
+    decided_ms: int = 1_700_000_000_000,
+) -> RoutedResource:
+    """The MOVE the identity stage sends for central when a reviewer accepts that the site's patient `local`,
+    at Patient/previous, is the person of Patient/new (its accepted Patient version at source position lsn)."""
+    accepted = NormalizedResource(
+        source_commit_ms=1,
+        captured_ms=2,
+        origin_topic="fhir.normalized.v1",
+        origin_partition=0,
+        origin_offset=5,
+        site=site,
+        resource_type="Patient",
+        source_id=local,
+        op="UPDATE",
+        resource="{}",
+        source_lsn=lsn,
+    )
+    return move_request(accepted, "central", previous, new, decided_ms)

@@ -12,7 +12,6 @@ from pipeline.config import Config
 from pipeline.errors import RetryableError
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
-from pipeline.patientmove import move_request
 from pipeline.provenance import provenance_id
 from pipeline.references import logical_system
 from pipeline.tap import tap
@@ -20,6 +19,7 @@ from tests.casebuilder import (
     KVNR_SYSTEM,
     encounter_for,
     key_in_another_partition,
+    move_of,
     observation_for,
     tumorboard_flag,
     with_kvnr,
@@ -343,7 +343,6 @@ def test_a_move_a_later_review_overtook_takes_the_records_to_where_the_patient_i
     without her waits behind the MOVE); if the hospital sent her to K again meanwhile, nothing moves."""
     from pipeline.fhirclient import FhirClient
     from pipeline.patientmove import move_site_records
-    from pipeline.records import NormalizedResource
 
     keys = {name: global_patient_key(KVNR_SYSTEM, f"O{run_id}{name}") for name in "KPQ"}
     local = f"{run_id}-ov,1|x"  # a local id with characters a token search must escape
@@ -358,20 +357,7 @@ def test_a_move_a_later_review_overtook_takes_the_records_to_where_the_patient_i
     patient(keys["P"])  # ... and no longer does
     observation = {**observation_for(f"{run_id}-ov", "x", 1, 70.0), "id": f"{run_id}-ov-obs", **tag}
     stack.send({**observation, "subject": {"reference": f"Patient/{keys['K']}"}}, method="PUT")
-    accepted = NormalizedResource(
-        source_commit_ms=1,
-        captured_ms=1,
-        origin_topic="n",
-        origin_partition=0,
-        origin_offset=0,
-        site="site-a",
-        resource_type="Patient",
-        source_id=local,
-        op="UPDATE",
-        resource="{}",
-        source_lsn=1,
-    )
-    move = move_request(accepted, "central", keys["K"], keys["P"], 1)
+    move = move_of(keys["K"], keys["P"], local=local, lsn=1, decided_ms=1)
 
     async def run(returned: bool) -> object:
         async with FhirClient(config.target("central")) as client:

@@ -15,9 +15,9 @@ import pytest
 
 from pipeline.merge import merge_patient
 from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, expire_parked, order_record
-from pipeline.patientmove import HANDOVER, MoveOrder, handover_records, is_handover, move_request, order_move, take_over
-from pipeline.records import NormalizedResource, RoutedResource, decode, encode
-from tests.casebuilder import routed_record
+from pipeline.patientmove import HANDOVER, MoveOrder, handover_records, is_handover, order_move, take_over
+from pipeline.records import RoutedResource, decode, encode
+from tests.casebuilder import move_of, routed_record
 
 pytestmark = pytest.mark.unit
 
@@ -61,21 +61,8 @@ def res(kind: str, name: str, key: str, *deps: str, site: str = "site-a", op: st
     )
 
 
-def move(previous: str, new: str, site: str = "site-a", local: str = "a-1") -> RoutedResource:
-    accepted = NormalizedResource(
-        source_commit_ms=1,
-        captured_ms=2,
-        origin_topic="fhir.normalized.v1",
-        origin_partition=0,
-        origin_offset=5,
-        site=site,
-        resource_type="Patient",
-        source_id=local,
-        op="UPDATE",
-        resource="{}",
-        source_lsn=9,
-    )
-    return move_request(accepted, "central", previous, new, 1_700_000_000_000)
+def move(previous: str, new: str) -> RoutedResource:
+    return move_of(previous, new)
 
 
 def refs(records: list[RoutedResource]) -> list[tuple[str, str]]:

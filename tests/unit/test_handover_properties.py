@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 from pipeline.merge import merge_patient
 from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, is_stale, order_record
-from pipeline.patientmove import MOVE, is_handover, move_request, order_move, redirect, take_over
-from pipeline.records import NormalizedResource, RoutedResource, decode, encode
-from tests.casebuilder import routed_record
+from pipeline.patientmove import MOVE, is_handover, order_move, redirect, take_over
+from pipeline.records import RoutedResource, decode, encode
+from tests.casebuilder import move_of, routed_record
 
 pytestmark = pytest.mark.unit
 KEYS = ["a0000000-0000-5000-8000-000000000000", "b0000000-0000-5000-8000-000000000000", "c0" + "0" * 34]
@@ -128,23 +128,11 @@ class Pipeline:
         # caught up with what was routed before. What races is what follows the decision: the MOVE and its
         # hand-over, the records sent on, and the hospital's next records, each on its own way.
         self.drain()
-        accepted = NormalizedResource(
-            source_commit_ms=1,
-            captured_ms=1,
-            origin_topic="n",
-            origin_partition=0,
-            origin_offset=0,
-            site="site-a",
-            resource_type="Patient",
-            source_id="a-1",
-            op="UPDATE",
-            resource="{}",
-            source_lsn=next(self.lsn),
-        )
+        lsn = next(self.lsn)
         self.send(self.patient_version(new))
-        self.send(move_request(accepted, "central", self.key, new, 1))
+        self.send(move_of(self.key, new, lsn=lsn, decided_ms=1))
         self.key = new
-        self.decided_at = accepted.source_lsn or 0
+        self.decided_at = lsn
 
     def deliver(self, partition: int, sender: Any) -> bool:
         queue = self.inbox[partition].get(sender)

@@ -8,11 +8,11 @@ import pytest
 
 from pipeline.merge import merge_patient
 from pipeline.ordering import OrderState, order_record
-from pipeline.patientmove import move_request, moved_to, order_move, redirect, rewritten
+from pipeline.patientmove import moved_to, order_move, redirect, rewritten
 from pipeline.provenance import add_provenance, provenance_id
-from pipeline.records import NormalizedResource, decode, encode
+from pipeline.records import decode, encode
 from pipeline.sink import body_to_write, untouched_write
-from tests.casebuilder import routed_record
+from tests.casebuilder import move_of, routed_record
 
 pytestmark = pytest.mark.unit
 OLD, NEW = "0f6c2b1e-0000-5000-8000-00000000000a", "0f6c2b1e-0000-5000-8000-00000000000b"
@@ -76,20 +76,7 @@ def site_patient(site: str, mrn: str) -> object:
 
 
 def request(site: str = "site-a", local: str = "a-1"):
-    patient = NormalizedResource(
-        source_commit_ms=1,
-        captured_ms=2,
-        origin_topic="fhir.normalized.v1",
-        origin_partition=0,
-        origin_offset=5,
-        site=site,
-        resource_type="Patient",
-        source_id=local,
-        op="UPDATE",
-        resource="{}",
-        source_lsn=99,
-    )
-    return move_request(patient, "central", OLD, NEW, 1_700_000_000_000)
+    return move_of(OLD, NEW, site=site, local=local, lsn=99)
 
 
 def test_a_move_request_survives_its_topic_and_names_where_it_goes() -> None:
