@@ -66,7 +66,10 @@ from pipeline.ordering import (
 from pipeline.patientmove import (
     MOVE,
     MoveOutcome,
+    handover_notice,
+    hold_for_handover,
     is_handover,
+    lift_expired_barrier,
     move_site_records,
     moved_to,
     order_move,
@@ -244,6 +247,8 @@ async def _deliver_identity(key: bytes | None, record: NormalizedResource, outco
         await emit_audit("identity_not_applied", item, detail=reason)
     if outcome.closed is not None:
         await _review_closed(record, outcome.closed)
+    for move in outcome.moves:  # first: the site's records at the new Patient wait for the MOVE's hand-over
+        await deliver(identified, moved_to(move).encode(), encode(handover_notice(move)))
     for routed in outcome.routed:
         await deliver(identified, routed.patient_key.encode(), encode(routed))
     for move in outcome.moves:  # an accepted review: the site's records at the previous Patient follow
@@ -328,6 +333,11 @@ async def _order_one(event: EventT) -> None:
             )
         elif (elsewhere := redirect(patients, incoming)) is not None:  # on its way here when its site's records moved
             releasable, redirected = [], [elsewhere]
+        elif hold_for_handover(
+            changes, patients, incoming, now_ms(), event.message.partition, settings.park_limit_seconds * 1000
+        ):  # the site's records moved here and what the previous Patient released of them is not here yet
+            releasable = []
+            PARKED.labels(incoming.site, incoming.resource_type).inc()
         else:
             selection = select_for_route(triggers, incoming)
             releasable = []
@@ -385,16 +395,22 @@ async def _expire_parks(partition: int) -> None:
     if not _park_deadlines.built and not await _index_parks():
         return  # the next tick tries again; the parks stay in the table meanwhile
     changes = staged(_order_state)
+    patients = Staged(patient_sources_by_patient_key)
+    barriers: dict[str, str | None] = {}  # park key → the hand-over its records waited for (None: not one)
     try:
         for parked in expire_parked(changes, now_ms(), limit_ms, partition):
-            if parked.missing.startswith("~"):
+            if parked.missing not in barriers:
+                barriers[parked.missing] = lift_expired_barrier(patients, parked.missing)
+            if (awaited := barriers[parked.missing]) is not None:
+                reason = f"waited {settings.park_limit_seconds}s for {awaited}, which never arrived"
+            elif parked.missing.startswith("~"):
                 reason = f"{parked.missing[1:]} still references it at the target after {settings.park_limit_seconds}s"
             else:
                 reason = f"waited {settings.park_limit_seconds}s for {parked.missing}, which never arrived"
             error = PermanentError(reason)
             error.error_class = "park_expired"
             await dead_letter_record("order", parked.record, error)
-        await apply_tables(*staged_tables(changes))
+        await apply_tables(*staged_tables(changes), patients)
     except BaseException:
         _park_deadlines.invalidate()  # the keys it handed out were not all expired: read them from the table again
         raise

@@ -5,7 +5,8 @@ The other sites' identifiers (their local ids, MRNs) are added to it, and each c
 tags it, so nothing a later hospital sends overwrites name, birth date, gender or address.
 State, partitioned by global patient key like the order stage:
   patient_sources_by_patient_key   key → {"sites": [in first-arrival order], "versions": {site: JSON},
-                                          "moved": {site: key} (pipeline/patientmove.py; when any)}
+                                          "moved": {site: key}, "awaiting": {site: {move: ms}},
+                                          "handed": {site: [move]} (pipeline/patientmove.py; when any)}
 """
 
 from __future__ import annotations
@@ -58,12 +59,14 @@ def merge_patient(patients: MutableMapping[str, dict[str, Any]], record: RoutedR
     # Sites whose records moved to another Patient after an identity review (pipeline/patientmove.py): until the
     # site sends a Patient here again, its records still on their way here follow them.
     moved = {site: key for site, key in (entry.get("moved") or {}).items() if site != record.site or record.is_delete}
+    # A site's records waiting here for a hand-over, and hand-overs that came before their notice: kept as they are.
+    kept = {k: entry[k] for k in ("awaiting", "handed") if entry.get(k)} | ({"moved": moved} if moved else {})
     if record.is_delete:
         versions.pop(record.site, None)
         sites = [site for site in sites if site != record.site]
         if not sites:  # no hospital holds this person any more
-            if moved:
-                patients[record.target_id] = {"sites": [], "versions": {}, "moved": moved}
+            if kept:
+                patients[record.target_id] = {"sites": [], "versions": {}, **kept}
             else:
                 patients.pop(record.target_id, None)
             return record
@@ -72,7 +75,7 @@ def merge_patient(patients: MutableMapping[str, dict[str, Any]], record: RoutedR
         versions[record.site] = record.resource
         if record.site not in sites:
             sites.append(record.site)
-    patients[record.target_id] = {"sites": sites, "versions": versions, **({"moved": moved} if moved else {})}
+    patients[record.target_id] = {"sites": sites, "versions": versions, **kept}
     body = merged_patient(sites, versions)
     op = "UPDATE" if record.is_delete else record.op  # a site leaving updates the central Patient
     return replace(record, op=op, resource=orjson.dumps(body).decode(), content_hash=canonical_hash(body))

@@ -2,7 +2,9 @@
 
 State is four mappings (Faust tables in the worker, dicts in tests), all for one partition, which
 holds every record of the patients keyed to it:
-  released_by_reference   target ref → {hash, deps, site} of the version released (deps: what it references)
+  released_by_reference   target ref → {hash, deps, site} of the version released (deps: what it references;
+                          handed: its source positions, when it was released in another partition, before
+                          an identity move, pipeline/patientmove.py)
   parked_by_reference     park key → records waiting on it, in arrival order
   waiting_by_reference    target ref of a parked record → the park key it waits on
   referrers_by_reference  target ref → refs of released resources that referenced it (may be stale)
@@ -52,6 +54,7 @@ __all__ = [
     "Staged",
     "adopt_released",
     "expire_parked",
+    "hold",
     "is_stale",
     "live_referrers",
     "order_record",
@@ -195,6 +198,12 @@ def _park(
         state.deadlines.note(partition, now_ms, missing)
 
 
+def hold(state: OrderState, record: RoutedResource, key: str, now_ms: int, partition: int = 0) -> None:
+    """Park a record under a key of the caller's (not a reference: pipeline/patientmove.py `hold_for_handover`),
+    behind any record already there; `take_parked` takes it out again, and it expires as any park does."""
+    _park(state, record, key, now_ms, partition, completion=False)
+
+
 def _parked_entry(state: OrderState, ref: str) -> dict[str, Any] | None:
     """The parked entry of a resource (the last one, if several versions wait)."""
     missing = state.waiting.get(ref)
@@ -268,8 +277,13 @@ def _admit_delete(state: OrderState, record: RoutedResource, now_ms: int, partit
     others = sorted(group - {ref})
     for other in others:  # their parked deletes are carried by this one
         _drop_completion(state, other)
+    # Last released in another partition (taken over after an identity move, `adopt_released`): that partition's
+    # sink may not have written it yet, and this delete must not go first (pipeline/sink.py `_delete`).
+    awaits = ((state.released.get(ref) or {}).get("handed") or {}).get(_source_row(record))
     for member in group:
         state.released.pop(member, None)
+    if awaits is not None:
+        record = replace(record, awaits_lsn=awaits)
     return replace(record, delete_with=others) if others else record
 
 
@@ -389,7 +403,9 @@ def adopt_released(
         seen_here = ref in state.released or bool(ours)
         if seen_here and not any(lsn > ours.get(row, -1) for row, lsn in theirs.items()):
             continue
-        state.released[ref] = entry
+        # Where its source rows were there ("handed"): a delete released here waits at the sink until the target
+        # holds them (`_admit_delete`).
+        state.released[ref] = {**entry, "handed": dict(theirs)} if theirs else entry
         for dependency in entry.get("deps", []):
             known = state.referrers.get(dependency, [])
             if ref not in known:

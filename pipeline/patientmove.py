@@ -43,6 +43,7 @@ previous Patient and `cdrsync identity move` moves it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -54,7 +55,7 @@ from .errors import PermanentError, RejectedByTargetError, RetryableError, Targe
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
 from .merge import merge_patient, merged_patient
-from .ordering import OrderState, adopt_released, live_referrers, order_record, take_parked_of
+from .ordering import OrderState, adopt_released, hold, live_referrers, order_record, take_parked, take_parked_of
 from .provenance import provenance_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, map_references, relative_reference
@@ -66,11 +67,16 @@ __all__ = [
     "MoveOrder",
     "MoveOutcome",
     "MoveRefusedError",
+    "barrier_of",
     "everything_of_site",
+    "handover_notice",
     "handover_records",
+    "hold_for_handover",
     "holder_of",
     "holds_local_patient",
     "is_handover",
+    "lift_expired_barrier",
+    "move_id",
     "move_request",
     "move_site_records",
     "moved_to",
@@ -79,6 +85,8 @@ __all__ = [
     "rewritten",
     "take_over",
 ]
+
+log = logging.getLogger("cdrsync.patientmove")
 
 MOVE = "MOVE"
 HANDOVER = "HANDOVER"  # a MOVE as the new Patient's partition gets it (`handover_records`)
@@ -354,6 +362,10 @@ def order_move(
     entries, positions and parked records. So a delete of the previous Patient waits only for what other
     hospitals still have there (what the sink does not move)."""
     previous, new = f"Patient/{move.target_id}", f"Patient/{moved_to(move)}"
+    # Hand-overs the site's records here still wait for: the new Patient's partition waits for them instead.
+    awaited = _awaited(patients, move.target_id, move.site)
+    if awaited:
+        _set_awaited(patients, move.target_id, move.site, {})
     entry = patients.get(move.target_id)
     sites = list((entry or {}).get("sites", []))
     if move.site in sites:
@@ -376,7 +388,7 @@ def order_move(
         state.released.pop(ref, None)
     for ref in moving_refs:
         state.positions.pop(ref, None)
-    handover = handover_records(move, {**referenced, **moving}, positions)
+    handover = handover_records(move, {**referenced, **moving}, positions, awaiting=awaited)
     if leaving.is_delete:  # (another hospital's records parked for it stay, and expire into dead letters)
         to_sink = [move, *order_record(state, leaving, now_ms, partition)]
     else:
@@ -425,20 +437,31 @@ _HANDOVER_BYTES = 512 * 1024  # per hand-over record, well within the broker's l
 
 
 def handover_records(
-    move: RoutedResource, released: Mapping[str, Any], positions: Mapping[str, Any]
+    move: RoutedResource,
+    released: Mapping[str, Any],
+    positions: Mapping[str, Any],
+    *,
+    last: bool = True,
+    awaiting: Mapping[str, int] | None = None,
 ) -> list[RoutedResource]:
     """The MOVE as the new Patient's partition gets it (op HANDOVER): keyed by the new Patient (its target_id
     stays the previous one), carrying what the previous Patient's partition released of the site (`released`)
-    and the source positions it saw of the site's resources (`positions`), in records of bounded size; none
-    when there is nothing to hand over. The site's later records go to the new Patient's partition and
-    reference those resources; that partition cannot read the previous one's tables (in one worker or
-    another), so without them it would hold them until their park expired."""
+    and the source positions it saw of the site's resources (`positions`), in records of bounded size, at least
+    one. The site's later records go to the new Patient's partition and reference those resources; that
+    partition cannot read the previous one's tables (in one worker or another), so without them it would hold
+    them until their park expired.
+
+    Each record names its MOVE (`move`: `move_id`, the first MOVE's along a chain of moves); the last one says
+    so (`last`, False for every record of a part handed on that was not its MOVE's last) and carries the
+    hand-overs the previous Patient still waited for itself (`awaiting`: move id → since when), which the new
+    Patient then waits for in its place (`hold_for_handover`)."""
     body = orjson.loads(move.resource or "{}")
-    parts: list[tuple[dict[str, Any], dict[str, Any]]] = []
-    size = _HANDOVER_BYTES
+    body["move"] = body.get("move") or move_id(move)
+    parts: list[tuple[dict[str, Any], dict[str, Any]]] = [({}, {})]
+    size = 0
     for ref in sorted({*released, *positions}):
         grow = len(ref) + len(orjson.dumps(released.get(ref))) + len(orjson.dumps(positions.get(ref)))
-        if size + grow > _HANDOVER_BYTES:
+        if size + grow > _HANDOVER_BYTES and size > 0:
             parts.append(({}, {}))
             size = 0
         size += grow
@@ -446,15 +469,155 @@ def handover_records(
             parts[-1][0][ref] = released[ref]
         if ref in positions:
             parts[-1][1][ref] = positions[ref]
+    final = len(parts) - 1
     return [
         replace(
             move,
             op=HANDOVER,
             patient_key=moved_to(move),
-            resource=orjson.dumps({**body, "released": entries, "positions": seen}).decode(),
+            resource=orjson.dumps(
+                {
+                    **body,
+                    "released": entries,
+                    "positions": seen,
+                    "last": last and n == final,
+                    **({"awaiting": dict(awaiting)} if awaiting and n == final else {}),
+                }
+            ).decode(),
         )
-        for entries, seen in parts
+        for n, (entries, seen) in enumerate(parts)
     ]
+
+
+def move_id(move: RoutedResource) -> str:
+    """Which MOVE a hand-over comes from: its target, the previous Patient and the decision's time (a MOVE sent
+    again by `cdrsync identity move` has its own)."""
+    return f"{move.target}|{move.target_id}@{move.source_commit_ms}"
+
+
+def handover_notice(move: RoutedResource) -> RoutedResource:
+    """What the identity stage sends the new Patient's partition with an accepted review, before anything of the
+    site goes there: a hand-over is coming (op HANDOVER, `notice`: the MOVE's `move_id`), so the site's records
+    there wait for it (`hold_for_handover`). The MOVE itself goes to the previous Patient's partition, which may
+    lag behind (a back-load): without the notice, a record the hospital sent after the decision could be
+    released before what the previous Patient's partition still had to release of the same resources, e.g. the
+    delete of an observation before its create."""
+    body = orjson.loads(move.resource or "{}")
+    notice = {**body, "notice": move_id(move)}
+    return replace(move, op=HANDOVER, patient_key=moved_to(move), resource=orjson.dumps(notice).decode())
+
+
+_BARRIER = "^"  # the park key of a site's records held for a hand-over: "^" + site + "|" + the Patient's key
+_HANDED_KEPT = 8  # per site, the hand-overs that came before their notice (Kafka orders them only per partition)
+
+
+def barrier_of(site: str, patient_key: str) -> str:
+    """The park key under which a site's records at a Patient wait for a hand-over (`hold_for_handover`)."""
+    return f"{_BARRIER}{site}|{patient_key}"
+
+
+def _awaited(patients: Mapping[str, dict[str, Any]], patient_key: str, site: str) -> dict[str, int]:
+    """The hand-overs a site's records at a Patient wait for: move id → since when (ms)."""
+    return dict(((patients.get(patient_key) or {}).get("awaiting") or {}).get(site) or {})
+
+
+def _set_awaited(
+    patients: MutableMapping[str, dict[str, Any]], patient_key: str, site: str, awaited: Mapping[str, int]
+) -> None:
+    entry = dict(patients.get(patient_key) or {"sites": [], "versions": {}})
+    awaiting = {s: a for s, a in (entry.get("awaiting") or {}).items() if s != site}
+    if awaited:
+        awaiting[site] = dict(awaited)
+    if awaiting:
+        entry["awaiting"] = awaiting
+    else:
+        entry.pop("awaiting", None)
+    patients[patient_key] = entry
+
+
+def _expect(patients: MutableMapping[str, dict[str, Any]], notice: RoutedResource, now_ms: int) -> None:
+    """A notice (`handover_notice`): the site's records here wait for its hand-over, unless that came first."""
+    assert notice.resource is not None
+    expected = str(orjson.loads(notice.resource)["notice"])
+    here, site = notice.patient_key, notice.site
+    entry = patients.get(here) or {}
+    handed = list((entry.get("handed") or {}).get(site) or [])
+    if expected in handed:
+        handed.remove(expected)
+        patients[here] = {**entry, "handed": {**(entry.get("handed") or {}), site: handed}}
+        return
+    _set_awaited(patients, here, site, {**_awaited(patients, here, site), expected: now_ms})
+
+
+def _handed(
+    patients: MutableMapping[str, dict[str, Any]],
+    here: str,
+    site: str,
+    move: str | None,
+    awaiting: Mapping[str, int],
+) -> bool:
+    """The last record of a hand-over came (`move`: its MOVE), with what the Patient it comes from still waited
+    for itself (`awaiting`). True when the site's records here wait for nothing more."""
+    awaited = _awaited(patients, here, site)
+    entry = dict(patients.get(here) or {"sites": [], "versions": {}})
+    handed = {s: list(h) for s, h in (entry.get("handed") or {}).items()}
+    if move is not None and move not in awaited:  # before its notice: the notice must not hold anything back
+        handed[site] = [*handed.get(site, []), move][-_HANDED_KEPT:]
+    awaited.pop(move or "", None)
+    for other, since in awaiting.items():
+        if other in handed.get(site, []):
+            handed[site].remove(other)
+        else:
+            awaited[other] = since
+    if handed != (entry.get("handed") or {}):
+        patients[here] = {**entry, "handed": handed}
+    _set_awaited(patients, here, site, awaited)
+    return not awaited
+
+
+def hold_for_handover(
+    state: OrderState,
+    patients: MutableMapping[str, dict[str, Any]],
+    record: RoutedResource,
+    now_ms: int,
+    partition: int,
+    limit_ms: int,
+) -> bool:
+    """Park a site's record at a Patient whose hand-over it waits for (a notice came, its hand-over not yet); True
+    if it was. `take_over` releases what waited, in order, once every awaited hand-over has come. A wait older than
+    `limit_ms` is given up (False, and the record goes on): its records parked meanwhile expire as parks do, into
+    dead letters naming it (`lift_expired_barrier`), and once none is left the next record goes on without it
+    (the previous Patient's MOVE failed, or its partition lags by more than the park limit: logged as an error)."""
+    if record.op in (MOVE, HANDOVER):
+        return False
+    awaited = _awaited(patients, record.patient_key, record.site)
+    if not any(m.split("|", 1)[0] == record.target for m in awaited):
+        return False
+    barrier = barrier_of(record.site, record.patient_key)
+    if min(awaited.values()) + limit_ms <= now_ms and not state.parked.get(barrier):
+        log.error(
+            "%s's records at Patient/%s waited %ds for a hand-over that never came (%s); they go on without it",
+            record.site,
+            record.patient_key,
+            limit_ms // 1000,
+            ", ".join(sorted(awaited)),
+        )
+        _set_awaited(patients, record.patient_key, record.site, {})
+        return False
+    hold(state, record, barrier, now_ms, partition)
+    return True
+
+
+def lift_expired_barrier(patients: MutableMapping[str, dict[str, Any]], park_key: str) -> str | None:
+    """For a park key that expired: if it is a hand-over's (`barrier_of`), stop waiting for it and return what it
+    waited for (for the dead letters' reason); None for any other park key."""
+    if not park_key.startswith(_BARRIER):
+        return None
+    site, here = park_key[len(_BARRIER) :].rsplit("|", 1)
+    awaited = _awaited(patients, here, site)
+    _set_awaited(patients, here, site, {})
+    moves = ", ".join(sorted(awaited)) or "none any more"
+    return f"the hand-over of {site}'s records from an identity move to Patient/{here} (awaited: {moves})"
 
 
 def is_handover(record: RoutedResource) -> bool:
@@ -464,7 +627,7 @@ def is_handover(record: RoutedResource) -> bool:
 
 def take_over(
     state: OrderState,
-    patients: Mapping[str, dict[str, Any]],
+    patients: MutableMapping[str, dict[str, Any]],
     handover: RoutedResource,
     now_ms: int,
     partition: int = 0,
@@ -472,24 +635,39 @@ def take_over(
     """The new Patient's partition takes over what the previous one released of the site: records parked here
     for any of it are released (for the sink), or sent on if their site's records moved on again meanwhile. If
     the site's records moved on from this Patient before the hand-over came (a review after the one it
-    follows), it is handed on to the Patient they moved to."""
+    follows), it is handed on to the Patient they moved to. A notice (`handover_notice`) makes the site's records
+    here wait for the hand-over it names; its last record releases them, in their order, once none other is
+    awaited."""
     assert handover.resource is not None
     body = orjson.loads(handover.resource)
+    here, site = handover.patient_key, handover.site
+    if "notice" in body:  # from the identity stage: a hand-over is coming; the site's records here wait for it
+        _expect(patients, handover, now_ms)
+        return MoveOrder([], [], [])
     released, positions = body.get("released") or {}, body.get("positions") or {}
-    here = handover.patient_key
-    onward = ((patients.get(here) or {}).get("moved") or {}).get(handover.site)
+    last, awaiting = bool(body.get("last", True)), body.get("awaiting") or {}
+    onward = ((patients.get(here) or {}).get("moved") or {}).get(site)
     if onward is not None:
         at, to = f"Patient/{here}", f"Patient/{onward}"
         entries = {ref: {**e, "deps": _repointed_refs(e.get("deps", []), at, to)} for ref, e in released.items()}
-        request = {"to": onward, "holder": body.get("holder")}
+        request = {"to": onward, "holder": body.get("holder"), "move": body.get("move")}
         ahead = replace(handover, op=MOVE, target_id=here, patient_key=here, resource=orjson.dumps(request).decode())
-        return MoveOrder([], [], handover_records(ahead, entries, positions))
+        return MoveOrder([], [], handover_records(ahead, entries, positions, last=last, awaiting=awaiting))
     to_sink, redirected = [], []
-    for item in adopt_released(state, released, positions, now_ms, partition):
+
+    def place(item: RoutedResource) -> None:
         if (elsewhere := redirect(patients, item)) is None:
             to_sink.append(item)
         else:
             redirected.append(elsewhere)
+
+    for item in adopt_released(state, released, positions, now_ms, partition):
+        place(item)
+    if last and _handed(patients, here, site, body.get("move"), awaiting):
+        # What waited for the hand-over goes on, in its order, as the order stage takes a record.
+        for record in take_parked(state, barrier_of(site, here)):
+            for item in order_record(state, merge_patient(patients, record), now_ms, partition):
+                place(item)
     return MoveOrder(to_sink, redirected, [])
 
 

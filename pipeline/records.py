@@ -95,6 +95,8 @@ class RoutedResource(_Origin):
     content_hash: str | None = None
     dependencies: list[str] = field(default_factory=list)
     delete_with: list[str] = field(default_factory=list)
+    #: for a DELETE: the source LSN of a change the target must hold first (pipeline/sink.py `_delete`)
+    awaits_lsn: int | None = None
 
     @property
     def is_delete(self) -> bool:

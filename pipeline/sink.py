@@ -183,7 +183,9 @@ async def write_record(client: FhirClient, record: RoutedResource, versions: Ver
         try:
             outcome = await client.put(record.resource_type, record.target_id, body, if_match=known)
         except VersionConflictError as conflict:
-            current = await client.read(record.resource_type, record.target_id)
+            current, gone = await client.read_or_gone(record.resource_type, record.target_id)
+            if current is None and gone and await _deleted_since(client, record):
+                return WriteOutcome(304, None)  # deleted after a later change of its row (an identity move's race)
             outcome = await _over_current(client, record, body, current, str(conflict))
     if outcome.version_id is not None and outcome.status != 304:
         versions[ref] = {"version": outcome.version_id}
@@ -207,9 +209,10 @@ async def _first_write(client: FhirClient, record: RoutedResource, body: bytes) 
 async def _deleted_since(client: FhirClient, record: RoutedResource) -> bool:
     """True when the target deleted the resource after holding this change of its source row, or a later one:
     the record is an older change arriving late (a re-send of Debezium's meeting an identity review's move, whose
-    partitions do not share what they saw) and must not bring back what was deleted. A deletion leaves no mark,
+    partitions do not share what they saw, or the previous Patient's sink lagging behind the new one's) and must
+    not bring back what was deleted. A deletion leaves no mark,
     so the last version before it tells: cdrsync's mark of the same row at this position or a later one (edited
-    at the target since, or not). Read only when a first write finds the resource deleted (410 Gone); a target
+    at the target since, or not). Read only when a write finds the resource deleted (410 Gone); a target
     that answers 404 for a deleted resource, or keeps no instance history, cannot tell, and the write goes
     ahead as before."""
     if record.source_lsn is None:
@@ -247,16 +250,36 @@ async def _delete(client: FhirClient, record: RoutedResource, versions: Versions
     same source row is already at the target: a delete read again after a crash must not undo it."""
     ref = record.target_ref
     if record.source_lsn is not None:
-        mark = untouched_write(await client.read(record.resource_type, record.target_id))
+        current, gone = await client.read_or_gone(record.resource_type, record.target_id)
+        if record.awaits_lsn is not None and not gone and not _holds(current, record):
+            # Released before an identity move at the previous Patient, whose partition's sink has not written it
+            # yet: deleting now would delete nothing, and that write would then bring it back.
+            raise RetryableError(
+                f"{ref}: its change at source LSN {record.awaits_lsn}, released at the Patient before an identity "
+                "move, is not at the target yet"
+            )
+        mark = untouched_write(current)
         if mark is not None and _newer(mark, record):
             return WriteOutcome(304, None)
     if record.delete_with:
         outcome = await client.delete_all([ref, *record.delete_with])
     else:
         outcome = await client.delete(record.resource_type, record.target_id)
-    for gone in [ref, *record.delete_with]:
-        versions.pop(gone, None)
+    for deleted in [ref, *record.delete_with]:
+        versions.pop(deleted, None)
     return outcome
+
+
+def _holds(current: dict[str, Any] | None, record: RoutedResource) -> bool:
+    """Whether the target holds the change a delete awaits (`awaits_lsn`), or a later one of the same row: as
+    cdrsync wrote it or edited since (its mark says which change it came from). A resource without cdrsync's mark
+    of that row was not written from it: held, for the delete to go ahead."""
+    if current is None:
+        return False
+    mark = _written_by_mark(current)
+    if mark is None or mark[0] != f"{record.site}|{record.source_id}" or mark[1] is None:
+        return True
+    return record.awaits_lsn is None or mark[1] >= record.awaits_lsn
 
 
 def _newer(mark: tuple[str, int | None], record: RoutedResource) -> bool:

@@ -266,11 +266,13 @@ def test_the_site_s_records_parked_in_the_previous_partition_follow_to_the_new_o
     assert PENDING_REFERENCE_SYSTEM not in done[1].resource and p.parked == {}
 
 
-def test_a_move_with_nothing_of_the_site_released_hands_nothing_over() -> None:
+def test_a_move_with_nothing_of_the_site_released_still_hands_over_once_so_what_waits_for_it_goes_on() -> None:
     pk: dict = {}
     state = OrderState({}, {}, {}, {})
     merge_patient(pk, patient(K))
-    assert order_move(state, pk, move(K, P), 1, K_PART).handover == []
+    (only,) = order_move(state, pk, move(K, P), 1, K_PART).handover
+    body = orjson.loads(only.resource)
+    assert only.patient_key == P and body["released"] == {} and body["positions"] == {} and body["last"] is True
 
 
 def test_a_large_hand_over_is_split_into_records_of_bounded_size() -> None:
@@ -279,5 +281,6 @@ def test_a_large_hand_over_is_split_into_records_of_bounded_size() -> None:
     positions = {ref: {"site-a|x": i} for i, ref in enumerate(released)}
     records = handover_records(move(K, P), released, positions)
     assert len(records) > 1 and all(len(encode(r)) < 600 * 1024 for r in records)
+    assert [orjson.loads(r.resource)["last"] for r in records] == [False] * (len(records) - 1) + [True]
     assert handed(records) == released
     assert {k: v for r in records for k, v in orjson.loads(r.resource)["positions"].items()} == positions
