@@ -312,23 +312,18 @@ async def _order_one(event: EventT) -> None:
             await route_back(event, incoming)
             return
         if is_stale(changes, incoming):
-            log.warning(
-                "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
-                incoming.target_ref,
-                incoming.site,
-                incoming.source_lsn,
-                extra=record_fields(incoming),
-            )
-            detail = f"stale re-send, source LSN {incoming.source_lsn}"
-            await emit_audit("duplicate_skipped", incoming, detail=detail)
+            await _skip_stale(incoming)
             return
         selection = None
         redirected: list[RoutedResource] = []  # the site's records moved to another Patient (pipeline/patientmove.py)
         handover: list[RoutedResource] = []  # what this partition released of them, for the new Patient's partition
+        stale: tuple[RoutedResource, ...] = ()  # what waited for a hand-over and was older than what it carried
         if is_handover(incoming):  # a MOVE's hand-over, in the partition of the Patient moved to
-            releasable, redirected, handover = take_over(changes, patients, incoming, now_ms(), event.message.partition)
+            releasable, redirected, handover, stale = take_over(
+                changes, patients, incoming, now_ms(), event.message.partition
+            )
         elif incoming.op == MOVE:  # not a change of a resource: an accepted identity review's move
-            releasable, redirected, handover = order_move(
+            releasable, redirected, handover, _ = order_move(
                 changes, patients, incoming, now_ms(), event.message.partition
             )
         elif (elsewhere := redirect(patients, incoming)) is not None:  # on its way here when its site's records moved
@@ -369,10 +364,24 @@ async def _order_one(event: EventT) -> None:
         )
     for item in redirected:
         await _send_on(item)
+    for item in stale:
+        await _skip_stale(item)
     if selection is not None:
         await report_selection(incoming, selection)
     # Only now: the tables never claim a release Kafka has not acknowledged.
     await apply_tables(*staged_tables(changes), patients, *staged_trigger_tables(triggers))
+
+
+async def _skip_stale(record: RoutedResource) -> None:
+    """A change older than one of its row already seen (a Debezium re-send): not written; logged and audited."""
+    log.warning(
+        "%s from %s: source LSN %s is older than one already seen; a re-send, not written",
+        record.target_ref,
+        record.site,
+        record.source_lsn,
+        extra=record_fields(record),
+    )
+    await emit_audit("duplicate_skipped", record, detail=f"stale re-send, source LSN {record.source_lsn}")
 
 
 async def _send_on(item: RoutedResource) -> None:

@@ -2,9 +2,9 @@
 
 State is four mappings (Faust tables in the worker, dicts in tests), all for one partition, which
 holds every record of the patients keyed to it:
-  released_by_reference   target ref → {hash, deps, site} of the version released (deps: what it references;
-                          handed: its source positions, when it was released in another partition, before
-                          an identity move, pipeline/patientmove.py)
+  released_by_reference   target ref → {hash, deps, site, lsn} of the version released (deps: what it
+                          references; lsn: its source position; handed: true when it was released in another
+                          partition, before an identity move, pipeline/patientmove.py)
   parked_by_reference     park key → records waiting on it, in arrival order
   waiting_by_reference    target ref of a parked record → the park key it waits on
   referrers_by_reference  target ref → refs of released resources that referenced it (may be stale)
@@ -279,7 +279,8 @@ def _admit_delete(state: OrderState, record: RoutedResource, now_ms: int, partit
         _drop_completion(state, other)
     # Last released in another partition (taken over after an identity move, `adopt_released`): that partition's
     # sink may not have written it yet, and this delete must not go first (pipeline/sink.py `_delete`).
-    awaits = ((state.released.get(ref) or {}).get("handed") or {}).get(_source_row(record))
+    entry = state.released.get(ref) or {}
+    awaits = entry.get("lsn") if entry.get("handed") else None
     for member in group:
         state.released.pop(member, None)
     if awaits is not None:
@@ -306,7 +307,8 @@ def _admit(state: OrderState, record: RoutedResource, now_ms: int, partition: in
     if unreleased:
         _park(state, record, unreleased[0], now_ms, partition, completion=True)
         record = _with_pending_references(record, set(unreleased))
-    state.released[ref] = {"hash": record.content_hash or "", "deps": record.dependencies, "site": record.site}
+    entry = {"hash": record.content_hash or "", "deps": record.dependencies, "site": record.site}
+    state.released[ref] = entry if record.source_lsn is None else {**entry, "lsn": record.source_lsn}
     for dependency in record.dependencies:
         known = state.referrers.get(dependency, [])
         if ref not in known:
@@ -403,9 +405,9 @@ def adopt_released(
         seen_here = ref in state.released or bool(ours)
         if seen_here and not any(lsn > ours.get(row, -1) for row, lsn in theirs.items()):
             continue
-        # Where its source rows were there ("handed"): a delete released here waits at the sink until the target
-        # holds them (`_admit_delete`).
-        state.released[ref] = {**entry, "handed": dict(theirs)} if theirs else entry
+        # Released there ("handed"): a delete released here waits at the sink until the target holds that change
+        # (its "lsn"), which the other partition's sink may not have written yet (`_admit_delete`).
+        state.released[ref] = {**entry, "handed": True}
         for dependency in entry.get("deps", []):
             known = state.referrers.get(dependency, [])
             if ref not in known:

@@ -55,7 +55,16 @@ from .errors import PermanentError, RejectedByTargetError, RetryableError, Targe
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
 from .merge import merge_patient, merged_patient
-from .ordering import OrderState, adopt_released, hold, live_referrers, order_record, take_parked, take_parked_of
+from .ordering import (
+    OrderState,
+    adopt_released,
+    hold,
+    is_stale,
+    live_referrers,
+    order_record,
+    take_parked,
+    take_parked_of,
+)
 from .provenance import provenance_id
 from .records import NormalizedResource, RoutedResource, canonical_hash
 from .references import logical_system, map_references, relative_reference
@@ -339,6 +348,9 @@ class MoveOrder(NamedTuple):
     to_sink: list[RoutedResource]
     redirected: list[RoutedResource]
     handover: list[RoutedResource]
+    #: records that waited for a hand-over (`hold_for_handover`) and turned out, once it came, to be re-sends of a
+    #: change older than one it carried: not written (the order stage audits them as it does any stale re-send)
+    stale: tuple[RoutedResource, ...] = ()
 
 
 def order_move(
@@ -544,9 +556,15 @@ def _expect(patients: MutableMapping[str, dict[str, Any]], notice: RoutedResourc
     handed = list((entry.get("handed") or {}).get(site) or [])
     if expected in handed:
         handed.remove(expected)
-        patients[here] = {**entry, "handed": {**(entry.get("handed") or {}), site: handed}}
-        return
-    _set_awaited(patients, here, site, {**_awaited(patients, here, site), expected: now_ms})
+        entry = {**entry, "handed": {**(entry.get("handed") or {}), site: handed}}
+        patients[here] = entry
+    else:
+        _set_awaited(patients, here, site, {**_awaited(patients, here, site), expected: now_ms})
+        entry = patients[here]
+    # The site's records come here again: a note that they moved away from here (an earlier review) is over.
+    moved = {s: key for s, key in (entry.get("moved") or {}).items() if s != site}
+    if moved != (entry.get("moved") or {}):
+        patients[here] = {k: v for k, v in entry.items() if k != "moved"} | ({"moved": moved} if moved else {})
 
 
 def _handed(
@@ -653,7 +671,7 @@ def take_over(
         request = {"to": onward, "holder": body.get("holder"), "move": body.get("move")}
         ahead = replace(handover, op=MOVE, target_id=here, patient_key=here, resource=orjson.dumps(request).decode())
         return MoveOrder([], [], handover_records(ahead, entries, positions, last=last, awaiting=awaiting))
-    to_sink, redirected = [], []
+    to_sink, redirected, stale = [], [], []
 
     def place(item: RoutedResource) -> None:
         if (elsewhere := redirect(patients, item)) is None:
@@ -666,9 +684,12 @@ def take_over(
     if last and _handed(patients, here, site, body.get("move"), awaiting):
         # What waited for the hand-over goes on, in its order, as the order stage takes a record.
         for record in take_parked(state, barrier_of(site, here)):
+            if is_stale(state, record):  # older than a change of its row handed over, or taken here before it
+                stale.append(record)
+                continue
             for item in order_record(state, merge_patient(patients, record), now_ms, partition):
                 place(item)
-    return MoveOrder(to_sink, redirected, [])
+    return MoveOrder(to_sink, redirected, [], tuple(stale))
 
 
 def _repointed_refs(refs: list[str], previous: str, new: str) -> list[str]:

@@ -88,7 +88,7 @@ def test_the_site_s_released_resources_go_to_the_new_patient_s_partition_and_lea
         assert len(order_record(k, record, 0, K_PART)) == 1
     assert len(order_record(k, res("Observation", "obs-a", K, "Encounter/enc-a"), 0, K_PART)) == 1
 
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    handover = order_move(k, pk, move(K, P), 1, K_PART).handover
     assert [(r.op, r.target_id, r.patient_key) for r in handover] == [(HANDOVER, K, P)]
     assert is_handover(handover[0]) and not is_handover(move(K, P))
     entries = handed(handover)
@@ -105,7 +105,7 @@ def test_only_the_site_s_resources_are_handed_over_when_the_previous_patient_is_
     k = partition(K, pk)
     order_record(k, res("Observation", "obs-b", K, site="site-b"), 0, K_PART)  # another hospital's, left at K
     order_record(k, res("Observation", "obs-a", K), 0, K_PART)
-    out, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    out, _, handover, _ = order_move(k, pk, move(K, P), 1, K_PART)
     assert set(handed(handover)) == {"Observation/obs-a"}
     p = partition(P, {})
     take_all(p, {}, handover, P_PART)
@@ -122,7 +122,7 @@ def test_entries_released_before_they_named_their_site_go_by_their_positions() -
     for record in (res("Encounter", "enc-a", K), res("Encounter", "enc-b", K, site="site-b")):
         order_record(k, record, 0, K_PART)
         k.released[record.target_ref] = {key: v for key, v in k.released[record.target_ref].items() if key != "site"}
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    handover = order_move(k, pk, move(K, P), 1, K_PART).handover
     assert set(handed(handover)) == {"Encounter/enc-a"} and "Encounter/enc-b" in k.released
 
 
@@ -133,7 +133,7 @@ def test_what_the_site_s_records_reference_of_another_patient_is_copied_not_take
     order_record(k, patient(mother, "site-a", "a-9"), 0, K_PART)
     order_record(k, res("Encounter", "enc-mother", mother), 0, K_PART)
     order_record(k, res("Encounter", "enc-baby", K, "Encounter/enc-mother"), 0, K_PART)  # partOf the mother's
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    handover = order_move(k, pk, move(K, P), 1, K_PART).handover
     assert set(handed(handover)) == {"Encounter/enc-baby", "Encounter/enc-mother"}
     assert "Encounter/enc-mother" in k.released and "Encounter/enc-baby" not in k.released
     # The mother's next result is released where she is.
@@ -144,7 +144,7 @@ def test_a_later_record_naming_an_earlier_encounter_is_released_in_the_new_parti
     pk, pp = {}, {}
     k = partition(K, pk)
     order_record(k, res("Encounter", "enc-1", K), 0, K_PART)
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    handover = order_move(k, pk, move(K, P), 1, K_PART).handover
     p = partition(P, pp)
     # Arriving before the hand-over, it waits for the encounter, which this partition never saw released ...
     assert order_record(p, res("Observation", "obs-9", P, "Encounter/enc-1"), 5, P_PART) == []
@@ -162,7 +162,7 @@ def test_a_record_waiting_for_several_handed_over_resources_is_released_once_and
     k = partition(K, pk)
     order_record(k, res("Encounter", "enc-1", K), 0, K_PART)
     order_record(k, res("Observation", "obs-1", K, "Encounter/enc-1"), 0, K_PART)
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    handover = order_move(k, pk, move(K, P), 1, K_PART).handover
     p = partition(P, pp)
     # obs-9 needs the encounter (it waits) and obs-1 (it would otherwise go with a pending reference).
     assert order_record(p, res("Observation", "obs-9", P, "Encounter/enc-1", "Observation/obs-1"), 2, P_PART) == []
@@ -176,7 +176,7 @@ def test_a_late_or_repeated_hand_over_does_not_bring_back_what_the_new_partition
     k = partition(K, pk)
     order_record(k, res("Encounter", "enc-1", K), 0, K_PART)
     order_record(k, res("Observation", "obs-1", K, "Encounter/enc-1"), 0, K_PART)
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    handover = order_move(k, pk, move(K, P), 1, K_PART).handover
     p = partition(P, pp)
     take_all(p, pp, handover, P_PART)
     # The hospital deletes both (keyed by P now); the hand-over then comes again (a replayed dead letter, or the
@@ -193,7 +193,7 @@ def test_a_newer_version_released_in_the_new_partition_is_kept_over_the_hand_ove
     pk, pp = {}, {}
     k = partition(K, pk)
     order_record(k, res("Encounter", "enc-2", K), 0, K_PART)
-    _, _, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    handover = order_move(k, pk, move(K, P), 1, K_PART).handover
     p = partition(P, pp)
     [newer] = order_record(p, res("Encounter", "enc-2", P, "Location/l-1"), 2, P_PART)
     assert handed(handover)["Encounter/enc-2"]["hash"] != newer.content_hash
@@ -206,13 +206,13 @@ def test_a_review_undone_gives_the_previous_partition_the_resources_as_they_are_
     k = partition(K, pk)
     order_record(k, res("Condition", "c-1", K), 0, K_PART)
     order_record(k, res("Observation", "obs-1", K, "Condition/c-1"), 0, K_PART)
-    _, _, there = order_move(k, pk, move(K, P), 1, K_PART)
+    there = order_move(k, pk, move(K, P), 1, K_PART).handover
     p = partition(P, pp)
     take_all(p, pp, there, P_PART)
     order_record(p, res("Condition", "c-2", P), 3, P_PART)
     order_record(p, res("Observation", "obs-1", P, "Condition/c-2"), 4, P_PART)  # now names c-2, not c-1
     merge_patient(pk, patient(K))  # a second review sends the patient back to K
-    _, _, back = order_move(p, pp, move(P, K), 5, P_PART)
+    back = order_move(p, pp, move(P, K), 5, P_PART).handover
     take_all(k, pk, back, K_PART)
     assert sorted(k.released["Observation/obs-1"]["deps"]) == ["Condition/c-2", f"Patient/{K}"]
     # The hospital deletes the diagnoses: c-1 goes at once, c-2 waits until obs-1 no longer names it.
@@ -225,7 +225,7 @@ def test_a_hand_over_reaching_a_patient_the_site_moved_on_from_is_handed_on() ->
     pk, pp, pq = {}, {}, {}
     k = partition(K, pk)
     order_record(k, res("Encounter", "enc-1", K), 0, K_PART)
-    _, _, first = order_move(k, pk, move(K, P), 1, K_PART)
+    first = order_move(k, pk, move(K, P), 1, K_PART).handover
     p = partition(P, pp)
     order_move(p, pp, move(P, Q), 2, P_PART)  # a second accepted review, processed before the first hand-over
     out = take_all(p, pp, first, P_PART)
@@ -245,7 +245,7 @@ def test_the_site_s_records_parked_in_the_previous_partition_follow_to_the_new_o
     assert order_record(k, res("Observation", "obs-2", K, "Encounter/enc-5"), 0, K_PART) == []
     assert order_record(k, res("Observation", "obs-b", K, "Encounter/enc-b", site="site-b"), 0, K_PART) == []
 
-    _, redirected, handover = order_move(k, pk, move(K, P), 1, K_PART)
+    _, redirected, handover, _ = order_move(k, pk, move(K, P), 1, K_PART)
     assert [(r.target_ref, r.patient_key) for r in redirected] == [("Observation/obs-1", P), ("Observation/obs-2", P)]
     assert set(k.parked) == {"Encounter/enc-b"}  # site-b's stays
     assert expire_parked(k, 10**9, 1000, K_PART)[0].record.site == "site-b"

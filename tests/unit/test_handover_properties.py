@@ -1,16 +1,17 @@
-"""The order stage across partitions under any sequence of a hospital's changes and accepted identity reviews.
+"""The order stage and the sink across partitions under any sequence of a hospital's changes and accepted identity
+reviews.
 
 One hospital patient, whose central Patient changes among three (each in its own partition of the order stage,
-each with its own tables) whenever a reviewer accepts a move; the hospital meanwhile sends encounters,
-conditions and observations (an observation in an encounter, a hard dependency; naming a condition, a soft
-one), deletes observations, Debezium sends an earlier change again, and every message between the stages
-arrives in any order Kafka allows (in order per sender and partition). A decision comes minutes or hours after
-its review opened, when the stage has caught up: two moves of one patient do not race each other
-(tests/unit/test_handover.py has a hand-over overtaken by the next move). Whatever happens, once everything is
-delivered: nothing is left parked, and the central CDR ends with the latest version of every resource (as the
-sink writes, never over a later position of the same row), complete (no pending reference), never released
-before an encounter it is in. The stage's code is the worker's (`order_record`, `order_move`, `take_over`,
-`redirect`, `is_stale`, `merge_patient`), as agents/stages.py `_order_one` calls it.
+each with its own tables, and its own sink) whenever a reviewer accepts a move; the hospital meanwhile sends
+encounters, conditions and observations (an observation in an encounter, a hard dependency; naming a condition,
+a soft one), deletes observations, Debezium sends an earlier change again, and every message between the stages
+arrives in any order Kafka allows (in order per sender and partition): a decision may come while the previous
+Patient's partition, or its sink, still lags far behind (a back-load), and the next decision before the first
+one's hand-over arrived. Whatever happens, once everything is delivered: nothing is left parked or waiting at a
+sink, and the central CDR ends with the latest version of every resource, complete (no pending reference), never
+released before an encounter it is in. The stage's code is the worker's (`order_record`, `order_move`,
+`take_over`, `redirect`, `hold_for_handover`, `is_stale`, `merge_patient`), as agents/stages.py `_order_one`
+calls it; the sinks follow pipeline/sink.py's rules (below).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from hypothesis import strategies as st
 
 from pipeline.merge import merge_patient
 from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, is_stale, order_record
-from pipeline.patientmove import MOVE, is_handover, order_move, redirect, take_over
+from pipeline.patientmove import (
+    MOVE,
+    handover_notice,
+    hold_for_handover,
+    is_handover,
+    order_move,
+    redirect,
+    take_over,
+)
 from pipeline.records import RoutedResource, decode, encode
 from tests.casebuilder import move_of, routed_record
 
@@ -49,6 +58,7 @@ STEP = st.one_of(
     st.tuples(st.just("move"), st.sampled_from(KEYS)),
     st.tuples(st.just("resend"), st.sampled_from(OBSERVATIONS + ENCOUNTERS)),
     st.tuples(st.just("deliver"), st.sampled_from(range(3)), st.sampled_from(["identity", 0, 1, 2])),
+    st.tuples(st.just("write"), st.sampled_from(range(3))),
 )
 
 
@@ -60,6 +70,8 @@ class Pipeline:
         self.patients: list[dict[str, Any]] = [{} for _ in KEYS]  # patient_sources_by_patient_key, per partition
         self.inbox: dict[int, dict[Any, deque[RoutedResource]]] = {n: defaultdict(deque) for n in range(3)}
         self.released: list[tuple[int, RoutedResource]] = []  # (partition, record), in the order of release
+        self.sinks = [Sink() for _ in KEYS]  # each partition's sink: what its order stage released, in order
+        self.target = Target()
         self.lsn = count(100)
         self.key = KEYS[0]
         self.sent: dict[str, RoutedResource] = {}  # each resource's latest version sent by the hospital
@@ -120,17 +132,16 @@ class Pipeline:
 
     def move(self, new: str) -> None:
         """A reviewer accepts that the hospital's patient is the person of `new`: the identity stage sends the
-        accepted Patient version to it and the MOVE to the Patient it had."""
+        notice and the accepted Patient version to it and the MOVE to the Patient it had (agents/stages.py
+        `_deliver_identity`). Nothing waits for the stages to catch up: the MOVE and its hand-over, the records
+        sent on, the hospital's next records and the sinks' writes race each other."""
         if new == self.key:
             return
-        # A review opens when the hospital's Patient names another number, and the identity stage holds the
-        # patient's records from then on, until someone decides (minutes or hours later): by then the stage has
-        # caught up with what was routed before. What races is what follows the decision: the MOVE and its
-        # hand-over, the records sent on, and the hospital's next records, each on its own way.
-        self.drain()
         lsn = next(self.lsn)
+        move = move_of(self.key, new, lsn=lsn, decided_ms=lsn)
+        self.send(handover_notice(move))
         self.send(self.patient_version(new))
-        self.send(move_of(self.key, new, lsn=lsn, decided_ms=1))
+        self.send(move)
         self.key = new
         self.decided_at = lsn
 
@@ -148,22 +159,96 @@ class Pipeline:
             return
         handover: list[RoutedResource] = []
         if is_handover(incoming):
-            releasable, redirected, handover = take_over(state, patients, incoming, 0, partition)
+            releasable, redirected, handover, _ = take_over(state, patients, incoming, 0, partition)
         elif incoming.op == MOVE:
-            releasable, redirected, handover = order_move(state, patients, incoming, 0, partition)
+            releasable, redirected, handover, _ = order_move(state, patients, incoming, 0, partition)
         elif (elsewhere := redirect(patients, incoming)) is not None:
             releasable, redirected = [], [elsewhere]
+        elif hold_for_handover(state, patients, incoming, 0, partition, 3_600_000):
+            releasable, redirected = [], []
         else:
             releasable, redirected = order_record(state, merge_patient(patients, incoming), 0, partition), []
         for record in releasable:
             assert PARTITION[record.patient_key] == partition
             self.released.append((partition, record))
+            self.sinks[partition].queue.append(record)
         for record in [*handover, *redirected]:  # in this order, as the stage sends them
             self.send(record, sender=partition)
 
+    def write(self, partition: int) -> bool:
+        return self.sinks[partition].step(self.target)
+
     def drain(self) -> None:
-        while any(self.deliver(p, sender) for p in range(3) for sender in list(self.inbox[p])):
+        while any(self.deliver(p, sender) for p in range(3) for sender in list(self.inbox[p])) or any(
+            self.write(p) for p in range(3)
+        ):
             pass
+
+
+class Target:
+    """The central CDR as the sinks leave it: each resource's version (by its change), and for one deleted, the
+    position of the last version it held (its history)."""
+
+    def __init__(self) -> None:
+        self.held: dict[str, RoutedResource] = {}
+        self.deleted_after: dict[str, int] = {}
+
+    def apply(self, record: RoutedResource) -> bool:
+        """Write or delete as pipeline/sink.py does; False when the target refuses for now (the sink retries)."""
+        name, lsn = record.target_id, record.source_lsn or 0
+        there = self.held.get(name)
+        if record.is_delete:
+            gone = there is None and name in self.deleted_after
+            if (
+                record.awaits_lsn is not None
+                and not gone
+                and (there is None or (there.source_lsn or 0) < record.awaits_lsn)
+            ):
+                return False  # `_delete`: the change it awaits is not at the target yet
+            if there is not None and (there.source_lsn or 0) > lsn:
+                return True  # `_newer`: a later change of the row is there
+            if there is not None:
+                self.deleted_after[name] = there.source_lsn or 0
+                del self.held[name]
+            return True
+        if any(d.startswith("Encounter/") and d.split("/", 1)[1] not in self.held for d in record.dependencies):
+            return False  # the target refuses a reference to what it lacks (ReferenceNotReadyError): retried
+        if there is not None and (there.source_lsn or 0) > lsn:
+            return True  # `_newer`
+        if there is None and self.deleted_after.get(name, -1) >= lsn:
+            return True  # `_deleted_since`: deleted after holding this change or a later one
+        self.held[name] = record
+        return True
+
+
+class Sink:
+    """One partition's sink: writes in order; a record the target refuses for now waits in a retry tier, and the
+    later versions of the same resource wait behind it (pipeline/blocking.py); the others go on."""
+
+    def __init__(self) -> None:
+        self.queue: deque[RoutedResource] = deque()
+        self.retrying: dict[str, deque[RoutedResource]] = {}
+
+    def step(self, target: Target) -> bool:
+        """Write what can be written next: a retried record, else the next one. False if nothing moved."""
+        for name, waiting in list(self.retrying.items()):
+            if target.apply(waiting[0]):
+                waiting.popleft()
+                while waiting and target.apply(waiting[0]):
+                    waiting.popleft()
+                if not waiting:
+                    del self.retrying[name]
+                return True
+        if not self.queue:
+            return False
+        record = self.queue.popleft()
+        if record.resource_type in ("Patient", "Provenance") or record.op == MOVE:
+            return True
+        if record.target_id in self.retrying:
+            self.retrying[record.target_id].append(record)
+        elif not target.apply(record):
+            self.retrying[record.target_id] = deque([record])
+        return True
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -183,6 +268,8 @@ def test_moves_between_partitions_lose_reorder_or_strand_nothing(steps: list[tup
             pipeline.move(step[1])
         elif step[0] == "resend":
             pipeline.resend(step[1])
+        elif step[0] == "write":
+            pipeline.write(step[1])
         else:
             pipeline.deliver(step[1], step[2])
     # What observations name and the hospital never sent, it sends now (else they would rightly wait for it).
@@ -192,12 +279,7 @@ def test_moves_between_partitions_lose_reorder_or_strand_nothing(steps: list[tup
 
     for n, state in enumerate(pipeline.states):
         assert dict(state.parked) == {}, f"left parked in partition {n}"
-    # The central CDR as the sinks leave it, writing what was released in that order. A write or delete carries
-    # its source row's position, and the sink never writes over a later one of the same row (pipeline/sink.py
-    # `_newer`), nor brings back a resource deleted after it held this change or a later one (`_deleted_since`):
-    # a re-send that meets a move may be released after the newer version, or after the delete, and stops there.
-    target: dict[str, RoutedResource] = {}
-    deleted_after: dict[str, int] = {}  # what the resource's history shows of a deleted one: its last position
+        assert not pipeline.sinks[n].queue and not pipeline.sinks[n].retrying, f"left at the sink of partition {n}"
     for position, (_, record) in enumerate(pipeline.released):
         if record.resource_type in ("Patient", "Provenance") or record.op == MOVE:
             continue
@@ -205,17 +287,9 @@ def test_moves_between_partitions_lose_reorder_or_strand_nothing(steps: list[tup
             if dependency.startswith("Encounter/"):
                 earlier = [r.target_ref for _, r in pipeline.released[:position]]
                 assert dependency in earlier, f"{record.target_ref} released before {dependency}"
-        there = target.get(record.target_id)
-        if there is not None and (there.source_lsn or 0) > (record.source_lsn or 0):
-            continue
-        if record.is_delete:
-            if there is not None:
-                deleted_after[record.target_id] = there.source_lsn or 0
-                del target[record.target_id]
-        elif there is None and deleted_after.get(record.target_id, -1) >= (record.source_lsn or 0):
-            continue
-        else:
-            target[record.target_id] = record
+    # The central CDR as the sinks left it, each writing what its partition released, in that order, racing the
+    # others (`Target.apply`: the sink's rules).
+    target = pipeline.target.held
     for name, latest in pipeline.sent.items():
         there = target.get(name)
         if latest.is_delete:

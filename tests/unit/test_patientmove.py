@@ -102,7 +102,7 @@ def test_the_only_hospital_of_the_previous_patient_leaving_deletes_it_after_the_
     merge_patient(patients, site_patient("site-a", "a-1"))
     order_record(state, site_patient("site-a", "a-1"), 0)
     released_observation(state, "obs-1")
-    out, redirected, _ = order_move(state, patients, request(), 1)
+    out, redirected, _, _ = order_move(state, patients, request(), 1)
     assert [(r.op, r.target_ref) for r in out] == [("MOVE", f"Patient/{OLD}"), ("DELETE", f"Patient/{OLD}")]
     assert patients[OLD] == {"sites": [], "versions": {}, "moved": {"site-a": NEW}} and redirected == []
     # The delete is not held for the observation that referenced the Patient: it moved, and its entry went with
@@ -115,7 +115,7 @@ def test_a_previous_patient_other_hospitals_hold_loses_only_the_leaving_sites_id
     state, patients = OrderState({}, {}, {}, {}), {}
     for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
         merge_patient(patients, site_patient(site, mrn))
-    out, _, _ = order_move(state, patients, request(), 1)
+    out, _, _, _ = order_move(state, patients, request(), 1)
     site_a_provenance = f"Provenance/{provenance_id('site-a', f'Patient/{OLD}')}"
     assert [(r.op, r.target_ref) for r in out] == [
         ("MOVE", f"Patient/{OLD}"),
@@ -135,9 +135,9 @@ def test_a_move_sent_again_after_the_site_left_writes_the_previous_patient_as_it
     state, patients = OrderState({}, {}, {}, {}), {}
     for site, mrn in (("site-a", "a-1"), ("site-b", "b-1")):
         merge_patient(patients, site_patient(site, mrn))
-    first, _, _ = order_move(state, patients, request(), 1)
+    first, _, _, _ = order_move(state, patients, request(), 1)
     before = {k: dict(v) for k, v in patients.items()}
-    again, _, _ = order_move(state, patients, request(), 2)
+    again, _, _, _ = order_move(state, patients, request(), 2)
     assert [(r.op, r.target_ref) for r in again] == [(r.op, r.target_ref) for r in first]
     assert again[1].resource == first[1].resource and patients == before
 
@@ -149,7 +149,7 @@ def test_the_site_s_records_on_their_way_to_the_previous_patient_follow_its_move
     # An observation waiting for the Patient it names to be written here (e.g. after a crash lost the release).
     waiting = observation_of("obs-2", "site-a")
     assert order_record(OrderState({}, state.parked, state.waiting, {}), waiting, 0) == []
-    _, redirected, _ = order_move(state, patients, request(), 1)
+    _, redirected, _, _ = order_move(state, patients, request(), 1)
     assert [(r.target_ref, r.patient_key, r.dependencies) for r in redirected] == [
         ("Observation/obs-2", NEW, [f"Patient/{NEW}"])
     ]

@@ -1,0 +1,216 @@
+"""The new Patient's partition waits for the previous one's hand-over (pipeline/patientmove.py `handover_notice`,
+`hold_for_handover`, `take_over`).
+
+When a reviewer accepts that a hospital's patient is the person of Patient P, not K, the identity stage sends the
+MOVE to K's partition of the order stage and the hospital's records from then on to P's. K's partition may lag
+far behind (a back-load): the hospital's delete of an observation, made after the decision, can reach P's
+partition before K's has even released the observation's create. The identity stage therefore sends P's partition
+a notice first; P holds the site's records until K's hand-over comes, then releases them in their order, each
+delete of a resource K released carrying the position the target must hold before it is deleted. Each test runs
+one OrderState per partition, the records passing through Avro as on the topics.
+"""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import Any
+
+import orjson
+import pytest
+
+from pipeline.merge import merge_patient
+from pipeline.ordering import OrderState, expire_parked, order_record
+from pipeline.patientmove import (
+    MOVE,
+    MoveOrder,
+    barrier_of,
+    handover_notice,
+    handover_records,
+    hold_for_handover,
+    is_handover,
+    lift_expired_barrier,
+    order_move,
+    redirect,
+    take_over,
+)
+from pipeline.records import RoutedResource, decode, encode
+from tests.casebuilder import move_of, routed_record
+
+pytestmark = pytest.mark.unit
+
+K, P, Q = "k0000000-0000-5000-8000-000000000000", "p0000000-0000-5000-8000-000000000000", "q0" + "0" * 34
+HOUR_MS = 3_600_000
+_lsn = count(100)
+
+
+def patient(key: str, site: str = "site-a", local: str = "a-1") -> RoutedResource:
+    body = {"resourceType": "Patient", "id": key, "identifier": [{"system": f"urn:mrn:{site}", "value": local}]}
+    return routed_record(body, site=site, source_id=local, target_id=key, patient_key=key, source_lsn=next(_lsn))
+
+
+def res(kind: str, name: str, key: str, *deps: str, site: str = "site-a", op: str = "UPDATE") -> RoutedResource:
+    body = {"resourceType": kind, "id": name, "subject": {"reference": f"Patient/{key}"}}
+    body["focus"] = [{"reference": d} for d in deps]
+    return routed_record(
+        body,
+        site=site,
+        resource_type=kind,
+        source_id=name,
+        target_id=name,
+        patient_key=key,
+        op=op,
+        source_lsn=next(_lsn),
+        dependencies=[] if op == "DELETE" else sorted({f"Patient/{key}", *deps}),
+    )
+
+
+class Partition:
+    """One partition of the order stage, taking records as agents/stages.py `_order_one` does."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.state = OrderState({}, {}, {}, {})
+        self.patients: dict[str, Any] = {}
+
+    def take(self, record: RoutedResource, now_ms: int = 0) -> MoveOrder:
+        record = decode(encode(record), RoutedResource)  # through the topic
+        if is_handover(record):
+            return take_over(self.state, self.patients, record, now_ms, self.number)
+        if record.op == MOVE:
+            return order_move(self.state, self.patients, record, now_ms, self.number)
+        if (elsewhere := redirect(self.patients, record)) is not None:
+            return MoveOrder([], [elsewhere], [])
+        if hold_for_handover(self.state, self.patients, record, now_ms, self.number, HOUR_MS):
+            return MoveOrder([], [], [])
+        return MoveOrder(order_record(self.state, merge_patient(self.patients, record), now_ms, self.number), [], [])
+
+    def take_all(self, records: list[RoutedResource], now_ms: int = 0) -> MoveOrder:
+        out = MoveOrder([], [], [])
+        for record in records:
+            step = self.take(record, now_ms)
+            out = MoveOrder(out.to_sink + step.to_sink, out.redirected + step.redirected, out.handover + step.handover)
+        return out
+
+
+def refs(records: list[RoutedResource]) -> list[tuple[str, str]]:
+    return [(r.op, r.target_ref) for r in records]
+
+
+def test_a_delete_sent_after_the_decision_waits_for_the_create_the_lagging_previous_partition_still_holds() -> None:
+    k, p = Partition(0), Partition(4)
+    k.take_all([patient(K), res("Encounter", "enc-1", K)])
+    create = res("Observation", "obs-1", K, "Encounter/enc-1")  # sent before the review; K has not taken it yet
+    move = move_of(K, P)
+    # The decision: the notice and the accepted Patient go to P, the MOVE to K; then the hospital deletes obs-1.
+    assert p.take_all([handover_notice(move), patient(P)]) == MoveOrder([], [], [])
+    delete = res("Observation", "obs-1", P, op="DELETE")
+    later = res("Observation", "obs-2", P, "Encounter/enc-1")
+    assert p.take_all([delete, later]) == MoveOrder([], [], [])  # held: K's hand-over has not come
+    assert set(p.state.parked) == {barrier_of("site-a", P)}
+    # K catches up: the create is released there, then the MOVE hands over what K released of the site.
+    assert refs(k.take(create).to_sink) == [("UPDATE", "Observation/obs-1")]
+    handover = k.take(move).handover
+    out = p.take_all(handover)
+    assert refs(out.to_sink) == [
+        ("UPDATE", f"Patient/{P}"),
+        ("DELETE", "Observation/obs-1"),
+        ("UPDATE", "Observation/obs-2"),
+    ]
+    assert p.state.parked == {} and p.state.waiting == {}
+    # The delete names the create's position: the sink deletes only once the target holds it.
+    assert out.to_sink[1].awaits_lsn == create.source_lsn and out.to_sink[2].awaits_lsn is None
+    assert "awaiting" not in p.patients[P]
+    # From now on the site's records at P go straight on.
+    assert len(p.take(res("Observation", "obs-3", P, "Encounter/enc-1")).to_sink) == 1
+
+
+def test_only_the_moving_site_s_records_wait_other_hospitals_go_on() -> None:
+    p = Partition(4)
+    p.take_all([patient(P, "site-b", "b-1"), handover_notice(move_of(K, P))])
+    assert len(p.take(res("Observation", "obs-b", P, site="site-b")).to_sink) == 1
+    assert p.take(res("Observation", "obs-a", P)) == MoveOrder([], [], [])
+
+
+def test_a_hand_over_that_comes_before_its_notice_does_not_leave_the_site_waiting() -> None:
+    """Kafka orders records per partition only: the MOVE, sent after the notice to another partition, may be
+    taken there and its hand-over reach P before the notice does."""
+    k, p = Partition(0), Partition(4)
+    k.take_all([patient(K), res("Encounter", "enc-1", K)])
+    move = move_of(K, P)
+    p.take_all(k.take(move).handover)
+    p.take_all([handover_notice(move), patient(P)])
+    assert [r.target_ref for r in p.take(res("Observation", "obs-1", P, "Encounter/enc-1")).to_sink] == [
+        "Observation/obs-1"
+    ]
+
+
+def test_the_wait_ends_only_with_the_last_record_of_a_hand_over_in_several() -> None:
+    p = Partition(4)
+    move = move_of(K, P)
+    p.take_all([handover_notice(move), patient(P)])
+    released = {
+        f"Observation/o-{i}": {"hash": "h" * 64, "deps": [f"Patient/{P}"] * 200, "site": "site-a"} for i in range(900)
+    }
+    parts = handover_records(move, released, {})
+    assert len(parts) > 1
+    for part in parts[:-1]:
+        assert p.take(part).to_sink == []
+    assert refs(p.take(parts[-1]).to_sink) == [("UPDATE", f"Patient/{P}")]
+
+
+def test_along_a_chain_of_moves_the_last_patient_waits_for_every_hand_over_before_it() -> None:
+    """K → P, then P → Q before K's hand-over came: Q waits for P's and for K's (handed on by P)."""
+    k, p, q = Partition(0), Partition(4), Partition(5)
+    k.take_all([patient(K), res("Encounter", "enc-1", K)])
+    create = res("Observation", "obs-1", K, "Encounter/enc-1")
+    first, second = move_of(K, P), move_of(P, Q, decided_ms=1_700_000_100_000)
+    p.take_all([handover_notice(first), patient(P)])
+    q.take_all([handover_notice(second), patient(Q)])
+    delete = res("Observation", "obs-1", Q, op="DELETE")
+    assert q.take(delete) == MoveOrder([], [], [])
+    from_p = p.take(second)  # P hands over (nothing of its own) and what it still waits for
+    assert q.take_all(from_p.handover + from_p.redirected).to_sink == []  # still waiting for K's
+    k.take(create)
+    from_k = p.take_all(k.take(first).handover)  # reaches P, which the site left: handed on to Q
+    assert from_k.to_sink == [] and from_k.handover
+    out = q.take_all(from_k.handover)
+    assert refs(out.to_sink) == [("UPDATE", f"Patient/{Q}"), ("DELETE", "Observation/obs-1")]
+    assert out.to_sink[1].awaits_lsn == create.source_lsn
+    assert q.state.parked == {} and "awaiting" not in q.patients[Q]
+
+
+def test_records_that_waited_longer_than_the_park_limit_become_dead_letters_naming_the_hand_over() -> None:
+    p = Partition(4)
+    p.take_all([patient(P, "site-b", "b-1"), handover_notice(move_of(K, P))], now_ms=0)
+    p.take(patient(P), now_ms=5)
+    p.take(res("Observation", "obs-1", P), now_ms=10)
+    assert expire_parked(p.state, HOUR_MS, HOUR_MS, p.number) == []
+    expired = expire_parked(p.state, HOUR_MS + 10, HOUR_MS, p.number)
+    assert [(e.record.target_ref, e.missing) for e in expired] == [
+        (f"Patient/{P}", barrier_of("site-a", P)),
+        ("Observation/obs-1", barrier_of("site-a", P)),
+    ]
+    reason = lift_expired_barrier(p.patients, expired[0].missing)
+    assert reason is not None and f"central|{K}@" in reason and f"Patient/{P}" in reason
+    assert lift_expired_barrier(p.patients, "Encounter/enc-1") is None
+    # The site's next record goes on (the dead letters can be replayed once the MOVE is seen to).
+    assert len(p.take(res("Observation", "obs-2", P), now_ms=HOUR_MS + 20).to_sink) == 1
+
+
+def test_a_wait_older_than_the_park_limit_with_nothing_held_is_given_up_for_the_next_record() -> None:
+    p = Partition(4)
+    p.take_all([patient(P, "site-b", "b-1"), handover_notice(move_of(K, P))], now_ms=0)
+    assert p.take(res("Observation", "obs-1", P), now_ms=HOUR_MS - 1).to_sink == []  # still within the limit
+    expire_parked(p.state, 2 * HOUR_MS, HOUR_MS, p.number)  # (what waited expired; the tick lifts the wait) ...
+    p.patients[P] = {**p.patients[P], "awaiting": {"site-a": {f"central|{K}@1": 0}}}  # ... unless it did not
+    assert len(p.take(res("Observation", "obs-2", P), now_ms=2 * HOUR_MS).to_sink) == 1
+    assert "awaiting" not in p.patients[P]
+
+
+def test_the_wait_survives_another_hospital_s_patient_version_and_a_move_carries_it_on() -> None:
+    p = Partition(4)
+    p.take_all([patient(P, "site-b", "b-1"), handover_notice(move_of(K, P))])
+    p.take(patient(P, "site-b", "b-1"))  # merge_patient rewrites the entry
+    assert set(p.patients[P]["awaiting"]) == {"site-a"}
+    body = orjson.loads(p.take(move_of(P, Q)).handover[-1].resource)
+    assert list(body["awaiting"]) == [f"central|{K}@1700000000000"] and "awaiting" not in p.patients[P]
