@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -13,7 +14,7 @@ import pytest
 
 from pipeline.cli import main as cdrsync
 from pipeline.config import Config, TargetEndpoint
-from pipeline.errors import VersionConflictError
+from pipeline.errors import RetryableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.records import RoutedResource, canonical_hash
 from pipeline.sink import write_record
@@ -267,6 +268,48 @@ def test_a_change_older_than_a_deletion_never_brings_the_resource_back(
 
     asyncio.run(scenario())
     assert _value(stack, f"{run_id}-{name}") == 32.0
+
+
+@FIRST_WRITES
+def test_a_delete_after_an_identity_move_waits_for_what_the_previous_patient_s_sink_still_owes(
+    stack: Central, run_id: str, config: Config, first_write: str
+) -> None:
+    """An identity move: the resource's create and update were released in the previous Patient's partition, whose
+    sink lags behind (a back-load); the hospital's delete, released in the new Patient's partition, names the
+    update's position (`awaits_lsn`). Deleting before that sink wrote it would delete nothing, and the late
+    write would bring the resource back: the delete is retried until the target holds the update."""
+    name = f"awaited-{first_write}"
+
+    async def scenario() -> None:
+        async with FhirClient(_central(config, first_write)) as client:
+            previous: dict[str, dict[str, Any]] = {}  # the previous Patient's sink's table
+            delete = replace(_routed(run_id, 3, 0.0, name=name, op="DELETE"), awaits_lsn=200)
+            with pytest.raises(RetryableError, match="LSN 200"):
+                await write_record(client, delete, {})
+            assert stack.read("Observation", f"{run_id}-{name}") is None and not stack.history(
+                "Observation", f"{run_id}-{name}"
+            )
+            await write_record(client, _routed(run_id, 1, 50.0, name=name), previous)
+            with pytest.raises(RetryableError):  # the create is there, the update not yet
+                await write_record(client, delete, {})
+            await write_record(client, _routed(run_id, 2, 51.0, name=name), previous)
+            await write_record(client, delete, {})
+            assert _history_values(stack, f"{run_id}-{name}") == [50.0, 51.0, None]
+            again = await write_record(client, delete, {})  # retried once more after a crash: gone is gone
+            assert again.status in (200, 204, 304)
+
+            # The new Patient's sink went first with a later change, then the delete: the previous one's late
+            # update (over the version it wrote) leaves the resource deleted.
+            late = f"{name}-late"
+            await write_record(client, _routed(run_id, 1, 60.0, name=late), previous)
+            ours: dict[str, dict[str, Any]] = {}
+            await write_record(client, _routed(run_id, 3, 62.0, name=late), ours)
+            await write_record(client, replace(_routed(run_id, 4, 0.0, name=late, op="DELETE"), awaits_lsn=200), ours)
+            outcome = await write_record(client, _routed(run_id, 2, 61.0, name=late), previous)
+            assert outcome.status == 304
+            assert _history_values(stack, f"{run_id}-{late}") == [60.0, 62.0, None]
+
+    asyncio.run(scenario())
 
 
 @FIRST_WRITES

@@ -373,3 +373,74 @@ def test_a_move_a_later_review_overtook_takes_the_records_to_where_the_patient_i
     patient(keys["Q"], held)  # she is at Q now
     outcome = asyncio.run(run(returned=False))
     assert not outcome.overtaken and outcome.to == keys["Q"] and subject() == f"Patient/{keys['Q']}"
+
+
+def test_a_decision_taken_while_the_previous_patient_s_partition_lags_loses_no_delete(
+    worker: Worker, stack: Central, run_id: str, config: Config
+) -> None:
+    """The identity stage's output after an accept, sent as it would be while the order stage of the previous
+    Patient's partition lags behind (a back-load): the notice, the accepted Patient and the hospital's next records
+    reach the new Patient's partition first, among them the delete of an observation whose create is still on its
+    way in the previous Patient's partition. They wait for its hand-over: the observation is written there, then
+    deleted, never left at the centre as if the hospital still had it."""
+    from confluent_kafka import Producer
+
+    from pipeline.ids import ORIGIN_TAG_SYSTEM
+    from pipeline.patientmove import handover_notice
+    from pipeline.records import encode
+    from tests.casebuilder import routed_record
+
+    partitions = config.topics.partitions_of("identified")
+    previous = global_patient_key(KVNR_SYSTEM, f"L{run_id}")
+    new = global_patient_key(KVNR_SYSTEM, key_in_another_partition(f"LN{run_id}", previous, partitions))
+    local = f"{run_id}-lag"
+    tag = {"tag": [{"system": ORIGIN_TAG_SYSTEM, "code": "site-a"}]}
+
+    def patient_version(key: str, lsn: int) -> object:
+        identifiers = [{"system": logical_system("site-a", "Patient"), "value": local}]
+        body = {"resourceType": "Patient", "id": key, "identifier": identifiers, "meta": tag}
+        return routed_record(body, patient_key=key, source_id=local, source_lsn=lsn)
+
+    def observation(name: str, key: str, lsn: int, op: str = "UPDATE") -> object:
+        body = {
+            "resourceType": "Observation",
+            "id": f"{run_id}-{name}",
+            "status": "final",
+            "code": {"text": "weight"},
+            "subject": {"reference": f"Patient/{key}"},
+            "valueQuantity": {"value": 70.0, "unit": "kg"},
+            "meta": tag,
+        }
+        return routed_record(
+            body, patient_key=key, source_id=name, source_lsn=lsn, op=op, dependencies=[f"Patient/{key}"]
+        )
+
+    move = move_of(previous, new, local=local, lsn=300, decided_ms=1_700_000_000_000)
+    producer = Producer({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    topic = config.topics.name("identified")
+
+    def send(*records: object) -> None:
+        for record in records:
+            producer.produce(topic, key=record.patient_key.encode(), value=encode(record))  # type: ignore[attr-defined]
+        assert producer.flush(30) == 0
+
+    # The new Patient's partition first: the notice, the accepted version, then the hospital's delete of the
+    # observation it made before the review, and a new result.
+    send(
+        handover_notice(move),
+        patient_version(new, 300),
+        observation("lag-obs", new, 400, op="DELETE"),
+        observation("lag-new", new, 410),
+    )
+    # The previous Patient's partition catches up: the patient, the observation's create, then the MOVE.
+    send(patient_version(previous, 100), observation("lag-obs", previous, 200), move)
+
+    written = wait_for(lambda: stack.read("Observation", f"{run_id}-lag-new"), timeout=120, what="the new result")
+    assert written["subject"] == {"reference": f"Patient/{new}"}
+    history = wait_for(
+        lambda: (h := stack.history("Observation", f"{run_id}-lag-obs")) and h[-1] is None and h,
+        timeout=120,
+        what="the observation deleted after its create",
+    )
+    assert [version is None for version in history] == [False] * (len(history) - 1) + [True]
+    assert stack.read("Observation", f"{run_id}-lag-obs") is None
