@@ -416,7 +416,8 @@ def test_a_decision_taken_while_the_previous_patient_s_partition_lags_loses_no_d
         )
 
     move = move_of(previous, new, local=local, lsn=300, decided_ms=1_700_000_000_000)
-    producer = Producer({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    # Partitioned as the worker's own producers do (murmur2, Kafka's default), not librdkafka's default (CRC32).
+    producer = Producer({"bootstrap.servers": SETTINGS.kafka_bootstrap, "partitioner": "murmur2_random"})
     topic = config.topics.name("identified")
 
     def send(*records: object) -> None:
