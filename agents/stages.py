@@ -409,7 +409,7 @@ async def _expire_parks(partition: int) -> None:
     try:
         for parked in expire_parked(changes, now_ms(), limit_ms, partition):
             if parked.missing not in barriers:
-                barriers[parked.missing] = lift_expired_barrier(patients, parked.missing)
+                barriers[parked.missing] = lift_expired_barrier(patients, parked.missing, now_ms(), limit_ms)
             if (awaited := barriers[parked.missing]) is not None:
                 reason = f"waited {settings.park_limit_seconds}s for {awaited}, which never arrived"
             elif parked.missing.startswith("~"):

@@ -375,7 +375,7 @@ def order_move(
     hospitals still have there (what the sink does not move)."""
     previous, new = f"Patient/{move.target_id}", f"Patient/{moved_to(move)}"
     # Hand-overs the site's records here still wait for: the new Patient's partition waits for them instead.
-    awaited = _awaited(patients, move.target_id, move.site)
+    awaited = _pending(_awaited(patients, move.target_id, move.site))
     if awaited:
         _set_awaited(patients, move.target_id, move.site, {})
     entry = patients.get(move.target_id)
@@ -528,17 +528,24 @@ def barrier_of(site: str, patient_key: str) -> str:
     return f"{_BARRIER}{site}|{patient_key}"
 
 
-def _awaited(patients: Mapping[str, dict[str, Any]], patient_key: str, site: str) -> dict[str, int]:
-    """The hand-overs a site's records at a Patient wait for: move id → since when (ms)."""
-    return dict(((patients.get(patient_key) or {}).get("awaiting") or {}).get(site) or {})
+def _awaited(patients: Mapping[str, dict[str, Any]], patient_key: str, site: str) -> dict[str, dict[str, Any]]:
+    """The hand-overs a site's records at a Patient wait for: move id → {"since": ms, "came": whether its last
+    record came}. The records wait until every one of them came: one target's may come before another's."""
+    return {m: dict(w) for m, w in (((patients.get(patient_key) or {}).get("awaiting") or {}).get(site) or {}).items()}
+
+
+def _pending(awaited: Mapping[str, dict[str, Any]]) -> dict[str, int]:
+    """Of the awaited hand-overs, those not come yet: move id → since when."""
+    return {m: int(w["since"]) for m, w in awaited.items() if not w.get("came")}
 
 
 def _set_awaited(
-    patients: MutableMapping[str, dict[str, Any]], patient_key: str, site: str, awaited: Mapping[str, int]
+    patients: MutableMapping[str, dict[str, Any]], patient_key: str, site: str, awaited: Mapping[str, Any]
 ) -> None:
+    """Store what the site's records at the Patient wait for; nothing once every hand-over came."""
     entry = dict(patients.get(patient_key) or {"sites": [], "versions": {}})
     awaiting = {s: a for s, a in (entry.get("awaiting") or {}).items() if s != site}
-    if awaited:
+    if _pending(awaited):
         awaiting[site] = dict(awaited)
     if awaiting:
         entry["awaiting"] = awaiting
@@ -559,7 +566,8 @@ def _expect(patients: MutableMapping[str, dict[str, Any]], notice: RoutedResourc
         entry = {**entry, "handed": {**(entry.get("handed") or {}), site: handed}}
         patients[here] = entry
     else:
-        _set_awaited(patients, here, site, {**_awaited(patients, here, site), expected: now_ms})
+        awaited = _awaited(patients, here, site)
+        _set_awaited(patients, here, site, {**awaited, expected: {"since": now_ms, "came": False}})
         entry = patients[here]
     # The site's records come here again: a note that they moved away from here (an earlier review) is over.
     moved = {s: key for s, key in (entry.get("moved") or {}).items() if s != site}
@@ -569,28 +577,32 @@ def _expect(patients: MutableMapping[str, dict[str, Any]], notice: RoutedResourc
 
 def _handed(
     patients: MutableMapping[str, dict[str, Any]],
-    here: str,
-    site: str,
+    handover: RoutedResource,
     move: str | None,
     awaiting: Mapping[str, int],
 ) -> bool:
     """The last record of a hand-over came (`move`: its MOVE), with what the Patient it comes from still waited
-    for itself (`awaiting`). True when the site's records here wait for nothing more."""
+    for itself (`awaiting`: move id → since when). True when the site's records here wait for nothing more.
+    A hand-over from a worker that did not name its MOVE counts for any awaited one of its target and Patient."""
+    here, site = handover.patient_key, handover.site
     awaited = _awaited(patients, here, site)
+    if move is None:
+        move = next((m for m in _pending(awaited) if m.startswith(f"{handover.target}|{handover.target_id}@")), None)
     entry = dict(patients.get(here) or {"sites": [], "versions": {}})
     handed = {s: list(h) for s, h in (entry.get("handed") or {}).items()}
-    if move is not None and move not in awaited:  # before its notice: the notice must not hold anything back
+    if move is not None and move in awaited:
+        awaited[move]["came"] = True
+    elif move is not None:  # before its notice: the notice must not hold anything back
         handed[site] = [*handed.get(site, []), move][-_HANDED_KEPT:]
-    awaited.pop(move or "", None)
     for other, since in awaiting.items():
         if other in handed.get(site, []):
             handed[site].remove(other)
-        else:
-            awaited[other] = since
+        elif other not in awaited:
+            awaited[other] = {"since": since, "came": False}
     if handed != (entry.get("handed") or {}):
         patients[here] = {**entry, "handed": handed}
     _set_awaited(patients, here, site, awaited)
-    return not awaited
+    return not _pending(awaited)
 
 
 def hold_for_handover(
@@ -602,39 +614,49 @@ def hold_for_handover(
     limit_ms: int,
 ) -> bool:
     """Park a site's record at a Patient whose hand-over it waits for (a notice came, its hand-over not yet); True
-    if it was. `take_over` releases what waited, in order, once every awaited hand-over has come. A wait older than
-    `limit_ms` is given up (False, and the record goes on): its records parked meanwhile expire as parks do, into
-    dead letters naming it (`lift_expired_barrier`), and once none is left the next record goes on without it
-    (the previous Patient's MOVE failed, or its partition lags by more than the park limit: logged as an error)."""
-    if record.op in (MOVE, HANDOVER):
+    if it was. `take_over` releases what waited, in order, once every awaited hand-over has come. The site's
+    Patient versions do not wait: they name no resource of the site, and the MOVE at the previous Patient's sink
+    waits for the new Patient to hold the site's patient. A hand-over awaited longer than `limit_ms` is given up:
+    the records parked for it expire as parks do, into dead letters naming it (`lift_expired_barrier`), and once
+    none is left the next record goes on without it (the previous Patient's MOVE failed, or its partition lags by
+    more than the park limit: logged as an error)."""
+    if record.op in (MOVE, HANDOVER) or record.resource_type == "Patient":
         return False
     awaited = _awaited(patients, record.patient_key, record.site)
     if not any(m.split("|", 1)[0] == record.target for m in awaited):
         return False
     barrier = barrier_of(record.site, record.patient_key)
-    if min(awaited.values()) + limit_ms <= now_ms and not state.parked.get(barrier):
+    overdue = {m for m, since in _pending(awaited).items() if since + limit_ms <= now_ms}
+    if overdue and not state.parked.get(barrier):
         log.error(
             "%s's records at Patient/%s waited %ds for a hand-over that never came (%s); they go on without it",
             record.site,
             record.patient_key,
             limit_ms // 1000,
-            ", ".join(sorted(awaited)),
+            ", ".join(sorted(overdue)),
         )
-        _set_awaited(patients, record.patient_key, record.site, {})
-        return False
+        awaited = {m: w for m, w in awaited.items() if m not in overdue}
+        _set_awaited(patients, record.patient_key, record.site, awaited)
+        if not _pending(awaited):
+            return False
     hold(state, record, barrier, now_ms, partition)
     return True
 
 
-def lift_expired_barrier(patients: MutableMapping[str, dict[str, Any]], park_key: str) -> str | None:
-    """For a park key that expired: if it is a hand-over's (`barrier_of`), stop waiting for it and return what it
-    waited for (for the dead letters' reason); None for any other park key."""
+def lift_expired_barrier(
+    patients: MutableMapping[str, dict[str, Any]], park_key: str, now_ms: int, limit_ms: int
+) -> str | None:
+    """For a park key that expired: if it is a hand-over's (`barrier_of`), stop waiting for the hand-overs awaited
+    longer than `limit_ms` and return what it waited for (for the dead letters' reason); None for any other park
+    key. One awaited for less time (a later review's) is still awaited."""
     if not park_key.startswith(_BARRIER):
         return None
     site, here = park_key[len(_BARRIER) :].rsplit("|", 1)
     awaited = _awaited(patients, here, site)
-    _set_awaited(patients, here, site, {})
-    moves = ", ".join(sorted(awaited)) or "none any more"
+    pending = _pending(awaited)
+    overdue = sorted(m for m, since in pending.items() if since + limit_ms <= now_ms)
+    _set_awaited(patients, here, site, {m: w for m, w in awaited.items() if m not in overdue})
+    moves = ", ".join(overdue or sorted(pending)) or "none any more"
     return f"the hand-over of {site}'s records from an identity move to Patient/{here} (awaited: {moves})"
 
 
@@ -681,7 +703,7 @@ def take_over(
 
     for item in adopt_released(state, released, positions, now_ms, partition):
         place(item)
-    if last and _handed(patients, here, site, body.get("move"), awaiting):
+    if last and _handed(patients, handover, body.get("move"), awaiting):
         # What waited for the hand-over goes on, in its order, as the order stage takes a record.
         for record in take_parked(state, barrier_of(site, here)):
             if is_stale(state, record):  # older than a change of its row handed over, or taken here before it

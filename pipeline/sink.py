@@ -24,6 +24,7 @@ read again after its row came back does not undo the later version.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -256,7 +257,8 @@ async def _delete(client: FhirClient, record: RoutedResource, versions: Versions
             # yet: deleting now would delete nothing, and that write would then bring it back.
             raise RetryableError(
                 f"{ref}: its change at source LSN {record.awaits_lsn}, released at the Patient before an identity "
-                "move, is not at the target yet"
+                "move, is not at the target yet (if that write failed there, the resource is absent, as the "
+                "hospital wants: this delete can be discarded)"
             )
         mark = untouched_write(current)
         if mark is not None and _newer(mark, record):
@@ -270,16 +272,28 @@ async def _delete(client: FhirClient, record: RoutedResource, versions: Versions
     return outcome
 
 
+#: How long after the hospital's delete only the very change it awaits will do (`_holds`).
+AWAIT_EXACT_SECONDS = 30 * 60
+
+
 def _holds(current: dict[str, Any] | None, record: RoutedResource) -> bool:
     """Whether the target holds the change a delete awaits (`awaits_lsn`), or a later one of the same row: as
     cdrsync wrote it or edited since (its mark says which change it came from). A resource without cdrsync's mark
-    of that row was not written from it: held, for the delete to go ahead."""
+    of that row was not written from it: held, for the delete to go ahead.
+
+    An earlier change of the row will do too once the delete is `AWAIT_EXACT_SECONDS` old: the awaited one may
+    never come (the previous Patient's sink dead-lettered it, or it waited there in a retry tier and, sent on
+    after the move, was older than this delete). Before that, deleting would let a late write of it, over the
+    version it knew, become a conflict for review. Nothing at all at the target is never enough: the delete
+    would delete nothing, and the late write would bring the resource back."""
     if current is None:
         return False
     mark = _written_by_mark(current)
     if mark is None or mark[0] != f"{record.site}|{record.source_id}" or mark[1] is None:
         return True
-    return record.awaits_lsn is None or mark[1] >= record.awaits_lsn
+    if record.awaits_lsn is None or mark[1] >= record.awaits_lsn:
+        return True
+    return time.time() * 1000 - record.captured_ms >= AWAIT_EXACT_SECONDS * 1000
 
 
 def _newer(mark: tuple[str, int | None], record: RoutedResource) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.request
 from dataclasses import replace
 from typing import Any
@@ -17,7 +18,7 @@ from pipeline.config import Config, TargetEndpoint
 from pipeline.errors import RetryableError, VersionConflictError
 from pipeline.fhirclient import FhirClient
 from pipeline.records import RoutedResource, canonical_hash
-from pipeline.sink import write_record
+from pipeline.sink import AWAIT_EXACT_SECONDS, write_record
 from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient, routed_record
 from tests.integration.conftest import SETTINGS, Central, SiteDatabase, Worker, audit_rows, central_id, wait_for
@@ -283,7 +284,8 @@ def test_a_delete_after_an_identity_move_waits_for_what_the_previous_patient_s_s
     async def scenario() -> None:
         async with FhirClient(_central(config, first_write)) as client:
             previous: dict[str, dict[str, Any]] = {}  # the previous Patient's sink's table
-            delete = replace(_routed(run_id, 3, 0.0, name=name, op="DELETE"), awaits_lsn=200)
+            now_ms = int(time.time() * 1000)
+            delete = replace(_routed(run_id, 3, 0.0, name=name, op="DELETE"), awaits_lsn=200, captured_ms=now_ms)
             with pytest.raises(RetryableError, match="LSN 200"):
                 await write_record(client, delete, {})
             status, _ = stack.get(f"Observation/{run_id}-{name}/_history")
@@ -303,10 +305,25 @@ def test_a_delete_after_an_identity_move_waits_for_what_the_previous_patient_s_s
             await write_record(client, _routed(run_id, 1, 60.0, name=late), previous)
             ours: dict[str, dict[str, Any]] = {}
             await write_record(client, _routed(run_id, 3, 62.0, name=late), ours)
-            await write_record(client, replace(_routed(run_id, 4, 0.0, name=late, op="DELETE"), awaits_lsn=200), ours)
+            gone = replace(_routed(run_id, 4, 0.0, name=late, op="DELETE"), awaits_lsn=200, captured_ms=now_ms)
+            await write_record(client, gone, ours)
             outcome = await write_record(client, _routed(run_id, 2, 61.0, name=late), previous)
             assert outcome.status == 304
             assert _history_values(stack, f"{run_id}-{late}") == [60.0, 62.0, None]
+
+            # The awaited update never came (the previous Patient's sink dead-lettered it): half an hour after the
+            # hospital deleted it, the version there will do. Nothing there never does.
+            lost, never = f"{name}-lost", f"{name}-never"
+            await write_record(client, _routed(run_id, 1, 70.0, name=lost), previous)
+            fresh = replace(_routed(run_id, 3, 0.0, name=lost, op="DELETE"), awaits_lsn=200, captured_ms=now_ms)
+            with pytest.raises(RetryableError):
+                await write_record(client, fresh, {})
+            long_ago = now_ms - AWAIT_EXACT_SECONDS * 1000 - 1000
+            await write_record(client, replace(fresh, captured_ms=long_ago), {})
+            assert _history_values(stack, f"{run_id}-{lost}") == [70.0, None]
+            nothing = replace(_routed(run_id, 3, 0.0, name=never, op="DELETE"), awaits_lsn=200, captured_ms=long_ago)
+            with pytest.raises(RetryableError):
+                await write_record(client, nothing, {})
 
     asyncio.run(scenario())
 

@@ -12,6 +12,7 @@ one OrderState per partition, the records passing through Avro as on the topics.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import count
 from typing import Any
 
@@ -102,7 +103,8 @@ def test_a_delete_sent_after_the_decision_waits_for_the_create_the_lagging_previ
     create = res("Observation", "obs-1", K, "Encounter/enc-1")  # sent before the review; K has not taken it yet
     move = move_of(K, P)
     # The decision: the notice and the accepted Patient go to P, the MOVE to K; then the hospital deletes obs-1.
-    assert p.take_all([handover_notice(move), patient(P)]) == MoveOrder([], [], [])
+    # The Patient goes on (the MOVE at K's sink waits for it to hold the site's patient); the rest waits.
+    assert refs(p.take_all([handover_notice(move), patient(P)]).to_sink) == [("UPDATE", f"Patient/{P}")]
     delete = res("Observation", "obs-1", P, op="DELETE")
     later = res("Observation", "obs-2", P, "Encounter/enc-1")
     assert p.take_all([delete, later]) == MoveOrder([], [], [])  # held: K's hand-over has not come
@@ -111,14 +113,10 @@ def test_a_delete_sent_after_the_decision_waits_for_the_create_the_lagging_previ
     assert refs(k.take(create).to_sink) == [("UPDATE", "Observation/obs-1")]
     handover = k.take(move).handover
     out = p.take_all(handover)
-    assert refs(out.to_sink) == [
-        ("UPDATE", f"Patient/{P}"),
-        ("DELETE", "Observation/obs-1"),
-        ("UPDATE", "Observation/obs-2"),
-    ]
+    assert refs(out.to_sink) == [("DELETE", "Observation/obs-1"), ("UPDATE", "Observation/obs-2")]
     assert p.state.parked == {} and p.state.waiting == {}
     # The delete names the create's position: the sink deletes only once the target holds it.
-    assert out.to_sink[1].awaits_lsn == create.source_lsn and out.to_sink[2].awaits_lsn is None
+    assert out.to_sink[0].awaits_lsn == create.source_lsn and out.to_sink[1].awaits_lsn is None
     assert "awaiting" not in p.patients[P]
     # From now on the site's records at P go straight on.
     assert len(p.take(res("Observation", "obs-3", P, "Encounter/enc-1")).to_sink) == 1
@@ -147,7 +145,7 @@ def test_a_hand_over_that_comes_before_its_notice_does_not_leave_the_site_waitin
 def test_the_wait_ends_only_with_the_last_record_of_a_hand_over_in_several() -> None:
     p = Partition(4)
     move = move_of(K, P)
-    p.take_all([handover_notice(move), patient(P)])
+    p.take_all([handover_notice(move), patient(P), res("Observation", "obs-1", P)])
     released = {
         f"Observation/o-{i}": {"hash": "h" * 64, "deps": [f"Patient/{P}"] * 200, "site": "site-a"} for i in range(900)
     }
@@ -155,7 +153,7 @@ def test_the_wait_ends_only_with_the_last_record_of_a_hand_over_in_several() -> 
     assert len(parts) > 1
     for part in parts[:-1]:
         assert p.take(part).to_sink == []
-    assert refs(p.take(parts[-1]).to_sink) == [("UPDATE", f"Patient/{P}")]
+    assert refs(p.take(parts[-1]).to_sink) == [("UPDATE", "Observation/obs-1")]
 
 
 def test_along_a_chain_of_moves_the_last_patient_waits_for_every_hand_over_before_it() -> None:
@@ -174,8 +172,8 @@ def test_along_a_chain_of_moves_the_last_patient_waits_for_every_hand_over_befor
     from_k = p.take_all(k.take(first).handover)  # reaches P, which the site left: handed on to Q
     assert from_k.to_sink == [] and from_k.handover
     out = q.take_all(from_k.handover)
-    assert refs(out.to_sink) == [("UPDATE", f"Patient/{Q}"), ("DELETE", "Observation/obs-1")]
-    assert out.to_sink[1].awaits_lsn == create.source_lsn
+    assert refs(out.to_sink) == [("DELETE", "Observation/obs-1")]
+    assert out.to_sink[0].awaits_lsn == create.source_lsn
     assert q.state.parked == {} and "awaiting" not in q.patients[Q]
 
 
@@ -186,13 +184,10 @@ def test_records_that_waited_longer_than_the_park_limit_become_dead_letters_nami
     p.take(res("Observation", "obs-1", P), now_ms=10)
     assert expire_parked(p.state, HOUR_MS, HOUR_MS, p.number) == []
     expired = expire_parked(p.state, HOUR_MS + 10, HOUR_MS, p.number)
-    assert [(e.record.target_ref, e.missing) for e in expired] == [
-        (f"Patient/{P}", barrier_of("site-a", P)),
-        ("Observation/obs-1", barrier_of("site-a", P)),
-    ]
-    reason = lift_expired_barrier(p.patients, expired[0].missing)
+    assert [(e.record.target_ref, e.missing) for e in expired] == [("Observation/obs-1", barrier_of("site-a", P))]
+    reason = lift_expired_barrier(p.patients, expired[0].missing, HOUR_MS + 10, HOUR_MS)
     assert reason is not None and f"central|{K}@" in reason and f"Patient/{P}" in reason
-    assert lift_expired_barrier(p.patients, "Encounter/enc-1") is None
+    assert lift_expired_barrier(p.patients, "Encounter/enc-1", HOUR_MS + 10, HOUR_MS) is None
     # The site's next record goes on (the dead letters can be replayed once the MOVE is seen to).
     assert len(p.take(res("Observation", "obs-2", P), now_ms=HOUR_MS + 20).to_sink) == 1
 
@@ -202,7 +197,7 @@ def test_a_wait_older_than_the_park_limit_with_nothing_held_is_given_up_for_the_
     p.take_all([patient(P, "site-b", "b-1"), handover_notice(move_of(K, P))], now_ms=0)
     assert p.take(res("Observation", "obs-1", P), now_ms=HOUR_MS - 1).to_sink == []  # still within the limit
     expire_parked(p.state, 2 * HOUR_MS, HOUR_MS, p.number)  # (what waited expired; the tick lifts the wait) ...
-    p.patients[P] = {**p.patients[P], "awaiting": {"site-a": {f"central|{K}@1": 0}}}  # ... unless it did not
+    p.patients[P] = {**p.patients[P], "awaiting": {"site-a": {f"central|{K}@1": {"since": 0, "came": False}}}}
     assert len(p.take(res("Observation", "obs-2", P), now_ms=2 * HOUR_MS).to_sink) == 1
     assert "awaiting" not in p.patients[P]
 
@@ -214,3 +209,36 @@ def test_the_wait_survives_another_hospital_s_patient_version_and_a_move_carries
     assert set(p.patients[P]["awaiting"]) == {"site-a"}
     body = orjson.loads(p.take(move_of(P, Q)).handover[-1].resource)
     assert list(body["awaiting"]) == [f"central|{K}@1700000000000"] and "awaiting" not in p.patients[P]
+
+
+def test_the_accepted_patient_is_written_even_if_the_patient_moves_on_before_the_hand_over_comes() -> None:
+    """K → P, then P → Q while K lags: P held the site's patient (the MOVE K→P at K's sink looks for that, and
+    then follows her to Q); its MOVE to Q takes the site out of P again."""
+    p = Partition(4)
+    assert refs(p.take_all([handover_notice(move_of(K, P)), patient(P)]).to_sink) == [("UPDATE", f"Patient/{P}")]
+    assert "site-a" in p.patients[P]["sites"]
+    out = p.take(move_of(P, Q, decided_ms=1_700_000_100_000))
+    assert refs(out.to_sink)[:2] == [("MOVE", f"Patient/{P}"), ("DELETE", f"Patient/{P}")]
+
+
+def test_a_wait_that_expires_ends_only_for_the_hand_over_awaited_longest() -> None:
+    p = Partition(4)
+    p.take_all([patient(P, "site-b", "b-1"), handover_notice(move_of(K, P))], now_ms=0)
+    p.take(res("Observation", "obs-1", P), now_ms=10)
+    p.take(handover_notice(move_of(Q, P, decided_ms=1_700_000_100_000)), now_ms=HOUR_MS - 5)  # a later review
+    [expired] = expire_parked(p.state, HOUR_MS + 10, HOUR_MS, p.number)
+    reason = lift_expired_barrier(p.patients, expired.missing, HOUR_MS + 10, HOUR_MS)
+    assert reason is not None and f"central|{K}@" in reason and f"central|{Q}@" not in reason
+    assert p.take(res("Observation", "obs-2", P), now_ms=HOUR_MS + 20).to_sink == []  # Q's is still awaited
+
+
+def test_a_hand_over_from_a_worker_that_does_not_name_its_move_ends_the_wait_for_its_patient() -> None:
+    k, p = Partition(0), Partition(4)
+    k.take_all([patient(K), res("Encounter", "enc-1", K)])
+    move = move_of(K, P)
+    p.take_all([handover_notice(move), patient(P), res("Observation", "obs-1", P, "Encounter/enc-1")])
+    older = []
+    for record in k.take(move).handover:  # as a worker before the notice existed wrote it
+        body = {key: v for key, v in orjson.loads(record.resource).items() if key not in ("move", "last")}
+        older.append(replace(record, resource=orjson.dumps(body).decode()))
+    assert refs(p.take_all(older).to_sink) == [("UPDATE", "Observation/obs-1")]
