@@ -35,6 +35,13 @@ their park expires. Their source positions go too, so a Debezium re-send of an o
 partition after the hand-over is recognised as one; one that overtakes the hand-over is stopped at the sink (never
 written over a later change of its row, nor over the deletion of one: pipeline/sink.py `_deleted_since`).
 
+The previous Patient's partition may lag far behind the decision (a back-load), and the hospital's next records
+reach the new one first. So the identity stage sends the new Patient's partition a notice before them
+(`handover_notice`): the site's records there wait, parked, for the hand-over (`hold_for_handover`) and go on in
+their order when its last record comes. A delete among them of a resource the previous partition released names
+the change it released (`awaits_lsn`), since that partition's sink may lag too: the sink deletes only once the
+target holds it (pipeline/sink.py `_delete`).
+
 Limits: the target cannot tell two local patients of one hospital apart once both are at one central Patient
 (a duplicate record at the hospital, both with the same insurance number): all of that site's resources
 there move, and its later records there follow. `cdrsync identity show` lists what of the site is still at the
