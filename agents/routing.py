@@ -20,11 +20,12 @@ from faust.types import EventT, TopicT
 
 from pipeline.audit import Step, failure_event
 from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers, retry_schedule
+from pipeline.errors import AwaitedWriteError
 from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
 from pipeline.staging import Staged, StagedBatch, staged_batch
 
-from .app import IdempotentProducer, app, config
+from .app import IdempotentProducer, app, config, settings
 from .topics import audit_events, dead_letters, retry_tiers
 
 log = logging.getLogger("cdrsync.routing")
@@ -267,7 +268,12 @@ async def retry_later(stage: str, event: EventT | Carried, error: BaseException,
     carried = event if isinstance(event, Carried) else Carried.of(event)
     previous = carried.failure
     info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=previous)
-    schedule = retry_schedule(previous, [tier.delay_seconds for tier in config.topics.retry_tiers])
+    # A delete that waits for a write another partition's sink owes (an identity move) waits longer than the tiers.
+    stay = (
+        info.first_failure_ms + settings.delete_await_seconds * 1000 if isinstance(error, AwaitedWriteError) else None
+    )
+    delays = [tier.delay_seconds for tier in config.topics.retry_tiers]
+    schedule = retry_schedule(previous, delays, stay_until_ms=stay, now_ms=info.last_failure_ms)
     if schedule is None:
         await dead_letter_info(carried, info)
         return False

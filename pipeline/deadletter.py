@@ -99,15 +99,20 @@ def parse_failure_headers(
     return FailureInfo(**fields)
 
 
-def retry_schedule(previous: FailureInfo | None, delays: Sequence[float]) -> tuple[int, float] | None:
+def retry_schedule(
+    previous: FailureInfo | None, delays: Sequence[float], *, stay_until_ms: int | None = None, now_ms: int = 0
+) -> tuple[int, float] | None:
     """(tier, delay in seconds) of a record's next retry, None when the tiers are used up (dead letter).
 
     A record that never went through a tier goes to the first; each failure after a tier moves it one
     on. A replayed dead letter carries tier -1, so it starts over at the first tier. (A target's
     Retry-After is honoured by the in-process retries, see pipeline/sink.py: a tier's delay is fixed,
-    so the records of a tier fall due in the order they arrive.)
+    so the records of a tier fall due in the order they arrive.) With `stay_until_ms`, a record past the
+    last tier goes round it again until then (a failure known to end by itself, `AwaitedWriteError`).
     """
     tier = previous.tier + 1 if previous is not None and previous.due_ms else 0
     if tier >= len(delays):
+        if stay_until_ms is not None and now_ms < stay_until_ms and delays:
+            return len(delays) - 1, float(delays[-1])
         return None
     return tier, float(delays[tier])

@@ -78,6 +78,13 @@ class ReferenceNotReadyError(RetryableError):
     error_class = "reference_not_ready"
 
 
+class AwaitedWriteError(RetryableError):
+    """A delete waits for a write another partition's sink still owes (an identity move, pipeline/sink.py
+    `_delete`): retried past the retry tiers, in the last one, for `delete_await_seconds`, then a dead letter."""
+
+    error_class = "awaited_write"
+
+
 class VersionConflictError(CdrsyncError):
     """The target resource changed since cdrsync last wrote it: the change is not applied but kept,
     with the target's version, for clinical review (DESIGN.md decision 8). Neither retried nor dead-lettered."""

@@ -6,7 +6,7 @@ tags it, so nothing a later hospital sends overwrites name, birth date, gender o
 State, partitioned by global patient key like the order stage:
   patient_sources_by_patient_key   key → {"sites": [in first-arrival order], "versions": {site: JSON},
                                           "moved": {site: key}, "awaiting": {site: {move: ms}},
-                                          "handed": {site: [move]} (pipeline/patientmove.py; when any)}
+                                          "over": {site: [move]} (pipeline/patientmove.py; when any)}
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def merge_patient(patients: MutableMapping[str, dict[str, Any]], record: RoutedR
     # site sends a Patient here again, its records still on their way here follow them.
     moved = {site: key for site, key in (entry.get("moved") or {}).items() if site != record.site or record.is_delete}
     # A site's records waiting here for a hand-over, and hand-overs that came before their notice: kept as they are.
-    kept = {k: entry[k] for k in ("awaiting", "handed") if entry.get(k)} | ({"moved": moved} if moved else {})
+    kept = {k: entry[k] for k in ("awaiting", "over") if entry.get(k)} | ({"moved": moved} if moved else {})
     if record.is_delete:
         versions.pop(record.site, None)
         sites = [site for site in sites if site != record.site]

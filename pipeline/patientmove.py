@@ -527,7 +527,7 @@ def handover_notice(move: RoutedResource) -> RoutedResource:
 
 
 _BARRIER = "^"  # the park key of a site's records held for a hand-over: "^" + site + "|" + the Patient's key
-_HANDED_KEPT = 8  # per site, the hand-overs that came before their notice (Kafka orders them only per partition)
+_OVER_KEPT = 16  # per site and Patient, the hand-overs that are over, so that their notices sent again are ignored
 
 
 def barrier_of(site: str, patient_key: str) -> str:
@@ -561,21 +561,32 @@ def _set_awaited(
     patients[patient_key] = entry
 
 
+def _over(patients: Mapping[str, dict[str, Any]], patient_key: str, site: str) -> list[str]:
+    """The hand-overs of the site at the Patient that are over: come (before their notice, too), or given up."""
+    return list(((patients.get(patient_key) or {}).get("over") or {}).get(site) or [])
+
+
+def _set_over(patients: MutableMapping[str, dict[str, Any]], patient_key: str, site: str, ended: list[str]) -> None:
+    entry = dict(patients.get(patient_key) or {"sites": [], "versions": {}})
+    over = _over(patients, patient_key, site)
+    kept = [m for m in over if m not in ended] + [m for m in dict.fromkeys(ended)]
+    entry["over"] = {**(entry.get("over") or {}), site: kept[-_OVER_KEPT:]}
+    patients[patient_key] = entry
+
+
 def _expect(patients: MutableMapping[str, dict[str, Any]], notice: RoutedResource, now_ms: int) -> None:
-    """A notice (`handover_notice`): the site's records here wait for its hand-over, unless that came first."""
+    """A notice (`handover_notice`): the site's records here wait for its hand-over, unless that came first. A
+    notice seen before (sent again: a replayed dead letter, a batch processed again) changes nothing."""
     assert notice.resource is not None
     expected = str(orjson.loads(notice.resource)["notice"])
     here, site = notice.patient_key, notice.site
-    entry = patients.get(here) or {}
-    handed = list((entry.get("handed") or {}).get(site) or [])
-    if expected in handed:
-        handed.remove(expected)
-        entry = {**entry, "handed": {**(entry.get("handed") or {}), site: handed}}
-        patients[here] = entry
-    else:
-        awaited = _awaited(patients, here, site)
-        _set_awaited(patients, here, site, {**awaited, expected: {"since": now_ms, "came": False}})
-        entry = patients[here]
+    awaited = _awaited(patients, here, site)
+    if expected in awaited or expected in _over(patients, here, site):
+        if expected not in awaited:
+            log.info("notice of %s's hand-over %s at Patient/%s: it came already", site, expected, here)
+        return
+    _set_awaited(patients, here, site, {**awaited, expected: {"since": now_ms, "came": False}})
+    entry = patients[here]
     # The site's records come here again: a note that they moved away from here (an earlier review) is over.
     moved = {s: key for s, key in (entry.get("moved") or {}).items() if s != site}
     if moved != (entry.get("moved") or {}):
@@ -595,21 +606,22 @@ def _handed(
     awaited = _awaited(patients, here, site)
     if move is None:
         move = next((m for m in _pending(awaited) if m.startswith(f"{handover.target}|{handover.target_id}@")), None)
-    entry = dict(patients.get(here) or {"sites": [], "versions": {}})
-    handed = {s: list(h) for s, h in (entry.get("handed") or {}).items()}
+    ended = []
     if move is not None and move in awaited:
         awaited[move]["came"] = True
-    elif move is not None:  # before its notice: the notice must not hold anything back
-        handed[site] = [*handed.get(site, []), move][-_HANDED_KEPT:]
+    elif move is not None:  # before its notice (Kafka orders records per partition only): the notice holds nothing
+        ended.append(move)
+    over = _over(patients, here, site)
     for other, since in awaiting.items():
-        if other in handed.get(site, []):
-            handed[site].remove(other)
-        elif other not in awaited:
+        if other not in over and other not in awaited:
             awaited[other] = {"since": since, "came": False}
-    if handed != (entry.get("handed") or {}):
-        patients[here] = {**entry, "handed": handed}
+    done = not _pending(awaited)
+    if done:
+        ended += list(awaited)
     _set_awaited(patients, here, site, awaited)
-    return not _pending(awaited)
+    if ended:
+        _set_over(patients, here, site, ended)
+    return done
 
 
 def hold_for_handover(
@@ -644,6 +656,9 @@ def hold_for_handover(
         )
         awaited = {m: w for m, w in awaited.items() if m not in overdue}
         _set_awaited(patients, record.patient_key, record.site, awaited)
+        _set_over(
+            patients, record.patient_key, record.site, sorted(overdue) + ([] if _pending(awaited) else [*awaited])
+        )
         if not _pending(awaited):
             return False
     hold(state, record, barrier, now_ms, partition)
@@ -662,7 +677,10 @@ def lift_expired_barrier(
     awaited = _awaited(patients, here, site)
     pending = _pending(awaited)
     overdue = sorted(m for m, since in pending.items() if since + limit_ms <= now_ms)
-    _set_awaited(patients, here, site, {m: w for m, w in awaited.items() if m not in overdue})
+    left = {m: w for m, w in awaited.items() if m not in overdue}
+    _set_awaited(patients, here, site, left)
+    if overdue:
+        _set_over(patients, here, site, overdue + ([] if _pending(left) else [*left]))
     moves = ", ".join(overdue or sorted(pending)) or "none any more"
     return f"the hand-over of {site}'s records from an identity move to Patient/{here} (awaited: {moves})"
 

@@ -39,7 +39,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from .errors import CdrsyncError, RejectedByTargetError, RetryableError, VersionConflictError
+from .errors import AwaitedWriteError, CdrsyncError, RejectedByTargetError, RetryableError, VersionConflictError
 from .fhirclient import FhirClient, WriteOutcome
 from .records import RoutedResource, canonical_hash
 
@@ -255,10 +255,10 @@ async def _delete(client: FhirClient, record: RoutedResource, versions: Versions
         if record.awaits_lsn is not None and not gone and not _holds(current, record):
             # Released before an identity move at the previous Patient, whose partition's sink has not written it
             # yet: deleting now would delete nothing, and that write would then bring it back.
-            raise RetryableError(
+            raise AwaitedWriteError(
                 f"{ref}: its change at source LSN {record.awaits_lsn}, released at the Patient before an identity "
-                "move, is not at the target yet (if that write failed there, the resource is absent, as the "
-                "hospital wants: this delete can be discarded)"
+                "move, is not at the target yet (if that write failed there and is discarded, the resource stays "
+                "absent, as the hospital wants: this delete can be discarded too)"
             )
         mark = untouched_write(current)
         if mark is not None and _newer(mark, record):

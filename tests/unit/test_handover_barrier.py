@@ -242,3 +242,32 @@ def test_a_hand_over_from_a_worker_that_does_not_name_its_move_ends_the_wait_for
         body = {key: v for key, v in orjson.loads(record.resource).items() if key not in ("move", "last")}
         older.append(replace(record, resource=orjson.dumps(body).decode()))
     assert refs(p.take_all(older).to_sink) == [("UPDATE", "Observation/obs-1")]
+
+
+def test_a_notice_sent_again_after_its_hand_over_came_holds_nothing_back() -> None:
+    """A replayed dead letter, or a batch of the identity stage processed again after a crash."""
+    k, p = Partition(0), Partition(4)
+    k.take_all([patient(K), res("Encounter", "enc-1", K)])
+    move = move_of(K, P)
+    p.take_all([handover_notice(move), patient(P)])
+    p.take_all(k.take(move).handover)
+    p.take(handover_notice(move))
+    assert refs(p.take(res("Observation", "obs-1", P, "Encounter/enc-1")).to_sink) == [("UPDATE", "Observation/obs-1")]
+    # and one that comes twice before its hand-over waits once, from the first
+    q = Partition(5)
+    q.take(handover_notice(move_of(P, Q)), now_ms=0)
+    q.take(handover_notice(move_of(P, Q)), now_ms=HOUR_MS - 1)
+    assert q.patients[Q]["awaiting"]["site-a"][f"central|{P}@1700000000000"]["since"] == 0
+
+
+def test_a_notice_sent_again_after_the_patient_moved_on_does_not_bring_her_records_back() -> None:
+    """K → P, then P → Q; the K → P notice comes again: the site's records still on their way to P go on to Q."""
+    k, p = Partition(0), Partition(4)
+    k.take(patient(K))
+    first = move_of(K, P)
+    p.take_all([handover_notice(first), patient(P)])
+    p.take_all(k.take(first).handover)
+    p.take(move_of(P, Q, decided_ms=1_700_000_100_000))
+    p.take(handover_notice(first))
+    late = res("Observation", "obs-1", P)  # e.g. sent on by P's sink from a retry tier
+    assert [r.patient_key for r in p.take(late).redirected] == [Q]

@@ -36,6 +36,13 @@ def test_a_replayed_dead_letter_starts_over() -> None:
     assert retry_schedule(_failed(-1), DELAYS) == (0, 60)
 
 
+def test_a_failure_known_to_end_by_itself_goes_round_the_last_tier_until_its_time_is_up() -> None:
+    """A delete waiting for a write another partition's sink owes (pipeline/errors.py AwaitedWriteError)."""
+    assert retry_schedule(_failed(2), DELAYS, stay_until_ms=86_400_000, now_ms=80_000_000) == (2, 3600)
+    assert retry_schedule(_failed(2), DELAYS, stay_until_ms=86_400_000, now_ms=86_400_000) is None
+    assert retry_schedule(_failed(0), DELAYS, stay_until_ms=86_400_000, now_ms=0) == (1, 600)
+
+
 def test_retry_after_is_waited_for_in_process_up_to_a_bound() -> None:
     from tenacity import RetryCallState
 
