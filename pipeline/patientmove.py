@@ -382,9 +382,11 @@ def order_move(
     hospitals still have there (what the sink does not move)."""
     previous, new = f"Patient/{move.target_id}", f"Patient/{moved_to(move)}"
     # Hand-overs the site's records here still wait for: the new Patient's partition waits for them instead.
-    awaited = _pending(_awaited(patients, move.target_id, move.site))
-    if awaited:
+    waits = _awaited(patients, move.target_id, move.site)
+    awaited = _pending(waits)
+    if waits:  # over here: a notice of them sent again must not make the site's records wait here, nor stay here
         _set_awaited(patients, move.target_id, move.site, {})
+        _set_over(patients, move.target_id, move.site, [*waits])
     entry = patients.get(move.target_id)
     sites = list((entry or {}).get("sites", []))
     if move.site in sites:

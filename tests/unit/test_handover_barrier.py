@@ -271,3 +271,18 @@ def test_a_notice_sent_again_after_the_patient_moved_on_does_not_bring_her_recor
     p.take(handover_notice(first))
     late = res("Observation", "obs-1", P)  # e.g. sent on by P's sink from a retry tier
     assert [r.patient_key for r in p.take(late).redirected] == [Q]
+
+
+def test_a_notice_sent_again_after_the_patient_moved_on_before_the_hand_over_came_changes_nothing() -> None:
+    """K → P, then P → Q before K's hand-over came (Q waits for it, handed on by P); the K → P notice comes again
+    at P: K's hand-over still goes on to Q, and what waited there for it is released."""
+    k, p, q = Partition(0), Partition(4), Partition(5)
+    k.take_all([patient(K), res("Encounter", "enc-1", K)])
+    first, second = move_of(K, P), move_of(P, Q, decided_ms=1_700_000_100_000)
+    p.take_all([handover_notice(first), patient(P)])
+    q.take_all([handover_notice(second), patient(Q), res("Observation", "obs-9", Q, "Encounter/enc-1")])
+    q.take_all(p.take(second).handover)
+    p.take(handover_notice(first))
+    onward = p.take_all(k.take(first).handover)
+    assert onward.to_sink == [] and onward.handover
+    assert refs(q.take_all(onward.handover).to_sink) == [("UPDATE", "Observation/obs-9")]
