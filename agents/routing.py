@@ -269,9 +269,7 @@ async def retry_later(stage: str, event: EventT | Carried, error: BaseException,
     previous = carried.failure
     info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=previous)
     # A delete that waits for a write another partition's sink owes (an identity move) waits longer than the tiers.
-    stay = (
-        info.first_failure_ms + settings.delete_await_seconds * 1000 if isinstance(error, AwaitedWriteError) else None
-    )
+    stay = info.first_failure_ms + settings.await_write_seconds * 1000 if isinstance(error, AwaitedWriteError) else None
     delays = [tier.delay_seconds for tier in config.topics.retry_tiers]
     schedule = retry_schedule(previous, delays, stay_until_ms=stay, now_ms=info.last_failure_ms)
     if schedule is None:

@@ -79,8 +79,10 @@ class ReferenceNotReadyError(RetryableError):
 
 
 class AwaitedWriteError(RetryableError):
-    """A delete waits for a write another partition's sink still owes (an identity move, pipeline/sink.py
-    `_delete`): retried past the retry tiers, in the last one, for `delete_await_seconds`, then a dead letter."""
+    """A write that waits for another one, which may take hours: a delete after an identity move for the write the
+    previous Patient's sink still owes (pipeline/sink.py `_delete`), a move for the Patient now named to hold the
+    site's patient (pipeline/patientmove.py, e.g. while that patient's own identity review is open). Retried past
+    the retry tiers, in the last one, for `await_write_seconds`, then a dead letter."""
 
     error_class = "awaited_write"
 

@@ -58,7 +58,14 @@ from urllib.parse import quote
 
 import orjson
 
-from .errors import PermanentError, RejectedByTargetError, RetryableError, TargetAuthError, VersionConflictError
+from .errors import (
+    AwaitedWriteError,
+    PermanentError,
+    RejectedByTargetError,
+    RetryableError,
+    TargetAuthError,
+    VersionConflictError,
+)
 from .fhirclient import FhirClient, WriteOutcome
 from .ids import ORIGIN_TAG_SYSTEM
 from .merge import merge_patient, merged_patient
@@ -288,8 +295,9 @@ async def move_site_records(
 
 async def _destination_ready(client: FhirClient, record: RoutedResource, new_key: str) -> bool:
     """Whether the Patient moved to holds the site's local patient (True), or held it once and no longer does, a
-    later review having taken it elsewhere (False: the move is overtaken, see `_holding_now`). RetryableError
-    while it never held it yet: its version is on its way, in its own partition."""
+    later review having taken it elsewhere (False: the move is overtaken, see `_holding_now`). AwaitedWriteError
+    while it never held it yet: its version is on its way, in its own partition, or waits for that patient's own
+    identity review (a merge into a record under review), which may take hours."""
     holder = holder_of(record)
 
     def holds(patient: dict[str, Any] | None) -> bool:
@@ -310,7 +318,7 @@ async def _destination_ready(client: FhirClient, record: RoutedResource, new_key
         return True
     if any(holds(version) for version in versions[1:]):
         return False
-    raise RetryableError(
+    raise AwaitedWriteError(  # its version is on its way, or held while that patient's own review is open
         f"Patient/{new_key} does not hold {record.site}'s patient {holder} yet: {record.site}'s records at "
         f"Patient/{record.target_id} move once it does"
     )

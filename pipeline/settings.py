@@ -92,11 +92,12 @@ class Settings(BaseSettings):
         description="how long a starting worker waits for the broker to list the topics it subscribes to",
     )
     park_limit_seconds: int = Field(default=3600, ge=1, description="how long a resource waits for a reference")
-    delete_await_seconds: int = Field(
+    await_write_seconds: int = Field(
         default=86400,
         ge=0,
-        description="how long, after an identity move, a delete waits at the sink for the write the previous"
-        " Patient's sink still owes (in the last retry tier), before it becomes a dead letter",
+        description="how long a write that waits for another one (a delete after an identity move, for the write"
+        " the previous Patient's sink owes; a move, for the Patient now named to hold the patient) goes round the"
+        " last retry tier before it becomes a dead letter",
     )
     app_id: str = Field(default="cdrsync", description="Faust app id: the workers' Kafka consumer group")
     group_instance_id: str = Field(

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import Config
-from pipeline.errors import RetryableError
+from pipeline.errors import AwaitedWriteError, RetryableError
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
 from pipeline.provenance import provenance_id
@@ -366,6 +366,12 @@ def test_a_move_a_later_review_overtook_takes_the_records_to_where_the_patient_i
     def subject() -> str:
         return stack.read("Observation", observation["id"])["subject"]["reference"]
 
+    async def never_held() -> object:  # a Patient that never held her: the move waits for its version
+        async with FhirClient(config.target("central")) as client:
+            return await move_site_records(client, move_of(keys["K"], keys["Q"], local=local, lsn=1, decided_ms=1))
+
+    with pytest.raises(AwaitedWriteError, match="does not hold"):  # round the last tier, for hours if need be
+        asyncio.run(never_held())
     outcome = asyncio.run(run(returned=True))  # the hospital sent her to K again: nothing moves
     assert outcome.overtaken and subject() == f"Patient/{keys['K']}"
     with pytest.raises(RetryableError, match="no other central Patient"):  # Q's version is on its way
