@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from itertools import count
 from types import EllipsisType
 from typing import Any
 
@@ -320,3 +321,32 @@ def move_of(
         source_lsn=lsn,
     )
     return move_request(accepted, "central", previous, new, decided_ms)
+
+
+_positions = count(100)  # source LSNs of the records below: each later than the one before
+
+
+def patient_version(key: str, site: str = "site-a", local: str = "a-1") -> RoutedResource:
+    """A site's version of the central Patient `key` (its local patient `local`), as the order stage gets it."""
+    body = {"resourceType": "Patient", "id": key, "identifier": [{"system": f"urn:mrn:{site}", "value": local}]}
+    return routed_record(body, site=site, source_id=local, target_id=key, patient_key=key, source_lsn=next(_positions))
+
+
+def patient_resource(
+    kind: str, name: str, key: str, *deps: str, site: str = "site-a", op: str = "UPDATE"
+) -> RoutedResource:
+    """A site's change of a resource of Patient `key` (its id: `name`) naming `deps` (Type/id), as the order stage
+    gets it."""
+    body = {"resourceType": kind, "id": name, "subject": {"reference": f"Patient/{key}"}}
+    body["focus"] = [{"reference": d} for d in deps]
+    return routed_record(
+        body,
+        site=site,
+        resource_type=kind,
+        source_id=name,
+        target_id=name,
+        patient_key=key,
+        op=op,
+        source_lsn=next(_positions),
+        dependencies=[] if op == "DELETE" else sorted({f"Patient/{key}", *deps}),
+    )

@@ -8,8 +8,6 @@ they wait for resources that partition never saw written. Each test runs one Ord
 
 from __future__ import annotations
 
-from itertools import count
-
 import orjson
 import pytest
 
@@ -18,17 +16,13 @@ from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, expire_parke
 from pipeline.patientmove import HANDOVER, MoveOrder, handover_records, is_handover, order_move, take_over
 from pipeline.records import RoutedResource, decode, encode
 from tests.casebuilder import move_of, routed_record
+from tests.casebuilder import patient_resource as res
+from tests.casebuilder import patient_version as patient
 
 pytestmark = pytest.mark.unit
 
 K, P, Q = "k0000000-0000-5000-8000-000000000000", "p0000000-0000-5000-8000-000000000000", "q0" + "0" * 34
 K_PART, P_PART, Q_PART = 0, 4, 5
-_lsn = count(100)
-
-
-def patient(key: str, site: str = "site-a", local: str = "a-1") -> RoutedResource:
-    body = {"resourceType": "Patient", "id": key, "identifier": [{"system": f"urn:mrn:{site}", "value": local}]}
-    return routed_record(body, site=site, source_id=local, target_id=key, patient_key=key, source_lsn=next(_lsn))
 
 
 def partition(key: str, patients: dict, *sites: str) -> OrderState:
@@ -39,26 +33,6 @@ def partition(key: str, patients: dict, *sites: str) -> OrderState:
         merge_patient(patients, record)
         order_record(state, record, 0, K_PART)
     return state
-
-
-def res(kind: str, name: str, key: str, *deps: str, site: str = "site-a", op: str = "UPDATE") -> RoutedResource:
-    body = {
-        "resourceType": kind,
-        "id": name,
-        "subject": {"reference": f"Patient/{key}"},
-        "focus": [{"reference": d} for d in deps],
-    }
-    return routed_record(
-        body,
-        site=site,
-        resource_type=kind,
-        source_id=name,
-        target_id=name,
-        patient_key=key,
-        op=op,
-        source_lsn=next(_lsn),
-        dependencies=[] if op == "DELETE" else sorted({f"Patient/{key}", *deps}),
-    )
 
 
 def move(previous: str, new: str) -> RoutedResource:

@@ -13,7 +13,6 @@ one OrderState per partition, the records passing through Avro as on the topics.
 from __future__ import annotations
 
 from dataclasses import replace
-from itertools import count
 from typing import Any
 
 import orjson
@@ -35,34 +34,14 @@ from pipeline.patientmove import (
     take_over,
 )
 from pipeline.records import RoutedResource, decode, encode
-from tests.casebuilder import move_of, routed_record
+from tests.casebuilder import move_of
+from tests.casebuilder import patient_resource as res
+from tests.casebuilder import patient_version as patient
 
 pytestmark = pytest.mark.unit
 
 K, P, Q = "k0000000-0000-5000-8000-000000000000", "p0000000-0000-5000-8000-000000000000", "q0" + "0" * 34
 HOUR_MS = 3_600_000
-_lsn = count(100)
-
-
-def patient(key: str, site: str = "site-a", local: str = "a-1") -> RoutedResource:
-    body = {"resourceType": "Patient", "id": key, "identifier": [{"system": f"urn:mrn:{site}", "value": local}]}
-    return routed_record(body, site=site, source_id=local, target_id=key, patient_key=key, source_lsn=next(_lsn))
-
-
-def res(kind: str, name: str, key: str, *deps: str, site: str = "site-a", op: str = "UPDATE") -> RoutedResource:
-    body = {"resourceType": kind, "id": name, "subject": {"reference": f"Patient/{key}"}}
-    body["focus"] = [{"reference": d} for d in deps]
-    return routed_record(
-        body,
-        site=site,
-        resource_type=kind,
-        source_id=name,
-        target_id=name,
-        patient_key=key,
-        op=op,
-        source_lsn=next(_lsn),
-        dependencies=[] if op == "DELETE" else sorted({f"Patient/{key}", *deps}),
-    )
 
 
 class Partition:
