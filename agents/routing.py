@@ -268,7 +268,7 @@ async def retry_later(stage: str, event: EventT | Carried, error: BaseException,
     carried = event if isinstance(event, Carried) else Carried.of(event)
     previous = carried.failure
     info = failure_info(stage, error, attempts=attempts, now_ms=now_ms(), origin=carried.origin, previous=previous)
-    # A delete that waits for a write another partition's sink owes (an identity move) waits longer than the tiers.
+    # A write that waits for another one, which may take hours (pipeline/errors.py): longer than the tiers.
     stay = info.first_failure_ms + settings.await_write_seconds * 1000 if isinstance(error, AwaitedWriteError) else None
     delays = [tier.delay_seconds for tier in config.topics.retry_tiers]
     schedule = retry_schedule(previous, delays, stay_until_ms=stay, now_ms=info.last_failure_ms)

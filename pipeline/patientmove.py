@@ -394,7 +394,6 @@ def order_move(
     awaited = _pending(waits)
     if waits:  # over here: a notice of them sent again must not make the site's records wait here, nor stay here
         _set_awaited(patients, move.target_id, move.site, {})
-        _set_over(patients, move.target_id, move.site, [*waits])
     entry = patients.get(move.target_id)
     sites = list((entry or {}).get("sites", []))
     if move.site in sites:
@@ -557,31 +556,34 @@ def _pending(awaited: Mapping[str, dict[str, Any]]) -> dict[str, int]:
 
 
 def _set_awaited(
-    patients: MutableMapping[str, dict[str, Any]], patient_key: str, site: str, awaited: Mapping[str, Any]
+    patients: MutableMapping[str, dict[str, Any]],
+    patient_key: str,
+    site: str,
+    awaited: Mapping[str, Any],
+    over: list[str] | None = None,
 ) -> None:
-    """Store what the site's records at the Patient wait for; nothing once every hand-over came."""
+    """Store what the site's records at the Patient wait for; nothing once every hand-over came. A hand-over no
+    longer awaited (come, given up, passed on), and those in `over`, are recorded as over (`_over`), so that a
+    notice of it sent again is ignored."""
     entry = dict(patients.get(patient_key) or {"sites": [], "versions": {}})
+    stored = dict(awaited) if _pending(awaited) else {}
+    ended = [*(over or []), *(m for m in {**_awaited(patients, patient_key, site), **awaited} if m not in stored)]
     awaiting = {s: a for s, a in (entry.get("awaiting") or {}).items() if s != site}
-    if _pending(awaited):
-        awaiting[site] = dict(awaited)
+    if stored:
+        awaiting[site] = stored
     if awaiting:
         entry["awaiting"] = awaiting
     else:
         entry.pop("awaiting", None)
+    if ended:
+        kept = [m for m in _over(patients, patient_key, site) if m not in ended] + list(dict.fromkeys(ended))
+        entry["over"] = {**(entry.get("over") or {}), site: kept[-_OVER_KEPT:]}
     patients[patient_key] = entry
 
 
 def _over(patients: Mapping[str, dict[str, Any]], patient_key: str, site: str) -> list[str]:
     """The hand-overs of the site at the Patient that are over: come (before their notice, too), or given up."""
     return list(((patients.get(patient_key) or {}).get("over") or {}).get(site) or [])
-
-
-def _set_over(patients: MutableMapping[str, dict[str, Any]], patient_key: str, site: str, ended: list[str]) -> None:
-    entry = dict(patients.get(patient_key) or {"sites": [], "versions": {}})
-    over = _over(patients, patient_key, site)
-    kept = [m for m in over if m not in ended] + [m for m in dict.fromkeys(ended)]
-    entry["over"] = {**(entry.get("over") or {}), site: kept[-_OVER_KEPT:]}
-    patients[patient_key] = entry
 
 
 def _expect(patients: MutableMapping[str, dict[str, Any]], notice: RoutedResource, now_ms: int) -> None:
@@ -616,22 +618,17 @@ def _handed(
     awaited = _awaited(patients, here, site)
     if move is None:
         move = next((m for m in _pending(awaited) if m.startswith(f"{handover.target}|{handover.target_id}@")), None)
-    ended = []
+    before_notice = []
     if move is not None and move in awaited:
         awaited[move]["came"] = True
     elif move is not None:  # before its notice (Kafka orders records per partition only): the notice holds nothing
-        ended.append(move)
+        before_notice.append(move)
     over = _over(patients, here, site)
     for other, since in awaiting.items():
         if other not in over and other not in awaited:
             awaited[other] = {"since": since, "came": False}
-    done = not _pending(awaited)
-    if done:
-        ended += list(awaited)
-    _set_awaited(patients, here, site, awaited)
-    if ended:
-        _set_over(patients, here, site, ended)
-    return done
+    _set_awaited(patients, here, site, awaited, over=before_notice)
+    return not _pending(awaited)
 
 
 def hold_for_handover(
@@ -666,9 +663,6 @@ def hold_for_handover(
         )
         awaited = {m: w for m, w in awaited.items() if m not in overdue}
         _set_awaited(patients, record.patient_key, record.site, awaited)
-        _set_over(
-            patients, record.patient_key, record.site, sorted(overdue) + ([] if _pending(awaited) else [*awaited])
-        )
         if not _pending(awaited):
             return False
     hold(state, record, barrier, now_ms, partition)
@@ -687,10 +681,7 @@ def lift_expired_barrier(
     awaited = _awaited(patients, here, site)
     pending = _pending(awaited)
     overdue = sorted(m for m, since in pending.items() if since + limit_ms <= now_ms)
-    left = {m: w for m, w in awaited.items() if m not in overdue}
-    _set_awaited(patients, here, site, left)
-    if overdue:
-        _set_over(patients, here, site, overdue + ([] if _pending(left) else [*left]))
+    _set_awaited(patients, here, site, {m: w for m, w in awaited.items() if m not in overdue})
     moves = ", ".join(overdue or sorted(pending)) or "none any more"
     return f"the hand-over of {site}'s records from an identity move to Patient/{here} (awaited: {moves})"
 
@@ -744,7 +735,7 @@ def take_over(
             if is_stale(state, record):  # older than a change of its row handed over, or taken here before it
                 stale.append(record)
                 continue
-            for item in order_record(state, merge_patient(patients, record), now_ms, partition):
+            for item in order_record(state, record, now_ms, partition):  # (no Patient version waits)
                 place(item)
     return MoveOrder(to_sink, redirected, [], tuple(stale))
 

@@ -211,11 +211,10 @@ async def _deleted_since(client: FhirClient, record: RoutedResource) -> bool:
     """True when the target deleted the resource after holding this change of its source row, or a later one:
     the record is an older change arriving late (a re-send of Debezium's meeting an identity review's move, whose
     partitions do not share what they saw, or the previous Patient's sink lagging behind the new one's) and must
-    not bring back what was deleted. A deletion leaves no mark,
-    so the last version before it tells: cdrsync's mark of the same row at this position or a later one (edited
-    at the target since, or not). Read only when a write finds the resource deleted (410 Gone); a target
-    that answers 404 for a deleted resource, or keeps no instance history, cannot tell, and the write goes
-    ahead as before."""
+    not bring back what was deleted. A deletion leaves no mark, so the last version before it tells: cdrsync's
+    mark of the same row at this position or a later one (edited at the target since, or not). Read only when a
+    write finds the resource deleted (410 Gone); a target that answers 404 for a deleted resource, or keeps no
+    instance history, cannot tell, and the write goes ahead as before."""
     if record.source_lsn is None:
         return False
     try:
