@@ -275,17 +275,29 @@ def _admit_delete(state: OrderState, record: RoutedResource, now_ms: int, partit
         _park(state, record, _AWAITING_DELETE + blocker, now_ms, partition, completion=False)
         return None
     others = sorted(group - {ref})
-    for other in others:  # their parked deletes are carried by this one
-        _drop_completion(state, other)
     # Last released in another partition (taken over after an identity move, `adopt_released`): that partition's
-    # sink may not have written it yet, and this delete must not go first (pipeline/sink.py `_delete`).
-    entry = state.released.get(ref) or {}
-    awaits = entry.get("lsn") if entry.get("handed") else None
+    # sink may not have written it yet, and this delete must not go first (pipeline/sink.py `_delete`). The same
+    # for each resource deleted with it: the sink deletes the group only once the target holds all of them.
+    awaited = []
+    for other in others:  # their parked deletes are carried by this one
+        if (awaits := _awaited_lsn(state, other)) is not None and (parked := _parked_entry(state, other)):
+            carried = decode(base64.b64decode(parked["record"]), RoutedResource)
+            awaited.append({"ref": other, "row": _source_row(carried), "lsn": awaits})
+        _drop_completion(state, other)
+    awaits = _awaited_lsn(state, ref)
     for member in group:
         state.released.pop(member, None)
     if awaits is not None:
         record = replace(record, awaits_lsn=awaits)
+    if awaited:
+        record = replace(record, awaits_with=awaited)
     return replace(record, delete_with=others) if others else record
+
+
+def _awaited_lsn(state: OrderState, ref: str) -> int | None:
+    """The source position of ref's change released in another partition (`handed`), if that is its last."""
+    entry = state.released.get(ref) or {}
+    return entry.get("lsn") if entry.get("handed") else None
 
 
 def _admit(state: OrderState, record: RoutedResource, now_ms: int, partition: int) -> RoutedResource | None:

@@ -97,6 +97,8 @@ class RoutedResource(_Origin):
     delete_with: list[str] = field(default_factory=list)
     #: for a DELETE: the source LSN of a change the target must hold first (pipeline/sink.py `_delete`)
     awaits_lsn: int | None = None
+    #: for a DELETE with delete_with: the same for each other resource of the group, {"ref", "row", "lsn"}
+    awaits_with: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def is_delete(self) -> bool:

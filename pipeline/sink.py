@@ -251,14 +251,12 @@ async def _delete(client: FhirClient, record: RoutedResource, versions: Versions
     ref = record.target_ref
     if record.source_lsn is not None:
         current, gone = await client.read_or_gone(record.resource_type, record.target_id)
-        if record.awaits_lsn is not None and not gone and not _holds(current, record):
-            # Released before an identity move at the previous Patient, whose partition's sink has not written it
-            # yet: deleting now would delete nothing, and that write would then bring it back.
-            raise AwaitedWriteError(
-                f"{ref}: its change at source LSN {record.awaits_lsn}, released at the Patient before an identity "
-                "move, is not at the target yet (if that write failed there and is discarded, the resource stays "
-                "absent, as the hospital wants: this delete can be discarded too)"
-            )
+        if record.awaits_lsn is not None and not gone:
+            _await(ref, current, f"{record.site}|{record.source_id}", record.awaits_lsn, record.captured_ms)
+        for awaited in record.awaits_with:  # the others deleted with it (a reference cycle)
+            member, member_gone = await client.read_or_gone(*awaited["ref"].split("/", 1))
+            if not member_gone:
+                _await(awaited["ref"], member, awaited["row"], awaited["lsn"], record.captured_ms)
         mark = untouched_write(current)
         if mark is not None and _newer(mark, record):
             return WriteOutcome(304, None)
@@ -275,24 +273,37 @@ async def _delete(client: FhirClient, record: RoutedResource, versions: Versions
 AWAIT_EXACT_SECONDS = 30 * 60
 
 
-def _holds(current: dict[str, Any] | None, record: RoutedResource) -> bool:
-    """Whether the target holds the change a delete awaits (`awaits_lsn`), or a later one of the same row: as
-    cdrsync wrote it or edited since (its mark says which change it came from). A resource without cdrsync's mark
-    of that row was not written from it: held, for the delete to go ahead.
+def _await(ref: str, current: dict[str, Any] | None, row: str, awaits_lsn: int, deleted_ms: int) -> None:
+    """Raise AwaitedWriteError unless the target holds the change of `row` at `awaits_lsn` that the delete of
+    ref awaits (`_holds`): released before an identity move at the previous Patient, whose partition's sink has
+    not written it yet, deleting now would delete nothing, and that write would then bring it back."""
+    if not _holds(current, row, awaits_lsn, deleted_ms):
+        raise AwaitedWriteError(
+            f"{ref}: its change at source LSN {awaits_lsn}, released at the Patient before an identity "
+            "move, is not at the target yet (if that write failed there and is discarded, the resource stays "
+            "absent, as the hospital wants: this delete can be discarded too)"
+        )
 
-    An earlier change of the row will do too once the delete is `AWAIT_EXACT_SECONDS` old: the awaited one may
-    never come (the previous Patient's sink dead-lettered it, or it waited there in a retry tier and, sent on
-    after the move, was older than this delete). Before that, deleting would let a late write of it, over the
-    version it knew, become a conflict for review. Nothing at all at the target is never enough: the delete
-    would delete nothing, and the late write would bring the resource back."""
+
+def _holds(current: dict[str, Any] | None, row: str, awaits_lsn: int, deleted_ms: int) -> bool:
+    """Whether the target holds the change of the source row (site|source id) at `awaits_lsn` that a delete
+    awaits, or a later one of the same row: as cdrsync wrote it or edited since (its mark says which change it
+    came from). A resource without cdrsync's mark of that row was not written from it: held, for the delete to go
+    ahead.
+
+    An earlier change of the row will do too once the delete (captured at `deleted_ms`) is `AWAIT_EXACT_SECONDS`
+    old: the awaited one may never come (the previous Patient's sink dead-lettered it, or it waited there in a
+    retry tier and, sent on after the move, was older than this delete). Before that, deleting would let a late
+    write of it, over the version it knew, become a conflict for review. Nothing at all at the target is never
+    enough: the delete would delete nothing, and the late write would bring the resource back."""
     if current is None:
         return False
     mark = _written_by_mark(current)
-    if mark is None or mark[0] != f"{record.site}|{record.source_id}" or mark[1] is None:
+    if mark is None or mark[0] != row or mark[1] is None:
         return True
-    if record.awaits_lsn is None or mark[1] >= record.awaits_lsn:
+    if mark[1] >= awaits_lsn:
         return True
-    return time.time() * 1000 - record.captured_ms >= AWAIT_EXACT_SECONDS * 1000
+    return time.time() * 1000 - deleted_ms >= AWAIT_EXACT_SECONDS * 1000
 
 
 def _newer(mark: tuple[str, int | None], record: RoutedResource) -> bool:

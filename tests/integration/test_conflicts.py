@@ -329,6 +329,41 @@ def test_a_delete_after_an_identity_move_waits_for_what_the_previous_patient_s_s
 
 
 @FIRST_WRITES
+def test_a_delete_of_resources_in_a_reference_cycle_waits_for_each_one_the_previous_patient_s_sink_owes(
+    stack: Central, run_id: str, config: Config, first_write: str
+) -> None:
+    """Resources naming each other are deleted in one transaction (`delete_with`). After an identity move, the
+    previous Patient's sink may still owe the write of any of them, not only the first: the delete waits for
+    each (`awaits_with`), and deletes none of them before."""
+    head, other = f"cycle-{first_write}-a", f"cycle-{first_write}-b"
+    other_ref = f"Observation/{run_id}-{other}"
+
+    async def scenario() -> None:
+        async with FhirClient(_central(config, first_write)) as client:
+            previous: dict[str, dict[str, Any]] = {}  # the previous Patient's sink's table
+            await write_record(client, _routed(run_id, 1, 50.0, name=head), previous)
+            delete = replace(
+                _routed(run_id, 3, 0.0, name=head, op="DELETE"),
+                awaits_lsn=100,
+                captured_ms=int(time.time() * 1000),
+                delete_with=[other_ref],
+                awaits_with=[{"ref": other_ref, "row": f"site-a|{run_id}-{other}", "lsn": 200}],
+            )
+            with pytest.raises(RetryableError, match=f"{other_ref}: its change at source LSN 200"):
+                await write_record(client, delete, {})  # the other one is not there yet
+            await write_record(client, _routed(run_id, 1, 70.0, name=other), previous)
+            with pytest.raises(RetryableError, match=other_ref):  # there, but not the change awaited
+                await write_record(client, delete, {})
+            assert _history_values(stack, f"{run_id}-{head}") == [50.0]  # nothing deleted meanwhile
+            await write_record(client, _routed(run_id, 2, 71.0, name=other), previous)
+            await write_record(client, delete, {})
+            assert _history_values(stack, f"{run_id}-{head}") == [50.0, None]
+            assert _history_values(stack, f"{run_id}-{other}") == [70.0, 71.0, None]
+
+    asyncio.run(scenario())
+
+
+@FIRST_WRITES
 def test_our_own_writes_that_the_sink_table_lost_are_not_conflicts(
     stack: Central, run_id: str, config: Config, first_write: str
 ) -> None:

@@ -156,6 +156,37 @@ def test_along_a_chain_of_moves_the_last_patient_waits_for_every_hand_over_befor
     assert q.state.parked == {} and "awaiting" not in q.patients[Q]
 
 
+def test_a_delete_of_resources_that_reference_each_other_waits_for_each_of_them() -> None:
+    """Two observations naming each other are deleted in one transaction (`delete_with`). K released both before
+    the move, its sink lagging: the group delete names the change the target must hold for each of them."""
+    k, p = Partition(0), Partition(4)
+    k.take_all([patient(K)])
+    first = res("Observation", "obs-a", K, "Observation/obs-b")
+    second = res("Observation", "obs-b", K, "Observation/obs-a")
+    assert [r.target_ref for r in k.take_all([first, second]).to_sink] == [
+        "Observation/obs-a",  # with its reference to obs-b pending
+        "Observation/obs-b",
+        "Observation/obs-a",  # completed
+    ]
+    move = move_of(K, P)
+    p.take_all([handover_notice(move), patient(P)])
+    deletes = [res("Observation", "obs-a", P, op="DELETE"), res("Observation", "obs-b", P, op="DELETE")]
+    assert p.take_all(deletes).to_sink == []  # held for the hand-over
+    out = p.take_all(k.take(move).handover)
+    assert len(out.to_sink) == 1
+    (delete,) = out.to_sink
+    assert (delete.target_ref, delete.delete_with) == ("Observation/obs-b", ["Observation/obs-a"])
+    assert delete.awaits_lsn == second.source_lsn
+    assert delete.awaits_with == [{"ref": "Observation/obs-a", "row": "site-a|obs-a", "lsn": first.source_lsn}]
+    # One released at P itself since the move is not waited for: its partition's sink writes it before.
+    p.take(res("Observation", "obs-c", P))
+    p.take(res("Observation", "obs-d", P, "Observation/obs-c"))
+    p.take(res("Observation", "obs-c", P, "Observation/obs-d"))
+    p.take(res("Observation", "obs-c", P, op="DELETE"))
+    (own,) = p.take(res("Observation", "obs-d", P, op="DELETE")).to_sink
+    assert own.delete_with and own.awaits_lsn is None and own.awaits_with == []
+
+
 def test_records_that_waited_longer_than_the_park_limit_become_dead_letters_naming_the_hand_over() -> None:
     p = Partition(4)
     p.take_all([patient(P, "site-b", "b-1"), handover_notice(move_of(K, P))], now_ms=0)
