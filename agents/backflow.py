@@ -22,7 +22,7 @@ from faust.types import EventT, StreamT
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from pipeline.acks import InOrderAcks
-from pipeline.backflow import suppressed_routes, write_back_records, write_fhir_copy
+from pipeline.backflow import central_supersedes, suppressed_routes, write_back_records, write_fhir_copy
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.config import SiteConfig
 from pipeline.errors import PermanentError, RetryableError, TargetUnavailableError
@@ -115,6 +115,22 @@ async def _write_fhir(site: SiteConfig, record: RoutedResource) -> str:
     return await write_fhir_copy(_fhir_client(site), record)
 
 
+def _central_client(site: str) -> FhirClient:
+    """A client of the capturing site's own server (central), where a record's version is checked first."""
+    key = f"capture|{site}"
+    if key not in _clients:
+        _clients[key] = FhirClient(config.target(site))
+    return _clients[key]
+
+
+async def _write_copy(site: SiteConfig, record: RoutedResource) -> str:
+    """Write the copy, unless central has moved on from the record's version since (`central_supersedes`)."""
+    superseded = await central_supersedes(_central_client(record.site), record)
+    if superseded is not None:
+        return superseded
+    return await (_write_fhir(site, record) if _by_fhir(site) else _write_table(site, record))
+
+
 def _by_fhir(site: SiteConfig) -> bool:
     return site.writeback is not None and site.writeback.method == "fhir"
 
@@ -152,7 +168,7 @@ async def _write_back_once(site: SiteConfig, record: RoutedResource, attempts: i
         reraise=True,
     ):
         with attempt:
-            return await (_write_fhir(site, record) if _by_fhir(site) else _write_table(site, record))
+            return await _write_copy(site, record)
     raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "SOURCE_VERSION_TAG_SYSTEM",
     "WriteBack",
     "central_record",
+    "central_supersedes",
     "echo_targets",
     "flows_back",
     "hospital_form",
@@ -190,6 +191,10 @@ async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
         there = written_version(last)
         if there is not None and record.source_version is not None and there > record.source_version:
             return f"superseded (version {there} there)"
+        if not record.is_delete and current is None and last is not None and there == record.source_version:
+            # Deleted there after holding this version: a deletion carries the version it deleted (its `before`),
+            # so this is that version read again (a restart, a replay), which must not bring it back.
+            return f"superseded (deleted at version {there} there)"
         if record.is_delete:
             if current is None:
                 return "absent"
@@ -217,6 +222,27 @@ async def write_fhir_copy(client: FhirClient, record: RoutedResource) -> str:
         except VersionConflictError:
             continue  # changed since it was read: read again
     raise VersionConflictError(f"{rtype}/{rid} changed at {record.target} between read and write {_RACES} times")
+
+
+async def central_supersedes(central: FhirClient, record: RoutedResource) -> str | None:
+    """Why a central version must not be written back any more (the audit detail), or None while it is still
+    central's current version.
+
+    A record can reach the write-back after central moved on: read again after a restart, or a dead letter
+    replayed hours later, in any order. A newer version there has its own record, written back in its turn;
+    a decision deleted at central (or no longer there at all) must not reappear at a hospital, even where the
+    hospital's copy is absent and so carries no trace of the deletion (a FHIR endpoint, whose deleted copies
+    keep their last version but whose never-written ones keep nothing). A deletion always goes on.
+    """
+    if record.is_delete or record.source_version is None:
+        return None
+    current, gone = await central.read_or_gone(record.resource_type, record.source_id)
+    if current is None:
+        return "superseded (deleted at central)" if gone else "superseded (no longer at central)"
+    version = str((current.get("meta") or {}).get("versionId") or "")
+    if version.isdigit() and int(version) > record.source_version:
+        return f"superseded (version {version} at central)"
+    return None
 
 
 async def _tag_deletion(client: FhirClient, record: RoutedResource) -> None:

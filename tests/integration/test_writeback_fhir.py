@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from pipeline.backflow import write_fhir_copy, written_version
+from pipeline.backflow import central_supersedes, write_fhir_copy, written_version
 from pipeline.config import TargetEndpoint
 from pipeline.errors import RejectedByTargetError
 from pipeline.fhirclient import FhirClient
@@ -102,3 +102,45 @@ def test_a_copy_the_server_refuses_is_dead_lettered_with_the_server_s_reason(sta
         _write_all(stack, [dataclasses.replace(copy, resource=orjson.dumps(broken).decode())])
     assert refused.value.status == 400 and refused.value.error_class == "rejected_by_target"
     assert _there(stack, copy) is None
+
+
+def test_a_deleted_copy_refuses_the_version_its_deletion_carries(stack: Central) -> None:
+    """A central deletion carries the version it deleted (its `before`, pipeline/capture.py): that version read
+    again afterwards (a restart, a replayed dead letter) finds the copy deleted at it and leaves it deleted."""
+    central_id = f"wb-{uuid.uuid4().hex[:12]}"
+    v1, deleted = _copy(central_id, 1, "decision 1"), _copy(central_id, 1, None)
+
+    outcomes = _write_all(stack, [v1, deleted, v1])
+
+    assert outcomes[1:] == ["deleted", "superseded (deleted at version 1 there)"]
+    assert _there(stack, v1) is None
+    assert _write_all(stack, [_copy(central_id, 2, "decision 2")])[0].startswith("upserted")  # decided again
+
+
+def test_only_a_version_still_current_at_central_is_written_back(stack: Central) -> None:
+    """A record read again or replayed after central moved on: a newer version has its own record, and a
+    decision deleted at central must not reach a hospital that never had its copy (nothing there says it was
+    deleted). A deletion always goes on."""
+    central_id = f"wb-{uuid.uuid4().hex[:12]}"
+    for text in ("decision 1", "decision 2"):
+        stack.send({"resourceType": "Basic", "id": central_id, "code": {"text": text}}, method="PUT")
+    v1, v2 = _copy(central_id, 1, "decision 1"), _copy(central_id, 2, "decision 2")
+
+    async def run() -> list[str | None]:
+        async with FhirClient(TargetEndpoint(fhir_base_url=stack.base_url)) as central:
+            before = [await central_supersedes(central, copy) for copy in (v1, v2)]
+            await central.delete("Basic", central_id)
+            after = [
+                await central_supersedes(central, v2),
+                await central_supersedes(central, _copy(central_id, 2, None)),
+            ]
+            never = await central_supersedes(central, _copy(f"wb-{uuid.uuid4().hex[:12]}", 1, "decision 1"))
+            return [*before, *after, never]
+
+    assert asyncio.run(run()) == [
+        "superseded (version 2 at central)",
+        None,
+        "superseded (deleted at central)",
+        None,
+        "superseded (no longer at central)",
+    ]
