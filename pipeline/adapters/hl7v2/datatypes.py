@@ -65,13 +65,13 @@ class Hl7Context:
             return None
         return self.identifier_systems.get(authority, f"urn:cdrsync:{self.site}:authority:{authority}")
 
-    def when(self, value: str | None) -> str | None:
-        """An HL7 DTM as a FHIR dateTime in this site's zone."""
-        return hl7_datetime(value, self.tz)
+    def when(self, value: str | None, field: str | None = None) -> str | None:
+        """An HL7 DTM as a FHIR dateTime in this site's zone; a MappingError names `field` (e.g. "OBX-14")."""
+        return hl7_datetime(value, self.tz, field)
 
-    def day(self, value: str | None) -> str | None:
+    def day(self, value: str | None, field: str | None = None) -> str | None:
         """An HL7 DTM as a FHIR date (its date part, as written)."""
-        full = hl7_datetime(value, self.tz)
+        full = hl7_datetime(value, self.tz, field)
         return full[:10] if full else None
 
 
@@ -129,7 +129,7 @@ def cx_to_identifier(rep: Rep, ctx: Hl7Context) -> dict[str, Any] | None:
     if kind:
         coding = {"system": f"{V2}0203", "code": kind} if kind in _IDENTIFIER_TYPES else None
         identifier["type"] = {"coding": [coding]} if coding else {"text": kind}
-    period = {k: v for k, v in (("start", ctx.day(rep.c(7))), ("end", ctx.day(rep.c(8)))) if v}
+    period = {k: v for k, v in (("start", ctx.day(rep.c(7), "CX-7")), ("end", ctx.day(rep.c(8), "CX-8"))) if v}
     if period:
         identifier["period"] = period
     return identifier

@@ -171,23 +171,30 @@ def parse_er7(raw: str) -> Message:
 _TS = re.compile(r"^(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?([+-]\d{4})?$")
 
 
-def hl7_datetime(value: str | None, tz: ZoneInfo) -> str | None:
+def hl7_datetime(value: str | None, tz: ZoneInfo, field: str | None = None) -> str | None:
     """HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ]) → FHIR date/dateTime.
 
     A time without offset is read in the site's zone (FHIR requires an offset once hours are given).
-    HL7 allows hours without minutes; FHIR does not, so HH becomes HH:00.
+    HL7 allows hours without minutes; FHIR does not, so HH becomes HH:00. An impossible date or time
+    (30 February, hour 24) is a MappingError naming `field` (e.g. "OBX-14"), as a malformed one is.
     """
     if value is None:
         return None
+    named = f"{field}: " if field else ""
     match = _TS.match(value.strip())
     if not match:
-        raise MappingError(f"{shape(value)} is not an HL7 v2 date/time")
+        raise MappingError(f"{named}{shape(value)} is not an HL7 v2 date/time")
     year, month, day, hour, minute, second, fraction, offset = match.groups()
+    if hour is not None and (month is None or day is None):
+        raise MappingError(f"{named}{shape(value)}: a time needs a full date")
+    try:
+        stamp = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0), int(second or 0))
+    except ValueError:
+        raise MappingError(f"{named}{shape(value)} is not a valid date/time") from None
+    if offset and (int(offset[1:3]) > 14 or int(offset[3:]) > 59):
+        raise MappingError(f"{named}{shape(value)} is not a valid date/time")
     if hour is None:
         return "-".join(p for p in (year, month, day) if p)
-    if month is None or day is None:
-        raise MappingError(f"{shape(value)}: a time needs a full date")
-    stamp = datetime(int(year), int(month), int(day), int(hour), int(minute or 0), int(second or 0))
     text = stamp.isoformat()
     if fraction:
         text += fraction

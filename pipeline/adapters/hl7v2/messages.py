@@ -10,7 +10,10 @@ it (`link.type` replaced-by) under the surviving patient's identifiers. Whether 
 central Patients is not decided here but by the identity stage (pipeline/identity.py): moving records from
 one person to another is a clinical decision, so a merge across two shared identifiers goes to identity
 review.
-A segment that cannot be mapped is returned as a problem (segment, position, reason), never dropped.
+A segment that cannot be mapped is returned as a problem (segment, position, reason), never dropped. A
+message naming more than one patient or visit (PID, PV1) is rejected whole: its segments after the second
+PID would otherwise be filed under the first patient. A TX/FT text split over consecutive OBX lines is one
+Observation (or one document attachment); two segments that still map to one id are reported by set id.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ...errors import MappingError
 from .datatypes import Hl7Context, hl7_source_id
 from .er7 import Message, Segment, parse_er7
 from .orders import (
+    continues_text,
     obr_to_diagnostic_report,
     obx_to_attachment,
     obx_to_observation,
@@ -71,10 +75,26 @@ class _Frame:
     patient_ref: str = ""
     encounter_ref: str | None = None
     consumed: set[int] = field(default_factory=set)  # id() of segments a root already mapped
+    # (resource type, id) → the segment each mapping of it came from, in the order of out.resources
+    origins: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def position(self, segment: Segment) -> int:
+        """The segment's 1-based position in the message (by identity: two segments may be equal)."""
+        return next(n for n, s in enumerate(self.message.segments, 1) if s is segment)
 
     def where(self, segment: Segment) -> str:
         """Segment name and its 1-based position in the message: enough to find it, no content."""
-        return f"{segment.name} (segment {self.message.segments.index(segment) + 1})"
+        return f"{segment.name} (segment {self.position(segment)})"
+
+    def label(self, segment: Segment) -> str:
+        """`where`, with the set id (field 1) of the segments that have one: how a sender names its OBX."""
+        set_id = None if segment.name in _NO_SET_ID else segment.get(1)
+        return f"{segment.name} (segment {self.position(segment)}, set id {set_id})" if set_id else self.where(segment)
+
+    def add(self, segment: Segment, resource: dict[str, Any]) -> None:
+        """Add a mapped resource, remembering the segment it came from."""
+        self.out.resources.append(resource)
+        self.origins.setdefault((resource["resourceType"], resource["id"]), []).append(self.label(segment))
 
     def attempt(
         self, segment: Segment, build: Callable[..., dict[str, Any] | None], *args: Any
@@ -89,18 +109,28 @@ class _Frame:
             self.out.problems.append(reason if reason.startswith(where) else f"{where}: {reason}")
             return None
         if resource is not None:
-            self.out.resources.append(resource)
+            self.add(segment, resource)
         return resource
 
 
+_NO_SET_ID = frozenset({"ORC", "RXE"})  # field 1 is the order control code, the quantity/timing
+
+
 def _frame(message: Message, ctx: Hl7Context, out: Hl7Mapped, event: str) -> _Frame:
-    """Patient (PID, required) and Encounter (PV1, when it names a visit) of a message."""
+    """Patient (PID, required, one) and Encounter (PV1, when it names a visit) of a message."""
     pid = message.first("PID")
     if pid is None:
         raise MappingError(f"{out.message_type} message {message.control_id} has no PID segment")
+    for name, what in (("PID", "patient"), ("PV1", "visit")):
+        count = len(message.all(name))
+        if count > 1:  # e.g. an ORU^R01 with several PATIENT_RESULT groups: one patient per message is mapped
+            raise MappingError(
+                f"{out.message_type} message {message.control_id} carries {count} {name} segments: "
+                f"a message with more than one {what} is not mapped"
+            )
     patient = pid_to_patient(pid, ctx)
-    out.resources.append(patient)
     frame = _Frame(message, ctx, out, patient_ref=f"Patient/{patient['id']}")
+    frame.add(pid, patient)
     pv1 = message.first("PV1")
     if pv1 is not None:
         encounter = frame.attempt(pv1, pv1_to_encounter, pv1, ctx, frame.patient_ref, event)
@@ -112,17 +142,33 @@ def _frame(message: Message, ctx: Hl7Context, out: Hl7Mapped, event: str) -> _Fr
     return frame
 
 
+def _text_runs(frame: _Frame, segments: list[Segment]) -> list[list[Segment]]:
+    """OBX segments in message order → runs: the consecutive lines of one TX/FT text (continues_text) form
+    one run, every other OBX a run of its own."""
+    runs: list[list[Segment]] = []
+    for obx in segments:
+        run = runs[-1] if runs else None
+        if run and frame.position(obx) == frame.position(run[-1]) + 1 and continues_text(run[0], obx):
+            run.append(obx)
+        else:
+            runs.append([obx])
+    return runs
+
+
 def _observation(
-    frame: _Frame, obx: Segment, scope: str, category: str | None, time: str | None
+    frame: _Frame, run: list[Segment], scope: str, category: str | None, time: str | None
 ) -> dict[str, Any] | None:
-    where = frame.where(obx)
+    """One Observation from an OBX, or from the OBX lines of one text (a run of _text_runs)."""
+    obx, lines = run[0], run[1:]
+    frame.consumed.update(id(line) for line in lines)
     observation = partial(
         obx_to_observation,
         scope=scope,
         encounter_ref=frame.encounter_ref,
         default_time=time,
         category=category,
-        where=where,
+        where=frame.where(obx),
+        lines=lines,
     )
     return frame.attempt(obx, observation, obx, frame.ctx, frame.patient_ref)
 
@@ -135,6 +181,8 @@ def _clinical(frame: _Frame) -> None:
     """Clinical segments not already mapped by the message's root: AL1, DG1, PR1, OBX, ZTB."""
     ctx, patient, encounter = frame.ctx, frame.patient_ref, frame.encounter_ref
     scope = f"{patient}|{encounter or ''}"
+    unmapped = [s for s in frame.message.all("OBX") if id(s) not in frame.consumed]
+    runs = {id(run[0]): run for run in _text_runs(frame, unmapped)}
     for segment in frame.message.segments:
         if id(segment) in frame.consumed:
             continue
@@ -144,8 +192,8 @@ def _clinical(frame: _Frame) -> None:
             frame.attempt(segment, dg1_to_condition, segment, ctx, patient, encounter)
         elif segment.name == "PR1":
             frame.attempt(segment, pr1_to_procedure, segment, ctx, patient, encounter)
-        elif segment.name == "OBX":
-            _observation(frame, segment, scope, None, None)
+        elif segment.name == "OBX":  # a further line of a text is consumed with its first
+            _observation(frame, runs[id(segment)], scope, None, None)
         elif segment.name == "ZTB":
             frame.attempt(segment, ztb_to_flag, segment, ctx, patient, encounter)
 
@@ -155,9 +203,10 @@ def _oru(frame: _Frame) -> None:
     message, patient = frame.message, frame.patient_ref
     for obr, members in message.groups("OBR", ("OBX",)):
         scope = report_scope(obr, message.control_id)
-        time = frame.ctx.when(obr.get(7))
-        observations = [_observation(frame, obx, scope, "laboratory", time) for obx in members]
-        refs = [f"Observation/{o['id']}" for o in observations if o]
+        time = _report_time(frame, obr)
+        observations = [_observation(frame, run, scope, "laboratory", time) for run in _text_runs(frame, members)]
+        # Two results with one id are reported by _check_unique; the report names each result once.
+        refs = list(dict.fromkeys(f"Observation/{o['id']}" for o in observations if o))
         frame.attempt(
             obr,
             obr_to_diagnostic_report,
@@ -168,6 +217,15 @@ def _oru(frame: _Frame) -> None:
             scope,
             refs,
         )
+
+
+def _report_time(frame: _Frame, obr: Segment) -> str | None:
+    """OBR-7, the default time of its results; an invalid one is reported with the OBR (its report is not
+    mapped) while its results still flow, as with any other bad OBR."""
+    try:
+        return frame.ctx.when(obr.get(7), "OBR-7")
+    except MappingError:
+        return None
 
 
 def _orders(frame: _Frame) -> None:
@@ -194,13 +252,15 @@ def _document(frame: _Frame) -> None:
     if txa is None:
         raise MappingError(f"{frame.out.message_type} message {frame.message.control_id} has no TXA segment")
     contents = []
-    for obx in frame.message.all("OBX"):
-        frame.consumed.add(id(obx))
+    for obx, *lines in _text_runs(frame, frame.message.all("OBX")):
+        frame.consumed.update(id(s) for s in (obx, *lines))
         try:
-            contents.append(obx_to_attachment(obx, frame.where(obx)))
+            contents.append(obx_to_attachment(obx, frame.where(obx), lines))
         except MappingError as error:
             frame.out.problems.append(str(error))
-    if not contents:
+    event = frame.message.message_type[1]
+    # MDM^T11 (and a document marked deleted, TXA-19 CA) withdraws the document and carries no content.
+    if not contents and event != "T11" and txa.get(19) != "CA":
         raise MappingError(f"{frame.out.message_type} message {frame.message.control_id} has no document content")
     frame.attempt(
         txa,
@@ -211,6 +271,7 @@ def _document(frame: _Frame) -> None:
         frame.patient_ref,
         frame.encounter_ref,
         frame.message.control_id,
+        event,
     )
 
 
@@ -268,20 +329,31 @@ def message_to_resources(raw: str, ctx: Hl7Context) -> Hl7Mapped:
     root(frame)
     _clinical(frame)
     _not_carried(frame)
-    _check_unique(out)
+    _check_unique(out, frame.origins)
     return out
 
 
-def _check_unique(out: Hl7Mapped) -> None:
-    """Two segments that map to one resource id would overwrite each other: keep the first, report the rest."""
+def _check_unique(out: Hl7Mapped, origins: dict[tuple[str, str], list[str]] | None = None) -> None:
+    """Two segments that map to one resource id would overwrite each other: keep the first, report a repeat with
+    different content, naming both segments (`origins`; ADT^A40 has none). A repeat with the same content (a
+    segment sent twice; two merges into one surviving patient) loses nothing and is not reported."""
     seen: dict[tuple[str, str], dict[str, Any]] = {}
+    repeats: dict[tuple[str, str], int] = {}
     kept = []
     for resource in out.resources:
         key = (resource["resourceType"], resource["id"])
         if key not in seen:
             seen[key] = resource
             kept.append(resource)
-        elif seen[key] != resource:
+            continue
+        repeats[key] = repeats.get(key, 0) + 1
+        if seen[key] == resource:
+            continue  # a segment sent twice: nothing of it is lost
+        named = (origins or {}).get(key, [])  # in the order of out.resources
+        if len(named) > repeats[key]:
+            first, repeat = named[0], named[repeats[key]]
+            out.problems.append(f"{first} and {repeat} map to the same {key[0]} (id {key[1]}) with different content")
+        else:
             out.problems.append(f"two segments map to the same {key[0]} (id {key[1]}) with different content")
     out.resources = kept
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from ...errors import MappingError, shape
 from .datatypes import UCUM, Hl7Context, clean, cwe_to_codeable, hl7_source_id, xcn_to_reference
 from .er7 import Rep, Segment
 from .segments import order_status, report_status
-from .tables import DOCUMENT_COMPLETION, INTERPRETATION, OBSERVATION_STATUS, PRIORITY
+from .tables import DOCUMENT_AVAILABILITY, DOCUMENT_COMPLETION, INTERPRETATION, OBSERVATION_STATUS, PRIORITY
 
 __all__ = [
+    "continues_text",
+    "document_status",
     "obr_to_diagnostic_report",
     "obx_to_attachment",
     "obx_to_observation",
@@ -26,6 +29,8 @@ __all__ = [
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)$")
 _RANGE = re.compile(r"^\s*([+-]?\d+\.?\d*)\s*-\s*([+-]?\d+\.?\d*)\s*$")
 _V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+_DATA_ABSENT_EXTENSION = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+TEXT_TYPES = frozenset({"TX", "FT"})
 
 
 def _number(text: str, where: str) -> int | float:
@@ -52,15 +57,46 @@ def _ei(rep: Rep | None) -> tuple[str, str] | None:
     return rep.c(2) or rep.c(3) or "", rep.c(1) or ""
 
 
-def _observation_value(obx: Segment, where: str, ctx: Hl7Context) -> dict[str, Any]:
-    """OBX-5 by its type OBX-2 → value[x]; a value FHIR cannot hold faithfully raises MappingError."""
+def _values(segment: Segment, field: int) -> list[list[list[str]]]:
+    return [rep.components for rep in segment.reps(field)]
+
+
+def continues_text(first: Segment, line: Segment) -> bool:
+    """True when OBX `line` is the next line of the TX/FT text `first` begins.
+
+    Senders split a narrative (a pathology report) over consecutive OBX, one line each, with the same value
+    type (OBX-2), identifier (OBX-3) and sub-id (OBX-4): one text. Units, range, flags, status and time
+    (OBX-6, 7, 8, 11, 14) of a further line must be the first line's or empty, else it is a result of its own.
+    """
+    if first.get(2) not in TEXT_TYPES or not first.rep(3):  # lines without OBX-3 are each reported
+        return False
+    if any(_values(first, f) != _values(line, f) for f in (2, 3, 4)):
+        return False
+    return all(not line.reps(f) or _values(line, f) == _values(first, f) for f in (6, 7, 8, 11, 14))
+
+
+def _text(segments: Sequence[Segment]) -> str:
+    """The text of OBX lines: their OBX-5 repetitions, one line each; an empty OBX-5 is an empty line."""
+    return "\n".join("\n".join(r.c(1) or "" for r in s.reps(5)) for s in segments).strip("\n")
+
+
+def _data_absent() -> dict[str, Any]:
+    return {
+        "dataAbsentReason": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "unknown"}]
+        }
+    }
+
+
+def _observation_value(obx: Segment, where: str, ctx: Hl7Context, lines: Sequence[Segment] = ()) -> dict[str, Any]:
+    """OBX-5 by its type OBX-2 → value[x]; a value FHIR cannot hold faithfully raises MappingError.
+    `lines`: the further OBX of a text `obx` begins (continues_text)."""
+    if lines:
+        text = _text([obx, *lines])
+        return {"valueString": text} if text else _data_absent()
     kind, reps = obx.get(2) or "", obx.reps(5)
     if not reps:
-        return {
-            "dataAbsentReason": {
-                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "unknown"}]
-            }
-        }
+        return _data_absent()
     if kind in ("ST", "TX", "FT"):
         return {"valueString": "\n".join(r.c(1) or "" for r in reps)}
     if len(reps) > 1:
@@ -73,7 +109,7 @@ def _observation_value(obx: Segment, where: str, ctx: Hl7Context) -> dict[str, A
     if kind in ("CWE", "CE", "CNE", "CF"):
         return {"valueCodeableConcept": cwe_to_codeable(rep)}
     if kind in ("DT", "DTM", "TS"):
-        return {"valueDateTime": ctx.when(rep.c(1))}
+        return {"valueDateTime": ctx.when(rep.c(1), "OBX-5")}
     if kind == "TM":
         return {"valueTime": rep.c(1)}
     if kind == "RP":  # reference pointer: the address of the result, kept as text
@@ -152,11 +188,13 @@ def obx_to_observation(
     default_time: str | None,
     category: str | None,
     where: str,
+    lines: Sequence[Segment] = (),
 ) -> dict[str, Any]:
     """OBX → Observation: code (OBX-3), value (2, 5, 6), range (7), flags (8), status (11), time (14).
 
     `scope` is what the observation belongs to (its report, order or patient): with OBX-3 and the
-    sub-id OBX-4 it makes the id, so a corrected result replaces the earlier one.
+    sub-id OBX-4 it makes the id, so a corrected result replaces the earlier one. `lines` are the further
+    OBX of a text this one begins (continues_text): their OBX-5 join its value, one line each.
     """
     code = cwe_to_codeable(obx.rep(3))
     if code is None:
@@ -176,8 +214,8 @@ def obx_to_observation(
             "code": code,
             "subject": {"reference": patient_ref},
             "encounter": {"reference": encounter_ref} if encounter_ref else None,
-            "effectiveDateTime": ctx.when(obx.get(14)) or default_time,
-            **_observation_value(obx, where, ctx),
+            "effectiveDateTime": ctx.when(obx.get(14), "OBX-14") or default_time,
+            **_observation_value(obx, where, ctx, lines),
             "interpretation": _interpretation(obx),
             "referenceRange": _reference_range(obx),
         }
@@ -197,7 +235,7 @@ def obr_to_diagnostic_report(
     code = cwe_to_codeable(obr.rep(4))
     if code is None:
         raise MappingError("OBR-4 (universal service identifier) is empty")
-    issued = ctx.when(obr.get(22))
+    issued = ctx.when(obr.get(22), "OBR-22")
     filler = _ei(obr.rep(3))
     return clean(
         {
@@ -216,7 +254,7 @@ def obr_to_diagnostic_report(
             "code": code,
             "subject": {"reference": patient_ref},
             "encounter": {"reference": encounter_ref} if encounter_ref else None,
-            "effectiveDateTime": ctx.when(obr.get(7)),
+            "effectiveDateTime": ctx.when(obr.get(7), "OBR-7"),
             "issued": issued if issued and len(issued) > 10 else None,
             "result": [{"reference": ref} for ref in results],
         }
@@ -271,8 +309,8 @@ def orc_to_service_request(
             "code": code,
             "subject": {"reference": patient_ref},
             "encounter": {"reference": encounter_ref} if encounter_ref else None,
-            "occurrenceDateTime": ctx.when(tq1.get(7)) if tq1 else None,
-            "authoredOn": ctx.when(orc.get(9)),
+            "occurrenceDateTime": ctx.when(tq1.get(7), "TQ1-7") if tq1 else None,
+            "authoredOn": ctx.when(orc.get(9), "ORC-9"),
             "requester": xcn_to_reference(orc.rep(12)),
             "reasonCode": [c for c in (cwe_to_codeable(d.rep(3)) for d in group if d.name == "DG1") if c],
             "note": [{"text": n.get(3)} for n in group if n.name == "NTE" and n.get(3)],
@@ -306,7 +344,11 @@ def orc_to_medication_request(
                 {
                     "code": {"text": tq1.get(3)} if tq1.get(3) else None,
                     "repeat": clean(
-                        {"boundsPeriod": clean({"start": ctx.when(tq1.get(7)), "end": ctx.when(tq1.get(8))})}
+                        {
+                            "boundsPeriod": clean(
+                                {"start": ctx.when(tq1.get(7), "TQ1-7"), "end": ctx.when(tq1.get(8), "TQ1-8")}
+                            )
+                        }
                     ),
                 }
             )
@@ -326,7 +368,7 @@ def orc_to_medication_request(
             "medicationCodeableConcept": medication,
             "subject": {"reference": patient_ref},
             "encounter": {"reference": encounter_ref} if encounter_ref else None,
-            "authoredOn": ctx.when(orc.get(9)),
+            "authoredOn": ctx.when(orc.get(9), "ORC-9"),
             "requester": xcn_to_reference(orc.rep(12)),
             "dosageInstruction": [dosage] if dosage else [],
             "dispenseRequest": clean(
@@ -348,8 +390,8 @@ def _unit_text(rep: Rep | None) -> dict[str, Any]:
     return clean({"unit": rep.c(2) or rep.c(1)})
 
 
-def obx_to_attachment(obx: Segment, where: str) -> dict[str, Any]:
-    """OBX ED (encapsulated data) or TX/FT/ST lines → Attachment."""
+def obx_to_attachment(obx: Segment, where: str, lines: Sequence[Segment] = ()) -> dict[str, Any]:
+    """OBX ED (encapsulated data) or TX/FT/ST lines (with the further OBX of its text, `lines`) → Attachment."""
     kind, rep = obx.get(2), obx.rep(5)
     if kind == "ED" and rep is not None:
         media = "/".join(p.lower() for p in (rep.c(2), rep.c(3)) if p) or None
@@ -360,9 +402,31 @@ def obx_to_attachment(obx: Segment, where: str) -> dict[str, Any]:
             raise MappingError(f"{where}: ED encoding {encoding!r} is not Base64 or A")
         return clean({"contentType": media, "data": data})
     if kind in ("TX", "FT", "ST"):
-        text = "\n".join(r.c(1) or "" for r in obx.reps(5))
+        text = _text([obx, *lines]) if lines else "\n".join(r.c(1) or "" for r in obx.reps(5))
         return {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()}
     raise MappingError(f"{where}: OBX-2 {kind!r} in a document message is not document content")
+
+
+def document_status(txa: Segment, event: str) -> tuple[str, str | None]:
+    """DocumentReference (status, docStatus): TXA-19 availability (table 0275) → status, TXA-17 completion
+    (table 0271) → docStatus; MDM^T11 (document cancel) → entered-in-error. A document not available for
+    patient care (UN) is preliminary whatever TXA-17 says. An unknown code is a MappingError, never "current"."""
+    availability, completion = txa.get(19), txa.get(17)
+    if availability is not None and availability not in DOCUMENT_AVAILABILITY:
+        raise MappingError(f"TXA-19 availability status {availability!r} is not one of {_codes(DOCUMENT_AVAILABILITY)}")
+    if completion is not None and completion not in DOCUMENT_COMPLETION:
+        raise MappingError(f"TXA-17 completion status {completion!r} is not one of {_codes(DOCUMENT_COMPLETION)}")
+    status = "entered-in-error" if event == "T11" else DOCUMENT_AVAILABILITY[availability or "AV"]
+    return status, "preliminary" if availability == "UN" else DOCUMENT_COMPLETION.get(completion or "")
+
+
+def _codes(table: dict[str, str]) -> str:
+    return ", ".join(sorted(table))
+
+
+def _content_not_sent() -> dict[str, Any]:
+    """The attachment of a withdrawn document whose cancel message carries no content (FHIR needs one)."""
+    return {"extension": [{"url": _DATA_ABSENT_EXTENSION, "valueCode": "unknown"}]}
 
 
 def txa_to_document_reference(
@@ -372,27 +436,31 @@ def txa_to_document_reference(
     patient_ref: str,
     encounter_ref: str | None,
     control_id: str,
+    event: str,
 ) -> dict[str, Any]:
     """TXA (+ its OBX content) → DocumentReference: type (TXA-2), date (4), author (9), unique id (12),
-    completion (17), availability (19)."""
+    status (19, MDM event), docStatus (17, 19). Only an entered-in-error document may come without content."""
     unique = txa.rep(12)
     key = unique.c(1) if unique and unique.c(1) else control_id
-    date = ctx.when(txa.get(4))
+    date = ctx.when(txa.get(4), "TXA-4")
     author = xcn_to_reference(txa.rep(9))
+    status, doc_status = document_status(txa, event)
+    if not contents and status != "entered-in-error":
+        raise MappingError("no document content: only a cancelled document is written without it")
     return clean(
         {
             "resourceType": "DocumentReference",
             "id": hl7_source_id("DocumentReference", patient_ref, key),
             "masterIdentifier": {"value": unique.c(1)} if unique and unique.c(1) else None,
-            "status": "superseded" if txa.get(19) == "OB" else "current",
-            "docStatus": DOCUMENT_COMPLETION.get(txa.get(17) or ""),
+            "status": status,
+            "docStatus": doc_status,
             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0270", "code": txa.get(2)}]}
             if txa.get(2)
             else None,
             "subject": {"reference": patient_ref},
             "date": date if date and len(date) > 10 else None,
             "author": [author] if author else [],
-            "content": [{"attachment": c} for c in contents],
+            "content": [{"attachment": c} for c in contents or [_content_not_sent()]],
             "context": {"encounter": [{"reference": encounter_ref}]} if encounter_ref else None,
         }
     )

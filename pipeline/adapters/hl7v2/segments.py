@@ -74,7 +74,7 @@ def pid_to_patient(pid: Segment, ctx: Hl7Context) -> dict[str, Any]:
     """PID → Patient: identifiers (PID-3 repeats), names (5), birth date (7), gender (8), address (11),
     phones (13, 14), death (29, 30)."""
     authority, value = patient_key(pid)
-    deceased_at, deceased = ctx.when(pid.get(29)), pid.get(30)
+    deceased_at, deceased = ctx.when(pid.get(29), "PID-29"), pid.get(30)
     return clean(
         {
             "resourceType": "Patient",
@@ -83,7 +83,7 @@ def pid_to_patient(pid: Segment, ctx: Hl7Context) -> dict[str, Any]:
             "name": [n for n in (xpn_to_name(r) for r in pid.reps(5)) if n],
             "telecom": [t for t in (xtn_to_telecom(r) for r in [*pid.reps(13), *pid.reps(14)]) if t],
             "gender": GENDER.get(pid.get(8) or ""),
-            "birthDate": ctx.day(pid.get(7)),
+            "birthDate": ctx.day(pid.get(7), "PID-7"),
             "deceasedDateTime": deceased_at,
             "deceasedBoolean": {"Y": True, "N": False}.get(deceased or "") if not deceased_at else None,
             "address": [a for a in (xad_to_address(r) for r in pid.reps(11)) if a],
@@ -105,11 +105,11 @@ def pv1_to_encounter(pv1: Segment, ctx: Hl7Context, patient_ref: str, event: str
     source_id = encounter_id(pv1, patient_ref.removeprefix("Patient/"))
     if source_id is None:
         return None
-    start, end = ctx.when(pv1.get(44)), ctx.when(pv1.get(45))
+    start, end = ctx.when(pv1.get(44), "PV1-44"), ctx.when(pv1.get(45), "PV1-45")
     patient_class = pv1.get(2) or ""
     code, display = ENCOUNTER_CLASS.get(patient_class, ("UNK", "unknown"))
     system = V3_ACT_CODE if code != "UNK" else "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
-    status = "finished" if end or event == "A03" else ("planned" if event == "A05" else "in-progress")
+    status = _encounter_status(event, end)
     location = pv1.rep(3)
     where = " ".join(p for p in (location.c(1), location.c(2), location.c(3)) if p) if location else None
     visit = pv1.rep(19)
@@ -134,6 +134,15 @@ def pv1_to_encounter(pv1: Segment, ctx: Hl7Context, patient_ref: str, event: str
     )
 
 
+def _encounter_status(event: str, end: str | None) -> str:
+    """The ADT event (and PV1-45) → Encounter.status, after the v2-to-FHIR event → encounter-status map."""
+    if event == "A11":  # cancel admit/visit: the visit did not take place as admitted
+        return "cancelled"
+    if end or event == "A03":
+        return "finished"
+    return "planned" if event == "A05" else "in-progress"
+
+
 def in1_to_coverage(in1: Segment, ctx: Hl7Context, patient_ref: str) -> dict[str, Any]:
     """IN1 → Coverage: plan (IN1-2), company (3, 4), group (8), period (12, 13), plan type (15), policy (36)."""
     policy, plan = in1.get(36), in1.rep(2)
@@ -153,7 +162,7 @@ def in1_to_coverage(in1: Segment, ctx: Hl7Context, patient_ref: str) -> dict[str
             "status": "active",
             "type": cwe_to_codeable(in1.rep(15)),
             "beneficiary": {"reference": patient_ref},
-            "period": clean({"start": ctx.day(in1.get(12)), "end": ctx.day(in1.get(13))}),
+            "period": clean({"start": ctx.day(in1.get(12), "IN1-12"), "end": ctx.day(in1.get(13), "IN1-13")}),
             # FHIR needs a payor; a policy without a company name still names the plan.
             "payor": [payor or {"display": (plan.c(2) or plan.c(1)) if plan else "unknown payor"}],
             "class": [
@@ -196,7 +205,7 @@ def al1_to_allergy(al1: Segment, ctx: Hl7Context, patient_ref: str) -> dict[str,
             "category": [category] if category else [],
             "code": allergen,
             "patient": {"reference": patient_ref},
-            "onsetDateTime": ctx.when(al1.get(6)),
+            "onsetDateTime": ctx.when(al1.get(6), "AL1-6"),
             "reaction": [
                 clean(
                     {
@@ -212,7 +221,9 @@ def al1_to_allergy(al1: Segment, ctx: Hl7Context, patient_ref: str) -> dict[str,
 
 
 def dg1_to_condition(dg1: Segment, ctx: Hl7Context, patient_ref: str, encounter_ref: str | None) -> dict[str, Any]:
-    """DG1 → Condition (encounter diagnosis): code (DG1-3, description 4 as text), onset (5), id (20)."""
+    """DG1 → Condition (encounter diagnosis): code (DG1-3, description 4 as text), onset (5), id (20);
+    DG1-21 action code D (delete) is a MappingError, never an upsert."""
+    _check_action(dg1, 21, "Condition")
     code: dict[str, Any] = cwe_to_codeable(dg1.rep(3)) or {}
     if dg1.get(4):
         code["text"] = dg1.get(4)
@@ -238,13 +249,15 @@ def dg1_to_condition(dg1: Segment, ctx: Hl7Context, patient_ref: str, encounter_
             "code": code,
             "subject": {"reference": patient_ref},
             "encounter": {"reference": encounter_ref} if encounter_ref else None,
-            "onsetDateTime": ctx.when(dg1.get(5)),
+            "onsetDateTime": ctx.when(dg1.get(5), "DG1-5"),
         }
     )
 
 
 def pr1_to_procedure(pr1: Segment, ctx: Hl7Context, patient_ref: str, encounter_ref: str | None) -> dict[str, Any]:
-    """PR1 → Procedure (completed): code (PR1-3, else text 4), performed (5), id (19)."""
+    """PR1 → Procedure (completed): code (PR1-3, else text 4), performed (5), id (19); PR1-20 action code D
+    (delete) is a MappingError, never an upsert."""
+    _check_action(pr1, 20, "Procedure")
     code = cwe_to_codeable(pr1.rep(3)) or ({"text": pr1.get(4)} if pr1.get(4) else None)
     if code is None:
         raise MappingError("PR1-3/PR1-4 (procedure) are empty")
@@ -258,9 +271,25 @@ def pr1_to_procedure(pr1: Segment, ctx: Hl7Context, patient_ref: str, encounter_
             "code": code,
             "subject": {"reference": patient_ref},
             "encounter": {"reference": encounter_ref} if encounter_ref else None,
-            "performedDateTime": ctx.when(pr1.get(5)),
+            "performedDateTime": ctx.when(pr1.get(5), "PR1-5"),
         }
     )
+
+
+# Table 0206 segment action code: A add, U update, X no change are what the segment says; D delete is not.
+_UPSERT_ACTIONS = ("A", "U", "X")
+
+
+def _check_action(segment: Segment, field: int, resource_type: str) -> None:
+    """A segment's action code (table 0206): its resource is written for A, U, X or none; D is a deletion,
+    which this adapter does not emit (the inbox row carries upserts only), so it is reported, not upserted."""
+    action = segment.get(field)
+    if action is None or action in _UPSERT_ACTIONS:
+        return
+    where = f"{segment.name}-{field}"
+    if action == "D":
+        raise MappingError(f"{where} action code D (delete): the hl7v2 adapter does not delete a {resource_type}")
+    raise MappingError(f"{where} action code {action!r} is not one of A, D, U, X")
 
 
 TUMORBOARD = {"system": "urn:cdrsync:flag", "code": "tumorboard", "display": "Tumour board"}
@@ -287,7 +316,7 @@ def ztb_to_flag(ztb: Segment, ctx: Hl7Context, patient_ref: str, encounter_ref: 
             "code": {"coding": [TUMORBOARD], "text": "Tumour board"},
             "subject": {"reference": patient_ref},
             "encounter": {"reference": encounter_ref} if encounter_ref else None,
-            "period": clean({"start": ctx.when(ztb.get(4)), "end": ctx.when(ztb.get(5))}),
+            "period": clean({"start": ctx.when(ztb.get(4), "ZTB-4"), "end": ctx.when(ztb.get(5), "ZTB-5")}),
             "author": xcn_to_reference(ztb.rep(6)),
         }
     )

@@ -72,7 +72,8 @@ INTERPRETATION = frozenset({"L", "H", "LL", "HH", "N", "A", "AA", "S", "R", "I",
 ALLERGY_CATEGORY = {"DA": "medication", "FA": "food", "EA": "environment", "MA": "medication", "PA": "environment"}
 ALLERGY_SEVERITY = {"MI": "mild", "MO": "moderate", "SV": "severe"}
 
-# Table 0271 document completion status (TXA-17) → DocumentReference.docStatus.
+# Table 0271 document completion status (TXA-17) → DocumentReference.docStatus. Only an authenticated
+# document is final; the table has no code for FHIR's "amended".
 DOCUMENT_COMPLETION = {
     "AU": "final",
     "LA": "final",
@@ -81,6 +82,15 @@ DOCUMENT_COMPLETION = {
     "IP": "preliminary",
     "IN": "preliminary",
     "PA": "preliminary",
+}
+
+# Table 0275 document availability status (TXA-19) → DocumentReference.status. UN (not released for
+# patient care, may still be edited or cancelled) stays current but makes docStatus preliminary (orders.py).
+DOCUMENT_AVAILABILITY = {
+    "AV": "current",
+    "UN": "current",
+    "OB": "superseded",
+    "CA": "entered-in-error",
 }
 
 # Table 0485 quantity timing priority (TQ1-9) → request priority.
