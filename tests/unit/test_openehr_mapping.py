@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from pipeline.adapters.openehr import CompositionSource, composition_to_resources
+from pipeline.adapters.openehr import CompositionSource, composition_to_resources, resource_to_composition
 from pipeline.adapters.openehr.rm import fhir_datetime, quantity
 from pipeline.errors import MappingError
 from pipeline.resources import validate_resource
@@ -60,7 +60,7 @@ def test_unknown_archetype_is_reported_with_its_path_not_dropped() -> None:
     assert [(u.archetype_id, u.path) for u in mapped.unmapped] == [
         (
             "openEHR-EHR-OBSERVATION.minimal.v1",
-            "/content[openEHR-EHR-OBSERVATION.minimal.v1 and name/value='Minimal',0]",
+            "/content[openEHR-EHR-OBSERVATION.minimal.v1,0]",
         )
     ]
 
@@ -203,3 +203,261 @@ def test_tnm_staging_cluster_becomes_condition_stage_and_observations(archetype,
     assert group["hasMember"] == [{"reference": f"Observation/{staging[c]['id']}"} for c in codes[:3]]
     for resource in [condition, *staging.values()]:
         validate_resource(resource)
+
+
+# --- review fixes: each edge case once ------------------------------------------------------------
+
+
+def _coded(code: str, text: str, terminology: str = "local") -> dict:
+    phrase = {"_type": "CODE_PHRASE", "terminology_id": {"_type": "TERMINOLOGY_ID", "value": terminology}}
+    return {"_type": "DV_CODED_TEXT", "value": text, "defining_code": phrase | {"code_string": code}}
+
+
+def _item(node: dict, at_code: str) -> dict:
+    return next(i for i in node["items"] if i.get("archetype_node_id") == at_code)
+
+
+def _cholesterol() -> tuple[dict, dict]:
+    """The laboratory report and its analyte's DV_QUANTITY (203 mg/dL, normal status H)."""
+    lab = _load("laboratory_report")
+    group = _first(lab, "at0096")
+    return lab, _item(group, "at0112")["value"]
+
+
+def _lab_observation(composition: dict) -> dict:
+    return next(r for r in _map(composition).resources if r["resourceType"] == "Observation")
+
+
+@pytest.mark.parametrize("sign", ["<", "<=", ">=", ">"])
+def test_a_quantity_below_or_above_a_limit_keeps_its_comparator(sign) -> None:
+    lab, quantity = _cholesterol()
+    quantity["magnitude_status"] = sign
+    observation = _lab_observation(lab)
+    assert observation["valueQuantity"]["comparator"] == sign and observation["valueQuantity"]["value"] == 203
+    validate_resource(observation)
+
+
+def test_a_point_quantity_has_no_comparator() -> None:
+    lab, quantity = _cholesterol()
+    quantity["magnitude_status"] = "="
+    assert "comparator" not in _lab_observation(lab)["valueQuantity"]
+
+
+def test_an_approximate_quantity_is_a_mapping_error_not_an_exact_value() -> None:
+    lab, quantity = _cholesterol()
+    quantity["magnitude_status"] = "~"
+    with pytest.raises(MappingError, match="approximate") as error:
+        _map(lab)
+    assert "203" not in str(error.value)
+
+
+def _with_overall_status(code: str) -> dict:
+    gecco = _load("gecco_laborbefund")
+    data = _first(gecco, "openEHR-EHR-OBSERVATION.laboratory_test_result.v1")["data"]["events"][0]["data"]
+    data["items"].append(
+        {
+            "_type": "ELEMENT",
+            "name": {"_type": "DV_TEXT", "value": "Gesamtstatus"},
+            "archetype_node_id": "at0073",
+            "value": _coded(code, "Status"),
+        }
+    )
+    analyte = _first(gecco, "openEHR-EHR-CLUSTER.laboratory_test_analyte.v1")
+    analyte["items"] = [i for i in analyte["items"] if i.get("archetype_node_id") != "at0005"]  # status of its own
+    return gecco
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("at0115", "corrected"), ("at0116", "entered-in-error"), ("at0074", "cancelled")]
+)
+def test_a_corrected_withdrawn_or_cancelled_report_reaches_the_centre(code, status) -> None:
+    resources = _map(_with_overall_status(code)).resources
+    report = next(r for r in resources if r["resourceType"] == "DiagnosticReport")
+    observation = next(r for r in resources if r["resourceType"] == "Observation")
+    assert (report["status"], observation["status"]) == (status, status)
+    for resource in (report, observation):
+        validate_resource(resource)
+
+
+def test_an_analyte_result_withdrawn_after_release_is_entered_in_error_not_cancelled() -> None:
+    gecco = _load("gecco_laborbefund")
+    status = _item(_first(gecco, "openEHR-EHR-CLUSTER.laboratory_test_analyte.v1"), "at0005")
+    status["value"] = _coded("at0022", "Endbefund, widerrufen")  # the template's text; en: 'Entered in error'
+    assert _lab_observation(gecco)["status"] == "entered-in-error"
+
+
+def test_a_withdrawn_report_withdraws_its_analytes_whatever_their_own_status() -> None:
+    gecco = _with_overall_status("at0116")
+    analyte = _first(gecco, "openEHR-EHR-CLUSTER.laboratory_test_analyte.v1")
+    analyte["items"].append(
+        {
+            "_type": "ELEMENT",
+            "name": {"_type": "DV_TEXT", "value": "Ergebnis-Status"},
+            "archetype_node_id": "at0005",
+            "value": _coded("at0018", "Endbefund"),
+        }
+    )
+    assert _lab_observation(gecco)["status"] == "entered-in-error"
+
+
+@pytest.mark.parametrize(
+    ("normal_status", "interpretation"),
+    [("HHH", "HH"), ("HH", "HH"), ("H", "H"), ("N", "N"), ("L", "L"), ("LL", "LL"), ("LLL", "LL")],
+)
+def test_normal_status_never_ranks_a_panic_value_below_an_alarm_value(normal_status, interpretation) -> None:
+    lab, quantity = _cholesterol()
+    quantity["normal_status"]["code_string"] = normal_status
+    assert _lab_observation(lab)["interpretation"][0]["coding"][0]["code"] == interpretation
+
+
+def test_an_interval_event_is_a_problem_not_a_spot_reading() -> None:
+    ips = _load("ips_canonical")
+    event = _first(ips, "openEHR-EHR-OBSERVATION.blood_pressure.v2")["data"]["events"][0]
+    point = next(r for r in _map(ips).resources if r.get("code", {}).get("coding", [{}])[0].get("code") == "85354-9")
+    assert point["effectiveDateTime"] == "2021-12-03T17:34:06.849379+01:00"  # a point event maps as ever
+    event.update(
+        _type="INTERVAL_EVENT",
+        width={"_type": "DV_DURATION", "value": "PT24H"},
+        math_function=_coded("144", "maximum", "openehr"),
+    )
+    with pytest.raises(MappingError, match=r"INTERVAL_EVENT \(math function openehr::144\)"):
+        _map(ips)
+
+
+def test_a_mapping_error_names_the_entry_by_archetype_and_position_not_by_its_name() -> None:
+    gecco = _load("gecco_laborbefund")
+    lab = _first(gecco, "openEHR-EHR-OBSERVATION.laboratory_test_result.v1")
+    lab["name"]["value"] = "Befund Erika Mustermann"  # a name is data: it may be free text
+    status = _item(_first(gecco, "openEHR-EHR-CLUSTER.laboratory_test_analyte.v1"), "at0005")
+    status["value"]["defining_code"]["code_string"] = "at9999"
+    with pytest.raises(MappingError) as error:
+        _map(gecco)
+    reason = str(error.value)
+    assert "Mustermann" not in reason and "name/value" not in reason
+    assert "/content[openEHR-EHR-OBSERVATION.laboratory_test_result.v1,0]/data/events[0]/analyte[0]" in reason
+
+
+def test_unmapped_entries_with_the_same_archetype_stay_apart_without_their_names() -> None:
+    paths = [u.path for u in _map(_load("compo_corona")).unmapped if "symptom_sign_screening" in u.path]
+    assert len(paths) == len(set(paths)) > 1
+    assert not [p for p in paths if "name/value" in p]
+
+
+_DOSAGE = "openEHR-EHR-CLUSTER.dosage.v1"
+
+
+def _medication_order(dosage: dict | None = None) -> dict:
+    """An order of 2 tablets once a day, written the way the adapter writes orders back (one dose cluster)."""
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "m",
+        "status": "active",
+        "intent": "order",
+        "medicationCodeableConcept": {"text": "Tamoxifen 20 mg"},
+        "authoredOn": "2024-03-01T10:00:00+01:00",
+        "dosageInstruction": [
+            dosage
+            or {
+                "text": "as directed",
+                "doseAndRate": [{"doseQuantity": {"value": 2, "unit": "tablet"}}],
+                "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}},
+            }
+        ],
+    }
+    return resource_to_composition(order, composer="cdrsync", recorded_at="2024-03-01T10:00:00+01:00")
+
+
+def _dose_clusters(composition: dict) -> list:
+    return [i for i in composition["content"][0]["activities"][0]["description"]["items"] if i.get("items")]
+
+
+def _dosages(composition: dict) -> list:
+    (request,) = [r for r in _map(composition).resources if r["resourceType"] == "MedicationRequest"]
+    validate_resource(request)
+    return request["dosageInstruction"]
+
+
+def _frequency_value(composition: dict) -> dict:
+    timing = _first(composition, "openEHR-EHR-CLUSTER.timing_daily.v1")
+    return _item(timing, "at0003")["value"]
+
+
+def test_every_dose_of_a_medication_order_becomes_a_concurrent_dosage() -> None:
+    composition = _medication_order()
+    (dose,) = [c for c in _dose_clusters(composition) if c["archetype_node_id"] == _DOSAGE]
+    evening = orjson.loads(orjson.dumps(dose))
+    _item(evening, "at0144")["value"]["magnitude"] = 1
+    _item(evening, "openEHR-EHR-CLUSTER.timing_daily.v1")["items"][0]["value"]["magnitude"] = 3
+    composition["content"][0]["activities"][0]["description"]["items"].append(evening)
+    dosages = _dosages(composition)
+    assert [(d["doseAndRate"][0]["doseQuantity"]["value"], d["timing"]["repeat"]["frequency"]) for d in dosages] == [
+        (2, 1),
+        (1, 3),
+    ]
+    assert {d["sequence"] for d in dosages} == {1}  # one sequence number: concurrent, not consecutive phases
+    assert {d["text"] for d in dosages} == {"as directed"}
+
+
+@pytest.mark.parametrize(("units", "period_unit"), [("1/d", "d"), ("1/h", "h"), ("1/min", "min"), ("1/s", "s")])
+def test_a_frequency_per_hour_minute_or_second_becomes_its_timing_not_nothing(units, period_unit) -> None:
+    composition = _medication_order()
+    _frequency_value(composition).update(units=units, magnitude=4)
+    (dosage,) = _dosages(composition)
+    assert dosage["timing"]["repeat"] == {"frequency": 4, "period": 1, "periodUnit": period_unit}
+
+
+def test_a_frequency_range_becomes_frequency_and_frequency_max() -> None:
+    composition = _medication_order()
+    single = _frequency_value(composition)
+    timing = _first(composition, "openEHR-EHR-CLUSTER.timing_daily.v1")
+    timing["items"][0]["value"] = {
+        "_type": "DV_INTERVAL",
+        "lower": single | {"magnitude": 3},
+        "upper": single | {"magnitude": 4},
+        "lower_unbounded": False,
+        "upper_unbounded": False,
+    }
+    (dosage,) = _dosages(composition)
+    assert dosage["timing"]["repeat"] == {"frequency": 3, "frequencyMax": 4, "period": 1, "periodUnit": "d"}
+
+
+@pytest.mark.parametrize(("units", "magnitude"), [("1/wk", 2), ("1/d", 1.5), ("1/d", 0)])
+def test_a_frequency_fhir_cannot_state_is_a_mapping_error_not_dropped(units, magnitude) -> None:
+    composition = _medication_order()
+    _frequency_value(composition).update(units=units, magnitude=magnitude)
+    with pytest.raises(MappingError, match="frequency"):
+        _map(composition)
+
+
+def test_a_dose_element_no_rule_reads_is_a_mapping_error_naming_it() -> None:
+    composition = _medication_order()
+    (dose,) = [c for c in _dose_clusters(composition) if c["archetype_node_id"] == _DOSAGE]
+    dose["items"].append(
+        {
+            "_type": "ELEMENT",
+            "name": {"_type": "DV_TEXT", "value": "Dose description"},
+            "archetype_node_id": "at0178",
+            "value": {"_type": "DV_TEXT", "value": "half a tablet on bad days"},
+        }
+    )
+    with pytest.raises(MappingError, match="at0178") as error:
+        _map(composition)
+    assert "bad days" not in str(error.value)
+
+
+def test_consecutive_therapeutic_directions_are_a_mapping_error_not_concurrent_doses() -> None:
+    composition = _medication_order()
+    items = composition["content"][0]["activities"][0]["description"]["items"]
+    (dose,) = [c for c in items if c.get("archetype_node_id") == _DOSAGE]
+    items.remove(dose)
+    for _ in range(2):
+        items.append(
+            {
+                "_type": "CLUSTER",
+                "name": {"_type": "DV_TEXT", "value": "Therapeutic direction"},
+                "archetype_node_id": "openEHR-EHR-CLUSTER.therapeutic_direction.v1",
+                "items": [dose],
+            }
+        )
+    with pytest.raises(MappingError, match="therapeutic directions"):
+        _map(composition)

@@ -229,7 +229,11 @@ def lab_results(draw) -> dict:
         "resourceType": "Observation",
         "id": "l",
         "effectiveDateTime": draw(_instants),
-        "status": draw(st.sampled_from(["registered", "preliminary", "final", "corrected", "amended", "cancelled"])),
+        "status": draw(
+            st.sampled_from(
+                ["registered", "preliminary", "final", "corrected", "amended", "cancelled", "entered-in-error"]
+            )
+        ),
         "code": {
             "coding": [
                 {"system": "http://loinc.org", "code": draw(st.from_regex(r"[0-9]{4,5}-[0-9]", fullmatch=True))}
@@ -244,6 +248,8 @@ def lab_results(draw) -> dict:
         resource["valueQuantity"] = quantity
         if draw(st.booleans()):
             resource["referenceRange"] = [{"low": {**quantity, "value": 1.0}, "high": {**quantity, "value": 9.0}}]
+        if draw(st.booleans()):  # a result below or above a limit ("<5")
+            quantity["comparator"] = draw(st.sampled_from(["<", "<=", ">=", ">"]))
     elif kind == "coded":
         resource["valueCodeableConcept"] = draw(_concept)
     else:
@@ -321,7 +327,9 @@ def medication_requests(draw) -> dict:
         ]
     repeat: dict = {}
     if draw(st.booleans()):
-        repeat.update(frequency=draw(st.integers(1, 6)), period=1, periodUnit="d")
+        repeat.update(
+            frequency=draw(st.integers(1, 6)), period=1, periodUnit=draw(st.sampled_from(["d", "h", "min", "s"]))
+        )
     if draw(st.booleans()):
         repeat["boundsPeriod"] = {"start": draw(_instants)}
     if repeat:
@@ -427,3 +435,54 @@ def _entry_at(composition: dict, path: str) -> dict:
         if path.startswith(entry_path):
             return entry
     raise AssertionError(path)
+
+
+_LIMIT = {"value": 5, "comparator": "<", "unit": "mg/dL", "system": "http://unitsofmeasure.org", "code": "mg/dL"}
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        {
+            "resourceType": "Observation",
+            "id": "lab",
+            "status": "final",
+            "effectiveDateTime": RECORDED_AT,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2093-3"}], "text": "Cholesterol"},
+            "valueQuantity": _LIMIT,
+        },
+        {
+            "resourceType": "Observation",
+            "id": "spo2",
+            "status": "final",
+            "effectiveDateTime": RECORDED_AT,
+            "code": {
+                "coding": [{"system": "http://loinc.org", "code": c} for c in ("2708-6", "59408-5")],
+                "text": "SpO2",
+            },
+            "valueQuantity": {"value": 80, "comparator": "<", "system": "http://unitsofmeasure.org", "code": "%"},
+        },
+        {
+            "resourceType": "Observation",
+            "id": "hu",
+            "status": "final",
+            "effectiveDateTime": RECORDED_AT,
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2093-3"}], "text": "Cholesterol"},
+            "valueQuantity": {k: v for k, v in _LIMIT.items() if k != "comparator"} | {"value": 400},
+            "interpretation": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
+                            "code": "HU",
+                            "display": "Significantly high",
+                        }
+                    ]
+                }
+            ],
+        },
+    ],
+    ids=lambda r: r["id"],
+)
+def test_a_comparator_and_a_non_critical_flag_come_back_as_they_went(resource) -> None:
+    assert clinical_view(back_and_forth(resource)) == clinical_view(resource)

@@ -7,7 +7,17 @@ from typing import Any
 from ...errors import MappingError
 from . import rules
 from .context import Context
-from .rm import coded_to_codeable, element, element_value, elements, fhir_datetime, find_clusters, local_code, text_of
+from .rm import (
+    coded_to_codeable,
+    element,
+    element_value,
+    elements,
+    exact_magnitude,
+    fhir_datetime,
+    find_clusters,
+    local_code,
+    text_of,
+)
 from .tnm import tnm_to_stage
 
 __all__ = [
@@ -246,28 +256,114 @@ def service_request_to_service_request(entry: dict[str, Any], ctx: Context, path
     return resources
 
 
-def _dosage(detail: Any, archetype: str, ctx: Context) -> dict[str, Any]:
-    """medication_order.v3 activity → one Dosage: text, route, dose (CLUSTER.dosage.v1), frequency, bounds."""
-    dosage: dict[str, Any] = {"text": text_of(element_value(detail, "at0009"))}
-    route = _concept(detail, "at0091", archetype)
-    if route:
-        dosage["route"] = route
-    dose_cluster = next(find_clusters(detail, "openEHR-EHR-CLUSTER.dosage.v1"), None)
-    amount, unit = element_value(dose_cluster, "at0144"), text_of(element_value(dose_cluster, "at0145"))
-    if amount:
-        dose = {"value": amount["magnitude"]} | ({"unit": unit} if unit else {})
-        dosage["doseAndRate"] = [{"doseQuantity": dose}]
-    repeat: dict[str, Any] = {}
-    frequency = element_value(next(find_clusters(detail, "openEHR-EHR-CLUSTER.timing_daily.v1"), None), "at0003")
-    if frequency and frequency.get("units") == "1/d":
-        repeat.update(frequency=int(frequency["magnitude"]), period=1, periodUnit="d")
-    order = element(detail, "at0113")
-    start, end = _time(element_value(order, "at0012"), ctx), _time(element_value(order, "at0013"), ctx)
-    if start or end:
-        repeat["boundsPeriod"] = {k: v for k, v in (("start", start), ("end", end)) if v}
-    if repeat:
-        dosage["timing"] = {"repeat": repeat}
+_DOSAGE = "openEHR-EHR-CLUSTER.dosage.v1"
+_TIMING_DAILY = "openEHR-EHR-CLUSTER.timing_daily.v1"
+_DIRECTION = "openEHR-EHR-CLUSTER.therapeutic_direction.v1"
+
+
+def _refuse_unread(cluster: dict[str, Any], read: set[str], archetype: str, path: str) -> None:
+    """An element with content that no rule reads is a MappingError naming its node, never a silent loss."""
+    for item in cluster.get("items") or []:
+        node = str(item.get("archetype_node_id", ""))
+        if node not in read and (item.get("value") is not None or item.get("items")):
+            raise MappingError(f"{archetype}: {node} at {path} has no MedicationRequest mapping")
+
+
+def _per_period(value: dict[str, Any], path: str) -> dict[str, Any]:
+    magnitude = exact_magnitude(value, _TIMING_DAILY, "frequency")
+    unit = rules.FREQUENCY_UNITS.get(str(value.get("units")))
+    if unit is None or magnitude < 1 or magnitude != int(magnitude):  # FHIR frequency is a positiveInt
+        raise MappingError(f"{_TIMING_DAILY}: frequency at {path} is not a whole number per 1/d, 1/h, 1/min or 1/s")
+    return {"frequency": int(magnitude), "period": 1, "periodUnit": unit}
+
+
+def _frequency(timing: dict[str, Any], path: str) -> dict[str, Any]:
+    """CLUSTER.timing_daily.v1 Frequency → Timing.repeat frequency per period (a range: frequency..frequencyMax)."""
+    _refuse_unread(timing, {"at0003"}, _TIMING_DAILY, path)
+    value = element_value(timing, "at0003")
+    if value is None:
+        return {}
+    if value.get("_type") == "DV_QUANTITY":
+        return _per_period(value, path)
+    low, high = (value.get(side) for side in ("lower", "upper"))
+    if value.get("_type") != "DV_INTERVAL" or not isinstance(low, dict) or not isinstance(high, dict):
+        raise MappingError(f"{_TIMING_DAILY}: frequency at {path} is neither a quantity nor a closed range")
+    repeat, most = _per_period(low, path), _per_period(high, path)
+    if most["periodUnit"] != repeat["periodUnit"]:
+        raise MappingError(f"{_TIMING_DAILY}: frequency range at {path} mixes units")
+    return repeat | {"frequencyMax": most["frequency"]}
+
+
+def _dose(cluster: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """CLUSTER.dosage.v1 dose amount (at0144) and unit (at0145) → Dosage.doseAndRate (quantity or range)."""
+    _refuse_unread(cluster, {"at0144", "at0145", "at0164", _TIMING_DAILY}, _DOSAGE, path)
+    amount, unit = element_value(cluster, "at0144"), text_of(element_value(cluster, "at0145"))
+    with_unit = {"unit": unit} if unit else {}
+    if amount is None:
+        return None
+    if amount.get("_type") == "DV_QUANTITY":
+        return {"doseQuantity": {"value": exact_magnitude(amount, _DOSAGE, "dose amount")} | with_unit}
+    if amount.get("_type") == "DV_INTERVAL":
+        limits = [(key, amount.get(side)) for side, key in (("lower", "low"), ("upper", "high"))]
+        bounds = {
+            key: {"value": exact_magnitude(limit, _DOSAGE, "dose amount")} | with_unit
+            for key, limit in limits
+            if isinstance(limit, dict)
+        }
+        if bounds:
+            return {"doseRange": bounds}
+    raise MappingError(f"{_DOSAGE}: dose amount at {path} is neither a quantity nor a range")
+
+
+def _one_dosage(order: dict[str, Any], cluster: dict[str, Any] | None, timings: list[Any], path: str) -> dict[str, Any]:
+    """One Dosage: the order's text, route and bounds (order["bounds"]), a dose cluster's dose and its daily timing."""
+    if len(timings) > 1:
+        raise MappingError(f"{_DOSAGE}: {len(timings)} daily timings for one dose at {path}; a Dosage has one timing")
+    dose = _dose(cluster, path) if cluster is not None else None
+    repeat = _frequency(timings[0], path) if timings else {}
+    if order["bounds"]:
+        repeat["boundsPeriod"] = dict(order["bounds"])
+    dosage = {
+        "text": order["text"],
+        "route": order["route"],
+        "doseAndRate": [dose] if dose else None,
+        "timing": {"repeat": repeat} if repeat else None,
+    }
     return {k: v for k, v in dosage.items() if v}
+
+
+def _dose_sequence(cluster: dict[str, Any]) -> int:
+    count = element_value(cluster, "at0164")  # Dosage sequence: the order of a day's doses
+    return int(count["magnitude"]) if count and "magnitude" in count else 0
+
+
+def _dosages(detail: Any, archetype: str, ctx: Context, path: str) -> list[dict[str, Any]]:
+    """medication_order.v3 activity → Dosages: one per CLUSTER.dosage.v1 (text, route, dose, frequency, bounds)."""
+    directions = list(find_clusters(detail, _DIRECTION))
+    if len(directions) > 1:
+        raise MappingError(f"{archetype}: several therapeutic directions (dosing phases) at {path} have no mapping")
+    for direction in directions:  # its duration, repetition, … would bound or space the doses: not carried yet
+        _refuse_unread(direction, {"at0057", _DOSAGE}, _DIRECTION, path)
+    details = element(detail, "at0113")
+    start, end = _time(element_value(details, "at0012"), ctx), _time(element_value(details, "at0013"), ctx)
+    order = {
+        "text": text_of(element_value(detail, "at0009")),
+        "route": _concept(detail, "at0091", archetype),
+        "bounds": {k: v for k, v in (("start", start), ("end", end)) if v},
+    }
+    clusters = list(find_clusters(detail, _DOSAGE))
+    timings = list(find_clusters(detail, _TIMING_DAILY))
+    if len(clusters) <= 1:  # one dose: its daily timing may also sit beside the dose cluster
+        dosage = _one_dosage(order, clusters[0] if clusters else None, timings, path)
+        return [dosage] if dosage else []
+    if sum(len(list(find_clusters(c, _TIMING_DAILY))) for c in clusters) != len(timings):
+        raise MappingError(f"{archetype}: a daily timing at {path} belongs to none of its {len(clusters)} doses")
+    # The doses of one direction are a day's pattern (2 tablets mornings, 1 evenings): concurrent Dosages,
+    # which FHIR states with one sequence number for all (Dosage.sequence).
+    return [
+        _one_dosage(order, cluster, list(find_clusters(cluster, _TIMING_DAILY)), path) | {"sequence": 1}
+        for cluster in sorted(clusters, key=_dose_sequence)
+    ]
 
 
 def medication_order_to_medication_request(entry: dict[str, Any], ctx: Context, path: str) -> list[dict[str, Any]]:
@@ -279,7 +375,7 @@ def medication_order_to_medication_request(entry: dict[str, Any], ctx: Context, 
         medication = _concept(detail, "at0070", archetype)
         if medication is None:
             raise MappingError(f"{archetype}: activity {index} without a medication item (at0070)")
-        dosage = _dosage(detail, archetype, ctx)
+        dosages = _dosages(detail, archetype, ctx, f"{path}/activities[{index}]")
         resources.append(
             ctx.resource(
                 "MedicationRequest",
@@ -290,7 +386,7 @@ def medication_order_to_medication_request(entry: dict[str, Any], ctx: Context, 
                 subject=ctx.subject,
                 encounter=ctx.encounter,
                 authoredOn=ctx.start_time,
-                dosageInstruction=[dosage] if dosage else None,
+                dosageInstruction=dosages,
             )
         )
     return resources

@@ -19,7 +19,7 @@ from .mappers import CONTEXT_CLUSTERS, ENTRY_MAPPERS
 from .rm import coded_to_codeable, element_value, fhir_datetime, local_code, text_of
 from .rules import SETTING_TO_CLASS
 
-__all__ = ["CompositionSource", "Mapped", "Unmapped", "composition_to_resources", "walk_entries"]
+__all__ = ["CompositionSource", "Mapped", "Unmapped", "composition_to_resources", "located_entries", "walk_entries"]
 
 _ENTRY_TYPES = frozenset({"OBSERVATION", "EVALUATION", "INSTRUCTION", "ACTION", "ADMIN_ENTRY", "GENERIC_ENTRY"})
 _ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -44,7 +44,7 @@ class CompositionSource:
 
 @dataclass(frozen=True)
 class Unmapped:
-    """An archetyped node no mapping rule covers."""
+    """An archetyped node no mapping rule covers; `path` locates it without node names (located_entries)."""
 
     archetype_id: str
     path: str
@@ -66,20 +66,36 @@ def walk_entries(nodes: list[Any], path: str, attribute: str = "content") -> Ite
     count of earlier siblings with the same archetype and name), so adding or removing a node with
     another archetype or name (e.g. another IPS section) does not renumber this one.
     """
+    for entry, stable, _ in located_entries(nodes, path, path, attribute):
+        yield entry, stable
+
+
+def located_entries(
+    nodes: list[Any], path: str, where: str, attribute: str = "content"
+) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """(entry, stable path, where) for every ENTRY: `where` names the same entry without node names.
+
+    A node's name is data (a template names it, but a composition may name it in free text): `where`, the
+    path for error messages and dead letters, has steps `attribute[archetype id,k]`, k counting the earlier
+    siblings with the same archetype whatever their name, so it still points at exactly one entry.
+    """
     seen: Counter[tuple[str, str]] = Counter()
+    seen_archetype: Counter[str] = Counter()
     for node in nodes:
         if not isinstance(node, dict):
             continue
         node_id = str(node.get("archetype_node_id", ""))
         name = str((node.get("name") or {}).get("value", "")).replace("'", "")
         step = f"{path}/{attribute}[{node_id} and name/value='{name}',{seen[node_id, name]}]"
+        where_step = f"{where}/{attribute}[{node_id},{seen_archetype[node_id]}]"
         seen[node_id, name] += 1
+        seen_archetype[node_id] += 1
         if node.get("_type") == "SECTION":
-            yield from walk_entries(node.get("items") or [], step, "items")
+            yield from located_entries(node.get("items") or [], step, where_step, "items")
         elif node.get("_type") in _ENTRY_TYPES:
-            yield node, step
+            yield node, step, where_step
         else:
-            raise MappingError(f"unexpected {node.get('_type')} {node_id} at {step} in a composition's content")
+            raise MappingError(f"unexpected {node.get('_type')} {node_id} at {where_step} in a composition's content")
 
 
 def patient_of(source: CompositionSource, identifier_systems: dict[str, str]) -> dict[str, Any]:
@@ -201,10 +217,13 @@ def composition_to_resources(
         encounter = composition_to_encounter(composition, ctx)
         encounter["identifier"] += _context_identifiers(composition, mapped.unmapped)
         mapped.resources.append(encounter)
-    for entry, path in walk_entries(composition.get("content") or [], ""):
+    for entry, path, where in located_entries(composition.get("content") or [], "", ""):
         mapper = ENTRY_MAPPERS.get(str(entry.get("archetype_node_id")))
         if mapper is None:
-            mapped.unmapped.append(Unmapped(str(entry.get("archetype_node_id")), path))
+            mapped.unmapped.append(Unmapped(str(entry.get("archetype_node_id")), where))
             continue
-        mapped.resources += mapper(entry, ctx, path)
+        try:
+            mapped.resources += mapper(entry, ctx, path)
+        except MappingError as error:  # its reason names the entry by the stable path, node names and all
+            raise MappingError(str(error).replace(path, where)) from None
     return mapped

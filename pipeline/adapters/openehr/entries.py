@@ -17,6 +17,7 @@ from .rm import (
     dv_to_value,
     element_value,
     elements,
+    exact_magnitude,
     fhir_datetime,
     find_clusters,
     local_code,
@@ -36,8 +37,10 @@ EntryMapper = Callable[[dict[str, Any], Context, str], list[dict[str, Any]]]
 _OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 _INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 _DATA_ABSENT = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "unknown"}]}
-# openehr_normal_statuses → v3 ObservationInterpretation (HHH/LLL are "significantly" high/low: HU/LU).
-_NORMAL_STATUS = {"HHH": "HU", "HH": "HH", "H": "H", "N": "N", "L": "L", "LL": "LL", "LLL": "LU"}
+# openehr_normal_statuses (HL7 table 0078) → v3 ObservationInterpretation. HHH is above the upper panic
+# limit, HH above the upper alarm limit: both are v3 HH (critical high), never HU (significantly high, not
+# critical), which would rank the most severe value below the next. Likewise LLL and LL → LL.
+_NORMAL_STATUS = {"HHH": "HH", "HH": "HH", "H": "H", "N": "N", "L": "L", "LL": "LL", "LLL": "LL"}
 
 
 def _category(code: str, display: str, system: str = _OBSERVATION_CATEGORY) -> list[dict[str, Any]]:
@@ -56,6 +59,16 @@ def _events(entry: dict[str, Any]) -> list[dict[str, Any]]:
     events = (entry.get("data") or {}).get("events") or []
     if not events:
         raise MappingError(f"{_archetype(entry)}: OBSERVATION without events")
+    for index, event in enumerate(events):
+        if event.get("_type") == "INTERVAL_EVENT":
+            # Its value is a math function (maximum, mean, change, …) over `width`, not a reading at `time`.
+            # FHIR R4 Observation has no element for the function: as an effectivePeriod with the bare value
+            # a change or a 24 h maximum would read as a measurement, so the entry is a problem instead.
+            function = local_code(event.get("math_function")) or "none"
+            raise MappingError(
+                f"{_archetype(entry)}: event {index} is an INTERVAL_EVENT (math function openehr::{function}); "
+                "FHIR R4 Observation has no element for the math function"
+            )
     return list(events)
 
 
@@ -115,7 +128,7 @@ def vital_signs_to_observation(entry: dict[str, Any], ctx: Context, path: str) -
 # --- laboratory ---------------------------------------------------------------------------------
 
 
-def _reference_range(value: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _reference_range(value: dict[str, Any] | None, archetype: str) -> list[dict[str, Any]]:
     interval = (value or {}).get("normal_range")
     if not isinstance(interval, dict):
         return []
@@ -123,7 +136,8 @@ def _reference_range(value: dict[str, Any] | None) -> list[dict[str, Any]]:
     for side, key in (("lower", "low"), ("upper", "high")):
         limit = interval.get(side)
         if isinstance(limit, dict) and not interval.get(f"{side}_unbounded"):
-            bounds[key] = quantity(limit["magnitude"], str(limit.get("units", "")))
+            magnitude = exact_magnitude(limit, archetype, "normal_range limit")  # SimpleQuantity: no comparator
+            bounds[key] = quantity(magnitude, str(limit.get("units", "")))
     return [bounds] if bounds else []
 
 
@@ -149,13 +163,21 @@ def _analyte_observation(
         encounter=ctx.encounter,
         **fhir_value,
         interpretation=extra.pop("interpretation", None) or _interpretation(value),
-        referenceRange=extra.pop("referenceRange", None) or _reference_range(value),
+        referenceRange=extra.pop("referenceRange", None) or _reference_range(value, archetype),
         **extra,
     )
 
 
+def _observation_status(own: str | None, report: str) -> str:
+    """An analyte's own status, else its report's; a withdrawn report (entered-in-error) withdraws every result,
+    whatever status its analytes still carry: FHIR readers look at Observations without their report."""
+    if report == "entered-in-error":
+        return report
+    return own or rules.REPORT_TO_OBSERVATION_STATUS.get(report, "unknown")
+
+
 def _analyte_to_observation(
-    cluster: dict[str, Any], ctx: Context, path: str, archetype: str, effective: str | None, default_status: str
+    cluster: dict[str, Any], ctx: Context, path: str, archetype: str, effective: str | None, report_status: str
 ) -> dict[str, Any]:
     """CLUSTER.laboratory_test_analyte.v1 → Observation (name, value, status, guidance/interpretation, comment)."""
     analyte = "openEHR-EHR-CLUSTER.laboratory_test_analyte.v1"
@@ -170,7 +192,7 @@ def _analyte_to_observation(
         code=_concept(element_value(cluster, "at0024"), analyte),
         value=element_value(cluster, "at0001"),
         archetype=analyte,
-        status=rules.ANALYTE_STATUS.get(status_code or "", default_status),
+        status=_observation_status(rules.ANALYTE_STATUS.get(status_code or ""), report_status),
         effectiveDateTime=effective,
         issued=_issued(element_value(cluster, "at0006"), ctx),  # result status time: when this status was issued
         interpretation=[_concept(guidance, analyte)] if coded_guidance else None,
@@ -209,7 +231,7 @@ def laboratory_test_result_to_report(entry: dict[str, Any], ctx: Context, path: 
                 f"{event_path}/analyte[{n}]",
                 archetype,
                 effective,
-                rules.REPORT_TO_OBSERVATION_STATUS.get(status, "unknown"),
+                status,
             )
             for n, cluster in enumerate(analytes)
         ]
@@ -263,7 +285,7 @@ def lab_test_result_to_report(entry: dict[str, Any], ctx: Context, path: str) ->
                     code=_concept(group.get("name"), archetype),
                     value=value,
                     archetype=archetype,
-                    status=rules.REPORT_TO_OBSERVATION_STATUS.get(status, "unknown"),
+                    status=_observation_status(None, status),
                     effectiveDateTime=effective,
                     issued=_time(element_value(group, "at0111"), ctx),
                 )

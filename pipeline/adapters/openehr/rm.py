@@ -18,10 +18,12 @@ __all__ = [
     "TERMINOLOGY_SYSTEMS",
     "UCUM",
     "coded_to_codeable",
+    "comparator",
     "dv_to_value",
     "element",
     "element_value",
     "elements",
+    "exact_magnitude",
     "fhir_datetime",
     "find_clusters",
     "quantity",
@@ -191,6 +193,32 @@ def quantity(magnitude: float | int, units: str) -> dict[str, Any]:
     return result
 
 
+# DV_QUANTIFIED.magnitude_status → FHIR R4 Quantity.comparator. '=' (or none) is a point value. '~'
+# (approximately) has no R4 comparator: stated as exact it would be a wrong result, so it is a MappingError.
+_COMPARATORS = {"=": None, "<": "<", "<=": "<=", ">=": ">=", ">": ">"}
+
+
+def comparator(value: dict[str, Any], archetype_id: str) -> str | None:
+    """The FHIR comparator of a DV_QUANTIFIED's magnitude_status (None for a point value)."""
+    status = value.get("magnitude_status")
+    if status is None:
+        return None
+    if status not in _COMPARATORS:
+        meaning = "approximate, " if status == "~" else ""
+        raise MappingError(
+            f"{value.get('_type')} magnitude_status {shape(status, 4)} ({meaning}archetype {archetype_id}) "
+            "has no FHIR R4 Quantity.comparator"
+        )
+    return _COMPARATORS[str(status)]
+
+
+def exact_magnitude(value: dict[str, Any], archetype_id: str, what: str) -> Any:
+    """The magnitude of a DV_QUANTIFIED where FHIR has no comparator (SimpleQuantity, integer, Ratio)."""
+    if comparator(value, archetype_id) is not None:
+        raise MappingError(f"{what} with magnitude_status (archetype {archetype_id}) has no FHIR comparator there")
+    return value["magnitude"]
+
+
 def fhir_datetime(value: str, tz: ZoneInfo) -> str:
     """openEHR ISO 8601 date/time → FHIR dateTime; a time without offset is read in the site's zone
     (FHIR requires an offset once hours are given), the decimal comma becomes a point."""
@@ -212,29 +240,36 @@ def dv_to_value(value: dict[str, Any] | None, archetype_id: str, tz: ZoneInfo) -
         return {}
     kind = value.get("_type")
     if kind == "DV_QUANTITY":
-        return {"valueQuantity": quantity(value["magnitude"], str(value.get("units", "")))}
+        result = quantity(value["magnitude"], str(value.get("units", "")))
+        return {"valueQuantity": _with_comparator(result, comparator(value, archetype_id))}
     if kind == "DV_CODED_TEXT":
         return {"valueCodeableConcept": coded_to_codeable(value, archetype_id)}
     if kind == "DV_TEXT":
         return {"valueString": str(value["value"])}
     if kind == "DV_COUNT":
-        return {"valueInteger": int(value["magnitude"])}
+        return {"valueInteger": int(exact_magnitude(value, archetype_id, "DV_COUNT"))}
     if kind == "DV_BOOLEAN":
         return {"valueBoolean": bool(value["value"])}
     if kind in ("DV_DATE_TIME", "DV_DATE"):
         return {"valueDateTime": fhir_datetime(str(value["value"]), tz)}
     if kind == "DV_PROPORTION":
-        return _proportion(value)
+        return _proportion(value, comparator(value, archetype_id))
     if kind == "DV_ORDINAL":
         return {"valueCodeableConcept": coded_to_codeable(value.get("symbol"), archetype_id)}
     raise MappingError(f"data value type {kind} has no FHIR value mapping (archetype {archetype_id})")
 
 
-def _proportion(value: dict[str, Any]) -> dict[str, Any]:
+def _with_comparator(result: dict[str, Any], sign: str | None) -> dict[str, Any]:
+    return {**result, "comparator": sign} if sign else result
+
+
+def _proportion(value: dict[str, Any], sign: str | None) -> dict[str, Any]:
     """DV_PROPORTION: percent (type 2) → Quantity in %, unitary (1) → plain number, others → Ratio."""
     numerator, denominator, kind = value["numerator"], value["denominator"], int(value.get("type", 0))
     if kind == 2:
-        return {"valueQuantity": quantity(numerator, "%")}
+        return {"valueQuantity": _with_comparator(quantity(numerator, "%"), sign)}
     if kind == 1:
-        return {"valueQuantity": quantity(numerator, "1")}
+        return {"valueQuantity": _with_comparator(quantity(numerator, "1"), sign)}
+    if sign:
+        raise MappingError("DV_PROPORTION ratio with magnitude_status has no FHIR comparator (Ratio has none)")
     return {"valueRatio": {"numerator": {"value": numerator}, "denominator": {"value": denominator}}}

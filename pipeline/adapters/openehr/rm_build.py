@@ -22,6 +22,7 @@ __all__ = [
     "history_node",
     "invert",
     "item_tree",
+    "magnitude_status",
     "one_note",
     "terminology_of",
 ]
@@ -119,11 +120,20 @@ def dv_date_time(value: str) -> dict[str, Any]:
     return {"_type": "DV_DATE_TIME", "value": value}
 
 
+def magnitude_status(quantity: dict[str, Any], what: str) -> dict[str, Any]:
+    """FHIR Quantity.comparator → DV_QUANTIFIED.magnitude_status (the inverse of rm.comparator), {} without one."""
+    sign = quantity.get("comparator")
+    if sign is None:
+        return {}
+    if sign not in ("<", "<=", ">=", ">"):
+        raise MappingError(f"{what}: comparator {sign!r} has no DV_QUANTIFIED magnitude_status")
+    return {"magnitude_status": sign}
+
+
 def dv_quantity(quantity: dict[str, Any], what: str) -> dict[str, Any]:
-    if "comparator" in quantity:
-        raise MappingError(f"{what}: a comparator ({quantity['comparator']}) has no place in DV_QUANTITY")
     units = quantity.get("code") if quantity.get("system") == UCUM else quantity.get("unit")
-    return {"_type": "DV_QUANTITY", "magnitude": quantity["value"], "units": units or "1"}
+    value = {"_type": "DV_QUANTITY", "magnitude": quantity["value"], "units": units or "1"}
+    return value | magnitude_status(quantity, what)
 
 
 def entry_node(kind: str, archetype: str, name: str, **body: Any) -> dict[str, Any]:

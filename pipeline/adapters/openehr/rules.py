@@ -14,6 +14,7 @@ __all__ = [
     "ANALYTE_STATUS",
     "CONDITION_SEVERITY",
     "DIAGNOSTIC_CERTAINTY",
+    "FREQUENCY_UNITS",
     "ISM_TO_PROCEDURE_STATUS",
     "LAB_OVERALL_STATUS",
     "REACTION_SEVERITY",
@@ -143,18 +144,35 @@ ANALYTE_STATUS = {
     "at0019": "corrected",
     "at0020": "amended",
     "at0021": "amended",  # appended
-    "at0022": "cancelled",  # withdrawn
+    # 'Entered in error' / 'Endbefund, widerrufen': "withdrawn following previous Final release", which is
+    # FHIR's definition of entered-in-error (cancelled = never started or not completed, at0023).
+    "at0022": "entered-in-error",
     "at0023": "cancelled",
 }
-# laboratory_test_result.v1 (and lab_test-result.v1) at0073 Overall test status → DiagnosticReport.status.
-LAB_OVERALL_STATUS = {"at0107": "registered", "at0037": "partial", "at0038": "final", "at0040": "amended"}
+# laboratory_test_result.v1 at0073 Overall test status → DiagnosticReport.status (all seven codes of the shared
+# templates; lab_test-result.v1 is read with the same table: its codes of the first four agree).
+LAB_OVERALL_STATUS = {
+    "at0107": "registered",
+    "at0037": "partial",
+    "at0038": "final",
+    "at0040": "amended",
+    "at0115": "corrected",
+    "at0116": "entered-in-error",  # withdrawn following previous Final release
+    "at0074": "cancelled",  # not started or not completed
+}
 # The Observation status for each report status, when an analyte has no status of its own.
 REPORT_TO_OBSERVATION_STATUS = {
     "registered": "registered",
     "partial": "preliminary",
     "final": "final",
     "amended": "amended",
+    "corrected": "corrected",
+    "entered-in-error": "entered-in-error",
+    "cancelled": "cancelled",
 }
+
+# timing_daily.v1 Frequency (at0003) units, the four the archetype allows → Timing.repeat.periodUnit (period 1).
+FREQUENCY_UNITS = {"1/d": "d", "1/h": "h", "1/min": "min", "1/s": "s"}
 
 # service_request.v1 at0068 Urgency → ServiceRequest.priority.
 SERVICE_URGENCY = {"at0136": "stat", "at0137": "urgent", "at0138": "routine"}

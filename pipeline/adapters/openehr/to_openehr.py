@@ -29,6 +29,7 @@ from .rm_build import (
     history_node,
     invert,
     item_tree,
+    magnitude_status,
     one_note,
 )
 from .writeback_medication import medication_request_to_medication_order
@@ -50,7 +51,8 @@ def _vital_value(resource: dict[str, Any], rule: rules.VitalSign, what: str) -> 
     if quantity is None:
         raise MappingError(f"{what}: a vital sign needs valueQuantity or dataAbsentReason")
     if rule.code == "2708-6":  # pulse oximetry records SpO2 as a percent proportion
-        return {"_type": "DV_PROPORTION", "numerator": quantity["value"], "denominator": 100.0, "type": 2}
+        proportion = {"_type": "DV_PROPORTION", "numerator": quantity["value"], "denominator": 100.0, "type": 2}
+        return proportion | magnitude_status(quantity, what)
     return dv_quantity(quantity, what)
 
 
@@ -83,6 +85,7 @@ _ANALYTE_STATUS_TEXT = {
     "at0018": "Final",
     "at0019": "Corrected",
     "at0020": "Amended",
+    "at0022": "Entered in error",
     "at0023": "Cancelled",
 }
 
@@ -93,6 +96,7 @@ _ANALYTE_STATE = {
     "final": "at0018",
     "corrected": "at0019",
     "amended": "at0020",
+    "entered-in-error": "at0022",
     "cancelled": "at0023",
 }
 assert all(rules.ANALYTE_STATUS[code] == status for status, code in _ANALYTE_STATE.items())
@@ -118,7 +122,10 @@ def _lab_value(resource: dict[str, Any], what: str) -> dict[str, Any] | None:
 
 
 _V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-_TO_NORMAL_STATUS = {"HU": "HHH", "HH": "HH", "H": "H", "N": "N", "L": "L", "LL": "LL", "LU": "LLL"}
+# The inverse of entries._NORMAL_STATUS where it is one to one: v3 HH/LL are written as HH/LL (openEHR HHH and
+# HH both read as HH). HU/LU (significantly high/low, not critical) are no normal status: written as the
+# analyte's coded interpretation (at0004) instead, so they come back as they went.
+_TO_NORMAL_STATUS = {"HH": "HH", "H": "H", "N": "N", "L": "L", "LL": "LL"}
 
 
 def _normal_status(concept: dict[str, Any]) -> str | None:

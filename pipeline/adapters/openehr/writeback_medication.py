@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import MappingError
-from .rm_build import cluster_node, dv_coded, dv_date_time, dv_text, element_node, entry_node, item_tree
+from .rm_build import cluster_node, dv_coded, dv_date_time, dv_text, element_node, entry_node, invert, item_tree
+from .rules import FREQUENCY_UNITS
 
 __all__ = ["medication_request_to_medication_order"]
 
 _MEDICATION_ORDER = "openEHR-EHR-INSTRUCTION.medication_order.v3"
+_FREQUENCY_UNITS = invert(FREQUENCY_UNITS)  # Timing.repeat.periodUnit → timing_daily.v1 frequency units
 
 
 def _dosage_items(dosage: dict[str, Any], what: str) -> list[dict[str, Any] | None]:
@@ -27,14 +29,18 @@ def _dosage_items(dosage: dict[str, Any], what: str) -> list[dict[str, Any] | No
         raise MappingError(f"{what}: timing beyond frequency per day and bounds has no medication_order mapping")
     timing = None
     if "frequency" in repeat:
-        if (repeat.get("period"), repeat.get("periodUnit")) != (1, "d"):
-            raise MappingError(f"{what}: frequency per {repeat.get('period')} {repeat.get('periodUnit')}; only per day")
+        units = _FREQUENCY_UNITS.get(repeat.get("periodUnit", "")) if repeat.get("period") == 1 else None
+        if units is None:
+            raise MappingError(
+                f"{what}: frequency per {repeat.get('period')} {repeat.get('periodUnit')}; "
+                "only per 1 d, h, min or s (timing_daily.v1)"
+            )
         timing = cluster_node(
             "openEHR-EHR-CLUSTER.timing_daily.v1",
             "Timing - daily",
             [
                 element_node(
-                    "at0003", "Frequency", {"_type": "DV_QUANTITY", "magnitude": repeat["frequency"], "units": "1/d"}
+                    "at0003", "Frequency", {"_type": "DV_QUANTITY", "magnitude": repeat["frequency"], "units": units}
                 )
             ],
         )
