@@ -28,7 +28,7 @@ from pipeline.capture import (
     query_since,
 )
 from pipeline.config import SiteConfig
-from pipeline.errors import CdrsyncError
+from pipeline.errors import CdrsyncError, RejectedByTargetError
 from pipeline.fhirclient import FhirClient
 from pipeline.flowmetrics import BACKFLOW, CAPTURE_LAST_SUCCESS, CAPTURE_POLLS, CAPTURE_REQUEST_IDS
 
@@ -90,9 +90,16 @@ async def _history(client: FhirClient, resource_type: str, since: str | None) ->
 
 
 async def _previous(client: FhirClient, entry: HistoryEntry) -> dict[str, Any] | None:
+    """The version before this one: what a deletion deleted, and for an update the patient it named before
+    (pipeline/normalize.py `_withdrawn`). None for a first version, or one that follows a deletion."""
     if entry.version <= 1:
         return None
-    return await client.get_json(f"{entry.resource_type}/{entry.resource_id}/_history/{entry.version - 1}")
+    try:
+        return await client.get_json(f"{entry.resource_type}/{entry.resource_id}/_history/{entry.version - 1}")
+    except RejectedByTargetError as error:
+        if entry.resource is not None and error.status in (404, 410):  # re-created after a deletion
+            return None
+        raise
 
 
 async def _check_request_ids(site: SiteConfig, client: FhirClient) -> RequestIds:
@@ -133,7 +140,7 @@ async def _capture_type(site: SiteConfig, client: FhirClient, ids: RequestIds, r
     fresh = new_entries(await _history(client, resource_type, query_since(cursor, lookback_ms)), cursor, lookback_ms)
     emitted = 0
     for entry in fresh:
-        previous = await _previous(client, entry) if entry.resource is None else None
+        previous = await _previous(client, entry)
         judged = entry.resource or previous
         if not is_own_change(judged, site.site, by_request_id=ids.by_request_id(_written_at(entry, judged))):
             BACKFLOW.labels(site.site, "", resource_type, "echo_suppressed").inc()

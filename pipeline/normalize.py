@@ -6,7 +6,7 @@ adapters yield many, plus the parts they could not map (`normalize_changes` retu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 
@@ -85,7 +85,10 @@ def normalize_changes(
         single = normalize_change(site, value, position, max_bytes)
         if single is None:
             return None
-        return NormalizedBatch(filtered=[single]) if isinstance(single, Filtered) else NormalizedBatch([single])
+        if isinstance(single, Filtered):
+            return NormalizedBatch(filtered=[single])
+        withdrawn = _withdrawn(site, value, single)
+        return NormalizedBatch([withdrawn, single] if withdrawn is not None else [single])
     _check_size(value, max_bytes)
     event = _parse(site, value)
     if event is None:
@@ -172,6 +175,39 @@ def normalize_change(
         origin_topic=position.topic,
         origin_partition=position.partition,
         origin_offset=position.offset,
+    )
+
+
+def _withdrawn(site: SiteConfig, value: bytes | None, record: NormalizedResource) -> NormalizedResource | None:
+    """For a site whose changes flow back to the hospitals (central, `capture`): a version naming another patient
+    than the one before it, as a deletion of the one before, under that patient.
+
+    Each change flows back to the hospitals of the patient it names (pipeline/backflow.py). A decision moved to
+    another patient (a board correcting whom it is about) would otherwise stay, in its old version, at the
+    hospitals of the patient it named before, under that patient. The deletion carries the version before, as
+    any deletion: a hospital holding both patients gets the new version whichever arrives first.
+    """
+    if site.capture is None or record.op != "UPDATE":
+        return None
+    event = _parse(site, value)
+    content = (event.before or {}).get("content") if event is not None else None
+    if not isinstance(content, str):
+        return None
+    try:
+        previous = orjson.loads(content)
+        before = patient_reference({**previous, "id": record.source_id}) if isinstance(previous, dict) else None
+    except (orjson.JSONDecodeError, MappingError):
+        return None
+    if before is None or before == record.patient_ref:
+        return None
+    assert event is not None
+    return replace(
+        record,
+        op="DELETE",
+        resource=None,
+        content_hash=None,
+        patient_ref=before,
+        source_version=_int_or_none((event.before or {}).get("version")),
     )
 
 

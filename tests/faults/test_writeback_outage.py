@@ -143,7 +143,8 @@ def test_a_hospital_database_outage_holds_its_decisions_then_dead_letters_them_p
                 "SELECT detail FROM audit.event WHERE target_id = %s AND step = 'written_back' AND target = 'site-a'",
                 (second_row,),
             )
-            return any("superseded (version 2 there)" in (row[0] or "") for row in cursor.fetchall())
+            # central holds version 2: version 1 is not written (had it been, site-a's row would refuse it too)
+            return any("superseded (version 2 at central)" in (row[0] or "") for row in cursor.fetchall())
 
     wait_for(audited_superseded, timeout=60, what="the replayed version 1 audited as superseded at site-a")
     assert (_row(site_a, second_row) or {}).get("status") == "amended", "version 1 replaced version 2"

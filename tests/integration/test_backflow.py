@@ -9,11 +9,12 @@ import psycopg
 import pytest
 
 from pipeline.cli import main as cdrsync
-from pipeline.identity import ORIGIN_TAG_SYSTEM
+from pipeline.identity import ORIGIN_TAG_SYSTEM, global_patient_key
 from pipeline.ids import target_id
 from pipeline.references import logical_system
-from tests.casebuilder import decision_response, observation_for, with_kvnr
+from tests.casebuilder import decision_response, encounter_for, observation_for, tumorboard_flag, with_kvnr
 from tests.integration.conftest import (
+    KVNR_SYSTEM,
     SETTINGS,
     Central,
     SiteDatabase,
@@ -102,6 +103,35 @@ def test_central_decision_reaches_both_hospitals_with_their_local_patient_and_do
         assert stack.read("QuestionnaireResponse", target_id(site_name, "QuestionnaireResponse", row_id)) is None
     for site in (site_a, site_b):
         assert _row(site, "QuestionnaireResponse", row_id)[1] == 1, "written back more than once"
+
+
+def test_a_decision_moved_to_another_patient_leaves_the_hospital_of_the_patient_it_named(
+    worker: Worker, stack: Central, site_a: SiteDatabase, site_b: SiteDatabase, run_id: str
+) -> None:
+    """The board wrote its decision about the wrong patient and corrects the subject: the copy leaves the
+    hospital of the patient it named (which does not know the other one) and reaches the other's."""
+    first = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-mv-a", "gender": "male"}, f"MA{run_id}")
+    second = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-mv-b", "gender": "male"}, f"MB{run_id}")
+    key_a, key_b = global_patient_key(KVNR_SYSTEM, f"MA{run_id}"), global_patient_key(KVNR_SYSTEM, f"MB{run_id}")
+    encounter = encounter_for(f"{run_id}-mv", second["id"])
+    site_a.upsert(first)
+    site_b.upsert_many([second, encounter, tumorboard_flag(f"{run_id}-mv-tb", second["id"], encounter["id"])])
+    for key in (key_a, key_b):
+        wait_for(lambda k=key: stack.read("Patient", k), timeout=120, what=f"Patient/{key} at central")
+
+    created = stack.send(decision_response(f"Patient/{key_a}"))
+    row_id = target_id("central", "QuestionnaireResponse", created["id"])
+    content, _ = wait_for(lambda: _row(site_a, "QuestionnaireResponse", row_id), timeout=120, what="site-a's copy")
+    assert content["subject"] == {"reference": f"Patient/{first['id']}"}
+
+    stack.send({**created, "subject": {"reference": f"Patient/{key_b}"}}, method="PUT")
+    content, _ = wait_for(lambda: _row(site_b, "QuestionnaireResponse", row_id), timeout=120, what="site-b's copy")
+    assert content["subject"] == {"reference": f"Patient/{second['id']}"}
+    wait_for(
+        lambda: _row(site_a, "QuestionnaireResponse", row_id) is None or None,
+        timeout=120,
+        what="site-a's copy withdrawn",
+    )
 
 
 def test_a_decision_for_a_patient_no_hospital_sent_is_a_dead_letter_with_the_reason(

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.backflow import (
+    central_record,
     echo_targets,
     flows_back,
     hospital_form,
@@ -35,7 +36,7 @@ from pipeline.config import load_config
 from pipeline.envelope import parse_envelope
 from pipeline.identity import route_resource
 from pipeline.ids import CDRSYNC_REQUEST_PREFIX, request_id, target_id
-from pipeline.normalize import SourcePosition, normalize_change
+from pipeline.normalize import SourcePosition, normalize_change, normalize_changes
 from pipeline.records import NormalizedResource, RoutedResource
 from pipeline.references import logical_system
 from tests.casebuilder import decision_response, routed_record
@@ -110,6 +111,35 @@ def test_a_deleted_version_carries_the_last_content_so_its_patient_is_known() ->
     _, value = change_event("central", "fhir", "resource", entries[0], previous)
     record = normalize_change(CONFIG.sites["central"], value, SourcePosition("t", 0, 0))
     assert isinstance(record, NormalizedResource) and record.is_delete and record.patient_ref == f"Patient/{KEY}"
+
+
+def test_a_decision_moved_to_another_patient_is_withdrawn_from_the_patient_it_named() -> None:
+    """The board corrects whom a decision is about: its new version flows back to the new patient's hospitals,
+    and a deletion of the version before to the hospitals of the patient it named, under that patient."""
+    other = "0b7c6a52-0000-5000-8000-000000000002"
+    moved = {**_qr("q1", 3, "2026-11-21T07:00:02.000+00:00"), "subject": {"reference": f"Patient/{other}"}}
+    previous = _qr("q1", 2, "2026-11-21T07:00:01.000+00:00")
+    central = CONFIG.sites["central"]
+
+    def records(site: str, version: dict[str, Any]) -> list[NormalizedResource]:
+        _, value = change_event(site, "fhir", "resource", history_entries(_bundle(version))[0], previous)
+        batch = normalize_changes(CONFIG.sites[site], value, SourcePosition("t", 0, 0))
+        assert batch is not None and not batch.problems
+        return batch.records
+
+    withdrawn, update = records("central", moved)
+    assert (withdrawn.op, withdrawn.patient_ref, withdrawn.source_version) == ("DELETE", f"Patient/{KEY}", 2)
+    assert (update.op, update.patient_ref, update.source_version) == ("UPDATE", f"Patient/{other}", 3)
+    assert withdrawn.resource is None and withdrawn.source_id == "q1"
+    assert flows_back(CONFIG, withdrawn.site)
+    copies = write_back_records(CONFIG, PATIENTS, central_record(withdrawn)).records
+    assert [(c.target, c.op, c.target_id) for c in copies] == [
+        (site, "DELETE", target_id("central", "QuestionnaireResponse", "q1")) for site in ("site-a", "site-b")
+    ]
+    # The same patient: nothing withdrawn. Nor is a hospital's own change (no copies of it flow back).
+    assert [r.op for r in records("central", _qr("q1", 3, "2026-11-21T07:00:02.000+00:00"))] == ["UPDATE"]
+    assert [r.op for r in records("site-a", moved)] == ["UPDATE"]
+    assert central.capture is not None and CONFIG.sites["site-a"].capture is None
 
 
 def test_cursor_rereads_its_instant_and_skips_what_it_emitted() -> None:
