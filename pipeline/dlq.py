@@ -217,16 +217,18 @@ def read_all(bootstrap: str, topic: str) -> Iterator[Any]:
     consumer = _reader(bootstrap)
     try:
         partitions = _partitions(consumer, topic)
-        assignments, remaining = [], set()
+        assignments, remaining, ends = [], set(), {}
         for p in partitions:
+            # Asked of the broker: a cached watermark is unknown (-1001) until a fetch returned, and with it
+            # every partition looked finished at its first record, leaving out what came after the first batch.
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)
             if high > low:
                 assignments.append(TopicPartition(topic, p, low))
                 remaining.add(p)
+                ends[p] = high
         if not assignments:
             return
         consumer.assign(assignments)
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, cached=True)[1] for tp in assignments}
         stalled_at = time.monotonic() + _STALL_SECONDS
         while remaining:
             # A short wait per call: librdkafka's consume() waits out its whole timeout unless the batch fills,

@@ -9,7 +9,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.cli import main
 from pipeline.config import Config
-from pipeline.dlq import read_at
+from pipeline.dlq import read_all, read_at
 from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient
 from tests.conftest import bundle_resources
@@ -93,6 +93,26 @@ def test_records_are_read_by_id_where_they_are(stack: Central, run_id: str) -> N
             for m in read_at(SETTINGS.kafka_bootstrap, topic, ["0:1", " 1:02", "0:99", "7:0", "0:1"])
         }
         assert found == {"0:1": b"record 2", "1:2": b"record 5"}  # past the end, no such partition: left out
+    finally:
+        admin.delete_topics([topic])
+
+
+def test_a_topic_is_read_to_its_end_however_many_records_it_holds(stack: Central, run_id: str) -> None:
+    """`dlq list|replay`, `conflicts list` and every resolution read whole topics (read_all): each partition
+    to the end it had when the read began, not only its first fetch. A read that stopped early left dead
+    letters out of `replay --all` and showed replayed ones open again."""
+    topic = f"test.read-all.{run_id}"
+    admin = AdminClient({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(timeout=30)
+    try:
+        producer = Producer({"bootstrap.servers": SETTINGS.kafka_bootstrap, "linger.ms": 50})
+        for n in range(6000):
+            producer.produce(topic, f"record {n}".encode() * 10, partition=n % 3)
+        assert producer.flush(30) == 0
+        read = [(m.partition(), m.offset()) for m in read_all(SETTINGS.kafka_bootstrap, topic)]
+        assert len(read) == 6000
+        for partition in range(3):
+            assert [o for p, o in read if p == partition] == list(range(2000))
     finally:
         admin.delete_topics([topic])
 
