@@ -17,7 +17,7 @@ from mode.utils.queues import FlowControlEvent
 from agents import store as _store  # noqa: F401  (registers the "cdrsync" table store)
 from agents.sending import send_now
 from pipeline.config import UNKEYED_WARNING, load_config
-from pipeline.kafkaadmin import wait_for_topics
+from pipeline.kafkaadmin import MAX_MESSAGE_BYTES, wait_for_topics
 from pipeline.logs import logging_config
 from pipeline.settings import Settings
 
@@ -307,7 +307,7 @@ app = App(
     datadir=str(settings.state_dir),
     web_port=settings.web_port,
     producer_acks=-1,
-    producer_max_request_size=16 * 1024 * 1024,  # as the broker's message.max.bytes
+    producer_max_request_size=MAX_MESSAGE_BYTES,  # as the broker's message.max.bytes
     # A stage sends a batch's outputs without waiting for each, then awaits them all: a few milliseconds
     # of linger make them a few produce requests instead of one per record.
     producer_linger=settings.producer_linger_ms / 1000,

@@ -16,6 +16,7 @@ from .config import Config
 from .errors import CdrsyncError, ConfigError, TargetUnavailableError
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
     "AcknowledgedProducer",
     "TopicPlan",
     "apply_topics",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("cdrsync.kafka")
+#: The largest record the broker takes (its message.max.bytes, compose/kafka/server.properties), and so every
+#: producer of ours: a record the worker wrote must also go through a retry tier or a replay.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def keyed_producer(bootstrap: str, *, linger_ms: int | None = None) -> Producer:
@@ -41,6 +45,7 @@ def keyed_producer(bootstrap: str, *, linger_ms: int | None = None) -> Producer:
         "enable.idempotence": True,
         "acks": "all",
         "partitioner": "murmur2_random",
+        "message.max.bytes": MAX_MESSAGE_BYTES,  # librdkafka's default is 1 MB
     }
     if linger_ms is not None:
         config["linger.ms"] = linger_ms

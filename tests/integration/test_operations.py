@@ -10,6 +10,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from pipeline.cli import main
 from pipeline.config import Config
 from pipeline.dlq import read_all, read_at
+from pipeline.kafkaadmin import AcknowledgedProducer
 from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient
 from tests.conftest import bundle_resources
@@ -113,6 +114,26 @@ def test_a_topic_is_read_to_its_end_however_many_records_it_holds(stack: Central
         assert len(read) == 6000
         for partition in range(3):
             assert [o for p, o in read if p == partition] == list(range(2000))
+    finally:
+        admin.delete_topics([topic])
+
+
+def test_operator_commands_and_the_retry_tiers_send_records_as_large_as_the_worker_writes(
+    stack: Central, run_id: str
+) -> None:
+    """A ready record of several MB that fails for a while goes through a retry tier (the forwarder), and a
+    dead letter of one is replayed: their producer (keyed_producer) takes what the broker and the worker do,
+    not librdkafka's default 1 MB, which made the forwarder exit on such a record, again after each restart."""
+    topic = f"test.large.{run_id}"
+    admin = AdminClient({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(timeout=30)
+    try:
+        producer = AcknowledgedProducer(SETTINGS.kafka_bootstrap)
+        large = b"x" * (5 * 1024 * 1024)
+        producer.produce(topic, large, b"key")
+        producer.finish("large record")
+        (found,) = read_at(SETTINGS.kafka_bootstrap, topic, ["0:0"])
+        assert found.value() == large
     finally:
         admin.delete_topics([topic])
 
