@@ -70,7 +70,9 @@ class RetryForwarder:
 
     def run(self) -> None:
         """Forward until stopped; raises CdrsyncError when Kafka will not take a forwarded record."""
-        self.consumer.subscribe(list(self.tiers), on_revoke=self._revoked, on_lost=self._revoked)
+        self.consumer.subscribe(
+            list(self.tiers), on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._revoked
+        )
         try:
             while not self._stop.is_set():
                 self._resume_due()
@@ -86,6 +88,13 @@ class RetryForwarder:
         finally:
             self.consumer.close()
             self.producer.flush(10)
+
+    def _assigned(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        """A partition (given back) is read from its committed record, paused again if that is not due yet:
+        librdkafka keeps a partition paused across its revocation and assignment, so one paused here before
+        another worker took it over would come back paused, with nothing here to resume it."""
+        if partitions:
+            consumer.resume(partitions)
 
     def _revoked(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
