@@ -186,13 +186,20 @@ def resolve_conflicts(
             )
     producer = AcknowledgedProducer(bootstrap)
     operator, ready = operator_name(), config.topics.name("ready")
-    for n, conflict in enumerate(chosen, start=1):
+
+    def send(conflict: Conflict, report: Callable[[Any, Any], None]) -> None:
         v = conflict.value
         origin = v.get("origin") or {}
         where: dict[str, Any] = {"partition": int(origin["partition"])} if origin.get("topic") == ready else {}
         header = f"{decision}:{v['current_version']}".encode()
         record = base64.b64decode(v["record"])
-        producer.produce(ready, record, conflict.key, headers=[(RESOLUTION_HEADER, header)], **where)
+        producer.producer.produce(
+            ready, record, conflict.key, headers=[(RESOLUTION_HEADER, header)], on_delivery=report, **where
+        )
+
+    def record(conflict: Conflict) -> None:
+        v = conflict.value
+        origin = v.get("origin") or {}
         at_ms = int(time.time() * 1000)
         resolution = {"action": decision, "at": iso_time(at_ms), "by": operator, "over_version": v["current_version"]}
         if reason:
@@ -215,6 +222,8 @@ def resolve_conflicts(
             "detail": (detail + (f": {reason}" if reason else ""))[:500],
         }
         producer.produce(config.topics.name("audit"), orjson.dumps(event), conflict.id.encode())
-        producer.checkpoint(n, len(chosen), f"the decision on conflict {conflict.id}", progress)
-    producer.finish("decision")
-    return len(chosen)
+
+    def what(conflict: Conflict) -> str:
+        return f"the decision on conflict {conflict.id}"
+
+    return producer.send_then_record(chosen, send, record, what, progress)

@@ -355,7 +355,8 @@ def resolve(
     """Replay or discard dead letters; each is sent, acknowledged, recorded and audited. How many were done."""
     producer = AcknowledgedProducer(bootstrap)
     operator = operator_name()
-    for n, letter in enumerate(letters, start=1):
+
+    def send(letter: DeadLetter, report: Callable[[Any, Any], None]) -> None:
         assert letter.failure is not None
         headers: list[tuple[str, str | bytes | None]] = [
             *failure_headers(FailureInfo(**{**letter.failure.__dict__, "tier": -1})),
@@ -366,11 +367,13 @@ def resolve(
         where: dict[str, Any] = (
             {"partition": letter.failure.origin_partition} if topic == letter.failure.origin_topic else {}
         )
-        if action == "replay":
-            producer.produce(topic, letter.value, letter.key, headers=headers, **where)
-        elif letter.failure.stage == "sink":  # release the versions waiting behind it
-            headers.append((DISCARD_HEADER, reason.encode() or b"1"))
-            producer.produce(topic, letter.value, letter.key, headers=headers, **where)
+        if action == "discard":
+            if letter.failure.stage != "sink":
+                return  # nothing waits behind it
+            headers.append((DISCARD_HEADER, reason.encode() or b"1"))  # release the versions waiting behind it
+        producer.producer.produce(topic, letter.value, letter.key, headers=headers, on_delivery=report, **where)
+
+    def record(letter: DeadLetter) -> None:
         at_ms = int(time.time() * 1000)
         resolution = {
             "action": "replayed" if action == "replay" else "discarded",
@@ -382,9 +385,8 @@ def resolve(
         producer.produce(config.topics.name("dlq_resolved"), orjson.dumps(resolution), letter.id.encode())
         audit = _audit(letter, resolution["action"], at_ms, operator, reason)
         producer.produce(config.topics.name("audit"), orjson.dumps(audit), letter.id.encode())
-        producer.checkpoint(n, len(letters), f"the {action} of {letter.id}", progress)
-    producer.finish(action)
-    return len(letters)
+
+    return producer.send_then_record(letters, send, record, lambda letter: f"the {action} of {letter.id}", progress)
 
 
 def operator_name() -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewPartitions, NewTopic
@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("cdrsync.kafka")
+Item = TypeVar("Item")
 #: The largest record the broker takes (its message.max.bytes, compose/kafka/server.properties), and so every
 #: producer of ours: a record the worker wrote must also go through a retry tier or a replay.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -82,7 +83,7 @@ def committed_offsets(admin: AdminClient, group: str, timeout: float) -> dict[tu
 
 class AcknowledgedProducer:
     """keyed_producer for operator commands whose every record must reach Kafka: failures are collected
-    from the delivery reports, and checkpoint() flushes and raises on the first one."""
+    from the delivery reports, and finish() flushes and raises on the first one."""
 
     def __init__(self, bootstrap: str) -> None:
         self.producer = keyed_producer(bootstrap)
@@ -95,19 +96,59 @@ class AcknowledgedProducer:
     def produce(self, topic: str, value: bytes | None, key: bytes | None, **kwargs: Any) -> None:
         self.producer.produce(topic, value, key, on_delivery=self._delivered, **kwargs)
 
-    def checkpoint(self, done: int, total: int, what: str, progress: Callable[[int, int], None]) -> None:
-        """Every 100 records and at the last: flush, raise if Kafka refused one, report progress."""
-        if done % 100 and done != total:
-            return
-        self.producer.flush(30)
-        if self.failures:
-            raise CdrsyncError(f"Kafka did not take {what}: {self.failures[0]}")
-        progress(done, total)
-
     def finish(self, what: str) -> None:
         """Everything acknowledged, or CdrsyncError."""
         if self.producer.flush(30) or self.failures:
             raise CdrsyncError(f"Kafka did not acknowledge every {what}: {self.failures[:1]}")
+
+    def send_then_record(
+        self,
+        items: Sequence[Item],
+        send: Callable[[Item, Callable[[Any, Any], None]], None],
+        record: Callable[[Item], None],
+        what: Callable[[Item], str],
+        progress: Callable[[int, int], None],
+    ) -> int:
+        """Act on items (replay dead letters, resolve conflicts), then record each as done, in windows of 100.
+
+        `send(item, report)` produces what acts, with `report` as its delivery callback (if it sends anything);
+        only once Kafka acknowledged that does `record(item)` produce what says it is done (a resolution, an
+        audit event). A record saying done while its action never reached Kafka would hide it: out of the
+        lists, left out of the next run. Those acknowledged are recorded even when others were not; then
+        CdrsyncError names the first that was not (run the command again for it). How many were done.
+        """
+        done = 0
+        for start in range(0, len(items), 100):
+            window = items[start : start + 100]
+            refused: dict[int, str] = {}
+
+            def reporter(n: int, refused: dict[int, str] = refused) -> Callable[[Any, Any], None]:
+                def report(err: Any, msg: Any) -> None:
+                    if err is not None:
+                        refused[n] = str(err)
+
+                return report
+
+            for n, item in enumerate(window):
+                try:
+                    send(item, reporter(n))
+                except (KafkaException, BufferError) as error:  # refused at once (e.g. no such partition)
+                    refused[n] = str(error)
+            if undelivered := self.producer.flush(30):  # which ones is not known: none is recorded as done
+                raise CdrsyncError(f"Kafka did not acknowledge {undelivered} record(s) within 30 s; {done} done")
+            for n, item in enumerate(window):
+                if n not in refused:
+                    record(item)
+            self.finish("record of what was done")
+            done += len(window) - len(refused)
+            if refused:
+                first = min(refused)
+                raise CdrsyncError(
+                    f"Kafka did not take {what(window[first])}: {refused[first]}; {done} done, run it again for "
+                    "the rest"
+                )
+            progress(done, len(items))
+        return done
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 from confluent_kafka import Producer
@@ -9,7 +11,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.cli import main
 from pipeline.config import Config
-from pipeline.dlq import read_all, read_at
+from pipeline.deadletter import FailureInfo
+from pipeline.dlq import DeadLetter, read_all, read_at, resolutions, resolve
+from pipeline.errors import CdrsyncError
 from pipeline.kafkaadmin import AcknowledgedProducer
 from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient
@@ -136,6 +140,36 @@ def test_operator_commands_and_the_retry_tiers_send_records_as_large_as_the_work
         assert found.value() == large
     finally:
         admin.delete_topics([topic])
+
+
+def test_a_dead_letter_is_recorded_as_replayed_only_once_kafka_took_its_replay(
+    stack: Central, run_id: str, config: Config
+) -> None:
+    """`dlq replay` sends each letter back, then records it as replayed: a record saying replayed while the
+    replay never reached Kafka would take the letter out of the lists and out of the next `--all`. Kafka takes
+    one replay here and refuses the other (its partition does not exist): only the first is recorded."""
+    back, resolved, audit = f"test.replay.{run_id}", f"test.resolved.{run_id}", f"test.audit.{run_id}"
+    admin = AdminClient({"bootstrap.servers": SETTINGS.kafka_bootstrap})
+    for future in admin.create_topics(
+        [NewTopic(t, num_partitions=1, replication_factor=1) for t in (back, resolved, audit)]
+    ).values():
+        future.result(timeout=30)
+    topics = dict(config.topics.topics)
+    for key, name in (("dlq_resolved", resolved), ("audit", audit)):
+        topics[key] = topics[key].model_copy(update={"name": name})
+    ours = dataclasses.replace(config, topics=config.topics.model_copy(update={"topics": topics}))
+    try:
+        failed = FailureInfo("normalize", "mapping", "unmapped", 1, 0, 0, back, 0, 5)
+        letters = [
+            DeadLetter(0, offset, 0, b"key", f"value {offset}".encode(), [], info, None, "site-a", "Observation", None)
+            for offset, info in ((1, failed), (2, dataclasses.replace(failed, origin_partition=7)))
+        ]
+        with pytest.raises(CdrsyncError, match="the replay of 0:2"):
+            resolve(SETTINGS.kafka_bootstrap, ours, letters, "replay")
+        assert [m.value() for m in read_all(SETTINGS.kafka_bootstrap, back)] == [b"value 1"]
+        assert set(resolutions(SETTINGS.kafka_bootstrap, resolved)) == {"0:1"}
+    finally:
+        admin.delete_topics([back, resolved, audit])
 
 
 def test_dlq_show_names_a_dead_letter_by_id_and_refuses_what_is_not_one(
