@@ -611,6 +611,11 @@ async def _sink_one(
     try:
         record = decoded if decoded is not None else decode(event.message.value, RoutedResource)
     except PermanentError as error:
+        if any(name == DISCARD_HEADER for name, _ in carried.headers):
+            # An operator discarded this dead letter (`cdrsync dlq discard`, audited there). It never decoded,
+            # so it never reached the sink's table and nothing waits behind it: not a new dead letter.
+            log.warning("discarded dead letter %s does not decode (%s): dropped", carried.identity, error)
+            return
         await dead_letter(stage, carried, error)
         return
     order = SinkOrder(Staged(blocked_by_reference))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 
 import orjson
@@ -14,7 +15,7 @@ from pipeline.config import Config
 from pipeline.deadletter import FailureInfo
 from pipeline.dlq import DeadLetter, read_all, read_at, resolutions, resolve
 from pipeline.errors import CdrsyncError
-from pipeline.kafkaadmin import AcknowledgedProducer
+from pipeline.kafkaadmin import AcknowledgedProducer, keyed_producer
 from pipeline.tap import tap
 from tests.casebuilder import observation_for, patient
 from tests.conftest import bundle_resources
@@ -170,6 +171,33 @@ def test_a_dead_letter_is_recorded_as_replayed_only_once_kafka_took_its_replay(
         assert set(resolutions(SETTINGS.kafka_bootstrap, resolved)) == {"0:1"}
     finally:
         admin.delete_topics([back, resolved, audit])
+
+
+def test_discarding_a_dead_letter_that_does_not_decode_leaves_no_new_one(
+    worker: Worker, stack: Central, run_id: str, config: Config
+) -> None:
+    """A record on the ready topic that is not one of ours (a mixed-version upgrade, a foreign writer) is a
+    dead letter of the sink. Discarding it sends it back with the discard header so that what waits behind
+    it goes on; nothing can wait behind a record that never decoded, and it must not come back as a new one."""
+    ready, dlq = config.topics.name("ready"), config.topics.name("dlq")
+    producer = keyed_producer(SETTINGS.kafka_bootstrap)
+    key, foreign, marker = f"{run_id}-undecodable", b"not a record of ours", b"nor is this one"
+    producer.produce(ready, foreign, key.encode())
+    assert producer.flush(30) == 0
+
+    def letters() -> list[bytes]:
+        found = tap(SETTINGS.kafka_bootstrap, dlq, idle_seconds=2)
+        return [base64.b64decode(item["value"]["_base64"]) for item in found if item["key"] == key]
+
+    wait_for(lambda: letters() == [foreign] or None, timeout=120, what="the sink's dead letter")
+    (first,) = [item for item in tap(SETTINGS.kafka_bootstrap, dlq, idle_seconds=2) if item["key"] == key]
+    assert main(["dlq", "discard", f"{first['partition']}:{first['offset']}", "--reason", "test", "--execute"]) == 0
+    # Under the same key, so behind the discard in its partition: once its dead letter is there, the sink took
+    # the discard before it.
+    producer.produce(ready, marker, key.encode())
+    assert producer.flush(30) == 0
+    wait_for(lambda: marker in letters() or None, timeout=120, what="the next record's dead letter")
+    assert letters() == [foreign, marker], "the discarded record came back as a new dead letter"
 
 
 def test_dlq_show_names_a_dead_letter_by_id_and_refuses_what_is_not_one(
