@@ -161,22 +161,32 @@ def _dlq_show(args: argparse.Namespace, settings: Settings, config: Config) -> i
     return 0
 
 
+def _resolution_text(resolution: dict[str, Any] | None) -> str:
+    resolution = resolution or {}
+    return f"{resolution.get('action', '?')} {resolution.get('at', '')} by {resolution.get('by', '?')}".strip()
+
+
 def _dlq_resolve(action: str) -> Handler:
     def run(args: argparse.Namespace, settings: Settings, config: Config) -> int:
         from .dlq import destination, read_dead_letters, resolve
 
         chosen = _dlq_filter(args)
-        named = chosen.site or chosen.target or chosen.stage or chosen.error_class or chosen.since_ms
-        if not (chosen.ids or args.all or named):
+        filters = (chosen.site, chosen.target, chosen.stage, chosen.error_class, chosen.since_ms, chosen.until_ms)
+        if not (chosen.ids or args.all or any(f is not None for f in filters)):
             raise CdrsyncError(f"name dead letters to {action} (ids, a filter such as --stage, or --all)")
         everything = read_dead_letters(settings.kafka_bootstrap, config, ids=chosen.ids or None)
         letters = [letter for letter in everything if chosen.matches(letter)]
         missing = chosen.ids - {letter.id for letter in letters}
         if missing:
             raise CdrsyncError(f"no dead letter {', '.join(sorted(missing))} (ids are partition:offset)")
+        done = [letter for letter in letters if letter.resolution is not None]
+        if done and not chosen.include_resolved:  # named by id: found, but not acted on again unasked
+            named = ", ".join(f"{letter.id} ({_resolution_text(letter.resolution)})" for letter in done)
+            raise CdrsyncError(f"already resolved: {named}; add --include-resolved to {action} again")
         for letter in letters:
             where = destination(config, letter) if action == "replay" else "resolved without writing"
-            print(f"{letter.id:>9}  {letter.target_ref or letter.resource_type or '?':50} -> {where}")
+            again = f"  [again: {_resolution_text(letter.resolution)}]" if letter.resolution else ""
+            print(f"{letter.id:>9}  {letter.target_ref or letter.resource_type or '?':50} -> {where}{again}")
         if not args.execute:
             print(f"dry run: {len(letters)} dead letters would be {action}ed; add --execute to do it")
             return 0

@@ -174,7 +174,7 @@ def test_a_dead_letter_is_recorded_as_replayed_only_once_kafka_took_its_replay(
 
 
 def test_discarding_a_dead_letter_that_does_not_decode_leaves_no_new_one(
-    worker: Worker, stack: Central, run_id: str, config: Config
+    worker: Worker, stack: Central, run_id: str, config: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A record on the ready topic that is not one of ours (a mixed-version upgrade, a foreign writer) is a
     dead letter of the sink. Discarding it sends it back with the discard header so that what waits behind
@@ -191,7 +191,10 @@ def test_discarding_a_dead_letter_that_does_not_decode_leaves_no_new_one(
 
     wait_for(lambda: letters() == [foreign] or None, timeout=120, what="the sink's dead letter")
     (first,) = [item for item in tap(SETTINGS.kafka_bootstrap, dlq, idle_seconds=2) if item["key"] == key]
-    assert main(["dlq", "discard", f"{first['partition']}:{first['offset']}", "--reason", "test", "--execute"]) == 0
+    named = ["dlq", "discard", f"{first['partition']}:{first['offset']}", "--reason", "test", "--execute"]
+    assert main(named) == 0
+    assert main(named) != 0  # already discarded: not again unless asked (--include-resolved)
+    assert "already resolved" in capsys.readouterr().err
     # Under the same key, so behind the discard in its partition: once its dead letter is there, the sink took
     # the discard before it.
     producer.produce(ready, marker, key.encode())
