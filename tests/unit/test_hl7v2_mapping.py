@@ -281,3 +281,23 @@ def test_an_impossible_report_time_is_a_problem_of_the_report_and_its_results_fl
     mapped = message_to_resources(_message(PID, PV1, obr, "OBX|1|NM|8867-4^HR^LN||72|/min|||||F", type_="ORU^R01"), CTX)
     assert mapped.problems == ["OBR (segment 4): OBR-7: '99999999' is not a valid date/time"]
     assert len(_of(mapped, "Observation")) == 1 and _of(mapped, "DiagnosticReport") == []
+
+
+def test_a_report_number_without_its_authority_is_the_sending_application_s() -> None:
+    """Two applications of one hospital numbering their reports alike, without EI-2 (here for two patients):
+    each report keeps an id of its own, where one id made the later overwrite the earlier. A number with its
+    authority is the same report whoever sends it."""
+    bare = "OBR|1||12345|2951-2^Sodium^LN|||20240301||||||||||||||||F"
+    obx = "OBX|1|NM|2951-2^Sodium^LN||{value}|mmol/L|||||F"
+
+    def report(sender: str, pid: str, obr: str, value: int) -> dict:
+        raw = _message(pid, obr, obx.format(value=value), type_="ORU^R01").replace("|HIS|", f"|{sender}|", 1)  # MSH-3
+        (found,) = _of(message_to_resources(raw, CTX), "DiagnosticReport")
+        return found
+
+    other_patient = "PID|1||4712^^^SITEC^MR||Muster^Max||19600101|M"
+    lab, poct = report("LIS", PID, bare, 140), report("POCT", other_patient, bare, 118)
+    assert lab["id"] != poct["id"] and lab["result"] != poct["result"]
+    assert report("LIS", PID, bare, 141)["id"] == lab["id"]  # a corrected result updates its report
+    with_authority = bare.replace("|12345|", "|12345^LAB|")
+    assert report("LIS", PID, with_authority, 140)["id"] == report("POCT", PID, with_authority, 140)["id"]

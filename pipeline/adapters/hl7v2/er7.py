@@ -158,6 +158,13 @@ class Message:
         return (self.msh.get(9, 1) or "", self.msh.get(9, 2) or "")
 
     @property
+    def sender(self) -> str:
+        """MSH-3 (sending application) and MSH-4 (sending facility), their namespace ids ('' when both are empty)."""
+        application, facility = self.msh.rep(3), self.msh.rep(4)
+        parts = [(rep.c(1) or rep.c(2) or "") if rep else "" for rep in (application, facility)]
+        return "^".join(parts) if any(parts) else ""
+
+    @property
     def control_id(self) -> str:
         """MSH-10."""
         return self.msh.get(10) or ""

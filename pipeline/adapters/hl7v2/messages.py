@@ -202,7 +202,7 @@ def _oru(frame: _Frame) -> None:
     """Each OBR with the OBX after it → DiagnosticReport + Observations; OBX outside any OBR → Observations."""
     message, patient = frame.message, frame.patient_ref
     for obr, members in message.groups("OBR", ("OBX",)):
-        scope = report_scope(obr, message.control_id)
+        scope = report_scope(obr, message.control_id, message.sender)
         time = _report_time(frame, obr)
         observations = [_observation(frame, run, scope, "laboratory", time) for run in _text_runs(frame, members)]
         # Two results with one id are reported by _check_unique; the report names each result once.

@@ -222,9 +222,17 @@ def obx_to_observation(
     )
 
 
-def report_scope(obr: Segment, control_id: str) -> str:
-    """The identity of an OBR's report: filler order number (OBR-3), else placer (OBR-2), else the message."""
+def report_scope(obr: Segment, control_id: str, sender: str = "") -> str:
+    """The identity of an OBR's report: filler order number (OBR-3), else placer (OBR-2), else the message.
+
+    A number without its assigning authority (EI-2, EI-3) is the sender's (`sender`: MSH-3 and MSH-4, as
+    HL7 v2 reads an EI without one): two applications of a hospital (a laboratory, a point-of-care system)
+    each numbering from 1 would otherwise give two reports, perhaps of two patients, one id, and the later
+    would overwrite the earlier.
+    """
     key = _ei(obr.rep(3)) or _ei(obr.rep(2))
+    if key and not key[0] and sender:
+        key = (f"sender:{sender}", key[1])
     return "|".join(key) if key else f"{control_id}|OBR{obr.get(1) or ''}"
 
 
