@@ -110,12 +110,12 @@ def test_a_decision_moved_to_another_patient_leaves_the_hospital_of_the_patient_
 ) -> None:
     """The board wrote its decision about the wrong patient and corrects the subject: the copy leaves the
     hospital of the patient it named (which does not know the other one) and reaches the other's."""
-    first = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-mv-a", "gender": "male"}, f"MA{run_id}")
-    second = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-mv-b", "gender": "male"}, f"MB{run_id}")
-    key_a, key_b = global_patient_key(KVNR_SYSTEM, f"MA{run_id}"), global_patient_key(KVNR_SYSTEM, f"MB{run_id}")
-    encounter = encounter_for(f"{run_id}-mv", second["id"])
+    first = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-subj-a", "gender": "male"}, f"SA{run_id}")
+    second = with_kvnr({"resourceType": "Patient", "id": f"{run_id}-subj-b", "gender": "male"}, f"SB{run_id}")
+    key_a, key_b = global_patient_key(KVNR_SYSTEM, f"SA{run_id}"), global_patient_key(KVNR_SYSTEM, f"SB{run_id}")
+    encounter = encounter_for(f"{run_id}-subj", second["id"])
     site_a.upsert(first)
-    site_b.upsert_many([second, encounter, tumorboard_flag(f"{run_id}-mv-tb", second["id"], encounter["id"])])
+    site_b.upsert_many([second, encounter, tumorboard_flag(f"{run_id}-subj-tb", second["id"], encounter["id"])])
     for key in (key_a, key_b):
         wait_for(lambda k=key: stack.read("Patient", k), timeout=120, what=f"Patient/{key} at central")
 
