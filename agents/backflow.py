@@ -125,7 +125,10 @@ def _central_client(site: str) -> FhirClient:
 
 async def _write_copy(site: SiteConfig, record: RoutedResource) -> str:
     """Write the copy, unless central has moved on from the record's version since (`central_supersedes`)."""
-    superseded = await central_supersedes(_central_client(record.site), record)
+    try:
+        superseded = await central_supersedes(_central_client(record.site), record)
+    except TargetUnavailableError as error:
+        raise TargetUnavailableError(f"{record.site} did not answer the version check: {error}") from None
     if superseded is not None:
         return superseded
     return await (_write_fhir(site, record) if _by_fhir(site) else _write_table(site, record))
