@@ -39,7 +39,7 @@ from .holding import breaker, exit_holding, hold_interrupted
 from .routing import dead_letter, deliver, processing
 from .topics import patient_sources_by_patient_key
 
-__all__ = ["report_echoes", "route_back", "write_back", "writeback_topic"]
+__all__ = ["copy_key", "report_echoes", "route_back", "write_back", "writeback_topic"]
 
 log = logging.getLogger("cdrsync.backflow")
 writeback_topic = app.topic(config.topics.name("writeback"), partitions=config.topics.partitions_of("writeback"))
@@ -61,11 +61,27 @@ async def route_back(event: EventT, record: RoutedResource) -> None:
     """Send a central change to every hospital that contributed to its patient; dead-letter what cannot go."""
     outcome = write_back_records(config, current(patient_sources_by_patient_key), record)
     for item in outcome.records:
-        await deliver(writeback_topic, item.patient_key.encode(), encode(item))
+        await deliver(writeback_topic, copy_key(item), encode(item))
+    if record.is_delete and not outcome.records and not outcome.missing:
+        # Nothing of it can be at any hospital (its patient's are none): a deletion has nothing to do. (A board
+        # correcting a decision's patient sends one for the patient it named before, pipeline/normalize.py.)
+        BACKFLOW.labels(record.site, "", record.resource_type, "no_hospital").inc()
+        log.info("%s deleted at %s: no hospital holds a copy", record.target_ref, record.site)
+        return
     if outcome.missing or not outcome.records:
         BACKFLOW.labels(record.site, "", record.resource_type, "no_hospital").inc()
         why = f"no local patient id for {outcome.missing}" if outcome.missing else "no hospital sent this patient"
         await dead_letter("backflow", event, NoHospitalError(f"{record.resource_type}/{record.source_id}: {why}"))
+
+
+def copy_key(record: RoutedResource) -> bytes:
+    """The write-back topic's key: one hospital's copy of one central resource, whatever patient it names.
+
+    All versions of a copy meet in one partition, so one lane writes them in turn. Keyed by patient, a decision
+    the board moved to another patient had its deletion under the previous patient (pipeline/normalize.py
+    `_withdrawn`) and its new version in two partitions, perhaps two workers: a FHIR endpoint's delete (HAPI
+    ignores If-Match on DELETE) could then take the new version with it."""
+    return f"{record.target}|{record.target_ref}".encode()
 
 
 async def report_echoes(record: NormalizedResource) -> None:

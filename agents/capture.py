@@ -31,6 +31,7 @@ from pipeline.config import SiteConfig
 from pipeline.errors import CdrsyncError, RejectedByTargetError
 from pipeline.fhirclient import FhirClient
 from pipeline.flowmetrics import BACKFLOW, CAPTURE_LAST_SUCCESS, CAPTURE_POLLS, CAPTURE_REQUEST_IDS
+from pipeline.resources import patient_part
 
 from .app import app, config, settings
 from .routing import deliver
@@ -95,11 +96,23 @@ async def _previous(client: FhirClient, entry: HistoryEntry) -> dict[str, Any] |
     if entry.version <= 1:
         return None
     try:
-        return await client.get_json(f"{entry.resource_type}/{entry.resource_id}/_history/{entry.version - 1}")
+        previous = await client.get_json(f"{entry.resource_type}/{entry.resource_id}/_history/{entry.version - 1}")
     except RejectedByTargetError as error:
-        if entry.resource is not None and error.status in (404, 410):  # re-created after a deletion
-            return None
-        raise
+        if entry.resource is None or error.status not in (404, 410):
+            raise
+        if error.status == 404:  # 410: the version before was a deletion (re-created since): nothing to compare
+            log.warning(
+                "%s/%s: version %d is not in the server's history; whether version %d names another patient "
+                "cannot be told, and a decision moved to another patient stays at the previous one's hospitals",
+                entry.resource_type,
+                entry.resource_id,
+                entry.version - 1,
+                entry.version,
+            )
+        return None
+    # An update needs only the patient the version before named (pipeline/normalize.py `_withdrawn`): its
+    # content would double the event's size.
+    return previous if entry.resource is None else patient_part(previous)
 
 
 async def _check_request_ids(site: SiteConfig, client: FhirClient) -> RequestIds:

@@ -98,6 +98,13 @@ def validate_resource(resource: dict[str, Any]) -> None:
         raise MappingError(f"invalid FHIR R4 {resource_type}: {problems}") from None
 
 
+def patient_part(resource: dict[str, Any]) -> dict[str, Any]:
+    """The resource reduced to what names its patient (its type, id and patient element): enough for
+    `patient_reference`, without its clinical content."""
+    kept = ("resourceType", "id", *_PATIENT_ELEMENTS.get(str(resource.get("resourceType")), ()))
+    return {key: resource[key] for key in kept if key in resource}
+
+
 def patient_reference(resource: dict[str, Any]) -> str | None:
     """The literal reference to the resource's patient ("Patient/<id>", a version suffix left out), itself
     for a Patient; None for a resource that names no patient (its element absent, or naming a Group, a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 import orjson
@@ -152,6 +153,17 @@ def test_a_decision_for_a_patient_no_hospital_sent_is_a_dead_letter_with_the_rea
     steps = wait_for(lambda: {row[0] for row in audit_rows(created["id"])}, timeout=60, what="its audit row")
     assert "dead_lettered" in steps and "written_back" not in steps
     assert _row(site_a, "QuestionnaireResponse", row_id) is None
+
+    # Its deletion has nothing to do anywhere: counted, not another dead letter to review.
+    counted = {"outcome": "no_hospital", "resource_type": "QuestionnaireResponse"}
+    before = worker.metric("cdrsync_backflow_total", **counted)
+    request = urllib.request.Request(f"{stack.base_url}/QuestionnaireResponse/{created['id']}", method="DELETE")
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+    wait_for(lambda: worker.metric("cdrsync_backflow_total", **counted) > before, timeout=120, what="the deletion")
+    assert cdrsync(["dlq", "list", "--json", "--stage", "backflow", "--since", "30m"]) == 0
+    lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [d["id"] for d in lines if f"QuestionnaireResponse/{created['id']}" in (d["reason"] or "")] == [found["id"]]
 
 
 @pytest.mark.parametrize("edit", ["its own resource", "the stored resource, changed"])
