@@ -192,6 +192,16 @@ def test_a_cancelled_document_is_entered_in_error_and_keeps_its_id() -> None:
     }
 
 
+def test_a_cancel_that_does_not_name_its_document_is_a_problem_not_a_new_document() -> None:
+    """Without TXA-12 the cancel would be keyed by its own message: a new, cancelled document beside the
+    original, which would stay current."""
+    for event, availability in (("T11", "UN"), ("T02", "CA"), ("T02", "OB")):
+        txa = TXA.format(completion="AU", availability=availability).replace("|DOC-1|", "||")
+        mapped = message_to_resources(_message(PID, PV1, txa, CONTENT, type_=f"MDM^{event}"), CTX)
+        assert _of(mapped, "DocumentReference") == []
+        assert any("TXA-12 (unique document number) is empty" in problem for problem in mapped.problems), event
+
+
 def test_a_cancel_that_carries_the_content_keeps_it() -> None:
     cancelled = _document("AU", "UN", "T11", CONTENT)
     assert cancelled["status"] == "entered-in-error"

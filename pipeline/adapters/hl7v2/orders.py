@@ -453,6 +453,9 @@ def txa_to_document_reference(
     date = ctx.when(txa.get(4), "TXA-4")
     author = xcn_to_reference(txa.rep(9))
     status, doc_status = document_status(txa, event)
+    if status in ("entered-in-error", "superseded") and not (unique and unique.c(1)):
+        # Keyed by this message instead, it would be a new document, leaving the one it cancels current.
+        raise MappingError(f"TXA-12 (unique document number) is empty: a document made {status} must name it")
     if not contents and status != "entered-in-error":
         raise MappingError("no document content: only a cancelled document is written without it")
     return clean(
