@@ -17,7 +17,7 @@ from ..config import SiteConfig
 from ..envelope import UNAVAILABLE_VALUE, ChangeEvent, resolve_toast
 from ..errors import EnvelopeError, MappingError
 from .hl7v2 import Hl7Context, message_to_resources
-from .openehr import CompositionSource, composition_to_resources
+from .openehr import CompositionSource, Mapped, composition_to_resources
 
 __all__ = ["RowResult", "hl7v2_change", "openehr_change"]
 
@@ -63,21 +63,25 @@ def openehr_change(site: SiteConfig, event: ChangeEvent) -> RowResult:
     if event.op != "d":
         source = _source(event.row)
         content = _json(resolve_toast(event, "content"), f"composition {source.uid} content")
-        current = composition_to_resources(content, source, site.zone, site.identifier_systems)
+        current = composition_to_resources(content, source, site.zone, site.identifier_systems, isolate=True)
         result.upserts = [current.patient, *current.resources]
         result.problems += [
             f"composition {source.version_uid}: no mapping rule for archetype {u.archetype_id} at {u.path}"
             for u in current.unmapped
         ]
+        result.problems += [f"composition {source.version_uid}: {f.reason}" for f in current.failed]
     if event.op in ("u", "d"):
         previous = _previous(site, event, result)
         if previous is not None:
             keep = {(r["resourceType"], r["id"]) for r in result.upserts}
-            result.deletes = [r for r in previous if (r["resourceType"], r["id"]) not in keep]
+            # An entry still there but not mapped this time (a dead letter) is not deleted for that.
+            for failed in current.failed if current is not None else []:
+                keep.update(previous.entries.get(failed.path, []))
+            result.deletes = [r for r in previous.resources if (r["resourceType"], r["id"]) not in keep]
     return result
 
 
-def _previous(site: SiteConfig, event: ChangeEvent, result: RowResult) -> list[dict[str, Any]] | None:
+def _previous(site: SiteConfig, event: ChangeEvent, result: RowResult) -> Mapped | None:
     """The resources the previous version mapped to (not its Patient: the EHR outlives a composition)."""
     before = event.before or {}
     content = before.get("content")
@@ -89,14 +93,14 @@ def _previous(site: SiteConfig, event: ChangeEvent, result: RowResult) -> list[d
         return None
     try:
         mapped = composition_to_resources(
-            _json(content, "previous composition"), _source(before), site.zone, site.identifier_systems
+            _json(content, "previous composition"), _source(before), site.zone, site.identifier_systems, isolate=True
         )
     except MappingError as error:
         if event.op == "d":
             raise
         result.problems.append(f"previous version not mappable ({error}): entries it removed are not deleted")
         return None
-    return mapped.resources
+    return mapped
 
 
 def hl7v2_change(site: SiteConfig, event: ChangeEvent) -> RowResult:

@@ -114,6 +114,55 @@ def test_a_new_version_without_an_entry_deletes_that_entrys_resources(site_d) ->
     assert {r.source_id for r in batch.records if r.op == "UPDATE"} <= {r.source_id for r in first.records}
 
 
+def _with_blood_pressure_over_24_hours(composition: dict) -> dict:
+    """The composition with its blood-pressure reading made a 24 h maximum (an INTERVAL_EVENT), which no
+    FHIR R4 Observation can say: that entry is refused."""
+    changed = copy.deepcopy(composition)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if node.get("archetype_node_id") == "openEHR-EHR-OBSERVATION.blood_pressure.v2":
+                node["data"]["events"][0].update(
+                    _type="INTERVAL_EVENT",
+                    width={"_type": "DV_DURATION", "value": "PT24H"},
+                    math_function={
+                        "_type": "DV_CODED_TEXT",
+                        "value": "maximum",
+                        "defining_code": {"terminology_id": {"value": "openehr"}, "code_string": "144"},
+                    },
+                )
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(changed)
+    return changed
+
+
+def test_an_entry_its_rule_refuses_is_a_problem_and_the_other_entries_still_flow(site_d) -> None:
+    ips = orjson.loads((COMPOSITIONS / "ips_canonical.json").read_bytes())
+    whole = normalize_changes(site_d, envelope(site_d, "c", None, composition_row("ips_canonical", 1, ips)), POS)
+    refused = _with_blood_pressure_over_24_hours(ips)
+    batch = normalize_changes(site_d, envelope(site_d, "c", None, composition_row("ips_canonical", 1, refused)), POS)
+    problems = [p for p in batch.problems if "INTERVAL_EVENT" in p]
+    assert len(problems) == 1 and "openEHR-EHR-OBSERVATION.blood_pressure.v2,0]" in problems[0]
+    assert 0 < len(batch.records) < len(whole.records)  # the rest of the composition is written
+    assert {r.source_id for r in batch.records} < {r.source_id for r in whole.records}
+
+
+def test_an_entry_refused_in_a_new_version_is_not_deleted_for_that(site_d) -> None:
+    """The hospital changed the composition; one entry of the new version cannot be mapped (a dead letter says
+    which). Its resources from the version before stay at central: the entry is still there."""
+    ips = orjson.loads((COMPOSITIONS / "ips_canonical.json").read_bytes())
+    before = composition_row("ips_canonical", 1, ips)
+    after = composition_row("ips_canonical", 2, _with_blood_pressure_over_24_hours(ips))
+    batch = normalize_changes(site_d, envelope(site_d, "u", before, after), POS)
+    assert [r for r in batch.records if r.op == "DELETE"] == []
+    assert any("INTERVAL_EVENT" in p for p in batch.problems)
+
+
 def test_a_deleted_composition_deletes_everything_but_the_patient(site_d) -> None:
     row = composition_row("laboratory_report")
     batch = normalize_changes(site_d, envelope(site_d, "d", row, None), POS)

@@ -50,13 +50,26 @@ class Unmapped:
     path: str
 
 
+@dataclass(frozen=True)
+class Failed:
+    """An entry its mapping rule refused (`isolate`): `path` is its stable path, `reason` names it by `where`."""
+
+    path: str
+    reason: str
+
+
 @dataclass
 class Mapped:
-    """What a composition became: the Patient of its EHR first, then its resources; and what is unmapped."""
+    """What a composition became: the Patient of its EHR first, then its resources; and what is unmapped.
+
+    `entries`: each entry's stable path → (type, id) of the resources it became; `failed`: the entries whose
+    mapping rule refused them (only with `isolate`)."""
 
     patient: dict[str, Any]
     resources: list[dict[str, Any]] = field(default_factory=list)
     unmapped: list[Unmapped] = field(default_factory=list)
+    entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    failed: list[Failed] = field(default_factory=list)
 
 
 def walk_entries(nodes: list[Any], path: str, attribute: str = "content") -> Iterator[tuple[dict[str, Any], str]]:
@@ -194,9 +207,17 @@ def _context_identifiers(composition: dict[str, Any], unmapped: list[Unmapped]) 
 
 
 def composition_to_resources(
-    composition: dict[str, Any], source: CompositionSource, tz: ZoneInfo, identifier_systems: dict[str, str]
+    composition: dict[str, Any],
+    source: CompositionSource,
+    tz: ZoneInfo,
+    identifier_systems: dict[str, str],
+    *,
+    isolate: bool = False,
 ) -> Mapped:
-    """Map a whole composition: Encounter (if it has a context) and every entry's resources."""
+    """Map a whole composition: Encounter (if it has a context) and every entry's resources.
+
+    An entry its rule refuses raises MappingError, or with `isolate` is kept in `failed` and the other
+    entries are mapped: the pipeline dead-letters the entry by name while the rest flows."""
     if composition.get("_type") != "COMPOSITION":
         raise MappingError(f"content is a {composition.get('_type')!r}, not a COMPOSITION")
     patient = patient_of(source, identifier_systems)
@@ -223,7 +244,13 @@ def composition_to_resources(
             mapped.unmapped.append(Unmapped(str(entry.get("archetype_node_id")), where))
             continue
         try:
-            mapped.resources += mapper(entry, ctx, path)
+            produced = mapper(entry, ctx, path)
         except MappingError as error:  # its reason names the entry by the stable path, node names and all
-            raise MappingError(str(error).replace(path, where)) from None
+            reason = str(error).replace(path, where)
+            if not isolate:
+                raise MappingError(reason) from None
+            mapped.failed.append(Failed(path, reason if where in reason else f"{where}: {reason}"))
+            continue
+        mapped.resources += produced
+        mapped.entries[path] = [(r["resourceType"], r["id"]) for r in produced]
     return mapped
