@@ -81,18 +81,16 @@ def normalize_changes(
     Raises PermanentError when nothing of the change can be carried (too large, not a change event, a
     message type or row the adapter rejects); a part that cannot be mapped is a problem in the batch instead.
     """
-    if site.adapter == "fhir":
-        single = normalize_change(site, value, position, max_bytes)
-        if single is None:
-            return None
-        if isinstance(single, Filtered):
-            return NormalizedBatch(filtered=[single])
-        withdrawn = _withdrawn(site, value, single)
-        return NormalizedBatch([withdrawn, single] if withdrawn is not None else [single])
     _check_size(value, max_bytes)
     event = _parse(site, value)
     if event is None:
         return None
+    if site.adapter == "fhir":
+        single = _fhir_change(site, event, position)
+        if isinstance(single, Filtered):
+            return NormalizedBatch(filtered=[single])
+        withdrawn = _withdrawn(site, event, single)
+        return NormalizedBatch([withdrawn, single] if withdrawn is not None else [single])
     rows = openehr_change(site, event) if site.adapter == "openehr" else hl7v2_change(site, event)
     return _batch(site, event, position, rows)
 
@@ -150,8 +148,10 @@ def normalize_change(
     """Decode, map and validate one change of a `fhir` table; None for a tombstone. PermanentError on bad input."""
     _check_size(value, max_bytes)
     event = _parse(site, value)
-    if event is None:
-        return None
+    return None if event is None else _fhir_change(site, event, position)
+
+
+def _fhir_change(site: SiteConfig, event: ChangeEvent, position: SourcePosition) -> NormalizedResource | Filtered:
     resource_type, source_id = row_identity(event)
     if resource_type not in site.resource_types:
         if not is_fhir_type(resource_type):
@@ -178,7 +178,7 @@ def normalize_change(
     )
 
 
-def _withdrawn(site: SiteConfig, value: bytes | None, record: NormalizedResource) -> NormalizedResource | None:
+def _withdrawn(site: SiteConfig, event: ChangeEvent, record: NormalizedResource) -> NormalizedResource | None:
     """For a site whose changes flow back to the hospitals (central, `capture`): a version naming another patient
     than the one before it, as a deletion of the one before, under that patient.
 
@@ -189,18 +189,12 @@ def _withdrawn(site: SiteConfig, value: bytes | None, record: NormalizedResource
     """
     if site.capture is None or record.op != "UPDATE":
         return None
-    event = _parse(site, value)
-    content = (event.before or {}).get("content") if event is not None else None
-    if not isinstance(content, str):
-        return None
-    try:
-        previous = orjson.loads(content)
-        before = patient_reference({**previous, "id": record.source_id}) if isinstance(previous, dict) else None
-    except (orjson.JSONDecodeError, MappingError):
+    try:  # the version before (its patient element: pipeline/capture.py), else a stub naming no patient
+        before = patient_reference(_deleted_resource(event, record.resource_type, record.source_id))
+    except MappingError:
         return None
     if before is None or before == record.patient_ref:
         return None
-    assert event is not None
     return replace(
         record,
         op="DELETE",
@@ -212,7 +206,8 @@ def _withdrawn(site: SiteConfig, value: bytes | None, record: NormalizedResource
 
 
 def _deleted_resource(event: ChangeEvent, resource_type: str, source_id: str) -> dict[str, object]:
-    """The last content of a deleted row when the table keeps full before-images, else a stub."""
+    """The last content of a deleted row when the table keeps full before-images, else a stub (also the version
+    before an update, where the change carries it)."""
     content = (event.before or {}).get("content")
     if isinstance(content, str):
         try:
