@@ -62,14 +62,13 @@ async def route_back(event: EventT, record: RoutedResource) -> None:
     outcome = write_back_records(config, current(patient_sources_by_patient_key), record)
     for item in outcome.records:
         await deliver(writeback_topic, copy_key(item), encode(item))
-    if record.is_delete and not outcome.records and not outcome.missing:
-        # Nothing of it can be at any hospital (its patient's are none): a deletion has nothing to do. (A board
-        # correcting a decision's patient sends one for the patient it named before, pipeline/normalize.py.)
-        BACKFLOW.labels(record.site, "", record.resource_type, "no_hospital").inc()
-        log.info("%s deleted at %s: no hospital holds a copy", record.target_ref, record.site)
-        return
     if outcome.missing or not outcome.records:
         BACKFLOW.labels(record.site, "", record.resource_type, "no_hospital").inc()
+        if record.is_delete and not outcome.missing:
+            # Nothing of it can be at any hospital (its patient's are none): a deletion has nothing to do. (A board
+            # correcting a decision's patient sends one for the patient it named before, pipeline/normalize.py.)
+            log.info("%s deleted at %s: no hospital holds a copy", record.target_ref, record.site)
+            return
         why = f"no local patient id for {outcome.missing}" if outcome.missing else "no hospital sent this patient"
         await dead_letter("backflow", event, NoHospitalError(f"{record.resource_type}/{record.source_id}: {why}"))
 
