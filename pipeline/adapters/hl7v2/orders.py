@@ -449,11 +449,11 @@ def txa_to_document_reference(
     """TXA (+ its OBX content) → DocumentReference: type (TXA-2), date (4), author (9), unique id (12),
     status (19, MDM event), docStatus (17, 19). Only an entered-in-error document may come without content."""
     unique = txa.rep(12)
-    key = unique.c(1) if unique and unique.c(1) else control_id
+    number = (unique.c(1) if unique else None) or None
     date = ctx.when(txa.get(4), "TXA-4")
     author = xcn_to_reference(txa.rep(9))
     status, doc_status = document_status(txa, event)
-    if status in ("entered-in-error", "superseded") and not (unique and unique.c(1)):
+    if status in ("entered-in-error", "superseded") and number is None:
         # Keyed by this message instead, it would be a new document, leaving the one it cancels current.
         raise MappingError(f"TXA-12 (unique document number) is empty: a document made {status} must name it")
     if not contents and status != "entered-in-error":
@@ -461,8 +461,8 @@ def txa_to_document_reference(
     return clean(
         {
             "resourceType": "DocumentReference",
-            "id": hl7_source_id("DocumentReference", patient_ref, key),
-            "masterIdentifier": {"value": unique.c(1)} if unique and unique.c(1) else None,
+            "id": hl7_source_id("DocumentReference", patient_ref, number or control_id),
+            "masterIdentifier": {"value": number} if number else None,
             "status": status,
             "docStatus": doc_status,
             "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0270", "code": txa.get(2)}]}
