@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 from ...errors import MappingError, shape
 
 __all__ = [
+    "COMPARATORS",
     "TERMINOLOGY_SYSTEMS",
     "UCUM",
     "coded_to_codeable",
@@ -196,6 +197,8 @@ def quantity(magnitude: float | int, units: str) -> dict[str, Any]:
 # DV_QUANTIFIED.magnitude_status → FHIR R4 Quantity.comparator. '=' (or none) is a point value. '~'
 # (approximately) has no R4 comparator: stated as exact it would be a wrong result, so it is a MappingError.
 _COMPARATORS = {"=": None, "<": "<", "<=": "<=", ">=": ">=", ">": ">"}
+#: The comparators FHIR R4 and openEHR share (write-back maps them back one to one, rm_build.magnitude_status).
+COMPARATORS = frozenset(sign for sign in _COMPARATORS.values() if sign)
 
 
 def comparator(value: dict[str, Any], archetype_id: str) -> str | None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...errors import MappingError
-from .rm import TERMINOLOGY_SYSTEMS, UCUM
+from .rm import COMPARATORS, TERMINOLOGY_SYSTEMS, UCUM
 
 __all__ = [
     "cluster_node",
@@ -125,7 +125,7 @@ def magnitude_status(quantity: dict[str, Any], what: str) -> dict[str, Any]:
     sign = quantity.get("comparator")
     if sign is None:
         return {}
-    if sign not in ("<", "<=", ">=", ">"):
+    if sign not in COMPARATORS:
         raise MappingError(f"{what}: comparator {sign!r} has no DV_QUANTIFIED magnitude_status")
     return {"magnitude_status": sign}
 
