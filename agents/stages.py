@@ -632,16 +632,19 @@ async def _sink_one(
         if decision[0] == "keep-target":
             await apply_tables(order.table)  # type: ignore[arg-type]
             return
-    route = order.route(ref, identity)
+    group = (ref, *record.delete_with) if record.delete_with else ()
+    route = order.route(ref, identity, group)
     if route == "duplicate":
         log.warning("%s of %s was already handled; this copy is not written again", identity, ref)
         await emit_audit("duplicate_skipped", record, detail=identity)
         return
     if route == "queue":
-        waiting = order.enqueue(ref, Queued(identity, carried.key, carried.value or b"", carried.origin))
-        head = order.blocker(ref)
+        queued = Queued(identity, carried.key, carried.value or b"", carried.origin, group)
+        at, waiting = order.enqueue(ref, queued, now_ms())
+        head = order.blocker(at)
         HELD_BEHIND.labels(record.site, record.target, record.resource_type).inc()
-        detail = f"waits behind {head[0] if head else '?'} ({head[1] if head else '?'}), {waiting} queued"
+        behind = f"{head[0] if head else '?'} ({head[1] if head else '?'})" + (f" at {at}" if at != ref else "")
+        detail = f"waits behind {behind}, {waiting} queued"
         log.warning("%s %s %s", ref, identity, detail)
         await emit_audit("held_behind", record, detail=detail)
         await apply_tables(order.table)  # type: ignore[arg-type]
@@ -667,7 +670,7 @@ async def _sink_one(
             order.note_written(ref, row, version.source_lsn)
         return outcome
 
-    head = Queued(identity, carried.key, carried.value or b"", carried.origin)
+    head = Queued(identity, carried.key, carried.value or b"", carried.origin, group)
     await write_in_order(order, ref, head, attempt, now_ms(), skip_head=discard)
     await apply_tables(order.table)  # type: ignore[arg-type]
 

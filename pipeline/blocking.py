@@ -11,6 +11,12 @@ it waits ("retrying" or "dead"), the later versions queued behind it (their enco
 identities recently written, so that a stale copy of a retry (a crash re-sent it) is recognised and
 not written over a newer version. A head that is written releases the queue, in order.
 
+A delete of several resources in one transaction (a reference cycle, a resource with its Provenances:
+`delete_with`) holds each of them: it takes its place in the queue of every one of them that waits
+behind another version, and claims the others (state "queued"), so that a later version of any of them
+(a re-creation, a Provenance of it) waits behind the delete instead of being written, then deleted with
+the group. It is written once it is at the head for all of them, and then releases every queue.
+
 It also keeps, per resource and source row, the source LSN last written: when a crash makes the sink
 read again records it had already written (its offsets are committed a moment after the writes), an
 older version is not written a second time after a newer one, which would put old content back at
@@ -24,6 +30,7 @@ target since is detected as a conflict instead of being overwritten (DESIGN.md d
 from __future__ import annotations
 
 import base64
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,6 +52,12 @@ class Queued:
     key: bytes | None
     value: bytes
     origin: tuple[str, int, int]
+    #: every resource it writes, its own first, when it is a group (a delete with `delete_with`); else ()
+    group: tuple[str, ...] = ()
+
+    def refs(self, at: str) -> tuple[str, ...]:
+        """The resources it writes, at: the one whose queue it came from (its own, for a single resource)."""
+        return self.group or (at,)
 
 
 class SinkOrder:
@@ -57,14 +70,25 @@ class SinkOrder:
         entry = self.table.get(ref)
         return dict(entry) if entry is not None else None
 
-    def route(self, ref: str, identity: str) -> Route:
-        """Write it now, queue it behind the head, or drop it as a copy of something already handled."""
+    def route(self, ref: str, identity: str, group: tuple[str, ...] = ()) -> Route:
+        """Write it now, queue it behind the head, or drop it as a copy of something already handled.
+
+        group: every resource it writes (Queued.group); it waits if any of them waits behind another version.
+        """
         entry = self._entry(ref)
-        if entry is None or entry.get("blocker") == identity:
-            return "write"
-        if identity in entry.get("resolved", []) or any(q["identity"] == identity for q in entry.get("queue", [])):
-            return "duplicate"
-        return "queue" if entry.get("blocker") else "write"
+        if entry is not None and entry.get("blocker") == identity:
+            # back from a retry tier or the dead letters; or a copy of one that waits for the others of its group
+            return "duplicate" if entry.get("state") == "queued" else "write"
+        if entry is not None:
+            if identity in entry.get("resolved", []) or any(q["identity"] == identity for q in entry.get("queue", [])):
+                return "duplicate"
+            if entry.get("blocker"):
+                return "queue"
+        return "queue" if self._held(group, identity) else "write"
+
+    def _held(self, refs: tuple[str, ...], identity: str) -> list[str]:
+        """Those of refs that wait for a version other than identity."""
+        return [r for r in refs if (self._entry(r) or {}).get("blocker") not in (None, identity)]
 
     def blocker(self, ref: str) -> tuple[str, str] | None:
         """(identity, state) of the version the resource waits for, None when it waits for nothing."""
@@ -91,23 +115,36 @@ class SinkOrder:
             written[row] = lsn
             self.table[ref] = {**entry, "written": written}
 
-    def enqueue(self, ref: str, item: Queued) -> int:
-        """Queue a later version behind the head; the queue's length after."""
-        entry = self._entry(ref)
-        assert entry is not None and entry.get("blocker"), f"{ref} is not blocked"
-        queue = [*entry.get("queue", []), _encode(item)]
-        self.table[ref] = {**entry, "queue": queue}
-        return len(queue)
+    def enqueue(self, ref: str, item: Queued, now_ms: int = 0) -> tuple[str, int]:
+        """Queue a later version behind the head: (the resource it waits at first, that queue's length after).
+
+        A group takes its place in the queue of every resource of it that waits, and claims the others."""
+        refs = item.refs(ref)
+        held = self._held(refs, item.identity)
+        assert held, f"{ref} is not blocked"
+        lengths = []
+        for r in refs:
+            entry = self._entry(r) or {"queue": [], "resolved": []}
+            if r in held:
+                queue = [*entry.get("queue", []), _encode(item)]
+                self.table[r] = {**entry, "queue": queue}
+                lengths.append(len(queue))
+            elif entry.get("blocker") != item.identity:
+                self.table[r] = {**entry, "blocker": item.identity, "state": "queued", "since_ms": now_ms}
+        return held[0], lengths[0]
 
     def failed(self, ref: str, identity: str, state: Literal["retrying", "dead"], now_ms: int) -> None:
         """The version at the head (or one about to become it) went to a retry tier or the dead letters."""
         entry = self._entry(ref) or {"queue": [], "resolved": []}
-        since = entry.get("since_ms") if entry.get("blocker") == identity else now_ms
+        since = (entry.get("since_ms") or now_ms) if entry.get("blocker") == identity else now_ms
         queue = [q for q in entry.get("queue", []) if q["identity"] != identity]
         self.table[ref] = {**entry, "blocker": identity, "state": state, "since_ms": since, "queue": queue}
 
     def written(self, ref: str, identity: str) -> Queued | None:
-        """The head is handled (written, or resolved otherwise); the next queued version, if any, becomes it."""
+        """The head is handled (written, or resolved otherwise); the next queued version, if any, becomes it.
+
+        Returned only when it is its turn at every resource it writes (a group may still wait at another:
+        it is then "queued" here, and returned by the written() of the last resource it waits at)."""
         entry = self._entry(ref)
         if entry is None:
             return None
@@ -121,6 +158,13 @@ class SinkOrder:
             "queue": queue,
             "resolved": resolved,
         }
+        if following is None:
+            return None
+        if self._held(following.refs(ref), following.identity):
+            self.table[ref] = {**self.table[ref], "state": "queued"}
+            return None
+        for r in following.refs(ref):
+            self.table[r] = {**(self._entry(r) or {}), "state": "releasing"}
         return following
 
 
@@ -161,13 +205,15 @@ def _encode(item: Queued) -> dict[str, Any]:
         "key": base64.b64encode(item.key).decode() if item.key is not None else None,
         "value": base64.b64encode(item.value).decode(),
         "origin": list(item.origin),
+        **({"group": list(item.group)} if item.group else {}),
     }
 
 
 def _decode(raw: dict[str, Any]) -> Queued:
     topic, partition, offset = raw["origin"]
     key = base64.b64decode(raw["key"]) if raw.get("key") is not None else None
-    return Queued(raw["identity"], key, base64.b64decode(raw["value"]), (str(topic), int(partition), int(offset)))
+    origin = (str(topic), int(partition), int(offset))
+    return Queued(raw["identity"], key, base64.b64decode(raw["value"]), origin, tuple(raw.get("group") or ()))
 
 
 async def write_in_order(
@@ -182,18 +228,20 @@ async def write_in_order(
     """Write the head, then the versions queued behind it, in order, until one does not go through.
 
     attempt(item, is_head) writes one version and routes its failure. skip_head resolves the head
-    without writing it (an operator discarded its dead letter). What each attempt came to, in order.
+    without writing it (an operator discarded its dead letter). A group releases the queue of every
+    resource it writes; each queue goes on in its own order. What each attempt came to, in order.
     """
     outcomes: list[tuple[str, Outcome]] = []
-    item = head
-    outcome: Outcome = "written" if skip_head else await attempt(head, True)
-    outcomes.append((item.identity, outcome))
-    while outcome in ("written", "conflict"):
-        following = order.written(ref, item.identity)
-        if following is None:
-            return outcomes
-        item = following
-        outcome = await attempt(item, False)
+    turns: deque[tuple[str, Queued, bool]] = deque([(ref, head, True)])
+    while turns:
+        at, item, is_head = turns.popleft()
+        outcome: Outcome = "written" if is_head and skip_head else await attempt(item, is_head)
         outcomes.append((item.identity, outcome))
-    order.failed(ref, item.identity, "dead" if outcome == "dead" else "retrying", now_ms)
+        for r in item.refs(at):
+            if outcome in ("written", "conflict"):
+                following = order.written(r, item.identity)
+                if following is not None:
+                    turns.append((r, following, False))
+            else:
+                order.failed(r, item.identity, "dead" if outcome == "dead" else "retrying", now_ms)
     return outcomes

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
+from pipeline.provenance import provenance_id
 from tests.casebuilder import encounter_for, observation_for, patient
 from tests.faults.conftest import (
     SETTINGS,
@@ -177,6 +178,45 @@ def test_dead_letter_holds_later_versions_until_replayed_or_discarded(
         return {step for step, detail in rows if any(detail.startswith(i + " ") for i in ids)}
 
     assert wait_for(lambda: audited() == {"replayed", "discarded"}, timeout=60, what="audit events of both")
+
+
+def test_a_dead_lettered_delete_holds_the_provenance_of_a_re_creation_until_replayed(
+    worker: Worker, proxy: FaultProxy, stack: Central, site_a: SiteDatabase, run_id: str
+) -> None:
+    """An Observation is deleted with its Provenance in one transaction. That delete fails for good, then the
+    hospital creates the Observation again: the new version and its Provenance both wait behind the dead letter.
+    Written at once, the Provenance would be deleted with the old Observation when the delete is replayed, and the
+    re-created Observation would stand at the centre with no record of where it came from."""
+    prefix = f"{run_id}-g"
+    person = patient(prefix)
+    observation = observation_for(prefix, person["id"], 0, 1.0)
+    ref = ref_of(observation)
+    provenance = provenance_id("site-a", ref)
+    site_a.upsert_many([person, observation])
+    wait_for(lambda: stack.read("Provenance", provenance), timeout=120, what="the Observation's Provenance")
+    proxy.set(Fault("status", 500, path_contains=ref.split("/")[1]))  # the delete's transaction names it
+    site_a.delete("Observation", observation["id"])
+    letter = wait_for(lambda: letter_for(ref, "--stage", "sink"), timeout=180, what="the delete's dead letter")
+    proxy.clear()
+    held_before = worker.metric("cdrsync_held_behind_total")
+    site_a.upsert({**observation, "valueQuantity": {**observation["valueQuantity"], "value": 3.0}})
+    wait_for(
+        lambda: worker.metric("cdrsync_held_behind_total") >= held_before + 2,
+        timeout=120,
+        what="the new Observation and its Provenance to wait behind the delete",
+    )
+    assert stack.read(*ref.split("/"))["valueQuantity"]["value"] == 1.0  # the old one, not deleted yet
+    out = cdrsync("dlq", "replay", letter["id"], "--execute")
+    assert "1 dead letters replayed and audited" in out
+    wait_for(
+        lambda: (body := stack.read(*ref.split("/"))) and body["valueQuantity"]["value"] == 3.0,
+        timeout=120,
+        what="the re-created Observation",
+    )
+    assert [v is None for v in stack.history(*ref.split("/"))] == [False, True, False]  # deleted, then created
+    stored = wait_for(lambda: stack.read("Provenance", provenance), timeout=60, what="the new Provenance")
+    assert stored["target"] == [{"reference": ref}]
+    assert [v is None for v in stack.history("Provenance", provenance)] == [False, True, False]
 
 
 def test_a_park_that_outlives_its_limit_is_a_dead_letter_even_across_a_restart(

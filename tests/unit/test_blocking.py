@@ -44,14 +44,14 @@ class Sink:
             self.dead.append(item)
         return outcome
 
-    def arrive(self, item: Queued) -> None:
-        route = self.order.route(REF, item.identity)
+    def arrive(self, item: Queued, at: str = REF) -> None:
+        route = self.order.route(at, item.identity, item.group)
         if route == "duplicate":
             self.skipped.append(item.identity)
         elif route == "queue":
-            self.order.enqueue(REF, item)
+            self.order.enqueue(at, item)
         else:
-            _run(write_in_order(self.order, REF, item, self._attempt, 0))
+            _run(write_in_order(self.order, at, item, self._attempt, 0))
 
 
 def test_a_retry_holds_the_later_versions_and_releases_them_in_order() -> None:
@@ -138,6 +138,107 @@ def test_writes_follow_version_order_and_every_version_gets_through(
     conflicts = versions - len(applied)
     assert 0 <= conflicts <= fates.count("conflict"), "a version vanished without being written or kept"
     assert sink.order.blocker(REF) is None
+
+
+PROVENANCE = "Provenance/p1"
+
+
+def _group(offset: int, *refs: str) -> Queued:
+    return Queued(f"ready[0]@{offset}", b"patient", b"delete", ("ready", 0, offset), tuple(refs))
+
+
+def test_a_group_delete_in_a_retry_tier_holds_every_resource_it_deletes() -> None:
+    """A delete of an Observation with its Provenance waits in a retry tier; the hospital creates the Observation
+    again and its Provenance follows. Both wait behind the delete: written first, the new Provenance would be
+    deleted with the old Observation when the delete comes back."""
+    sink = Sink(["retrying"])
+    delete = _group(1, REF, PROVENANCE)
+    sink.arrive(delete)
+    sink.arrive(_item(2))  # the Observation created again
+    sink.arrive(_item(3), at=PROVENANCE)  # its Provenance
+    assert sink.written == []
+    assert sink.order.blocker(PROVENANCE) == ("ready[0]@1", "retrying")
+    sink.arrive(sink.tier.popleft())
+    assert sink.written == ["ready[0]@1", "ready[0]@2", "ready[0]@3"]
+    assert sink.order.blocker(REF) is None and sink.order.blocker(PROVENANCE) is None
+
+
+def test_a_group_waits_behind_an_earlier_version_of_any_resource_it_deletes_and_keeps_their_order() -> None:
+    sink = Sink(["retrying"])
+    sink.arrive(_item(1), at=PROVENANCE)  # an update of the Provenance fails: tier
+    sink.arrive(_group(2, REF, PROVENANCE))  # the group delete must not overtake it
+    sink.arrive(_item(3))  # the Observation again: behind the delete, which claimed it
+    sink.arrive(_item(4), at=PROVENANCE)
+    sink.arrive(_group(2, REF, PROVENANCE))  # a copy of the waiting delete (a crash re-sent it)
+    assert sink.written == [] and sink.skipped == ["ready[0]@2"]
+    assert sink.order.blocker(REF) == ("ready[0]@2", "queued")
+    sink.arrive(sink.tier.popleft(), at=PROVENANCE)
+    assert sink.written == ["ready[0]@1", "ready[0]@2", "ready[0]@3", "ready[0]@4"]
+
+
+def test_a_queued_group_is_written_only_when_its_turn_has_come_at_every_resource() -> None:
+    sink = Sink(["retrying", "retrying"])
+    sink.arrive(_item(1))  # the Observation's update fails
+    sink.arrive(_item(2), at=PROVENANCE)  # and its Provenance's
+    sink.arrive(_group(3, REF, PROVENANCE))  # queued at both
+    sink.arrive(sink.tier.popleft())  # the Observation's update written: the group still waits for the Provenance
+    assert sink.written == ["ready[0]@1"] and sink.order.blocker(REF) == ("ready[0]@3", "queued")
+    sink.arrive(sink.tier.popleft(), at=PROVENANCE)
+    assert sink.written == ["ready[0]@1", "ready[0]@2", "ready[0]@3"]
+    assert sink.order.blocker(REF) is None and sink.order.blocker(PROVENANCE) is None
+
+
+def test_a_queued_item_written_before_the_change_is_still_read() -> None:
+    """A queue entry stored before groups existed (no "group" field) decodes as a single resource."""
+    stored = {"identity": "ready[0]@2", "key": "cGF0aWVudA==", "value": "djI=", "origin": ["ready", 0, 2]}
+    order = SinkOrder({REF: {"blocker": "ready[0]@1", "state": "retrying", "queue": [stored], "resolved": []}})
+    assert order.written(REF, "ready[0]@1") == _item(2)
+
+
+RESOURCES = ("Observation/o1", "Provenance/p1", "Encounter/e1")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    writes=st.lists(st.lists(st.sampled_from(RESOURCES), min_size=1, max_size=3, unique=True), min_size=1, max_size=8),
+    fates=st.lists(st.sampled_from(["written", "written", "retrying", "dead", "conflict"]), max_size=30),
+    schedule=st.lists(st.sampled_from(["new", "retry", "replay"]), max_size=40),
+)
+def test_every_resource_sees_its_versions_in_order_with_groups(
+    writes: list[list[str]], fates: list[Outcome], schedule: list[str]
+) -> None:
+    """Versions of three resources, some written alone, some deleted together: whatever fails, is retried and
+    replayed, each resource sees the writes that touch it in arrival order, each once, and nothing stays held."""
+    sink = Sink(fates)
+    items = [(refs[0], _group(n, *refs) if len(refs) > 1 else _item(n)) for n, refs in enumerate(writes, start=1)]
+    touches = {n: refs for n, refs in enumerate(writes, start=1)}
+    pending = deque(items)
+    at_of = {item.identity: at for at, item in items}
+
+    def again(item: Queued) -> None:
+        sink.arrive(item, at=at_of[item.identity])
+
+    for step in schedule:
+        if step == "new" and pending:
+            sink.arrive(pending[0][1], at=pending.popleft()[0])
+        elif step == "retry" and sink.tier:
+            again(sink.tier.popleft())
+        elif step == "replay" and sink.dead:
+            again(sink.dead.pop(0))
+    while pending or sink.tier or sink.dead:
+        if pending:
+            sink.arrive(pending[0][1], at=pending.popleft()[0])
+        elif sink.tier:
+            again(sink.tier.popleft())
+        else:
+            again(sink.dead.pop(0))
+    applied = [int(identity.rsplit("@", 1)[1]) for identity in sink.written]
+    assert len(applied) == len(set(applied)), "a version was written twice"
+    for ref in RESOURCES:
+        seen = [n for n in applied if ref in touches[n]]
+        assert seen == sorted(seen), f"{ref}: a version was written after a later one"
+        assert sink.order.blocker(ref) is None, f"{ref} is still held"
+    assert 0 <= len(writes) - len(applied) <= fates.count("conflict"), "a version vanished"
 
 
 def test_a_version_read_again_after_a_newer_one_was_written_is_superseded() -> None:
