@@ -20,7 +20,7 @@ import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
-from pipeline.backflow import flows_back
+from pipeline.backflow import decided_at_central, flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolution
@@ -632,6 +632,8 @@ async def _sink_one(
         if decision[0] == "keep-target":
             await apply_tables(order.table)  # type: ignore[arg-type]
             return
+        record = decided_at_central(config, record)  # flows back where central's decisions do
+    value = carried.value or b"" if decision is None else encode(record)  # as written, if it waits
     group = (ref, *record.delete_with) if record.delete_with else ()
     route = order.route(ref, identity, group)
     if route == "duplicate":
@@ -639,7 +641,7 @@ async def _sink_one(
         await emit_audit("duplicate_skipped", record, detail=identity)
         return
     if route == "queue":
-        queued = Queued(identity, carried.key, carried.value or b"", carried.origin, group)
+        queued = Queued(identity, carried.key, value, carried.origin, group)
         at, waiting = order.enqueue(ref, queued, now_ms())
         head = order.blocker(at)
         HELD_BEHIND.labels(record.site, record.target, record.resource_type).inc()
@@ -661,16 +663,16 @@ async def _sink_one(
             if elsewhere is not None:  # meanwhile its site's records moved from this Patient to another
                 await _send_on(elsewhere)
                 return "written"
-        row = f"{version.site}|{version.source_id}"
-        if order.superseded(ref, row, version.source_lsn):  # read again after a crash: already overtaken
+        row, at = f"{version.site}|{version.source_id}", version.target_ref  # at: a group's other member, too
+        if order.superseded(at, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
             return "written"
         outcome = await _attempt(stage, this, version, attempts, versions, prewritten if is_head else None)
         if outcome in ("written", "conflict"):
-            order.note_written(ref, row, version.source_lsn)
+            order.note_written(at, row, version.source_lsn)
         return outcome
 
-    head = Queued(identity, carried.key, carried.value or b"", carried.origin, group)
+    head = Queued(identity, carried.key, value, carried.origin, group)
     await write_in_order(order, ref, head, attempt, now_ms(), skip_head=discard)
     await apply_tables(order.table)  # type: ignore[arg-type]
 
@@ -780,7 +782,7 @@ async def _sink_group(stage: str, events: list[EventT], attempts: int) -> None:
     try:
         for event in events:
             plain = _plain_record(event)
-            if plain is not None and runs_alongside(plain):
+            if plain is not None and runs_alongside(plain) and _free(event, plain):
                 if plain.target_ref in alongside or any(r.target_ref == plain.target_ref for _, r in after_run):
                     await flush()  # the same Provenance again: after the first, as any two versions
                     await alongside.wait()
@@ -811,6 +813,15 @@ async def _sink_group(stage: str, events: list[EventT], attempts: int) -> None:
         await alongside.wait()
     finally:  # cancelled (a rebalance, a shutdown) or failed: nothing of it writes on afterwards
         alongside.cancel()
+
+
+def _free(event: EventT, record: RoutedResource) -> bool:
+    """Whether nothing waits at the record's resource, so a write of it beside the patient's other writes touches
+    no one else's order state. Otherwise (a version of it failed before, one is queued there, a group delete holds
+    it) it is written in line: releasing or queueing there may change other resources' entries, which a write
+    alongside, applying its own copy of the table later, would overwrite."""
+    with processing(event):
+        return SinkOrder(current(blocked_by_reference)).free(record.target_ref)
 
 
 def _plain_record(event: EventT) -> RoutedResource | None:

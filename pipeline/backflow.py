@@ -16,6 +16,10 @@ hospital that declares `writeback`, with:
 Loop prevention: that tag makes the hospital's own capture of the written row stop at identity resolution
 (`echo_targets`: never routed back to the site that wrote it), and central's capture skips versions that
 cdrsync wrote there for a hospital (`capture.is_own_change`).
+
+A hospital's version a reviewer takes over central's (`cdrsync conflicts resolve --take-incoming`) is central's
+decision: written with central's own source (`decided_at_central`), it flows back like a board edit, so the
+hospitals holding the board's version it replaces, or still waiting for it, get what central holds now.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ __all__ = [
     "WriteBack",
     "central_record",
     "central_supersedes",
+    "decided_at_central",
     "echo_targets",
     "flows_back",
     "hospital_form",
@@ -58,6 +63,23 @@ def flows_back(config: Config, site: str) -> bool:
     """True for a site whose own changes flow back to the hospitals (it declares `capture`)."""
     declared = config.sites.get(site)
     return declared is not None and declared.capture is not None
+
+
+def decided_at_central(config: Config, record: RoutedResource) -> RoutedResource:
+    """A hospital's version a reviewer chose over central's (--take-incoming), as the sink writes it: where central
+    captures its own changes of this type, with central's own meta.source, so the capture takes it for central's
+    change and it flows back to every hospital of the patient. Otherwise it would stay a hospital's write, never
+    captured: the hospitals holding the board's version it replaced would keep a decision central no longer holds,
+    and a hospital whose copy of that version was still on its way would get nothing (central_supersedes stops
+    it). Any other record is returned as it is."""
+    target = config.sites.get(record.target)
+    if target is None or target.capture is None or record.resource_type not in target.resource_types:
+        return record
+    if record.resource is None:
+        return record
+    resource = orjson.loads(record.resource)
+    meta = {**(resource.get("meta") or {}), "source": f"{CDRSYNC_SOURCE_PREFIX}{record.target}"}
+    return replace(record, resource=orjson.dumps({**resource, "meta": meta}).decode())
 
 
 def echo_targets(resource_json: str | None) -> frozenset[str]:

@@ -78,7 +78,9 @@ class SinkOrder:
         entry = self._entry(ref)
         if entry is not None and entry.get("blocker") == identity:
             # back from a retry tier or the dead letters; or a copy of one that waits for the others of its group
-            return "duplicate" if entry.get("state") == "queued" else "write"
+            if entry.get("state") == "queued":
+                return "duplicate"
+            return "queue" if self._held(group, identity) else "write"  # others held it before it was a group
         if entry is not None:
             if identity in entry.get("resolved", []) or any(q["identity"] == identity for q in entry.get("queue", [])):
                 return "duplicate"
@@ -88,7 +90,16 @@ class SinkOrder:
 
     def _held(self, refs: tuple[str, ...], identity: str) -> list[str]:
         """Those of refs that wait for a version other than identity."""
-        return [r for r in refs if (self._entry(r) or {}).get("blocker") not in (None, identity)]
+        return [r for r in refs if not self.holds_for(r, identity)]
+
+    def holds_for(self, ref: str, identity: str) -> bool:
+        """Whether ref waits for nothing, or for identity itself."""
+        return (self._entry(ref) or {}).get("blocker") in (None, identity)
+
+    def free(self, ref: str) -> bool:
+        """Whether nothing waits at ref: no version failed there, none queued."""
+        entry = self._entry(ref) or {}
+        return not entry.get("blocker") and not entry.get("queue")
 
     def blocker(self, ref: str) -> tuple[str, str] | None:
         """(identity, state) of the version the resource waits for, None when it waits for nothing."""
@@ -126,11 +137,14 @@ class SinkOrder:
         for r in refs:
             entry = self._entry(r) or {"queue": [], "resolved": []}
             if r in held:
-                queue = [*entry.get("queue", []), _encode(item)]
+                queue = list(entry.get("queue", []))
+                if not any(q["identity"] == item.identity for q in queue):
+                    queue.insert(_place(queue, item.identity), _encode(item))
                 self.table[r] = {**entry, "queue": queue}
                 lengths.append(len(queue))
-            elif entry.get("blocker") != item.identity:
-                self.table[r] = {**entry, "blocker": item.identity, "state": "queued", "since_ms": now_ms}
+            else:  # free, or its own (back from a tier before it was a group): it waits elsewhere now
+                since = entry.get("since_ms") if entry.get("blocker") == item.identity else now_ms
+                self.table[r] = {**entry, "blocker": item.identity, "state": "queued", "since_ms": since}
         return held[0], lengths[0]
 
     def failed(self, ref: str, identity: str, state: Literal["retrying", "dead"], now_ms: int) -> None:
@@ -199,6 +213,24 @@ class TargetVersions(MutableMapping[str, dict[str, Any]]):
         return sum(1 for _ in self)
 
 
+def _position(identity: str) -> tuple[str, int] | None:
+    """("topic[partition]", offset) of an identity (agents/routing.py Carried.identity), None if it has another form."""
+    where, _, offset = identity.rpartition("@")
+    return (where, int(offset)) if where and offset.isdigit() else None
+
+
+def _place(queue: list[dict[str, Any]], identity: str) -> int:
+    """Where a version goes in a queue: at the end, unless versions of the same partition read after it wait
+    there (only a group delete held by the code before groups at its own resource alone, back from its tier,
+    meets that: at the other resources it goes before what arrived after it)."""
+    mine = _position(identity)
+    for index, queued in enumerate(queue):
+        theirs = _position(str(queued["identity"]))
+        if mine is not None and theirs is not None and theirs[0] == mine[0] and theirs[1] > mine[1]:
+            return index
+    return len(queue)
+
+
 def _encode(item: Queued) -> dict[str, Any]:
     return {
         "identity": item.identity,
@@ -238,6 +270,8 @@ async def write_in_order(
         outcome: Outcome = "written" if is_head and skip_head else await attempt(item, is_head)
         outcomes.append((item.identity, outcome))
         for r in item.refs(at):
+            if not order.holds_for(r, item.identity):  # held by another (an entry of the code before groups)
+                continue
             if outcome in ("written", "conflict"):
                 following = order.written(r, item.identity)
                 if following is not None:

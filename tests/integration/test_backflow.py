@@ -38,6 +38,11 @@ def _row(site: SiteDatabase, resource_type: str, row_id: str) -> tuple[dict[str,
     return (row[0], row[1]) if row else None
 
 
+def _row_in_status(site: SiteDatabase, row_id: str, status: str) -> tuple[dict[str, Any], int] | None:
+    row = _row(site, "QuestionnaireResponse", row_id)
+    return row if row and row[0]["status"] == status else None
+
+
 def _sites_with_step(source_id: str, step: str) -> set[str]:
     dsn = f"host={SETTINGS.pg_host} port={SETTINGS.pg_port} user={SETTINGS.pg_user} dbname={SETTINGS.audit_database}"
     with psycopg.connect(dsn) as connection, connection.cursor() as cursor:
@@ -197,3 +202,55 @@ def test_the_board_s_edit_of_a_hospital_s_questionnaire_response_flows_back(
         )
         assert content["status"] == "amended" and content["subject"] == {"reference": f"Patient/{local}"}
         assert version == 1, f"site-a's own form flowed back to {local} before the board's edit"
+
+
+def test_a_hospital_version_a_reviewer_takes_over_the_board_s_edit_flows_back_to_every_hospital(
+    worker: Worker,
+    stack: Central,
+    site_a: SiteDatabase,
+    site_b: SiteDatabase,
+    run_id: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """site-a sends a form, the board amends it at central (both hospitals get the board's version), then site-a
+    changes its form too: a conflict. The reviewer takes site-a's version. Central now holds it, so both hospitals
+    must too; kept as site-a's write, it would never flow back, and they would keep a decision central dropped."""
+    shared = patient_at_both_hospitals(stack, site_a, site_b, f"T{run_id}", f"{run_id}-ti")
+    sent = {**decision_response(f"Patient/{shared.at_a['id']}"), "id": f"{run_id}-ti-qr", "status": "in-progress"}
+    site_a.upsert(sent)
+    at_central = central_id("QuestionnaireResponse", sent["id"])
+    arrived = wait_for(lambda: stack.read("QuestionnaireResponse", at_central), timeout=120, what="site-a's form")
+    stack.send({**arrived, "status": "amended"}, method="PUT")  # the board's edit
+    row_id = target_id("central", "QuestionnaireResponse", at_central)
+    for site in (site_a, site_b):
+        wait_for(
+            lambda s=site: _row_in_status(s, row_id, "amended"),
+            timeout=120,
+            what="the board's version at both hospitals",
+        )
+
+    site_a.upsert({**sent, "status": "completed"})  # site-a's own change, over the version the board replaced
+    ref = f"QuestionnaireResponse/{at_central}"
+
+    def open_conflict() -> str | None:
+        assert cdrsync(["conflicts", "list", "--json"]) == 0
+        lines = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        return next((line["id"] for line in lines if line["target_ref"] == ref), None)
+
+    conflict_id = wait_for(open_conflict, timeout=120, what="the conflict with the board's edit")
+    assert cdrsync(["conflicts", "resolve", conflict_id, "--take-incoming", "--reason", "tb", "--execute"]) == 0
+    resolved = wait_for(
+        lambda: (body := stack.read("QuestionnaireResponse", at_central)) and body["status"] == "completed" and body,
+        timeout=120,
+        what="site-a's version at central",
+    )
+    assert resolved["meta"]["source"].startswith("urn:cdrsync:site:central")  # central's decision now
+    for site, local in ((site_a, shared.at_a["id"]), (site_b, shared.at_b["id"])):
+        content, version = wait_for(
+            lambda s=site: _row_in_status(s, row_id, "completed"),
+            timeout=120,
+            what=f"the reviewer's choice at {local}",
+        )
+        assert content["subject"] == {"reference": f"Patient/{local}"} and version == 2
+    status, found = stack.get(f"QuestionnaireResponse?subject=Patient/{shared.key}&_summary=count")
+    assert status == 200 and found["total"] == 1, "a copy came back to central from a hospital"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from pipeline.backflow import (
     central_record,
+    decided_at_central,
     echo_targets,
     flows_back,
     hospital_form,
@@ -362,3 +363,19 @@ def test_a_copy_holding_the_tags_of_earlier_versions_is_of_the_highest() -> None
     tags = [{"system": tag, "code": "2"}, {"system": "other", "code": "9"}, {"system": tag, "code": "3"}]
     kept = {"meta": {"tag": tags}}
     assert written_version(kept) == 3
+
+
+def test_a_hospital_version_a_reviewer_took_is_written_as_central_s_where_central_s_decisions_flow_back() -> None:
+    """`conflicts resolve --take-incoming`: the version written is central's decision; central's capture takes it for
+    one of its own changes (is_own_change) only if its meta.source names central, not the hospital."""
+    form = {**decision_response("Patient/pk"), "id": "qr1", "meta": {"source": "urn:cdrsync:site:site-a"}}
+    taken = decided_at_central(CONFIG, routed_record(form, patient_key="pk"))
+    written = orjson.loads(taken.resource or "")
+    assert written["meta"]["source"] == "urn:cdrsync:site:central"
+    assert is_own_change(written, "central") and not is_own_change(form, "central")
+    assert {k: v for k, v in written.items() if k != "meta"} == {k: v for k, v in form.items() if k != "meta"}
+    weight = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "w"}}
+    observation = routed_record({**weight, "meta": {"source": "urn:cdrsync:site:site-a"}}, patient_key="pk")
+    assert decided_at_central(CONFIG, observation) == observation  # central's Observations do not flow back
+    elsewhere = routed_record(form, patient_key="pk", target="site-b")
+    assert decided_at_central(CONFIG, elsewhere) == elsewhere  # a target without capture

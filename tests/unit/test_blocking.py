@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.blocking import Outcome, Queued, SinkOrder, write_in_order
+from pipeline.blocking import Outcome, Queued, SinkOrder, _encode, write_in_order
 
 pytestmark = pytest.mark.unit
 REF = "Observation/o1"
@@ -193,6 +193,39 @@ def test_a_queued_item_written_before_the_change_is_still_read() -> None:
     stored = {"identity": "ready[0]@2", "key": "cGF0aWVudA==", "value": "djI=", "origin": ["ready", 0, 2]}
     order = SinkOrder({REF: {"blocker": "ready[0]@1", "state": "retrying", "queue": [stored], "resolved": []}})
     assert order.written(REF, "ready[0]@1") == _item(2)
+
+
+def _stored(identity: int, queued: list[Queued] | None = None) -> dict:
+    """An entry as the code before groups left it: its head in a retry tier."""
+    return {"blocker": f"ready[0]@{identity}", "state": "retrying", "queue": [_encode(q) for q in queued or []]}
+
+
+def test_a_group_held_at_its_own_resource_alone_by_the_code_before_waits_for_the_others_when_it_returns() -> None:
+    """Left by the code before groups: the delete (Observation with Provenance) held only the Observation, and an
+    update of the Provenance waits in a tier with a later one queued. Back from its tier, the delete must not
+    release or take over the Provenance's queue while that update is still out."""
+    sink = Sink([])
+    # read in this order: the update @1, the delete @2, a later version @3 (queued behind @1 alone, then)
+    sink.order.table.update({REF: _stored(2), PROVENANCE: _stored(1, [_item(3)])})
+    delete = _group(2, REF, PROVENANCE)
+    sink.arrive(delete)
+    assert sink.written == [] and sink.order.blocker(REF) == ("ready[0]@2", "queued")
+    assert sink.order.blocker(PROVENANCE) == ("ready[0]@1", "retrying")
+    sink.arrive(delete)  # a copy of it
+    assert sink.skipped == ["ready[0]@2"]
+    sink.arrive(_item(1), at=PROVENANCE)  # the update back from its tier
+    assert sink.written == ["ready[0]@1", "ready[0]@2", "ready[0]@3"]  # in the order they were read
+    assert sink.order.blocker(REF) is None and sink.order.blocker(PROVENANCE) is None
+
+
+def test_a_failing_group_does_not_take_over_a_resource_another_version_holds() -> None:
+    order = SinkOrder({REF: {"blocker": "ready[0]@1", "state": "retrying"}, PROVENANCE: _stored(2)})
+
+    async def fails(item: Queued, is_head: bool) -> Outcome:
+        return "retrying"
+
+    _run(write_in_order(order, REF, _group(1, REF, PROVENANCE), fails, 0))
+    assert order.blocker(PROVENANCE) == ("ready[0]@2", "retrying")  # still the update's, not the delete's
 
 
 RESOURCES = ("Observation/o1", "Provenance/p1", "Encounter/e1")
