@@ -14,6 +14,7 @@ from typing import Any, Literal
 import orjson
 
 from .errors import CdrsyncError
+from .logs import scrub
 from .records import NormalizedResource, RoutedResource, decode_resource
 
 __all__ = ["AUDIT_TABLE_DDL", "Step", "audit_event", "failure_event", "insert_events"]
@@ -90,8 +91,14 @@ def audit_event(
         "origin": f"{record.origin_topic}[{record.origin_partition}]@{record.origin_offset}",
         "content_hash": record.content_hash,
         "trigger": trigger,
-        "detail": detail,
+        "detail": _detail(detail),
     }
+
+
+def _detail(text: str | None) -> str | None:
+    """An event's detail as stored: what a FHIR server's diagnostics quote cut (pipeline/logs.py scrub: a name,
+    a birth date), at most 500 characters. The dead letter itself keeps the whole message, for ops."""
+    return scrub(text, quoted=True)[:500] if text else text
 
 
 def failure_event(
@@ -113,7 +120,7 @@ def failure_event(
     except CdrsyncError:
         record = None
     if record is not None:
-        return audit_event(step, record, trigger=trigger, detail=detail[:500], at_ms=at_ms)
+        return audit_event(step, record, trigger=trigger, detail=detail, at_ms=at_ms)
     topic, partition, offset = origin
     where = f"{topic}[{partition}]@{offset}"
     event: dict[str, Any] = {
@@ -129,7 +136,7 @@ def failure_event(
         "origin": where,
         "content_hash": None,
         "trigger": trigger,
-        "detail": detail[:500],
+        "detail": _detail(detail),
     }
     return {**event, **_source_row_fields(value)} if value else event
 

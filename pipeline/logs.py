@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["CORRELATION_FIELDS", "JsonLinesFormatter", "configure", "logging_config", "scrub"]
+__all__ = ["CORRELATION_FIELDS", "JsonLinesFormatter", "TextFormatter", "configure", "logging_config", "scrub"]
 
 CORRELATION_FIELDS = (
     "stage",
@@ -68,23 +68,39 @@ class JsonLinesFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def logging_config(log_format: str) -> dict[str, Any] | None:
-    """A logging dictConfig for Faust's worker (merged into its own, keeping its level), or None for text."""
-    if log_format != "json":
-        return None
+class TextFormatter(logging.Formatter):
+    """Plain text lines, scrubbed as the JSON lines are: `[time] [level] logger: message`."""
+
+    def __init__(self) -> None:
+        super().__init__("[%(asctime)s] [%(levelname)s] %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        scrubbed = logging.makeLogRecord(record.__dict__)  # the record itself goes on to other handlers as it is
+        scrubbed.message = scrub(record.message, quoted=record.name.startswith("cdrsync"))
+        return super().formatMessage(scrubbed)
+
+    def formatException(self, ei: Any) -> str:
+        return scrub(super().formatException(ei))
+
+
+def logging_config(log_format: str) -> dict[str, Any]:
+    """A logging dictConfig for Faust's worker, merged into its own (keeping its level): JSON lines or text,
+    both scrubbed."""
+    formatter = "json" if log_format == "json" else "text"
     return {
         "version": 1,
         "merge": True,
-        "formatters": {"json": {"()": f"{__name__}.JsonLinesFormatter"}},
-        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+        "formatters": {
+            formatter: {"()": f"{__name__}.{'JsonLinesFormatter' if formatter == 'json' else 'TextFormatter'}"}
+        },
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": formatter, "stream": "ext://sys.stdout"}
+        },
     }
 
 
 def configure(log_format: str, level: int = logging.INFO) -> None:
     """Log to standard output as JSON lines (or text) in a process that is not a Faust worker."""
     handler = logging.StreamHandler()
-    if log_format == "json":
-        handler.setFormatter(JsonLinesFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] %(name)s: %(message)s"))
+    handler.setFormatter(JsonLinesFormatter() if log_format == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -62,3 +62,13 @@ def test_a_composition_is_named_by_its_uid() -> None:
     row = {"uid": "8a0f-compo", "system_id": "site-d.example", "version": 2, "content": "{}"}
     event = failure_event("dead_lettered", debezium_value("c", None, row), ORIGIN, site="site-d", detail="x")
     assert (event["source_id"], event["resource_type"]) == ("8a0f-compo", "")
+
+
+def test_what_a_fhir_server_quotes_is_cut_from_the_detail() -> None:
+    """A target's diagnostics can quote the rejected value (a name, a birth date): not kept in the audit store."""
+    record = routed_record(observation_for("t", "t-pat-0", 1, 70.5), patient_key="k1", origin=ORIGIN)
+    detail = 'sink rejected_by_target: target rejected the PUT (400): HAPI-1821: value "Doe, Jane": "1970-13-45"'
+    for value in (encode(record), b"garbage"):
+        event = failure_event("dead_lettered", value, ORIGIN, site="site-a", detail=detail)
+        assert "Doe" not in event["detail"] and "1970" not in event["detail"]
+        assert event["detail"].startswith("sink rejected_by_target: target rejected the PUT (400): HAPI-1821")

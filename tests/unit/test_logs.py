@@ -8,7 +8,7 @@ import sys
 import orjson
 import pytest
 
-from pipeline.logs import JsonLinesFormatter, logging_config, scrub
+from pipeline.logs import JsonLinesFormatter, TextFormatter, logging_config, scrub
 
 pytestmark = pytest.mark.unit
 
@@ -84,9 +84,25 @@ def test_values_a_fhir_server_quotes_are_cut_but_the_message_stays() -> None:
     assert orjson.loads(JsonLinesFormatter().format(faust))["msg"] == 'Crashed reason=Mismatch("topic t")'
 
 
-def test_faust_gets_a_merged_config_for_json_and_none_for_text() -> None:
+def test_faust_gets_a_merged_config_for_json_and_for_text() -> None:
     config = logging_config("json")
-    assert config is not None and config["merge"] is True
-    assert config["handlers"]["default"]["formatter"] == "json"
+    assert config["merge"] is True and config["handlers"]["default"]["formatter"] == "json"
     assert config["formatters"]["json"]["()"] == "pipeline.logs.JsonLinesFormatter"
-    assert logging_config("text") is None
+    text = logging_config("text")
+    assert text["merge"] is True and text["formatters"]["text"]["()"] == "pipeline.logs.TextFormatter"
+
+
+def test_text_logs_are_scrubbed_like_json_lines() -> None:
+    diagnostics = 'rejected (400): HAPI-1821: Invalid attribute value "Doe, Jane": birthDate "1970-13-45"'
+    line = TextFormatter().format(
+        logging.LogRecord("cdrsync.routing", logging.ERROR, "", 1, "%s", (diagnostics,), None)
+    )
+    assert "Doe" not in line and "1970" not in line and 'value "<redacted>"' in line and "cdrsync.routing" in line
+    try:
+        raise ValueError("name: [type=string_type, input_value={'family': 'Doe'}, input_type=dict]")
+    except ValueError:
+        record = logging.LogRecord("cdrsync", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    line = TextFormatter().format(record)
+    assert "Doe" not in line and "input_value=<redacted>" in line and "Traceback" in line
+    faust = logging.LogRecord("faust.agents", logging.ERROR, "", 1, 'Crashed reason=Mismatch("topic t")', (), None)
+    assert TextFormatter().format(faust).endswith('faust.agents: Crashed reason=Mismatch("topic t")')
