@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -24,7 +25,7 @@ from pipeline.backflow import decided_at_central, flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolution
-from pipeline.deadletter import DISCARD_HEADER, failure_info
+from pipeline.deadletter import DISCARD_HEADER, failure_info, failure_only
 from pipeline.errors import (
     CdrsyncError,
     EnvelopeError,
@@ -628,12 +629,16 @@ async def _sink_one(
         return
     if decision is not None:  # `cdrsync conflicts resolve`: the reviewed target version becomes the base
         versions[ref] = {"version": decision[1]}
+        order.decide(ref)
         log.warning("%s: conflict resolved (%s over target version %s)", ref, *decision, extra=record_fields(record))
         if decision[0] == "keep-target":
             await apply_tables(order.table)  # type: ignore[arg-type]
             return
-        record = decided_at_central(config, record)  # flows back where central's decisions do
-    value = carried.value or b"" if decision is None else encode(record)  # as written, if it waits
+    if order.decided(ref):  # central's decision since a review: flows back where central's decisions do
+        decided = decided_at_central(config, record)
+        if decided is not record:  # what waits in a queue or a retry tier is the body as written
+            record, carried = decided, replace(carried, value=encode(decided))
+    value = carried.value or b""
     group = (ref, *record.delete_with) if record.delete_with else ()
     route = order.route(ref, identity, group)
     if route == "duplicate":
@@ -641,7 +646,7 @@ async def _sink_one(
         await emit_audit("duplicate_skipped", record, detail=identity)
         return
     if route == "queue":
-        queued = Queued(identity, carried.key, value, carried.origin, group)
+        queued = Queued(identity, carried.key, value, carried.origin, group, failure_only(carried.headers))
         at, waiting = order.enqueue(ref, queued, now_ms())
         head = order.blocker(at)
         HELD_BEHIND.labels(record.site, record.target, record.resource_type).inc()
@@ -656,7 +661,7 @@ async def _sink_one(
         await emit_audit("discarded", record, detail=f"dead letter {identity} discarded by an operator")
 
     async def attempt(item: Queued, is_head: bool) -> Outcome:
-        this = carried if is_head else Carried(item.key, item.value, [], item.origin)
+        this = carried if is_head else Carried(item.key, item.value, list(item.headers), item.origin)
         version = record if is_head else decode(item.value, RoutedResource)  # the head is decoded above
         if not is_head or this.failure is not None:  # it waited (a retry tier, a dead letter, behind another)
             elsewhere = redirect(current(patient_sources_by_patient_key), version)
@@ -708,6 +713,8 @@ def _bundle_candidate(event: EventT, record: RoutedResource | None) -> RoutedRes
         order = SinkOrder(current(blocked_by_reference))
         ref = record.target_ref
         if order.route(ref, Carried.of(event).identity) != "write" or order.blocker(ref) is not None:
+            return None
+        if order.decided(ref):  # written as central's decision (_sink_one)
             return None
         if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
             return None

@@ -54,6 +54,8 @@ class Queued:
     origin: tuple[str, int, int]
     #: every resource it writes, its own first, when it is a group (a delete with `delete_with`); else ()
     group: tuple[str, ...] = ()
+    #: the failure headers it came with (back from a retry tier), so that it keeps its identity when it fails again
+    headers: tuple[tuple[str, bytes], ...] = ()
 
     def refs(self, at: str) -> tuple[str, ...]:
         """The resources it writes, at: the one whose queue it came from (its own, for a single resource)."""
@@ -100,6 +102,15 @@ class SinkOrder:
         """Whether nothing waits at ref: no version failed there, none queued."""
         entry = self._entry(ref) or {}
         return not entry.get("blocker") and not entry.get("queue")
+
+    def decide(self, ref: str) -> None:
+        """A reviewer decided a conflict of ref (`cdrsync conflicts resolve`): remembered for good (decided())."""
+        self.table[ref] = {**(self._entry(ref) or {"queue": [], "resolved": []}), "decided": True}
+
+    def decided(self, ref: str) -> bool:
+        """Whether a reviewer ever decided a conflict of ref: the resource is central's decision since, and the
+        hospital's later changes of it are written as central's (pipeline/backflow.py decided_at_central)."""
+        return bool((self._entry(ref) or {}).get("decided"))
 
     def blocker(self, ref: str) -> tuple[str, str] | None:
         """(identity, state) of the version the resource waits for, None when it waits for nothing."""
@@ -238,6 +249,7 @@ def _encode(item: Queued) -> dict[str, Any]:
         "value": base64.b64encode(item.value).decode(),
         "origin": list(item.origin),
         **({"group": list(item.group)} if item.group else {}),
+        **({"headers": [[n, base64.b64encode(v).decode()] for n, v in item.headers]} if item.headers else {}),
     }
 
 
@@ -245,7 +257,8 @@ def _decode(raw: dict[str, Any]) -> Queued:
     topic, partition, offset = raw["origin"]
     key = base64.b64decode(raw["key"]) if raw.get("key") is not None else None
     origin = (str(topic), int(partition), int(offset))
-    return Queued(raw["identity"], key, base64.b64decode(raw["value"]), origin, tuple(raw.get("group") or ()))
+    headers = tuple((str(n), base64.b64decode(v)) for n, v in raw.get("headers") or ())
+    return Queued(raw["identity"], key, base64.b64decode(raw["value"]), origin, tuple(raw.get("group") or ()), headers)
 
 
 async def write_in_order(

@@ -67,6 +67,12 @@ def failure_info(
     )
 
 
+def failure_only(headers: Sequence[tuple[str, bytes]]) -> tuple[tuple[str, bytes], ...]:
+    """The failure headers among a record's headers (failure_headers wrote them)."""
+    names = {f"{_PREFIX}{key.replace('_', '-')}" for key in FailureInfo.__annotations__}
+    return tuple((name, value) for name, value in headers if name in names)
+
+
 def failure_headers(info: FailureInfo) -> Headers:
     """Kafka headers for a failure (all values UTF-8 text)."""
     return [(f"{_PREFIX}{key.replace('_', '-')}", str(value).encode()) for key, value in info.__dict__.items()]

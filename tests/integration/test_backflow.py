@@ -214,7 +214,8 @@ def test_a_hospital_version_a_reviewer_takes_over_the_board_s_edit_flows_back_to
 ) -> None:
     """site-a sends a form, the board amends it at central (both hospitals get the board's version), then site-a
     changes its form too: a conflict. The reviewer takes site-a's version. Central now holds it, so both hospitals
-    must too; kept as site-a's write, it would never flow back, and they would keep a decision central dropped."""
+    must too; kept as site-a's write, it would never flow back, and they would keep a decision central dropped. So
+    must site-a's later changes of the form, which central takes without a conflict once the reviewer decided."""
     shared = patient_at_both_hospitals(stack, site_a, site_b, f"T{run_id}", f"{run_id}-ti")
     sent = {**decision_response(f"Patient/{shared.at_a['id']}"), "id": f"{run_id}-ti-qr", "status": "in-progress"}
     site_a.upsert(sent)
@@ -252,5 +253,9 @@ def test_a_hospital_version_a_reviewer_takes_over_the_board_s_edit_flows_back_to
             what=f"the reviewer's choice at {local}",
         )
         assert content["subject"] == {"reference": f"Patient/{local}"} and version == 2
+    # site-a's next change is written over the decided version without a conflict: it flows back as well
+    site_a.upsert({**sent, "status": "stopped"})
+    for site in (site_a, site_b):
+        wait_for(lambda s=site: _row_in_status(s, row_id, "stopped"), timeout=120, what="site-a's later change")
     status, found = stack.get(f"QuestionnaireResponse?subject=Patient/{shared.key}&_summary=count")
     assert status == 200 and found["total"] == 1, "a copy came back to central from a hospital"
