@@ -634,10 +634,7 @@ async def _sink_one(
         if decision[0] == "keep-target":
             await apply_tables(order.table)  # type: ignore[arg-type]
             return
-    if order.decided(ref):  # central's decision since a review: flows back where central's decisions do
-        decided = decided_at_central(config, record)
-        if decided is not record:  # what waits in a queue or a retry tier is the body as written
-            record, carried = decided, replace(carried, value=encode(decided))
+    record, carried = _as_decided(order, record, carried)
     value = carried.value or b""
     group = (ref, *record.delete_with) if record.delete_with else ()
     route = order.route(ref, identity, group)
@@ -646,7 +643,8 @@ async def _sink_one(
         await emit_audit("duplicate_skipped", record, detail=identity)
         return
     if route == "queue":
-        queued = Queued(identity, carried.key, value, carried.origin, group, failure_only(carried.headers))
+        kept = failure_only(carried.headers) + tuple((n, v) for n, v in carried.headers if n == DISCARD_HEADER)
+        queued = Queued(identity, carried.key, value, carried.origin, group, kept)
         at, waiting = order.enqueue(ref, queued, now_ms())
         head = order.blocker(at)
         HELD_BEHIND.labels(record.site, record.target, record.resource_type).inc()
@@ -663,6 +661,11 @@ async def _sink_one(
     async def attempt(item: Queued, is_head: bool) -> Outcome:
         this = carried if is_head else Carried(item.key, item.value, list(item.headers), item.origin)
         version = record if is_head else decode(item.value, RoutedResource)  # the head is decoded above
+        if not is_head:
+            if any(name == DISCARD_HEADER for name, _ in this.headers):  # discarded while it had to wait
+                await emit_audit("discarded", version, detail=f"dead letter {item.identity} discarded by an operator")
+                return "written"
+            version, this = _as_decided(order, version, this)  # queued before a reviewer decided on it
         if not is_head or this.failure is not None:  # it waited (a retry tier, a dead letter, behind another)
             elsewhere = redirect(current(patient_sources_by_patient_key), version)
             if elsewhere is not None:  # meanwhile its site's records moved from this Patient to another
@@ -680,6 +683,18 @@ async def _sink_one(
     head = Queued(identity, carried.key, value, carried.origin, group)
     await write_in_order(order, ref, head, attempt, now_ms(), skip_head=discard)
     await apply_tables(order.table)  # type: ignore[arg-type]
+
+
+def _as_decided(order: SinkOrder, record: RoutedResource, carried: Carried) -> tuple[RoutedResource, Carried]:
+    """A version of a resource a reviewer decided on (SinkOrder.decided), as it is written: central's decision where
+    those flow back (decided_at_central), its Kafka value rewritten too, so that a copy waiting in a queue or a
+    retry tier (which keeps no decision header) is written the same way. Anything else as it is."""
+    if not order.decided(record.target_ref):
+        return record, carried
+    decided = decided_at_central(config, record)
+    if decided is record:
+        return record, carried
+    return decided, replace(carried, value=encode(decided))
 
 
 async def _report_conflict(
@@ -714,7 +729,7 @@ def _bundle_candidate(event: EventT, record: RoutedResource | None) -> RoutedRes
         ref = record.target_ref
         if order.route(ref, Carried.of(event).identity) != "write" or order.blocker(ref) is not None:
             return None
-        if order.decided(ref):  # written as central's decision (_sink_one)
+        if order.decided(ref) and decided_at_central(config, record) is not record:  # as central's (_sink_one)
             return None
         if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
             return None

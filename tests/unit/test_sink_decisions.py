@@ -101,6 +101,18 @@ def test_a_decision_that_waited_in_a_retry_tier_and_the_hospital_s_later_changes
     assert _source(sink.written[-1]) == "urn:cdrsync:site:site-a"
 
 
+@pytest.mark.parametrize("decision", [b"take-incoming:3", b"keep-target:3"])
+def test_a_version_that_waited_behind_another_when_the_reviewer_decided_is_written_as_central_s(
+    monkeypatch: pytest.MonkeyPatch, decision: bytes
+) -> None:
+    sink = Sink(monkeypatch, ["retrying"])
+    sink.arrive(encode(_form("in-progress", 10)))  # fails: a retry tier, the form held behind it
+    sink.arrive(encode(_form("completed", 11)))  # queued behind it, as the hospital sent it
+    sink.arrive(encode(_form("in-progress", 9)), [(RESOLUTION_HEADER, decision)])  # the reviewer decides
+    sink.back_from_tier()  # written, and the version queued behind it
+    assert [(r.source_lsn, _source(r)) for r in sink.written] == [(10, CENTRAL), (11, CENTRAL)]
+
+
 def test_a_group_delete_that_waits_again_after_its_tier_keeps_its_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Left by a worker before groups: the delete (Observation with Provenance) held the Observation alone, and an
     update of the Provenance waits in a tier. The delete comes back first and waits for it; released, it fails
