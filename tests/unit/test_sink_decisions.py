@@ -47,7 +47,10 @@ class Sink:
         monkeypatch.setattr(stages, "blocked_by_reference", self.table)
         monkeypatch.setattr(stages, "patient_sources_by_patient_key", {})
 
-        async def write(record: RoutedResource, *_: Any) -> None:
+        self.tries: list[int] = []  # the in-process attempts each write was allowed
+
+        async def write(record: RoutedResource, attempts: int, *_: Any) -> None:
+            self.tries.append(attempts)
             if (self.fates.pop(0) if self.fates else "written") == "retrying":
                 raise RetryableError("target answered 503")
             self.written.append(record)
@@ -154,3 +157,14 @@ def test_failure_headers_survive_a_queue() -> None:
     item = Queued("ready[0]@7", b"pk", b"v", ("ready", 0, 9), ("A/1", "B/2"), headers)
     order = SinkOrder({"A/1": {"blocker": "ready[0]@1", "state": "retrying", "queue": [_encode(item)]}})
     assert order.written("A/1", "ready[0]@1") == item
+
+
+def test_a_record_back_from_a_retry_tier_is_tried_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first failure backs off in process (CDRSYNC_SINK_ATTEMPTS); a record back from a tier gets one try, so
+    that a patient's records going round the tiers (waiting for a deleted Patient, say) do not each hold the
+    sink's batch, every other patient's with it, for a full backoff again."""
+    sink = Sink(monkeypatch, ["retrying", "retrying"])
+    sink.arrive(encode(_form("completed", 10)))
+    sink.back_from_tier()
+    sink.back_from_tier()
+    assert sink.tries == [3, 1, 1] and len(sink.written) == 1
