@@ -675,9 +675,9 @@ async def _sink_one(
         if order.superseded(at, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
             return "written"
-        # Back from a tier (or a dead letter replayed), one try: the tiers space its tries out, and backing off
-        # in process again would hold the sink's whole batch (every patient's) for each such record.
-        tries = attempts if this.failure is None else 1
+        # Back from a tier, one try: the tiers space its tries out, and backing off in process again would hold
+        # the sink's whole batch (every patient's) for each such record. A replayed dead letter (tier -1) gets all.
+        tries = attempts if this.failure is None or this.failure.tier < 0 else 1
         outcome = await _attempt(stage, this, version, tries, versions, prewritten if is_head else None)
         if outcome in ("written", "conflict"):
             order.note_written(at, row, version.source_lsn)
