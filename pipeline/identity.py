@@ -265,6 +265,17 @@ def _resolve_local(
     state: IdentityState, local: str, record: NormalizedResource, site: SiteConfig, out: IdentityOutcome
 ) -> None:
     entry = state.keys.get(local, {})
+    if record.resource_type == "Patient" and not record.is_delete and record.source_lsn is not None:
+        last = entry.get("lsn")
+        if last is not None and record.source_lsn < last:
+            # Read again (a batch processed twice after a restart): taken for the hospital's current version, an
+            # older identifier would withdraw an open review and release the held records to the old patient.
+            why = f"an older version of {local} (source LSN {record.source_lsn}) read again after LSN {last}"
+            out.not_applied.append((record, why))
+            return
+        entry = {**entry, "lsn": record.source_lsn}
+        if local in state.keys:
+            state.keys[local] = entry
     known, review = entry.get("key"), entry.get("review")
     survivor = None  # for a merged record's Patient: the local id of the record it was merged into
     if record.resource_type == "Patient" and not record.is_delete:
@@ -340,8 +351,9 @@ def _check_merge(
 
 
 def _with(entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """A local patient's entry after a change: its count of reviews kept, review and rejection only if given."""
-    kept = {"reviews": entry["reviews"]} if "reviews" in entry else {}
+    """A local patient's entry after a change: its count of reviews and the source LSN of its latest Patient
+    version kept, review and rejection only if given."""
+    kept: dict[str, Any] = {name: entry[name] for name in ("reviews", "lsn") if name in entry}
     return {**kept, **{name: value for name, value in fields.items() if value is not None}}
 
 
@@ -355,7 +367,8 @@ def _open_review(
     out: IdentityOutcome,
 ) -> None:
     number = int(entry.get("reviews", 0)) + 1  # names the review: `cdrsync identity list` matches closings to it
-    state.keys[local] = {"key": entry["key"], "reviews": number, "review": {"proposed": key, "number": number}}
+    review = {"proposed": key, "number": number}
+    state.keys[local] = {**_with(entry, key=entry["key"]), "reviews": number, "review": review}
     what = f"{local} was merged into {record.site}|{survivor}" if survivor else f"shared identifier of {local} changed"
     reason = f"{what}: patient key {entry['key']} -> {key}"
     out.review.append(Review(record, reason, entry["key"], key, number))
