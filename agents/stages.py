@@ -479,7 +479,11 @@ def _breaker(target: str) -> CircuitBreaker:
 
 
 async def _write(
-    event_record: RoutedResource, attempts: int, versions: TargetVersions, prewritten: WriteOutcome | None = None
+    event_record: RoutedResource,
+    attempts: int,
+    versions: TargetVersions,
+    prewritten: WriteOutcome | None = None,
+    retry_on: tuple[type[Exception], ...] = (RetryableError,),
 ) -> None:
     """Write one record over the target version our last write got; raise what the target's answer means.
 
@@ -487,7 +491,8 @@ async def _write(
     only what follows a write (version, metrics, audit) is left to do.
     """
     if prewritten is None:
-        client, policy = _client(event_record.target), RetryPolicy(attempts, give_up=hold_interrupted)
+        client = _client(event_record.target)
+        policy = RetryPolicy(attempts, give_up=hold_interrupted, retry_on=retry_on)
         writer = None
         if event_record.op == MOVE:  # the order stage's table (this partition's) says whether the patient came back
             here = current(patient_sources_by_patient_key).get(event_record.target_id) or {}
@@ -549,9 +554,14 @@ async def _attempt(
     when it answers, so an outage does not push records through the tiers to the dead letters.
     """
     labels = (record.site, record.target, record.resource_type, "failed")
+    # Back from a tier, only an unavailable target is retried in process: a write waiting for another one (a
+    # reference, an awaited write) may go round the last tier for hours, and backing off in process each time
+    # would hold the sink's whole batch, every patient's, for seconds. A replayed dead letter (tier -1) gets all.
+    from_tier = carried.failure is not None and carried.failure.tier >= 0
+    retry_on: tuple[type[Exception], ...] = (TargetUnavailableError,) if from_tier else (RetryableError,)
     while True:
         try:
-            await _write(record, attempts, versions, prewritten)
+            await _write(record, attempts, versions, prewritten, retry_on)
             return "written"
         except VersionConflictError as conflict:
             WRITES.labels(*labels, conflict.error_class).inc()
@@ -675,10 +685,7 @@ async def _sink_one(
         if order.superseded(at, row, version.source_lsn):  # read again after a crash: already overtaken
             await emit_audit("duplicate_skipped", version, detail=f"superseded, source LSN {version.source_lsn}")
             return "written"
-        # Back from a tier, one try: the tiers space its tries out, and backing off in process again would hold
-        # the sink's whole batch (every patient's) for each such record. A replayed dead letter (tier -1) gets all.
-        tries = attempts if this.failure is None or this.failure.tier < 0 else 1
-        outcome = await _attempt(stage, this, version, tries, versions, prewritten if is_head else None)
+        outcome = await _attempt(stage, this, version, attempts, versions, prewritten if is_head else None)
         if outcome in ("written", "conflict"):
             order.note_written(at, row, version.source_lsn)
         return outcome

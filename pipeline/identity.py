@@ -266,14 +266,16 @@ def _resolve_local(
 ) -> None:
     entry = state.keys.get(local, {})
     if record.resource_type == "Patient" and not record.is_delete and record.source_lsn is not None:
-        last = entry.get("lsn")
-        if last is not None and record.source_lsn < last:
+        row, last = (entry.get("lsn") or [None, None])[:2]
+        if row == record.source_id and last is not None and record.source_lsn < last:
             # Read again (a batch processed twice after a restart): taken for the hospital's current version, an
             # older identifier would withdraw an open review and release the held records to the old patient.
+            # Only versions of one source row are compared: a row's changes reach the WAL in commit order, those
+            # of two rows (two HL7 v2 messages) need not.
             why = f"an older version of {local} (source LSN {record.source_lsn}) read again after LSN {last}"
             out.not_applied.append((record, why))
             return
-        entry = {**entry, "lsn": record.source_lsn}
+        entry = {**entry, "lsn": [record.source_id, record.source_lsn]}
         if local in state.keys:
             state.keys[local] = entry
     known, review = entry.get("key"), entry.get("review")
@@ -351,8 +353,8 @@ def _check_merge(
 
 
 def _with(entry: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """A local patient's entry after a change: its count of reviews and the source LSN of its latest Patient
-    version kept, review and rejection only if given."""
+    """A local patient's entry after a change: its count of reviews and the source row and LSN of its latest
+    Patient version kept, review and rejection only if given."""
     kept: dict[str, Any] = {name: entry[name] for name in ("reviews", "lsn") if name in entry}
     return {**kept, **{name: value for name, value in fields.items() if value is not None}}
 

@@ -77,8 +77,10 @@ class RetryPolicy:
         max_seconds: float = 8.0,
         max_retry_after_seconds: float = 120.0,
         give_up: Callable[[], str | None] | None = None,
+        retry_on: tuple[type[Exception], ...] = (RetryableError,),
     ) -> None:
         self.attempts = attempts
+        self.retry_on = retry_on  # the errors retried in process (all retryable ones unless narrowed)
         # Asked after each failed attempt: a reason ends the retries there (the last error is raised). The
         # sink's says the worker is stopping or handing its partitions over, which waits for this record.
         self.give_up = give_up
@@ -356,7 +358,7 @@ async def write_with_retries(
         async for attempt in AsyncRetrying(
             stop=stop,
             wait=retry_wait(policy),
-            retry=retry_if_exception_type(RetryableError),
+            retry=retry_if_exception_type(policy.retry_on),
             reraise=True,
         ):
             with attempt:

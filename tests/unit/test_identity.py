@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -550,3 +552,17 @@ def test_an_older_patient_version_read_again_does_not_withdraw_an_open_review(co
     ]
     taken_back = resolve_identity(s, version(PATIENT, "u", 300), site)  # the hospital takes the change back
     assert taken_back.closed is not None and "review" not in s.keys[LOCAL]
+
+
+def test_a_patient_version_from_another_source_row_is_never_compared_by_lsn(config) -> None:  # type: ignore[no-untyped-def]
+    """HL7 v2 messages are rows of their own: the message committed second can carry the lower LSN. Its Patient
+    (here a changed insurance number) is applied as it comes, so the review opens."""
+    s, site = state(), config.sites["site-a"]
+    position = SourcePosition("cdc.site-a.fhir.resource", 0, 7)
+    first = normalize_change(site, debezium_value("c", None, row(PATIENT, 1), lsn=310), position)
+    resolve_identity(s, first, site)
+    changed = normalize_change(
+        site, debezium_value("u", None, row(with_kvnr(PATIENT, "Z000000001"), 2), lsn=300), position
+    )
+    out = resolve_identity(s, replace(changed, source_id="adt-message-2"), site)
+    assert out.not_applied == [] and s.keys[LOCAL]["review"]["proposed"] == OTHER_KEY

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.breaker import GIVE_UP_CHECK_SECONDS, CircuitBreaker, HoldAbandoned, reachable
 from pipeline.deadletter import FailureInfo, retry_schedule
-from pipeline.errors import TargetUnavailableError
+from pipeline.errors import ReferenceNotReadyError, TargetUnavailableError
 
 pytestmark = pytest.mark.unit
 DELAYS = [60, 600, 3600]
@@ -200,6 +200,32 @@ def test_in_process_retries_end_when_the_holder_gives_up(
         asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
     made = interrupted_after or 4
     assert len(calls) == made and raised.value.attempts_made == made  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("error", "tries"),
+    [(TargetUnavailableError("answered 503"), 4), (ReferenceNotReadyError("HAPI-1096: Patient/x is deleted"), 1)],
+)
+def test_narrowed_retries_back_off_only_for_an_unavailable_target(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, tries: int
+) -> None:
+    """A record back from a tier retries in process only what a moment may fix (the target unavailable); a write
+    that waits for another one goes on to the next tier at once instead of holding the sink for the backoff."""
+    from pipeline import sink
+    from tests.casebuilder import routed_record
+
+    calls: list[int] = []
+
+    async def failing(client: object, record: object, versions: object) -> None:
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(sink, "write_record", failing)
+    record = routed_record({"resourceType": "Observation", "id": "obs-1"}, patient_key="p")
+    policy = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, retry_on=(TargetUnavailableError,))
+    with pytest.raises(type(error)):
+        asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
+    assert len(calls) == tries
 
 
 def test_a_write_that_goes_through_closes_a_breaker_left_open_by_a_hold_given_up() -> None:

@@ -15,7 +15,7 @@ import agents.stages as stages
 from pipeline.blocking import Queued, SinkOrder, _encode
 from pipeline.conflicts import RESOLUTION_HEADER
 from pipeline.deadletter import failure_headers, failure_info
-from pipeline.errors import RetryableError
+from pipeline.errors import RetryableError, TargetUnavailableError
 from pipeline.records import RoutedResource, encode
 from tests.casebuilder import decision_response, routed_record
 
@@ -47,10 +47,10 @@ class Sink:
         monkeypatch.setattr(stages, "blocked_by_reference", self.table)
         monkeypatch.setattr(stages, "patient_sources_by_patient_key", {})
 
-        self.tries: list[int] = []  # the in-process attempts each write was allowed
+        self.retried: list[tuple[type[Exception], ...]] = []  # the errors each write may retry in process
 
-        async def write(record: RoutedResource, attempts: int, *_: Any) -> None:
-            self.tries.append(attempts)
+        async def write(record: RoutedResource, attempts: int, versions: Any, prewritten: Any, retry_on: Any) -> None:
+            self.retried.append(retry_on)
             if (self.fates.pop(0) if self.fates else "written") == "retrying":
                 raise RetryableError("target answered 503")
             self.written.append(record)
@@ -159,12 +159,15 @@ def test_failure_headers_survive_a_queue() -> None:
     assert order.written("A/1", "ready[0]@1") == item
 
 
-def test_a_record_back_from_a_retry_tier_is_tried_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first failure backs off in process (CDRSYNC_SINK_ATTEMPTS); a record back from a tier gets one try, so
-    that a patient's records going round the tiers (waiting for a deleted Patient, say) do not each hold the
-    sink's batch, every other patient's with it, for a full backoff again."""
+def test_a_record_back_from_a_retry_tier_backs_off_in_process_only_for_an_unavailable_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first failure backs off in process for any retryable error; a record back from a tier only while the
+    target is unavailable, so that a patient's records going round the tiers (waiting for a deleted Patient, say)
+    do not each hold the sink's batch, every other patient's with it, for a full backoff again."""
     sink = Sink(monkeypatch, ["retrying", "retrying"])
     sink.arrive(encode(_form("completed", 10)))
     sink.back_from_tier()
     sink.back_from_tier()
-    assert sink.tries == [3, 1, 1] and len(sink.written) == 1
+    assert sink.retried == [(RetryableError,), (TargetUnavailableError,), (TargetUnavailableError,)]
+    assert len(sink.written) == 1
