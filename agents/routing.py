@@ -19,7 +19,14 @@ from faust.streams import _current_event, current_event
 from faust.types import EventT, TopicT
 
 from pipeline.audit import Step, failure_event
-from pipeline.deadletter import FailureInfo, failure_headers, failure_info, parse_failure_headers, retry_schedule
+from pipeline.deadletter import (
+    DISCARD_HEADER,
+    FailureInfo,
+    failure_headers,
+    failure_info,
+    parse_failure_headers,
+    retry_schedule,
+)
 from pipeline.errors import AwaitedWriteError
 from pipeline.metrics import DEAD_LETTERS, RETRIES
 from pipeline.observe import route_labels
@@ -68,6 +75,11 @@ class Carried:
     def failure(self) -> FailureInfo | None:
         """Its earlier failures, from the headers."""
         return parse_failure_headers(self.headers)
+
+    @property
+    def discarded(self) -> bool:
+        """Whether an operator discarded it (`cdrsync dlq discard`): resolved without being written."""
+        return any(name == DISCARD_HEADER for name, _ in self.headers)
 
     @property
     def identity(self) -> str:

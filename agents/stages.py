@@ -21,11 +21,11 @@ import orjson
 from faust.types import EventT, StreamT
 
 from pipeline import identity
-from pipeline.backflow import decided_at_central, flows_back
+from pipeline.backflow import captured_at_target, decided_at_central, flows_back
 from pipeline.blocking import Outcome, Queued, SinkOrder, TargetVersions, write_in_order
 from pipeline.breaker import CircuitBreaker, HoldAbandoned
 from pipeline.conflicts import RESOLUTION_HEADER, conflict_record, parse_resolution
-from pipeline.deadletter import DISCARD_HEADER, failure_info, failure_only
+from pipeline.deadletter import DISCARD_HEADER, failure_info, kept_while_queued
 from pipeline.errors import (
     CdrsyncError,
     EnvelopeError,
@@ -622,7 +622,7 @@ async def _sink_one(
     try:
         record = decoded if decoded is not None else decode(event.message.value, RoutedResource)
     except PermanentError as error:
-        if any(name == DISCARD_HEADER for name, _ in carried.headers):
+        if carried.discarded:
             # An operator discarded this dead letter (`cdrsync dlq discard`, audited there). It never decoded,
             # so it never reached the sink's table and nothing waits behind it: not a new dead letter.
             log.warning("discarded dead letter %s does not decode (%s): dropped", carried.identity, error)
@@ -653,8 +653,7 @@ async def _sink_one(
         await emit_audit("duplicate_skipped", record, detail=identity)
         return
     if route == "queue":
-        kept = failure_only(carried.headers) + tuple((n, v) for n, v in carried.headers if n == DISCARD_HEADER)
-        queued = Queued(identity, carried.key, value, carried.origin, group, kept)
+        queued = Queued(identity, carried.key, value, carried.origin, group, kept_while_queued(carried.headers))
         at, waiting = order.enqueue(ref, queued, now_ms())
         head = order.blocker(at)
         HELD_BEHIND.labels(record.site, record.target, record.resource_type).inc()
@@ -664,7 +663,7 @@ async def _sink_one(
         await emit_audit("held_behind", record, detail=detail)
         await apply_tables(order.table)  # type: ignore[arg-type]
         return
-    discard = any(name == DISCARD_HEADER for name, _ in carried.headers)
+    discard = carried.discarded
     if discard:
         await emit_audit("discarded", record, detail=f"dead letter {identity} discarded by an operator")
 
@@ -672,7 +671,7 @@ async def _sink_one(
         this = carried if is_head else Carried(item.key, item.value, list(item.headers), item.origin)
         version = record if is_head else decode(item.value, RoutedResource)  # the head is decoded above
         if not is_head:
-            if any(name == DISCARD_HEADER for name, _ in this.headers):  # discarded while it had to wait
+            if this.discarded:  # discarded while it had to wait
                 await emit_audit("discarded", version, detail=f"dead letter {item.identity} discarded by an operator")
                 return "written"
             version, this = _as_decided(order, version, this)  # queued before a reviewer decided on it
@@ -739,7 +738,7 @@ def _bundle_candidate(event: EventT, record: RoutedResource | None) -> RoutedRes
         ref = record.target_ref
         if order.route(ref, Carried.of(event).identity) != "write" or order.blocker(ref) is not None:
             return None
-        if order.decided(ref) and decided_at_central(config, record) is not record:  # as central's (_sink_one)
+        if order.decided(ref) and captured_at_target(config, record):  # written as central's (_sink_one)
             return None
         if order.superseded(ref, f"{record.site}|{record.source_id}", record.source_lsn):
             return None

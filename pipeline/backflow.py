@@ -41,6 +41,7 @@ from .references import logical_system, rewrite_references
 __all__ = [
     "SOURCE_VERSION_TAG_SYSTEM",
     "WriteBack",
+    "captured_at_target",
     "central_record",
     "central_supersedes",
     "decided_at_central",
@@ -65,17 +66,20 @@ def flows_back(config: Config, site: str) -> bool:
     return declared is not None and declared.capture is not None
 
 
-def decided_at_central(config: Config, record: RoutedResource) -> RoutedResource:
-    """A hospital's version a reviewer chose over central's (--take-incoming), as the sink writes it: where central
-    captures its own changes of this type, with central's own meta.source, so the capture takes it for central's
-    change and it flows back to every hospital of the patient. Otherwise it would stay a hospital's write, never
-    captured: the hospitals holding the board's version it replaced would keep a decision central no longer holds,
-    and a hospital whose copy of that version was still on its way would get nothing (central_supersedes stops
-    it). Any other record is returned as it is."""
+def captured_at_target(config: Config, record: RoutedResource) -> bool:
+    """Whether the record's target captures its own changes of the record's type: they flow back."""
     target = config.sites.get(record.target)
-    if target is None or target.capture is None or record.resource_type not in target.resource_types:
-        return record
-    if record.resource is None:
+    return target is not None and target.capture is not None and record.resource_type in target.resource_types
+
+
+def decided_at_central(config: Config, record: RoutedResource) -> RoutedResource:
+    """A version of a resource a reviewer decided on (`cdrsync conflicts resolve`), as the sink writes it: where
+    central captures its own changes of this type, with central's own meta.source, so the capture takes it for
+    central's change and it flows back to every hospital of the patient. Otherwise it would stay a hospital's write,
+    never captured: the hospitals holding the board's version it replaced would keep a decision central no longer
+    holds, and a hospital whose copy of that version was still on its way would get nothing (central_supersedes
+    stops it). Any other record is returned as it is."""
+    if not captured_at_target(config, record) or record.resource is None:
         return record
     resource = orjson.loads(record.resource)
     meta = {**(resource.get("meta") or {}), "source": f"{CDRSYNC_SOURCE_PREFIX}{record.target}"}

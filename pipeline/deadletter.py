@@ -14,6 +14,7 @@ __all__ = [
     "FailureInfo",
     "failure_headers",
     "failure_info",
+    "kept_while_queued",
     "parse_failure_headers",
     "retry_schedule",
 ]
@@ -67,15 +68,21 @@ def failure_info(
     )
 
 
-def failure_only(headers: Sequence[tuple[str, bytes]]) -> tuple[tuple[str, bytes], ...]:
-    """The failure headers among a record's headers (failure_headers wrote them)."""
-    names = {f"{_PREFIX}{key.replace('_', '-')}" for key in FailureInfo.__annotations__}
+def _header_name(field: str) -> str:
+    """The Kafka header of a FailureInfo field (cdrsync-origin-offset for origin_offset)."""
+    return f"{_PREFIX}{field.replace('_', '-')}"
+
+
+def kept_while_queued(headers: Sequence[tuple[str, bytes]]) -> tuple[tuple[str, bytes], ...]:
+    """The headers a record keeps while it waits in the sink's queue: its failure (failure_headers wrote them),
+    and an operator's discard."""
+    names = {_header_name(field) for field in FailureInfo.__annotations__} | {DISCARD_HEADER}
     return tuple((name, value) for name, value in headers if name in names)
 
 
 def failure_headers(info: FailureInfo) -> Headers:
     """Kafka headers for a failure (all values UTF-8 text)."""
-    return [(f"{_PREFIX}{key.replace('_', '-')}", str(value).encode()) for key, value in info.__dict__.items()]
+    return [(_header_name(key), str(value).encode()) for key, value in info.__dict__.items()]
 
 
 def parse_failure_headers(
