@@ -23,6 +23,7 @@ from tests.casebuilder import observation_for, patient
 from . import hapi, offsets
 from .context import Bench
 from .dataset import expected_ref
+from .floors import capture_latencies
 from .naive import NaiveRun, start_naive_loop
 from .report import summarize
 from .worker import BenchWorker, StageBuckets, stage_times
@@ -136,11 +137,18 @@ def _measure(
     """One rate: latencies of its changes; with a worker, also where they spent their time in it, by stage."""
     observations = _warm_up(bench, namespace)
     before = _stage_reading(bench, worker)
+    bootstrap = bench.settings.kafka_bootstrap
+    source_start = offsets.end_offsets(bootstrap, bench.source_topic)
     changes = _generate(bench, observations, rate, seconds)
     versions = _observe(bench, changes, timeout=max(300.0, 3 * seconds))
     after = _stage_reading(bench, worker)
     values, unseen = latencies(changes, versions)
     result = {**summarize(values), "unseen": unseen, "rate": rate, "seconds": seconds}
+    source_end = offsets.end_offsets(bootstrap, bench.source_topic)
+    group = f"bench-{bench.run_id}-capture"
+    with offsets.read_range(bootstrap, bench.source_topic, source_start, source_end, group, 1.0) as records:
+        captured, missed = capture_latencies(changes, records)
+    result["capture"] = {**summarize(captured), "unseen": missed}
     if before is not None and after is not None:
         result["stages"] = stage_times(before, after)
     return result

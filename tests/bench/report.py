@@ -117,6 +117,8 @@ def _figures(results: dict[str, Any]) -> list[str]:
             f"ready after {r1['pipeline']['worker_ready_seconds']} s), "
             f"raw consume(500) {r1['raw']['per_second']}/s"
         )
+        if validation := r1.get("validation_alone"):
+            lines.append(_validation_line(validation))
         if stages := r1["pipeline"].get("stages"):
             lines.append(_load_line(stages, r1["pipeline"].get("drain_seconds")))
         if cpu := r1["pipeline"].get("cpu"):
@@ -146,8 +148,11 @@ def _figures(results: dict[str, Any]) -> list[str]:
                 )
         if stages := (r3.get("pipeline") or {}).get("stages"):
             lines.append(_stage_line(rate, stages))
+        lines += _capture_lines(rate, r3)
     if (floor := results.get("hop_floor")) and floor["hop"].get("count"):
         lines += _hop_floor_lines(floor, _get(results, "r3", "1", "naive", "p50"))
+    if (floor := results.get("aiokafka_hop_floor")) and floor["hop"].get("count"):
+        lines.append(_aiokafka_hop_line(floor, _get(results, "r3", "1", "naive", "p50")))
     if memory := results.get("memory"):
         points = ", ".join(f"{p['patients']} patients {p['rss_mib']} MiB" for p in memory.get("points", []))
         lines.append(f"Memory  worker RSS: {points}")
@@ -183,6 +188,46 @@ def _load_line(stages: dict[str, dict[str, float]], drain: float | None) -> str:
         parts.append(f"{stage} {busy:.1f} s{share}, {batches:.0f} x {records / batches if batches else 0:.1f}")
     head = f"busy s of the {drain:.1f} s drain" if drain else "busy s"
     return f"R1  by stage, {head}, batches x records per batch: " + "; ".join(parts)
+
+
+def _validation_line(validation: dict[str, Any]) -> str:
+    check, mapped = validation["validate"], validation["normalize_change"]
+    return (
+        f"R1  validation alone (fhir.resources on each of R1's resources, one after the other, nothing read or "
+        f"written): {check['per_second']}/s = {check['ratio_to_raw']} x the raw loop, the largest R1 a worker that "
+        f"validates every record reaches here; the project's normalize_change alone: {mapped['per_second']}/s = "
+        f"{mapped['ratio_to_raw']} x"
+    )
+
+
+def _capture_lines(rate: str, r3: dict[str, Any]) -> list[str]:
+    """Debezium's part of R3 at one rate (commit to its record in Kafka), and for the p99 goal's rate, what the
+    goal leaves the pipeline against it."""
+    capture = (r3.get("pipeline") or {}).get("capture") or (r3.get("naive") or {}).get("capture") or {}
+    if not capture.get("count"):
+        return []
+    lines = [
+        f"R3  {rate}/s capture alone (commit to Debezium's record in Kafka, which every reader waits for), "
+        f"{capture['count']} changes: p50 {capture['p50'] * 1000:.0f} ms, p99 {capture['p99'] * 1000:.0f} ms"
+    ]
+    naive99 = (r3.get("naive") or {}).get("p99")
+    if rate == "50" and naive99:
+        lines.append(
+            f"R3  at 50/s the goal asks the pipeline's p99 to be {0.5 * naive99 * 1000:.0f} ms at most (0.5 x the "
+            f"naive loop's); the capture alone takes {capture['p99'] * 1000:.0f} ms at p99 before any reader has "
+            "the change"
+        )
+    return lines
+
+
+def _aiokafka_hop_line(floor: dict[str, Any], naive50: float | None) -> str:
+    hop, chain, hops = floor["hop"], floor["chain"], floor["hops"]
+    leaves = f" (the 1/s goal leaves the pipeline's extra topics {0.2 * naive50 * 1000:.1f} ms)" if naive50 else ""
+    return (
+        f"R3  one Kafka hop alone through aiokafka (the client Faust is built on, acks=all, linger 0) at "
+        f"{floor['rate']:g}/s, {hop['count']} hops: p50 {hop['p50'] * 1000:.1f} ms, p99 {hop['p99'] * 1000:.1f} ms; "
+        f"{hops} in a row: p50 {chain['p50'] * 1000:.1f} ms{leaves}"
+    )
 
 
 def _hop_floor_lines(floor: dict[str, Any], naive50: float | None) -> list[str]:

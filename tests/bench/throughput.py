@@ -15,6 +15,7 @@ from pipeline.errors import TargetUnavailableError
 from . import hapi
 from .context import Bench
 from .dataset import Dataset, expected_ref
+from .floors import validation_alone
 from .instant_ack import InstantAckServer
 from .machine import cpu_use, read_cpu
 from .naive import NaiveRun, start_naive_loop
@@ -69,6 +70,7 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
     bench.log(f"R1: {len(resources)} resources on {bench.source_topic} (Debezium: {capture:.1f} s)")
     raw = raw_drain(bench.settings.kafka_bootstrap, bench.source_topic, before, after, f"{phase.app_id}-raw")
     bench.log(f"R1: raw consume(500) loop: {raw.count} records in {raw.seconds:.2f} s = {raw.rate:.0f}/s")
+    validation = validation_alone(bench, bench.site, before, after, raw.rate)
     expected = {expected_ref(r, bench.site.site) for r in resources}
     device.reset()
     worker = bench.worker(phase, device.base_url, start=before).start()
@@ -106,6 +108,7 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
         "raw": raw.as_dict(),
         "pipeline": pipeline.as_dict(),
         "ratio": round(pipeline.rate / raw.rate, 4) if raw.rate else None,
+        "validation_alone": validation,
         "profile": cpu_profile,
     }
 

@@ -18,6 +18,7 @@ from pipeline.ids import target_id
 from pipeline.status import parse_metrics
 from tests.bench.ceiling import transaction
 from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
+from tests.bench.floors import _rate, capture_latencies
 from tests.bench.hops import hop_times
 from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
@@ -237,6 +238,75 @@ def test_report_sets_the_hop_floor_against_what_the_latency_goal_leaves() -> Non
     text = format_report(results)
     assert "one Kafka hop alone (a C client relaying, acks=all, linger 0) at 1/s, 90 hops: p50 3.1 ms" in text
     assert "at 1/s the goal leaves them 5.0 ms (0.2 x the naive loop's p50), and 3 hops alone take 10.2 ms" in text
+
+
+class _Record:
+    """What capture_latencies reads of a confluent_kafka Message: its value and its timestamp."""
+
+    def __init__(self, value: bytes | None, at_ms: int) -> None:
+        self._value, self._at_ms = value, at_ms
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return 1, self._at_ms
+
+
+def _debezium(value: float | None, at_ms: int) -> _Record:
+    resource = {"resourceType": "Observation", "id": "o1"}
+    if value is not None:
+        resource["valueQuantity"] = {"value": value, "unit": "mg"}
+    envelope = {"before": None, "after": {"id": "o1", "content": orjson.dumps(resource).decode()}, "op": "u"}
+    return _Record(orjson.dumps(envelope), at_ms)
+
+
+def test_capture_is_timed_from_each_commit_to_debezium_s_first_record_of_its_value() -> None:
+    changes = [Change(f"Observation/{n}", float(n), at) for n, at in ((1, 100.0), (2, 100.5), (3, 101.0))]
+    records = [
+        _debezium(1.0, 100_021),
+        _debezium(2.0, 100_540),
+        _debezium(2.0, 100_530),  # the same change read again (a connector restart): its first record counts
+        _debezium(None, 100_600),  # a row without a value, as the warm-up's Patients
+        _Record(None, 100_700),  # a tombstone
+    ]
+    captured, unseen = capture_latencies(changes, records)  # type: ignore[arg-type]
+    assert captured == pytest.approx([0.021, 0.030])
+    assert unseen == 1  # the third change has no record
+
+
+def test_a_floor_s_rate_is_set_against_the_raw_loop() -> None:
+    assert _rate(3000, 1.5, 40000.0) == {"count": 3000, "seconds": 1.5, "per_second": 2000.0, "ratio_to_raw": 0.05}
+    assert _rate(0, 0.0, 0.0)["ratio_to_raw"] is None
+
+
+def test_report_sets_each_part_measured_alone_against_the_goal_it_bounds() -> None:
+    results = _results()
+    results["r1"]["validation_alone"] = {
+        "validate": {"count": 10, "seconds": 0.003, "per_second": 3333.3, "ratio_to_raw": 0.0913},
+        "normalize_change": {"count": 10, "seconds": 0.004, "per_second": 2500.0, "ratio_to_raw": 0.0685},
+    }
+    results["r3"]["50"]["pipeline"]["capture"] = {"count": 5, "p50": 0.021, "p99": 0.048, "max": 0.05, "unseen": 0}
+    results["r3"]["50"]["naive"]["p99"] = 0.053
+    results["r3"]["1"] = {"naive": {"count": 3, "p50": 0.028, "p99": 0.03, "max": 0.03}}
+    results["aiokafka_hop_floor"] = {
+        "rate": 1.0,
+        "hops": 3,
+        "client": "aiokafka",
+        "hop": {"count": 90, "p50": 0.0029, "p99": 0.006, "max": 0.007},
+        "chain": {"count": 30, "p50": 0.0088, "p99": 0.015, "max": 0.016},
+        "unseen": 0,
+    }
+    text = format_report(results)
+    assert "validation alone (fhir.resources on each of R1's resources" in text
+    assert "3333.3/s = 0.0913 x the raw loop" in text
+    assert "normalize_change alone: 2500.0/s = 0.0685 x" in text
+    assert "50/s capture alone (commit to Debezium's record in Kafka, which every reader waits for), 5 changes" in text
+    assert "5 changes: p50 21 ms, p99 48 ms" in text
+    assert "the goal asks the pipeline's p99 to be 26 ms at most (0.5 x the naive loop's)" in text
+    assert "the capture alone takes 48 ms at p99" in text
+    assert "through aiokafka (the client Faust is built on, acks=all, linger 0) at 1/s, 90 hops: p50 2.9 ms" in text
+    assert "3 in a row: p50 8.8 ms (the 1/s goal leaves the pipeline's extra topics 5.6 ms)" in text
 
 
 def test_ceiling_bundle_puts_each_resource_at_its_target_reference_in_order() -> None:

@@ -1,0 +1,189 @@
+"""What the parts the pipeline must use cost alone, measured beside the goals they bound.
+
+R2 has the server alone (ceiling.py) and R3 the Kafka hop alone with a C client (hops.py). This adds:
+
+* R1, validation alone: the records R1 drains, validated with fhir.resources (what "a validated FHIR R4
+  resource" is made of here) in this process, one after the other, nothing else; and the project's
+  `normalize_change` alone (decode, map, validate, hash). A worker that validates every record drains
+  no faster than validation alone on the same core, so that rate over the raw loop's is the largest R1
+  such a worker reaches on the machine.
+* R3, capture alone: for every change R3 commits, the time from its commit to Debezium's record of it in
+  Kafka (the record's timestamp). Every reader of Debezium's topic, the naive loop included, pays it before
+  it sees the change.
+* R3, a hop through aiokafka alone: the hop floor of hops.py with the Python client Faust is built on
+  (aiokafka) relaying, on one event loop, instead of librdkafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from confluent_kafka import Message
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipeline.config import SiteConfig
+from pipeline.normalize import SourcePosition, normalize_change
+from pipeline.records import NormalizedResource
+from pipeline.resources import validate_resource
+
+from .context import Bench
+from .hops import hop_times
+from .offsets import Offsets, read_range
+from .report import summarize
+
+__all__ = ["capture_latencies", "run_aiokafka_hop_floor", "validation_alone"]
+
+
+def validation_alone(
+    bench: Bench, site: SiteConfig, start: Offsets, end: Offsets, raw_per_second: float
+) -> dict[str, Any]:
+    """R1's records, read first (not timed), then mapped by normalize_change and validated by fhir.resources
+    alone, each timed over all records; each rate and its ratio to the raw loop's."""
+    topic = bench.source_topic
+    with read_range(bench.settings.kafka_bootstrap, topic, start, end, f"bench-{bench.run_id}-floor", 1.0) as rows:
+        messages = [(m.value(), m.partition() or 0, m.offset() or 0) for m in rows]
+    began = time.perf_counter()
+    records = [normalize_change(site, value, SourcePosition(topic, p, o)) for value, p, o in messages]
+    normalize_seconds = time.perf_counter() - began
+    resources = [orjson.loads(r.resource) for r in records if isinstance(r, NormalizedResource) and r.resource]
+    began = time.perf_counter()
+    for resource in resources:
+        validate_resource(resource)
+    validate_seconds = time.perf_counter() - began
+    result: dict[str, Any] = {
+        "measured": "records of R1 in memory, one after the other in the bench's process: nothing read or written",
+        "validate": _rate(len(resources), validate_seconds, raw_per_second),
+        "normalize_change": _rate(len(messages), normalize_seconds, raw_per_second),
+    }
+    bench.log(
+        f"R1: validation alone: {result['validate']['per_second']}/s "
+        f"(normalize_change: {result['normalize_change']['per_second']}/s)"
+    )
+    return result
+
+
+def _rate(count: int, seconds: float, raw_per_second: float) -> dict[str, Any]:
+    per_second = count / seconds if seconds > 0 else 0.0
+    ratio = round(per_second / raw_per_second, 4) if raw_per_second else None
+    return {"count": count, "seconds": round(seconds, 3), "per_second": round(per_second, 1), "ratio_to_raw": ratio}
+
+
+def capture_latencies(changes: Sequence[Any], messages: Iterable[Message]) -> tuple[list[float], int]:
+    """Seconds from each change's commit to the Kafka timestamp of Debezium's record holding its value; also the
+    number of changes no record was found for. `changes` are latency.Change of one rate, whose values are unique
+    in it (each change sets its own sequence number), and `messages` the source topic's records of that rate."""
+    stamped: dict[float, float] = {}
+    for message in messages:
+        value = message.value()
+        if not value:
+            continue
+        content = (orjson.loads(value).get("after") or {}).get("content")
+        if not isinstance(content, str):
+            continue
+        quantity = orjson.loads(content).get("valueQuantity") or {}
+        if "value" not in quantity:
+            continue
+        at = message.timestamp()[1] / 1000.0
+        key = float(quantity["value"])
+        stamped[key] = min(at, stamped.get(key, at))
+    out, unseen = [], 0
+    for change in changes:
+        if change.value in stamped:
+            out.append(stamped[change.value] - change.committed_at)
+        else:
+            unseen += 1
+    return out, unseen
+
+
+def run_aiokafka_hop_floor(bench: Bench, hops: int = 3, rate: float = 1.0, seconds: float = 30.0) -> dict[str, Any]:
+    """hops.run_hop_floor with aiokafka in place of librdkafka: every producer and consumer of the chain is
+    aiokafka's (acks=all, idempotent, linger 0, each send awaited), all on one event loop in a thread."""
+    bootstrap = bench.settings.kafka_bootstrap
+    topics = [f"bench.{bench.run_id}.aiohops.{n}" for n in range(hops)]
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics]).values():
+        future.result(30)
+    result: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            chain = _aiokafka_chain(bootstrap, topics, f"bench-{bench.run_id}-aiohops", rate, seconds)
+            result.update(asyncio.run(chain))
+        except BaseException as error:  # reported below: the measurement fails with it
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="aiokafka-hops")
+    thread.start()
+    thread.join(seconds + 300)
+    if thread.is_alive() or errors:
+        raise RuntimeError(f"aiokafka hop floor: {errors[0] if errors else 'did not finish'}")
+    hop = result["hop"]
+    bench.log(f"R3: one aiokafka hop alone, {hop['count']} hops: p50 {hop.get('p50')} s, p99 {hop.get('p99')} s")
+    return {"rate": rate, "hops": hops, "client": "aiokafka", **result}
+
+
+def _producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0)
+
+
+def _consumer(bootstrap: str, group: str, topic: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest", enable_auto_commit=False
+    )
+
+
+async def _aiokafka_chain(bootstrap: str, topics: list[str], group: str, rate: float, seconds: float) -> dict[str, Any]:
+    clients: list[AIOKafkaProducer | AIOKafkaConsumer] = []
+
+    async def started(client: AIOKafkaProducer | AIOKafkaConsumer) -> Any:
+        await client.start()
+        clients.append(client)
+        return client
+
+    async def relay(source: str, target: str, n: int) -> None:
+        consumer = await started(_consumer(bootstrap, f"{group}-{n}", source))
+        producer = await started(_producer(bootstrap))
+        async for message in consumer:
+            await producer.send_and_wait(target, orjson.dumps([*orjson.loads(message.value), time.time()]))
+
+    relays: list[asyncio.Task[None]] = []
+    try:
+        last = await started(_consumer(bootstrap, f"{group}-end", topics[-1]))
+        source = await started(_producer(bootstrap))
+        relays = [asyncio.ensure_future(relay(topics[n], topics[n + 1], n)) for n in range(len(topics) - 1)]
+        # One record through the whole chain first: group joins and connections are not measured.
+        await source.send_and_wait(topics[0], orjson.dumps([time.time()]))
+        await asyncio.wait_for(_next(last, relays), 120)
+        hop_samples: list[float] = []
+        chains: list[float] = []
+        count = int(rate * seconds)
+        began = time.monotonic()
+        for n in range(count):
+            await asyncio.sleep(max(0.0, began + n / rate - time.monotonic()))
+            await source.send_and_wait(topics[0], orjson.dumps([time.time()]))
+            stamps, arrived = await asyncio.wait_for(_next(last, relays), 30)
+            times = hop_times(stamps, arrived)
+            hop_samples += times
+            chains.append(sum(times))
+        return {"hop": summarize(hop_samples), "chain": summarize(chains), "unseen": count - len(chains)}
+    finally:
+        for task in relays:
+            task.cancel()
+        for client in reversed(clients):
+            await client.stop()
+
+
+async def _next(last: AIOKafkaConsumer, relays: list[asyncio.Task[None]]) -> tuple[list[float], float]:
+    """The next record off the chain's end, with its arrival time; a relay that failed raises here."""
+    for task in relays:
+        if task.done():
+            task.result()
+    message = await last.getone()
+    return orjson.loads(message.value), time.time()
