@@ -17,6 +17,7 @@ R2 has the server alone (ceiling.py) and R3 the Kafka hop alone with a C client 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -58,6 +59,7 @@ def validation_alone(
     validate_seconds = time.perf_counter() - began
     result: dict[str, Any] = {
         "measured": "records of R1 in memory, one after the other in the bench's process: nothing read or written",
+        "cores": os.cpu_count() or 1,
         "validate": _rate(len(resources), validate_seconds, raw_per_second),
         "normalize_change": _rate(len(messages), normalize_seconds, raw_per_second),
     }
