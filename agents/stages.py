@@ -478,12 +478,19 @@ def _breaker(target: str) -> CircuitBreaker:
     return breaker(target, _client(target).probe)
 
 
+# Only an unavailable target is retried in process (with backoff, then the breaker's hold). A write that waits for
+# another one (a referenced resource the target lacks, a write another partition's sink owes) goes to the retry
+# tiers after its first try: what it waits for takes minutes or hours when it is not there at once, and backing
+# off in process would hold the sink's whole batch, every patient's, for the whole backoff, record after record.
+_RETRIED_IN_PROCESS: tuple[type[Exception], ...] = (TargetUnavailableError,)
+
+
 async def _write(
     event_record: RoutedResource,
     attempts: int,
     versions: TargetVersions,
     prewritten: WriteOutcome | None = None,
-    retry_on: tuple[type[Exception], ...] = (RetryableError,),
+    retry_on: tuple[type[Exception], ...] = _RETRIED_IN_PROCESS,
 ) -> None:
     """Write one record over the target version our last write got; raise what the target's answer means.
 
@@ -554,14 +561,9 @@ async def _attempt(
     when it answers, so an outage does not push records through the tiers to the dead letters.
     """
     labels = (record.site, record.target, record.resource_type, "failed")
-    # Back from a tier, only an unavailable target is retried in process: a write waiting for another one (a
-    # reference, an awaited write) may go round the last tier for hours, and backing off in process each time
-    # would hold the sink's whole batch, every patient's, for seconds. A replayed dead letter (tier -1) gets all.
-    from_tier = carried.failure is not None and carried.failure.tier >= 0
-    retry_on: tuple[type[Exception], ...] = (TargetUnavailableError,) if from_tier else (RetryableError,)
     while True:
         try:
-            await _write(record, attempts, versions, prewritten, retry_on)
+            await _write(record, attempts, versions, prewritten, _RETRIED_IN_PROCESS)
             return "written"
         except VersionConflictError as conflict:
             WRITES.labels(*labels, conflict.error_class).inc()

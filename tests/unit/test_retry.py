@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.breaker import GIVE_UP_CHECK_SECONDS, CircuitBreaker, HoldAbandoned, reachable
 from pipeline.deadletter import FailureInfo, retry_schedule
-from pipeline.errors import ReferenceNotReadyError, TargetUnavailableError
+from pipeline.errors import AwaitedWriteError, ReferenceNotReadyError, TargetUnavailableError
 
 pytestmark = pytest.mark.unit
 DELAYS = [60, 600, 3600]
@@ -204,13 +204,18 @@ def test_in_process_retries_end_when_the_holder_gives_up(
 
 @pytest.mark.parametrize(
     ("error", "tries"),
-    [(TargetUnavailableError("answered 503"), 4), (ReferenceNotReadyError("HAPI-1096: Patient/x is deleted"), 1)],
+    [
+        (TargetUnavailableError("answered 503"), 4),
+        (ReferenceNotReadyError("HAPI-1096: Patient/x is deleted"), 1),
+        (AwaitedWriteError("the previous Patient's sink owes a write"), 1),
+    ],
 )
 def test_narrowed_retries_back_off_only_for_an_unavailable_target(
     monkeypatch: pytest.MonkeyPatch, error: Exception, tries: int
 ) -> None:
-    """A record back from a tier retries in process only what a moment may fix (the target unavailable); a write
-    that waits for another one goes on to the next tier at once instead of holding the sink for the backoff."""
+    """The sink retries in process only what a moment may fix (the target unavailable, agents/stages.py
+    _RETRIED_IN_PROCESS); a write that waits for another one goes on to a tier at once instead of holding the
+    sink for the backoff."""
     from pipeline import sink
     from tests.casebuilder import routed_record
 
