@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from pipeline.config import load_config
 from pipeline.references import logical_system
@@ -39,35 +38,6 @@ __all__ = ["SETTINGS", "Central", "SiteDatabase", "Worker", "central_id", "wait_
 SOAK = os.environ.get("CDRSYNC_SOAK", "") not in ("", "0")
 GROUP = "cdrsync-faults"  # one consumer group across runs: a rerun resumes instead of replaying history
 TOPIC_PREFIX = "faults."
-
-
-def _high_watermark(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
-    """Watermarks of a partition; a topic `topics apply` just created has no leader for a moment."""
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=15)
-            return int(low), int(high)
-        except KafkaException as error:
-            if error.args[0].code() != KafkaError.NOT_LEADER_FOR_PARTITION or time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
-def _commit_when_the_group_is_empty(consumer: Consumer, offsets: list[TopicPartition], group: str) -> None:
-    """Workers are static members (CDRSYNC_GROUP_INSTANCE_ID): one stopped by a run just before stays in the
-    group for its session (30 s), and the broker takes no commit from outside a group with members."""
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-            return
-        except KafkaException as error:
-            waiting = error.args[0].code() in (KafkaError.UNKNOWN_MEMBER_ID, KafkaError.REBALANCE_IN_PROGRESS)
-            if not waiting or time.monotonic() > deadline:
-                raise
-            print(f"group {group} still has members of an earlier run; waiting for them to time out")
-            time.sleep(3)
 
 
 def cdrsync(*args: str) -> str:
@@ -94,18 +64,8 @@ def fault_topics() -> Iterator[None]:
     subprocess.run([sys.executable, "-m", "pipeline.cli", "topics", "apply"], cwd=ROOT, check=True, timeout=120)
     topics = [config.source_topic(site) for site in [*config.source_sites(), *config.capture_sites()]]
     topics += [config.topics.name(key) for key in config.topics.topics]
-    for group, names in ((GROUP, topics), (f"{GROUP}-retry", [tier.name for tier in config.topics.retry_tiers])):
-        consumer = Consumer({"bootstrap.servers": SETTINGS.kafka_bootstrap, "group.id": group})
-        try:
-            ends = []
-            for name in names:
-                metadata = consumer.list_topics(name, timeout=15).topics[name]
-                for partition in metadata.partitions:
-                    _, high = _high_watermark(consumer, TopicPartition(name, partition))
-                    ends.append(TopicPartition(name, partition, high))
-            _commit_when_the_group_is_empty(consumer, ends, group)
-        finally:
-            consumer.close()
+    integration.start_at_end(GROUP, topics)
+    integration.start_at_end(f"{GROUP}-retry", [tier.name for tier in config.topics.retry_tiers])
     yield
     if previous is None:
         os.environ.pop("CDRSYNC_TOPIC_PREFIX", None)
