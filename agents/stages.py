@@ -60,6 +60,7 @@ from pipeline.ordering import (
     ParkDeadlines,
     expire_parked,
     is_stale,
+    older_message,
     order_record,
     staged,
     staged_tables,
@@ -315,6 +316,9 @@ async def _order_one(event: EventT) -> None:
         if is_stale(changes, incoming):
             await _skip_stale(incoming)
             return
+        if (newer := older_message(changes, incoming, _inbox_row(incoming))) is not None:
+            await _skip_older_message(incoming, newer)
+            return
         selection = None
         redirected: list[RoutedResource] = []  # the site's records moved to another Patient (pipeline/patientmove.py)
         handover: list[RoutedResource] = []  # what this partition released of them, for the new Patient's partition
@@ -339,7 +343,7 @@ async def _order_one(event: EventT) -> None:
             releasable = []
             for chosen in selection.send:
                 record = merge_patient(patients, chosen)
-                released = order_record(changes, record, now_ms(), event.message.partition)
+                released = order_record(changes, record, now_ms(), event.message.partition, _inbox_row(record))
                 if not released:
                     PARKED.labels(record.site, record.resource_type).inc()
                 for item in released:  # one parked here before its site's records moved goes after them
@@ -383,6 +387,24 @@ async def _skip_stale(record: RoutedResource) -> None:
         extra=record_fields(record),
     )
     await emit_audit("duplicate_skipped", record, detail=f"stale re-send, source LSN {record.source_lsn}")
+
+
+def _inbox_row(record: RoutedResource) -> int | None:
+    """The id of the HL7 v2 inbox row a change of a resource came from (the hospital's order of its messages,
+    pipeline/ordering.py older_message); None for another source, and for what is not a change of content."""
+    site = config.sites.get(record.site)
+    if site is None or site.adapter != "hl7v2" or record.op not in ("CREATE", "UPDATE"):
+        return None
+    return record.source_version
+
+
+async def _skip_older_message(record: RoutedResource, newer: int) -> None:
+    """An HL7 v2 message older than one already applied to the resource (re-queued): not written; audited."""
+    detail = f"older message (inbox row {record.source_version}) than one already applied (inbox row {newer})"
+    log.warning(
+        "%s from %s: %s; a re-queue, not written", record.target_ref, record.site, detail, extra=record_fields(record)
+    )
+    await emit_audit("duplicate_skipped", record, detail=detail)
 
 
 async def _send_on(item: RoutedResource) -> None:
@@ -478,11 +500,12 @@ def _breaker(target: str) -> CircuitBreaker:
     return breaker(target, _client(target).probe)
 
 
-# Only an unavailable target is retried in process (with backoff, then the breaker's hold). A write that waits for
-# another one (a referenced resource the target lacks, a write another partition's sink owes) goes to the retry
-# tiers after its first try: what it waits for takes minutes or hours when it is not there at once, and backing
-# off in process would hold the sink's whole batch, every patient's, for the whole backoff, record after record.
-_RETRIED_IN_PROCESS: tuple[type[Exception], ...] = (TargetUnavailableError,)
+# A write that waits for another one (a referenced resource the target lacks, a write another partition's sink
+# owes) is tried twice in process, a second later: what it waits for is often a write of the same batch, another
+# patient's, in flight (an identity move's new Patient); if not, it takes minutes or hours, and backing off in
+# process for all CDRSYNC_SINK_ATTEMPTS would hold the sink's whole batch, every patient's, record after record.
+# An unavailable target, which a moment may fix, gets every attempt.
+_WAITING_ATTEMPTS = 2
 
 
 async def _write(
@@ -490,7 +513,7 @@ async def _write(
     attempts: int,
     versions: TargetVersions,
     prewritten: WriteOutcome | None = None,
-    retry_on: tuple[type[Exception], ...] = _RETRIED_IN_PROCESS,
+    retry_on: tuple[type[Exception], ...] = (RetryableError,),
 ) -> None:
     """Write one record over the target version our last write got; raise what the target's answer means.
 
@@ -499,7 +522,9 @@ async def _write(
     """
     if prewritten is None:
         client = _client(event_record.target)
-        policy = RetryPolicy(attempts, give_up=hold_interrupted, retry_on=retry_on)
+        policy = RetryPolicy(
+            attempts, give_up=hold_interrupted, retry_on=retry_on, waiting_attempts=min(attempts, _WAITING_ATTEMPTS)
+        )
         writer = None
         if event_record.op == MOVE:  # the order stage's table (this partition's) says whether the patient came back
             here = current(patient_sources_by_patient_key).get(event_record.target_id) or {}
@@ -561,9 +586,14 @@ async def _attempt(
     when it answers, so an outage does not push records through the tiers to the dead letters.
     """
     labels = (record.site, record.target, record.resource_type, "failed")
+    # Back from a tier, only an unavailable target is retried in process: a write waiting for another one may go
+    # round the last tier for hours, and each time it would hold the sink's batch for its retry. A replayed dead
+    # letter (tier -1) is tried as a new record.
+    from_tier = carried.failure is not None and carried.failure.tier >= 0
+    retry_on: tuple[type[Exception], ...] = (TargetUnavailableError,) if from_tier else (RetryableError,)
     while True:
         try:
-            await _write(record, attempts, versions, prewritten, _RETRIED_IN_PROCESS)
+            await _write(record, attempts, versions, prewritten, retry_on)
             return "written"
         except VersionConflictError as conflict:
             WRITES.labels(*labels, conflict.error_class).inc()

@@ -3,7 +3,7 @@
 CdrsyncError
 ├── ConfigError                  bad topics.yaml / sites/*.yaml / environment: stop at start-up
 ├── VersionConflictError         the target changed since our last write: conflicts topic, for review
-├── RetryableError               try again later: in-process retries, then retry topics
+├── RetryableError               try again later: in-process retries (two unless unavailable), then retry topics
 │   ├── TargetUnavailableError   connection refused, timeout, 408, 429, 5xx
 │   └── ReferenceNotReadyError   the target does not (yet) hold a referenced resource
 └── PermanentError               retrying cannot help: dead-letter topic with the reason

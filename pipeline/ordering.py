@@ -363,16 +363,42 @@ def is_stale(state: OrderState, record: RoutedResource) -> bool:
     return seen is not None and record.source_lsn < seen
 
 
+def older_message(state: OrderState, record: RoutedResource, inbox_row: int | None) -> int | None:
+    """For a change from an HL7 v2 inbox row (`inbox_row`: that row's id, None for any other source): the id of a
+    later inbox row whose message already changed the same resource, if any.
+
+    An HL7 v2 hospital sends each change of a resource as a new message, a new row of its inbox; the rows' ids
+    are the order it received them in. A message re-queued (its row updated) is read again with a new LSN,
+    so LSNs alone take it for the newest: written, it would put back a result its later messages corrected.
+    """
+    if inbox_row is None:
+        return None
+    newest = state.positions.get(record.target_ref, {}).get(_inbox_key(record))
+    return newest if newest is not None and inbox_row < newest else None
+
+
 def _source_row(record: RoutedResource) -> str:
     return f"{record.site}|{record.source_id}"
 
 
-def order_record(state: OrderState, record: RoutedResource, now_ms: int, partition: int = 0) -> list[RoutedResource]:
-    """Admit one record; return every record now releasable, in the order to write them."""
-    if record.source_lsn is not None:
-        seen = dict(state.positions.get(record.target_ref, {}))
-        if record.source_lsn > seen.get(_source_row(record), -1):
-            state.positions[record.target_ref] = {**seen, _source_row(record): record.source_lsn}
+def _inbox_key(record: RoutedResource) -> str:
+    """Where positions keep the latest inbox row of a resource's HL7 v2 messages (no FHIR id contains "|")."""
+    return f"{_source_row(record)}|inbox"
+
+
+def order_record(
+    state: OrderState, record: RoutedResource, now_ms: int, partition: int = 0, inbox_row: int | None = None
+) -> list[RoutedResource]:
+    """Admit one record; return every record now releasable, in the order to write them. `inbox_row`: the id
+    of the HL7 v2 inbox row the change came from (see older_message), None for any other source."""
+    seen = state.positions.get(record.target_ref, {})
+    later = {}
+    if record.source_lsn is not None and record.source_lsn > seen.get(_source_row(record), -1):
+        later[_source_row(record)] = record.source_lsn
+    if inbox_row is not None and inbox_row > seen.get(_inbox_key(record), -1):
+        later[_inbox_key(record)] = inbox_row
+    if later:
+        state.positions[record.target_ref] = {**seen, **later}
     return _drain(state, deque([record]), now_ms, partition)
 
 

@@ -39,7 +39,14 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from .errors import AwaitedWriteError, CdrsyncError, RejectedByTargetError, RetryableError, VersionConflictError
+from .errors import (
+    AwaitedWriteError,
+    CdrsyncError,
+    RejectedByTargetError,
+    RetryableError,
+    TargetUnavailableError,
+    VersionConflictError,
+)
 from .fhirclient import FhirClient, WriteOutcome
 from .records import RoutedResource, canonical_hash
 
@@ -78,9 +85,13 @@ class RetryPolicy:
         max_retry_after_seconds: float = 120.0,
         give_up: Callable[[], str | None] | None = None,
         retry_on: tuple[type[Exception], ...] = (RetryableError,),
+        waiting_attempts: int | None = None,
     ) -> None:
         self.attempts = attempts
         self.retry_on = retry_on  # the errors retried in process (all retryable ones unless narrowed)
+        # Tries, at most, for a retryable error other than an unavailable target (a write that waits for another
+        # one): None for `attempts`.
+        self.waiting_attempts = waiting_attempts
         # Asked after each failed attempt: a reason ends the retries there (the last error is raised). The
         # sink's says the worker is stopping or handing its partitions over, which waits for this record.
         self.give_up = give_up
@@ -335,6 +346,18 @@ class _StopWhenGivenUp(stop_base):
         return self.give_up() is not None
 
 
+class _StopWaitingAfter(stop_base):
+    """Stop after `attempts` tries when the last failure was not an unavailable target."""
+
+    def __init__(self, attempts: int) -> None:
+        self.attempts = attempts
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        return not isinstance(error, TargetUnavailableError) and retry_state.attempt_number >= self.attempts
+
+
 Writer = Callable[[FhirClient, RoutedResource, Versions | None], Awaitable[WriteOutcome]]
 
 
@@ -355,6 +378,8 @@ async def write_with_retries(
         stop: stop_base = stop_after_attempt(policy.attempts)
         if policy.give_up is not None:
             stop = stop_any(stop, _StopWhenGivenUp(policy.give_up))
+        if policy.waiting_attempts is not None:
+            stop = stop_any(stop, _StopWaitingAfter(policy.waiting_attempts))
         async for attempt in AsyncRetrying(
             stop=stop,
             wait=retry_wait(policy),

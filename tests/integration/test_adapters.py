@@ -300,3 +300,61 @@ def test_an_hl7_merge_across_two_insurance_numbers_moves_the_merged_record_s_res
     kept = stack.read("Patient", kept_key)
     systems = {(i.get("system"), i.get("value")) for i in kept["identifier"]}
     assert (logical_system("site-c", "Patient"), merged["id"]) not in systems  # only the surviving record's id
+
+
+def test_an_hl7_result_message_re_queued_after_its_correction_does_not_put_the_old_value_back(
+    worker: Worker, stack: Central, config: Config, connect, run_id: str
+) -> None:
+    """The interface engine re-queues an old message (its inbox row updated): Debezium reads it again, with a new
+    LSN. The correction that came after it, in a later row, stays at central; the old message is audited as skipped."""
+    site = config.sites["site-c"]
+    kvnr = _kvnr(f"{run_id}-hl7-requeue")
+    pid = f"PID|1||{run_id}-rq^^^SITEC^MR~{kvnr}^^^KVK^NI||Muster^Erika||19640812|F"
+    pv1 = f"PV1|1|I|ONK^12^3||||0815^Doc^Dora||||||||||||{run_id}-RQ^^^SITEC^VN|||||||||||||||||||||||||20240301090000"
+
+    def oru(control: str, sent: str, value: str, status: str) -> str:
+        return _message(
+            f"MSH|^~\\&|LAB|SITEC|CDRSYNC|CENTRAL|{sent}+0100||ORU^R01|{control}|P|2.5",
+            pid,
+            pv1,
+            f"OBR|1||{run_id}-RQ1^LAB|24317-0^Hemogram^LN|||20240301110000||||||||||||||||{status}",
+            f"OBX|1|NM|718-7^Hemoglobin^LN||{value}|g/dL^g/dL^UCUM|12-16|N|||{status}|||20240301110000",
+        )
+
+    first = oru(f"P-{run_id}", "20240301120000", "13.2", "P")
+    correction = oru(f"C-{run_id}", "20240301150000", "12.1", "C")
+    context = Hl7Context(site.site, site.zone, site.identifier_systems)
+
+    def observation_of(raw: str) -> dict[str, Any]:
+        return next(r for r in message_to_resources(raw, context).resources if r["resourceType"] == "Observation")
+
+    observation, corrected = observation_of(first), observation_of(correction)
+    assert corrected["id"] == observation["id"]  # one result, corrected
+    central = _central_id(site, observation, kvnr)
+
+    def value() -> float | None:
+        stored = stack.read("Observation", central)
+        return None if stored is None else stored["valueQuantity"]["value"]
+
+    conn = connect("site-c")
+    rows = []
+    for raw in (first, correction):
+        inserted = conn.execute(
+            "INSERT INTO hl7v2.message (control_id, message_type, message) VALUES (%s, %s, %s) RETURNING id",
+            (raw.split("|")[9], raw.split("|")[8], raw),
+        ).fetchone()
+        assert inserted is not None
+        rows.append(inserted[0])
+    wait_for(lambda: value() == 12.1, timeout=SYNC_TIMEOUT, what="the corrected haemoglobin at central")
+    versions = len(stack.history("Observation", central))
+
+    conn.execute("UPDATE hl7v2.message SET updated_at = now() WHERE id = %s", (rows[0],))  # re-queued
+    wait_for(
+        lambda: any(
+            step == "duplicate_skipped" and target == central for step, target, _ in audit_rows(observation["id"])
+        ),
+        timeout=SYNC_TIMEOUT,
+        what="the re-queued message's Observation audited as skipped",
+    )
+    assert value() == 12.1
+    assert len(stack.history("Observation", central)) == versions

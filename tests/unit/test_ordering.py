@@ -4,7 +4,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.ordering import PENDING_REFERENCE_SYSTEM, OrderState, expire_parked, is_stale, order_record
+from pipeline.ordering import (
+    PENDING_REFERENCE_SYSTEM,
+    OrderState,
+    adopt_released,
+    expire_parked,
+    is_stale,
+    older_message,
+    order_record,
+)
 from pipeline.records import RoutedResource
 from tests.casebuilder import routed_record
 
@@ -269,6 +277,32 @@ def test_a_change_debezium_sends_again_after_a_newer_one_is_stale() -> None:
     assert not is_stale(s, replace(v1, site="site-b"))  # another hospital's LSNs are its own
     assert not is_stale(s, replace(v1, source_id="p2"))  # as are another local record's merged into it
     assert not is_stale(s, replace(v1, source_lsn=None))
+
+
+def test_an_hl7_message_re_queued_after_a_later_one_is_older_whatever_its_lsn() -> None:
+    """Inbox row 1 (a preliminary result) then row 2 (its correction) changed the resource; row 1 re-queued is read
+    again with a new, higher LSN. By inbox row it is older: not written over the correction."""
+    s = state()
+    first = replace(rec("Observation/o1", version=1), source_lsn=100)
+    correction = replace(rec("Observation/o1", version=2), source_lsn=200)
+    order_record(s, first, 0, inbox_row=1)
+    order_record(s, correction, 0, inbox_row=2)
+    requeued = replace(first, source_lsn=300)
+    assert not is_stale(s, requeued)  # by LSN it is the newest
+    assert older_message(s, requeued, inbox_row=1) == 2
+    assert older_message(s, replace(correction, source_lsn=400), inbox_row=2) is None  # the latest again: written
+    assert older_message(s, replace(first, source_lsn=500), inbox_row=3) is None  # a later message
+    assert older_message(s, requeued, inbox_row=None) is None  # another source: LSNs alone decide
+    assert older_message(s, replace(requeued, site="site-b"), inbox_row=1) is None  # another hospital's inbox
+
+
+def test_a_later_message_s_inbox_row_goes_with_the_resource_when_its_patient_moves() -> None:
+    """After an identity move, the new Patient's partition knows the resource's latest inbox row too."""
+    before, after = state(), state()
+    correction = replace(rec("Observation/o1", version=2), source_lsn=200)
+    order_record(before, correction, 0, inbox_row=2)
+    adopt_released(after, {"Observation/o1": before.released["Observation/o1"]}, dict(before.positions), 0)
+    assert older_message(after, replace(correction, source_lsn=300), inbox_row=1) == 2
 
 
 def test_a_delete_keeps_its_position_so_a_resent_create_does_not_bring_the_resource_back() -> None:

@@ -213,9 +213,8 @@ def test_in_process_retries_end_when_the_holder_gives_up(
 def test_narrowed_retries_back_off_only_for_an_unavailable_target(
     monkeypatch: pytest.MonkeyPatch, error: Exception, tries: int
 ) -> None:
-    """The sink retries in process only what a moment may fix (the target unavailable, agents/stages.py
-    _RETRIED_IN_PROCESS); a write that waits for another one goes on to a tier at once instead of holding the
-    sink for the backoff."""
+    """A record back from a tier retries in process only what a moment may fix (the target unavailable); a write
+    that waits for another one goes on to the next tier at once instead of holding the sink for the backoff."""
     from pipeline import sink
     from tests.casebuilder import routed_record
 
@@ -231,6 +230,56 @@ def test_narrowed_retries_back_off_only_for_an_unavailable_target(
     with pytest.raises(type(error)):
         asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
     assert len(calls) == tries
+
+
+@pytest.mark.parametrize(
+    ("error", "tries"),
+    [
+        (TargetUnavailableError("answered 503"), 4),
+        (ReferenceNotReadyError("HAPI-1096: Patient/x is deleted"), 2),
+        (AwaitedWriteError("the previous Patient's sink owes a write"), 2),
+    ],
+)
+def test_a_write_that_waits_for_another_one_is_tried_twice_an_unavailable_target_every_time(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, tries: int
+) -> None:
+    """A first failure: what a write waits for is often another patient's write of the same batch, so it is tried
+    once more; not for every attempt, which would hold the sink's batch, every patient's, for the whole backoff."""
+    from pipeline import sink
+    from tests.casebuilder import routed_record
+
+    calls: list[int] = []
+
+    async def failing(client: object, record: object, versions: object) -> None:
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(sink, "write_record", failing)
+    record = routed_record({"resourceType": "Observation", "id": "obs-1"}, patient_key="p")
+    policy = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, waiting_attempts=2)
+    with pytest.raises(type(error)) as raised:
+        asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
+    assert len(calls) == tries and raised.value.attempts_made == tries  # type: ignore[attr-defined]
+
+
+def test_a_write_that_waits_and_then_goes_through_on_its_second_try_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import sink
+    from pipeline.fhirclient import WriteOutcome
+    from tests.casebuilder import routed_record
+
+    calls: list[int] = []
+
+    async def second_time(client: object, record: object, versions: object) -> WriteOutcome:
+        calls.append(1)
+        if len(calls) == 1:
+            raise AwaitedWriteError("the new Patient is not written yet")
+        return WriteOutcome(200, "3")
+
+    monkeypatch.setattr(sink, "write_record", second_time)
+    record = routed_record({"resourceType": "Observation", "id": "obs-1"}, patient_key="p")
+    policy = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, waiting_attempts=2)
+    outcome, used = asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
+    assert outcome.version_id == "3" and used == 2
 
 
 def test_a_write_that_goes_through_closes_a_breaker_left_open_by_a_hold_given_up() -> None:

@@ -159,16 +159,15 @@ def test_failure_headers_survive_a_queue() -> None:
     assert order.written("A/1", "ready[0]@1") == item
 
 
-def test_only_an_unavailable_target_is_retried_in_process_first_time_or_back_from_a_tier(
+def test_a_record_back_from_a_retry_tier_backs_off_in_process_only_for_an_unavailable_target(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A write that waits for another one (a reference the target lacks, a write another partition owes) goes to
-    a tier after one try, the first time as when back from a tier: backing off in process would hold the sink's
-    batch, every other patient's with it, for the whole backoff, record after record. Only an unavailable target,
-    which a moment may fix, is retried in process."""
+    """The first failure backs off in process for any retryable error; a record back from a tier only while the
+    target is unavailable, so that a patient's records going round the tiers (waiting for a deleted Patient, say)
+    do not each hold the sink's batch, every other patient's with it, for a full backoff again."""
     sink = Sink(monkeypatch, ["retrying", "retrying"])
     sink.arrive(encode(_form("completed", 10)))
     sink.back_from_tier()
     sink.back_from_tier()
-    assert sink.retried == [(TargetUnavailableError,)] * 3
+    assert sink.retried == [(RetryableError,), (TargetUnavailableError,), (TargetUnavailableError,)]
     assert len(sink.written) == 1
