@@ -393,7 +393,7 @@ def _inbox_row(record: RoutedResource) -> int | None:
     """The id of the HL7 v2 inbox row a change of a resource came from (the hospital's order of its messages,
     pipeline/ordering.py older_message); None for another source, and for what is not a change of content."""
     site = config.sites.get(record.site)
-    if site is None or site.adapter != "hl7v2" or record.op not in ("CREATE", "UPDATE"):
+    if site is None or site.adapter != "hl7v2" or record.op not in ("CREATE", "UPDATE", "SNAPSHOT"):
         return None
     return record.source_version
 

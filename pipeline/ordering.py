@@ -364,17 +364,19 @@ def is_stale(state: OrderState, record: RoutedResource) -> bool:
 
 
 def older_message(state: OrderState, record: RoutedResource, inbox_row: int | None) -> int | None:
-    """For a change from an HL7 v2 inbox row (`inbox_row`: that row's id, None for any other source): the id of a
-    later inbox row whose message already changed the same resource, if any.
+    """For a message re-queued at an HL7 v2 hospital (an UPDATE of its inbox row; `inbox_row`: that row's id, None
+    for any other source): the id of a later inbox row whose message changed the same resource since, if any.
 
     An HL7 v2 hospital sends each change of a resource as a new message, a new row of its inbox; the rows' ids
-    are the order it received them in. A message re-queued (its row updated) is read again with a new LSN,
-    so LSNs alone take it for the newest: written, it would put back a result its later messages corrected.
+    are the order it received them in. A message re-queued (its row updated) is read again with a new LSN, so
+    LSNs alone take it for the newest: written, it would put back a result its later messages corrected. A new
+    message (an INSERT) is never held back by this: after the inbox's id sequence restarts (a re-created
+    table), new messages have lower ids than those seen before.
     """
-    if inbox_row is None:
+    if inbox_row is None or record.op != "UPDATE":
         return None
-    newest = state.positions.get(record.target_ref, {}).get(_inbox_key(record))
-    return newest if newest is not None and inbox_row < newest else None
+    latest = state.positions.get(record.target_ref, {}).get(_inbox_key(record))
+    return latest if latest is not None and inbox_row < latest else None
 
 
 def _source_row(record: RoutedResource) -> str:
@@ -395,7 +397,7 @@ def order_record(
     later = {}
     if record.source_lsn is not None and record.source_lsn > seen.get(_source_row(record), -1):
         later[_source_row(record)] = record.source_lsn
-    if inbox_row is not None and inbox_row > seen.get(_inbox_key(record), -1):
+    if inbox_row is not None and inbox_row != seen.get(_inbox_key(record)):  # the last message admitted
         later[_inbox_key(record)] = inbox_row
     if later:
         state.positions[record.target_ref] = {**seen, **later}
@@ -441,7 +443,8 @@ def adopt_released(
     for ref, entry in entries.items():
         ours, theirs = state.positions.get(ref, {}), positions.get(ref, {})
         seen_here = ref in state.released or bool(ours)
-        if seen_here and not any(lsn > ours.get(row, -1) for row, lsn in theirs.items()):
+        later = [row for row, lsn in theirs.items() if not row.endswith("|inbox") and lsn > ours.get(row, -1)]
+        if seen_here and not later:
             continue
         # Released there ("handed"): a delete released here waits at the sink until the target holds that change
         # (its "lsn"), which the other partition's sink may not have written yet (`_admit_delete`).

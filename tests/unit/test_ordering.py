@@ -280,20 +280,31 @@ def test_a_change_debezium_sends_again_after_a_newer_one_is_stale() -> None:
 
 
 def test_an_hl7_message_re_queued_after_a_later_one_is_older_whatever_its_lsn() -> None:
-    """Inbox row 1 (a preliminary result) then row 2 (its correction) changed the resource; row 1 re-queued is read
-    again with a new, higher LSN. By inbox row it is older: not written over the correction."""
+    """Inbox row 1 (a preliminary result) then row 2 (its correction) changed the resource; row 1 re-queued (its row
+    updated) is read again with a new, higher LSN. By inbox row it is older: not written over the correction."""
     s = state()
     first = replace(rec("Observation/o1", version=1), source_lsn=100)
     correction = replace(rec("Observation/o1", version=2), source_lsn=200)
     order_record(s, first, 0, inbox_row=1)
     order_record(s, correction, 0, inbox_row=2)
-    requeued = replace(first, source_lsn=300)
+    requeued = replace(first, op="UPDATE", source_lsn=300)
     assert not is_stale(s, requeued)  # by LSN it is the newest
     assert older_message(s, requeued, inbox_row=1) == 2
-    assert older_message(s, replace(correction, source_lsn=400), inbox_row=2) is None  # the latest again: written
-    assert older_message(s, replace(first, source_lsn=500), inbox_row=3) is None  # a later message
+    assert older_message(s, replace(correction, op="UPDATE", source_lsn=400), inbox_row=2) is None  # the latest
+    assert older_message(s, replace(requeued, source_lsn=500), inbox_row=3) is None  # a later message, updated
     assert older_message(s, requeued, inbox_row=None) is None  # another source: LSNs alone decide
     assert older_message(s, replace(requeued, site="site-b"), inbox_row=1) is None  # another hospital's inbox
+
+
+def test_a_new_hl7_message_is_never_held_back_by_inbox_order_so_a_restarted_id_sequence_loses_nothing() -> None:
+    """The inbox re-created, its ids start again at 1: a new message (an INSERT) is written, and is from then on the
+    message the resource's re-queues are set against."""
+    s = state()
+    order_record(s, replace(rec("Observation/o1", version=1), source_lsn=100), 0, inbox_row=900)
+    after_restart = replace(rec("Observation/o1", version=2), source_lsn=200)
+    assert older_message(s, after_restart, inbox_row=1) is None
+    order_record(s, after_restart, 0, inbox_row=1)
+    assert older_message(s, replace(after_restart, op="UPDATE", source_lsn=300), inbox_row=1) is None
 
 
 def test_a_later_message_s_inbox_row_goes_with_the_resource_when_its_patient_moves() -> None:
@@ -302,7 +313,18 @@ def test_a_later_message_s_inbox_row_goes_with_the_resource_when_its_patient_mov
     correction = replace(rec("Observation/o1", version=2), source_lsn=200)
     order_record(before, correction, 0, inbox_row=2)
     adopt_released(after, {"Observation/o1": before.released["Observation/o1"]}, dict(before.positions), 0)
-    assert older_message(after, replace(correction, source_lsn=300), inbox_row=1) == 2
+    assert older_message(after, replace(correction, op="UPDATE", source_lsn=300), inbox_row=1) == 2
+
+
+def test_a_hand_over_is_not_taken_for_a_later_change_by_its_inbox_row_alone() -> None:
+    """What this partition released from a later change (by LSN) stands against a hand-over that only knows a
+    higher inbox row (state from before inbox rows were kept has none)."""
+    here = state()
+    order_record(here, replace(rec("Observation/o1", version=3), source_lsn=500), 0)
+    theirs = {"Observation/o1": {"site-a|o1": 200, "site-a|o1|inbox": 9}}
+    entry = {**here.released["Observation/o1"], "deps": ["Encounter/elsewhere"]}
+    adopt_released(here, {"Observation/o1": entry}, theirs, 0)
+    assert "handed" not in here.released["Observation/o1"]
 
 
 def test_a_delete_keeps_its_position_so_a_resent_create_does_not_bring_the_resource_back() -> None:
