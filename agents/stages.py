@@ -522,9 +522,7 @@ async def _write(
     """
     if prewritten is None:
         client = _client(event_record.target)
-        policy = RetryPolicy(
-            attempts, give_up=hold_interrupted, retry_on=retry_on, waiting_attempts=min(attempts, _WAITING_ATTEMPTS)
-        )
+        policy = RetryPolicy(attempts, give_up=hold_interrupted, retry_on=retry_on, waiting_attempts=_WAITING_ATTEMPTS)
         writer = None
         if event_record.op == MOVE:  # the order stage's table (this partition's) says whether the patient came back
             here = current(patient_sources_by_patient_key).get(event_record.target_id) or {}

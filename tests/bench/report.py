@@ -223,23 +223,23 @@ def _capture_lines(rate: str, r3: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _aiokafka_hop_line(floor: dict[str, Any], naive50: float | None) -> str:
-    hop, chain, hops = floor["hop"], floor["chain"], floor["hops"]
-    leaves = f" (the 1/s goal leaves the pipeline's extra topics {0.2 * naive50 * 1000:.1f} ms)" if naive50 else ""
+def _hop_line(floor: dict[str, Any], how: str) -> str:
+    """A hop floor's figures: one hop's p50 and p99, and the chain's p50; `how` says which client relayed."""
+    hop, chain = floor["hop"], floor["chain"]
     return (
-        f"R3  one Kafka hop alone through aiokafka (the client Faust is built on, acks=all, linger 0) at "
-        f"{floor['rate']:g}/s, {hop['count']} hops: p50 {hop['p50'] * 1000:.1f} ms, p99 {hop['p99'] * 1000:.1f} ms; "
-        f"{hops} in a row: p50 {chain['p50'] * 1000:.1f} ms{leaves}"
+        f"R3  one Kafka hop alone {how} at {floor['rate']:g}/s, {hop['count']} hops: p50 {hop['p50'] * 1000:.1f} ms, "
+        f"p99 {hop['p99'] * 1000:.1f} ms; {floor['hops']} in a row: p50 {chain['p50'] * 1000:.1f} ms"
     )
 
 
+def _aiokafka_hop_line(floor: dict[str, Any], naive50: float | None) -> str:
+    leaves = f" (the 1/s goal leaves the pipeline's extra topics {0.2 * naive50 * 1000:.1f} ms)" if naive50 else ""
+    return _hop_line(floor, "through aiokafka (the client Faust is built on, acks=all, linger 0)") + leaves
+
+
 def _hop_floor_lines(floor: dict[str, Any], naive50: float | None) -> list[str]:
-    hop, chain, hops = floor["hop"], floor["chain"], floor["hops"]
-    lines = [
-        f"R3  one Kafka hop alone (a C client relaying, acks=all, linger 0) at {floor['rate']:g}/s, {hop['count']} "
-        f"hops: p50 {hop['p50'] * 1000:.1f} ms, p99 {hop['p99'] * 1000:.1f} ms; {hops} in a row: "
-        f"p50 {chain['p50'] * 1000:.1f} ms"
-    ]
+    chain, hops = floor["chain"], floor["hops"]
+    lines = [_hop_line(floor, "(a C client relaying, acks=all, linger 0)")]
     if naive50:
         lines.append(
             f"R3  the pipeline crosses {hops} topics more than the naive loop; at 1/s the goal leaves them "

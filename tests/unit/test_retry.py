@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -202,6 +203,26 @@ def test_in_process_retries_end_when_the_holder_gives_up(
     assert len(calls) == made and raised.value.attempts_made == made  # type: ignore[attr-defined]
 
 
+def _tries_until_it_fails(monkeypatch: pytest.MonkeyPatch, error: Exception, **policy: Any) -> tuple[int, Exception]:
+    """Writes of an Observation that always fail with `error`, under a RetryPolicy of 4 attempts and `policy`:
+    how many were made, and what write_with_retries raised."""
+    from pipeline import sink
+    from tests.casebuilder import routed_record
+
+    calls: list[int] = []
+
+    async def failing(client: object, record: object, versions: object) -> None:
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(sink, "write_record", failing)
+    record = routed_record({"resourceType": "Observation", "id": "obs-1"}, patient_key="p")
+    retry = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, **policy)
+    with pytest.raises(type(error)) as raised:
+        asyncio.run(sink.write_with_retries(object(), record, retry))  # type: ignore[arg-type]
+    return len(calls), raised.value
+
+
 @pytest.mark.parametrize(
     ("error", "tries"),
     [
@@ -215,21 +236,8 @@ def test_narrowed_retries_back_off_only_for_an_unavailable_target(
 ) -> None:
     """A record back from a tier retries in process only what a moment may fix (the target unavailable); a write
     that waits for another one goes on to the next tier at once instead of holding the sink for the backoff."""
-    from pipeline import sink
-    from tests.casebuilder import routed_record
-
-    calls: list[int] = []
-
-    async def failing(client: object, record: object, versions: object) -> None:
-        calls.append(1)
-        raise error
-
-    monkeypatch.setattr(sink, "write_record", failing)
-    record = routed_record({"resourceType": "Observation", "id": "obs-1"}, patient_key="p")
-    policy = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, retry_on=(TargetUnavailableError,))
-    with pytest.raises(type(error)):
-        asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
-    assert len(calls) == tries
+    calls, _ = _tries_until_it_fails(monkeypatch, error, retry_on=(TargetUnavailableError,))
+    assert calls == tries
 
 
 @pytest.mark.parametrize(
@@ -245,21 +253,8 @@ def test_a_write_that_waits_for_another_one_is_tried_twice_an_unavailable_target
 ) -> None:
     """A first failure: what a write waits for is often another patient's write of the same batch, so it is tried
     once more; not for every attempt, which would hold the sink's batch, every patient's, for the whole backoff."""
-    from pipeline import sink
-    from tests.casebuilder import routed_record
-
-    calls: list[int] = []
-
-    async def failing(client: object, record: object, versions: object) -> None:
-        calls.append(1)
-        raise error
-
-    monkeypatch.setattr(sink, "write_record", failing)
-    record = routed_record({"resourceType": "Observation", "id": "obs-1"}, patient_key="p")
-    policy = sink.RetryPolicy(attempts=4, initial_seconds=0.001, max_seconds=0.002, waiting_attempts=2)
-    with pytest.raises(type(error)) as raised:
-        asyncio.run(sink.write_with_retries(object(), record, policy))  # type: ignore[arg-type]
-    assert len(calls) == tries and raised.value.attempts_made == tries  # type: ignore[attr-defined]
+    calls, raised = _tries_until_it_fails(monkeypatch, error, waiting_attempts=2)
+    assert calls == tries and raised.attempts_made == tries  # type: ignore[attr-defined]
 
 
 def test_a_write_that_waits_and_then_goes_through_on_its_second_try_is_written(monkeypatch: pytest.MonkeyPatch) -> None:
