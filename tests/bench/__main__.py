@@ -149,9 +149,12 @@ def _measure(bench: Bench, args: argparse.Namespace, device: InstantAckServer, r
         from .hops import run_hop_floor
 
         results["hop_floor"] = run_hop_floor(bench, hops=3, rate=1.0, seconds=min(args.latency_seconds, 30.0))
-        from .floors import run_aiokafka_hop_floor
+        from .floors import run_aiokafka_hop_floor, run_faust_hop_floor
 
         results["aiokafka_hop_floor"] = run_aiokafka_hop_floor(
+            bench, hops=3, rate=1.0, seconds=min(args.latency_seconds, 30.0)
+        )
+        results["faust_hop_floor"] = run_faust_hop_floor(
             bench, hops=3, rate=1.0, seconds=min(args.latency_seconds, 30.0)
         )
     if "memory" in args.only:

@@ -7,6 +7,10 @@ R2 has the server alone (ceiling.py) and R3 the Kafka hop alone with a C client 
   `normalize_change` alone (decode, map, validate, hash). A worker that validates every record drains
   no faster than validation alone on the same core, so that rate over the raw loop's is the largest R1
   such a worker reaches on the machine.
+* R1, Faust alone: R1's records relayed by a Faust app (relay.py) through as many topics as DESIGN.md puts
+  between Debezium's topic and the sink, in batches, with the producer settings DESIGN.md asks for, doing
+  nothing else. Every stage of the pipeline is such an agent with work added, so its rate over the raw
+  loop's is the largest R1 a pipeline of Faust agents with those topics reaches on the machine.
 * R3, capture alone: for every change R3 commits, the time from its commit to Debezium's record of it in
   Kafka (the record's timestamp). Every reader of Debezium's topic, the naive loop included, pays it before
   it sees the change.
@@ -18,14 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from pipeline.config import SiteConfig
@@ -33,12 +41,26 @@ from pipeline.normalize import SourcePosition, normalize_change
 from pipeline.records import NormalizedResource
 from pipeline.resources import validate_resource
 
+from . import provision
 from .context import Bench
 from .hops import hop_times
-from .offsets import Offsets, read_range
+from .machine import cpu_use, read_cpu
+from .offsets import Offsets, commit_group, read_range
 from .report import summarize
+from .worker import stop_process
 
-__all__ = ["capture_latencies", "run_aiokafka_hop_floor", "validation_alone"]
+__all__ = [
+    "capture_latencies",
+    "relay_passages",
+    "relay_times",
+    "run_aiokafka_hop_floor",
+    "run_faust_hop_floor",
+    "run_faust_relay_floor",
+    "validation_alone",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 def validation_alone(
@@ -68,6 +90,150 @@ def validation_alone(
         f"(normalize_change: {result['normalize_change']['per_second']}/s)"
     )
     return result
+
+
+def run_faust_relay_floor(
+    bench: Bench, start: Offsets, end: Offsets, raw_per_second: float, hops: int = 3, batch: int = 500
+) -> dict[str, Any]:
+    """R1's records (source offsets start..end) through a relay.py process: its rate from spawn and from its
+    first record to the last record counted at the end of the chain, each over the raw loop's, and its CPU."""
+    bootstrap = bench.settings.kafka_bootstrap
+    name = f"bench-{bench.run_id}-relay"
+    partitions = provision.load_bench_config(bench.root, "").topics.partitions_of("ready")  # as the pipeline's
+    topics = _create_topics(bootstrap, [f"bench.{bench.run_id}.relay.{n}" for n in range(hops)], partitions)
+    commit_group(bootstrap, name, {bench.source_topic: start})
+    expected = sum(end.values()) - sum(start.values())
+    relay = _Relay(
+        bench, name, [bench.source_topic, *topics], {"RELAY_EXPECTED": str(expected), "RELAY_BATCH": str(batch)}
+    )
+    try:
+        cpu_before = read_cpu(relay.process.pid)
+        first, done = relay.wait(lambda text: _both(relay_times(text)), timeout=900)
+        cpu = cpu_use(cpu_before, read_cpu(relay.process.pid))
+    finally:
+        stop_process(relay.process)
+    result: dict[str, Any] = {
+        "measured": f"a Faust app relaying R1's records through {hops} topics in batches of up to {batch}, "
+        "acks=all and idempotence, nothing else: spawn (and its first record) to the last record counted",
+        "hops": hops,
+        "partitions": partitions,
+        "count": expected,
+        "seconds": round(done - relay.spawned, 3),
+        "per_second": round(expected / (done - relay.spawned), 1),
+        "steady_per_second": round(expected / (done - first), 1) if done > first else None,
+        "ratio_to_raw": round(expected / (done - relay.spawned) / raw_per_second, 4) if raw_per_second else None,
+        "cpu": cpu,
+    }
+    bench.log(f"R1: Faust alone relaying through {hops} topics: {result['per_second']}/s")
+    return result
+
+
+def run_faust_hop_floor(bench: Bench, hops: int = 3, rate: float = 1.0, seconds: float = 30.0) -> dict[str, Any]:
+    """R3's extra topics through Faust alone: a relay.py chain (RELAY_TIMED) of `hops` topics after a source
+    topic of its own, fed one numbered record at a time at `rate` per second by a C producer; each record's time
+    from the chain's first agent taking it to its last agent taking it."""
+    bootstrap = bench.settings.kafka_bootstrap
+    name = f"bench-{bench.run_id}-fausthops"
+    topics = _create_topics(bootstrap, [f"bench.{bench.run_id}.fausthops.{n}" for n in range(hops + 1)], 1)
+    relay = _Relay(bench, name, topics, {"RELAY_TIMED": "1"})
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 0})
+    try:
+        # Records until one is through the whole chain: group joins and connections are not measured.
+        deadline = time.monotonic() + 180
+        while not relay_passages(relay.text())[1]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Faust hop chain passed nothing on in 180 s (log: {relay.log_path})")
+            producer.produce(topics[0], value=b"warm-up")
+            producer.flush(10)
+            time.sleep(1.0)
+        count = int(rate * seconds)
+        began = time.monotonic()
+        for n in range(count):
+            time.sleep(max(0.0, began + n / rate - time.monotonic()))
+            producer.produce(topics[0], value=str(n).encode())
+            producer.flush(10)
+        wanted = {str(n) for n in range(count)}
+        passages = relay.wait(lambda text: _all_out(relay_passages(text), wanted), timeout=60)
+    finally:
+        stop_process(relay.process)
+    taken, out = passages
+    chains = [out[v] - taken[v] for v in wanted if v in taken and v in out]
+    result = {"rate": rate, "hops": hops, "client": "faust", "chain": summarize(chains), "unseen": count - len(chains)}
+    bench.log(f"R3: {hops} hops through Faust alone, {len(chains)} records: p50 {result['chain'].get('p50')} s")
+    return result
+
+
+def relay_passages(text: str) -> tuple[dict[str, float], dict[str, float]]:
+    """From a timed relay's output: value -> time the chain's first agent took it (`relay in`), and value ->
+    time its last agent took it (`relay out`)."""
+    taken = {m[1]: float(m[2]) for m in re.finditer(r"relay in (\S+) ([0-9.]+)", text)}
+    out = {m[1]: float(m[2]) for m in re.finditer(r"relay out (\S+) ([0-9.]+)", text)}
+    return taken, out
+
+
+def _all_out(
+    passages: tuple[dict[str, float], dict[str, float]], wanted: set[str]
+) -> tuple[dict[str, float], dict[str, float]] | None:
+    return passages if wanted <= passages[1].keys() else None
+
+
+def _both(times: tuple[float | None, float | None]) -> tuple[float, float] | None:
+    first, done = times
+    return (first, done) if first is not None and done is not None else None
+
+
+class _Relay:
+    """A relay.py process over a chain of topics (the first its source), its output in the bench's logs."""
+
+    def __init__(self, bench: Bench, name: str, chain: list[str], env: dict[str, str]) -> None:
+        self.log_path = bench.home / "logs" / f"{name}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        state = bench.home / "workers" / name
+        state.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "RELAY_APP_ID": name,
+            "RELAY_BOOTSTRAP": bench.settings.kafka_bootstrap,
+            "RELAY_SOURCE": chain[0],
+            "RELAY_HOPS": ",".join(chain[1:]),
+            "RELAY_STATE_DIR": str(state),
+        }
+        command = [sys.executable, "-m", "tests.bench.relay", "worker", "--loglevel", "warn"]
+        with self.log_path.open("ab") as log:
+            self.spawned = time.time()
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env={**os.environ, **settings, **env}, stdout=log, stderr=log
+            )
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, ready: Callable[[str], T | None], timeout: float) -> T:
+        """Until ready(its output) gives a value; fails if the process ends first or the timeout passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (value := ready(self.text())) is not None:
+                return value
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Faust relay exited with {self.process.returncode} (log: {self.log_path})")
+            time.sleep(0.2)
+        raise TimeoutError(f"the Faust relay did not finish in {timeout:.0f}s (log: {self.log_path})")
+
+
+def _create_topics(bootstrap: str, names: list[str], partitions: int) -> list[str]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in names]
+    ).values():
+        future.result(30)
+    return names
+
+
+def relay_times(text: str) -> tuple[float | None, float | None]:
+    """The times of relay.py's `relay first <time>` and `relay done <count> <time>` in its output (Faust logs
+    what an agent prints, so a line may carry more before them), None for one not there."""
+    first = re.search(r"relay first ([0-9.]+)", text)
+    done = re.search(r"relay done [0-9]+ ([0-9.]+)", text)
+    return (float(first[1]) if first else None), (float(done[1]) if done else None)
 
 
 def _rate(count: int, seconds: float, raw_per_second: float) -> dict[str, Any]:
@@ -107,10 +273,7 @@ def run_aiokafka_hop_floor(bench: Bench, hops: int = 3, rate: float = 1.0, secon
     """hops.run_hop_floor with aiokafka in place of librdkafka: every producer and consumer of the chain is
     aiokafka's (acks=all, idempotent, linger 0, each send awaited), all on one event loop in a thread."""
     bootstrap = bench.settings.kafka_bootstrap
-    topics = [f"bench.{bench.run_id}.aiohops.{n}" for n in range(hops)]
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics]).values():
-        future.result(30)
+    topics = _create_topics(bootstrap, [f"bench.{bench.run_id}.aiohops.{n}" for n in range(hops)], 1)
     result: dict[str, Any] = {}
     errors: list[BaseException] = []
 

@@ -9,7 +9,16 @@ from collections.abc import Iterable, Iterator
 from confluent_kafka import Consumer, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-__all__ = ["Offsets", "commit_group", "delete_topics", "end_offsets", "group_lag", "read_range", "wait_for_records"]
+__all__ = [
+    "Offsets",
+    "commit_group",
+    "delete_topics",
+    "end_offsets",
+    "group_lag",
+    "read_range",
+    "records_on",
+    "wait_for_records",
+]
 
 Offsets = dict[int, int]  # partition -> offset
 
@@ -52,6 +61,14 @@ def end_offsets(bootstrap: str, topic: str) -> Offsets:
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=15)[1] for p in partitions}
     finally:
         consumer.close()
+
+
+def records_on(bootstrap: str, prefixes: tuple[str, ...]) -> dict[str, int]:
+    """topic -> records written to it (the sum of its partitions' high watermarks), for every topic whose name
+    starts with one of the prefixes, but Faust's assignor topic (no records of the pipeline's)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    names = [n for n in admin.list_topics(timeout=15).topics if n.startswith(prefixes) and "__assignor" not in n]
+    return {name: sum(end_offsets(bootstrap, name).values()) for name in sorted(names)}
 
 
 def commit_group(bootstrap: str, group: str, positions: dict[str, Offsets]) -> None:

@@ -119,6 +119,10 @@ def _figures(results: dict[str, Any]) -> list[str]:
         )
         if validation := r1.get("validation_alone"):
             lines.append(_validation_line(validation))
+        if relay := r1.get("faust_alone"):
+            lines.append(_relay_line(relay, r1["pipeline"].get("per_second")))
+        if written := r1["pipeline"].get("records_written"):
+            lines.append(_written_line(written, r1["pipeline"]["count"]))
         if stages := r1["pipeline"].get("stages"):
             lines.append(_load_line(stages, r1["pipeline"].get("drain_seconds")))
         if cpu := r1["pipeline"].get("cpu"):
@@ -153,6 +157,8 @@ def _figures(results: dict[str, Any]) -> list[str]:
         lines += _hop_floor_lines(floor, _get(results, "r3", "1", "naive", "p50"))
     if (floor := results.get("aiokafka_hop_floor")) and floor["hop"].get("count"):
         lines.append(_aiokafka_hop_line(floor, _get(results, "r3", "1", "naive", "p50")))
+    if (floor := results.get("faust_hop_floor")) and floor["chain"].get("count"):
+        lines.append(_faust_hop_line(floor, _get(results, "r3", "1", "naive", "p50")))
     if memory := results.get("memory"):
         points = ", ".join(f"{p['patients']} patients {p['rss_mib']} MiB" for p in memory.get("points", []))
         lines.append(f"Memory  worker RSS: {points}")
@@ -203,6 +209,24 @@ def _validation_line(validation: dict[str, Any]) -> str:
     )
 
 
+def _relay_line(relay: dict[str, Any], pipeline: float | None) -> str:
+    against = f"; the pipeline's rate is {pipeline / relay['per_second']:.2f} of it" if pipeline else ""
+    return (
+        f"R1  Faust alone (R1's records relayed through {relay['hops']} topics of {relay['partitions']} partitions in "
+        f"batches, acks=all, nothing decoded, validated or kept): {relay['per_second']}/s (steady "
+        f"{relay['steady_per_second']}/s, {relay['cpu']['process_cpu_seconds']:.1f} CPU s) = {relay['ratio_to_raw']} x "
+        f"the raw loop, the largest R1 a pipeline of Faust agents with DESIGN.md's topics reaches here{against}"
+    )
+
+
+def _written_line(written: dict[str, int], resources: int) -> str:
+    """The Kafka records the worker wrote during R1, per resource: in all and by topic, most first."""
+    total = sum(written.values())
+    most_first = sorted(written.items(), key=lambda kv: (-kv[1], kv[0]))
+    by_topic = ", ".join(f"{topic} {count / resources:.2f}" for topic, count in most_first if count)
+    return f"R1  records the worker wrote to Kafka: {total / resources:.2f} per resource ({by_topic})"
+
+
 def _capture_lines(rate: str, r3: dict[str, Any]) -> list[str]:
     """Debezium's part of R3 at one rate (commit to its record in Kafka), and for the p99 goal's rate, what the
     goal leaves the pipeline against it."""
@@ -235,6 +259,16 @@ def _hop_line(floor: dict[str, Any], how: str) -> str:
 def _aiokafka_hop_line(floor: dict[str, Any], naive50: float | None) -> str:
     leaves = f" (the 1/s goal leaves the pipeline's extra topics {0.2 * naive50 * 1000:.1f} ms)" if naive50 else ""
     return _hop_line(floor, "through aiokafka (the client Faust is built on, acks=all, linger 0)") + leaves
+
+
+def _faust_hop_line(floor: dict[str, Any], naive50: float | None) -> str:
+    chain = floor["chain"]
+    leaves = f" (the 1/s goal leaves them {0.2 * naive50 * 1000:.1f} ms)" if naive50 else ""
+    return (
+        f"R3  {floor['hops']} topics through Faust alone (a Faust app relaying one record at a time, acks=all) at "
+        f"{floor['rate']:g}/s, {chain['count']} records: p50 {chain['p50'] * 1000:.1f} ms, "
+        f"p99 {chain['p99'] * 1000:.1f} ms{leaves}"
+    )
 
 
 def _hop_floor_lines(floor: dict[str, Any], naive50: float | None) -> list[str]:

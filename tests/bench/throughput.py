@@ -13,13 +13,13 @@ from typing import Any
 from pipeline.errors import TargetUnavailableError
 
 from . import hapi
-from .context import Bench
+from .context import Bench, Phase
 from .dataset import Dataset, expected_ref
-from .floors import validation_alone
+from .floors import run_faust_relay_floor, validation_alone
 from .instant_ack import InstantAckServer
 from .machine import cpu_use, read_cpu
 from .naive import NaiveRun, start_naive_loop
-from .offsets import Offsets, read_range
+from .offsets import Offsets, read_range, records_on
 from .profile import Profiler
 from .worker import BenchWorker
 
@@ -71,6 +71,7 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
     raw = raw_drain(bench.settings.kafka_bootstrap, bench.source_topic, before, after, f"{phase.app_id}-raw")
     bench.log(f"R1: raw consume(500) loop: {raw.count} records in {raw.seconds:.2f} s = {raw.rate:.0f}/s")
     validation = validation_alone(bench, bench.site, before, after, raw.rate)
+    faust_alone = run_faust_relay_floor(bench, before, after, raw.rate)
     expected = {expected_ref(r, bench.site.site) for r in resources}
     device.reset()
     worker = bench.worker(phase, device.base_url, start=before).start()
@@ -85,6 +86,7 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
         assert last is not None
         cpu = cpu_use(cpu_before, read_cpu(worker.pid))
         stages = _stage_load(bench, worker)
+        written = records_on(bench.settings.kafka_bootstrap, (phase.prefix, f"{phase.app_id}-"))
     finally:
         cpu_profile = profiler.stop() if profiler else None
         worker.stop()
@@ -100,6 +102,7 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
             "drain_seconds": round(last - (worker.started_at + ready), 2),
             "stages": stages,
             "cpu": cpu,
+            "records_written": {_short(topic, phase): count for topic, count in written.items()},
         },
     )
     bench.log(f"R1: pipeline: {pipeline.count} resources in {pipeline.seconds:.1f} s = {pipeline.rate:.1f}/s")
@@ -109,8 +112,17 @@ def run_r1(bench: Bench, data: Dataset, device: InstantAckServer, profile: bool 
         "pipeline": pipeline.as_dict(),
         "ratio": round(pipeline.rate / raw.rate, 4) if raw.rate else None,
         "validation_alone": validation,
+        "faust_alone": faust_alone,
         "profile": cpu_profile,
     }
+
+
+def _short(topic: str, phase: Phase) -> str:
+    """A phase's topic without its namespace: `fhir.ready.v1`, `<table>-changelog`."""
+    for prefix in (phase.prefix, f"{phase.app_id}-"):
+        if topic.startswith(prefix):
+            return topic[len(prefix) :]
+    return topic
 
 
 def _stage_load(bench: Bench, worker: BenchWorker) -> dict[str, dict[str, float]] | None:

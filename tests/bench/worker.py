@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.status import Sample, fetch_samples, histogram_quantile
 
-__all__ = ["BenchWorker", "memory_parts", "rss_bytes", "stage_buckets", "stage_load", "stage_times"]
+__all__ = ["BenchWorker", "memory_parts", "rss_bytes", "stage_buckets", "stage_load", "stage_times", "stop_process"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,14 +143,20 @@ class BenchWorker:
         return fetch_samples(f"http://localhost:{self.port}/metrics")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
+        if self.process is not None:
+            stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, a minute to stop, then SIGKILL; nothing if it has ended."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
 
 
 def _free_port() -> int:

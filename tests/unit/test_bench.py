@@ -18,7 +18,7 @@ from pipeline.ids import target_id
 from pipeline.status import parse_metrics
 from tests.bench.ceiling import transaction
 from tests.bench.dataset import Dataset, expected_ref, flatten_bundle
-from tests.bench.floors import _rate, capture_latencies
+from tests.bench.floors import _rate, capture_latencies, relay_passages, relay_times
 from tests.bench.hops import hop_times
 from tests.bench.instant_ack import AckLog, _bundle_response, apply_write
 from tests.bench.latency import Change, latencies
@@ -307,6 +307,66 @@ def test_report_sets_each_part_measured_alone_against_the_goal_it_bounds() -> No
     assert "the capture alone takes 48 ms at p99" in text
     assert "through aiokafka (the client Faust is built on, acks=all, linger 0) at 1/s, 90 hops: p50 2.9 ms" in text
     assert "3 in a row: p50 8.8 ms (the 1/s goal leaves the pipeline's extra topics 5.6 ms)" in text
+
+
+def test_report_sets_faust_alone_against_r1_and_counts_what_the_worker_wrote_per_resource() -> None:
+    results = _results()
+    results["r1"]["pipeline"].update({"count": 10, "per_second": 50.0})
+    results["r1"]["faust_alone"] = {
+        "hops": 3,
+        "partitions": 6,
+        "per_second": 400.0,
+        "steady_per_second": 800.0,
+        "ratio_to_raw": 0.0125,
+        "cpu": {"process_cpu_seconds": 6.25},
+    }
+    results["r1"]["pipeline"]["records_written"] = {"fhir.ready.v1": 10, "audit.v1": 30, "x-changelog": 25, "dlq": 0}
+    text = format_report(results)
+    assert "Faust alone (R1's records relayed through 3 topics of 6 partitions in batches" in text
+    assert "400.0/s (steady 800.0/s, 6.2 CPU s) = 0.0125 x the raw loop" in text
+    assert "the pipeline's rate is 0.12 of it" in text
+    written = (
+        "records the worker wrote to Kafka: 6.50 per resource (audit.v1 3.00, x-changelog 2.50, fhir.ready.v1 1.00)"
+    )
+    assert written in text
+
+
+def test_relay_times_are_read_from_the_lines_faust_logs_for_what_the_relay_prints() -> None:
+    log = (
+        "[2026-12-07 20:27:41,795] [5619] [ERROR] Topic x not found in cluster metadata\n"
+        "[2026-12-07 20:27:41,912] [5619] [WARNING] relay first 1796675261.9127827 \n"
+        "[2026-12-07 20:27:48,290] [5619] [WARNING] relay done 2913 1796675268.2905467 \n"
+    )
+    assert relay_times(log) == (1796675261.9127827, 1796675268.2905467)
+    assert relay_times(log.split("\n", 2)[0]) == (None, None)
+
+
+def test_a_timed_relay_s_passages_are_read_by_value_from_its_first_and_last_agent() -> None:
+    log = (
+        "[x] [WARNING] relay in warm-up 10.5 \n"
+        "[x] [WARNING] relay out warm-up 10.52 \n"
+        "[x] [WARNING] relay in 0 11.0 \n"
+        "[x] [WARNING] relay in 1 12.0 \n"
+        "[x] [WARNING] relay out 0 11.009 \n"
+    )
+    taken, out = relay_passages(log)
+    assert taken == {"warm-up": 10.5, "0": 11.0, "1": 12.0}
+    assert out == {"warm-up": 10.52, "0": 11.009}
+
+
+def test_report_sets_three_hops_through_faust_alone_against_what_the_latency_goal_leaves() -> None:
+    results = _results()
+    results["r3"]["1"] = {"naive": {"count": 3, "p50": 0.028, "p99": 0.03, "max": 0.03}}
+    results["faust_hop_floor"] = {
+        "rate": 1.0,
+        "hops": 3,
+        "client": "faust",
+        "chain": {"count": 30, "p50": 0.0091, "p99": 0.0153, "max": 0.02},
+        "unseen": 0,
+    }
+    text = format_report(results)
+    assert "3 topics through Faust alone (a Faust app relaying one record at a time, acks=all) at 1/s" in text
+    assert "30 records: p50 9.1 ms, p99 15.3 ms (the 1/s goal leaves them 5.6 ms)" in text
 
 
 def test_ceiling_bundle_puts_each_resource_at_its_target_reference_in_order() -> None:
