@@ -1,21 +1,21 @@
-"""R1's floor in the framework the pipeline is built on: a Faust app relaying R1's records, as they are, through
-the topics DESIGN.md puts between Debezium's topic and the sink, and doing nothing else.
+"""The framework the pipeline is built on, alone: a Faust app relaying records, as they are, through the topics
+DESIGN.md puts between Debezium's topic and the sink, and doing nothing else.
 
-Run as a process of its own (`python -m tests.bench.relay`), configured by the environment:
-RELAY_APP_ID (its consumer group), RELAY_BOOTSTRAP, RELAY_SOURCE (Debezium's topic), RELAY_HOPS
-(comma-separated: the topics in between, created beforehand), RELAY_EXPECTED (records to count at the
-end), RELAY_BATCH (records per batch), RELAY_STATE_DIR; RELAY_TIMED for R3's chain (_timed).
+Run as a process of its own (`python -m tests.bench.relay worker`), configured by the environment:
+RELAY_APP_ID (its consumer group), RELAY_BOOTSTRAP, RELAY_SOURCE (the topic it reads first), RELAY_HOPS
+(comma-separated: the topics in between, created beforehand), RELAY_STATE_DIR, RELAY_FETCH_MAX_WAIT_MS (the
+broker's longest hold of a fetch, as the worker's CDRSYNC_FETCH_MAX_WAIT_MS); then either RELAY_EXPECTED
+(records to count at the end) and RELAY_BATCH (records per batch) for R1, or RELAY_TIMED for R3 (_timed).
 
-What the pipeline's stages need from Faust, and no more: producers with acks=all and idempotence
-(DESIGN.md decision 2), one agent per hop reading its topic in batches (take_events) and sending each
-batch's records on without waiting for their delivery (Faust flushes its producer before it commits
-offsets, so no offset is committed before the records sent for it are on the next topic); the last agent
-counts what reaches the end. Nothing is decoded, validated, kept in a table or audited. Of three ways tried on
-the bench's machine (2026-12-07, 8 739 records, one run each) this was the fastest: records taken one at a
-time (stream.events()), 624/s; in batches, each batch's deliveries awaited together, 746/s; this, 948/s.
-
-It prints one line when it has seen its first record and one when it has counted RELAY_EXPECTED: `relay
-first <time>` and `relay done <count> <time>` (time.time()).
+What the pipeline's stages need from Faust, and no more: producers with acks=all and idempotence (DESIGN.md
+decision 2), the worker's short fetch wait (agents/app.py ShortPollConsumerThread: without it a partition
+can wait out Faust's 1.5 s long poll at every hop), one agent per hop. For R1 each agent reads its topic in
+batches (take_events) and sends a batch's records on without awaiting their delivery: Faust flushes its
+producer before it commits offsets, so no offset is committed before the records sent for it are on the next
+topic. Offsets are committed at Faust's own pace (every 10 000 records or 2.8 s; the worker commits every
+100 records or 1 s). The last agent counts what reaches the end. Nothing is decoded, validated, kept in a
+table or audited. It prints `relay first <time>` when its first agent has its first batch and `relay done
+<count> <time>` when the last has counted RELAY_EXPECTED (time.time()).
 """
 
 from __future__ import annotations
@@ -38,13 +38,31 @@ class _Producer(aiokafka_driver.Producer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
+    """The broker holds a fetch at most RELAY_FETCH_MAX_WAIT_MS, as the worker's (agents/app.py)."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = int(os.environ.get("RELAY_FETCH_MAX_WAIT_MS", "50"))
+        return consumer
+
+
+class _Consumer(aiokafka_driver.Consumer):
+    def _new_consumer_thread(self) -> Any:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
 class _Transport(aiokafka_driver.Transport):
     Producer = _Producer
+    Consumer = _Consumer
 
 
 class _App(faust.App):
     def _new_producer_transport(self) -> Any:
         return _Transport(self.conf.broker_producer, self)
+
+    def _new_transport(self) -> Any:
+        return _Transport(self.conf.broker_consumer, self)
 
 
 def _announce(line: str) -> None:
@@ -65,21 +83,19 @@ def build(env: dict[str, str]) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",
-        broker_commit_every=100,
-        broker_commit_interval=1.0,
-        topic_allow_declare=False,  # the hops exist: created by the bench with the partitions it chose
     )
     chain = [app.topic(name) for name in [env["RELAY_SOURCE"], *hops]]
     if env.get("RELAY_TIMED"):
         return _timed(app, chain)
     expected, batch = int(env["RELAY_EXPECTED"]), int(env.get("RELAY_BATCH", "500"))
-    seen = {"count": 0}
+    started = False
 
     def relay(target: Any, first: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
         async def agent(stream: Any) -> None:
+            nonlocal started
             async for events in stream.take_events(batch, within=0.01):
-                if first and not seen["count"]:
-                    seen["count"] = -1  # announced once
+                if first and not started:
+                    started = True
                     _announce(f"relay first {time.time()}")
                 for event in events:
                     await target.send(key=event.message.key, value=event.message.value)  # queued, not awaited
@@ -101,15 +117,16 @@ def build(env: dict[str, str]) -> faust.App:
 
 def _timed(app: faust.App, chain: list[Any]) -> faust.App:
     """The chain for R3: each record taken on its own as soon as it is there (stream.events(): nothing waits
-    for a batch), sent on at once; the first agent prints `relay in <value> <time>` as it takes a record, the
-    last `relay out <value> <time>`."""
+    for a batch) and sent on at once. The first agent prints `relay in <value> <time>` with the time it took
+    the record, after sending it on (printing is not timed); the last prints `relay out <value> <time>`."""
 
     def relay(target: Any, first: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
         async def agent(stream: Any) -> None:
             async for event in stream.events():
-                if first:
-                    _announce(f"relay in {event.message.value.decode()} {time.time()}")
+                taken = time.time()
                 await target.send(key=event.message.key, value=event.message.value)
+                if first:
+                    _announce(f"relay in {event.message.value.decode()} {taken}")
 
         return agent
 

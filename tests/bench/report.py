@@ -157,7 +157,7 @@ def _figures(results: dict[str, Any]) -> list[str]:
         lines += _hop_floor_lines(floor, _get(results, "r3", "1", "naive", "p50"))
     if (floor := results.get("aiokafka_hop_floor")) and floor["hop"].get("count"):
         lines.append(_aiokafka_hop_line(floor, _get(results, "r3", "1", "naive", "p50")))
-    if (floor := results.get("faust_hop_floor")) and floor["chain"].get("count"):
+    if floor := results.get("faust_hop_floor"):
         lines.append(_faust_hop_line(floor, _get(results, "r3", "1", "naive", "p50")))
     if memory := results.get("memory"):
         points = ", ".join(f"{p['patients']} patients {p['rss_mib']} MiB" for p in memory.get("points", []))
@@ -210,12 +210,17 @@ def _validation_line(validation: dict[str, Any]) -> str:
 
 
 def _relay_line(relay: dict[str, Any], pipeline: float | None) -> str:
+    if "error" in relay:
+        return f"R1  Faust alone: not measured ({relay['error']})"
     against = f"; the pipeline's rate is {pipeline / relay['per_second']:.2f} of it" if pipeline else ""
+    steady = f"steady {relay['steady_per_second']}/s, " if relay.get("steady_per_second") else ""
+    cpu = relay["cpu"]
     return (
-        f"R1  Faust alone (R1's records relayed through {relay['hops']} topics of {relay['partitions']} partitions in "
-        f"batches, acks=all, nothing decoded, validated or kept): {relay['per_second']}/s (steady "
-        f"{relay['steady_per_second']}/s, {relay['cpu']['process_cpu_seconds']:.1f} CPU s) = {relay['ratio_to_raw']} x "
-        f"the raw loop, the largest R1 a pipeline of Faust agents with DESIGN.md's topics reaches here{against}"
+        f"R1  Faust alone (one worker process relaying R1's records through {relay['hops']} topics of "
+        f"{relay['partitions']} partitions in batches, acks=all, nothing decoded, validated or kept): "
+        f"{relay['per_second']}/s ({steady}{cpu['process_cpu_seconds']:.1f} CPU s, "
+        f"{100 * cpu['process_core_share']:.0f} % of one core) = {relay['ratio_to_raw']} x the raw loop, the most "
+        f"R1 a worker process of Faust agents with DESIGN.md's topics reaches here{against}"
     )
 
 
@@ -262,12 +267,17 @@ def _aiokafka_hop_line(floor: dict[str, Any], naive50: float | None) -> str:
 
 
 def _faust_hop_line(floor: dict[str, Any], naive50: float | None) -> str:
+    if "error" in floor or not floor["chain"].get("count"):
+        return (
+            f"R3  the extra topics through Faust alone: not measured ({floor.get('error', 'no record came through')})"
+        )
     chain = floor["chain"]
+    unseen = f", {floor['unseen']} not through in time" if floor.get("unseen") else ""
     leaves = f" (the 1/s goal leaves them {0.2 * naive50 * 1000:.1f} ms)" if naive50 else ""
     return (
         f"R3  {floor['hops']} topics through Faust alone (a Faust app relaying one record at a time, acks=all) at "
         f"{floor['rate']:g}/s, {chain['count']} records: p50 {chain['p50'] * 1000:.1f} ms, "
-        f"p99 {chain['p99'] * 1000:.1f} ms{leaves}"
+        f"p99 {chain['p99'] * 1000:.1f} ms{unseen}{leaves}"
     )
 
 

@@ -318,12 +318,12 @@ def test_report_sets_faust_alone_against_r1_and_counts_what_the_worker_wrote_per
         "per_second": 400.0,
         "steady_per_second": 800.0,
         "ratio_to_raw": 0.0125,
-        "cpu": {"process_cpu_seconds": 6.25},
+        "cpu": {"process_cpu_seconds": 6.25, "process_core_share": 0.8},
     }
     results["r1"]["pipeline"]["records_written"] = {"fhir.ready.v1": 10, "audit.v1": 30, "x-changelog": 25, "dlq": 0}
     text = format_report(results)
-    assert "Faust alone (R1's records relayed through 3 topics of 6 partitions in batches" in text
-    assert "400.0/s (steady 800.0/s, 6.2 CPU s) = 0.0125 x the raw loop" in text
+    assert "Faust alone (one worker process relaying R1's records through 3 topics of 6 partitions in batches" in text
+    assert "400.0/s (steady 800.0/s, 6.2 CPU s, 80 % of one core) = 0.0125 x the raw loop" in text
     assert "the pipeline's rate is 0.12 of it" in text
     written = (
         "records the worker wrote to Kafka: 6.50 per resource (audit.v1 3.00, x-changelog 2.50, fhir.ready.v1 1.00)"
@@ -339,6 +339,17 @@ def test_relay_times_are_read_from_the_lines_faust_logs_for_what_the_relay_print
     )
     assert relay_times(log) == (1796675261.9127827, 1796675268.2905467)
     assert relay_times(log.split("\n", 2)[0]) == (None, None)
+    assert relay_times(log[: log.rindex("2905467")]) == (1796675261.9127827, None)  # a line still being written
+
+
+def test_a_floor_that_failed_is_reported_as_not_measured_and_the_report_goes_on() -> None:
+    results = _results()
+    results["r1"]["faust_alone"] = {"error": "the Faust relay exited with 1 (log: x.log)"}
+    results["faust_hop_floor"] = {"error": "the Faust hop chain passed nothing on in 180 s (log: y.log)"}
+    text = format_report(results)
+    assert "R1  Faust alone: not measured (the Faust relay exited with 1 (log: x.log))" in text
+    assert "R3  the extra topics through Faust alone: not measured (the Faust hop chain passed nothing on" in text
+    assert "Memory  worker RSS" in text
 
 
 def test_a_timed_relay_s_passages_are_read_by_value_from_its_first_and_last_agent() -> None:
@@ -348,10 +359,11 @@ def test_a_timed_relay_s_passages_are_read_by_value_from_its_first_and_last_agen
         "[x] [WARNING] relay in 0 11.0 \n"
         "[x] [WARNING] relay in 1 12.0 \n"
         "[x] [WARNING] relay out 0 11.009 \n"
+        "[x] [WARNING] relay out 1 12.00"
     )
     taken, out = relay_passages(log)
     assert taken == {"warm-up": 10.5, "0": 11.0, "1": 12.0}
-    assert out == {"warm-up": 10.52, "0": 11.009}
+    assert out == {"warm-up": 10.52, "0": 11.009}  # 1's line is not whole yet
 
 
 def test_report_sets_three_hops_through_faust_alone_against_what_the_latency_goal_leaves() -> None:
