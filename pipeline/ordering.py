@@ -383,9 +383,12 @@ def _source_row(record: RoutedResource) -> str:
     return f"{record.site}|{record.source_id}"
 
 
+_INBOX = "|inbox"  # positions' key suffix for an inbox row rather than an LSN (no FHIR id contains "|")
+
+
 def _inbox_key(record: RoutedResource) -> str:
-    """Where positions keep the latest inbox row of a resource's HL7 v2 messages (no FHIR id contains "|")."""
-    return f"{_source_row(record)}|inbox"
+    """Where positions keep the latest inbox row of a resource's HL7 v2 messages."""
+    return f"{_source_row(record)}{_INBOX}"
 
 
 def order_record(
@@ -443,7 +446,7 @@ def adopt_released(
     for ref, entry in entries.items():
         ours, theirs = state.positions.get(ref, {}), positions.get(ref, {})
         seen_here = ref in state.released or bool(ours)
-        later = [row for row, lsn in theirs.items() if not row.endswith("|inbox") and lsn > ours.get(row, -1)]
+        later = [row for row, lsn in theirs.items() if not row.endswith(_INBOX) and lsn > ours.get(row, -1)]
         if seen_here and not later:
             continue
         # Released there ("handed"): a delete released here waits at the sink until the target holds that change

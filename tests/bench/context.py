@@ -51,14 +51,18 @@ class Bench:
     hapi_url: str
     log: Callable[[str], None]
 
+    @cached_property
+    def config(self) -> Config:
+        """The bench configuration without a phase's topic prefix (read once)."""
+        return provision.load_bench_config(self.root, "")
+
     @cached_property  # read once: callers use it in loops over 100 000 rows
     def site(self) -> SiteConfig:
-        return provision.load_bench_config(self.root, "").sites[provision.BENCH_SITE]
+        return self.config.sites[provision.BENCH_SITE]
 
     @cached_property
     def source_topic(self) -> str:
-        config = provision.load_bench_config(self.root, "")
-        return config.source_topic(config.sites[provision.BENCH_SITE])
+        return self.config.source_topic(self.site)
 
     @property
     def dsn(self) -> str:

@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,7 +45,6 @@ from pipeline.normalize import SourcePosition, normalize_change
 from pipeline.records import NormalizedResource
 from pipeline.resources import validate_resource
 
-from . import provision
 from .context import Bench
 from .hops import hop_times
 from .machine import cpu_use, read_cpu
@@ -101,11 +101,8 @@ def run_faust_relay_floor(
     """R1's records (source offsets start..end) through a relay.py process: its rate from spawn and from its
     first record to the last record counted at the end of the chain, each over the raw loop's, and its CPU.
     A failure is reported as {"error": ...}: the floor is beside the goal, not part of it."""
-    try:
-        return _faust_relay_floor(bench, start, end, raw_per_second, hops, batch)
-    except Exception as error:  # reported in the results and the printed report instead of ending the run
-        bench.log(f"R1: the Faust relay floor failed: {error}")
-        return {"error": str(error)}
+    measure = partial(_faust_relay_floor, bench, start, end, raw_per_second, hops, batch)
+    return _beside_the_goal(bench, "R1: the Faust relay floor", measure)
 
 
 def _faust_relay_floor(
@@ -113,7 +110,7 @@ def _faust_relay_floor(
 ) -> dict[str, Any]:
     bootstrap = bench.settings.kafka_bootstrap
     name = f"bench-{bench.run_id}-relay"
-    partitions = provision.load_bench_config(bench.root, "").topics.partitions_of("ready")  # as the pipeline's
+    partitions = bench.config.topics.partitions_of("ready")  # as the pipeline's
     topics = _create_topics(bootstrap, [f"bench.{bench.run_id}.relay.{n}" for n in range(hops)], partitions)
     commit_group(bootstrap, name, {bench.source_topic: start})
     expected = sum(end.values()) - sum(start.values())
@@ -146,10 +143,16 @@ def run_faust_hop_floor(bench: Bench, hops: int = 3, rate: float = 1.0, seconds:
     topic of its own, fed one numbered record at a time at `rate` per second by a C producer; each record's time
     from the chain's first agent taking it to its last agent taking it. Records not through within 30 s of the
     last one sent count as unseen; a failure is reported as {"error": ...}."""
+    return _beside_the_goal(bench, "R3: the Faust hop floor", partial(_faust_hop_floor, bench, hops, rate, seconds))
+
+
+def _beside_the_goal(bench: Bench, what: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """measure(), or {"error": ...} if it fails: reported in the results and the printed report instead of
+    ending the run."""
     try:
-        return _faust_hop_floor(bench, hops, rate, seconds)
-    except Exception as error:  # reported in the results and the printed report instead of ending the run
-        bench.log(f"R3: the Faust hop floor failed: {error}")
+        return measure()
+    except Exception as error:
+        bench.log(f"{what} failed: {error}")
         return {"error": str(error)}
 
 

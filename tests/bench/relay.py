@@ -30,6 +30,8 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
+Agent = Callable[[Any], Coroutine[Any, Any, None]]
+
 
 class _Producer(aiokafka_driver.Producer):
     """Idempotence outside transactions, as the pipeline's own producer (agents/app.py) has it."""
@@ -90,7 +92,7 @@ def build(env: dict[str, str]) -> faust.App:
     expected, batch = int(env["RELAY_EXPECTED"]), int(env.get("RELAY_BATCH", "500"))
     started = False
 
-    def relay(target: Any, first: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    def relay(target: Any, first: bool) -> Agent:
         async def agent(stream: Any) -> None:
             nonlocal started
             async for events in stream.take_events(batch, within=0.01):
@@ -109,10 +111,7 @@ def build(env: dict[str, str]) -> faust.App:
             if before < expected <= total:
                 _announce(f"relay done {total} {time.time()}")
 
-    for n, (source, target) in enumerate(itertools.pairwise(chain)):
-        app.agent(source, name=f"hop{n}")(relay(target, first=n == 0))
-    app.agent(chain[-1], name="end")(count)
-    return app
+    return _wired(app, chain, relay, count)
 
 
 def _timed(app: faust.App, chain: list[Any]) -> faust.App:
@@ -120,7 +119,7 @@ def _timed(app: faust.App, chain: list[Any]) -> faust.App:
     for a batch) and sent on at once. The first agent prints `relay in <value> <time>` with the time it took
     the record, after sending it on (printing is not timed); the last prints `relay out <value> <time>`."""
 
-    def relay(target: Any, first: bool) -> Callable[[Any], Coroutine[Any, Any, None]]:
+    def relay(target: Any, first: bool) -> Agent:
         async def agent(stream: Any) -> None:
             async for event in stream.events():
                 taken = time.time()
@@ -134,8 +133,14 @@ def _timed(app: faust.App, chain: list[Any]) -> faust.App:
         async for event in stream.events():
             _announce(f"relay out {event.message.value.decode()} {time.time()}")
 
+    return _wired(app, chain, relay, end)
+
+
+def _wired(app: faust.App, chain: list[Any], relay: Callable[[Any, bool], Agent], end: Agent) -> faust.App:
+    """An agent on each topic of the chain but the last, relaying to the next (relay(target, first)), and
+    `end` on the last."""
     for n, (source, target) in enumerate(itertools.pairwise(chain)):
-        app.agent(source, name=f"hop{n}")(relay(target, first=n == 0))
+        app.agent(source, name=f"hop{n}")(relay(target, n == 0))
     app.agent(chain[-1], name="end")(end)
     return app
 

@@ -27,7 +27,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config
 from pipeline.demo import site_dsn
 from pipeline.identity import global_patient_key
 from pipeline.ids import target_id
@@ -319,13 +319,13 @@ def stack(config: Config) -> Central:
     return central
 
 
-def _high_watermark(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
-    """Watermarks of a partition; a topic `topics apply` just created has no leader for a moment."""
+def _high_watermark(consumer: Consumer, tp: TopicPartition) -> int:
+    """A partition's high watermark; a topic `topics apply` just created has no leader for a moment."""
     deadline = time.monotonic() + 60
     while True:
         try:
-            low, high = consumer.get_watermark_offsets(tp, timeout=15)
-            return int(low), int(high)
+            _, high = consumer.get_watermark_offsets(tp, timeout=15)
+            return int(high)
         except KafkaException as error:
             if error.args[0].code() != KafkaError.NOT_LEADER_FOR_PARTITION or time.monotonic() > deadline:
                 raise
@@ -357,7 +357,7 @@ def start_at_end(group: str, topics: list[str]) -> None:
         for name in topics:
             metadata = consumer.list_topics(name, timeout=15).topics[name]
             for partition in metadata.partitions:
-                _, high = _high_watermark(consumer, TopicPartition(name, partition))
+                high = _high_watermark(consumer, TopicPartition(name, partition))
                 ends.append(TopicPartition(name, partition, high))
         _commit_when_the_group_is_empty(consumer, ends, group)
     finally:
@@ -370,7 +370,7 @@ def run_id() -> str:
 
 
 @pytest.fixture(scope="session")
-def worker(stack: Central, run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+def worker(stack: Central, config: Config, run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     base = tmp_path_factory.mktemp("worker")
     # One consumer group across runs: a rerun against a kept stack resumes instead of replaying history.
     # A wider sink batch window than the default 5 ms: records a test sends together are then one batch; and
@@ -380,7 +380,6 @@ def worker(stack: Central, run_id: str, tmp_path_factory: pytest.TempPathFactory
     # The hospitals' changes from before it (another suite's, the demo's) are not this suite's: its tests make
     # their own once it runs. Read, they would be written to central too, and a record of another suite's that
     # waits for something only that suite writes would hold this worker's sink.
-    config = load_config(ROOT)
     start_at_end("cdrsync-it", [config.source_topic(s) for s in [*config.source_sites(), *config.capture_sites()]])
     process = Worker("cdrsync-it", base / "state", base / "worker.log", env=env)
     process.start()
